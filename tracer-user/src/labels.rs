@@ -1,0 +1,241 @@
+//! Turns the raw values of a histogram key into labels: a VMM tgid into a VM name, a dev_t into
+//! major:minor and a disk name, an exit reason into the kernel's own name for it. Look-ups are
+//! cached and done here, at read time, never per event in the kernel.
+
+use std::{collections::HashMap, fs};
+
+use tracer_common::{
+    blk::{Op, dev_major, dev_minor},
+    kvm::split_exit_detail,
+    stage::StageId,
+};
+
+use crate::{hist::SeriesKey, stages, tracefs::Tracefs};
+
+/// Exit reason names from the kvm_exit tracepoint's print format: `{ N, "NAME" }` pairs of
+/// `__print_symbolic`, the first table for VMX (isa 1), the second for SVM.
+#[derive(Debug, Default)]
+pub struct ExitReasons {
+    vmx: HashMap<u32, String>,
+    svm: HashMap<u32, String>,
+}
+
+impl ExitReasons {
+    pub fn from_tracefs(t: &Tracefs) -> Self {
+        let path = t.root().join("events/kvm/kvm_exit/format");
+        fs::read_to_string(path)
+            .map(|f| Self::parse(&f))
+            .unwrap_or_default()
+    }
+
+    pub fn parse(format: &str) -> Self {
+        let Some(fmt) = format.lines().find(|l| l.starts_with("print fmt:")) else {
+            return Self::default();
+        };
+        let mut tables = fmt.split("__print_symbolic(").skip(1).map(parse_symbols);
+        ExitReasons {
+            vmx: tables.next().unwrap_or_default(),
+            svm: tables.next().unwrap_or_default(),
+        }
+    }
+
+    pub fn name(&self, detail: u32) -> String {
+        let (reason, vmx) = split_exit_detail(detail);
+        let table = if vmx { &self.vmx } else { &self.svm };
+        table
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| format!("unknown_{reason:#x}"))
+    }
+}
+
+/// `{ 0x040 + 1, "DB excp" }, { 12, "HLT" }, ...` up to the closing parenthesis.
+fn parse_symbols(s: &str) -> HashMap<u32, String> {
+    let mut out = HashMap::new();
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        // a table ends where its __print_symbolic call closes
+        if rest[..open].contains(')') {
+            break;
+        }
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        let entry = &rest[open + 1..open + close];
+        rest = &rest[open + close + 1..];
+        let Some((num, name)) = entry.split_once(',') else {
+            continue;
+        };
+        let value = num
+            .split('+')
+            .map(|t| parse_num(t.trim()))
+            .try_fold(0u32, |a, v| Some(a.wrapping_add(v?)));
+        let name = name
+            .trim()
+            .trim_matches('"')
+            .replace(' ', "_")
+            .to_lowercase();
+        if let Some(v) = value {
+            out.entry(v).or_insert(name);
+        }
+    }
+    out
+}
+
+fn parse_num(t: &str) -> Option<u32> {
+    match t.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// VM name of a VMM process: QEMU's `-name guest=NAME,...` or `-name NAME,...`, else the libvirt
+/// machine scope of its cgroup, else `pid-N`.
+pub fn vm_name_of(tgid: u32) -> String {
+    if let Ok(cmdline) = fs::read(format!("/proc/{tgid}/cmdline")) {
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if let Some(name) = qemu_name(&args) {
+            return name;
+        }
+    }
+    if let Ok(cg) = fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+        && let Some(name) = libvirt_scope_name(&cg)
+    {
+        return name;
+    }
+    format!("pid-{tgid}")
+}
+
+fn qemu_name(args: &[&[u8]]) -> Option<String> {
+    let i = args.iter().position(|a| *a == b"-name")?;
+    let v = String::from_utf8_lossy(args.get(i + 1)?).into_owned();
+    // options are comma separated; ",," escapes a comma in a value
+    let first = v
+        .split(',')
+        .find(|o| !o.is_empty() && (o.starts_with("guest=") || !o.contains('=')))?;
+    let name = first.strip_prefix("guest=").unwrap_or(first);
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `.../machine.slice/machine-qemu\x2d3\x2dweb01.scope/...` -> `web01`.
+fn libvirt_scope_name(cgroup: &str) -> Option<String> {
+    let scope = cgroup
+        .split('/')
+        .find(|p| p.starts_with("machine-qemu") && p.ends_with(".scope"))?;
+    let unescaped = scope.trim_end_matches(".scope").replace("\\x2d", "-");
+    let rest = unescaped.strip_prefix("machine-qemu-")?;
+    let (_id, name) = rest.split_once('-')?;
+    Some(name.to_string())
+}
+
+/// Disk name of a block device from sysfs (`/sys/dev/block/M:m` links to `.../block/NAME`).
+fn disk_name_of(dev: u32) -> String {
+    let link = format!("/sys/dev/block/{}:{}", dev_major(dev), dev_minor(dev));
+    fs::read_link(link)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
+
+/// Resolves and caches label values.
+#[derive(Debug, Default)]
+pub struct Labeler {
+    reasons: ExitReasons,
+    vms: HashMap<u32, String>,
+    disks: HashMap<u32, String>,
+}
+
+impl Labeler {
+    pub fn new(tracefs: &Tracefs) -> Self {
+        Labeler {
+            reasons: ExitReasons::from_tracefs(tracefs),
+            ..Default::default()
+        }
+    }
+
+    fn vm(&mut self, tgid: u32) -> String {
+        if tgid == 0 {
+            return String::new();
+        }
+        self.vms
+            .entry(tgid)
+            .or_insert_with(|| vm_name_of(tgid))
+            .clone()
+    }
+
+    /// Labels of a series, in the stage table's order, without stage and path.
+    pub fn labels(&mut self, k: &SeriesKey) -> Vec<(String, String)> {
+        let values: Vec<String> = match k.stage {
+            StageId::BlkDevice => {
+                let disk = self
+                    .disks
+                    .entry(k.obj)
+                    .or_insert_with(|| disk_name_of(k.obj))
+                    .clone();
+                vec![
+                    format!("{}:{}", dev_major(k.obj), dev_minor(k.obj)),
+                    disk,
+                    Op::from_u32(k.detail).name().into(),
+                ]
+            }
+            StageId::KvmExit => vec![
+                self.vm(k.vm),
+                k.obj.to_string(),
+                self.reasons.name(k.detail),
+            ],
+        };
+        let names = stages::stage(k.stage).labels;
+        debug_assert_eq!(names.len(), values.len());
+        names.iter().map(|n| n.to_string()).zip(values).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::kvm::{ISA_VMX, exit_detail};
+
+    use super::*;
+
+    const KVM_EXIT_FMT: &str = r#"print fmt: "vcpu %u reason %s%s%s rip 0x%lx", REC->vcpu_id, (REC->isa == 1) ? __print_symbolic(REC->exit_reason & 0xffff, { 0, "EXCEPTION_NMI" }, { 12, "HLT" }, { 30, "IO_INSTRUCTION" }) : __print_symbolic(REC->exit_reason, { 0x040 + 1, "DB excp" }, { 0x07b, "io" }, { 0x80000000, "FAILED_VMENTRY" }), REC->guest_rip"#;
+
+    #[test]
+    fn exit_reason_names_come_from_the_print_format() {
+        let r = ExitReasons::parse(KVM_EXIT_FMT);
+        assert_eq!(r.name(exit_detail(30, ISA_VMX)), "io_instruction");
+        assert_eq!(r.name(exit_detail(12, ISA_VMX)), "hlt");
+        assert_eq!(r.name(exit_detail(0x7b, 2)), "io");
+        assert_eq!(r.name(exit_detail(0x41, 2)), "db_excp");
+        assert_eq!(r.name(exit_detail(0x8000_0000, 2)), "failed_vmentry");
+        assert_eq!(r.name(exit_detail(99, ISA_VMX)), "unknown_0x63");
+    }
+
+    #[test]
+    fn vm_names() {
+        let a = |v: &[&str]| v.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
+        let args = a(&[
+            "qemu-system-x86_64",
+            "-name",
+            "guest=web01,debug-threads=on",
+            "-m",
+            "1G",
+        ]);
+        assert_eq!(
+            qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            Some("web01".into())
+        );
+        let args = a(&["qemu", "-name", "lab,debug-threads=on"]);
+        assert_eq!(
+            qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            Some("lab".into())
+        );
+        let args = a(&["qemu", "-m", "1G"]);
+        assert_eq!(
+            qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            None
+        );
+        let cg = "0::/machine.slice/machine-qemu\\x2d3\\x2dweb\\x2d01.scope/libvirt/vcpu0\n";
+        assert_eq!(libvirt_scope_name(cg), Some("web-01".into()));
+        assert_eq!(libvirt_scope_name("0::/user.slice\n"), None);
+        assert_eq!(vm_name_of(u32::MAX - 1), format!("pid-{}", u32::MAX - 1));
+    }
+}

@@ -1,0 +1,121 @@
+//! Quantile reports of a session: the table `iopath record` prints, and its JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{hist::Summary, session::Session, stages};
+
+#[derive(Serialize)]
+struct Row {
+    stage: &'static str,
+    path: &'static str,
+    labels: serde_json::Map<String, serde_json::Value>,
+    #[serde(flatten)]
+    summary: Summary,
+}
+
+fn rows(s: &mut Session) -> Vec<Row> {
+    let summaries: Vec<_> = s.quantiles.summaries().map(|(k, v)| (*k, v)).collect();
+    summaries
+        .into_iter()
+        .map(|(key, summary)| {
+            let stage = stages::stage(key.stage);
+            let labels = s
+                .labeler
+                .labels(&key)
+                .into_iter()
+                .map(|(k, v)| (k, v.into()))
+                .collect();
+            Row {
+                stage: stage.name,
+                path: stage.path.name(),
+                labels,
+                summary,
+            }
+        })
+        .collect()
+}
+
+/// Dropped events since the session started, by stage and reason (non-zero only).
+fn dropped(s: &Session) -> Vec<serde_json::Value> {
+    // Quantiles start from the session's first read, so the counters are reported as read now:
+    // they are cumulative since load, and the tracer loaded its own maps.
+    s.quantiles
+        .last()
+        .counters
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|((stage, reason), n)| serde_json::json!({"stage": stages::stage(*stage).name, "reason": reason, "events": n}))
+        .collect()
+}
+
+pub fn json(s: &mut Session) -> String {
+    let out = serde_json::json!({
+        "stages": s.tracer.report,
+        "series": rows(s),
+        "dropped": dropped(s),
+    });
+    serde_json::to_string_pretty(&out).expect("serializable") + "\n"
+}
+
+fn us(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1}ms", v / 1e3)
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+pub fn table(s: &mut Session) -> String {
+    let rows = rows(s);
+    let mut out = String::new();
+    let label_text = |r: &Row| {
+        r.labels
+            .iter()
+            .filter(|(_, v)| v.as_str().is_some_and(|v| !v.is_empty()))
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let width = rows
+        .iter()
+        .map(|r| label_text(r).len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let _ = writeln!(
+        out,
+        "{:<12} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (µs)",
+        "STAGE", "LABELS", "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
+    );
+    for r in &rows {
+        let m = &r.summary;
+        let _ = writeln!(
+            out,
+            "{:<12} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            r.stage,
+            label_text(r),
+            m.count,
+            us(m.p50_us),
+            us(m.p90_us),
+            us(m.p99_us),
+            us(m.p999_us),
+            us(m.max_us)
+        );
+    }
+    if rows.is_empty() {
+        out.push_str("(no events)\n");
+    }
+    for r in s.tracer.report.iter().filter(|r| !r.attached) {
+        let _ = writeln!(out, "unavailable: {}: {}", r.stage, r.skipped.join("; "));
+    }
+    for d in dropped(s) {
+        let _ = writeln!(
+            out,
+            "dropped: {} {} {}",
+            d["stage"], d["reason"], d["events"]
+        );
+    }
+    out
+}
