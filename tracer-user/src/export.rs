@@ -82,7 +82,7 @@ impl Exposition {
                     labels,
                     sum_seconds: series.sum_ns as f64 / 1e9,
                     count: series.count(),
-                    buckets: series.cumulative_seconds(),
+                    buckets: series.prometheus_buckets(),
                 }
             })
             .collect();
@@ -137,6 +137,36 @@ impl Exposition {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Prometheus text format 0.0.4, for clients that do not accept OpenMetrics: counters are named
+/// with `_total` in HELP/TYPE, and UNIT and EOF lines go.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let mut counters = BTreeSet::new();
+    for line in om.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|r| r.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// Shortcut for a family of gauges or counters with label sets.
@@ -230,5 +260,22 @@ impl Collector for Exposition {
                 .encode_gauge(&v)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let om = "# HELP x_dropped Drops.\n# TYPE x_dropped counter\nx_dropped_total{a=\"b\"} 1\n\
+# HELP x_lat Latency.\n# TYPE x_lat_seconds histogram\n# UNIT x_lat_seconds seconds\nx_lat_seconds_count 0\n# EOF\n";
+        let text = openmetrics_to_text(om);
+        assert_eq!(
+            text,
+            "# HELP x_dropped_total Drops.\n# TYPE x_dropped_total counter\nx_dropped_total{a=\"b\"} 1\n\
+# HELP x_lat Latency.\n# TYPE x_lat_seconds histogram\nx_lat_seconds_count 0\n"
+        );
     }
 }

@@ -62,14 +62,13 @@ impl Series {
         }
     }
 
-    /// Cumulative (upper bound in seconds, count) pairs for every finite bucket, as Prometheus
-    /// wants them (`+Inf` is the total count).
-    pub fn cumulative_seconds(&self) -> Vec<(f64, u64)> {
-        let mut acc = 0;
-        (0..OVERFLOW)
+    /// (upper bound in seconds, events) for every bucket, overflow last with `f64::MAX`: the form
+    /// prometheus-client's encoder takes (it accumulates, and writes `f64::MAX` as `+Inf`).
+    pub fn prometheus_buckets(&self) -> Vec<(f64, u64)> {
+        (0..=OVERFLOW)
             .map(|i| {
-                acc += self.buckets[i as usize];
-                (upper_bound_ns(i).unwrap() as f64 / 1e9, acc)
+                let le = upper_bound_ns(i).map_or(f64::MAX, |ns| ns as f64 / 1e9);
+                (le, self.buckets[i as usize])
             })
             .collect()
     }
@@ -184,7 +183,9 @@ impl Quantiles {
             });
             for (i, &n) in delta.buckets.iter().enumerate() {
                 if n > 0 {
-                    h.saturating_record_n(bucket_value(i as u16), n);
+                    // record_n grows the histogram; saturating_record_n would clamp to its
+                    // initial range instead.
+                    let _ = h.record_n(bucket_value(i as u16), n);
                 }
             }
             *sum += delta.sum_ns;
@@ -240,14 +241,24 @@ mod tests {
     }
 
     #[test]
-    fn cumulative_buckets_end_at_the_count() {
+    fn prometheus_buckets_cover_every_event_and_end_at_inf() {
         let s = &snap(&[100, 300, 1_000, 50_000, 2_000_000, 20_000_000_000]).series;
         let series = s.values().next().unwrap();
-        let cum = series.cumulative_seconds();
-        assert!(cum.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0));
+        let b = series.prometheus_buckets();
+        assert_eq!(b.len(), BUCKETS);
+        assert!(b.windows(2).all(|w| w[0].0 < w[1].0), "bounds increase");
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), series.count());
         // the 20 s value is only in +Inf
-        assert_eq!(cum.last().unwrap().1, series.count() - 1);
-        assert_eq!(cum[0], (256e-9, 1));
+        assert_eq!(*b.last().unwrap(), (f64::MAX, 1));
+        assert_eq!(b[0], (256e-9, 1));
+    }
+
+    #[test]
+    fn quantiles_of_values_beyond_hdr_initial_range() {
+        let mut q = Quantiles::new(Snapshot::default());
+        q.update(snap(&[45_000; 95]));
+        let (_, s) = q.summaries().next().unwrap();
+        assert!((s.p50_us - 45.0).abs() < 45.0 * 0.0625, "{}", s.p50_us);
     }
 
     #[test]

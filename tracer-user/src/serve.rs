@@ -15,10 +15,11 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use crate::{attach::Options, report, session::Session};
+use crate::{attach::Options, export, report, session::Session};
 
 const MAX_REQUEST: usize = 8192;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
@@ -85,9 +86,14 @@ async fn handle(mut stream: TcpStream, session: Arc<Mutex<Session>>) -> std::io:
         parts.next().unwrap_or_default(),
     );
     let path = target.split('?').next().unwrap_or_default();
+    // Content negotiation as Prometheus does it: OpenMetrics when the scraper asks for it.
+    let openmetrics = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("accept:") && l.contains("application/openmetrics-text")
+    });
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => match session.lock().expect("session lock").metrics() {
-            Ok(text) => ("200 OK", OPENMETRICS, text),
+            Ok(text) if openmetrics => ("200 OK", OPENMETRICS, text),
+            Ok(text) => ("200 OK", TEXT, export::openmetrics_to_text(&text)),
             Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
         },
         ("GET", "/quantiles") => {
