@@ -1,1 +1,391 @@
+//! Helpers for iopath's end-to-end tests: they load the real programs into this kernel through
+//! the real `iopath` binary (`IOPATH_BIN`, set by `cargo xtask test`) and drive real events.
 
+use std::{
+    alloc::{Layout, alloc_zeroed, dealloc},
+    collections::BTreeMap,
+    fs::{self, OpenOptions},
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::unix::fs::{FileExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+pub fn iopath_bin() -> PathBuf {
+    std::env::var_os("IOPATH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/iopath"))
+}
+
+/// True when the test can load BPF programs; otherwise prints why it skips.
+pub fn can_trace(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping {test}: needs root (CAP_BPF and CAP_PERFMON) to load BPF programs");
+        return false;
+    }
+    if !iopath_bin().exists() {
+        panic!(
+            "{} is missing: run through `cargo xtask test`",
+            iopath_bin().display()
+        );
+    }
+    true
+}
+
+pub fn iopath(args: &[&str]) -> Output {
+    Command::new(iopath_bin())
+        .args(args)
+        .output()
+        .expect("run iopath")
+}
+
+/// iopath's programs still loaded a few seconds after every iopath process is gone. The kernel
+/// frees a program after its last reference drops, asynchronously: poll rather than sample once.
+pub fn leftover_programs() -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = loaded_programs();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Names of iopath's programs loaded now, from bpftool.
+pub fn loaded_programs() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool (cargo xtask setup)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| {
+            n.starts_with("blk_rq_") || n.starts_with("kvm_exit") || n.starts_with("kvm_entry")
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// A loop device over a file (direct I/O), detached and removed on drop.
+pub struct LoopDev {
+    pub dev: String,
+    file: PathBuf,
+}
+
+impl LoopDev {
+    pub fn new(name: &str, mib: u64) -> LoopDev {
+        let file = PathBuf::from(format!(
+            "/var/tmp/iopath-test-{name}-{}.img",
+            std::process::id()
+        ));
+        let f = fs::File::create(&file).expect("backing file");
+        f.set_len(mib << 20).expect("size backing file");
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Let udev's probe of the new device finish, so its reads are not counted as ours.
+        let _ = Command::new("udevadm")
+            .args(["settle", "--timeout=5"])
+            .status();
+        sleep(Duration::from_millis(300));
+        LoopDev { dev, file }
+    }
+
+    /// "major:minor" as iopath labels it.
+    pub fn majmin(&self) -> String {
+        let name = Path::new(&self.dev)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        fs::read_to_string(format!("/sys/class/block/{name}/dev"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    pub fn name(&self) -> String {
+        Path::new(&self.dev)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string()
+    }
+
+    /// `writes` then `reads` synchronous 4 KiB O_DIRECT I/Os: each is exactly one request.
+    pub fn direct_io(&self, writes: u64, reads: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.dev)
+            .expect("open loop device O_DIRECT");
+        let layout = Layout::from_size_align(4096, 4096).unwrap();
+        // SAFETY: non-zero size; freed below with the same layout.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        // SAFETY: ptr is a live 4096-byte allocation.
+        let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
+        buf.fill(0xa5);
+        let blocks = 1024; // spread over the first 4 MiB
+        for i in 0..writes {
+            f.write_all_at(buf, (i % blocks) * 4096)
+                .expect("direct write");
+        }
+        for i in 0..reads {
+            f.read_exact_at(buf, (i % blocks) * 4096)
+                .expect("direct read");
+        }
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(ptr, layout) };
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `iopath serve` on a free loopback port, stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Daemon {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(iopath_bin())
+            .args(["serve", "--listen", &listen])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start iopath serve");
+        let mut d = Daemon { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if d.get("/metrics", false).is_ok() {
+                return d;
+            }
+            if let Some(st) = d.child.try_wait().unwrap() {
+                let mut err = String::new();
+                d.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("iopath serve exited with {st}: {err}");
+            }
+            sleep(Duration::from_millis(100));
+        }
+        panic!("iopath serve did not answer on {listen}");
+    }
+
+    /// GET `path`; with `openmetrics` the Accept header Prometheus sends.
+    pub fn get(&self, path: &str, openmetrics: bool) -> std::io::Result<(String, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let accept = if openmetrics {
+            "Accept: application/openmetrics-text; version=1.0.0\r\n"
+        } else {
+            ""
+        };
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept}Connection: close\r\n\r\n"
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        let ctype = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Type: "))
+            .unwrap_or_default()
+            .to_string();
+        Ok((ctype, body.to_string()))
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics::parse(&self.get("/metrics", false).expect("scrape").1)
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        panic!("iopath serve did not exit within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One sample line of the text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed scrape (Prometheus text or OpenMetrics sample lines).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((k, r)) = rest.split_once("=\"") {
+        let mut v = String::new();
+        let mut chars = r.char_indices();
+        let mut end = r.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        v.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i;
+                    break;
+                }
+                c => v.push(c),
+            }
+        }
+        out.insert(k.trim_start_matches(',').trim().to_string(), v);
+        rest = r.get(end + 1..).unwrap_or_default();
+    }
+    out
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("sample line has a value");
+                let (name, labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n.to_string(), parse_labels(rest.trim_end_matches('}'))),
+                    None => (series.to_string(), BTreeMap::new()),
+                };
+                let value = match value {
+                    "+Inf" => f64::INFINITY,
+                    v => v.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")),
+                };
+                Sample {
+                    name,
+                    labels,
+                    value,
+                }
+            })
+            .collect();
+        Metrics { samples }
+    }
+
+    /// Samples of `name` whose labels include all of `want`.
+    pub fn find(&self, name: &str, want: &[(&str, &str)]) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect()
+    }
+
+    pub fn value(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.find(name, want).iter().map(|s| s.value).sum()
+    }
+
+    /// (le, cumulative count) of one histogram series, in order.
+    pub fn buckets(&self, name: &str, want: &[(&str, &str)]) -> Vec<(f64, f64)> {
+        let mut b: Vec<(f64, f64)> = self
+            .find(&format!("{name}_bucket"), want)
+            .iter()
+            .map(|s| {
+                let le = s.labels["le"].as_str();
+                (
+                    if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap()
+                    },
+                    s.value,
+                )
+            })
+            .collect();
+        b.sort_by(|x, y| x.0.partial_cmp(&y.0).unwrap());
+        b
+    }
+}
+
+/// Quantile `q` of the events added between two scrapes of one histogram series, as the
+/// upper bound of the bucket it falls in (what histogram_quantile would bound it by).
+pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            (
+                *le,
+                n - before
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |(_, m)| *m),
+            )
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| *le)
+}

@@ -1,0 +1,109 @@
+//! blk.device end to end: real direct I/O on a loop device, counted by the real programs.
+
+use iopath_tests::{Daemon, LoopDev, can_trace, iopath, quantile_between};
+
+const HIST: &str = "iopath_stage_latency_seconds";
+
+#[test]
+fn blk_device_counts_every_direct_io_on_a_loop_device() {
+    if !can_trace("blk_device_counts_every_direct_io_on_a_loop_device") {
+        return;
+    }
+    let lo = LoopDev::new("count", 16);
+    let d = Daemon::start(&["--stages", "blk.device"]);
+    let dev = lo.majmin();
+    let sel = |op: &'static str| {
+        vec![
+            ("stage", "blk.device"),
+            ("device", dev.as_str()),
+            ("op", op),
+        ]
+    };
+    let before = d.metrics();
+    let (writes, reads) = (400u64, 300u64);
+    lo.direct_io(writes, reads);
+    let after = d.metrics();
+    for (op, n) in [("write", writes), ("read", reads)] {
+        let count = after.value(&format!("{HIST}_count"), &sel(op))
+            - before.value(&format!("{HIST}_count"), &sel(op));
+        // Synchronous 4 KiB O_DIRECT I/O on an otherwise idle loop device: one request each.
+        // Tolerance: a stray udev or blkid probe of the device may add a few reads.
+        assert!(
+            count >= n as f64 && count <= n as f64 * 1.02 + 2.0,
+            "{op}: {count} requests counted for {n} issued"
+        );
+        let p50 = quantile_between(
+            &before.buckets(HIST, &sel(op)),
+            &after.buckets(HIST, &sel(op)),
+            0.5,
+        )
+        .unwrap();
+        assert!(
+            (1e-6..=0.1).contains(&p50),
+            "{op} p50 {p50} s is outside 1 us..100 ms"
+        );
+        let disk = &after.find(&format!("{HIST}_count"), &sel(op))[0].labels["disk"];
+        assert_eq!(disk, &lo.name(), "disk label from sysfs");
+    }
+    assert_eq!(
+        after.value("iopath_stage_attached", &[("stage", "blk.device")]),
+        1.0
+    );
+    let dropped = after.value(
+        "iopath_events_dropped_total",
+        &[("stage", "blk.device"), ("reason", "hist_map_full")],
+    );
+    assert_eq!(dropped, 0.0);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn record_reports_quantiles_of_the_loop_device() {
+    if !can_trace("record_reports_quantiles_of_the_loop_device") {
+        return;
+    }
+    let lo = LoopDev::new("record", 16);
+    let handle = std::thread::spawn(|| {
+        iopath(&[
+            "record",
+            "--duration",
+            "4s",
+            "--json",
+            "--stages",
+            "blk.device",
+        ])
+    });
+    // record attaches within a second; then the I/O, well inside its 4 s window
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    lo.direct_io(250, 0);
+    let out = handle.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record --json is JSON");
+    let row = v["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["labels"]["disk"] == lo.name().as_str() && r["labels"]["op"] == "write")
+        .unwrap_or_else(|| panic!("no write series for {} in {v}", lo.name()));
+    let count = row["count"].as_u64().unwrap();
+    assert!((250..=252).contains(&count), "count {count} for 250 writes");
+    let (p50, p99, max) = (
+        row["p50_us"].as_f64().unwrap(),
+        row["p99_us"].as_f64().unwrap(),
+        row["max_us"].as_f64().unwrap(),
+    );
+    assert!((1.0..=100_000.0).contains(&p50), "p50 {p50} us");
+    assert!(
+        p50 <= p99 && p99 <= max,
+        "quantiles ordered: {p50} {p99} {max}"
+    );
+
+    // The table form names the same series.
+    let out = iopath(&["record", "--duration", "200ms", "--stages", "blk.device"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("STAGE"));
+}

@@ -1,0 +1,65 @@
+//! `iopath doctor` on this kernel: what attaches and how.
+
+use iopath_tests::{can_trace, iopath, leftover_programs};
+
+#[test]
+fn doctor_attaches_blk_device_and_kvm_exit_here() {
+    if !can_trace("doctor_attaches_blk_device_and_kvm_exit_here") {
+        return;
+    }
+    let out = iopath(&["doctor", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stage = |name: &str| {
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == name)
+            .unwrap()
+            .clone()
+    };
+    // kvm_exit/kvm_entry never fire under this machine's KVM-PVM, but they exist and attach.
+    let kvm = stage("kvm.exit");
+    assert_eq!(kvm["attached"], true, "{kvm}");
+    assert!(
+        kvm["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "tracepoint/kvm/kvm_exit")
+    );
+    let blk = stage("blk.device");
+    assert_eq!(blk["attached"], true, "{blk}");
+    // This kernel has BTF and tp_btf: the preferred implementation is the one chosen.
+    assert_eq!(blk["attach"], "tp_btf");
+
+    let table = iopath(&["doctor"]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kvm.exit") && l.contains("attached")),
+        "{text}"
+    );
+    assert!(
+        leftover_programs().is_empty(),
+        "doctor left programs loaded: {:?}",
+        leftover_programs()
+    );
+}
+
+#[test]
+fn doctor_selects_one_stage() {
+    if !can_trace("doctor_selects_one_stage") {
+        return;
+    }
+    let out = iopath(&["doctor", "--json", "--stages", "kvm.exit"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stages"].as_array().unwrap().len(), 1);
+}

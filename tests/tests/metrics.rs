@@ -1,0 +1,123 @@
+//! /metrics is valid exposition: checked by promtool (Prometheus' own parser and linter) and by
+//! the histogram invariants a scraper relies on.
+
+use std::{io::Write as _, process::Command};
+
+use iopath_tests::{Daemon, LoopDev, Metrics, can_trace};
+
+#[test]
+fn metrics_pass_promtool_and_histograms_are_cumulative() {
+    if !can_trace("metrics_pass_promtool_and_histograms_are_cumulative") {
+        return;
+    }
+    let lo = LoopDev::new("metrics", 16);
+    let d = Daemon::start(&[]);
+    lo.direct_io(50, 50);
+
+    // Prometheus text format (no Accept header): promtool must find no problem.
+    let (ctype, text) = d.get("/metrics", false).unwrap();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(text.as_bytes());
+    assert!(
+        promtool.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+
+    // OpenMetrics, as Prometheus asks for it.
+    let (ctype, om) = d.get("/metrics", true).unwrap();
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    assert!(om.ends_with("# EOF\n"));
+
+    for body in [text, om] {
+        let m = Metrics::parse(&body);
+        let counts = m.find("iopath_stage_latency_seconds_count", &[]);
+        assert!(!counts.is_empty(), "no histogram series");
+        for c in counts {
+            let want: Vec<(&str, &str)> = c
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let b = m.buckets("iopath_stage_latency_seconds", &want);
+            assert_eq!(b.len(), 210, "every bucket is exported");
+            assert!(
+                b.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0),
+                "buckets cumulative: {:?}",
+                c.labels
+            );
+            let (le, inf) = *b.last().unwrap();
+            assert!(le.is_infinite());
+            assert_eq!(inf, c.value, "+Inf equals _count for {:?}", c.labels);
+            let sum = m.value("iopath_stage_latency_seconds_sum", &want);
+            assert!(sum >= 0.0 && (c.value == 0.0 || sum > 0.0));
+        }
+        // Self-metrics are there.
+        for stage in ["blk.device", "kvm.exit"] {
+            assert_eq!(
+                m.find("iopath_stage_attached", &[("stage", stage)]).len(),
+                1,
+                "{stage}"
+            );
+        }
+        assert!(
+            !m.find(
+                "iopath_events_dropped_total",
+                &[("reason", "hist_map_full")]
+            )
+            .is_empty()
+        );
+        assert!(
+            !m.find(
+                "iopath_program_run_count_total",
+                &[("program", "blk_rq_issue_btf")]
+            )
+            .is_empty()
+        );
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn bpf_stats_count_program_runs() {
+    if !can_trace("bpf_stats_count_program_runs") {
+        return;
+    }
+    let lo = LoopDev::new("stats", 16);
+    let d = Daemon::start(&["--bpf-stats", "--stages", "blk.device"]);
+    let before = d.metrics();
+    lo.direct_io(100, 0);
+    let after = d.metrics();
+    assert_eq!(after.value("iopath_bpf_stats_enabled", &[]), 1.0);
+    let sel = [("program", "blk_rq_issue_btf")];
+    let runs = after.value("iopath_program_run_count_total", &sel)
+        - before.value("iopath_program_run_count_total", &sel);
+    assert!(
+        runs >= 100.0,
+        "{runs} runs of blk_rq_issue_btf for 100 writes"
+    );
+    let t = after.value("iopath_program_run_time_seconds_total", &sel)
+        - before.value("iopath_program_run_time_seconds_total", &sel);
+    assert!(t > 0.0 && t / runs < 20e-6, "{} ns per run", t / runs * 1e9);
+    assert!(d.stop().success());
+}
+
+trait OutputWithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
+}
+
+impl OutputWithStdin for Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (cargo xtask setup installs the prometheus package)");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}

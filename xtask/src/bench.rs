@@ -1,0 +1,310 @@
+//! `cargo xtask bench`: what iopath costs, measured in one run on this machine.
+//!
+//! Workload: fio, direct 4 KiB random reads and writes (psync, queue depth 1) on a loop device
+//! backed by a file, never the root disk directly, bounded by time. Modes run interleaved
+//! (without, with, without, ...) so drift hits both alike:
+//! - without: no tracer;
+//! - with: `iopath serve --bpf-stats`, every stage that attaches; its programs' run time and
+//!   run count (kernel.bpf_stats) over the workload give ns per event;
+//! - bpftrace (when installed): the same issue-to-complete histogram as a bpftrace script, for
+//!   reference, measured the same way.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+struct LoopDev {
+    dev: String,
+    file: PathBuf,
+}
+
+impl LoopDev {
+    fn new(file: &Path, mib: u64) -> anyhow::Result<Self> {
+        let f = fs::File::create(file)?;
+        f.set_len(mib << 20)?;
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()?;
+        if !out.status.success() {
+            bail!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(LoopDev {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            file: file.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fio(dev: &str, seconds: u32) -> anyhow::Result<f64> {
+    let out = Command::new("fio")
+        .args([
+            "--name=iopath-bench",
+            "--direct=1",
+            "--rw=randrw",
+            "--bs=4k",
+            "--ioengine=psync",
+            "--iodepth=1",
+        ])
+        .arg(format!("--filename={dev}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(["--time_based", "--size=200M", "--output-format=json"])
+        .output()
+        .context("fio (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
+    let job = &v["jobs"][0];
+    Ok(job["read"]["iops"].as_f64().unwrap_or(0.0) + job["write"]["iops"].as_f64().unwrap_or(0.0))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn scrape(port: u16) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// program -> (run time ns, run count) from a scrape.
+fn program_stats(metrics: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in metrics.lines() {
+        let (is_time, rest) = if let Some(r) =
+            line.strip_prefix("iopath_program_run_time_seconds_total{program=\"")
+        {
+            (true, r)
+        } else if let Some(r) = line.strip_prefix("iopath_program_run_count_total{program=\"") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let Some((name, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let v: f64 = value.trim().parse().unwrap_or(0.0);
+        let e = out.entry(name.to_string()).or_default();
+        if is_time { e.0 = v * 1e9 } else { e.1 = v }
+    }
+    out
+}
+
+fn start_iopath(bin: &Path) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port()?;
+    let child = Command::new(bin)
+        .args(["serve", "--bpf-stats", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut p = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if scrape(port).is_ok_and(|m| m.contains("iopath_stage_attached")) {
+            return Ok((p, port));
+        }
+        if let Ok(Some(st)) = p.0.try_wait() {
+            bail!("iopath exited: {st}");
+        }
+        sleep(Duration::from_millis(100));
+    }
+    bail!("iopath did not answer on port {port}")
+}
+
+const BPFTRACE: &str = r#"
+tracepoint:block:block_rq_issue { @start[args.dev, args.sector] = nsecs; }
+tracepoint:block:block_rq_complete /@start[args.dev, args.sector]/ {
+    @usecs = hist((nsecs - @start[args.dev, args.sector]) / 1000);
+    delete(@start[args.dev, args.sector]);
+}
+"#;
+
+/// Sum of (run_time_ns, run_cnt) over the BPF programs of process `pid` (bpftool, JSON).
+fn bpftool_stats_of(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .context("bpftool")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut acc = (0.0, 0.0);
+    for p in v.as_array().into_iter().flatten() {
+        let mine = p["pids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["pid"].as_u64() == Some(pid as u64));
+        if mine {
+            acc.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
+            acc.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
+        }
+    }
+    Ok(acc)
+}
+
+fn set_bpf_stats(on: bool) {
+    let _ = fs::write(
+        "/proc/sys/kernel/bpf_stats_enabled",
+        if on { "1" } else { "0" },
+    );
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
+    let dir = crate::root().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let lo = LoopDev::new(&dir.join("bench.img"), 256)?;
+    eprintln!(
+        "bench: {} rounds x {seconds}s of fio 4k randrw direct on {} (psync, qd 1)",
+        rounds, lo.dev
+    );
+    fio(&lo.dev, 1)?; // warm-up, not counted
+
+    let has_bpftrace = Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let (mut without, mut with, mut with_bt) = (Vec::new(), Vec::new(), Vec::new());
+    let mut progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let mut bt = (0.0, 0.0);
+    for round in 1..=rounds {
+        without.push(fio(&lo.dev, seconds)?);
+
+        let (iopath, port) = start_iopath(bin)?;
+        let before = program_stats(&scrape(port)?);
+        with.push(fio(&lo.dev, seconds)?);
+        let after = program_stats(&scrape(port)?);
+        drop(iopath);
+        for (name, (t1, c1)) in after {
+            let (t0, c0) = before.get(&name).copied().unwrap_or_default();
+            let e = progs.entry(name).or_default();
+            e.0 += t1 - t0;
+            e.1 += c1 - c0;
+        }
+
+        if has_bpftrace {
+            set_bpf_stats(true);
+            let child = Command::new("bpftrace")
+                .arg("-e")
+                .arg(BPFTRACE)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let p = Proc(child);
+            sleep(Duration::from_secs(3)); // bpftrace compiles and attaches
+            let b0 = bpftool_stats_of(p.0.id())?;
+            with_bt.push(fio(&lo.dev, seconds)?);
+            let b1 = bpftool_stats_of(p.0.id())?;
+            drop(p);
+            set_bpf_stats(false);
+            bt.0 += b1.0 - b0.0;
+            bt.1 += b1.1 - b0.1;
+        }
+        eprintln!(
+            "bench: round {round}: without {:.0} IOPS, with iopath {:.0}{}",
+            without.last().unwrap(),
+            with.last().unwrap(),
+            with_bt
+                .last()
+                .map(|v| format!(", with bpftrace {v:.0}"))
+                .unwrap_or_default()
+        );
+    }
+
+    println!("\nns per event (kernel.bpf_stats, summed over {rounds} runs of {seconds}s):");
+    println!("  {:<24} {:>12} {:>10}", "program", "events", "ns/event");
+    let mut report = serde_json::Map::new();
+    for (name, (t, c)) in &progs {
+        let ns = if *c > 0.0 { t / c } else { 0.0 };
+        println!(
+            "  {name:<24} {c:>12.0} {:>10}",
+            if *c > 0.0 {
+                format!("{ns:.0}")
+            } else {
+                "-".into()
+            }
+        );
+        report.insert(
+            name.clone(),
+            serde_json::json!({"events": c, "ns_per_event": ns}),
+        );
+    }
+    let bt_ns = (bt.1 > 0.0).then(|| bt.0 / bt.1);
+    if let Some(ns) = bt_ns {
+        println!(
+            "  {:<24} {:>12.0} {ns:>10.0}",
+            "bpftrace (same histogram)", bt.1
+        );
+    }
+    let (a, b) = (mean(&without), mean(&with));
+    println!(
+        "\nIOPS: without {a:.0}, with iopath {b:.0}: ratio {:.3} ({:+.1}%)",
+        b / a,
+        (b / a - 1.0) * 100.0
+    );
+    if !with_bt.is_empty() {
+        let c = mean(&with_bt);
+        println!("IOPS with bpftrace {c:.0}: ratio {:.3}", c / a);
+    }
+    let json = serde_json::json!({
+        "seconds": seconds, "rounds": rounds, "device": lo.dev,
+        "iops_without": without, "iops_with_iopath": with, "iops_with_bpftrace": with_bt,
+        "ratio_iopath": b / a, "programs": report, "bpftrace_ns_per_event": bt_ns,
+    });
+    fs::write(
+        dir.join("latest.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+    println!("(written to target/bench/latest.json)");
+    Ok(())
+}
