@@ -160,10 +160,10 @@ fn start_iopath(bin: &Path) -> anyhow::Result<(Proc, u16)> {
 }
 
 const BPFTRACE: &str = r#"
-tracepoint:block:block_rq_issue { @start[args.dev, args.sector] = nsecs; }
-tracepoint:block:block_rq_complete /@start[args.dev, args.sector]/ {
-    @usecs = hist((nsecs - @start[args.dev, args.sector]) / 1000);
-    delete(@start[args.dev, args.sector]);
+tracepoint:block:block_rq_issue { @start[args->dev, args->sector] = nsecs; }
+tracepoint:block:block_rq_complete /@start[args->dev, args->sector]/ {
+    @usecs = hist((nsecs - @start[args->dev, args->sector]) / 1000);
+    delete(@start[args->dev, args->sector]);
 }
 "#;
 
