@@ -167,7 +167,9 @@ tracepoint:block:block_rq_complete /@start[args->dev, args->sector]/ {
 }
 "#;
 
-/// Sum of (run_time_ns, run_cnt) over the BPF programs of process `pid` (bpftool, JSON).
+/// Sum of (run_time_ns, run_cnt) over bpftrace's programs (bpftool, JSON): those of process
+/// `pid` where bpftool reports pids, else by name (bpftrace names them after the probe,
+/// `block_rq_issue`; iopath's are `blk_rq_*`).
 fn bpftool_stats_of(pid: u32) -> anyhow::Result<(f64, f64)> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
