@@ -88,19 +88,24 @@ impl KernelBtf {
         Ok(btf)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let data = fs::read(path).map_err(|source| BtfError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut btf = KernelBtf {
+    /// No types yet but void (type id 0).
+    fn empty() -> Self {
+        KernelBtf {
             types: vec![Type {
                 kind: 0,
                 type_id: 0,
                 members: vec![],
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let data = fs::read(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut btf = KernelBtf::empty();
         btf.parse(&data)
             .ok_or_else(|| BtfError::Malformed(path.display().to_string()))?;
         Ok(btf)
@@ -283,14 +288,7 @@ mod tests {
 
     #[test]
     fn reads_members_funcs_and_tracepoints() {
-        let mut btf = KernelBtf {
-            types: vec![Type {
-                kind: 0,
-                type_id: 0,
-                members: vec![],
-            }],
-            ..Default::default()
-        };
+        let mut btf = KernelBtf::empty();
         btf.parse(&blob()).unwrap();
         assert_eq!(btf.member_offset("s", "a"), Some(0));
         assert_eq!(
