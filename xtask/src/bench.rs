@@ -167,10 +167,10 @@ tracepoint:block:block_rq_complete /@start[args->dev, args->sector]/ {
 }
 "#;
 
-/// Sum of (run_time_ns, run_cnt) over bpftrace's programs (bpftool, JSON): those of process
-/// `pid` where bpftool reports pids, else by name (bpftrace names them after the probe,
-/// `block_rq_issue`; iopath's are `blk_rq_*`).
-fn bpftool_stats_of(pid: u32) -> anyhow::Result<(f64, f64)> {
+/// Sum of (run_time_ns, run_cnt) over the reference bpftrace script's programs (bpftool, JSON).
+/// bpftrace names them after the probe (`block_rq_issue`, `block_rq_comple`); iopath's are
+/// `blk_rq_*`, so the name tells them apart.
+fn bpftrace_stats() -> anyhow::Result<(f64, f64)> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
@@ -178,12 +178,10 @@ fn bpftool_stats_of(pid: u32) -> anyhow::Result<(f64, f64)> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let mut acc = (0.0, 0.0);
     for p in v.as_array().into_iter().flatten() {
-        let mine = p["pids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|x| x["pid"].as_u64() == Some(pid as u64));
-        if mine {
+        if p["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("block_rq_"))
+        {
             acc.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
             acc.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
         }
@@ -244,9 +242,9 @@ pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
                 .spawn()?;
             let p = Proc(child);
             sleep(Duration::from_secs(3)); // bpftrace compiles and attaches
-            let b0 = bpftool_stats_of(p.0.id())?;
+            let b0 = bpftrace_stats()?;
             with_bt.push(fio(&lo.dev, seconds)?);
-            let b1 = bpftool_stats_of(p.0.id())?;
+            let b1 = bpftrace_stats()?;
             drop(p);
             set_bpf_stats(false);
             bt.0 += b1.0 - b0.0;
