@@ -185,9 +185,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
+        Self::start_bin(&iopath_bin(), extra)
+    }
+
+    /// `bin serve` with `extra` arguments (the benchmark passes its own build).
+    pub fn start_bin(bin: &Path, extra: &[&str]) -> Daemon {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(iopath_bin())
+        let child = Command::new(bin)
             .args(["serve", "--listen", &listen])
             .args(extra)
             .stderr(Stdio::piped())
@@ -343,6 +348,18 @@ impl Metrics {
                         .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
             })
             .collect()
+    }
+
+    /// Values of label `label` among the samples of `name`.
+    pub fn label_values(&self, name: &str, label: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .find(name, &[])
+            .iter()
+            .filter_map(|s| s.labels.get(label).cloned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     pub fn value(&self, name: &str, want: &[(&str, &str)]) -> f64 {

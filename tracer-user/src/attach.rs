@@ -78,11 +78,18 @@ enum Link {
 /// (nothing is pinned).
 pub struct Tracer {
     pub ebpf: Ebpf,
+    /// The tracefs the plan read (record formats, exit reason names).
+    pub tracefs: Tracefs,
     pub report: Vec<StageReport>,
     /// Attached programs, by name.
     links: BTreeMap<&'static str, Link>,
     /// Keeps kernel.bpf_stats enabled while held.
     _stats: Option<OwnedFd>,
+}
+
+/// Maps a load or attach error to the reason doctor prints: `step: error`.
+fn failed<E: std::error::Error>(step: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{step}: {}", short(&e))
 }
 
 /// One line of an error and its causes, short enough for a table cell.
@@ -131,6 +138,7 @@ impl Tracer {
             .map_err(|e| AttachError::Load(short(&e)))?;
         let mut tracer = Tracer {
             ebpf,
+            tracefs: tracefs.clone(),
             report: Vec::new(),
             links: BTreeMap::new(),
             _stats: stats,
@@ -236,39 +244,38 @@ impl Tracer {
             .program_mut(probe.program)
             .ok_or_else(|| format!("program {} missing from the BPF object", probe.program))?;
         let loaded = program.fd().is_ok();
-        let e = |e: &dyn std::error::Error| short(e);
         Ok(match (probe.at, program) {
             (AttachPoint::TpBtf(tp), Program::BtfTracePoint(p)) => {
                 if !loaded {
                     p.load(tp, k.btf.ok_or("no kernel BTF")?)
-                        .map_err(|x| format!("load: {}", e(&x)))?;
+                        .map_err(failed("load"))?;
                 }
-                Link::TpBtf(p.attach().map_err(|x| format!("attach: {}", e(&x)))?)
+                Link::TpBtf(p.attach().map_err(failed("attach"))?)
             }
             (AttachPoint::RawTp(tp), Program::RawTracePoint(p)) => {
                 if !loaded {
-                    p.load().map_err(|x| format!("load: {}", e(&x)))?;
+                    p.load().map_err(failed("load"))?;
                 }
-                Link::RawTp(p.attach(tp).map_err(|x| format!("attach: {}", e(&x)))?)
+                Link::RawTp(p.attach(tp).map_err(failed("attach"))?)
             }
             (AttachPoint::Tracepoint(c, n), Program::TracePoint(p)) => {
                 if !loaded {
-                    p.load().map_err(|x| format!("load: {}", e(&x)))?;
+                    p.load().map_err(failed("load"))?;
                 }
-                Link::Tracepoint(p.attach(c, n).map_err(|x| format!("attach: {}", e(&x)))?)
+                Link::Tracepoint(p.attach(c, n).map_err(failed("attach"))?)
             }
             (AttachPoint::FEntry(f), Program::FEntry(p)) => {
                 if !loaded {
                     p.load(f, k.btf.ok_or("no kernel BTF")?)
-                        .map_err(|x| format!("load: {}", e(&x)))?;
+                        .map_err(failed("load"))?;
                 }
-                Link::FEntry(p.attach().map_err(|x| format!("attach: {}", e(&x)))?)
+                Link::FEntry(p.attach().map_err(failed("attach"))?)
             }
             (AttachPoint::KProbe(f), Program::KProbe(p)) => {
                 if !loaded {
-                    p.load().map_err(|x| format!("load: {}", e(&x)))?;
+                    p.load().map_err(failed("load"))?;
                 }
-                Link::KProbe(p.attach(f, 0).map_err(|x| format!("attach: {}", e(&x)))?)
+                Link::KProbe(p.attach(f, 0).map_err(failed("attach"))?)
             }
             (at, _) => {
                 return Err(format!(

@@ -214,8 +214,8 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "{:<12} {:<6} {:<9} {:<18} {}",
-            "STAGE", "PATH", "STATE", "ATTACH", "DETAIL"
+            "{:<12} {:<6} {:<9} {:<18} DETAIL",
+            "STAGE", "PATH", "STATE", "ATTACH"
         );
         for r in &tracer.report {
             let (state, attach, detail) = match r.attach {

@@ -39,8 +39,7 @@ fn rows(s: &mut Session) -> Vec<Row> {
 
 /// Dropped events since the session started, by stage and reason (non-zero only).
 fn dropped(s: &Session) -> Vec<serde_json::Value> {
-    // Quantiles start from the session's first read, so the counters are reported as read now:
-    // they are cumulative since load, and the tracer loaded its own maps.
+    // The session loaded its own maps, so the counters' totals are this session's.
     s.quantiles
         .last()
         .counters

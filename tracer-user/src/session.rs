@@ -3,14 +3,11 @@
 
 use std::fs;
 
-use aya::programs::Program;
-
 use crate::{
     attach::{Options, Tracer},
     export::{Exposition, ProgramStats},
     hist::{Quantiles, ReadError, Snapshot},
     labels::Labeler,
-    tracefs::Tracefs,
 };
 
 pub struct Session {
@@ -20,14 +17,10 @@ pub struct Session {
     bpf_stats: bool,
 }
 
-fn info(p: &Program) -> Option<aya::programs::ProgramInfo> {
-    p.info().ok()
-}
-
 impl Session {
     pub fn start(opts: &Options) -> anyhow::Result<Session> {
         let tracer = Tracer::start(opts)?;
-        let labeler = Labeler::new(&Tracefs::open(opts.tracefs)?);
+        let labeler = Labeler::new(&tracer.tracefs);
         let base = Snapshot::read(&tracer.ebpf)?;
         Ok(Session {
             tracer,
@@ -48,7 +41,7 @@ impl Session {
         self.tracer
             .programs()
             .filter_map(|name| {
-                let i = info(self.tracer.ebpf.program(name)?)?;
+                let i = self.tracer.ebpf.program(name)?.info().ok()?;
                 Some(ProgramStats {
                     program: name.to_string(),
                     run_time: i.run_time(),

@@ -95,44 +95,46 @@ pub struct Stage {
     pub variants: &'static [Variant],
 }
 
-fn set(v: u32) -> bool {
-    v != NO_OFFSET
+/// Ok when every offset was found, else `why`.
+fn all_set(offsets: &[u32], why: &'static str) -> Result<(), &'static str> {
+    if offsets.iter().all(|&o| o != NO_OFFSET) {
+        Ok(())
+    } else {
+        Err(why)
+    }
 }
 
 fn blk_request_offsets(c: &Config) -> Result<(), &'static str> {
-    [
-        c.rq_q,
-        c.rq_cmd_flags,
-        c.q_disk,
-        c.disk_major,
-        c.disk_first_minor,
-    ]
-    .into_iter()
-    .all(set)
-    .then_some(())
-    .ok_or("struct request/request_queue/gendisk members not found in BTF")
+    all_set(
+        &[
+            c.rq_q,
+            c.rq_cmd_flags,
+            c.q_disk,
+            c.disk_major,
+            c.disk_first_minor,
+        ],
+        "struct request/request_queue/gendisk members not found in BTF",
+    )
 }
 
 fn blk_tracepoint_fields(c: &Config) -> Result<(), &'static str> {
-    [
-        c.tp_issue_dev,
-        c.tp_issue_sector,
-        c.tp_issue_rwbs,
-        c.tp_complete_dev,
-        c.tp_complete_sector,
-    ]
-    .into_iter()
-    .all(set)
-    .then_some(())
-    .ok_or("block_rq_issue/complete format lacks dev, sector or rwbs")
+    all_set(
+        &[
+            c.tp_issue_dev,
+            c.tp_issue_sector,
+            c.tp_issue_rwbs,
+            c.tp_complete_dev,
+            c.tp_complete_sector,
+        ],
+        "block_rq_issue/complete format lacks dev, sector or rwbs",
+    )
 }
 
 fn kvm_exit_fields(c: &Config) -> Result<(), &'static str> {
-    [c.tp_kvm_exit_reason, c.tp_kvm_exit_isa, c.tp_kvm_exit_vcpu]
-        .into_iter()
-        .all(set)
-        .then_some(())
-        .ok_or("kvm:kvm_exit format lacks exit_reason, isa or vcpu_id (is KVM built?)")
+    all_set(
+        &[c.tp_kvm_exit_reason, c.tp_kvm_exit_isa, c.tp_kvm_exit_vcpu],
+        "kvm:kvm_exit format lacks exit_reason, isa or vcpu_id (is KVM built?)",
+    )
 }
 
 const KVM_EXIT_TP: Probe = Probe {

@@ -73,7 +73,7 @@ impl Tracefs {
 }
 
 /// Finds `field` in a tracepoint `format` file: lines like
-/// `field:dev_t dev;	offset:8;	size:4;	signed:0;` (arrays: `char rwbs[10]`).
+/// `field:dev_t dev;<TAB>offset:8;<TAB>size:4;<TAB>signed:0;` (arrays: `char rwbs[10]`).
 pub fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?.split(';').next()?;

@@ -12,55 +12,24 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    io::Read as _,
+    path::Path,
     process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-
-struct LoopDev {
-    dev: String,
-    file: PathBuf,
-}
-
-impl LoopDev {
-    fn new(file: &Path, mib: u64) -> anyhow::Result<Self> {
-        let f = fs::File::create(file)?;
-        f.set_len(mib << 20)?;
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(file)
-            .output()?;
-        if !out.status.success() {
-            bail!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(LoopDev {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            file: file.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-        let _ = fs::remove_file(&self.file);
-    }
-}
+// The end-to-end tests' helpers: loop device, daemon, scrape parser.
+use iopath_tests::{Daemon, LoopDev, Metrics};
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -99,64 +68,17 @@ fn fio(dev: &str, seconds: u32) -> anyhow::Result<f64> {
     Ok(job["read"]["iops"].as_f64().unwrap_or(0.0) + job["write"]["iops"].as_f64().unwrap_or(0.0))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn scrape(port: u16) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
-}
-
-/// program -> (run time ns, run count) from a scrape.
-fn program_stats(metrics: &str) -> BTreeMap<String, (f64, f64)> {
-    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for line in metrics.lines() {
-        let (is_time, rest) = if let Some(r) =
-            line.strip_prefix("iopath_program_run_time_seconds_total{program=\"")
-        {
-            (true, r)
-        } else if let Some(r) = line.strip_prefix("iopath_program_run_count_total{program=\"") {
-            (false, r)
-        } else {
-            continue;
-        };
-        let Some((name, value)) = rest.split_once("\"} ") else {
-            continue;
-        };
-        let v: f64 = value.trim().parse().unwrap_or(0.0);
-        let e = out.entry(name.to_string()).or_default();
-        if is_time { e.0 = v * 1e9 } else { e.1 = v }
-    }
-    out
-}
-
-fn start_iopath(bin: &Path) -> anyhow::Result<(Proc, u16)> {
-    let port = free_port()?;
-    let child = Command::new(bin)
-        .args(["serve", "--bpf-stats", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut p = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if scrape(port).is_ok_and(|m| m.contains("iopath_stage_attached")) {
-            return Ok((p, port));
-        }
-        if let Ok(Some(st)) = p.0.try_wait() {
-            bail!("iopath exited: {st}");
-        }
-        sleep(Duration::from_millis(100));
-    }
-    bail!("iopath did not answer on port {port}")
+/// program -> (run time ns, run count) from one scrape of iopath.
+fn program_stats(m: &Metrics) -> BTreeMap<String, (f64, f64)> {
+    m.label_values("iopath_program_run_count_total", "program")
+        .into_iter()
+        .map(|p| {
+            let sel = [("program", p.as_str())];
+            let t = m.value("iopath_program_run_time_seconds_total", &sel) * 1e9;
+            let c = m.value("iopath_program_run_count_total", &sel);
+            (p.clone(), (t, c))
+        })
+        .collect()
 }
 
 const BPFTRACE: &str = r#"
@@ -203,7 +125,7 @@ fn mean(v: &[f64]) -> f64 {
 pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
     let dir = crate::root().join("target/bench");
     fs::create_dir_all(&dir)?;
-    let lo = LoopDev::new(&dir.join("bench.img"), 256)?;
+    let lo = LoopDev::new("bench", 256);
     eprintln!(
         "bench: {} rounds x {seconds}s of fio 4k randrw direct on {} (psync, qd 1)",
         rounds, lo.dev
@@ -220,11 +142,11 @@ pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
     for round in 1..=rounds {
         without.push(fio(&lo.dev, seconds)?);
 
-        let (iopath, port) = start_iopath(bin)?;
-        let before = program_stats(&scrape(port)?);
+        let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
+        let before = program_stats(&iopath.metrics());
         with.push(fio(&lo.dev, seconds)?);
-        let after = program_stats(&scrape(port)?);
-        drop(iopath);
+        let after = program_stats(&iopath.metrics());
+        anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
         for (name, (t1, c1)) in after {
             let (t0, c0) = before.get(&name).copied().unwrap_or_default();
             let e = progs.entry(name).or_default();
@@ -238,10 +160,21 @@ pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
                 .arg("-e")
                 .arg(BPFTRACE)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()?;
-            let p = Proc(child);
+            let mut p = Proc(child);
             sleep(Duration::from_secs(3)); // bpftrace compiles and attaches
+            if let Ok(Some(st)) = p.0.try_wait() {
+                let mut err = String::new();
+                let _ = p.0.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                let why = err
+                    .lines()
+                    .find(|l| l.contains("ERROR") && !l.contains("RLIMIT"))
+                    .unwrap_or_default();
+                eprintln!("bench: bpftrace reference skipped: it exited ({st}) {why}");
+                set_bpf_stats(false);
+                continue;
+            }
             let b0 = bpftrace_stats()?;
             with_bt.push(fio(&lo.dev, seconds)?);
             let b1 = bpftrace_stats()?;
