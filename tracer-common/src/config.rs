@@ -34,9 +34,42 @@ pub struct Config {
     pub tp_kvm_exit_reason: u32,
     pub tp_kvm_exit_isa: u32,
     pub tp_kvm_exit_vcpu: u32,
+
+    // KVM core (BTF members)
+    /// `struct kvm_vcpu`.vcpu_id (kvm_entry's argument)
+    pub vcpu_id: u32,
+    /// `struct work_struct`.func (workqueue tracepoints' argument)
+    pub work_func: u32,
+    // KVM core (tracefs fields)
+    /// kvm:kvm_entry vcpu_id
+    pub tp_kvm_entry_vcpu: u32,
+    /// kvm:kvm_set_irq level
+    pub tp_set_irq_level: u32,
+    /// kvm:kvm_apic_accept_irq apicid
+    pub tp_accept_apicid: u32,
+    /// kvm:kvm_vcpu_wakeup ns, waited
+    pub tp_wakeup_ns: u32,
+    pub tp_wakeup_waited: u32,
+    /// kvm:kvm_userspace_exit reason, errno
+    pub tp_uexit_reason: u32,
+    pub tp_uexit_errno: u32,
+    /// workqueue:workqueue_queue_work work, function
+    pub tp_queue_work: u32,
+    pub tp_queue_function: u32,
+    /// workqueue:workqueue_execute_start work, function
+    pub tp_exec_work: u32,
+    pub tp_exec_function: u32,
+    /// syscalls:sys_enter_write count
+    pub tp_write_count: u32,
+    /// syscalls:sys_enter_ioctl fd, cmd
+    pub tp_ioctl_fd: u32,
+    pub tp_ioctl_cmd: u32,
     pub _pad: u32,
+    /// Address of KVM's `irqfd_inject` (kallsyms), 0 when unknown: deferred injections are
+    /// then not followed.
+    pub irqfd_inject: u64,
 }
-assert_size!(Config, 56);
+assert_size!(Config, 128);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -54,10 +87,27 @@ impl Config {
         tp_kvm_exit_reason: NO_OFFSET,
         tp_kvm_exit_isa: NO_OFFSET,
         tp_kvm_exit_vcpu: NO_OFFSET,
+        vcpu_id: NO_OFFSET,
+        work_func: NO_OFFSET,
+        tp_kvm_entry_vcpu: NO_OFFSET,
+        tp_set_irq_level: NO_OFFSET,
+        tp_accept_apicid: NO_OFFSET,
+        tp_wakeup_ns: NO_OFFSET,
+        tp_wakeup_waited: NO_OFFSET,
+        tp_uexit_reason: NO_OFFSET,
+        tp_uexit_errno: NO_OFFSET,
+        tp_queue_work: NO_OFFSET,
+        tp_queue_function: NO_OFFSET,
+        tp_exec_work: NO_OFFSET,
+        tp_exec_function: NO_OFFSET,
+        tp_write_count: NO_OFFSET,
+        tp_ioctl_fd: NO_OFFSET,
+        tp_ioctl_cmd: NO_OFFSET,
         _pad: 0,
+        irqfd_inject: 0,
     };
 }
 
 #[cfg(feature = "user")]
-// SAFETY: #[repr(C)] u32 fields only, size asserted.
+// SAFETY: #[repr(C)] u32 fields then one u64 at an 8-aligned offset, size asserted.
 unsafe impl aya::Pod for Config {}

@@ -12,9 +12,11 @@ use crate::{assert_size, stage::StageId};
 pub struct HistKey {
     pub stage: u16,
     pub bucket: u16,
-    /// blk: [`crate::blk::Op`]; kvm.exit: exit reason.
+    /// blk: [`crate::blk::Op`]; kvm.exit: exit reason; kvm.signal_to_inject: signal and
+    /// injection context; kvm.halt_wakeup: blocked or polled; kvm.userspace_exit: exit reason.
     pub detail: u32,
-    /// blk: kernel dev_t; kvm: vcpu_id.
+    /// blk: kernel dev_t; kvm.exit, kvm.inject_to_entry: vcpu_id; kvm.halt_wakeup,
+    /// kvm.userspace_exit: the vCPU's file descriptor in the VMM; kvm.signal_to_inject: 0.
     pub obj: u32,
     /// tgid of the VMM the event belongs to, 0 when it belongs to the host.
     pub vm: u32,
@@ -75,6 +77,8 @@ pub const fn counter_index(stage: StageId, c: Counter) -> u32 {
 pub const HIST_ENTRIES: u32 = 32768;
 /// Default capacity of each map of started events (requests or exits in flight).
 pub const START_ENTRIES: u32 = 16384;
+/// Capacity of the map of VMM processes.
+pub const VMM_ENTRIES: u32 = 4096;
 
 #[cfg(feature = "user")]
 mod user {

@@ -8,6 +8,8 @@ pub trait Starts<K, V> {
     fn put(&mut self, k: K, v: V) -> bool;
     /// Removes and returns what is stored under `k`.
     fn take(&mut self, k: &K) -> Option<V>;
+    /// Returns what is stored under `k`, leaving it there.
+    fn get(&self, k: &K) -> Option<V>;
 }
 
 #[cfg(test)]
@@ -32,7 +34,7 @@ pub mod testing {
         }
     }
 
-    impl<K: Ord, V> Starts<K, V> for MapStarts<K, V> {
+    impl<K: Ord, V: Copy> Starts<K, V> for MapStarts<K, V> {
         fn put(&mut self, k: K, v: V) -> bool {
             if self.map.len() >= self.cap && !self.map.contains_key(&k) {
                 return false;
@@ -43,5 +45,53 @@ pub mod testing {
         fn take(&mut self, k: &K) -> Option<V> {
             self.map.remove(k)
         }
+        fn get(&self, k: &K) -> Option<V> {
+            self.map.get(k).copied()
+        }
+    }
+
+    /// One line of a recorded event sequence: `ts_ns tgid/tid[@cpu] event key=value...`
+    /// (`tid` alone means tgid = tid, cpu 0). Blank lines and `#` comments are skipped.
+    pub struct Event<'a> {
+        pub ts: u64,
+        pub tgid: u32,
+        pub tid: u32,
+        pub cpu: u32,
+        pub name: &'a str,
+        fields: &'a str,
+    }
+
+    impl Event<'_> {
+        /// A numeric field (decimal or 0x hex); 0 when absent.
+        pub fn u(&self, key: &str) -> u64 {
+            self.fields
+                .split_whitespace()
+                .find_map(|p| p.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+                .map_or(0, |v| match v.strip_prefix("0x") {
+                    Some(h) => u64::from_str_radix(h, 16).unwrap(),
+                    None => v.parse::<i64>().unwrap() as u64,
+                })
+        }
+    }
+
+    pub fn events(text: &str) -> impl Iterator<Item = Event<'_>> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let mut f = l.splitn(4, char::is_whitespace);
+                let ts = f.next().unwrap().parse().unwrap();
+                let who = f.next().unwrap();
+                let (who, cpu) = who.split_once('@').unwrap_or((who, "0"));
+                let (tgid, tid) = who.split_once('/').unwrap_or((who, who));
+                Event {
+                    ts,
+                    tgid: tgid.parse().unwrap(),
+                    tid: tid.parse().unwrap(),
+                    cpu: cpu.parse().unwrap(),
+                    name: f.next().unwrap(),
+                    fields: f.next().unwrap_or(""),
+                }
+            })
     }
 }

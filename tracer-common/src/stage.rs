@@ -9,16 +9,35 @@ pub enum StageId {
     BlkDevice = 0,
     /// kvm:kvm_exit to the same vCPU thread's next kvm:kvm_entry.
     KvmExit = 1,
+    /// irqfd write / KVM_SIGNAL_MSI entry to kvm:kvm_msi_set_irq / kvm:kvm_set_irq.
+    KvmSignalToInject = 2,
+    /// kvm:kvm_msi_set_irq / kvm:kvm_set_irq to the destination vCPU's next kvm:kvm_entry.
+    KvmInjectToEntry = 3,
+    /// kvm:kvm_vcpu_wakeup's halted time.
+    KvmHaltWakeup = 4,
+    /// kvm:kvm_userspace_exit to the same thread's next ioctl(KVM_RUN).
+    KvmUserspaceExit = 5,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 2] = [StageId::BlkDevice, StageId::KvmExit];
+    pub const ALL: [StageId; 6] = [
+        StageId::BlkDevice,
+        StageId::KvmExit,
+        StageId::KvmSignalToInject,
+        StageId::KvmInjectToEntry,
+        StageId::KvmHaltWakeup,
+        StageId::KvmUserspaceExit,
+    ];
     pub const COUNT: usize = Self::ALL.len();
 
     pub const fn from_u16(v: u16) -> Option<StageId> {
         match v {
             0 => Some(StageId::BlkDevice),
             1 => Some(StageId::KvmExit),
+            2 => Some(StageId::KvmSignalToInject),
+            3 => Some(StageId::KvmInjectToEntry),
+            4 => Some(StageId::KvmHaltWakeup),
+            5 => Some(StageId::KvmUserspaceExit),
             _ => None,
         }
     }

@@ -7,7 +7,6 @@
 //! - classic tracepoint: the formatted record (dev, sector, rwbs), keyed by dev + sector.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::HashMap,
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
@@ -18,7 +17,7 @@ use tracer_common::{
     stage::StageId,
 };
 
-use crate::shared::{KernelStarts, config, count, now_ns, record};
+use crate::shared::{KernelStarts, config, count, now_ns, read_at, record};
 
 const STAGE: StageId = StageId::BlkDevice;
 
@@ -27,11 +26,6 @@ static BLK_START_RQ: HashMap<u64, BlkStart> = HashMap::with_max_entries(START_EN
 
 #[map]
 static BLK_START_SECTOR: HashMap<SectorKey, BlkStart> = HashMap::with_max_entries(START_ENTRIES, 0);
-
-#[inline(always)]
-unsafe fn read_at<T>(base: u64, off: u32) -> Result<T, i32> {
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
-}
 
 /// dev_t and op of a `struct request`. Mirrors the tracepoint: dev is
 /// `disk_devt(rq->q->disk)`, 0 when the queue has no disk.

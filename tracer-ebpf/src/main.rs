@@ -7,8 +7,11 @@
 #![no_main]
 
 mod blk;
+mod irq;
 mod kvm;
 mod shared;
+mod syscalls;
+mod vcpu;
 
 #[cfg(not(test))]
 #[panic_handler]

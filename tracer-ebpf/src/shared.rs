@@ -7,7 +7,7 @@ use aya_ebpf::{
 use tracer_common::{
     config::Config,
     hist::bucket_index,
-    maps::{COUNTERS_LEN, Counter, HIST_ENTRIES, HistKey, HistVal, counter_index},
+    maps::{COUNTERS_LEN, Counter, HIST_ENTRIES, HistKey, HistVal, VMM_ENTRIES, counter_index},
     rules::Starts,
     stage::StageId,
 };
@@ -99,6 +99,57 @@ impl<K, V: Copy> Starts<K, V> for KernelStarts<K, V> {
         let _ = self.0.remove(k);
         Some(v)
     }
+
+    #[inline(always)]
+    fn get(&self, k: &K) -> Option<V> {
+        unsafe { self.0.get_ptr(k).map(|p| *p) }
+    }
+}
+
+/// [`Starts`] over one slot of a per-CPU array: "the event running on this CPU". The key is
+/// ignored; the CPU is the key.
+pub struct CpuSlot<V: 'static>(pub &'static PerCpuArray<V>);
+
+impl<K, V: Copy> Starts<K, V> for CpuSlot<V> {
+    #[inline(always)]
+    fn put(&mut self, _: K, v: V) -> bool {
+        match self.0.get_ptr_mut(0) {
+            Some(p) => {
+                // Per-CPU slot: no other CPU writes it.
+                unsafe { *p = v };
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn take(&mut self, k: &K) -> Option<V> {
+        self.get(k)
+    }
+
+    #[inline(always)]
+    fn get(&self, _: &K) -> Option<V> {
+        self.0.get(0).copied()
+    }
+}
+
+/// Thread groups known to run VMs (they created a VM or ran a vCPU; the daemon seeds the ones
+/// that existed before it started and removes the ones that exited). System calls of other
+/// processes are ignored at the cost of one lookup.
+#[map]
+pub static VMM_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(VMM_ENTRIES, 0);
+
+#[inline(always)]
+pub fn is_vmm(tgid: u32) -> bool {
+    unsafe { VMM_TGIDS.get(&tgid).is_some() }
+}
+
+#[inline(always)]
+pub fn mark_vmm(tgid: u32) {
+    if !is_vmm(tgid) {
+        let _ = VMM_TGIDS.insert(&tgid, &1, 0);
+    }
 }
 
 /// tgid and tid of the current task.
@@ -106,6 +157,12 @@ impl<K, V: Copy> Starts<K, V> for KernelStarts<K, V> {
 pub fn current_tgid_tid() -> (u32, u32) {
     let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     ((id >> 32) as u32, id as u32)
+}
+
+/// Reads a `T` at `base + off` in kernel memory (an offset found in BTF).
+#[inline(always)]
+pub unsafe fn read_at<T>(base: u64, off: u32) -> Result<T, i32> {
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
 }
 
 #[inline(always)]

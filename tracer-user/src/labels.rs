@@ -6,7 +6,12 @@ use std::{collections::HashMap, fs};
 
 use tracer_common::{
     blk::{Op, dev_major, dev_minor},
-    kvm::split_exit_detail,
+    kvm::{
+        halt::halt_wait_name,
+        signal::{Inject, Signal, split_signal_detail},
+        split_exit_detail,
+        uexit::{ERRNO_DETAIL, NO_VCPU},
+    },
     stage::StageId,
 };
 
@@ -70,9 +75,11 @@ fn parse_symbols(s: &str) -> HashMap<u32, String> {
             .split('+')
             .map(|t| parse_num(t.trim()))
             .try_fold(0u32, |a, v| Some(a.wrapping_add(v?)));
+        // adjacent literals ("KVM_EXIT_" "IO") are one string
         let name = name
             .trim()
             .trim_matches('"')
+            .replace("\" \"", "")
             .replace(' ', "_")
             .to_lowercase();
         if let Some(v) = value {
@@ -87,6 +94,59 @@ fn parse_num(t: &str) -> Option<u32> {
         Some(h) => u32::from_str_radix(h, 16).ok(),
         None => t.parse().ok(),
     }
+}
+
+/// Names of KVM_EXIT_* reasons, from kvm_userspace_exit's print format (`io`, `hlt`, `mmio`).
+#[derive(Debug, Default)]
+pub struct UexitReasons(HashMap<u32, String>);
+
+impl UexitReasons {
+    pub fn from_tracefs(t: &Tracefs) -> Self {
+        let path = t.root().join("events/kvm/kvm_userspace_exit/format");
+        fs::read_to_string(path)
+            .map(|f| Self::parse(&f))
+            .unwrap_or_default()
+    }
+
+    pub fn parse(format: &str) -> Self {
+        let table = format
+            .lines()
+            .find(|l| l.starts_with("print fmt:"))
+            .and_then(|f| f.split("__print_symbolic(").nth(1))
+            .map(parse_symbols)
+            .unwrap_or_default();
+        UexitReasons(
+            table
+                .into_iter()
+                .map(|(k, v)| (k, v.trim_start_matches("kvm_exit_").to_string()))
+                .collect(),
+        )
+    }
+
+    pub fn name(&self, detail: u32) -> String {
+        if detail & ERRNO_DETAIL != 0 {
+            // KVM_RUN failed: -EINTR is a signal to the vCPU thread, anything else an error
+            return match detail & 0xffff {
+                4 => "intr".into(),
+                e => format!("errno_{e}"),
+            };
+        }
+        self.0
+            .get(&detail)
+            .cloned()
+            .unwrap_or_else(|| format!("unknown_{detail}"))
+    }
+}
+
+/// vcpu id of a vCPU file descriptor: KVM names it `anon_inode:kvm-vcpu:N`.
+fn vcpu_of_fd(tgid: u32, fd: u32) -> Option<String> {
+    if fd == NO_VCPU {
+        return None;
+    }
+    let link = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
+    link.to_string_lossy()
+        .strip_prefix("anon_inode:kvm-vcpu:")
+        .map(str::to_string)
 }
 
 /// VM name of a VMM process: QEMU's `-name guest=NAME,...` or `-name NAME,...`, else the libvirt
@@ -141,7 +201,10 @@ fn disk_name_of(dev: u32) -> String {
 #[derive(Debug, Default)]
 pub struct Labeler {
     reasons: ExitReasons,
+    uexit_reasons: UexitReasons,
     vms: HashMap<u32, String>,
+    /// (tgid, fd) -> vcpu id
+    vcpus: HashMap<(u32, u32), String>,
     disks: HashMap<u32, String>,
 }
 
@@ -149,7 +212,29 @@ impl Labeler {
     pub fn new(tracefs: &Tracefs) -> Self {
         Labeler {
             reasons: ExitReasons::from_tracefs(tracefs),
+            uexit_reasons: UexitReasons::from_tracefs(tracefs),
             ..Default::default()
+        }
+    }
+
+    /// Forgets what was cached for a VMM that exited (its pid may be reused).
+    pub fn forget_vm(&mut self, tgid: u32) {
+        self.vms.remove(&tgid);
+        self.vcpus.retain(|(t, _), _| *t != tgid);
+    }
+
+    /// vcpu label of a vCPU fd. Only a resolved id is cached: a thread seen before its fd could
+    /// be read is tried again at the next scrape.
+    fn vcpu_fd(&mut self, tgid: u32, fd: u32) -> String {
+        if let Some(v) = self.vcpus.get(&(tgid, fd)) {
+            return v.clone();
+        }
+        match vcpu_of_fd(tgid, fd) {
+            Some(v) => {
+                self.vcpus.insert((tgid, fd), v.clone());
+                v
+            }
+            None => "unknown".into(),
         }
     }
 
@@ -183,6 +268,33 @@ impl Labeler {
                 k.obj.to_string(),
                 self.reasons.name(k.detail),
             ],
+            StageId::KvmSignalToInject => {
+                let (signal, inject) = split_signal_detail(k.detail);
+                vec![
+                    self.vm(k.vm),
+                    match signal {
+                        Signal::Irqfd => "irqfd",
+                        Signal::Ioctl => "ioctl",
+                    }
+                    .into(),
+                    match inject {
+                        Inject::Inline => "inline",
+                        Inject::Kworker => "kworker",
+                    }
+                    .into(),
+                ]
+            }
+            StageId::KvmInjectToEntry => vec![self.vm(k.vm), k.obj.to_string()],
+            StageId::KvmHaltWakeup => vec![
+                self.vm(k.vm),
+                self.vcpu_fd(k.vm, k.obj),
+                halt_wait_name(k.detail).into(),
+            ],
+            StageId::KvmUserspaceExit => vec![
+                self.vm(k.vm),
+                self.vcpu_fd(k.vm, k.obj),
+                self.uexit_reasons.name(k.detail),
+            ],
         };
         let names = stages::stage(k.stage).labels;
         debug_assert_eq!(names.len(), values.len());
@@ -207,6 +319,18 @@ mod tests {
         assert_eq!(r.name(exit_detail(0x41, 2)), "db_excp");
         assert_eq!(r.name(exit_detail(0x8000_0000, 2)), "failed_vmentry");
         assert_eq!(r.name(exit_detail(99, ISA_VMX)), "unknown_0x63");
+    }
+
+    #[test]
+    fn userspace_exit_reason_names() {
+        let f = r#"print fmt: "reason %s (%d)", REC->errno < 0 ? (REC->errno == -4 ? "restart" : "error") : __print_symbolic(REC->reason, { 0, "KVM_EXIT_" "UNKNOWN" }, { 2, "KVM_EXIT_" "IO" }, { 5, "KVM_EXIT_" "HLT" }, { 6, "KVM_EXIT_" "MMIO" }), REC->errno < 0 ? -REC->errno : REC->reason"#;
+        let r = UexitReasons::parse(f);
+        assert_eq!(r.name(2), "io");
+        assert_eq!(r.name(6), "mmio");
+        assert_eq!(r.name(0), "unknown");
+        assert_eq!(r.name(99), "unknown_99");
+        assert_eq!(r.name(tracer_common::kvm::uexit::uexit_detail(0, -4)), "intr");
+        assert_eq!(r.name(tracer_common::kvm::uexit::uexit_detail(0, -14)), "errno_14");
     }
 
     #[test]

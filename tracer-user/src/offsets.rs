@@ -2,6 +2,8 @@
 //! record field offsets from its tracefs formats. What is not found stays `NO_OFFSET`; the attach
 //! plan then skips the variants that need it, with the reason.
 
+use std::fs;
+
 use tracer_common::config::{Config, NO_OFFSET};
 
 use crate::{btf::KernelBtf, tracefs::Tracefs};
@@ -23,6 +25,56 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         tp_kvm_exit_reason: field("kvm", "kvm_exit", "exit_reason"),
         tp_kvm_exit_isa: field("kvm", "kvm_exit", "isa"),
         tp_kvm_exit_vcpu: field("kvm", "kvm_exit", "vcpu_id"),
+        vcpu_id: member("kvm_vcpu", "vcpu_id"),
+        work_func: member("work_struct", "func"),
+        tp_kvm_entry_vcpu: field("kvm", "kvm_entry", "vcpu_id"),
+        tp_set_irq_level: field("kvm", "kvm_set_irq", "level"),
+        tp_accept_apicid: field("kvm", "kvm_apic_accept_irq", "apicid"),
+        tp_wakeup_ns: field("kvm", "kvm_vcpu_wakeup", "ns"),
+        tp_wakeup_waited: field("kvm", "kvm_vcpu_wakeup", "waited"),
+        tp_uexit_reason: field("kvm", "kvm_userspace_exit", "reason"),
+        tp_uexit_errno: field("kvm", "kvm_userspace_exit", "errno"),
+        tp_queue_work: field("workqueue", "workqueue_queue_work", "work"),
+        tp_queue_function: field("workqueue", "workqueue_queue_work", "function"),
+        tp_exec_work: field("workqueue", "workqueue_execute_start", "work"),
+        tp_exec_function: field("workqueue", "workqueue_execute_start", "function"),
+        tp_write_count: field("syscalls", "sys_enter_write", "count"),
+        tp_ioctl_fd: field("syscalls", "sys_enter_ioctl", "fd"),
+        tp_ioctl_cmd: field("syscalls", "sys_enter_ioctl", "cmd"),
         _pad: 0,
+        irqfd_inject: kernel_symbol("irqfd_inject").unwrap_or(0),
+    }
+}
+
+/// Address of a kernel text symbol from /proc/kallsyms; None when absent or hidden
+/// (kptr_restrict shows zeros to readers without CAP_SYSLOG).
+pub fn kernel_symbol(name: &str) -> Option<u64> {
+    let syms = fs::read_to_string("/proc/kallsyms").ok()?;
+    parse_kallsyms(&syms, name)
+}
+
+fn parse_kallsyms(syms: &str, name: &str) -> Option<u64> {
+    syms.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (addr, kind, sym) = (f.next()?, f.next()?, f.next()?);
+        // t/T: text; a module symbol carries its module after it, which does not matter here.
+        (sym == name && kind.eq_ignore_ascii_case("t"))
+            .then(|| u64::from_str_radix(addr, 16).ok())
+            .flatten()
+            .filter(|&a| a != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kallsyms_lines() {
+        let s = "ffffffff81285500 t irqfd_shutdown\nffffffff81285600 t irqfd_inject\n\
+0000000000000000 t hidden\nffffffffc0001000 t irqfd_inject_x\t[kvm]\n";
+        assert_eq!(parse_kallsyms(s, "irqfd_inject"), Some(0xffffffff81285600));
+        assert_eq!(parse_kallsyms(s, "hidden"), None);
+        assert_eq!(parse_kallsyms(s, "missing"), None);
     }
 }

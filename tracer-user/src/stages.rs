@@ -137,6 +137,98 @@ fn kvm_exit_fields(c: &Config) -> Result<(), &'static str> {
     )
 }
 
+fn syscall_fields(c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[c.tp_write_count, c.tp_ioctl_fd, c.tp_ioctl_cmd],
+        "syscalls:sys_enter_write/ioctl not in tracefs (CONFIG_FTRACE_SYSCALLS?)",
+    )
+}
+
+fn irqfd_inject_known(c: &Config) -> Result<(), &'static str> {
+    if c.irqfd_inject == 0 {
+        Err("irqfd_inject not in /proc/kallsyms: deferred injections cannot be followed")
+    } else {
+        Ok(())
+    }
+}
+
+fn signal_btf(c: &Config) -> Result<(), &'static str> {
+    syscall_fields(c)?;
+    irqfd_inject_known(c)?;
+    all_set(&[c.work_func], "struct work_struct.func not in BTF")
+}
+
+fn signal_tp(c: &Config) -> Result<(), &'static str> {
+    syscall_fields(c)?;
+    irqfd_inject_known(c)?;
+    all_set(
+        &[
+            c.tp_set_irq_level,
+            c.tp_queue_work,
+            c.tp_queue_function,
+            c.tp_exec_work,
+            c.tp_exec_function,
+        ],
+        "kvm_set_irq or workqueue formats lack level, work or function (is KVM built?)",
+    )
+}
+
+fn inject_btf(c: &Config) -> Result<(), &'static str> {
+    all_set(&[c.vcpu_id], "struct kvm_vcpu.vcpu_id not in BTF (is KVM built?)")
+}
+
+fn inject_tp(c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[c.tp_set_irq_level, c.tp_accept_apicid, c.tp_kvm_entry_vcpu],
+        "kvm_set_irq, kvm_apic_accept_irq or kvm_entry formats lack level, apicid or vcpu_id",
+    )
+}
+
+fn halt_tp(c: &Config) -> Result<(), &'static str> {
+    syscall_fields(c)?;
+    all_set(
+        &[c.tp_wakeup_ns, c.tp_wakeup_waited],
+        "kvm_vcpu_wakeup format lacks ns or waited (is KVM built?)",
+    )
+}
+
+fn uexit_tp(c: &Config) -> Result<(), &'static str> {
+    syscall_fields(c)?;
+    all_set(
+        &[c.tp_uexit_reason, c.tp_uexit_errno],
+        "kvm_userspace_exit format lacks reason or errno (is KVM built?)",
+    )
+}
+
+/// A program on a tp_btf, raw or classic tracepoint.
+const fn btf(program: &'static str, tp: &'static str) -> Probe {
+    Probe {
+        program,
+        at: AttachPoint::TpBtf(tp),
+    }
+}
+
+const fn raw(program: &'static str, tp: &'static str) -> Probe {
+    Probe {
+        program,
+        at: AttachPoint::RawTp(tp),
+    }
+}
+
+const fn tp(program: &'static str, category: &'static str, name: &'static str) -> Probe {
+    Probe {
+        program,
+        at: AttachPoint::Tracepoint(category, name),
+    }
+}
+
+// System calls have only classic per-syscall tracepoints (the raw sys_enter one fires for
+// every system call on the host).
+const SYS_ENTER_WRITE: Probe = tp("sys_enter_write_tp", "syscalls", "sys_enter_write");
+const SYS_EXIT_WRITE: Probe = tp("sys_exit_write_tp", "syscalls", "sys_exit_write");
+const SYS_ENTER_IOCTL: Probe = tp("sys_enter_ioctl_tp", "syscalls", "sys_enter_ioctl");
+const SYS_EXIT_IOCTL: Probe = tp("sys_exit_ioctl_tp", "syscalls", "sys_exit_ioctl");
+
 const KVM_EXIT_TP: Probe = Probe {
     program: "kvm_exit_tp",
     at: AttachPoint::Tracepoint("kvm", "kvm_exit"),
@@ -237,6 +329,170 @@ pub static STAGES: &[Stage] = &[
                     },
                 ],
                 needs: kvm_exit_fields,
+            },
+        ],
+    },
+    Stage {
+        id: StageId::KvmSignalToInject,
+        name: "kvm.signal_to_inject",
+        path: Path::Kvm,
+        from: "irqfd write / ioctl(KVM_SIGNAL_MSI) entry (syscalls)",
+        to: "kvm:kvm_msi_set_irq (same task) / kvm:kvm_set_irq (kworker, via workqueue)",
+        labels: &["vm", "signal", "inject"],
+        variants: &[
+            Variant {
+                name: "tp_btf",
+                probes: &[
+                    SYS_ENTER_WRITE,
+                    SYS_EXIT_WRITE,
+                    SYS_ENTER_IOCTL,
+                    SYS_EXIT_IOCTL,
+                    btf("kvm_msi_set_irq_btf", "kvm_msi_set_irq"),
+                    btf("kvm_set_irq_btf", "kvm_set_irq"),
+                    btf("workqueue_queue_work_btf", "workqueue_queue_work"),
+                    btf("workqueue_execute_start_btf", "workqueue_execute_start"),
+                ],
+                needs: signal_btf,
+            },
+            Variant {
+                name: "raw_tp",
+                probes: &[
+                    SYS_ENTER_WRITE,
+                    SYS_EXIT_WRITE,
+                    SYS_ENTER_IOCTL,
+                    SYS_EXIT_IOCTL,
+                    raw("kvm_msi_set_irq_raw", "kvm_msi_set_irq"),
+                    raw("kvm_set_irq_raw", "kvm_set_irq"),
+                    raw("workqueue_queue_work_raw", "workqueue_queue_work"),
+                    raw("workqueue_execute_start_raw", "workqueue_execute_start"),
+                ],
+                needs: signal_btf,
+            },
+            Variant {
+                name: "tracepoint",
+                probes: &[
+                    SYS_ENTER_WRITE,
+                    SYS_EXIT_WRITE,
+                    SYS_ENTER_IOCTL,
+                    SYS_EXIT_IOCTL,
+                    tp("kvm_msi_set_irq_tp", "kvm", "kvm_msi_set_irq"),
+                    tp("kvm_set_irq_tp", "kvm", "kvm_set_irq"),
+                    tp("workqueue_queue_work_tp", "workqueue", "workqueue_queue_work"),
+                    tp(
+                        "workqueue_execute_start_tp",
+                        "workqueue",
+                        "workqueue_execute_start",
+                    ),
+                ],
+                needs: signal_tp,
+            },
+        ],
+    },
+    Stage {
+        id: StageId::KvmInjectToEntry,
+        name: "kvm.inject_to_entry",
+        path: Path::Kvm,
+        from: "kvm:kvm_msi_set_irq / kvm:kvm_set_irq (+ kvm:kvm_apic_accept_irq: destination)",
+        to: "kvm:kvm_entry of the destination vCPU",
+        labels: &["vm", "vcpu"],
+        variants: &[
+            Variant {
+                name: "tp_btf",
+                probes: &[
+                    btf("kvm_msi_set_irq_btf", "kvm_msi_set_irq"),
+                    btf("kvm_set_irq_btf", "kvm_set_irq"),
+                    btf("kvm_apic_accept_irq_btf", "kvm_apic_accept_irq"),
+                    btf("kvm_entry_btf", "kvm_entry"),
+                ],
+                needs: inject_btf,
+            },
+            Variant {
+                name: "raw_tp",
+                probes: &[
+                    raw("kvm_msi_set_irq_raw", "kvm_msi_set_irq"),
+                    raw("kvm_set_irq_raw", "kvm_set_irq"),
+                    raw("kvm_apic_accept_irq_raw", "kvm_apic_accept_irq"),
+                    raw("kvm_entry_raw", "kvm_entry"),
+                ],
+                needs: inject_btf,
+            },
+            Variant {
+                name: "tracepoint",
+                probes: &[
+                    tp("kvm_msi_set_irq_tp", "kvm", "kvm_msi_set_irq"),
+                    tp("kvm_set_irq_tp", "kvm", "kvm_set_irq"),
+                    tp("kvm_apic_accept_irq_tp", "kvm", "kvm_apic_accept_irq"),
+                    tp("kvm_entry_tp", "kvm", "kvm_entry"),
+                ],
+                needs: inject_tp,
+            },
+        ],
+    },
+    Stage {
+        id: StageId::KvmHaltWakeup,
+        name: "kvm.halt_wakeup",
+        path: Path::Kvm,
+        from: "vCPU halts (measured by KVM)",
+        to: "kvm:kvm_vcpu_wakeup (ns, waited)",
+        labels: &["vm", "vcpu", "wait"],
+        variants: &[
+            Variant {
+                name: "tp_btf",
+                probes: &[
+                    btf("kvm_vcpu_wakeup_btf", "kvm_vcpu_wakeup"),
+                    SYS_ENTER_IOCTL,
+                ],
+                needs: syscall_fields,
+            },
+            Variant {
+                name: "raw_tp",
+                probes: &[
+                    raw("kvm_vcpu_wakeup_raw", "kvm_vcpu_wakeup"),
+                    SYS_ENTER_IOCTL,
+                ],
+                needs: syscall_fields,
+            },
+            Variant {
+                name: "tracepoint",
+                probes: &[
+                    tp("kvm_vcpu_wakeup_tp", "kvm", "kvm_vcpu_wakeup"),
+                    SYS_ENTER_IOCTL,
+                ],
+                needs: halt_tp,
+            },
+        ],
+    },
+    Stage {
+        id: StageId::KvmUserspaceExit,
+        name: "kvm.userspace_exit",
+        path: Path::Kvm,
+        from: "kvm:kvm_userspace_exit",
+        to: "ioctl(KVM_RUN) entry, same thread (syscalls)",
+        labels: &["vm", "vcpu", "reason"],
+        variants: &[
+            Variant {
+                name: "tp_btf",
+                probes: &[
+                    btf("kvm_userspace_exit_btf", "kvm_userspace_exit"),
+                    SYS_ENTER_IOCTL,
+                ],
+                needs: syscall_fields,
+            },
+            Variant {
+                name: "raw_tp",
+                probes: &[
+                    raw("kvm_userspace_exit_raw", "kvm_userspace_exit"),
+                    SYS_ENTER_IOCTL,
+                ],
+                needs: syscall_fields,
+            },
+            Variant {
+                name: "tracepoint",
+                probes: &[
+                    tp("kvm_userspace_exit_tp", "kvm", "kvm_userspace_exit"),
+                    SYS_ENTER_IOCTL,
+                ],
+                needs: uexit_tp,
             },
         ],
     },

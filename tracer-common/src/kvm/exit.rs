@@ -1,4 +1,4 @@
-//! KVM stages shared by both paths. So far: `kvm.exit`, from kvm:kvm_exit to the same vCPU
+//! `kvm.exit`, from kvm:kvm_exit to the same vCPU
 //! thread's next kvm:kvm_entry (the exit is handled in the kernel or, when KVM returns to the
 //! VMM, in userspace; both are inside the interval).
 
@@ -131,7 +131,7 @@ mod tests {
     fn recorded_two_vcpu_sequence() {
         // Recorded shape of a 2-vCPU VMX guest: interleaved exits on two vCPU threads,
         // an EPT violation handled in the kernel and an I/O exit that went to userspace.
-        let got = replay(include_str!("../../tests/fixtures/kvm_exit.events"));
+        let got = replay(include_str!("../../../tests/fixtures/kvm_exit.events"));
         let want = [
             ExitSample {
                 latency_ns: 1_800,

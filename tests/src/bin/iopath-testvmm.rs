@@ -1,0 +1,299 @@
+//! A minimal VMM on /dev/kvm that drives the real KVM events iopath's KVM stages are built on,
+//! with delays it controls, so the tests can check what iopath measures against what happened.
+//!
+//! ```text
+//! iopath-testvmm -name guest=NAME MODE [--count N] [--spin-us D] [--gap-us G] [--hold-ms H]
+//! ```
+//! Modes:
+//! - `pio`: a real-mode guest does N `out` to port 0x3f8, each a KVM_EXIT_IO; the VMM spins D µs
+//!   on each before the next KVM_RUN (kvm.userspace_exit), then one `out` to 0x3f9 ends it.
+//! - `irqfd-msi`, `irqfd-gsi`: N writes, G µs apart, to an eventfd registered with KVM_IRQFD on
+//!   an MSI route (injected in the writer's context) or an IOAPIC pin (injected by a kworker).
+//! - `signal-msi`: N KVM_SIGNAL_MSI ioctls, G µs apart.
+//! - `halt`: the guest halts in the kernel (in-kernel irqchip); the VMM wakes the vCPU thread N
+//!   times with a signal D µs after it entered KVM_RUN (kvm:kvm_vcpu_wakeup).
+//!
+//! It stays alive H ms after the work (default 0) so a test can scrape while the VM exists, and
+//! prints one JSON line of what it did. The `-name` argument is what labels the VM, as for QEMU.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use kvm_bindings::{
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KvmIrqRouting,
+    kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 0x1000;
+const CODE_ADDR: u64 = 0x1000;
+/// GSI of the MSI route and the IOAPIC pin of the GSI route.
+const MSI_GSI: u32 = 24;
+const IOAPIC_GSI: u32 = 4;
+/// MSI to APIC id 0, vector 0x30, fixed, edge.
+const MSI_ADDR: u32 = 0xfee0_0000;
+const MSI_DATA: u32 = 0x30;
+
+// 16-bit real-mode guests.
+/// mov dx,0x3f8; l: out dx,al; loop l; mov dx,0x3f9; out dx,al; h: hlt; jmp h
+const GUEST_PIO: &[u8] = &[
+    0xba, 0xf8, 0x03, 0xee, 0xe2, 0xfd, 0xba, 0xf9, 0x03, 0xee, 0xf4, 0xeb, 0xfd,
+];
+/// h: hlt; jmp h
+const GUEST_HALT: &[u8] = &[0xf4, 0xeb, 0xfd];
+
+struct Args {
+    name: String,
+    mode: String,
+    count: u32,
+    spin_us: u64,
+    gap_us: u64,
+    hold_ms: u64,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        name: String::new(),
+        mode: String::new(),
+        count: 100,
+        spin_us: 0,
+        gap_us: 1000,
+        hold_ms: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "-name" => a.name = val()?,
+            "--count" => a.count = val()?.parse()?,
+            "--spin-us" => a.spin_us = val()?.parse()?,
+            "--gap-us" => a.gap_us = val()?.parse()?,
+            "--hold-ms" => a.hold_ms = val()?.parse()?,
+            m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if a.mode.is_empty() {
+        bail!("usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|halt ...");
+    }
+    Ok(a)
+}
+
+/// Busy-waits `us` microseconds: the delay the tests expect the tracer to measure.
+fn spin(us: u64) {
+    let end = Instant::now() + Duration::from_micros(us);
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+struct Vm {
+    vm: VmFd,
+    vcpu: VcpuFd,
+    // guest memory, mapped for the VM's lifetime
+    _mem: *mut u8,
+}
+
+fn create_vm(code: &[u8]) -> anyhow::Result<Vm> {
+    let kvm = Kvm::new().context("open /dev/kvm")?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    // SAFETY: anonymous private mapping, checked below, never unmapped while the VM lives.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MEM_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        bail!("mmap guest memory failed");
+    }
+    let mem = mem as *mut u8;
+    // SAFETY: code fits in the fresh mapping.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem, code.len()) };
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: CODE_ADDR,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: mem as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is a valid mapping that outlives the VM.
+    unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    let mut sregs = vcpu.get_sregs()?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs)?;
+    let mut regs = vcpu.get_regs()?;
+    regs.rip = CODE_ADDR;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs)?;
+    Ok(Vm {
+        vm,
+        vcpu,
+        _mem: mem,
+    })
+}
+
+/// Routing: GSI 24 an MSI to APIC 0, GSI 4 IOAPIC pin 4 (setting routes replaces the default
+/// table, so the IOAPIC pin is listed again).
+fn set_routes(vm: &VmFd) -> anyhow::Result<()> {
+    let mut routing = KvmIrqRouting::new(2).context("routing table")?;
+    let e = routing.as_mut_slice();
+    e[0] = kvm_irq_routing_entry {
+        gsi: MSI_GSI,
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    e[0].u.msi.address_lo = MSI_ADDR;
+    e[0].u.msi.data = MSI_DATA;
+    e[1] = kvm_irq_routing_entry {
+        gsi: IOAPIC_GSI,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e[1].u.irqchip.irqchip = KVM_IRQCHIP_IOAPIC;
+    e[1].u.irqchip.pin = IOAPIC_GSI;
+    vm.set_gsi_routing(&routing).context("KVM_SET_GSI_ROUTING")
+}
+
+fn run_pio(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    let mut regs = vm.vcpu.get_regs()?;
+    regs.rcx = a.count as u64;
+    vm.vcpu.set_regs(&regs)?;
+    let (mut io, mut other) = (0u32, 0u32);
+    loop {
+        match vm.vcpu.run().context("KVM_RUN")? {
+            VcpuExit::IoOut(0x3f8, _) => {
+                io += 1;
+                spin(a.spin_us);
+            }
+            VcpuExit::IoOut(0x3f9, _) => break,
+            e => {
+                other += 1;
+                if other > 10 {
+                    bail!("unexpected exit {e:?}");
+                }
+            }
+        }
+    }
+    Ok(serde_json::json!({ "exits": io + 1, "handled": io, "other": other }))
+}
+
+fn run_irqfd(vm: &Vm, a: &Args, gsi: u32) -> anyhow::Result<serde_json::Value> {
+    set_routes(&vm.vm)?;
+    let fd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.vm.register_irqfd(&fd, gsi).context("KVM_IRQFD")?;
+    for _ in 0..a.count {
+        fd.write(1).context("write irqfd")?;
+        thread::sleep(Duration::from_micros(a.gap_us));
+    }
+    Ok(serde_json::json!({ "signals": a.count, "gsi": gsi }))
+}
+
+fn run_signal_msi(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    let msi = kvm_msi {
+        address_lo: MSI_ADDR,
+        data: MSI_DATA,
+        ..Default::default()
+    };
+    for _ in 0..a.count {
+        vm.vm.signal_msi(msi).context("KVM_SIGNAL_MSI")?;
+        thread::sleep(Duration::from_micros(a.gap_us));
+    }
+    Ok(serde_json::json!({ "signals": a.count }))
+}
+
+extern "C" fn on_wake(_: libc::c_int) {}
+
+fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    // SIGUSR1 without SA_RESTART: KVM_RUN returns EINTR, the halt ends with kvm_vcpu_wakeup.
+    // SAFETY: installs a handler that does nothing.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_wake as *const () as usize;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    // SAFETY: plain syscall.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    let entering = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let waker = {
+        let (entering, done) = (entering.clone(), done.clone());
+        let (count, spin_us) = (a.count, a.spin_us);
+        thread::spawn(move || {
+            for i in 1..=count {
+                while entering.load(Ordering::Acquire) < i {
+                    if done.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::hint::spin_loop();
+                }
+                thread::sleep(Duration::from_micros(spin_us));
+                // SAFETY: signals our own vCPU thread.
+                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+            }
+        })
+    };
+    let (mut woken, mut other) = (0u32, 0u32);
+    while woken < a.count {
+        entering.fetch_add(1, Ordering::AcqRel);
+        match vm.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => woken += 1,
+            Err(e) => bail!("KVM_RUN: {e}"),
+            Ok(e) => {
+                other += 1;
+                if other > 10 {
+                    bail!("unexpected exit {e:?}");
+                }
+                // Not a halt: let the waker's count follow.
+                entering.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+    done.store(true, Ordering::Release);
+    let _ = waker.join();
+    Ok(serde_json::json!({ "wakeups": woken, "other": other }))
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("iopath-testvmm: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let a = parse_args()?;
+    let mut vm = match a.mode.as_str() {
+        "halt" => create_vm(GUEST_HALT)?,
+        _ => create_vm(GUEST_PIO)?,
+    };
+    let out = match a.mode.as_str() {
+        "pio" => run_pio(&mut vm, &a)?,
+        "irqfd-msi" => run_irqfd(&vm, &a, MSI_GSI)?,
+        "irqfd-gsi" => run_irqfd(&vm, &a, IOAPIC_GSI)?,
+        "signal-msi" => run_signal_msi(&vm, &a)?,
+        "halt" => run_halt(&mut vm, &a)?,
+        m => bail!("unknown mode {m}"),
+    };
+    let mut out = out;
+    out["pid"] = std::process::id().into();
+    out["vm"] = a.name.clone().into();
+    println!("{out}");
+    thread::sleep(Duration::from_millis(a.hold_ms));
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! `kvm.userspace_exit`: from kvm:kvm_userspace_exit (KVM_RUN returns to the VMM) to the same
+//! thread's next `ioctl(KVM_RUN)` entry: the time the VMM spends handling an exit in userspace
+//! (device emulation, QEMU without ioeventfd), labelled by exit reason.
+//!
+//! The vCPU is the file descriptor KVM_RUN is called on (a vCPU fd); the daemon turns it into
+//! the vcpu id from /proc/PID/fd (`anon_inode:kvm-vcpu:N`). Halts (`kvm.halt_wakeup`) use the
+//! same thread-to-fd map, learned here.
+
+use crate::{assert_size, maps::Counter, rules::Starts};
+
+/// `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u32 = 0xae80;
+/// `_IOW(KVMIO, 0xa5, struct kvm_msi)`.
+pub const KVM_SIGNAL_MSI: u32 = 0x4020_aea5;
+/// `_IO(KVMIO, 0x01)`.
+pub const KVM_CREATE_VM: u32 = 0xae01;
+
+/// Marks a `detail` that is an errno (KVM_RUN failed, -EINTR for a signal), not an exit reason.
+pub const ERRNO_DETAIL: u32 = 1 << 16;
+
+/// vCPU of a thread not yet seen entering KVM_RUN.
+pub const NO_VCPU: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UexitStart {
+    pub ts_ns: u64,
+    pub detail: u32,
+    pub _pad: u32,
+}
+assert_size!(UexitStart, 16);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UexitSample {
+    pub latency_ns: u64,
+    pub detail: u32,
+}
+
+/// `detail` of kvm_userspace_exit(reason, errno): the KVM_EXIT_* reason, or the errno.
+pub const fn uexit_detail(reason: u32, errno: i32) -> u32 {
+    if errno < 0 {
+        ERRNO_DETAIL | (errno.unsigned_abs() & 0xffff)
+    } else {
+        reason & 0xffff
+    }
+}
+
+/// kvm:kvm_userspace_exit in vCPU thread `tid`.
+pub fn on_userspace_exit<S: Starts<u32, UexitStart>>(
+    starts: &mut S,
+    tid: u32,
+    now_ns: u64,
+    reason: u32,
+    errno: i32,
+) -> Result<(), Counter> {
+    let start = UexitStart {
+        ts_ns: now_ns,
+        detail: uexit_detail(reason, errno),
+        _pad: 0,
+    };
+    if starts.put(tid, start) {
+        Ok(())
+    } else {
+        Err(Counter::StartFull)
+    }
+}
+
+/// ioctl(fd, KVM_RUN) entry in thread `tid`: ends its pending userspace exit, and records which
+/// vCPU fd the thread runs.
+pub fn on_run<S: Starts<u32, UexitStart>, F: Starts<u32, u32>>(
+    starts: &mut S,
+    vcpu_fds: &mut F,
+    tid: u32,
+    fd: u32,
+    now_ns: u64,
+) -> Result<Option<UexitSample>, Counter> {
+    if vcpu_fds.get(&tid) != Some(fd) && !vcpu_fds.put(tid, fd) {
+        return Err(Counter::StartFull);
+    }
+    Ok(starts.take(&tid).map(|s| UexitSample {
+        latency_ns: now_ns.saturating_sub(s.ts_ns),
+        detail: s.detail,
+    }))
+}
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)] integers, explicit padding, size asserted.
+unsafe impl aya::Pod for UexitStart {}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::rules::testing::{MapStarts, events};
+
+    /// Replays `ts tgid/tid event fields`: kvm_userspace_exit reason= errno=, kvm_run fd=.
+    fn replay(text: &str) -> (Vec<(u64, u32, u32)>, MapStarts<u32, u32>) {
+        let mut starts = MapStarts::new(64);
+        let mut fds = MapStarts::new(64);
+        let mut out = Vec::new();
+        for e in events(text) {
+            match e.name {
+                "kvm_userspace_exit" => on_userspace_exit(
+                    &mut starts,
+                    e.tid,
+                    e.ts,
+                    e.u("reason") as u32,
+                    e.u("errno") as i64 as i32,
+                )
+                .unwrap(),
+                "kvm_run" => {
+                    let fd = e.u("fd") as u32;
+                    if let Some(s) = on_run(&mut starts, &mut fds, e.tid, fd, e.ts).unwrap() {
+                        out.push((s.latency_ns, s.detail, fd));
+                    }
+                }
+                other => panic!("unknown event {other}"),
+            }
+        }
+        (out, fds)
+    }
+
+    #[test]
+    fn recorded_pio_exits_and_a_signal() {
+        let (got, fds) = replay(include_str!("../../../tests/fixtures/kvm_uexit.events"));
+        assert_eq!(
+            got,
+            [
+                (20_000, 2, 12),
+                (200_500, 2, 12),
+                (3_000, 6, 13),
+                (50_000, ERRNO_DETAIL | 4, 12),
+            ]
+        );
+        assert_eq!(fds.map.get(&801), Some(&12));
+        assert_eq!(fds.map.get(&802), Some(&13));
+    }
+}
