@@ -47,6 +47,8 @@ pub struct Options<'a> {
     pub strict: bool,
     /// Enable kernel.bpf_stats for the tracer's lifetime.
     pub bpf_stats: bool,
+    /// How long an exited VM's series stay exported.
+    pub vm_grace: std::time::Duration,
 }
 
 /// What became of one stage on this kernel.

@@ -10,6 +10,7 @@
 //! - `iopath_program_run_time_seconds_total{program}`, `iopath_program_run_count_total{program}`:
 //!   kernel.bpf_stats per attached program (zero unless `iopath_bpf_stats_enabled` is 1).
 //! - `iopath_series`, `iopath_vms` gauges: label sets exported and distinct VMs among them.
+//! - `iopath_kernel_map_entries{map}` gauge: entries of the kernel maps that grow with VMs.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -42,6 +43,7 @@ pub struct Exposition {
     run_count: Vec<(Labels, u64)>,
     bpf_stats_enabled: i64,
     vms: i64,
+    map_entries: Vec<(Labels, i64)>,
 }
 
 /// Per-program kernel statistics.
@@ -65,6 +67,7 @@ impl Exposition {
         report: &[StageReport],
         programs: &[ProgramStats],
         bpf_stats_enabled: bool,
+        maps: &[(&str, usize)],
     ) -> Self {
         let mut vms = BTreeSet::new();
         let histograms = snap
@@ -125,6 +128,10 @@ impl Exposition {
             run_count,
             bpf_stats_enabled: bpf_stats_enabled as i64,
             vms: vms.len() as i64,
+            map_entries: maps
+                .iter()
+                .map(|(m, n)| (l(&[("map", m)]), *n as i64))
+                .collect(),
         }
     }
 
@@ -238,6 +245,15 @@ impl Collector for Exposition {
             MetricType::Counter,
             &self.run_count,
             |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
+        )?;
+        family(
+            &mut enc,
+            "iopath_kernel_map_entries",
+            "Entries in the kernel maps that grow with VMs and threads (exited VMs are removed after the grace period).",
+            None,
+            MetricType::Gauge,
+            &self.map_entries,
+            |e, v| e.encode_gauge(v),
         )?;
         for (name, help, v) in [
             (

@@ -214,6 +214,12 @@ impl Quantiles {
     pub fn last(&self) -> &Snapshot {
         &self.last
     }
+
+    /// Drops every series of the VMs in `vms` (they exited and their kernel entries are gone).
+    pub fn forget_vms(&mut self, vms: &std::collections::HashSet<u32>) {
+        self.last.series.retain(|k, _| !vms.contains(&k.vm));
+        self.hdr.retain(|k, _| !vms.contains(&k.vm));
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 mod attach;
 mod btf;
 mod export;
+mod gc;
 mod hist;
 mod labels;
 mod offsets;
@@ -46,6 +47,10 @@ struct Common {
     /// counted in iopath_events_dropped_total.
     #[arg(long, default_value_t = tracer_common::maps::HIST_ENTRIES, global = true)]
     hist_entries: u32,
+    /// How long the series of a VM that exited stay exported before they and the VM's kernel
+    /// map entries are removed, e.g. 60s, 5m.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
+    vm_grace: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,6 +112,7 @@ impl Common {
             hist_entries: self.hist_entries,
             strict: self.strict,
             bpf_stats: self.bpf_stats,
+            vm_grace: self.vm_grace,
         }
     }
 }

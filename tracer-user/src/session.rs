@@ -1,11 +1,16 @@
 //! A running tracer and what reading it needs: the attached programs, label resolution and the
 //! cumulative quantiles. Shared by `serve` and `record`.
 
-use std::fs;
+use std::{
+    collections::HashSet,
+    fs,
+    time::{Duration, Instant},
+};
 
 use crate::{
     attach::{Options, Tracer},
     export::{Exposition, ProgramStats},
+    gc::{self, Collected, VmGc},
     hist::{Quantiles, ReadError, Snapshot},
     labels::Labeler,
 };
@@ -14,27 +19,59 @@ pub struct Session {
     pub tracer: Tracer,
     pub labeler: Labeler,
     pub quantiles: Quantiles,
+    gc: VmGc,
+    last_gc: Option<Instant>,
     bpf_stats: bool,
 }
 
+/// How often exited VMs are looked for (each look reads /proc for every VM and started thread).
+const GC_EVERY: Duration = Duration::from_secs(1);
+
 impl Session {
     pub fn start(opts: &Options) -> anyhow::Result<Session> {
-        let tracer = Tracer::start(opts)?;
+        let mut tracer = Tracer::start(opts)?;
         let labeler = Labeler::new(&tracer.tracefs);
+        let mut gc = VmGc::new(opts.vm_grace);
+        gc.seed(&mut tracer.ebpf);
         let base = Snapshot::read(&tracer.ebpf)?;
         Ok(Session {
             tracer,
             labeler,
             quantiles: Quantiles::new(base),
+            gc,
+            last_gc: None,
             bpf_stats: opts.bpf_stats,
         })
     }
 
-    /// Reads the kernel maps and feeds the increase to the quantiles.
+    /// Reads the kernel maps and feeds the increase to the quantiles; then removes what belongs
+    /// to VMs gone for longer than the grace period.
     pub fn refresh(&mut self) -> Result<(), ReadError> {
         let snap = Snapshot::read(&self.tracer.ebpf)?;
         self.quantiles.update(snap);
+        let now = Instant::now();
+        if self.last_gc.is_none_or(|t| now.duration_since(t) >= GC_EVERY) {
+            self.last_gc = Some(now);
+            self.collect(now);
+        }
         Ok(())
+    }
+
+    /// One garbage collection of exited VMs.
+    fn collect(&mut self, now: Instant) -> Collected {
+        let mut vms: Vec<u32> = self.quantiles.last().series.keys().map(|k| k.vm).collect();
+        vms.extend(gc::vmm_tgids(&self.tracer.ebpf));
+        let dead: HashSet<u32> = self.gc.expired(vms, now).into_iter().collect();
+        // Started events of exited threads are cleaned even when no VM expired.
+        let kernel_entries = VmGc::clean_kernel(&mut self.tracer.ebpf, &dead);
+        self.quantiles.forget_vms(&dead);
+        for tgid in &dead {
+            self.labeler.forget_vm(*tgid);
+        }
+        Collected {
+            vms: dead.len(),
+            kernel_entries,
+        }
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
@@ -63,12 +100,14 @@ impl Session {
         let programs = self.program_stats();
         let enabled = self.bpf_stats_enabled();
         let snap = self.quantiles.last();
+        let maps = VmGc::count_entries(&self.tracer.ebpf);
         Ok(Exposition::gather(
             snap,
             &mut self.labeler,
             &self.tracer.report,
             &programs,
             enabled,
+            &maps,
         )
         .encode())
     }
