@@ -68,7 +68,9 @@ pub fn loaded_programs() -> Vec<String> {
         .flatten()
         .filter_map(|p| p["name"].as_str())
         .filter(|n| {
-            n.starts_with("blk_rq_") || n.starts_with("kvm_exit") || n.starts_with("kvm_entry")
+            ["blk_rq_", "kvm_", "sys_enter_", "sys_exit_", "workqueue_"]
+                .iter()
+                .any(|p| n.starts_with(p))
         })
         .map(String::from)
         .collect()
@@ -259,6 +261,14 @@ impl Daemon {
             sleep(Duration::from_millis(50));
         }
         panic!("iopath serve did not exit within 10 s of SIGTERM");
+    }
+}
+
+impl Daemon {
+    /// GET /quantiles as JSON.
+    pub fn quantiles(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/quantiles", false).expect("quantiles").1)
+            .expect("quantiles JSON")
     }
 }
 
