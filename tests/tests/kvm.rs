@@ -215,7 +215,11 @@ fn halt_wakeup_reports_the_halted_time() {
     let d = Daemon::start(&["--stages", "kvm.halt_wakeup,kvm.userspace_exit"]);
     // The guest halts in the kernel (in-kernel irqchip); the VMM wakes its vCPU thread with a
     // signal 2 ms after it entered KVM_RUN, 50 times.
-    let vmm = Vmm::run("halter", &["halt", "--count", "50", "--spin-us", "2000"], 1000);
+    let vmm = Vmm::run(
+        "halter",
+        &["halt", "--count", "50", "--spin-us", "2000"],
+        1000,
+    );
     assert_eq!(vmm.n("wakeups"), 50.0);
     let m = d.metrics();
     let want = [
@@ -233,7 +237,11 @@ fn halt_wakeup_reports_the_halted_time() {
     assert!(
         m.value(
             &format!("{LATENCY}_count"),
-            &[("stage", "kvm.userspace_exit"), ("vm", "halter"), ("reason", "intr")]
+            &[
+                ("stage", "kvm.userspace_exit"),
+                ("vm", "halter"),
+                ("reason", "intr")
+            ]
         ) >= 49.0
     );
     vmm.wait();
@@ -270,8 +278,16 @@ fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
         return;
     }
     let d = Daemon::start(&["--vm-grace", "2s"]);
-    let a = Vmm::run("gc-alpha", &["pio", "--count", "50", "--spin-us", "10"], 2500);
-    let b = Vmm::run("gc-beta", &["irqfd-msi", "--count", "50", "--gap-us", "100"], 2500);
+    let a = Vmm::run(
+        "gc-alpha",
+        &["pio", "--count", "50", "--spin-us", "10"],
+        2500,
+    );
+    let b = Vmm::run(
+        "gc-beta",
+        &["irqfd-msi", "--count", "50", "--gap-us", "100"],
+        2500,
+    );
     let (pa, pb) = (a.pid(), b.pid());
     let m = d.metrics();
     let vms = m.label_values(&format!("{LATENCY}_count"), "vm");
@@ -285,7 +301,10 @@ fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
     b.wait();
     // Gone, but within the grace period: still exported.
     let m = d.metrics();
-    assert!(m.label_values(&format!("{LATENCY}_count"), "vm").contains(&"gc-alpha".into()));
+    assert!(
+        m.label_values(&format!("{LATENCY}_count"), "vm")
+            .contains(&"gc-alpha".into())
+    );
     // After it: series, kernel entries and the VM count go.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut m: Metrics;
@@ -298,9 +317,15 @@ fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
         }
     }
     let vms = m.label_values(&format!("{LATENCY}_count"), "vm");
-    assert!(!vms.iter().any(|v| v.starts_with("gc-")), "still exported: {vms:?}");
+    assert!(
+        !vms.iter().any(|v| v.starts_with("gc-")),
+        "still exported: {vms:?}"
+    );
     assert_eq!(hist_entries_of(pa), 0, "kernel HIST entries of gc-alpha");
     assert_eq!(hist_entries_of(pb), 0, "kernel HIST entries of gc-beta");
-    assert_eq!(m.value("iopath_kernel_map_entries", &[("map", "VMM_TGIDS")]), 0.0);
+    assert_eq!(
+        m.value("iopath_kernel_map_entries", &[("map", "VMM_TGIDS")]),
+        0.0
+    );
     assert!(d.stop().success());
 }

@@ -131,9 +131,7 @@ impl VmGc {
         let mut n = 0;
         n += remove_where::<HistKey, HistVal, true>(ebpf, "HIST", |k, _| dead.contains(&k.vm));
         n += remove_where::<u32, u32, false>(ebpf, "VMM_TGIDS", |k, _| dead.contains(k));
-        n += remove_where::<VcpuKey, u64, false>(ebpf, "INJ_PENDING", |k, _| {
-            dead.contains(&k.vm)
-        });
+        n += remove_where::<VcpuKey, u64, false>(ebpf, "INJ_PENDING", |k, _| dead.contains(&k.vm));
         n += remove_where::<u64, SignalStart, false>(ebpf, "SIG_DEFERRED", |_, v| {
             dead.contains(&v.vm)
         });
@@ -154,10 +152,22 @@ impl VmGc {
         vec![
             ("HIST", entries::<HistKey, HistVal, true>(ebpf, "HIST")),
             ("VMM_TGIDS", entries::<u32, u32, false>(ebpf, "VMM_TGIDS")),
-            ("INJ_PENDING", entries::<VcpuKey, u64, false>(ebpf, "INJ_PENDING")),
-            ("SIG_START", entries::<u32, SignalStart, false>(ebpf, "SIG_START")),
-            ("SIG_DEFERRED", entries::<u64, SignalStart, false>(ebpf, "SIG_DEFERRED")),
-            ("UEXIT_START", entries::<u32, UexitStart, false>(ebpf, "UEXIT_START")),
+            (
+                "INJ_PENDING",
+                entries::<VcpuKey, u64, false>(ebpf, "INJ_PENDING"),
+            ),
+            (
+                "SIG_START",
+                entries::<u32, SignalStart, false>(ebpf, "SIG_START"),
+            ),
+            (
+                "SIG_DEFERRED",
+                entries::<u64, SignalStart, false>(ebpf, "SIG_DEFERRED"),
+            ),
+            (
+                "UEXIT_START",
+                entries::<u32, UexitStart, false>(ebpf, "UEXIT_START"),
+            ),
             ("VCPU_FD", entries::<u32, u32, false>(ebpf, "VCPU_FD")),
         ]
     }
@@ -227,7 +237,10 @@ mod tests {
         let gone = u32::MAX - 7; // no such pid
         let t0 = Instant::now();
         assert!(gc.expired([me, gone, 0], t0).is_empty());
-        assert!(gc.expired([me, gone], t0 + Duration::from_secs(9)).is_empty());
+        assert!(
+            gc.expired([me, gone], t0 + Duration::from_secs(9))
+                .is_empty()
+        );
         assert_eq!(gc.expired([me, gone], t0 + Duration::from_secs(10)), [gone]);
         // forgotten: seen gone again, it starts a new grace period
         assert!(gc.expired([gone], t0 + Duration::from_secs(11)).is_empty());

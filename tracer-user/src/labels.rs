@@ -329,8 +329,14 @@ mod tests {
         assert_eq!(r.name(6), "mmio");
         assert_eq!(r.name(0), "unknown");
         assert_eq!(r.name(99), "unknown_99");
-        assert_eq!(r.name(tracer_common::kvm::uexit::uexit_detail(0, -4)), "intr");
-        assert_eq!(r.name(tracer_common::kvm::uexit::uexit_detail(0, -14)), "errno_14");
+        assert_eq!(
+            r.name(tracer_common::kvm::uexit::uexit_detail(0, -4)),
+            "intr"
+        );
+        assert_eq!(
+            r.name(tracer_common::kvm::uexit::uexit_detail(0, -14)),
+            "errno_14"
+        );
     }
 
     #[test]

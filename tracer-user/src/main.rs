@@ -219,8 +219,14 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
+        let w = tracer
+            .report
+            .iter()
+            .map(|r| r.stage.len())
+            .max()
+            .unwrap_or(5);
         println!(
-            "{:<12} {:<6} {:<9} {:<18} DETAIL",
+            "{:<w$} {:<6} {:<9} {:<18} DETAIL",
             "STAGE", "PATH", "STATE", "ATTACH"
         );
         for r in &tracer.report {
@@ -229,12 +235,12 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
                 None => ("missing", "-", r.skipped.join("; ")),
             };
             println!(
-                "{:<12} {:<6} {:<9} {:<18} {}",
+                "{:<w$} {:<6} {:<9} {:<18} {}",
                 r.stage, r.path, state, attach, detail
             );
             if r.attached && !r.skipped.is_empty() {
                 println!(
-                    "{:<12} {:<6} {:<9} {:<18} (preferred, skipped: {})",
+                    "{:<w$} {:<6} {:<9} {:<18} (preferred, skipped: {})",
                     "",
                     "",
                     "",

@@ -11,7 +11,7 @@ use crate::{
     attach::{Options, Tracer},
     export::{Exposition, ProgramStats},
     gc::{self, Collected, VmGc},
-    hist::{Quantiles, ReadError, Snapshot},
+    hist::{Quantiles, ReadError, SeriesKey, Snapshot},
     labels::Labeler,
 };
 
@@ -21,6 +21,8 @@ pub struct Session {
     pub quantiles: Quantiles,
     gc: VmGc,
     last_gc: Option<Instant>,
+    /// Series whose labels were resolved once (the labeler caches the values).
+    labelled: HashSet<SeriesKey>,
     bpf_stats: bool,
 }
 
@@ -40,6 +42,7 @@ impl Session {
             quantiles: Quantiles::new(base),
             gc,
             last_gc: None,
+            labelled: HashSet::new(),
             bpf_stats: opts.bpf_stats,
         })
     }
@@ -48,9 +51,19 @@ impl Session {
     /// to VMs gone for longer than the grace period.
     pub fn refresh(&mut self) -> Result<(), ReadError> {
         let snap = Snapshot::read(&self.tracer.ebpf)?;
+        // Resolve the labels of new series now, while their VMM is alive: a VM that exits
+        // before the report keeps its name.
+        for key in snap.series.keys() {
+            if self.labelled.insert(*key) {
+                self.labeler.labels(key);
+            }
+        }
         self.quantiles.update(snap);
         let now = Instant::now();
-        if self.last_gc.is_none_or(|t| now.duration_since(t) >= GC_EVERY) {
+        if self
+            .last_gc
+            .is_none_or(|t| now.duration_since(t) >= GC_EVERY)
+        {
             self.last_gc = Some(now);
             self.collect(now);
         }
@@ -65,6 +78,7 @@ impl Session {
         // Started events of exited threads are cleaned even when no VM expired.
         let kernel_entries = VmGc::clean_kernel(&mut self.tracer.ebpf, &dead);
         self.quantiles.forget_vms(&dead);
+        self.labelled.retain(|k| !dead.contains(&k.vm));
         for tgid in &dead {
             self.labeler.forget_vm(*tgid);
         }

@@ -174,7 +174,10 @@ fn signal_tp(c: &Config) -> Result<(), &'static str> {
 }
 
 fn inject_btf(c: &Config) -> Result<(), &'static str> {
-    all_set(&[c.vcpu_id], "struct kvm_vcpu.vcpu_id not in BTF (is KVM built?)")
+    all_set(
+        &[c.vcpu_id],
+        "struct kvm_vcpu.vcpu_id not in BTF (is KVM built?)",
+    )
 }
 
 fn inject_tp(c: &Config) -> Result<(), &'static str> {
@@ -377,7 +380,11 @@ pub static STAGES: &[Stage] = &[
                     SYS_EXIT_IOCTL,
                     tp("kvm_msi_set_irq_tp", "kvm", "kvm_msi_set_irq"),
                     tp("kvm_set_irq_tp", "kvm", "kvm_set_irq"),
-                    tp("workqueue_queue_work_tp", "workqueue", "workqueue_queue_work"),
+                    tp(
+                        "workqueue_queue_work_tp",
+                        "workqueue",
+                        "workqueue_queue_work",
+                    ),
                     tp(
                         "workqueue_execute_start_tp",
                         "workqueue",

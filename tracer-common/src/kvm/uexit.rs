@@ -95,8 +95,11 @@ mod tests {
     use super::*;
     use crate::rules::testing::{MapStarts, events};
 
+    /// (latency, detail, vcpu fd) of each sample.
+    type Samples = Vec<(u64, u32, u32)>;
+
     /// Replays `ts tgid/tid event fields`: kvm_userspace_exit reason= errno=, kvm_run fd=.
-    fn replay(text: &str) -> (Vec<(u64, u32, u32)>, MapStarts<u32, u32>) {
+    fn replay(text: &str) -> (Samples, MapStarts<u32, u32>) {
         let mut starts = MapStarts::new(64);
         let mut fds = MapStarts::new(64);
         let mut out = Vec::new();

@@ -1,0 +1,197 @@
+//! End to end with a real QEMU guest: the guest lab (../shared/lab/lab.sh, or $IOPATH_LAB) boots
+//! a QEMU/KVM guest named `lab` with virtio-net on a tap in its own network namespace and a
+//! virtio-blk disk. While `iopath record` runs, the test pings the guest and lets it do its disk
+//! rounds, and counts QEMU's interrupt signals independently with bpftrace: writes to the fds
+//! QEMU registered with KVM_IRQFD, plus KVM_SIGNAL_MSI ioctls.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use iopath_tests::{can_trace, iopath_bin, leftover_programs};
+
+const ROUNDS: u32 = 3;
+
+fn lab_script() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("IOPATH_LAB").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab/lab.sh")),
+    ];
+    candidates.into_iter().flatten().find(|p| p.exists())
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The lab, stopped (QEMU, namespace, tap) on drop.
+struct Lab {
+    script: PathBuf,
+    run: PathBuf,
+}
+
+impl Lab {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("bash")
+            .arg(&self.script)
+            .args(args)
+            .env("LAB_RUN", &self.run)
+            .output()
+            .expect("run lab.sh")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.cmd(&["stop"]);
+        eprint!("{}", String::from_utf8_lossy(&out.stdout));
+        let _ = fs::remove_dir_all(&self.run);
+    }
+}
+
+/// Stops a child with SIGINT (bpftrace prints its maps, iopath record its report) and returns
+/// its stdout.
+fn interrupt(mut child: Child) -> String {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// QEMU's signals, counted without iopath: irqfds are learned from KVM_IRQFD (fd at offset 0,
+/// flags at 8, DEASSIGN = 1), in the processes that created a VM.
+const BPFTRACE_COUNT: &str = r#"
+tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0xae01/ { @vmm[pid] = 1; }
+tracepoint:syscalls:sys_enter_ioctl /@vmm[pid] && args->cmd == 0x4020ae76/ {
+  $fd = *(uint32 *)uptr(args->arg);
+  $flags = *(uint32 *)uptr(args->arg + 8);
+  if ($flags & 1) { delete(@irqfd[pid, $fd]); } else { @irqfd[pid, $fd] = 1; }
+}
+tracepoint:syscalls:sys_enter_ioctl /@vmm[pid] && args->cmd == 0x4020aea5/ { @signals = count(); @msi_ioctls = count(); }
+tracepoint:syscalls:sys_enter_write /@irqfd[pid, args->fd]/ { @signals = count(); @irqfd_writes = count(); }
+END { clear(@vmm); clear(@irqfd); }
+"#;
+
+fn bpftrace_count(out: &str, name: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("@{name}: ")))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn lab_guest_signals_and_halts_are_traced() {
+    if !can_trace("lab_guest_signals_and_halts_are_traced") {
+        return;
+    }
+    let Some(script) = lab_script() else {
+        eprintln!(
+            "skipping lab_guest_signals_and_halts_are_traced: no guest lab (../shared/lab/lab.sh; set IOPATH_LAB)"
+        );
+        return;
+    };
+    for cmd in ["qemu-system-x86_64", "bpftrace", "ping", "xz"] {
+        if !have(cmd) {
+            eprintln!(
+                "skipping lab_guest_signals_and_halts_are_traced: {cmd} not installed (cargo xtask setup installs it where the distribution has it)"
+            );
+            return;
+        }
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipping lab_guest_signals_and_halts_are_traced: no /dev/kvm");
+        return;
+    }
+    let lab = Lab {
+        script,
+        run: PathBuf::from(format!("/tmp/iopath-lab-test-{}", std::process::id())),
+    };
+
+    let bt = Command::new("bpftrace")
+        .args(["-e", BPFTRACE_COUNT])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bpftrace");
+    let record = Command::new(iopath_bin())
+        .args(["record", "--json", "--duration", "300s", "--stages"])
+        .arg("kvm.signal_to_inject,kvm.halt_wakeup,kvm.userspace_exit")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("iopath record");
+    // Both attached before QEMU creates its VM.
+    sleep(Duration::from_secs(4));
+
+    let rounds = ROUNDS.to_string();
+    let out = lab.cmd(&["start", &rounds, "20", "1000", "500"]);
+    let started = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprint!("{started}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "lab did not start");
+    let ping = lab.cmd(&["ping", "20", "0.1"]);
+    eprint!("{}", String::from_utf8_lossy(&ping.stdout));
+    assert!(ping.status.success(), "the guest answers ping");
+    // The guest's disk rounds end with a console line.
+    let console = lab.run.join("run/console.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !fs::read_to_string(&console).is_ok_and(|c| c.contains("LAB: disk rounds done")) {
+        assert!(Instant::now() < deadline, "disk rounds did not finish");
+        sleep(Duration::from_millis(500));
+    }
+    // Quiet guest: no signal between the two tracers' ends.
+    sleep(Duration::from_secs(2));
+    let report = interrupt(record);
+    let counted = interrupt(bt);
+    drop(lab);
+
+    let signals = bpftrace_count(&counted, "signals");
+    eprintln!(
+        "bpftrace: {} irqfd writes + {} KVM_SIGNAL_MSI = {signals}",
+        bpftrace_count(&counted, "irqfd_writes"),
+        bpftrace_count(&counted, "msi_ioctls")
+    );
+    let report: serde_json::Value = serde_json::from_str(&report).expect("record --json");
+    let series = report["series"].as_array().expect("series");
+    let of = |stage: &str| -> Vec<&serde_json::Value> {
+        series
+            .iter()
+            .filter(|s| s["stage"] == stage && s["labels"]["vm"] == "lab")
+            .collect()
+    };
+    let traced: u64 = of("kvm.signal_to_inject")
+        .iter()
+        .map(|s| s["count"].as_u64().unwrap())
+        .sum();
+    for s in of("kvm.signal_to_inject") {
+        eprintln!(
+            "kvm.signal_to_inject {} {}: {} p50 {} us p99 {} us",
+            s["labels"]["signal"], s["labels"]["inject"], s["count"], s["p50_us"], s["p99_us"]
+        );
+    }
+    assert!(signals > 0, "QEMU signalled interrupts: {counted}");
+    assert_eq!(
+        traced, signals,
+        "every QEMU signal is one sample, vm=\"lab\""
+    );
+    let halts: Vec<_> = of("kvm.halt_wakeup")
+        .into_iter()
+        .filter(|s| s["labels"]["vcpu"] == "0")
+        .collect();
+    let n: u64 = halts.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    eprintln!("kvm.halt_wakeup vm=lab vcpu=0: {n} wakeups");
+    assert!(n > 0, "halt wakeups of vcpu 0: {series:?}");
+    assert!(leftover_programs().is_empty());
+}
