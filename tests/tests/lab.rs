@@ -6,8 +6,10 @@
 
 use std::{
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::mpsc,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -56,6 +58,32 @@ impl Drop for Lab {
     }
 }
 
+/// Lines of a child's stdout or stderr, read by a thread.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line containing `what`.
+fn wait_for(rx: &mpsc::Receiver<String>, what: &str, who: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(what) => return,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    panic!("{who} did not print {what:?} within 60 s");
+}
+
 /// Stops a child with SIGINT (bpftrace prints its maps, iopath record its report) and returns
 /// its stdout.
 fn interrupt(mut child: Child) -> String {
@@ -73,18 +101,19 @@ fn interrupt(mut child: Child) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// QEMU's signals, counted without iopath: irqfds are learned from KVM_IRQFD (fd at offset 0,
-/// flags at 8, DEASSIGN = 1), in the processes that created a VM.
+/// QEMU's signals, counted without iopath: irqfds are learned from the KVM_IRQFD ioctls (fd at
+/// offset 0, flags at 8, DEASSIGN = 1) that QEMU issues when the guest enables its MSI-X
+/// vectors; BEGIN runs once every probe is attached.
 const BPFTRACE_COUNT: &str = r#"
-tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0xae01/ { @vmm[pid] = 1; }
-tracepoint:syscalls:sys_enter_ioctl /@vmm[pid] && args->cmd == 0x4020ae76/ {
+BEGIN { printf("ready\n"); }
+tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0x4020ae76/ {
   $fd = *(uint32 *)uptr(args->arg);
   $flags = *(uint32 *)uptr(args->arg + 8);
   if ($flags & 1) { delete(@irqfd[pid, $fd]); } else { @irqfd[pid, $fd] = 1; }
 }
-tracepoint:syscalls:sys_enter_ioctl /@vmm[pid] && args->cmd == 0x4020aea5/ { @signals = count(); @msi_ioctls = count(); }
+tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0x4020aea5/ { @signals = count(); @msi_ioctls = count(); }
 tracepoint:syscalls:sys_enter_write /@irqfd[pid, args->fd]/ { @signals = count(); @irqfd_writes = count(); }
-END { clear(@vmm); clear(@irqfd); }
+END { clear(@irqfd); }
 "#;
 
 fn bpftrace_count(out: &str, name: &str) -> u64 {
@@ -121,20 +150,24 @@ fn lab_guest_signals_and_halts_are_traced() {
         run: PathBuf::from(format!("/tmp/iopath-lab-test-{}", std::process::id())),
     };
 
-    let bt = Command::new("bpftrace")
+    let mut bt = Command::new("bpftrace")
         .args(["-e", BPFTRACE_COUNT])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("bpftrace");
-    let record = Command::new(iopath_bin())
+    let bt_out = lines_of(bt.stdout.take().unwrap());
+    let mut record = Command::new(iopath_bin())
         .args(["record", "--json", "--duration", "300s", "--stages"])
         .arg("kvm.signal_to_inject,kvm.halt_wakeup,kvm.userspace_exit")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("iopath record");
-    // Both attached before QEMU creates its VM.
-    sleep(Duration::from_secs(4));
+    let record_err = lines_of(record.stderr.take().unwrap());
+    // Both attached before QEMU starts.
+    wait_for(&bt_out, "ready", "bpftrace");
+    wait_for(&record_err, "iopath: recording", "iopath record");
 
     let rounds = ROUNDS.to_string();
     let out = lab.cmd(&["start", &rounds, "20", "1000", "500"]);
@@ -154,7 +187,8 @@ fn lab_guest_signals_and_halts_are_traced() {
     // Quiet guest: no signal between the two tracers' ends.
     sleep(Duration::from_secs(2));
     let report = interrupt(record);
-    let counted = interrupt(bt);
+    interrupt(bt);
+    let counted: String = bt_out.iter().collect::<Vec<_>>().join("\n");
     drop(lab);
 
     let signals = bpftrace_count(&counted, "signals");

@@ -8,6 +8,10 @@
 //!   run count (kernel.bpf_stats) over the workload give ns per event;
 //! - bpftrace (when installed): the same issue-to-complete histogram as a bpftrace script, for
 //!   reference, measured the same way.
+//!
+//! KVM stages (when /dev/kvm exists): the test VMM drives exits to userspace, irqfd and
+//! KVM_SIGNAL_MSI signals and halts with and without iopath; the KVM programs' ns per event come
+//! from that phase, and the ratio is of exits to userspace per second.
 
 use std::{
     collections::BTreeMap,
@@ -122,7 +126,50 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
+/// Runs the test VMM (tests/src/bin/iopath-testvmm.rs) and returns its report.
+fn testvmm(vmm: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(vmm)
+        .args(["-name", "guest=bench"])
+        .args(args)
+        .output()
+        .context("iopath-testvmm")?;
+    if !out.status.success() {
+        bail!(
+            "iopath-testvmm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The KVM workload: exits to userspace as fast as the VMM can take them, irqfd signals over
+/// an MSI and an IOAPIC route, KVM_SIGNAL_MSI, halts. Returns PIO exits per second.
+fn kvm_workload(vmm: &Path) -> anyhow::Result<f64> {
+    let pio = testvmm(vmm, &["pio", "--count", "20000", "--spin-us", "0"])?;
+    for mode in ["irqfd-msi", "irqfd-gsi", "signal-msi"] {
+        testvmm(vmm, &[mode, "--count", "2000", "--gap-us", "20"])?;
+    }
+    testvmm(vmm, &["halt", "--count", "200", "--spin-us", "100"])?;
+    let n = pio["handled"].as_f64().unwrap_or(0.0);
+    let us = pio["elapsed_us"].as_f64().unwrap_or(f64::MAX);
+    Ok(n / us * 1e6)
+}
+
+/// Adds the increase of each program's stats between two scrapes to `progs`.
+fn accumulate(
+    progs: &mut BTreeMap<String, (f64, f64)>,
+    before: &BTreeMap<String, (f64, f64)>,
+    after: BTreeMap<String, (f64, f64)>,
+) {
+    for (name, (t1, c1)) in after {
+        let (t0, c0) = before.get(&name).copied().unwrap_or_default();
+        let e = progs.entry(name).or_default();
+        e.0 += t1 - t0;
+        e.1 += c1 - c0;
+    }
+}
+
+pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyhow::Result<()> {
     let dir = crate::root().join("target/bench");
     fs::create_dir_all(&dir)?;
     let lo = LoopDev::new("bench", 256);
@@ -137,6 +184,7 @@ pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
         .output()
         .is_ok_and(|o| o.status.success());
     let (mut without, mut with, mut with_bt) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut kvm_without, mut kvm_with) = (Vec::new(), Vec::new());
     let mut progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut bt = (0.0, 0.0);
     for round in 1..=rounds {
@@ -146,12 +194,16 @@ pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
         let before = program_stats(&iopath.metrics());
         with.push(fio(&lo.dev, seconds)?);
         let after = program_stats(&iopath.metrics());
+        accumulate(&mut progs, &before, after);
+        if let Some(vmm) = vmm {
+            // KVM stages: their programs see no event under fio.
+            let before = program_stats(&iopath.metrics());
+            kvm_with.push(kvm_workload(vmm)?);
+            accumulate(&mut progs, &before, program_stats(&iopath.metrics()));
+        }
         anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
-        for (name, (t1, c1)) in after {
-            let (t0, c0) = before.get(&name).copied().unwrap_or_default();
-            let e = progs.entry(name).or_default();
-            e.0 += t1 - t0;
-            e.1 += c1 - c0;
+        if let Some(vmm) = vmm {
+            kvm_without.push(kvm_workload(vmm)?);
         }
 
         if has_bpftrace {
@@ -229,10 +281,20 @@ pub fn bench(bin: &Path, seconds: u32, rounds: u32) -> anyhow::Result<()> {
         let c = mean(&with_bt);
         println!("IOPS with bpftrace {c:.0}: ratio {:.3}", c / a);
     }
+    let kvm_ratio = (!kvm_with.is_empty()).then(|| {
+        let (a, b) = (mean(&kvm_without), mean(&kvm_with));
+        println!(
+            "KVM exits to userspace per second (test VMM): without {a:.0}, with iopath {b:.0}: ratio {:.3}",
+            b / a
+        );
+        b / a
+    });
     let json = serde_json::json!({
         "seconds": seconds, "rounds": rounds, "device": lo.dev,
         "iops_without": without, "iops_with_iopath": with, "iops_with_bpftrace": with_bt,
         "ratio_iopath": b / a, "programs": report, "bpftrace_ns_per_event": bt_ns,
+        "kvm_exits_per_s_without": kvm_without, "kvm_exits_per_s_with_iopath": kvm_with,
+        "ratio_kvm_exits": kvm_ratio,
     });
     fs::write(
         dir.join("latest.json"),

@@ -126,7 +126,21 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { seconds, rounds } => {
             setup::setup()?;
             let bin = build_iopath()?;
-            bench::bench(&bin, seconds, rounds)
+            let vmm = if Path::new("/dev/kvm").exists() {
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "--package",
+                    "iopath-tests",
+                    "--bin",
+                    "iopath-testvmm",
+                ]))?;
+                Some(root().join("target/release/iopath-testvmm"))
+            } else {
+                eprintln!("bench: no /dev/kvm, KVM programs not measured");
+                None
+            };
+            bench::bench(&bin, vmm.as_deref(), seconds, rounds)
         }
     }
 }

@@ -283,6 +283,7 @@ fn real_main() -> anyhow::Result<()> {
         "halt" => create_vm(GUEST_HALT)?,
         _ => create_vm(GUEST_PIO)?,
     };
+    let t0 = Instant::now();
     let out = match a.mode.as_str() {
         "pio" => run_pio(&mut vm, &a)?,
         "irqfd-msi" => run_irqfd(&vm, &a, MSI_GSI)?,
@@ -292,6 +293,7 @@ fn real_main() -> anyhow::Result<()> {
         m => bail!("unknown mode {m}"),
     };
     let mut out = out;
+    out["elapsed_us"] = (t0.elapsed().as_micros() as u64).into();
     out["pid"] = std::process::id().into();
     out["vm"] = a.name.clone().into();
     println!("{out}");
