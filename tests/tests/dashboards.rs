@@ -18,10 +18,11 @@ const METRICS: &[&str] = &[
     "iopath_bpf_stats_enabled",
     "iopath_series",
     "iopath_vms",
+    "iopath_kernel_map_entries",
 ];
 const LABELS: &[&str] = &[
     "le", "stage", "path", "vm", "vcpu", "device", "disk", "op", "reason", "attach", "program",
-    "instance",
+    "instance", "signal", "inject", "wait", "map",
 ];
 
 fn promtool(args: &[&str]) {
