@@ -10,6 +10,8 @@
 //! - `irqfd-msi`, `irqfd-gsi`: N writes, G µs apart, to an eventfd registered with KVM_IRQFD on
 //!   an MSI route (injected in the writer's context) or an IOAPIC pin (injected by a kworker).
 //! - `signal-msi`: N KVM_SIGNAL_MSI ioctls, G µs apart.
+//! - `ioeventfd`: the `pio` guest with port 0x3f8 registered with KVM_IOEVENTFD; reports how
+//!   many `out`s signalled the eventfd in the kernel and how many still exited to userspace.
 //! - `halt`: the guest halts in the kernel (in-kernel irqchip); the VMM wakes the vCPU thread N
 //!   times with a signal D µs after it entered KVM_RUN (kvm:kvm_vcpu_wakeup).
 //!
@@ -30,7 +32,7 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KvmIrqRouting,
     kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 0x1000;
@@ -217,6 +219,32 @@ fn run_signal_msi(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({ "signals": a.count }))
 }
 
+/// The pio guest with port 0x3f8 registered as an ioeventfd (KVM_IOEVENTFD): each `out` should
+/// signal the eventfd in the kernel instead of exiting to userspace. Reports both counts.
+fn run_ioeventfd(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    let kick = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.vm
+        .register_ioevent(&kick, &IoEventAddress::Pio(0x3f8), NoDatamatch)
+        .context("KVM_IOEVENTFD")?;
+    let mut regs = vm.vcpu.get_regs()?;
+    regs.rcx = a.count as u64;
+    vm.vcpu.set_regs(&regs)?;
+    let mut exits = 0u32;
+    loop {
+        match vm.vcpu.run().context("KVM_RUN")? {
+            VcpuExit::IoOut(0x3f9, _) => break,
+            _ => {
+                exits += 1;
+                if exits > a.count + 10 {
+                    bail!("guest does not finish");
+                }
+            }
+        }
+    }
+    let kicks = kick.read().unwrap_or(0);
+    Ok(serde_json::json!({ "outs": a.count, "kicks": kicks, "exits_to_userspace": exits }))
+}
+
 extern "C" fn on_wake(_: libc::c_int) {}
 
 fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
@@ -290,6 +318,7 @@ fn real_main() -> anyhow::Result<()> {
         "irqfd-gsi" => run_irqfd(&vm, &a, IOAPIC_GSI)?,
         "signal-msi" => run_signal_msi(&vm, &a)?,
         "halt" => run_halt(&mut vm, &a)?,
+        "ioeventfd" => run_ioeventfd(&mut vm, &a)?,
         m => bail!("unknown mode {m}"),
     };
     let mut out = out;
