@@ -104,16 +104,14 @@ pub fn on_issue<K, S: Starts<K, BlkStart>>(
     dev: u32,
     op: Op,
 ) -> Result<(), Counter> {
-    let start = BlkStart {
-        ts_ns: now_ns,
-        dev,
-        op: op as u32,
-    };
-    if starts.put(key, start) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
-    }
+    starts.start(
+        key,
+        BlkStart {
+            ts_ns: now_ns,
+            dev,
+            op: op as u32,
+        },
+    )
 }
 
 /// block_rq_complete: the request under `key` is done.

@@ -2,10 +2,20 @@
 //! a kernel hash map; the host tests implement it over a BTreeMap, so the same rule code runs
 //! against recorded event sequences.
 
+use crate::maps::Counter;
+
 /// A keyed store of started events.
 pub trait Starts<K, V> {
     /// Stores `v` under `k`, replacing what was there. False when the store is full.
     fn put(&mut self, k: K, v: V) -> bool;
+    /// Records a start: [`Starts::put`], with a full store counted as `start_map_full`.
+    fn start(&mut self, k: K, v: V) -> Result<(), Counter> {
+        if self.put(k, v) {
+            Ok(())
+        } else {
+            Err(Counter::StartFull)
+        }
+    }
     /// Removes and returns what is stored under `k`.
     fn take(&mut self, k: &K) -> Option<V>;
     /// Returns what is stored under `k`, leaving it there.

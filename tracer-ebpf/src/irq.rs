@@ -138,40 +138,29 @@ pub fn kvm_apic_accept_irq_tp(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[inline(always)]
-fn queue_work(work: u64, function: u64) {
-    let irqfd_inject = config!(irqfd_inject);
-    if function != irqfd_inject || irqfd_inject == 0 {
-        return; // every other work item on the host: one compare
-    }
-    let (_, tid) = current_tgid_tid();
-    if let Err(c) = signal::on_queue_work(
-        &mut KernelStarts(&SIG_START),
-        &mut KernelStarts(&SIG_DEFERRED),
-        tid,
-        work,
-        function,
-        irqfd_inject,
-    ) {
-        count(StageId::KvmSignalToInject, c);
-    }
+/// Which workqueue event a deferred signal is at.
+#[derive(Clone, Copy)]
+enum Hop {
+    /// workqueue_queue_work: from the signalling thread to the work item.
+    Queued,
+    /// workqueue_execute_start: from the work item to the kworker.
+    Running,
 }
 
 #[inline(always)]
-fn work_start(work: u64, function: u64) {
-    let irqfd_inject = config!(irqfd_inject);
-    if function != irqfd_inject || irqfd_inject == 0 {
-        return;
-    }
+fn hop(at: Hop, work: u64, function: u64) {
     let (_, tid) = current_tgid_tid();
-    if let Err(c) = signal::on_work_start(
+    let (starts, deferred) = (
         &mut KernelStarts(&SIG_START),
         &mut KernelStarts(&SIG_DEFERRED),
-        tid,
-        work,
-        function,
-        irqfd_inject,
-    ) {
+    );
+    // The rule ignores every work item but irqfd_inject.
+    let irqfd_inject = config!(irqfd_inject);
+    let moved = match at {
+        Hop::Queued => signal::on_queue_work(starts, deferred, tid, work, function, irqfd_inject),
+        Hop::Running => signal::on_work_start(starts, deferred, tid, work, function, irqfd_inject),
+    };
+    if let Err(c) = moved {
         count(StageId::KvmSignalToInject, c);
     }
 }
@@ -187,14 +176,14 @@ fn work_func(work: u64) -> u64 {
 #[btf_tracepoint(function = "workqueue_queue_work")]
 pub fn workqueue_queue_work_btf(ctx: BtfTracePointContext) -> i32 {
     let work: u64 = ctx.arg(2);
-    queue_work(work, work_func(work));
+    hop(Hop::Queued, work, work_func(work));
     0
 }
 
 #[raw_tracepoint(tracepoint = "workqueue_queue_work")]
 pub fn workqueue_queue_work_raw(ctx: RawTracePointContext) -> i32 {
     let work: u64 = ctx.arg(2);
-    queue_work(work, work_func(work));
+    hop(Hop::Queued, work, work_func(work));
     0
 }
 
@@ -208,7 +197,7 @@ pub fn workqueue_queue_work_tp(ctx: TracePointContext) -> u32 {
         )
     };
     if let (Ok(work), Ok(function)) = f {
-        queue_work(work, function);
+        hop(Hop::Queued, work, function);
     }
     0
 }
@@ -217,14 +206,14 @@ pub fn workqueue_queue_work_tp(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "workqueue_execute_start")]
 pub fn workqueue_execute_start_btf(ctx: BtfTracePointContext) -> i32 {
     let work: u64 = ctx.arg(0);
-    work_start(work, work_func(work));
+    hop(Hop::Running, work, work_func(work));
     0
 }
 
 #[raw_tracepoint(tracepoint = "workqueue_execute_start")]
 pub fn workqueue_execute_start_raw(ctx: RawTracePointContext) -> i32 {
     let work: u64 = ctx.arg(0);
-    work_start(work, work_func(work));
+    hop(Hop::Running, work, work_func(work));
     0
 }
 
@@ -238,7 +227,7 @@ pub fn workqueue_execute_start_tp(ctx: TracePointContext) -> u32 {
         )
     };
     if let (Ok(work), Ok(function)) = f {
-        work_start(work, function);
+        hop(Hop::Running, work, function);
     }
     0
 }

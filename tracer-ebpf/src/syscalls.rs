@@ -67,10 +67,12 @@ pub fn sys_enter_ioctl_tp(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let (tgid, tid) = current_tgid_tid();
-    mark_vmm(tgid);
-    if cmd == KVM_SIGNAL_MSI {
+    if cmd == KVM_CREATE_VM {
+        // VMs older than the daemon are seeded from /proc when it starts.
+        mark_vmm(tgid);
+    } else if cmd == KVM_SIGNAL_MSI {
         signal_start(tgid, tid, Signal::Ioctl);
-    } else if cmd == KVM_RUN {
+    } else {
         let Ok(fd) = (unsafe { ctx.read_at::<u64>(config!(tp_ioctl_fd) as usize) }) else {
             count(StageId::KvmUserspaceExit, Counter::ReadError);
             return 0;
@@ -80,6 +82,7 @@ pub fn sys_enter_ioctl_tp(ctx: TracePointContext) -> u32 {
             &mut KernelStarts(&UEXIT_START),
             &mut KernelStarts(&VCPU_FD),
             tid,
+            tgid,
             fd,
             now_ns(),
         ) {

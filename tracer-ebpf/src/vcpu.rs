@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tracer_common::{
     kvm::{
         halt::halt_detail,
-        uexit::{self, NO_VCPU, UexitStart},
+        uexit::{self, NO_VCPU, UexitStart, VcpuThread},
     },
     maps::{Counter, START_ENTRIES},
     stage::StageId,
@@ -23,12 +23,12 @@ pub static UEXIT_START: HashMap<u32, UexitStart> = HashMap::with_max_entries(STA
 
 /// The vCPU fd each vCPU thread last ran (learned at ioctl(KVM_RUN)).
 #[map]
-pub static VCPU_FD: HashMap<u32, u32> = HashMap::with_max_entries(START_ENTRIES, 0);
+pub static VCPU_FD: HashMap<u32, VcpuThread> = HashMap::with_max_entries(START_ENTRIES, 0);
 
 #[inline(always)]
 fn wakeup(ns: u64, waited: bool) {
     let (tgid, tid) = current_tgid_tid();
-    let fd = unsafe { VCPU_FD.get(&tid) }.copied().unwrap_or(NO_VCPU);
+    let fd = unsafe { VCPU_FD.get(&tid) }.map_or(NO_VCPU, |t| t.fd);
     record(StageId::KvmHaltWakeup, halt_detail(waited), fd, tgid, ns);
 }
 
@@ -63,10 +63,11 @@ pub fn kvm_vcpu_wakeup_tp(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn userspace_exit(reason: u32, errno: i32) {
-    let (_, tid) = current_tgid_tid();
+    let (tgid, tid) = current_tgid_tid();
     if let Err(c) = uexit::on_userspace_exit(
         &mut KernelStarts(&UEXIT_START),
         tid,
+        tgid,
         now_ns(),
         reason,
         errno,

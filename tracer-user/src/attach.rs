@@ -335,6 +335,17 @@ impl Tracer {
     pub fn any_attached(&self) -> bool {
         self.report.iter().any(|r| r.attached)
     }
+
+    /// Names of the attached stages, for the line `serve` and `record` print when they start.
+    pub fn attached_stages(&self) -> String {
+        let names: Vec<_> = self
+            .report
+            .iter()
+            .filter(|r| r.attached)
+            .map(|r| r.stage)
+            .collect();
+        names.join(", ")
+    }
 }
 
 /// What the plan knows of the running kernel.

@@ -14,7 +14,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
 };
 use tracer_common::{
-    kvm::{inject::VcpuKey, signal::SignalStart, uexit::UexitStart},
+    kvm::{
+        inject::VcpuKey,
+        signal::SignalStart,
+        uexit::{UexitStart, VcpuThread},
+    },
     maps::{HistKey, HistVal},
 };
 
@@ -126,104 +130,85 @@ impl VmGc {
         out
     }
 
-    /// Deletes the kernel map entries of exited VMs, and those keyed by threads that exited.
+    /// Deletes the kernel map entries of exited VMs. Entries keyed by thread carry their VM, so
+    /// no thread is looked up; a thread that exits while its VM runs leaves at most one entry per
+    /// map until the VM goes.
     pub fn clean_kernel(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> usize {
-        let mut n = 0;
-        n += remove_where::<HistKey, HistVal, true>(ebpf, "HIST", |k, _| dead.contains(&k.vm));
-        n += remove_where::<u32, u32, false>(ebpf, "VMM_TGIDS", |k, _| dead.contains(k));
-        n += remove_where::<VcpuKey, u64, false>(ebpf, "INJ_PENDING", |k, _| dead.contains(&k.vm));
-        n += remove_where::<u64, SignalStart, false>(ebpf, "SIG_DEFERRED", |_, v| {
-            dead.contains(&v.vm)
-        });
-        // Keyed by thread: a thread that exited never ends what it started.
-        n += remove_where::<u32, SignalStart, false>(ebpf, "SIG_START", |k, v| {
-            dead.contains(&v.vm) || start_time(*k).is_none()
-        });
-        n += remove_where::<u32, UexitStart, false>(ebpf, "UEXIT_START", |k, _| {
-            start_time(*k).is_none()
-        });
-        n += remove_where::<u32, u32, false>(ebpf, "VCPU_FD", |k, _| start_time(*k).is_none());
-        n
+        if dead.is_empty() {
+            return 0;
+        }
+        remove_hist(ebpf, dead)
+            + remove_where::<u32, u32>(ebpf, "VMM_TGIDS", |k, _| dead.contains(k))
+            + remove_where::<VcpuKey, u64>(ebpf, "INJ_PENDING", |k, _| dead.contains(&k.vm))
+            + remove_where::<u64, SignalStart>(ebpf, "SIG_DEFERRED", |_, v| dead.contains(&v.vm))
+            + remove_where::<u32, SignalStart>(ebpf, "SIG_START", |_, v| dead.contains(&v.vm))
+            + remove_where::<u32, UexitStart>(ebpf, "UEXIT_START", |_, v| dead.contains(&v.vm))
+            + remove_where::<u32, VcpuThread>(ebpf, "VCPU_FD", |_, v| dead.contains(&v.vm))
     }
 
     /// Entries in each kernel map that grows with VMs and threads, for
-    /// `iopath_kernel_map_entries`.
-    pub fn count_entries(ebpf: &Ebpf) -> Vec<(&'static str, usize)> {
+    /// `iopath_kernel_map_entries`; the histogram map's count comes from the snapshot that
+    /// read it already.
+    pub fn count_entries(ebpf: &Ebpf, hist_entries: usize) -> Vec<(&'static str, usize)> {
         vec![
-            ("HIST", entries::<HistKey, HistVal, true>(ebpf, "HIST")),
-            ("VMM_TGIDS", entries::<u32, u32, false>(ebpf, "VMM_TGIDS")),
-            (
-                "INJ_PENDING",
-                entries::<VcpuKey, u64, false>(ebpf, "INJ_PENDING"),
-            ),
-            (
-                "SIG_START",
-                entries::<u32, SignalStart, false>(ebpf, "SIG_START"),
-            ),
+            ("HIST", hist_entries),
+            ("VMM_TGIDS", entries::<u32, u32>(ebpf, "VMM_TGIDS")),
+            ("INJ_PENDING", entries::<VcpuKey, u64>(ebpf, "INJ_PENDING")),
+            ("SIG_START", entries::<u32, SignalStart>(ebpf, "SIG_START")),
             (
                 "SIG_DEFERRED",
-                entries::<u64, SignalStart, false>(ebpf, "SIG_DEFERRED"),
+                entries::<u64, SignalStart>(ebpf, "SIG_DEFERRED"),
             ),
             (
                 "UEXIT_START",
-                entries::<u32, UexitStart, false>(ebpf, "UEXIT_START"),
+                entries::<u32, UexitStart>(ebpf, "UEXIT_START"),
             ),
-            ("VCPU_FD", entries::<u32, u32, false>(ebpf, "VCPU_FD")),
+            ("VCPU_FD", entries::<u32, VcpuThread>(ebpf, "VCPU_FD")),
         ]
     }
 }
 
-fn entries<K: Pod, V: Pod, const PER_CPU: bool>(ebpf: &Ebpf, name: &str) -> usize {
-    let Some(map) = ebpf.map(name) else {
+fn entries<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str) -> usize {
+    ebpf.map(name)
+        .and_then(|m| BpfHashMap::<&MapData, K, V>::try_from(m).ok())
+        .map_or(0, |m| m.keys().count())
+}
+
+/// Removes the histogram entries of the VMs in `dead` (selected by key alone).
+fn remove_hist(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> usize {
+    let Some(Ok(mut hist)) = ebpf
+        .map_mut("HIST")
+        .map(PerCpuHashMap::<&mut MapData, HistKey, HistVal>::try_from)
+    else {
         return 0;
     };
-    if PER_CPU {
-        PerCpuHashMap::<&MapData, K, V>::try_from(map).map_or(0, |m| m.keys().count())
-    } else {
-        BpfHashMap::<&MapData, K, V>::try_from(map).map_or(0, |m| m.keys().count())
-    }
+    let doomed: Vec<HistKey> = hist
+        .keys()
+        .flatten()
+        .filter(|k| dead.contains(&k.vm))
+        .collect();
+    doomed.iter().filter(|k| hist.remove(k).is_ok()).count()
 }
 
 /// Removes the entries of hash map `name` that `pred` selects; returns how many.
-fn remove_where<K: Pod, V: Pod, const PER_CPU: bool>(
+fn remove_where<K: Pod, V: Pod>(
     ebpf: &mut Ebpf,
     name: &str,
     pred: impl Fn(&K, &V) -> bool,
 ) -> usize {
-    let Some(map) = ebpf.map_mut(name) else {
+    let Some(Ok(mut map)) = ebpf
+        .map_mut(name)
+        .map(BpfHashMap::<&mut MapData, K, V>::try_from)
+    else {
         return 0;
     };
-    let doomed: Vec<K> = if PER_CPU {
-        let Ok(m) = PerCpuHashMap::<&mut MapData, K, V>::try_from(map) else {
-            return 0;
-        };
-        m.iter()
-            .flatten()
-            .filter(|(k, v)| v.first().is_some_and(|v| pred(k, v)))
-            .map(|(k, _)| k)
-            .collect()
-    } else {
-        let Ok(m) = BpfHashMap::<&mut MapData, K, V>::try_from(map) else {
-            return 0;
-        };
-        m.iter()
-            .flatten()
-            .filter(|(k, v)| pred(k, v))
-            .map(|(k, _)| k)
-            .collect()
-    };
-    let Some(map) = ebpf.map_mut(name) else {
-        return 0;
-    };
-    let mut removed = 0;
-    if PER_CPU {
-        if let Ok(mut m) = PerCpuHashMap::<&mut MapData, K, V>::try_from(map) {
-            removed = doomed.iter().filter(|k| m.remove(k).is_ok()).count();
-        }
-    } else if let Ok(mut m) = BpfHashMap::<&mut MapData, K, V>::try_from(map) {
-        removed = doomed.iter().filter(|k| m.remove(k).is_ok()).count();
-    }
-    removed
+    let doomed: Vec<K> = map
+        .iter()
+        .flatten()
+        .filter(|(k, v)| pred(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    doomed.iter().filter(|k| map.remove(k).is_ok()).count()
 }
 
 #[cfg(test)]

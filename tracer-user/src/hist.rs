@@ -78,6 +78,8 @@ impl Series {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub series: BTreeMap<SeriesKey, Series>,
+    /// Entries of the kernel histogram map (series x used buckets).
+    pub hist_entries: usize,
     /// (stage, counter) -> events, summed over CPUs.
     pub counters: BTreeMap<(StageId, &'static str), u64>,
 }
@@ -101,6 +103,7 @@ impl Snapshot {
             PerCpuHashMap::try_from(map).map_err(err("HIST"))?;
         for entry in hist.iter() {
             let (k, per_cpu) = entry.map_err(err("HIST"))?;
+            snap.hist_entries += 1;
             let Some(stage) = StageId::from_u16(k.stage) else {
                 continue;
             };
@@ -242,7 +245,7 @@ mod tests {
         };
         Snapshot {
             series: BTreeMap::from([(key, s)]),
-            counters: BTreeMap::new(),
+            ..Default::default()
         }
     }
 

@@ -182,16 +182,9 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let attached: Vec<_> = session
-        .tracer
-        .report
-        .iter()
-        .filter(|r| r.attached)
-        .map(|r| r.stage)
-        .collect();
     eprintln!(
         "iopath: recording for {duration:?} or until Ctrl-C ({})",
-        attached.join(", ")
+        session.tracer.attached_stages()
     );
     let deadline = tokio::time::Instant::now() + duration;
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -36,17 +36,10 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     if !session.tracer.any_attached() {
         anyhow::bail!("no stage can attach on this kernel (see `iopath doctor`)");
     }
-    let attached: Vec<_> = session
-        .tracer
-        .report
-        .iter()
-        .filter(|r| r.attached)
-        .map(|r| r.stage)
-        .collect();
     let local = listener.local_addr()?;
     eprintln!(
         "iopath: serving http://{local}/metrics ({})",
-        attached.join(", ")
+        session.tracer.attached_stages()
     );
     let session = Arc::new(Mutex::new(session));
     loop {

@@ -75,7 +75,6 @@ impl Session {
         let mut vms: Vec<u32> = self.quantiles.last().series.keys().map(|k| k.vm).collect();
         vms.extend(gc::vmm_tgids(&self.tracer.ebpf));
         let dead: HashSet<u32> = self.gc.expired(vms, now).into_iter().collect();
-        // Started events of exited threads are cleaned even when no VM expired.
         let kernel_entries = VmGc::clean_kernel(&mut self.tracer.ebpf, &dead);
         self.quantiles.forget_vms(&dead);
         self.labelled.retain(|k| !dead.contains(&k.vm));
@@ -114,7 +113,7 @@ impl Session {
         let programs = self.program_stats();
         let enabled = self.bpf_stats_enabled();
         let snap = self.quantiles.last();
-        let maps = VmGc::count_entries(&self.tracer.ebpf);
+        let maps = VmGc::count_entries(&self.tracer.ebpf, self.quantiles.last().hist_entries);
         Ok(Exposition::gather(
             snap,
             &mut self.labeler,

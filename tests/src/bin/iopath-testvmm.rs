@@ -104,7 +104,9 @@ struct Vm {
     _mem: *mut u8,
 }
 
-fn create_vm(code: &[u8]) -> anyhow::Result<Vm> {
+/// A VM with an in-kernel irqchip and one vCPU about to run `code` in real mode, with CX =
+/// `loops` (the pio guests' `loop` count).
+fn create_vm(code: &[u8], loops: u32) -> anyhow::Result<Vm> {
     let kvm = Kvm::new().context("open /dev/kvm")?;
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
@@ -142,6 +144,7 @@ fn create_vm(code: &[u8]) -> anyhow::Result<Vm> {
     let mut regs = vcpu.get_regs()?;
     regs.rip = CODE_ADDR;
     regs.rflags = 2;
+    regs.rcx = loops as u64;
     vcpu.set_regs(&regs)?;
     Ok(Vm {
         vm,
@@ -173,9 +176,6 @@ fn set_routes(vm: &VmFd) -> anyhow::Result<()> {
 }
 
 fn run_pio(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
-    let mut regs = vm.vcpu.get_regs()?;
-    regs.rcx = a.count as u64;
-    vm.vcpu.set_regs(&regs)?;
     let (mut io, mut other) = (0u32, 0u32);
     loop {
         match vm.vcpu.run().context("KVM_RUN")? {
@@ -226,9 +226,6 @@ fn run_ioeventfd(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     vm.vm
         .register_ioevent(&kick, &IoEventAddress::Pio(0x3f8), NoDatamatch)
         .context("KVM_IOEVENTFD")?;
-    let mut regs = vm.vcpu.get_regs()?;
-    regs.rcx = a.count as u64;
-    vm.vcpu.set_regs(&regs)?;
     let mut exits = 0u32;
     loop {
         match vm.vcpu.run().context("KVM_RUN")? {
@@ -308,8 +305,8 @@ fn main() {
 fn real_main() -> anyhow::Result<()> {
     let a = parse_args()?;
     let mut vm = match a.mode.as_str() {
-        "halt" => create_vm(GUEST_HALT)?,
-        _ => create_vm(GUEST_PIO)?,
+        "halt" => create_vm(GUEST_HALT, 0)?,
+        _ => create_vm(GUEST_PIO, a.count)?,
     };
     let t0 = Instant::now();
     let out = match a.mode.as_str() {

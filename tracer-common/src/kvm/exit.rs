@@ -56,18 +56,14 @@ pub fn on_exit<S: Starts<u32, ExitStart>>(
     vcpu: u32,
 ) -> Result<(), Counter> {
     let reason = exit_detail(reason, isa);
-    if starts.put(
+    starts.start(
         tid,
         ExitStart {
             ts_ns: now_ns,
             reason,
             vcpu,
         },
-    ) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
-    }
+    )
 }
 
 /// kvm:kvm_entry on thread `tid`. The first entry after KVM_RUN has no exit before it: that is

@@ -82,11 +82,7 @@ pub fn on_accept<M: Starts<u32, InjectMark>, P: Starts<VcpuKey, u64>>(
     if pending.get(&key).is_some() {
         return Ok(());
     }
-    if pending.put(key, m.ts_ns) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
-    }
+    pending.start(key, m.ts_ns)
 }
 
 /// kvm:kvm_entry of vCPU `vcpu` in a thread of VMM `tgid`.

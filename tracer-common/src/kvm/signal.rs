@@ -85,11 +85,7 @@ pub fn on_signal<S: Starts<u32, SignalStart>>(
         vm: tgid,
         detail: signal_detail(signal, Inject::Inline),
     };
-    if starts.put(tid, start) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
-    }
+    starts.start(tid, start)
 }
 
 /// Return of that system call: whatever it injected has ended the stage by now.
@@ -98,7 +94,8 @@ pub fn on_signal_return<S: Starts<u32, SignalStart>>(starts: &mut S, tid: u32) {
 }
 
 /// workqueue:workqueue_queue_work in thread `tid`: when the work is KVM's `irqfd_inject` (its
-/// address, 0 if unknown), the signal moves from the thread to the work item.
+/// address, 0 if unknown), the signal moves from the thread to the work item. Every other work
+/// item on the host costs one compare.
 pub fn on_queue_work<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     starts: &mut S,
     deferred: &mut W,
@@ -110,17 +107,14 @@ pub fn on_queue_work<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     if irqfd_inject == 0 || function != irqfd_inject {
         return Ok(());
     }
-    let Some(start) = starts.take(&tid) else {
-        return Ok(());
-    };
-    if deferred.put(work, start) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
+    match starts.take(&tid) {
+        Some(start) => deferred.start(work, start),
+        None => Ok(()),
     }
 }
 
-/// workqueue:workqueue_execute_start in kworker `tid`: the deferred signal moves to the kworker.
+/// workqueue:workqueue_execute_start in kworker `tid`: the deferred signal moves to the kworker,
+/// which injects it.
 pub fn on_work_start<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     starts: &mut S,
     deferred: &mut W,
@@ -136,15 +130,13 @@ pub fn on_work_start<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
         return Ok(());
     };
     let (signal, _) = split_signal_detail(start.detail);
-    let start = SignalStart {
-        detail: signal_detail(signal, Inject::Kworker),
-        ..start
-    };
-    if starts.put(tid, start) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
-    }
+    starts.start(
+        tid,
+        SignalStart {
+            detail: signal_detail(signal, Inject::Kworker),
+            ..start
+        },
+    )
 }
 
 /// kvm:kvm_msi_set_irq, or kvm:kvm_set_irq with level 1 (irqfd_inject raises then lowers the

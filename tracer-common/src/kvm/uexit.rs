@@ -4,7 +4,8 @@
 //!
 //! The vCPU is the file descriptor KVM_RUN is called on (a vCPU fd); the daemon turns it into
 //! the vcpu id from /proc/PID/fd (`anon_inode:kvm-vcpu:N`). Halts (`kvm.halt_wakeup`) use the
-//! same thread-to-fd map, learned here.
+//! same thread-to-fd map, learned here. Entries keyed by thread carry their VM, so the daemon
+//! removes them with the VM without looking up each thread.
 
 use crate::{assert_size, maps::Counter, rules::Starts};
 
@@ -26,9 +27,19 @@ pub const NO_VCPU: u32 = u32::MAX;
 pub struct UexitStart {
     pub ts_ns: u64,
     pub detail: u32,
-    pub _pad: u32,
+    /// tgid of the VMM.
+    pub vm: u32,
 }
 assert_size!(UexitStart, 16);
+
+/// The vCPU a thread runs: the fd it passes to KVM_RUN, and its VMM.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuThread {
+    pub fd: u32,
+    pub vm: u32,
+}
+assert_size!(VcpuThread, 8);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UexitSample {
@@ -49,6 +60,7 @@ pub const fn uexit_detail(reason: u32, errno: i32) -> u32 {
 pub fn on_userspace_exit<S: Starts<u32, UexitStart>>(
     starts: &mut S,
     tid: u32,
+    tgid: u32,
     now_ns: u64,
     reason: u32,
     errno: i32,
@@ -56,26 +68,24 @@ pub fn on_userspace_exit<S: Starts<u32, UexitStart>>(
     let start = UexitStart {
         ts_ns: now_ns,
         detail: uexit_detail(reason, errno),
-        _pad: 0,
+        vm: tgid,
     };
-    if starts.put(tid, start) {
-        Ok(())
-    } else {
-        Err(Counter::StartFull)
-    }
+    starts.start(tid, start)
 }
 
 /// ioctl(fd, KVM_RUN) entry in thread `tid`: ends its pending userspace exit, and records which
 /// vCPU fd the thread runs.
-pub fn on_run<S: Starts<u32, UexitStart>, F: Starts<u32, u32>>(
+pub fn on_run<S: Starts<u32, UexitStart>, F: Starts<u32, VcpuThread>>(
     starts: &mut S,
     vcpu_fds: &mut F,
     tid: u32,
+    tgid: u32,
     fd: u32,
     now_ns: u64,
 ) -> Result<Option<UexitSample>, Counter> {
-    if vcpu_fds.get(&tid) != Some(fd) && !vcpu_fds.put(tid, fd) {
-        return Err(Counter::StartFull);
+    let thread = VcpuThread { fd, vm: tgid };
+    if vcpu_fds.get(&tid) != Some(thread) {
+        vcpu_fds.start(tid, thread)?;
     }
     Ok(starts.take(&tid).map(|s| UexitSample {
         latency_ns: now_ns.saturating_sub(s.ts_ns),
@@ -84,8 +94,11 @@ pub fn on_run<S: Starts<u32, UexitStart>, F: Starts<u32, u32>>(
 }
 
 #[cfg(feature = "user")]
-// SAFETY: #[repr(C)] integers, explicit padding, size asserted.
-unsafe impl aya::Pod for UexitStart {}
+mod user {
+    // SAFETY: #[repr(C)] integers, no padding, sizes asserted.
+    unsafe impl aya::Pod for super::UexitStart {}
+    unsafe impl aya::Pod for super::VcpuThread {}
+}
 
 #[cfg(test)]
 mod tests {
@@ -99,7 +112,7 @@ mod tests {
     type Samples = Vec<(u64, u32, u32)>;
 
     /// Replays `ts tgid/tid event fields`: kvm_userspace_exit reason= errno=, kvm_run fd=.
-    fn replay(text: &str) -> (Samples, MapStarts<u32, u32>) {
+    fn replay(text: &str) -> (Samples, MapStarts<u32, VcpuThread>) {
         let mut starts = MapStarts::new(64);
         let mut fds = MapStarts::new(64);
         let mut out = Vec::new();
@@ -108,6 +121,7 @@ mod tests {
                 "kvm_userspace_exit" => on_userspace_exit(
                     &mut starts,
                     e.tid,
+                    e.tgid,
                     e.ts,
                     e.u("reason") as u32,
                     e.u("errno") as i64 as i32,
@@ -115,7 +129,8 @@ mod tests {
                 .unwrap(),
                 "kvm_run" => {
                     let fd = e.u("fd") as u32;
-                    if let Some(s) = on_run(&mut starts, &mut fds, e.tid, fd, e.ts).unwrap() {
+                    if let Some(s) = on_run(&mut starts, &mut fds, e.tid, e.tgid, fd, e.ts).unwrap()
+                    {
                         out.push((s.latency_ns, s.detail, fd));
                     }
                 }
@@ -137,7 +152,7 @@ mod tests {
                 (50_000, ERRNO_DETAIL | 4, 12),
             ]
         );
-        assert_eq!(fds.map.get(&801), Some(&12));
-        assert_eq!(fds.map.get(&802), Some(&13));
+        assert_eq!(fds.map.get(&801), Some(&VcpuThread { fd: 12, vm: 800 }));
+        assert_eq!(fds.map.get(&802), Some(&VcpuThread { fd: 13, vm: 800 }));
     }
 }
