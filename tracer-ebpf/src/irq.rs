@@ -149,13 +149,15 @@ enum Hop {
 
 #[inline(always)]
 fn hop(at: Hop, work: u64, function: u64) {
+    let irqfd_inject = config!(irqfd_inject);
+    if !signal::is_irqfd_inject(function, irqfd_inject) {
+        return; // every other work item on the host: one compare
+    }
     let (_, tid) = current_tgid_tid();
     let (starts, deferred) = (
         &mut KernelStarts(&SIG_START),
         &mut KernelStarts(&SIG_DEFERRED),
     );
-    // The rule ignores every work item but irqfd_inject.
-    let irqfd_inject = config!(irqfd_inject);
     let moved = match at {
         Hop::Queued => signal::on_queue_work(starts, deferred, tid, work, function, irqfd_inject),
         Hop::Running => signal::on_work_start(starts, deferred, tid, work, function, irqfd_inject),

@@ -93,9 +93,14 @@ pub fn on_signal_return<S: Starts<u32, SignalStart>>(starts: &mut S, tid: u32) {
     let _ = starts.take(&tid);
 }
 
+/// Is a work item's `function` KVM's `irqfd_inject` (its address, 0 if unknown)? Programs on
+/// the workqueue events ask first: they run for every work item on the host.
+pub const fn is_irqfd_inject(function: u64, irqfd_inject: u64) -> bool {
+    irqfd_inject != 0 && function == irqfd_inject
+}
+
 /// workqueue:workqueue_queue_work in thread `tid`: when the work is KVM's `irqfd_inject` (its
-/// address, 0 if unknown), the signal moves from the thread to the work item. Every other work
-/// item on the host costs one compare.
+/// address, 0 if unknown), the signal moves from the thread to the work item.
 pub fn on_queue_work<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     starts: &mut S,
     deferred: &mut W,
@@ -104,7 +109,7 @@ pub fn on_queue_work<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     function: u64,
     irqfd_inject: u64,
 ) -> Result<(), Counter> {
-    if irqfd_inject == 0 || function != irqfd_inject {
+    if !is_irqfd_inject(function, irqfd_inject) {
         return Ok(());
     }
     match starts.take(&tid) {
@@ -123,7 +128,7 @@ pub fn on_work_start<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     function: u64,
     irqfd_inject: u64,
 ) -> Result<(), Counter> {
-    if irqfd_inject == 0 || function != irqfd_inject {
+    if !is_irqfd_inject(function, irqfd_inject) {
         return Ok(());
     }
     let Some(start) = deferred.take(&work) else {
