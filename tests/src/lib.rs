@@ -5,7 +5,7 @@ use std::{
     alloc::{Layout, alloc_zeroed, dealloc},
     collections::BTreeMap,
     fs::{self, OpenOptions},
-    io::{Read as _, Write as _},
+    io::{BufRead as _, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
@@ -20,20 +20,71 @@ pub fn iopath_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/iopath"))
 }
 
-/// True when the test can load BPF programs; otherwise prints why it skips.
-pub fn can_trace(test: &str) -> bool {
+/// Why a test skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// A tool or package `cargo xtask setup` installs is missing: `cargo xtask test` fails.
+    Setup,
+    /// This machine lacks the kernel feature or device (no /dev/kvm, no guest lab).
+    Machine,
+}
+
+/// Skips the test, visibly: one `skipping:` line written past the test harness's output
+/// capture, and a line in `$IOPATH_SKIPS` for the summary `cargo xtask test` prints (and fails
+/// on, for `Why::Setup`).
+pub fn skip(test: &str, why: Why, reason: &str) {
+    let kind = match why {
+        Why::Setup => "setup",
+        Why::Machine => "machine",
+    };
+    // io::stderr() directly: the harness captures only print!/eprint!.
+    let _ = std::io::stderr().write_all(format!("skipping: {test}: {reason}\n").as_bytes());
+    if let Some(log) = std::env::var_os("IOPATH_SKIPS") {
+        let line = format!("{kind}\t{test}\t{}\n", reason.replace(['\t', '\n'], " "));
+        let _ = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
+/// Fails the test unless it can load BPF programs: end-to-end tests run as root, through
+/// `cargo xtask test` (which refuses to start otherwise); they never pass by skipping.
+pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping {test}: needs root (CAP_BPF and CAP_PERFMON) to load BPF programs");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "end-to-end tests load BPF programs: run them as root through `cargo xtask test`"
+    );
+    assert!(
+        iopath_bin().exists(),
+        "{} is missing: run through `cargo xtask test`",
+        iopath_bin().display()
+    );
+}
+
+/// True when this test can use KVM (as root); otherwise skips, saying why.
+pub fn kvm_available(test: &str) -> bool {
+    require_root();
+    if !Path::new("/dev/kvm").exists() {
+        skip(test, Why::Machine, "no /dev/kvm on this machine");
         return false;
     }
-    if !iopath_bin().exists() {
-        panic!(
-            "{} is missing: run through `cargo xtask test`",
-            iopath_bin().display()
-        );
-    }
     true
+}
+
+/// Every KVM stage, and not blk.device: the host's own disk I/O would add HIST entries.
+pub const KVM_STAGES: &str =
+    "kvm.exit,kvm.signal_to_inject,kvm.inject_to_entry,kvm.halt_wakeup,kvm.userspace_exit";
+
+/// True when `cmd` is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 pub fn iopath(args: &[&str]) -> Output {
@@ -56,8 +107,30 @@ pub fn leftover_programs() -> Vec<String> {
     }
 }
 
+/// Every program iopath's BPF object holds, from `iopath doctor --json`: the stage table's own
+/// list.
+pub fn iopath_programs() -> Vec<String> {
+    static PROGRAMS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    PROGRAMS
+        .get_or_init(|| {
+            let out = iopath(&["doctor", "--json", "--stages", "blk.device"]);
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("iopath doctor --json");
+            let names: Vec<String> = v["programs"]
+                .as_array()
+                .expect("doctor lists the object's programs")
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect();
+            assert!(names.len() > 20, "{names:?}");
+            names
+        })
+        .clone()
+}
+
 /// Names of iopath's programs loaded now, from bpftool.
 pub fn loaded_programs() -> Vec<String> {
+    let ours = iopath_programs();
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
@@ -67,10 +140,10 @@ pub fn loaded_programs() -> Vec<String> {
         .into_iter()
         .flatten()
         .filter_map(|p| p["name"].as_str())
+        // bpftool shows the kernel's 15-character name, or the full one from BTF
         .filter(|n| {
-            ["blk_rq_", "kvm_", "sys_enter_", "sys_exit_", "workqueue_"]
-                .iter()
-                .any(|p| n.starts_with(p))
+            ours.iter()
+                .any(|o| o == n || (n.len() == 15 && o.starts_with(n)))
         })
         .map(String::from)
         .collect()
@@ -239,7 +312,10 @@ impl Daemon {
         let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
         let ctype = head
             .lines()
-            .find_map(|l| l.strip_prefix("Content-Type: "))
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-type").then(|| v.trim())
+            })
             .unwrap_or_default()
             .to_string();
         Ok((ctype, body.to_string()))
@@ -376,6 +452,14 @@ impl Metrics {
         self.find(name, want).iter().map(|s| s.value).sum()
     }
 
+    /// Entries of every kernel map `iopath_kernel_map_entries` reports, by map.
+    pub fn map_entries(&self) -> Vec<(String, f64)> {
+        self.find("iopath_kernel_map_entries", &[])
+            .iter()
+            .map(|s| (s.labels["map"].clone(), s.value))
+            .collect()
+    }
+
     /// (le, cumulative count) of one histogram series, in order.
     pub fn buckets(&self, name: &str, want: &[(&str, &str)]) -> Vec<(f64, f64)> {
         let mut b: Vec<(f64, f64)> = self
@@ -421,4 +505,127 @@ pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> 
         .iter()
         .find(|(_, n)| *n >= q * total)
         .map(|(le, _)| *le)
+}
+
+/// The test VMM (src/bin/iopath-testvmm.rs), built beside the test binaries.
+pub fn testvmm_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/iopath-testvmm
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("iopath-testvmm");
+    assert!(
+        bin.exists(),
+        "{} is missing: run through `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running test VMM; killed on drop.
+pub struct Vmm {
+    pub child: Child,
+    /// Its one line of JSON: what it did.
+    pub report: serde_json::Value,
+}
+
+impl Vmm {
+    /// Runs the VMM with `-name guest=NAME,debug-threads=on` (`name` as it is given), waits
+    /// until it has done its work (it then holds for `hold_ms`, so its process and fds exist
+    /// while the test scrapes).
+    pub fn run(name: &str, args: &[&str], hold_ms: u64) -> Vmm {
+        let mut child = Command::new(testvmm_bin())
+            .args(["-name", &format!("guest={name},debug-threads=on")])
+            .args(args)
+            .args(["--hold-ms", &hold_ms.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start test VMM");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let report = serde_json::from_str(&line).unwrap_or_else(|_| {
+            let st = child.wait();
+            panic!("test VMM failed ({st:?}): {line:?}")
+        });
+        Vmm { child, report }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.report["pid"].as_u64().unwrap() as u32
+    }
+
+    pub fn n(&self, key: &str) -> f64 {
+        self.report[key].as_f64().unwrap()
+    }
+
+    /// Waits (bounded) for the VMM to exit.
+    pub fn wait(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        panic!("test VMM did not exit");
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// promtool's verdict on an exposition: Ok, or what it said.
+pub fn promtool_check(text: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs the prometheus package)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Label sets that appear more than once for one metric name (there must be none).
+pub fn repeated_series(text: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_string()))
+        .filter(|series| !seen.insert(series.clone()))
+        .collect()
 }

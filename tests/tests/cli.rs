@@ -6,7 +6,7 @@ use std::{
     process::{Command, Output},
 };
 
-use iopath_tests::{Daemon, can_trace, iopath, iopath_bin, leftover_programs, loaded_programs};
+use iopath_tests::{Daemon, iopath, iopath_bin, leftover_programs, loaded_programs, require_root};
 
 /// Fails unless `out` is a failure with exactly one line on stderr containing `needle`.
 fn one_line_error(out: &Output, code: i32, needle: &str) {
@@ -50,10 +50,29 @@ fn bad_listen_address_and_duration() {
 }
 
 #[test]
-fn port_in_use() {
-    if !can_trace("port_in_use") {
-        return;
+fn bad_buckets_families_and_sizes() {
+    one_line_error(
+        &iopath(&["serve", "--buckets", "3"]),
+        2,
+        "invalid --buckets \"3\" (1, 2, 4 or 8 per power of two)",
+    );
+    one_line_error(
+        &iopath(&["doctor", "--families", "tp_btf,uprobe"]),
+        2,
+        "unknown program family \"uprobe\"",
+    );
+    for flag in ["--start-entries", "--hist-entries"] {
+        one_line_error(
+            &iopath(&["serve", flag, "0"]),
+            2,
+            &format!("invalid value '0' for '{flag}"),
+        );
     }
+}
+
+#[test]
+fn port_in_use() {
+    require_root();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     one_line_error(
@@ -66,9 +85,7 @@ fn port_in_use() {
 
 #[test]
 fn missing_tracefs() {
-    if !can_trace("missing_tracefs") {
-        return;
-    }
+    require_root();
     for args in [
         &[
             "serve",
@@ -91,9 +108,7 @@ fn missing_tracefs() {
 
 #[test]
 fn unknown_stage() {
-    if !can_trace("unknown_stage") {
-        return;
-    }
+    require_root();
     one_line_error(
         &iopath(&["doctor", "--stages", "blk.nope"]),
         1,
@@ -104,9 +119,7 @@ fn unknown_stage() {
 
 #[test]
 fn not_root() {
-    if !can_trace("not_root") {
-        return;
-    }
+    require_root();
     // A copy of the binary that an unprivileged user can run.
     let dir = std::env::temp_dir().join(format!("iopath-noroot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -138,9 +151,7 @@ fn not_root() {
 
 #[test]
 fn sigterm_detaches_everything() {
-    if !can_trace("sigterm_detaches_everything") {
-        return;
-    }
+    require_root();
     let d = Daemon::start(&[]);
     assert!(!loaded_programs().is_empty(), "serve has programs loaded");
     let status = d.stop();
@@ -156,4 +167,39 @@ fn sigterm_detaches_everything() {
             .any(|n| n.to_string_lossy().contains("iopath")),
         "{pinned:?}"
     );
+}
+
+#[test]
+fn xtask_test_refuses_to_run_without_root() {
+    require_root();
+    // The xtask binary `cargo xtask` built, copied where an unprivileged user can run it.
+    let xtask = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xtask");
+    assert!(
+        xtask.exists(),
+        "{} (cargo xtask builds it)",
+        xtask.display()
+    );
+    let dir = std::env::temp_dir().join(format!("iopath-xtask-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("xtask");
+    std::fs::copy(&xtask, &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
+        .arg(&bin)
+        .arg("test")
+        .current_dir(&dir)
+        .output()
+        .expect("setpriv (util-linux)");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains("run it as root"), "{err}");
 }

@@ -1,12 +1,10 @@
 //! `iopath doctor` on this kernel: what attaches and how.
 
-use iopath_tests::{can_trace, iopath, leftover_programs};
+use iopath_tests::{iopath, leftover_programs, require_root};
 
 #[test]
 fn doctor_attaches_blk_device_and_kvm_exit_here() {
-    if !can_trace("doctor_attaches_blk_device_and_kvm_exit_here") {
-        return;
-    }
+    require_root();
     let out = iopath(&["doctor", "--json"]);
     assert!(
         out.status.success(),
@@ -55,9 +53,7 @@ fn doctor_attaches_blk_device_and_kvm_exit_here() {
 
 #[test]
 fn doctor_selects_one_stage() {
-    if !can_trace("doctor_selects_one_stage") {
-        return;
-    }
+    require_root();
     let out = iopath(&["doctor", "--json", "--stages", "kvm.exit"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -8,87 +8,14 @@
 //! (tests/doctor.rs).
 
 use std::{
-    io::{BufRead as _, BufReader},
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use iopath_tests::{Daemon, Metrics, can_trace, leftover_programs};
+use iopath_tests::{Daemon, KVM_STAGES, Metrics, Vmm, kvm_available, leftover_programs};
 
 const LATENCY: &str = "iopath_stage_latency_seconds";
-
-/// True when this test can use KVM; otherwise prints why it skips.
-fn can_kvm(test: &str) -> bool {
-    if !can_trace(test) {
-        return false;
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipping {test}: no /dev/kvm on this machine");
-        return false;
-    }
-    true
-}
-
-/// A running test VMM; killed on drop.
-struct Vmm {
-    child: Child,
-    /// Its one line of JSON: what it did.
-    pub report: serde_json::Value,
-}
-
-impl Vmm {
-    /// Runs the VMM with `-name guest=NAME`, waits until it has done its work (it then holds
-    /// for `hold_ms` so its process and fds exist while the test scrapes).
-    fn run(name: &str, args: &[&str], hold_ms: u64) -> Vmm {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_iopath-testvmm"))
-            .args(["-name", &format!("guest={name},debug-threads=on")])
-            .args(args)
-            .args(["--hold-ms", &hold_ms.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start test VMM");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let report = serde_json::from_str(&line).unwrap_or_else(|_| {
-            let st = child.wait();
-            panic!("test VMM failed ({st:?}): {line:?}")
-        });
-        Vmm { child, report }
-    }
-
-    fn pid(&self) -> u32 {
-        self.report["pid"].as_u64().unwrap() as u32
-    }
-
-    fn n(&self, key: &str) -> f64 {
-        self.report[key].as_f64().unwrap()
-    }
-
-    /// Waits (bounded) for the VMM to exit.
-    fn wait(mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        panic!("test VMM did not exit");
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// p50 in µs of the series of `stage` whose labels include `want`, from /quantiles.
 fn p50_us(d: &Daemon, stage: &str, want: &[(&str, &str)]) -> Option<(f64, u64)> {
@@ -104,7 +31,7 @@ fn p50_us(d: &Daemon, stage: &str, want: &[(&str, &str)]) -> Option<(f64, u64)> 
 
 #[test]
 fn userspace_exit_measures_the_vmm_handling_time() {
-    if !can_kvm("userspace_exit_measures_the_vmm_handling_time") {
+    if !kvm_available("userspace_exit_measures_the_vmm_handling_time") {
         return;
     }
     let d = Daemon::start(&["--stages", "kvm.userspace_exit"]);
@@ -153,7 +80,7 @@ fn userspace_exit_measures_the_vmm_handling_time() {
 
 #[test]
 fn signal_to_inject_counts_every_signal_over_msi_gsi_and_ioctl() {
-    if !can_kvm("signal_to_inject_counts_every_signal_over_msi_gsi_and_ioctl") {
+    if !kvm_available("signal_to_inject_counts_every_signal_over_msi_gsi_and_ioctl") {
         return;
     }
     let d = Daemon::start(&["--stages", "kvm.signal_to_inject"]);
@@ -209,7 +136,7 @@ fn signal_to_inject_counts_every_signal_over_msi_gsi_and_ioctl() {
 
 #[test]
 fn halt_wakeup_reports_the_halted_time() {
-    if !can_kvm("halt_wakeup_reports_the_halted_time") {
+    if !kvm_available("halt_wakeup_reports_the_halted_time") {
         return;
     }
     let d = Daemon::start(&["--stages", "kvm.halt_wakeup,kvm.userspace_exit"]);
@@ -274,18 +201,22 @@ fn hist_entries_of(pid: u32) -> usize {
 
 #[test]
 fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
-    if !can_kvm("two_vms_get_two_labels_and_are_collected_after_they_exit") {
+    if !kvm_available("two_vms_get_two_labels_and_are_collected_after_they_exit") {
         return;
     }
-    let d = Daemon::start(&["--vm-grace", "2s"]);
+    let d = Daemon::start(&["--vm-grace", "2s", "--stages", KVM_STAGES]);
+    let idle = d.metrics().map_entries();
+    assert!(idle.len() >= 9, "every growing map is reported: {idle:?}");
+    // Every kind of KVM map entry: exits, signals over an MSI and a GSI route (the kworker
+    // hop), halts, vCPU threads.
     let a = Vmm::run(
         "gc-alpha",
-        &["pio", "--count", "50", "--spin-us", "10"],
+        &["exits", "--vcpus", "2", "--count", "50"],
         2500,
     );
     let b = Vmm::run(
         "gc-beta",
-        &["irqfd-msi", "--count", "50", "--gap-us", "100"],
+        &["irqfd-gsi", "--count", "50", "--gap-us", "300"],
         2500,
     );
     let (pa, pb) = (a.pid(), b.pid());
@@ -297,6 +228,14 @@ fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
     );
     assert!(m.value("iopath_vms", &[]) >= 2.0);
     assert!(hist_entries_of(pa) > 0 && hist_entries_of(pb) > 0);
+    let busy = m.map_entries();
+    for map in ["HIST", "VMM_TGIDS", "VCPU_FD"] {
+        let (i, b) = (
+            idle.iter().find(|(n, _)| n == map).unwrap().1,
+            busy.iter().find(|(n, _)| n == map).unwrap().1,
+        );
+        assert!(b > i, "{map}: {i} idle, {b} with two VMs");
+    }
     a.wait();
     b.wait();
     // Gone, but within the grace period: still exported.
@@ -305,14 +244,13 @@ fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
         m.label_values(&format!("{LATENCY}_count"), "vm")
             .contains(&"gc-alpha".into())
     );
-    // After it: series, kernel entries and the VM count go.
+    // After it: series, every kernel map's entries and the VM count go back to idle.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut m: Metrics;
     loop {
         sleep(Duration::from_millis(500));
         m = d.metrics();
-        let vms = m.label_values(&format!("{LATENCY}_count"), "vm");
-        if !vms.iter().any(|v| v.starts_with("gc-")) || Instant::now() > deadline {
+        if m.map_entries() == idle || Instant::now() > deadline {
             break;
         }
     }
@@ -321,11 +259,12 @@ fn two_vms_get_two_labels_and_are_collected_after_they_exit() {
         !vms.iter().any(|v| v.starts_with("gc-")),
         "still exported: {vms:?}"
     );
+    assert_eq!(
+        m.map_entries(),
+        idle,
+        "every kernel map back to its idle count"
+    );
     assert_eq!(hist_entries_of(pa), 0, "kernel HIST entries of gc-alpha");
     assert_eq!(hist_entries_of(pb), 0, "kernel HIST entries of gc-beta");
-    assert_eq!(
-        m.value("iopath_kernel_map_entries", &[("map", "VMM_TGIDS")]),
-        0.0
-    );
     assert!(d.stop().success());
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use iopath_tests::{can_trace, iopath_bin, leftover_programs};
+use iopath_tests::{Why, have, iopath_bin, leftover_programs, require_root, skip};
 
 const ROUNDS: u32 = 3;
 
@@ -24,13 +24,6 @@ fn lab_script() -> Option<PathBuf> {
         Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab/lab.sh")),
     ];
     candidates.into_iter().flatten().find(|p| p.exists())
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// The lab, stopped (QEMU, namespace, tap) on drop.
@@ -124,25 +117,25 @@ fn bpftrace_count(out: &str, name: &str) -> u64 {
 
 #[test]
 fn lab_guest_signals_and_halts_are_traced() {
-    if !can_trace("lab_guest_signals_and_halts_are_traced") {
-        return;
-    }
+    require_root();
+    const TEST: &str = "lab_guest_signals_and_halts_are_traced";
     let Some(script) = lab_script() else {
-        eprintln!(
-            "skipping lab_guest_signals_and_halts_are_traced: no guest lab (../shared/lab/lab.sh; set IOPATH_LAB)"
-        );
+        let why = "no guest lab on this machine (../shared/lab/lab.sh; set IOPATH_LAB)";
+        skip(TEST, Why::Machine, why);
         return;
     };
     for cmd in ["qemu-system-x86_64", "bpftrace", "ping", "xz"] {
         if !have(cmd) {
-            eprintln!(
-                "skipping lab_guest_signals_and_halts_are_traced: {cmd} not installed (cargo xtask setup installs it where the distribution has it)"
+            skip(
+                TEST,
+                Why::Setup,
+                &format!("{cmd} not installed (cargo xtask setup installs it)"),
             );
             return;
         }
     }
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipping lab_guest_signals_and_halts_are_traced: no /dev/kvm");
+        skip(TEST, Why::Machine, "no /dev/kvm on this machine");
         return;
     }
     let lab = Lab {

@@ -1,15 +1,11 @@
 //! /metrics is valid exposition: checked by promtool (Prometheus' own parser and linter) and by
 //! the histogram invariants a scraper relies on.
 
-use std::{io::Write as _, process::Command};
-
-use iopath_tests::{Daemon, LoopDev, Metrics, can_trace};
+use iopath_tests::{Daemon, LoopDev, Metrics, promtool_check, require_root};
 
 #[test]
 fn metrics_pass_promtool_and_histograms_are_cumulative() {
-    if !can_trace("metrics_pass_promtool_and_histograms_are_cumulative") {
-        return;
-    }
+    require_root();
     let lo = LoopDev::new("metrics", 16);
     let d = Daemon::start(&[]);
     lo.direct_io(50, 50);
@@ -17,16 +13,7 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
     // Prometheus text format (no Accept header): promtool must find no problem.
     let (ctype, text) = d.get("/metrics", false).unwrap();
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    let promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(text.as_bytes());
-    assert!(
-        promtool.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&promtool.stdout),
-        String::from_utf8_lossy(&promtool.stderr)
-    );
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}"));
 
     // OpenMetrics, as Prometheus asks for it.
     let (ctype, om) = d.get("/metrics", true).unwrap();
@@ -44,7 +31,11 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let b = m.buckets("iopath_stage_latency_seconds", &want);
-            assert_eq!(b.len(), 210, "every bucket is exported");
+            // The default layout: 2 bounds per power of two, 2^10 ns to 2^34 ns, then +Inf.
+            assert_eq!(b.len(), 50, "the default bucket layout");
+            assert_eq!(b[0].0, 1024e-9);
+            assert_eq!(b[1].0, 1536e-9);
+            assert_eq!(b[48].0, (1u64 << 34) as f64 / 1e9);
             assert!(
                 b.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0),
                 "buckets cumulative: {:?}",
@@ -84,9 +75,7 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
 
 #[test]
 fn bpf_stats_count_program_runs() {
-    if !can_trace("bpf_stats_count_program_runs") {
-        return;
-    }
+    require_root();
     let lo = LoopDev::new("stats", 16);
     let d = Daemon::start(&["--bpf-stats", "--stages", "blk.device"]);
     let before = d.metrics();
@@ -102,22 +91,9 @@ fn bpf_stats_count_program_runs() {
     );
     let t = after.value("iopath_program_run_time_seconds_total", &sel)
         - before.value("iopath_program_run_time_seconds_total", &sel);
-    assert!(t > 0.0 && t / runs < 20e-6, "{} ns per run", t / runs * 1e9);
+    // Measured here at 400-1000 ns per run; a microsecond-scale bound catches a unit or a
+    // counting error, not a slowdown (that is the benchmark's job).
+    let ns = t / runs * 1e9;
+    assert!((20.0..5_000.0).contains(&ns), "{ns} ns per run");
     assert!(d.stop().success());
-}
-
-trait OutputWithStdin {
-    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
-}
-
-impl OutputWithStdin for Command {
-    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
-        let mut child = self
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool (cargo xtask setup installs the prometheus package)");
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        child.wait_with_output().unwrap()
-    }
 }

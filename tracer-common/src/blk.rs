@@ -76,6 +76,20 @@ pub struct SectorKey {
 }
 assert_size!(SectorKey, 16);
 
+/// Requests in flight under one dev + sector. Two of them (concurrent flushes, both at sector
+/// 0) cannot be told apart by the classic tracepoints, so such a key is marked ambiguous and
+/// none of its requests is measured: each is counted as `ambiguous` when it completes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectorStart {
+    pub start: BlkStart,
+    /// Requests issued under this key and not yet completed.
+    pub inflight: u32,
+    /// 1 once a second request was issued under the key while one was in flight.
+    pub ambiguous: u32,
+}
+assert_size!(SectorStart, 24);
+
 /// Kernel dev_t (MKDEV) from major and minor.
 pub const fn mkdev(major: u32, minor: u32) -> u32 {
     (major << 20) | (minor & 0xfffff)
@@ -128,11 +142,67 @@ pub fn on_complete<K, S: Starts<K, BlkStart>>(
     })
 }
 
+/// block_rq_issue, classic tracepoint: remember the request under its dev + sector, or mark
+/// the key ambiguous when another request is in flight under it. The read-modify-write of an
+/// existing entry is not atomic: two CPUs issuing to the same sector at the same instant can
+/// miscount `inflight`, which leaves one `unmatched` or one entry until the device goes.
+pub fn on_issue_sector<S: Starts<SectorKey, SectorStart>>(
+    starts: &mut S,
+    key: SectorKey,
+    now_ns: u64,
+    op: Op,
+) -> Result<(), Counter> {
+    let fresh = SectorStart {
+        start: BlkStart {
+            ts_ns: now_ns,
+            dev: key.dev,
+            op: op as u32,
+        },
+        inflight: 1,
+        ambiguous: 0,
+    };
+    if starts.put_new(key, fresh)? {
+        return Ok(());
+    }
+    let Some(mut s) = starts.get(&key) else {
+        // completed in between: start afresh
+        return starts.start(key, fresh);
+    };
+    s.inflight += 1;
+    s.ambiguous = 1;
+    starts.start(key, s)
+}
+
+/// block_rq_complete, classic tracepoint.
+pub fn on_complete_sector<S: Starts<SectorKey, SectorStart>>(
+    starts: &mut S,
+    key: &SectorKey,
+    now_ns: u64,
+) -> Result<Sample, Counter> {
+    let mut s = starts.get(key).ok_or(Counter::Unmatched)?;
+    if s.ambiguous == 0 {
+        let _ = starts.take(key);
+        return Ok(Sample {
+            latency_ns: now_ns.saturating_sub(s.start.ts_ns),
+            dev: s.start.dev,
+            op: Op::from_u32(s.start.op),
+        });
+    }
+    if s.inflight <= 1 {
+        let _ = starts.take(key);
+    } else {
+        s.inflight -= 1;
+        let _ = starts.put(*key, s);
+    }
+    Err(Counter::Ambiguous)
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], integer fields, explicit padding, sizes asserted.
     unsafe impl aya::Pod for super::BlkStart {}
     unsafe impl aya::Pod for super::SectorKey {}
+    unsafe impl aya::Pod for super::SectorStart {}
 }
 
 #[cfg(test)]
@@ -186,6 +256,50 @@ mod tests {
             on_complete(&mut s, &0xffff_1000u64, 60_000),
             Err(Counter::Unmatched)
         );
+    }
+
+    #[test]
+    fn two_flushes_at_sector_zero_are_counted_ambiguous_not_swapped() {
+        let mut s = MapStarts::new(8);
+        let flush = SectorKey {
+            dev: mkdev(7, 0),
+            _pad: 0,
+            sector: 0,
+        };
+        let write = SectorKey { sector: 8, ..flush };
+        on_issue_sector(&mut s, flush, 1_000, Op::Flush).unwrap();
+        on_issue_sector(&mut s, write, 1_500, Op::Write).unwrap();
+        on_issue_sector(&mut s, flush, 2_000, Op::Flush).unwrap();
+        // Either completion could be either flush: neither is measured, both are counted.
+        assert_eq!(
+            on_complete_sector(&mut s, &flush, 9_000),
+            Err(Counter::Ambiguous)
+        );
+        assert_eq!(
+            on_complete_sector(&mut s, &flush, 9_500),
+            Err(Counter::Ambiguous)
+        );
+        assert_eq!(
+            on_complete_sector(&mut s, &flush, 9_900),
+            Err(Counter::Unmatched)
+        );
+        // The other key is untouched, and the flush key works again once drained.
+        assert_eq!(
+            on_complete_sector(&mut s, &write, 3_500)
+                .unwrap()
+                .latency_ns,
+            2_000
+        );
+        on_issue_sector(&mut s, flush, 10_000, Op::Flush).unwrap();
+        assert_eq!(
+            on_complete_sector(&mut s, &flush, 10_700).unwrap(),
+            Sample {
+                latency_ns: 700,
+                dev: mkdev(7, 0),
+                op: Op::Flush
+            }
+        );
+        assert!(s.map.is_empty());
     }
 
     #[test]

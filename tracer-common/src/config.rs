@@ -64,12 +64,18 @@ pub struct Config {
     /// syscalls:sys_enter_ioctl fd, cmd
     pub tp_ioctl_fd: u32,
     pub tp_ioctl_cmd: u32,
+    // Task context (BTF): is a program's frame on the current task's stack?
+    /// `struct task_struct`.stack
+    pub task_stack: u32,
+    /// THREAD_SIZE: size of `union thread_union`, else of x86's `struct irq_stack` (the same
+    /// order), else 0 (unknown: every program is taken to run in task context).
+    pub thread_size: u32,
     pub _pad: u32,
     /// Address of KVM's `irqfd_inject` (kallsyms), 0 when unknown: deferred injections are
     /// then not followed.
     pub irqfd_inject: u64,
 }
-assert_size!(Config, 128);
+assert_size!(Config, 136);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -103,6 +109,8 @@ impl Config {
         tp_write_count: NO_OFFSET,
         tp_ioctl_fd: NO_OFFSET,
         tp_ioctl_cmd: NO_OFFSET,
+        task_stack: NO_OFFSET,
+        thread_size: 0,
         _pad: 0,
         irqfd_inject: 0,
     };

@@ -33,7 +33,8 @@ pub struct HistVal {
 assert_size!(HistVal, 16);
 
 /// Per-stage event counters (`COUNTERS`, per-CPU array indexed by [`counter_index`]).
-/// Every event the programs could not account for is counted here and exported.
+/// Every event the programs could not turn into a sample is counted here and exported
+/// (`iopath_events_dropped_total{stage,reason}`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -45,14 +46,29 @@ pub enum Counter {
     ReadError = 2,
     /// An end event with no recorded start (the start happened before attach, or was dropped).
     Unmatched = 3,
+    /// A start left by another life of the same key (a thread id reused by another VM): dropped.
+    Stale = 4,
+    /// Two events in flight under one key that cannot tell them apart: neither is measured.
+    Ambiguous = 5,
+    /// An injection whose VM is unknown (interrupt context, or a task of no known VMM).
+    UnknownVm = 6,
+    /// kvm_apic_accept_irq with no injection running on its CPU (LAPIC timer, IPIs).
+    AcceptUnmatched = 7,
+    /// An injection for a vCPU that already had one pending: measured from the earliest.
+    Coalesced = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 9] = [
         Counter::HistFull,
         Counter::StartFull,
         Counter::ReadError,
         Counter::Unmatched,
+        Counter::Stale,
+        Counter::Ambiguous,
+        Counter::UnknownVm,
+        Counter::AcceptUnmatched,
+        Counter::Coalesced,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -62,16 +78,77 @@ impl Counter {
             Counter::StartFull => "start_map_full",
             Counter::ReadError => "read_error",
             Counter::Unmatched => "unmatched",
+            Counter::Stale => "stale",
+            Counter::Ambiguous => "ambiguous",
+            Counter::UnknownVm => "unknown_vm",
+            Counter::AcceptUnmatched => "accept_unmatched",
+            Counter::Coalesced => "coalesced",
         }
     }
 }
 
-/// Entries of the `COUNTERS` array.
-pub const COUNTERS_LEN: u32 = StageId::COUNT as u32 * Counter::COUNT;
+/// Losses of the maps every KVM stage shares, counted under the map's own name
+/// (`iopath_map_full_total{map}`), not under a stage.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapCounter {
+    /// The set of VMM processes was full: a new VM's system calls go unseen.
+    VmmSetFull = 0,
+    /// The thread-to-vCPU-fd map was full: that thread's halts and exits get vcpu="unknown".
+    VcpuFdFull = 1,
+    /// The notice ring buffer was full: a VM or vCPU is named at the next read instead.
+    NoticesFull = 2,
+}
+
+impl MapCounter {
+    pub const ALL: [MapCounter; 3] = [
+        MapCounter::VmmSetFull,
+        MapCounter::VcpuFdFull,
+        MapCounter::NoticesFull,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The map's name in the BPF object.
+    pub const fn map(self) -> &'static str {
+        match self {
+            MapCounter::VmmSetFull => "VMM_TGIDS",
+            MapCounter::VcpuFdFull => "VCPU_FD",
+            MapCounter::NoticesFull => "VM_NOTICES",
+        }
+    }
+}
+
+/// Entries of the `COUNTERS` array: per stage and reason, then per shared map.
+pub const COUNTERS_LEN: u32 = StageId::COUNT as u32 * Counter::COUNT + MapCounter::COUNT;
 
 pub const fn counter_index(stage: StageId, c: Counter) -> u32 {
     stage as u32 * Counter::COUNT + c as u32
 }
+
+pub const fn map_counter_index(m: MapCounter) -> u32 {
+    StageId::COUNT as u32 * Counter::COUNT + m as u32
+}
+
+/// What a notice on the `VM_NOTICES` ring buffer reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// ioctl(KVM_CREATE_VM): a new VMM (or a new VM in one); `tgid` is the VMM.
+    VmCreated = 1,
+    /// A thread's first ioctl(KVM_RUN) on a vCPU fd: `fd` is the vCPU's fd in the VMM.
+    VcpuRun = 2,
+}
+
+/// A notice the daemon reads at once, so a VM that lives for 100 ms is named while it exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+}
+assert_size!(Notice, 16);
 
 /// Default capacity of the histogram map (series x used buckets).
 pub const HIST_ENTRIES: u32 = 32768;
@@ -79,10 +156,13 @@ pub const HIST_ENTRIES: u32 = 32768;
 pub const START_ENTRIES: u32 = 16384;
 /// Capacity of the map of VMM processes.
 pub const VMM_ENTRIES: u32 = 4096;
+/// Size of the notice ring buffer: 4096 notices.
+pub const NOTICE_BYTES: u32 = 64 * 1024;
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain #[repr(C)] integers with no padding (sizes asserted above).
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::HistVal {}
+    unsafe impl aya::Pod for super::Notice {}
 }

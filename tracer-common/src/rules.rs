@@ -16,8 +16,16 @@ pub trait Starts<K, V> {
             Err(Counter::StartFull)
         }
     }
+    /// Stores `v` under `k` only if nothing is there: Ok(true) stored, Ok(false) already
+    /// there (left as it was), `start_map_full` when the store is full. Atomic in the kernel
+    /// (BPF_NOEXIST), so of two CPUs racing the earlier insert wins.
+    fn put_new(&mut self, k: K, v: V) -> Result<bool, Counter>;
     /// Removes and returns what is stored under `k`.
     fn take(&mut self, k: &K) -> Option<V>;
+    /// Removes what is stored under `k`, if anything.
+    fn remove(&mut self, k: &K) {
+        let _ = self.take(k);
+    }
     /// Returns what is stored under `k`, leaving it there.
     fn get(&self, k: &K) -> Option<V>;
 }
@@ -52,6 +60,16 @@ pub mod testing {
             self.map.insert(k, v);
             true
         }
+        fn put_new(&mut self, k: K, v: V) -> Result<bool, super::Counter> {
+            if self.map.contains_key(&k) {
+                return Ok(false);
+            }
+            if self.put(k, v) {
+                Ok(true)
+            } else {
+                Err(super::Counter::StartFull)
+            }
+        }
         fn take(&mut self, k: &K) -> Option<V> {
             self.map.remove(k)
         }
@@ -60,7 +78,7 @@ pub mod testing {
         }
     }
 
-    /// One line of a recorded event sequence: `ts_ns tgid/tid[@cpu] event key=value...`
+    /// One line of an event sequence: `ts_ns tgid/tid[@cpu] event key=value...`
     /// (`tid` alone means tgid = tid, cpu 0). Blank lines and `#` comments are skipped.
     pub struct Event<'a> {
         pub ts: u64,

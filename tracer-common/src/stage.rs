@@ -30,6 +30,12 @@ impl StageId {
     ];
     pub const COUNT: usize = Self::ALL.len();
 
+    /// This stage's bit in `STAGES_ON`, the mask of stages the attach plan switched on: a
+    /// program shared by several stages does only the work of the stages that are on.
+    pub const fn bit(self) -> u64 {
+        1 << self as u16
+    }
+
     pub const fn from_u16(v: u16) -> Option<StageId> {
         match v {
             0 => Some(StageId::BlkDevice),

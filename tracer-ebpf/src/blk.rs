@@ -1,23 +1,21 @@
 //! blk.device: block:block_rq_issue to block:block_rq_complete.
 //!
-//! Three implementations, in the attach plan's order of preference:
-//! - tp_btf: the tracepoint's own arguments (`struct request *rq`), keyed by the request
-//!   pointer; dev and op read from the request with offsets found in BTF.
-//! - raw tracepoint: the same arguments without BTF typing (kernels without tp_btf).
-//! - classic tracepoint: the formatted record (dev, sector, rwbs), keyed by dev + sector.
+//! tp_btf and raw_tp take the tracepoint's own argument (`struct request *rq`) and key the
+//! request by that pointer, reading dev and op from the request with offsets found in BTF. The
+//! classic tracepoints carry no pointer: they key by dev + sector, and count as `ambiguous` the
+//! requests that share one (concurrent flushes at sector 0).
 
-use aya_ebpf::{
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::HashMap,
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
-};
+use aya_ebpf::{macros::map, maps::HashMap};
 use tracer_common::{
-    blk::{self, BlkStart, Op, SectorKey, mkdev},
+    blk::{self, BlkStart, Op, SectorKey, SectorStart, mkdev},
     maps::{Counter, START_ENTRIES},
     stage::StageId,
 };
 
-use crate::shared::{KernelStarts, config, count, now_ns, read_at, record};
+use crate::{
+    shared::{KernelStarts, config, count, now_ns, on, read_at, record, stages_on},
+    tp::{Site, field, tracepoint},
+};
 
 const STAGE: StageId = StageId::BlkDevice;
 
@@ -25,7 +23,15 @@ const STAGE: StageId = StageId::BlkDevice;
 static BLK_START_RQ: HashMap<u64, BlkStart> = HashMap::with_max_entries(START_ENTRIES, 0);
 
 #[map]
-static BLK_START_SECTOR: HashMap<SectorKey, BlkStart> = HashMap::with_max_entries(START_ENTRIES, 0);
+static BLK_START_SECTOR: HashMap<SectorKey, SectorStart> =
+    HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// One request event: the request pointer (tp_btf, raw_tp) or its dev + sector and op letter
+/// (classic).
+enum Request {
+    Ptr(u64),
+    Sector(SectorKey, Op),
+}
 
 /// dev_t and op of a `struct request`. Mirrors the tracepoint: dev is
 /// `disk_devt(rq->q->disk)`, 0 when the queue has no disk.
@@ -47,93 +53,83 @@ fn request_dev_op(rq: u64) -> Result<(u32, Op), i32> {
 }
 
 #[inline(always)]
-fn issue_rq(rq: u64) {
-    let Ok((dev, op)) = request_dev_op(rq) else {
-        count(STAGE, Counter::ReadError);
+fn issue(rq: Result<Request, ()>, _: Site) {
+    if !on(stages_on(), STAGE) {
         return;
+    }
+    let now = now_ns();
+    let started = match rq {
+        Ok(Request::Ptr(rq)) => match request_dev_op(rq) {
+            Ok((dev, op)) => blk::on_issue(&mut KernelStarts(&BLK_START_RQ), rq, now, dev, op),
+            Err(_) => Err(Counter::ReadError),
+        },
+        Ok(Request::Sector(key, op)) => {
+            blk::on_issue_sector(&mut KernelStarts(&BLK_START_SECTOR), key, now, op)
+        }
+        Err(()) => Err(Counter::ReadError),
     };
-    if let Err(c) = blk::on_issue(&mut KernelStarts(&BLK_START_RQ), rq, now_ns(), dev, op) {
+    if let Err(c) = started {
         count(STAGE, c);
     }
 }
 
 #[inline(always)]
-fn complete_rq(rq: u64) {
-    match blk::on_complete(&mut KernelStarts(&BLK_START_RQ), &rq, now_ns()) {
+fn complete(rq: Result<Request, ()>, _: Site) {
+    if !on(stages_on(), STAGE) {
+        return;
+    }
+    let now = now_ns();
+    let done = match rq {
+        Ok(Request::Ptr(rq)) => blk::on_complete(&mut KernelStarts(&BLK_START_RQ), &rq, now),
+        Ok(Request::Sector(key, _)) => {
+            blk::on_complete_sector(&mut KernelStarts(&BLK_START_SECTOR), &key, now)
+        }
+        Err(()) => Err(Counter::ReadError),
+    };
+    match done {
         Ok(s) => record(STAGE, s.op as u32, s.dev, 0, s.latency_ns),
         Err(c) => count(STAGE, c),
     }
+}
+
+#[inline(always)]
+fn sector_key(
+    ctx: &aya_ebpf::programs::TracePointContext,
+    dev: u32,
+    sector: u32,
+) -> Result<SectorKey, ()> {
+    Ok(SectorKey {
+        dev: field::<u32>(ctx, dev)?,
+        _pad: 0,
+        sector: field::<u64>(ctx, sector)?,
+    })
 }
 
 // void trace_block_rq_issue(struct request *rq)
-#[btf_tracepoint(function = "block_rq_issue")]
-pub fn blk_rq_issue_btf(ctx: BtfTracePointContext) -> i32 {
-    issue_rq(ctx.arg::<u64>(0));
-    0
-}
+// block/block_rq_issue: dev_t dev; sector_t sector; ...; char rwbs[RWBS_LEN]
+tracepoint!(
+    "block_rq_issue",
+    blk_rq_issue_btf,
+    blk_rq_issue_raw,
+    blk_rq_issue_tp,
+    |arg| Ok(Request::Ptr(arg(0))),
+    |rec| {
+        let key = sector_key(rec, config!(tp_issue_dev), config!(tp_issue_sector));
+        let rwbs = field::<[u8; 2]>(rec, config!(tp_issue_rwbs));
+        key.and_then(|k| Ok(Request::Sector(k, Op::from_rwbs(&rwbs?))))
+    },
+    issue
+);
 
 // void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)
-#[btf_tracepoint(function = "block_rq_complete")]
-pub fn blk_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
-    complete_rq(ctx.arg::<u64>(0));
-    0
-}
-
-#[raw_tracepoint(tracepoint = "block_rq_issue")]
-pub fn blk_rq_issue_raw(ctx: RawTracePointContext) -> i32 {
-    issue_rq(ctx.arg::<u64>(0));
-    0
-}
-
-#[raw_tracepoint(tracepoint = "block_rq_complete")]
-pub fn blk_rq_complete_raw(ctx: RawTracePointContext) -> i32 {
-    complete_rq(ctx.arg::<u64>(0));
-    0
-}
-
-#[inline(always)]
-fn sector_key(ctx: &TracePointContext, dev_off: u32, sector_off: u32) -> Result<SectorKey, i32> {
-    unsafe {
-        Ok(SectorKey {
-            dev: ctx.read_at::<u32>(dev_off as usize)?,
-            _pad: 0,
-            sector: ctx.read_at::<u64>(sector_off as usize)?,
-        })
-    }
-}
-
-// block/block_rq_issue: dev_t dev; sector_t sector; ...; char rwbs[RWBS_LEN]
-#[tracepoint]
-pub fn blk_rq_issue_tp(ctx: TracePointContext) -> u32 {
-    let key = sector_key(&ctx, config!(tp_issue_dev), config!(tp_issue_sector));
-    let rwbs = unsafe { ctx.read_at::<[u8; 2]>(config!(tp_issue_rwbs) as usize) };
-    let (Ok(key), Ok(rwbs)) = (key, rwbs) else {
-        count(STAGE, Counter::ReadError);
-        return 0;
-    };
-    let op = Op::from_rwbs(&rwbs);
-    if let Err(c) = blk::on_issue(
-        &mut KernelStarts(&BLK_START_SECTOR),
-        key,
-        now_ns(),
-        key.dev,
-        op,
-    ) {
-        count(STAGE, c);
-    }
-    0
-}
-
 // block/block_rq_complete: dev_t dev; sector_t sector; ...
-#[tracepoint]
-pub fn blk_rq_complete_tp(ctx: TracePointContext) -> u32 {
-    let Ok(key) = sector_key(&ctx, config!(tp_complete_dev), config!(tp_complete_sector)) else {
-        count(STAGE, Counter::ReadError);
-        return 0;
-    };
-    match blk::on_complete(&mut KernelStarts(&BLK_START_SECTOR), &key, now_ns()) {
-        Ok(s) => record(STAGE, s.op as u32, s.dev, 0, s.latency_ns),
-        Err(c) => count(STAGE, c),
-    }
-    0
-}
+tracepoint!(
+    "block_rq_complete",
+    blk_rq_complete_btf,
+    blk_rq_complete_raw,
+    blk_rq_complete_tp,
+    |arg| Ok(Request::Ptr(arg(0))),
+    |rec| sector_key(rec, config!(tp_complete_dev), config!(tp_complete_sector))
+        .map(|k| Request::Sector(k, Op::Other)),
+    complete
+);

@@ -1,17 +1,22 @@
-//! iopath's BPF programs. Each program is a thin adapter: it reads its event, calls the stage
-//! rule from tracer-common and counts the result into the shared histogram map.
+//! iopath's BPF programs. Each program is a thin adapter for one kernel event: it reads the
+//! event's arguments and hands them to the handlers of every stage that is on and bounded by
+//! that event (its dispatch list); the handlers call the stage rules from tracer-common and
+//! count the result into the shared histogram map.
 //!
-//! A stage can have several implementations (tp_btf, raw tracepoint, classic tracepoint); the
-//! daemon's attach plan loads and attaches one of them, never two at once.
+//! An event has several implementations (tp_btf, raw tracepoint, classic tracepoint); the
+//! daemon's attach plan loads and attaches exactly one per event, whatever the number of stages
+//! it serves, and switches on (`STAGES_ON`) the stages whose events all attached.
+//!
+//! Layout: `shared` (maps and helpers of every path), `tp` (the macro that writes an event's
+//! three programs), then one folder per path: `blk`, `kvm` (`events`, `syscalls`: the programs
+//! and their dispatch lists; one file per stage or stage pair with its maps and handlers).
 #![no_std]
 #![no_main]
 
 mod blk;
-mod irq;
 mod kvm;
 mod shared;
-mod syscalls;
-mod vcpu;
+mod tp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,18 +1,25 @@
-//! Maps and helpers every path uses: the histogram, the drop counters, the load-time config.
+//! Maps and helpers every path uses: the load-time config, the stage switches, the histogram,
+//! the drop counters, the set of VMM processes and the notices that name them.
 
+use crate::tp::Site;
 use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    config::Config,
+    config::{Config, NO_OFFSET},
     hist::bucket_index,
-    maps::{COUNTERS_LEN, Counter, HIST_ENTRIES, HistKey, HistVal, VMM_ENTRIES, counter_index},
+    maps::{
+        COUNTERS_LEN, Counter, HIST_ENTRIES, HistKey, HistVal, MapCounter, NOTICE_BYTES, Notice,
+        NoticeKind, VMM_ENTRIES, counter_index, map_counter_index,
+    },
     rules::Starts,
     stage::StageId,
 };
 
 const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
 
 /// Set by the daemon before load (offsets found in this kernel's BTF and tracefs).
 #[unsafe(no_mangle)]
@@ -29,6 +36,23 @@ macro_rules! config {
 }
 pub(crate) use config;
 
+/// Bit mask of the stages the attach plan switched on ([`StageId::bit`]), written by the daemon
+/// once every stage is attached. A program shared by several stages does only the work of the
+/// stages that are on; until the mask is written, none.
+#[map]
+static STAGES_ON: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The stages that are on (an array lookup the verifier inlines).
+#[inline(always)]
+pub fn stages_on() -> u64 {
+    STAGES_ON.get(0).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn on(mask: u64, stage: StageId) -> bool {
+    mask & stage.bit() != 0
+}
+
 #[map]
 static HIST: PerCpuHashMap<HistKey, HistVal> = PerCpuHashMap::with_max_entries(HIST_ENTRIES, 0);
 
@@ -36,11 +60,34 @@ static HIST: PerCpuHashMap<HistKey, HistVal> = PerCpuHashMap::with_max_entries(H
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 #[inline(always)]
-pub fn count(stage: StageId, c: Counter) {
-    if let Some(p) = COUNTERS.get_ptr_mut(counter_index(stage, c)) {
+fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
         // Per-CPU slot: no other CPU writes it.
         unsafe { *p += 1 };
     }
+}
+
+/// Counts one event of `stage` that gave no sample, for `c`.
+#[inline(always)]
+pub fn count(stage: StageId, c: Counter) {
+    bump(counter_index(stage, c));
+}
+
+/// Counts `c` for each stage of `stages` that is on: an event shared by several stages that
+/// could not be read is lost to all of them.
+#[inline(always)]
+pub fn count_each(mask: u64, stages: &[StageId], c: Counter) {
+    for &s in stages {
+        if on(mask, s) {
+            count(s, c);
+        }
+    }
+}
+
+/// Counts a loss of a map shared by every KVM stage.
+#[inline(always)]
+pub fn count_map(m: MapCounter) {
+    bump(map_counter_index(m));
 }
 
 #[inline(always)]
@@ -75,12 +122,22 @@ pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
         count: 1,
         sum_ns: ns,
     };
-    if HIST.insert(&key, &first, BPF_NOEXIST).is_ok() {
+    if HIST.insert(key, first, BPF_NOEXIST).is_ok() {
         return;
     }
     // Either another CPU created the key first (then it is there now) or the map is full.
     if !add(&key, ns) {
         count(stage, Counter::HistFull);
+    }
+}
+
+/// Records `r`'s sample with `put`, or counts why there is none.
+#[inline(always)]
+pub fn record_or_count<S>(stage: StageId, r: Result<Option<S>, Counter>, put: impl FnOnce(S)) {
+    match r {
+        Ok(Some(s)) => put(s),
+        Ok(None) => {}
+        Err(c) => count(stage, c),
     }
 }
 
@@ -90,7 +147,16 @@ pub struct KernelStarts<K: 'static, V: 'static>(pub &'static HashMap<K, V>);
 impl<K, V: Copy> Starts<K, V> for KernelStarts<K, V> {
     #[inline(always)]
     fn put(&mut self, k: K, v: V) -> bool {
-        self.0.insert(&k, &v, 0).is_ok()
+        self.0.insert(&k, v, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn put_new(&mut self, k: K, v: V) -> Result<bool, Counter> {
+        match self.0.insert(&k, v, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(e) if e == -EEXIST => Ok(false),
+            Err(_) => Err(Counter::StartFull),
+        }
     }
 
     #[inline(always)]
@@ -98,6 +164,11 @@ impl<K, V: Copy> Starts<K, V> for KernelStarts<K, V> {
         let v = unsafe { *self.0.get_ptr(k)? };
         let _ = self.0.remove(k);
         Some(v)
+    }
+
+    #[inline(always)]
+    fn remove(&mut self, k: &K) {
+        let _ = self.0.remove(k);
     }
 
     #[inline(always)]
@@ -124,6 +195,11 @@ impl<K, V: Copy> Starts<K, V> for CpuSlot<V> {
     }
 
     #[inline(always)]
+    fn put_new(&mut self, k: K, v: V) -> Result<bool, Counter> {
+        Ok(self.put(k, v))
+    }
+
+    #[inline(always)]
     fn take(&mut self, k: &K) -> Option<V> {
         self.get(k)
     }
@@ -134,23 +210,41 @@ impl<K, V: Copy> Starts<K, V> for CpuSlot<V> {
     }
 }
 
-/// Thread groups known to run VMs (they issued KVM_CREATE_VM; the daemon seeds the ones that
-/// existed before it started and removes the ones that exited). System calls of other processes
-/// are ignored at the cost of one lookup.
+/// Thread groups known to run VMs: marked at ioctl(KVM_CREATE_VM), seeded by the daemon with the
+/// ones that existed before it started, removed by it when they exit. System calls of other
+/// processes are ignored at the cost of one lookup.
 #[map]
 pub static VMM_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(VMM_ENTRIES, 0);
 
 #[inline(always)]
 pub fn is_vmm(tgid: u32) -> bool {
-    unsafe { VMM_TGIDS.get(&tgid).is_some() }
+    unsafe { VMM_TGIDS.get(tgid).is_some() }
 }
 
-/// On KVM_CREATE_VM (rare). A full map leaves that VM's irqfd writes unseen: counted.
+/// New VMs and vCPUs, for the daemon to name while they exist.
+#[map]
+static VM_NOTICES: RingBuf = RingBuf::with_byte_size(NOTICE_BYTES, 0);
+
 #[inline(always)]
-pub fn mark_vmm(tgid: u32) {
-    if VMM_TGIDS.insert(&tgid, &1, 0).is_err() {
-        count(StageId::KvmSignalToInject, Counter::StartFull);
+pub fn notify(kind: NoticeKind, tgid: u32, tid: u32, fd: u32) {
+    let n = Notice {
+        kind: kind as u32,
+        tgid,
+        tid,
+        fd,
+    };
+    if VM_NOTICES.output::<Notice>(&n, 0).is_err() {
+        count_map(MapCounter::NoticesFull);
     }
+}
+
+/// On KVM_CREATE_VM (rare): the VMM joins the set and the daemon is told.
+#[inline(always)]
+pub fn vm_created(tgid: u32, tid: u32) {
+    if VMM_TGIDS.insert(tgid, 1, 0).is_err() {
+        count_map(MapCounter::VmmSetFull);
+    }
+    notify(NoticeKind::VmCreated, tgid, tid, 0);
 }
 
 /// tgid and tid of the current task.
@@ -163,10 +257,39 @@ pub fn current_tgid_tid() -> (u32, u32) {
 /// Reads a `T` at `base + off` in kernel memory (an offset found in BTF).
 #[inline(always)]
 pub unsafe fn read_at<T>(base: u64, off: u32) -> Result<T, i32> {
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
 }
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
     unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() }
+}
+
+/// True when the event fired in task context: its argument array lies on the current task's
+/// kernel stack, as the kernel's object_is_on_stack() asks. Hard and soft interrupts run on the
+/// per-CPU IRQ stack (x86-64, arm64), where `current` is only the task they interrupted.
+/// (The program's own frame would not do: since Linux 6.13 a program with a deep stack runs on
+/// a private per-CPU one.) A classic tracepoint's record, or offsets unknown: task context is
+/// assumed. BPF_PROG_TEST_RUN passes a heap copy of the arguments: never task context.
+#[inline(always)]
+pub fn in_task(site: Site) -> bool {
+    let Site::Args(args) = site else {
+        return true;
+    };
+    let (off, size) = (config!(task_stack), config!(thread_size));
+    if off == NO_OFFSET || size == 0 {
+        return true;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let Ok(stack) = (unsafe { read_at::<u64>(task, off) }) else {
+        return true;
+    };
+    address_of(args).wrapping_sub(stack) < size as u64
+}
+
+/// A pointer's value as a number. The verifier does not let a context pointer be used as a
+/// scalar, so it is stored on the stack and read back through a helper.
+#[inline(always)]
+fn address_of(p: *const u64) -> u64 {
+    unsafe { bpf_probe_read_kernel(&p as *const *const u64 as *const u64) }.unwrap_or(0)
 }

@@ -1,11 +1,18 @@
-//! The attach plan: loads the BPF object with this kernel's offsets, then for every stage of the
-//! table tries its variants in order and keeps the first whose probes all load and attach. The
-//! outcome, per stage, is the report `iopath doctor` prints and `/metrics` exports.
+//! The attach plan: loads the BPF object with this kernel's offsets, then attaches one program
+//! per event the selected stages need (the first family, in order of preference, whose needs
+//! are met and whose program loads and attaches), and switches on the stages whose events all
+//! attached. The outcome, per stage, is the report `iopath doctor` prints and `/metrics`
+//! exports.
 
-use std::{collections::BTreeMap, os::fd::OwnedFd, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::OwnedFd,
+    path::Path,
+};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
+    maps::{Array, MapData},
     programs::{
         Program, fentry::FEntryLinkId, kprobe::KProbeLinkId, raw_trace_point::RawTracePointLinkId,
         tp_btf::BtfTracePointLinkId, trace_point::TracePointLinkId,
@@ -16,14 +23,15 @@ use thiserror::Error;
 use tracer_common::config::Config;
 
 use crate::{
-    btf::KernelBtf,
+    btf::{KernelBtf, Origin},
+    maps::{self, Capacity},
     offsets,
-    stages::{AttachPoint, Probe, STAGES, Stage},
+    stages::{Event, Family, STAGES, Stage},
     tracefs::{Tracefs, TracefsError},
 };
 
 /// The BPF object built by build.rs from tracer-ebpf.
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/iopath-bpf"));
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/iopath-bpf"));
 
 #[derive(Debug, Error)]
 pub enum AttachError {
@@ -35,6 +43,8 @@ pub enum AttachError {
     UnknownStage(String),
     #[error("strict mode: stage {stage} is unavailable: {reason}")]
     Strict { stage: String, reason: String },
+    #[error("cannot switch the stages on: {0}")]
+    Switch(String),
 }
 
 #[derive(Clone, Debug)]
@@ -42,13 +52,14 @@ pub struct Options<'a> {
     pub tracefs: &'a Path,
     /// Stage names to run; empty for all.
     pub stages: &'a [String],
+    /// Program families the plan may use; empty for all.
+    pub families: &'a [Family],
     pub hist_entries: u32,
+    pub start_entries: u32,
     /// Turn an unavailable stage into an error.
     pub strict: bool,
     /// Enable kernel.bpf_stats for the tracer's lifetime.
     pub bpf_stats: bool,
-    /// How long an exited VM's series stay exported.
-    pub vm_grace: std::time::Duration,
 }
 
 /// What became of one stage on this kernel.
@@ -59,12 +70,15 @@ pub struct StageReport {
     pub from: &'static str,
     pub to: &'static str,
     pub attached: bool,
-    /// The chosen variant (`attach` label), when attached.
-    pub attach: Option<&'static str>,
-    /// Its attach points.
+    /// The families its events attached with (`attach` label), when attached: `tp_btf`, or
+    /// `tracepoint+tp_btf` when they differ.
+    pub attach: Option<String>,
+    /// Its events' attach points.
     pub points: Vec<String>,
-    /// Why each variant tried before (or instead of) the chosen one was not used.
+    /// Why each candidate tried before (or instead of) the chosen one was not used.
     pub skipped: Vec<String>,
+    /// The kernel maps it keeps, and how they are collected.
+    pub maps: Vec<String>,
 }
 
 /// A link to detach, by program type.
@@ -76,6 +90,13 @@ enum Link {
     KProbe(KProbeLinkId),
 }
 
+/// What became of one event.
+struct EventOutcome {
+    family: Option<Family>,
+    /// Candidates not used, with the reason.
+    skipped: Vec<String>,
+}
+
 /// The loaded object and its attached programs. Dropping it detaches and unloads everything
 /// (nothing is pinned).
 pub struct Tracer {
@@ -84,7 +105,7 @@ pub struct Tracer {
     pub tracefs: Tracefs,
     pub report: Vec<StageReport>,
     /// Attached programs, by name.
-    links: BTreeMap<&'static str, Link>,
+    links: BTreeMap<String, Link>,
     /// Keeps kernel.bpf_stats enabled while held.
     _stats: Option<OwnedFd>,
 }
@@ -112,6 +133,38 @@ fn short(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Can aya attach a program of family `f` at `name` against this kernel's BTF? aya 0.14 loads
+/// tp_btf and fentry programs only against vmlinux's BTF, so a target defined in a module's
+/// split BTF (kvm, vhost, vfio on distribution kernels) is left to raw_tp, classic tracepoints
+/// and kprobes.
+pub fn btf_target(kbtf: Option<&KernelBtf>, f: Family, name: &str) -> Result<(), String> {
+    let Some(kbtf) = kbtf else {
+        return match f {
+            Family::TpBtf | Family::FEntry => Err("no kernel BTF".into()),
+            _ => Ok(()),
+        };
+    };
+    let module = |what: &str, m: &str, fam: &str| {
+        format!(
+            "{what} is in module {m}'s BTF, and aya 0.14 attaches {fam} only against vmlinux BTF"
+        )
+    };
+    match f {
+        Family::TpBtf => match kbtf.btf_tracepoint(name) {
+            None => Err(format!("no BTF tracepoint btf_trace_{name}")),
+            Some(Origin::Module(m)) => Err(module(&format!("btf_trace_{name}"), &m, "tp_btf")),
+            Some(Origin::Vmlinux) => Ok(()),
+        },
+        Family::FEntry => match kbtf.func(name) {
+            None => Err("function not in BTF".into()),
+            Some(Origin::Module(m)) => Err(module(name, &m, "fentry")),
+            Some(Origin::Vmlinux) => Ok(()),
+        },
+        Family::KProbe if kbtf.func(name).is_none() => Err("function not in BTF".into()),
+        _ => Ok(()),
+    }
+}
+
 impl Tracer {
     pub fn start(opts: &Options) -> Result<Tracer, AttachError> {
         let tracefs = Tracefs::open(opts.tracefs)?;
@@ -120,7 +173,8 @@ impl Tracer {
                 return Err(AttachError::UnknownStage(name.clone()));
             }
         }
-        // BTF is optional: without it only classic tracepoints can attach.
+        crate::privs::raise_memlock();
+        // BTF is optional: without it only classic tracepoints and raw_tp can attach.
         let kbtf = KernelBtf::from_sys_fs().ok();
         let btf = Btf::from_sys_fs().ok();
         let config: Config = offsets::probe(kbtf.as_ref(), &tracefs);
@@ -132,10 +186,21 @@ impl Tracer {
         } else {
             None
         };
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(btf.as_ref())
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("HIST", opts.hist_entries)
+            .override_global("CONFIG", &config, true);
+        for m in maps::all() {
+            let size = match m.capacity {
+                Capacity::Hist => Some(opts.hist_entries),
+                Capacity::Starts => Some(opts.start_entries),
+                Capacity::Fixed => None,
+            };
+            if let Some(n) = size {
+                loader.map_max_entries(m.name, n);
+            }
+        }
+        let ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| AttachError::Load(short(&e)))?;
         let mut tracer = Tracer {
@@ -145,18 +210,43 @@ impl Tracer {
             links: BTreeMap::new(),
             _stats: stats,
         };
-        let ctx = Kernel {
+        let k = Kernel {
             btf: btf.as_ref(),
             kbtf: kbtf.as_ref(),
             tracefs: &tracefs,
             config: &config,
+            families: opts.families,
         };
-        for stage in STAGES {
-            if !opts.stages.is_empty() && !opts.stages.iter().any(|n| n == stage.name) {
+        let selected: Vec<&'static Stage> = STAGES
+            .iter()
+            .copied()
+            .filter(|s| opts.stages.is_empty() || opts.stages.iter().any(|n| n == s.name))
+            .collect();
+        // One program per event, for every stage that needs it.
+        let mut outcomes: BTreeMap<*const Event, EventOutcome> = BTreeMap::new();
+        for stage in &selected {
+            if (stage.needs)(&config).is_err() {
                 continue;
             }
-            let report = tracer.attach_stage(stage, &ctx);
-            if opts.strict && !report.attached {
+            for &event in stage.events {
+                if !outcomes.contains_key(&(event as *const Event)) {
+                    let o = tracer.attach_event(event, &k);
+                    outcomes.insert(event, o);
+                }
+            }
+        }
+        let mut mask = 0u64;
+        let mut used: BTreeSet<String> = BTreeSet::new();
+        for stage in selected {
+            let report = stage_report(stage, &config, &outcomes);
+            if report.attached {
+                mask |= stage.id.bit();
+                for e in stage.events {
+                    if let Some(f) = outcomes[&(*e as *const Event)].family {
+                        used.insert(e.program_name(f));
+                    }
+                }
+            } else if opts.strict {
                 return Err(AttachError::Strict {
                     stage: stage.name.into(),
                     reason: report.skipped.join("; "),
@@ -164,132 +254,120 @@ impl Tracer {
             }
             tracer.report.push(report);
         }
+        // Programs of events no attached stage needs go (a stage missing another event).
+        let unused: Vec<String> = tracer
+            .links
+            .keys()
+            .filter(|p| !used.contains(*p))
+            .cloned()
+            .collect();
+        for p in unused {
+            tracer.detach(&p);
+        }
+        tracer.switch_on(mask)?;
         tracer.unload_unused();
         Ok(tracer)
     }
 
-    fn attach_stage(&mut self, stage: &'static Stage, k: &Kernel) -> StageReport {
-        let mut report = StageReport {
-            stage: stage.name,
-            path: stage.path.name(),
-            from: stage.from,
-            to: stage.to,
-            attached: false,
-            attach: None,
-            points: Vec::new(),
-            skipped: Vec::new(),
-        };
-        for variant in stage.variants {
-            if let Err(why) = (variant.needs)(k.config) {
-                report.skipped.push(format!("{}: {why}", variant.name));
-                continue;
-            }
-            let mut fresh = Vec::new();
-            let mut failed = None;
-            for probe in variant.probes {
-                if self.links.contains_key(probe.program) {
-                    continue; // shared with a stage attached before
-                }
-                match self.attach_probe(probe, k) {
-                    Ok(link) => {
-                        self.links.insert(probe.program, link);
-                        fresh.push(probe.program);
-                    }
-                    Err(why) => {
-                        failed = Some(format!("{}: {} {why}", variant.name, probe.at.describe()));
-                        break;
-                    }
-                }
-            }
-            match failed {
-                None => {
-                    report.attached = true;
-                    report.attach = Some(variant.name);
-                    report.points = variant.probes.iter().map(|p| p.at.describe()).collect();
-                    return report;
-                }
-                Some(why) => {
-                    // All or nothing: undo this variant's half-attached probes.
-                    for name in fresh {
-                        self.detach(name);
-                    }
-                    report.skipped.push(why);
-                }
-            }
-        }
-        report
+    /// Tells the programs which stages are on (`STAGES_ON`).
+    fn switch_on(&mut self, mask: u64) -> Result<(), AttachError> {
+        let map = self
+            .ebpf
+            .map_mut("STAGES_ON")
+            .ok_or_else(|| AttachError::Switch("STAGES_ON missing".into()))?;
+        let mut on: Array<&mut MapData, u64> =
+            Array::try_from(map).map_err(|e| AttachError::Switch(short(&e)))?;
+        on.set(0, mask, 0)
+            .map_err(|e| AttachError::Switch(short(&e)))
     }
 
-    fn attach_probe(&mut self, probe: &Probe, k: &Kernel) -> Result<Link, String> {
-        // Cheap checks first, for a clear reason instead of a syscall error.
-        match probe.at {
-            AttachPoint::TpBtf(tp) => {
-                if k.btf.is_none() {
-                    return Err("no kernel BTF".into());
+    fn attach_event(&mut self, event: &'static Event, k: &Kernel) -> EventOutcome {
+        let mut skipped = Vec::new();
+        for &f in event.families {
+            let point = event.point(f);
+            if !k.families.is_empty() && !k.families.contains(&f) {
+                skipped.push(format!("{point}: not in --families"));
+                continue;
+            }
+            if let Err(why) = (event.needs)(f, k.config) {
+                skipped.push(format!("{point}: {why}"));
+                continue;
+            }
+            match self.attach_program(event, f, k) {
+                Ok(link) => {
+                    self.links.insert(event.program_name(f), link);
+                    return EventOutcome {
+                        family: Some(f),
+                        skipped,
+                    };
                 }
-                if k.kbtf.is_some_and(|b| !b.has_btf_tracepoint(tp)) {
-                    return Err(format!("no BTF tracepoint btf_trace_{tp} in vmlinux"));
-                }
+                Err(why) => skipped.push(format!("{point}: {why}")),
             }
-            AttachPoint::Tracepoint(c, n) if !k.tracefs.has_tracepoint(c, n) => {
-                return Err("not in tracefs".into());
-            }
-            AttachPoint::FEntry(f) | AttachPoint::KProbe(f)
-                if k.kbtf.is_some_and(|b| !b.has_func(f)) =>
-            {
-                return Err("function not in BTF".into());
-            }
-            _ => {}
         }
+        EventOutcome {
+            family: None,
+            skipped,
+        }
+    }
+
+    fn attach_program(&mut self, event: &Event, f: Family, k: &Kernel) -> Result<Link, String> {
+        // Cheap checks first, for a clear reason instead of a syscall error.
+        btf_target(k.kbtf, f, event.name)?;
+        if matches!(f, Family::Tracepoint | Family::RawTp)
+            && !k.tracefs.has_tracepoint(event.category, event.name)
+        {
+            return Err("not in tracefs".into());
+        }
+        let name = event.program_name(f);
         let program = self
             .ebpf
-            .program_mut(probe.program)
-            .ok_or_else(|| format!("program {} missing from the BPF object", probe.program))?;
+            .program_mut(&name)
+            .ok_or_else(|| format!("program {name} missing from the BPF object"))?;
         let loaded = program.fd().is_ok();
-        Ok(match (probe.at, program) {
-            (AttachPoint::TpBtf(tp), Program::BtfTracePoint(p)) => {
+        let tp = event.name;
+        Ok(match (f, program) {
+            (Family::TpBtf, Program::BtfTracePoint(p)) => {
                 if !loaded {
                     p.load(tp, k.btf.ok_or("no kernel BTF")?)
                         .map_err(failed("load"))?;
                 }
                 Link::TpBtf(p.attach().map_err(failed("attach"))?)
             }
-            (AttachPoint::RawTp(tp), Program::RawTracePoint(p)) => {
+            (Family::RawTp, Program::RawTracePoint(p)) => {
                 if !loaded {
                     p.load().map_err(failed("load"))?;
                 }
                 Link::RawTp(p.attach(tp).map_err(failed("attach"))?)
             }
-            (AttachPoint::Tracepoint(c, n), Program::TracePoint(p)) => {
+            (Family::Tracepoint, Program::TracePoint(p)) => {
                 if !loaded {
                     p.load().map_err(failed("load"))?;
                 }
-                Link::Tracepoint(p.attach(c, n).map_err(failed("attach"))?)
+                Link::Tracepoint(p.attach(event.category, tp).map_err(failed("attach"))?)
             }
-            (AttachPoint::FEntry(f), Program::FEntry(p)) => {
+            (Family::FEntry, Program::FEntry(p)) => {
                 if !loaded {
-                    p.load(f, k.btf.ok_or("no kernel BTF")?)
+                    p.load(tp, k.btf.ok_or("no kernel BTF")?)
                         .map_err(failed("load"))?;
                 }
                 Link::FEntry(p.attach().map_err(failed("attach"))?)
             }
-            (AttachPoint::KProbe(f), Program::KProbe(p)) => {
+            (Family::KProbe, Program::KProbe(p)) => {
                 if !loaded {
                     p.load().map_err(failed("load"))?;
                 }
-                Link::KProbe(p.attach(f, 0).map_err(failed("attach"))?)
+                Link::KProbe(p.attach(tp, 0).map_err(failed("attach"))?)
             }
-            (at, _) => {
+            _ => {
                 return Err(format!(
-                    "program {} is not of the type {} needs",
-                    probe.program,
-                    at.describe()
+                    "program {name} is not of the type {} needs",
+                    f.name()
                 ));
             }
         })
     }
 
-    fn detach(&mut self, name: &'static str) {
+    fn detach(&mut self, name: &str) {
         let Some(link) = self.links.remove(name) else {
             return;
         };
@@ -307,12 +385,12 @@ impl Tracer {
         };
     }
 
-    /// Programs loaded for a variant that was not kept are unloaded, so only what runs stays.
+    /// Programs loaded but not attached are unloaded, so only what runs stays.
     fn unload_unused(&mut self) {
         let loaded: Vec<String> = self
             .ebpf
             .programs()
-            .filter(|(name, p)| p.fd().is_ok() && !self.links.contains_key(name))
+            .filter(|(name, p)| p.fd().is_ok() && !self.links.contains_key(*name))
             .map(|(name, _)| name.to_string())
             .collect();
         for name in loaded {
@@ -328,8 +406,8 @@ impl Tracer {
     }
 
     /// Names of the attached programs.
-    pub fn programs(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.links.keys().copied()
+    pub fn programs(&self) -> impl Iterator<Item = &str> + '_ {
+        self.links.keys().map(String::as_str)
     }
 
     pub fn any_attached(&self) -> bool {
@@ -348,10 +426,102 @@ impl Tracer {
     }
 }
 
+/// A stage's report from its events' outcomes.
+fn stage_report(
+    stage: &'static Stage,
+    config: &Config,
+    outcomes: &BTreeMap<*const Event, EventOutcome>,
+) -> StageReport {
+    let mut r = StageReport {
+        stage: stage.name,
+        path: stage.path.name(),
+        from: stage.from,
+        to: stage.to,
+        attached: false,
+        attach: None,
+        points: Vec::new(),
+        skipped: Vec::new(),
+        maps: maps::SHARED
+            .iter()
+            .chain(stage.maps)
+            .map(|m| format!("{}: {}", m.name, m.collected))
+            .collect(),
+    };
+    if let Err(why) = (stage.needs)(config) {
+        r.skipped.push(why.to_string());
+        return r;
+    }
+    let mut families = BTreeSet::new();
+    let mut all = true;
+    for e in stage.events {
+        let o = &outcomes[&(*e as *const Event)];
+        r.skipped.extend(o.skipped.iter().cloned());
+        match o.family {
+            Some(f) => {
+                families.insert(f);
+                r.points.push(e.point(f));
+            }
+            None => all = false,
+        }
+    }
+    if all {
+        r.attached = true;
+        let names: Vec<_> = families.iter().map(|f| f.name()).collect();
+        r.attach = Some(names.join("+"));
+    }
+    r
+}
+
 /// What the plan knows of the running kernel.
 struct Kernel<'a> {
     btf: Option<&'a Btf>,
     kbtf: Option<&'a KernelBtf>,
     tracefs: &'a Tracefs,
     config: &'a Config,
+    families: &'a [Family],
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every program the table can ask for is in the object, and the object has no program
+    /// the table does not know (the tests' leftover checks rely on the table's names).
+    #[test]
+    fn the_table_and_the_object_name_the_same_programs() {
+        let obj = aya_obj::Object::parse(BPF_OBJECT).expect("the BPF object parses");
+        let in_object: BTreeSet<String> = obj.programs.keys().cloned().collect();
+        let in_table: BTreeSet<String> = crate::stages::all_programs().into_iter().collect();
+        assert_eq!(in_object, in_table);
+    }
+
+    #[test]
+    fn module_targets_fall_back_with_a_reason() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/btf");
+        let mut kbtf = KernelBtf::from_file(&dir.join("base.btf")).unwrap();
+        kbtf.add_module(&dir.join("kvmlike.btf")).unwrap();
+        kbtf.add_module(&dir.join("vhostlike.btf")).unwrap();
+        let k = Some(&kbtf);
+        // vmlinux's tracepoint: tp_btf is fine
+        assert_eq!(btf_target(k, Family::TpBtf, "block_rq_issue"), Ok(()));
+        // a module's: tp_btf refused, saying why; raw_tp and classic not
+        let why = btf_target(k, Family::TpBtf, "kvm_entry").unwrap_err();
+        assert!(
+            why.contains("module kvmlike.btf") && why.contains("aya 0.14"),
+            "{why}"
+        );
+        assert_eq!(btf_target(k, Family::RawTp, "kvm_entry"), Ok(()));
+        assert_eq!(btf_target(k, Family::Tracepoint, "kvm_entry"), Ok(()));
+        // a module's function: fentry refused, kprobe kept
+        let why = btf_target(k, Family::FEntry, "handle_tx_kick").unwrap_err();
+        assert!(why.contains("module vhostlike.btf"), "{why}");
+        assert_eq!(btf_target(k, Family::KProbe, "handle_tx_kick"), Ok(()));
+        assert_eq!(btf_target(k, Family::FEntry, "queue_work_on"), Ok(()));
+        assert!(btf_target(k, Family::KProbe, "no_such_function").is_err());
+        // no BTF at all: only the untyped families
+        assert!(btf_target(None, Family::TpBtf, "kvm_entry").is_err());
+        assert_eq!(btf_target(None, Family::RawTp, "kvm_entry"), Ok(()));
+    }
 }

@@ -1,29 +1,61 @@
-//! Prometheus exposition (OpenMetrics text, by prometheus-client). The histograms are counted in
-//! the kernel, so they go through a custom collector that encodes the summed buckets as they are.
+//! Prometheus exposition (OpenMetrics text, by prometheus-client; Prometheus text 0.0.4 derived
+//! from it). The histograms are counted in the kernel, so they go through a custom collector
+//! that encodes the summed buckets as they are, in the exported bucket layout.
+//!
+//! Every label value is escaped (`\`, `"`, newline): VM names are chosen by tenants, and one bad
+//! name must not make the host's whole scrape unparseable. Series whose labels come out equal
+//! (a VM restarted under the same name, two vCPU fds that cannot be resolved) are merged
+//! before they get here (`session`), so no label set is repeated.
 //!
 //! Families:
 //! - `iopath_stage_latency_seconds{stage,path,<stage labels>}` histogram, one series per stage
-//!   and label set; `le` bounds are the kernel's log-linear bucket bounds.
-//! - `iopath_stage_attached{stage,path,attach}` gauge: 1 attached (attach = variant), 0 not.
-//! - `iopath_events_dropped_total{stage,reason}` counter: events lost (map full, read error) and
-//!   ends without a start (`unmatched`).
+//!   and label set; `le` bounds are a subset of the kernel's bucket bounds (`--buckets`).
+//! - `iopath_stage_attached{stage,path,attach}` gauge: 1 attached (attach = families), 0 not.
+//! - `iopath_events_dropped_total{stage,reason}` counter: events that gave no sample.
+//! - `iopath_map_full_total{map}` counter: inserts refused by a full shared map.
 //! - `iopath_program_run_time_seconds_total{program}`, `iopath_program_run_count_total{program}`:
-//!   kernel.bpf_stats per attached program (zero unless `iopath_bpf_stats_enabled` is 1).
+//!   kernel.bpf_stats per attached program (zero unless `iopath_bpf_stats_enabled` is 1);
+//!   `iopath_program_recursion_misses_total{program}`: runs the kernel skipped.
 //! - `iopath_series`, `iopath_vms` gauges: label sets exported and distinct VMs among them.
-//! - `iopath_kernel_map_entries{map}` gauge: entries of the kernel maps that grow with VMs.
+//! - `iopath_kernel_map_entries{map}` gauge: entries of the kernel maps that grow.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
+    encoding::{DescriptorEncoder, EncodeLabelValue, LabelValueEncoder, NoLabelSet},
     metrics::MetricType,
     registry::{Registry, Unit},
 };
 
-use crate::{attach::StageReport, hist::Snapshot, labels::Labeler, stages};
+use crate::{attach::StageReport, hist::Layout, session::Labelled};
 
-type Labels = Vec<(String, String)>;
+/// A label value, escaped as both text formats require.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Value(pub String);
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, enc: &mut LabelValueEncoder) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => enc.write_str("\\\\")?,
+                '"' => enc.write_str("\\\"")?,
+                '\n' => enc.write_str("\\n")?,
+                c => enc.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+type Labels = Vec<(&'static str, Value)>;
+
+fn l(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (*k, Value(v.to_string())))
+        .collect()
+}
 
 #[derive(Debug, Default)]
 struct HistogramSeries {
@@ -33,102 +65,104 @@ struct HistogramSeries {
     buckets: Vec<(f64, u64)>,
 }
 
+/// Per-program kernel statistics.
+pub struct ProgramStats {
+    pub program: String,
+    pub run_time: Duration,
+    pub run_count: u64,
+    pub recursion_misses: u64,
+}
+
+/// What one scrape shows besides the histograms.
+pub struct Status<'a> {
+    pub report: &'a [StageReport],
+    pub programs: &'a [ProgramStats],
+    pub bpf_stats_enabled: bool,
+    /// (stage, reason) -> events.
+    pub dropped: &'a [(&'static str, &'static str, u64)],
+    /// map -> inserts refused.
+    pub map_full: &'a [(&'static str, u64)],
+    /// map -> entries.
+    pub map_entries: &'a [(&'static str, usize)],
+}
+
 /// Everything one scrape exposes, gathered before encoding.
 #[derive(Debug, Default)]
 pub struct Exposition {
     histograms: Vec<HistogramSeries>,
     attached: Vec<(Labels, i64)>,
     dropped: Vec<(Labels, u64)>,
+    map_full: Vec<(Labels, u64)>,
     run_time: Vec<(Labels, f64)>,
     run_count: Vec<(Labels, u64)>,
+    recursion_misses: Vec<(Labels, u64)>,
     bpf_stats_enabled: i64,
     vms: i64,
     map_entries: Vec<(Labels, i64)>,
 }
 
-/// Per-program kernel statistics.
-pub struct ProgramStats {
-    pub program: String,
-    pub run_time: Duration,
-    pub run_count: u64,
-}
-
-fn l(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 impl Exposition {
-    pub fn gather(
-        snap: &Snapshot,
-        labeler: &mut Labeler,
-        report: &[StageReport],
-        programs: &[ProgramStats],
-        bpf_stats_enabled: bool,
-        maps: &[(&str, usize)],
-    ) -> Self {
+    pub fn gather(series: &[Labelled], layout: &Layout, st: &Status) -> Self {
         let mut vms = BTreeSet::new();
-        let histograms = snap
-            .series
+        let histograms = series
             .iter()
-            .map(|(key, series)| {
-                let stage = stages::stage(key.stage);
-                let mut labels = l(&[("stage", stage.name), ("path", stage.path.name())]);
-                let extra = labeler.labels(key);
-                if let Some((_, vm)) = extra.iter().find(|(k, v)| k == "vm" && !v.is_empty()) {
-                    vms.insert(vm.clone());
+            .map(|s| {
+                let mut labels = l(&[("stage", s.stage.name), ("path", s.stage.path.name())]);
+                for (k, v) in &s.labels {
+                    if *k == "vm" && !v.is_empty() {
+                        vms.insert(v.clone());
+                    }
+                    labels.push((k, Value(v.clone())));
                 }
-                labels.extend(extra);
                 HistogramSeries {
                     labels,
-                    sum_seconds: series.sum_ns as f64 / 1e9,
-                    count: series.count(),
-                    buckets: series.prometheus_buckets(),
+                    sum_seconds: s.series.sum_ns as f64 / 1e9,
+                    count: s.series.count(),
+                    buckets: layout.buckets(&s.series),
                 }
             })
             .collect();
-        let attached = report
+        let attached = st
+            .report
             .iter()
             .map(|r| {
+                let attach = r.attach.as_deref().unwrap_or("none");
                 (
-                    l(&[
-                        ("stage", r.stage),
-                        ("path", r.path),
-                        ("attach", r.attach.unwrap_or("none")),
-                    ]),
+                    l(&[("stage", r.stage), ("path", r.path), ("attach", attach)]),
                     r.attached as i64,
                 )
             })
             .collect();
-        let dropped = snap
-            .counters
-            .iter()
-            .map(|((stage, reason), n)| {
-                (
-                    l(&[("stage", stages::stage(*stage).name), ("reason", reason)]),
-                    *n,
-                )
-            })
-            .collect();
-        let run_time = programs
-            .iter()
-            .map(|p| (l(&[("program", &p.program)]), p.run_time.as_secs_f64()))
-            .collect();
-        let run_count = programs
-            .iter()
-            .map(|p| (l(&[("program", &p.program)]), p.run_count))
-            .collect();
+        let per_program = |f: &dyn Fn(&ProgramStats) -> u64| -> Vec<(Labels, u64)> {
+            st.programs
+                .iter()
+                .map(|p| (l(&[("program", &p.program)]), f(p)))
+                .collect()
+        };
         Exposition {
             histograms,
             attached,
-            dropped,
-            run_time,
-            run_count,
-            bpf_stats_enabled: bpf_stats_enabled as i64,
+            dropped: st
+                .dropped
+                .iter()
+                .map(|(stage, reason, n)| (l(&[("stage", stage), ("reason", reason)]), *n))
+                .collect(),
+            map_full: st
+                .map_full
+                .iter()
+                .map(|(m, n)| (l(&[("map", m)]), *n))
+                .collect(),
+            run_time: st
+                .programs
+                .iter()
+                .map(|p| (l(&[("program", &p.program)]), p.run_time.as_secs_f64()))
+                .collect(),
+            run_count: per_program(&|p| p.run_count),
+            recursion_misses: per_program(&|p| p.recursion_misses),
+            bpf_stats_enabled: st.bpf_stats_enabled as i64,
             vms: vms.len() as i64,
-            map_entries: maps
+            map_entries: st
+                .map_entries
                 .iter()
                 .map(|(m, n)| (l(&[("map", m)]), *n as i64))
                 .collect(),
@@ -147,7 +181,7 @@ impl Exposition {
 }
 
 /// Prometheus text format 0.0.4, for clients that do not accept OpenMetrics: counters are named
-/// with `_total` in HELP/TYPE, and UNIT and EOF lines go.
+/// with `_total` in HELP/TYPE, and UNIT and EOF lines go. Label escaping is the same.
 pub fn openmetrics_to_text(om: &str) -> String {
     let mut counters = BTreeSet::new();
     for line in om.lines() {
@@ -194,6 +228,10 @@ fn family<V>(
     Ok(())
 }
 
+fn counter(e: &mut prometheus_client::encoding::MetricEncoder, v: &u64) -> std::fmt::Result {
+    e.encode_counter::<NoLabelSet, _, u64>(v, None)
+}
+
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(
@@ -213,7 +251,7 @@ impl Collector for Exposition {
         family(
             &mut enc,
             "iopath_stage_attached",
-            "1 when the stage's probes are attached on this kernel (attach = implementation), 0 when unavailable.",
+            "1 when the stage's probes are attached on this kernel (attach = program families), 0 when unavailable.",
             None,
             MetricType::Gauge,
             &self.attached,
@@ -222,11 +260,20 @@ impl Collector for Exposition {
         family(
             &mut enc,
             "iopath_events_dropped",
-            "Events not counted in a histogram, by stage and reason (map full, read error, end without start).",
+            "Events that gave no sample, by stage and reason (map full, read error, no start, stale or ambiguous start, unknown VM, ...).",
             None,
             MetricType::Counter,
             &self.dropped,
-            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
+            counter,
+        )?;
+        family(
+            &mut enc,
+            "iopath_map_full",
+            "Inserts refused by a full kernel map that every KVM stage shares.",
+            None,
+            MetricType::Counter,
+            &self.map_full,
+            counter,
         )?;
         family(
             &mut enc,
@@ -244,12 +291,21 @@ impl Collector for Exposition {
             None,
             MetricType::Counter,
             &self.run_count,
-            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
+            counter,
+        )?;
+        family(
+            &mut enc,
+            "iopath_program_recursion_misses",
+            "Runs of each attached BPF program the kernel skipped because it was already running on that CPU: events lost to it.",
+            None,
+            MetricType::Counter,
+            &self.recursion_misses,
+            counter,
         )?;
         family(
             &mut enc,
             "iopath_kernel_map_entries",
-            "Entries in the kernel maps that grow with VMs and threads (exited VMs are removed after the grace period).",
+            "Entries in the kernel maps that grow with VMs, threads, devices and requests (those of exited VMs and removed devices are collected after the grace period).",
             None,
             MetricType::Gauge,
             &self.map_entries,
@@ -293,5 +349,19 @@ mod tests {
             "# HELP x_dropped_total Drops.\n# TYPE x_dropped_total counter\nx_dropped_total{a=\"b\"} 1\n\
 # HELP x_lat Latency.\n# TYPE x_lat_seconds histogram\nx_lat_seconds_count 0\n"
         );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let e = Exposition {
+            map_entries: vec![(l(&[("map", "bad\"name\nx\\y")]), 1)],
+            ..Default::default()
+        };
+        let om = e.encode();
+        assert!(
+            om.contains(r#"iopath_kernel_map_entries{map="bad\"name\nx\\y"} 1"#),
+            "{om}"
+        );
+        assert!(openmetrics_to_text(&om).contains(r#"{map="bad\"name\nx\\y"}"#));
     }
 }

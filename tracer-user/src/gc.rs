@@ -1,34 +1,43 @@
-//! VM lifecycle: which VMM processes are alive, and what is removed when one exits. A host that
-//! starts and stops thousands of VMs must not grow without bound, in the kernel maps or in
-//! `/metrics`: a VM that exited keeps its series for a grace period (so the last scrape sees its
-//! final counts), then its series, its kernel map entries and its cached labels go.
+//! Lifecycle of what the kernel maps are keyed by: VMM processes and block devices. A host that
+//! starts and stops thousands of VMs (or loop and device-mapper devices) must not grow without
+//! bound, in the kernel maps or in `/metrics`: what is gone keeps its series for a grace period
+//! (so the last scrape sees its final counts), then its series, its kernel map entries and its
+//! cached labels go. Which map holds what, and where its owner is written, is the table in
+//! `maps`.
 
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    hash::Hash,
     time::{Duration, Instant},
 };
 
 use aya::{
-    Ebpf, Pod,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
 };
-use tracer_common::{
-    kvm::{
-        inject::VcpuKey,
-        signal::SignalStart,
-        uexit::{UexitStart, VcpuThread},
-    },
-    maps::{HistKey, HistVal},
-};
+use tracer_common::blk::{dev_major, dev_minor};
 
-/// Start time (clock ticks since boot) of a live process or thread, None when it is gone. With
-/// the pid it tells a process apart from a later one that reuses the pid.
+use crate::maps::{self, Owner};
+
+/// Start time (clock ticks since boot) of a live process, None when it is gone. With the pid it
+/// tells a process apart from a later one that reuses the pid.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // comm may hold spaces and parentheses: fields start after the last ')'
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A block device exists while sysfs has it.
+fn device_exists(dev: u32) -> Option<u64> {
+    fs::metadata(format!(
+        "/sys/dev/block/{}:{}",
+        dev_major(dev),
+        dev_minor(dev)
+    ))
+    .ok()
+    .map(|_| 0)
 }
 
 /// Thread groups that hold a KVM VM fd (`anon_inode:kvm-vm`): VMs that existed before iopath.
@@ -49,166 +58,132 @@ pub fn running_vmms() -> Vec<u32> {
         .collect()
 }
 
-/// The kernel's set of VMM thread groups.
-pub fn vmm_tgids(ebpf: &Ebpf) -> Vec<u32> {
-    ebpf.map("VMM_TGIDS")
-        .and_then(|m| BpfHashMap::<&MapData, u32, u32>::try_from(m).ok())
-        .map(|m| m.keys().flatten().collect())
-        .unwrap_or_default()
+/// Seeds the kernel's VMM set with the VMs already running (the programs learn new ones from
+/// KVM_CREATE_VM); returns them.
+pub fn seed(ebpf: &mut Ebpf) -> Vec<u32> {
+    let running = running_vmms();
+    if let Some(Ok(mut vmms)) = ebpf
+        .map_mut("VMM_TGIDS")
+        .map(BpfHashMap::<&mut MapData, u32, u32>::try_from)
+    {
+        for &tgid in &running {
+            let _ = vmms.insert(tgid, 1, 0);
+        }
+    }
+    running
 }
 
-/// What one collection removed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Collected {
-    pub vms: usize,
-    pub kernel_entries: usize,
-}
-
+/// Things that come and go (VMM processes, block devices), each gone for a grace period before
+/// it is collected.
 #[derive(Debug)]
-pub struct VmGc {
+pub struct Lifecycle<T> {
     grace: Duration,
-    /// tgid -> start time when first seen alive
-    seen: HashMap<u32, u64>,
-    /// tgid -> when it was first seen gone
-    gone_since: HashMap<u32, Instant>,
+    /// Its identity now (a process's start time), None when gone.
+    identity: fn(T) -> Option<u64>,
+    /// Identity when first seen alive.
+    seen: HashMap<T, u64>,
+    /// When it was first seen gone.
+    gone_since: HashMap<T, Instant>,
 }
 
-impl VmGc {
-    pub fn new(grace: Duration) -> Self {
-        VmGc {
+impl<T: Copy + Eq + Hash> Lifecycle<T> {
+    fn new(grace: Duration, identity: fn(T) -> Option<u64>) -> Self {
+        Lifecycle {
             grace,
+            identity,
             seen: HashMap::new(),
             gone_since: HashMap::new(),
         }
     }
 
-    /// Seeds the kernel's VMM set with the VMs already running (the BPF programs learn new ones
-    /// from KVM_CREATE_VM and KVM_RUN).
-    pub fn seed(&mut self, ebpf: &mut Ebpf) {
-        let Some(Ok(mut vmms)) = ebpf
-            .map_mut("VMM_TGIDS")
-            .map(BpfHashMap::<&mut MapData, u32, u32>::try_from)
-        else {
-            return;
-        };
-        for tgid in running_vmms() {
-            let _ = vmms.insert(tgid, 1, 0);
-        }
-    }
-
-    /// Is `tgid` the same live process it was when first seen?
-    fn alive(&mut self, tgid: u32) -> bool {
-        match (start_time(tgid), self.seen.get(&tgid)) {
+    /// Is `t` the same live thing it was when first seen?
+    fn alive(&mut self, t: T) -> bool {
+        match ((self.identity)(t), self.seen.get(&t)) {
             (None, _) => false,
             (Some(now), Some(&first)) => now == first,
             (Some(now), None) => {
-                self.seen.insert(tgid, now);
+                self.seen.insert(t, now);
                 true
             }
         }
     }
 
-    /// Checks every VM `vms` names, and returns those gone for longer than the grace period,
-    /// forgetting them. Call with the tgids of the exported series and of the kernel's VMM set.
-    pub fn expired(&mut self, vms: impl IntoIterator<Item = u32>, now: Instant) -> Vec<u32> {
-        let vms: HashSet<u32> = vms.into_iter().filter(|&t| t != 0).collect();
+    /// Checks every candidate, and returns those gone for longer than the grace period,
+    /// forgetting them.
+    pub fn expired(&mut self, candidates: impl IntoIterator<Item = T>, now: Instant) -> Vec<T> {
+        let candidates: HashSet<T> = candidates.into_iter().collect();
         let mut out = Vec::new();
-        for tgid in vms {
-            if self.alive(tgid) {
-                self.gone_since.remove(&tgid);
+        for t in candidates {
+            if self.alive(t) {
+                self.gone_since.remove(&t);
                 continue;
             }
-            let since = *self.gone_since.entry(tgid).or_insert(now);
+            let since = *self.gone_since.entry(t).or_insert(now);
             if now.duration_since(since) >= self.grace {
-                out.push(tgid);
+                out.push(t);
             }
         }
-        for tgid in &out {
-            self.gone_since.remove(tgid);
-            self.seen.remove(tgid);
+        for t in &out {
+            self.gone_since.remove(t);
+            self.seen.remove(t);
         }
         out
     }
+}
 
-    /// Deletes the kernel map entries of exited VMs. Entries keyed by thread carry their VM, so
-    /// no thread is looked up; a thread that exits while its VM runs leaves at most one entry per
-    /// map until the VM goes.
-    pub fn clean_kernel(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> usize {
-        if dead.is_empty() {
-            return 0;
+/// VMs and devices, and what one collection removed.
+#[derive(Debug)]
+pub struct Collector {
+    pub vms: Lifecycle<u32>,
+    pub devices: Lifecycle<u32>,
+}
+
+/// What one collection found gone and removed.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub vms: HashSet<u32>,
+    pub devices: HashSet<u32>,
+    pub kernel_entries: usize,
+}
+
+impl Collector {
+    pub fn new(grace: Duration) -> Self {
+        Collector {
+            vms: Lifecycle::new(grace, start_time),
+            devices: Lifecycle::new(grace, device_exists),
         }
-        remove_hist(ebpf, dead)
-            + remove_where::<u32, u32>(ebpf, "VMM_TGIDS", |k, _| dead.contains(k))
-            + remove_where::<VcpuKey, u64>(ebpf, "INJ_PENDING", |k, _| dead.contains(&k.vm))
-            + remove_where::<u64, SignalStart>(ebpf, "SIG_DEFERRED", |_, v| dead.contains(&v.vm))
-            + remove_where::<u32, SignalStart>(ebpf, "SIG_START", |_, v| dead.contains(&v.vm))
-            + remove_where::<u32, UexitStart>(ebpf, "UEXIT_START", |_, v| dead.contains(&v.vm))
-            + remove_where::<u32, VcpuThread>(ebpf, "VCPU_FD", |_, v| dead.contains(&v.vm))
     }
 
-    /// Entries in each kernel map that grows with VMs and threads, for
-    /// `iopath_kernel_map_entries`; the histogram map's count comes from the snapshot that
-    /// read it already.
-    pub fn count_entries(ebpf: &Ebpf, hist_entries: usize) -> Vec<(&'static str, usize)> {
-        vec![
-            ("HIST", hist_entries),
-            ("VMM_TGIDS", entries::<u32, u32>(ebpf, "VMM_TGIDS")),
-            ("INJ_PENDING", entries::<VcpuKey, u64>(ebpf, "INJ_PENDING")),
-            ("SIG_START", entries::<u32, SignalStart>(ebpf, "SIG_START")),
-            (
-                "SIG_DEFERRED",
-                entries::<u64, SignalStart>(ebpf, "SIG_DEFERRED"),
-            ),
-            (
-                "UEXIT_START",
-                entries::<u32, UexitStart>(ebpf, "UEXIT_START"),
-            ),
-            ("VCPU_FD", entries::<u32, VcpuThread>(ebpf, "VCPU_FD")),
-        ]
+    /// One collection: every owner named by a kernel map entry or by an exported series
+    /// (`extra`) is checked; the entries of those gone for the grace period are removed.
+    pub fn collect(
+        &mut self,
+        ebpf: &mut Ebpf,
+        extra: impl IntoIterator<Item = Owner>,
+        now: Instant,
+    ) -> Collected {
+        let all = maps::all();
+        let mut owners: Vec<Owner> = extra.into_iter().collect();
+        for m in &all {
+            owners.extend(m.owners(ebpf));
+        }
+        let vms: HashSet<u32> = owners.iter().map(|o| o.vm).filter(|&v| v != 0).collect();
+        let devs: HashSet<u32> = owners.iter().map(|o| o.dev).filter(|&d| d != 0).collect();
+        let dead = Collected {
+            vms: self.vms.expired(vms, now).into_iter().collect(),
+            devices: self.devices.expired(devs, now).into_iter().collect(),
+            kernel_entries: 0,
+        };
+        if dead.vms.is_empty() && dead.devices.is_empty() {
+            return dead;
+        }
+        let doomed = |o: Owner| dead.vms.contains(&o.vm) || dead.devices.contains(&o.dev);
+        let kernel_entries = all.iter().map(|m| m.remove(ebpf, &doomed)).sum();
+        Collected {
+            kernel_entries,
+            ..dead
+        }
     }
-}
-
-fn entries<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str) -> usize {
-    ebpf.map(name)
-        .and_then(|m| BpfHashMap::<&MapData, K, V>::try_from(m).ok())
-        .map_or(0, |m| m.keys().count())
-}
-
-/// Removes the histogram entries of the VMs in `dead` (selected by key alone).
-fn remove_hist(ebpf: &mut Ebpf, dead: &HashSet<u32>) -> usize {
-    let Some(Ok(mut hist)) = ebpf
-        .map_mut("HIST")
-        .map(PerCpuHashMap::<&mut MapData, HistKey, HistVal>::try_from)
-    else {
-        return 0;
-    };
-    let doomed: Vec<HistKey> = hist
-        .keys()
-        .flatten()
-        .filter(|k| dead.contains(&k.vm))
-        .collect();
-    doomed.iter().filter(|k| hist.remove(k).is_ok()).count()
-}
-
-/// Removes the entries of hash map `name` that `pred` selects; returns how many.
-fn remove_where<K: Pod, V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    pred: impl Fn(&K, &V) -> bool,
-) -> usize {
-    let Some(Ok(mut map)) = ebpf
-        .map_mut(name)
-        .map(BpfHashMap::<&mut MapData, K, V>::try_from)
-    else {
-        return 0;
-    };
-    let doomed: Vec<K> = map
-        .iter()
-        .flatten()
-        .filter(|(k, v)| pred(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    doomed.iter().filter(|k| map.remove(k).is_ok()).count()
 }
 
 #[cfg(test)]
@@ -217,11 +192,11 @@ mod tests {
 
     #[test]
     fn a_vm_expires_only_after_the_grace_period() {
-        let mut gc = VmGc::new(Duration::from_secs(10));
+        let mut gc = Lifecycle::new(Duration::from_secs(10), start_time);
         let me = std::process::id();
         let gone = u32::MAX - 7; // no such pid
         let t0 = Instant::now();
-        assert!(gc.expired([me, gone, 0], t0).is_empty());
+        assert!(gc.expired([me, gone], t0).is_empty());
         assert!(
             gc.expired([me, gone], t0 + Duration::from_secs(9))
                 .is_empty()
@@ -232,8 +207,18 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_pid_is_another_vm() {
+        let mut gc = Lifecycle::new(Duration::ZERO, |_| Some(7));
+        let t0 = Instant::now();
+        assert!(gc.expired([42], t0).is_empty());
+        gc.identity = |_| Some(8); // same pid, another process
+        assert_eq!(gc.expired([42], t0), [42]);
+    }
+
+    #[test]
     fn start_time_of_self_and_of_nothing() {
         assert!(start_time(std::process::id()).is_some());
         assert_eq!(start_time(u32::MAX - 7), None);
+        assert_eq!(device_exists(u32::MAX), None);
     }
 }

@@ -1,6 +1,7 @@
 //! Turns the raw values of a histogram key into labels: a VMM tgid into a VM name, a dev_t into
 //! major:minor and a disk name, an exit reason into the kernel's own name for it. Look-ups are
-//! cached and done here, at read time, never per event in the kernel.
+//! cached and done here, in userspace, never per event in the kernel. Values are raw strings
+//! here; `export` escapes them.
 
 use std::{collections::HashMap, fs};
 
@@ -12,6 +13,7 @@ use tracer_common::{
         split_exit_detail,
         uexit::{ERRNO_DETAIL, NO_VCPU},
     },
+    maps::{Notice, NoticeKind},
     stage::StageId,
 };
 
@@ -149,31 +151,89 @@ fn vcpu_of_fd(tgid: u32, fd: u32) -> Option<String> {
         .map(str::to_string)
 }
 
-/// VM name of a VMM process: QEMU's `-name guest=NAME,...` or `-name NAME,...`, else the libvirt
-/// machine scope of its cgroup, else `pid-N`.
-pub fn vm_name_of(tgid: u32) -> String {
-    if let Ok(cmdline) = fs::read(format!("/proc/{tgid}/cmdline")) {
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if let Some(name) = qemu_name(&args) {
-            return name;
+/// Label values are capped: a tenant chooses its VM's name.
+const MAX_LABEL: usize = 128;
+
+fn capped(mut s: String) -> String {
+    if s.len() > MAX_LABEL {
+        let mut end = MAX_LABEL;
+        while !s.is_char_boundary(end) {
+            end -= 1;
         }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The `vm` of a VMM that exited before it could be named: one series for all of them.
+pub const UNKNOWN_VM: &str = "unknown";
+
+/// VM name of a VMM process: QEMU's `-name guest=NAME,...` or `-name NAME,...`, else the libvirt
+/// machine scope of its cgroup, else Firecracker's `--id`, else `unnamed-COMM` (one series for
+/// all unnamed VMs of a program, never a pid); `unknown` when the process is gone.
+pub fn vm_name_of(tgid: u32) -> String {
+    let Ok(cmdline) = fs::read(format!("/proc/{tgid}/cmdline")) else {
+        return UNKNOWN_VM.into();
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    if let Some(name) = qemu_name(&args).or_else(|| flag_value(&args, b"--id")) {
+        return capped(name);
     }
     if let Ok(cg) = fs::read_to_string(format!("/proc/{tgid}/cgroup"))
         && let Some(name) = libvirt_scope_name(&cg)
     {
-        return name;
+        return capped(name);
     }
-    format!("pid-{tgid}")
+    match fs::read_to_string(format!("/proc/{tgid}/comm")) {
+        Ok(comm) => capped(format!("unnamed-{}", comm.trim_end())),
+        Err(_) => UNKNOWN_VM.into(),
+    }
+}
+
+/// The value after `flag` (`--id NAME` or `--id=NAME`).
+fn flag_value(args: &[&[u8]], flag: &[u8]) -> Option<String> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        let v = if *a == flag {
+            *args.get(i + 1)?
+        } else {
+            a.strip_prefix(flag)?.strip_prefix(b"=")?
+        };
+        (!v.is_empty()).then(|| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
+/// QEMU's option syntax: `,` separates options, `,,` is a comma inside a value.
+fn qemu_options(v: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = v.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().expect("never empty").push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().expect("never empty").push(c);
+        }
+    }
+    out
 }
 
 fn qemu_name(args: &[&[u8]]) -> Option<String> {
     let i = args.iter().position(|a| *a == b"-name")?;
     let v = String::from_utf8_lossy(args.get(i + 1)?).into_owned();
-    // options are comma separated; ",," escapes a comma in a value
-    let first = v
-        .split(',')
-        .find(|o| !o.is_empty() && (o.starts_with("guest=") || !o.contains('=')))?;
-    let name = first.strip_prefix("guest=").unwrap_or(first);
+    let opts = qemu_options(&v);
+    // `guest=NAME` anywhere, or a leading bare NAME (QEMU's implied key)
+    let name = opts
+        .iter()
+        .find_map(|o| o.strip_prefix("guest="))
+        .or_else(|| {
+            opts.first()
+                .filter(|o| !o.contains('='))
+                .map(String::as_str)
+        })?;
     (!name.is_empty()).then(|| name.to_string())
 }
 
@@ -197,7 +257,8 @@ fn disk_name_of(dev: u32) -> String {
         .unwrap_or_default()
 }
 
-/// Resolves and caches label values.
+/// Resolves and caches label values. VMs and vCPUs are named when the kernel tells of them
+/// (`notice`), while the VMM lives; whatever was not named then is named at the next read.
 #[derive(Debug, Default)]
 pub struct Labeler {
     reasons: ExitReasons,
@@ -217,14 +278,32 @@ impl Labeler {
         }
     }
 
+    /// A new VM or vCPU, told by the kernel. A VM is named afresh: its tgid may be a pid reused
+    /// since a VM that had it.
+    pub fn notice(&mut self, n: &Notice) {
+        if n.kind == NoticeKind::VmCreated as u32 {
+            self.vms.insert(n.tgid, vm_name_of(n.tgid));
+            self.vcpus.retain(|(t, _), _| *t != n.tgid);
+        } else if n.kind == NoticeKind::VcpuRun as u32 {
+            self.vm(n.tgid);
+            if let Some(v) = vcpu_of_fd(n.tgid, n.fd) {
+                self.vcpus.insert((n.tgid, n.fd), v);
+            }
+        }
+    }
+
     /// Forgets what was cached for a VMM that exited (its pid may be reused).
     pub fn forget_vm(&mut self, tgid: u32) {
         self.vms.remove(&tgid);
         self.vcpus.retain(|(t, _), _| *t != tgid);
     }
 
+    pub fn forget_disk(&mut self, dev: u32) {
+        self.disks.remove(&dev);
+    }
+
     /// vcpu label of a vCPU fd. Only a resolved id is cached: a thread seen before its fd could
-    /// be read is tried again at the next scrape.
+    /// be read is tried again at the next read.
     fn vcpu_fd(&mut self, tgid: u32, fd: u32) -> String {
         if let Some(v) = self.vcpus.get(&(tgid, fd)) {
             return v.clone();
@@ -238,7 +317,7 @@ impl Labeler {
         }
     }
 
-    fn vm(&mut self, tgid: u32) -> String {
+    pub fn vm(&mut self, tgid: u32) -> String {
         if tgid == 0 {
             return String::new();
         }
@@ -249,7 +328,7 @@ impl Labeler {
     }
 
     /// Labels of a series, in the stage table's order, without stage and path.
-    pub fn labels(&mut self, k: &SeriesKey) -> Vec<(String, String)> {
+    pub fn labels(&mut self, k: &SeriesKey) -> Vec<(&'static str, String)> {
         let values: Vec<String> = match k.stage {
             StageId::BlkDevice => {
                 let disk = self
@@ -298,7 +377,7 @@ impl Labeler {
         };
         let names = stages::stage(k.stage).labels;
         debug_assert_eq!(names.len(), values.len());
-        names.iter().map(|n| n.to_string()).zip(values).collect()
+        names.iter().copied().zip(values).collect()
     }
 }
 
@@ -363,9 +442,38 @@ mod tests {
             qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
             None
         );
+        // ",," is a comma inside the value; guest= may come after other options
+        let args = a(&["qemu", "-name", "guest=a,,b,,,debug-threads=on"]);
+        assert_eq!(
+            qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            Some("a,b,".into())
+        );
+        let args = a(&["qemu", "-name", "debug-threads=on,guest=late"]);
+        assert_eq!(
+            qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            Some("late".into())
+        );
+        let args = a(&["qemu", "-name", "guest=bad\"name\nx"]);
+        assert_eq!(
+            qemu_name(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
+            Some("bad\"name\nx".into())
+        );
+        let args = a(&["firecracker", "--api-sock", "/s", "--id", "fc1"]);
+        assert_eq!(
+            flag_value(&args.iter().map(Vec::as_slice).collect::<Vec<_>>(), b"--id"),
+            Some("fc1".into())
+        );
+        assert_eq!(capped("x".repeat(300)).len(), MAX_LABEL);
+        assert_eq!(capped("é".repeat(100)).len(), 128);
         let cg = "0::/machine.slice/machine-qemu\\x2d3\\x2dweb\\x2d01.scope/libvirt/vcpu0\n";
         assert_eq!(libvirt_scope_name(cg), Some("web-01".into()));
         assert_eq!(libvirt_scope_name("0::/user.slice\n"), None);
-        assert_eq!(vm_name_of(u32::MAX - 1), format!("pid-{}", u32::MAX - 1));
+        assert_eq!(vm_name_of(u32::MAX - 1), UNKNOWN_VM);
+        // a live process with no VM name: its program, never its pid
+        let me = vm_name_of(std::process::id());
+        assert!(
+            me.starts_with("unnamed-") && !me.contains(&std::process::id().to_string()),
+            "{me}"
+        );
     }
 }

@@ -1,22 +1,10 @@
-//! iopath: eBPF host I/O latency tracer for KVM hosts.
-
-mod attach;
-mod btf;
-mod export;
-mod gc;
-mod hist;
-mod labels;
-mod offsets;
-mod privs;
-mod report;
-mod serve;
-mod session;
-mod stages;
-mod tracefs;
+//! iopath: eBPF host I/O latency tracer for KVM hosts. The command line; the rest is the
+//! library.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+use iopath::{attach, hist::Layout, privs, report, serve, session, stages::Family};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,12 +33,37 @@ struct Common {
     bpf_stats: bool,
     /// Capacity of the kernel histogram map (series x buckets used); a full map drops samples,
     /// counted in iopath_events_dropped_total.
-    #[arg(long, default_value_t = tracer_common::maps::HIST_ENTRIES, global = true)]
+    #[arg(long, default_value_t = tracer_common::maps::HIST_ENTRIES, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     hist_entries: u32,
-    /// How long the series of a VM that exited stay exported before they and the VM's kernel
-    /// map entries are removed, e.g. 60s, 5m.
+    /// Capacity of each kernel map of events in flight (requests, exits, signals); a full map
+    /// drops starts, counted in iopath_events_dropped_total.
+    #[arg(long, default_value_t = tracer_common::maps::START_ENTRIES, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    start_entries: u32,
+    /// How long the series of a VM that exited (or a block device that went) stay exported
+    /// before they and its kernel map entries are removed, e.g. 60s, 5m.
     #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
     vm_grace: Duration,
+    /// Program families the attach plan may use, comma separated, in any order (default: all:
+    /// tp_btf, raw_tp, tracepoint, fentry, kprobe; each event takes the first that works).
+    #[arg(long, value_delimiter = ',', value_parser = parse_family, global = true)]
+    families: Vec<Family>,
+    /// Histogram buckets exported on /metrics per power of two, from 1.024 µs to 17.2 s: 1, 2,
+    /// 4 or 8 (8: the kernel's own resolution). /quantiles and record always use all.
+    #[arg(long, default_value = "2", value_parser = parse_layout, global = true)]
+    buckets: Layout,
+}
+
+fn parse_family(s: &str) -> Result<Family, String> {
+    Family::parse(s).ok_or_else(|| {
+        format!("unknown program family {s:?} (tp_btf, raw_tp, tracepoint, fentry, kprobe)")
+    })
+}
+
+fn parse_layout(s: &str) -> Result<Layout, String> {
+    s.parse()
+        .ok()
+        .and_then(Layout::per_octave)
+        .ok_or_else(|| format!("invalid --buckets {s:?} (1, 2, 4 or 8 per power of two)"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,14 +118,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Common {
-    fn options(&self) -> attach::Options<'_> {
+    fn attach(&self) -> attach::Options<'_> {
         attach::Options {
             tracefs: &self.tracefs,
             stages: &self.stages,
+            families: &self.families,
             hist_entries: self.hist_entries,
+            start_entries: self.start_entries,
             strict: self.strict,
             bpf_stats: self.bpf_stats,
+        }
+    }
+
+    fn options(&self) -> session::Options<'_> {
+        session::Options {
+            attach: self.attach(),
             vm_grace: self.vm_grace,
+            layout: self.buckets.clone(),
         }
     }
 }
@@ -186,12 +208,24 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
         "iopath: recording for {duration:?} or until Ctrl-C ({})",
         session.tracer.attached_stages()
     );
+    // New VMs are named as soon as the kernel tells of them, so a VM that exits before the
+    // report keeps its name.
+    let notices = session.notice_waiter()?;
     let deadline = tokio::time::Instant::now() + duration;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
-            _ = tick.tick() => session.refresh()?,
+            _ = tick.tick() => {
+                session.refresh()?;
+                session.collect();
+            }
+            ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
+                if let Ok(mut guard) = ready {
+                    session.drain_notices();
+                    guard.clear_ready();
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -211,15 +245,23 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
 fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
     let opts = attach::Options {
         strict: false,
-        ..common.options()
+        ..common.attach()
     };
     let tracer = attach::Tracer::start(&opts)?;
     if json {
+        let modules: Vec<String> = iopath::btf::KernelBtf::from_sys_fs()
+            .map(|b| b.modules().map(String::from).collect())
+            .unwrap_or_default();
         let out = serde_json::json!({
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "btf": std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+            "btf_modules": modules,
             "tracefs": common.tracefs,
             "stages": tracer.report,
+            // Every program the object holds, attached or not: what to look for if one is
+            // left loaded.
+            "programs": iopath::stages::all_programs(),
+            "maps": iopath::maps::all().iter().map(|m| m.name).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -234,8 +276,8 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
             "STAGE", "PATH", "STATE", "ATTACH"
         );
         for r in &tracer.report {
-            let (state, attach, detail) = match r.attach {
-                Some(a) => ("attached", a, r.points.join(", ")),
+            let (state, attach, detail) = match &r.attach {
+                Some(a) => ("attached", a.as_str(), r.points.join(", ")),
                 None => ("missing", "-", r.skipped.join("; ")),
             };
             println!(

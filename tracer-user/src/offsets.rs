@@ -41,24 +41,40 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         tp_write_count: field("syscalls", "sys_enter_write", "count"),
         tp_ioctl_fd: field("syscalls", "sys_enter_ioctl", "fd"),
         tp_ioctl_cmd: field("syscalls", "sys_enter_ioctl", "cmd"),
+        task_stack: member("task_struct", "stack"),
+        thread_size: btf.and_then(thread_size).unwrap_or(0),
         _pad: 0,
         irqfd_inject: kernel_symbol("irqfd_inject").unwrap_or(0),
     }
+}
+
+/// THREAD_SIZE: the kernel's `union thread_union` is exactly one task stack; where BTF lacks
+/// it, x86's `struct irq_stack` has the same order.
+fn thread_size(btf: &KernelBtf) -> Option<u32> {
+    btf.size_of("thread_union")
+        .or_else(|| btf.size_of("irq_stack"))
+        .filter(|s| s.is_power_of_two())
 }
 
 /// Address of a kernel text symbol from /proc/kallsyms; None when absent or hidden
 /// (kptr_restrict shows zeros to readers without CAP_SYSLOG).
 pub fn kernel_symbol(name: &str) -> Option<u64> {
     let syms = fs::read_to_string("/proc/kallsyms").ok()?;
-    parse_kallsyms(&syms, name)
+    parse_kallsyms(&syms, name, true)
 }
 
-fn parse_kallsyms(syms: &str, name: &str) -> Option<u64> {
+/// Address of any kernel symbol (text or data) from /proc/kallsyms.
+pub fn kernel_address(name: &str) -> Option<u64> {
+    let syms = fs::read_to_string("/proc/kallsyms").ok()?;
+    parse_kallsyms(&syms, name, false)
+}
+
+fn parse_kallsyms(syms: &str, name: &str, text: bool) -> Option<u64> {
     syms.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (addr, kind, sym) = (f.next()?, f.next()?, f.next()?);
         // t/T: text; a module symbol carries its module after it, which does not matter here.
-        (sym == name && kind.eq_ignore_ascii_case("t"))
+        (sym == name && (!text || kind.eq_ignore_ascii_case("t")))
             .then(|| u64::from_str_radix(addr, 16).ok())
             .flatten()
             .filter(|&a| a != 0)
@@ -73,8 +89,17 @@ mod tests {
     fn kallsyms_lines() {
         let s = "ffffffff81285500 t irqfd_shutdown\nffffffff81285600 t irqfd_inject\n\
 0000000000000000 t hidden\nffffffffc0001000 t irqfd_inject_x\t[kvm]\n";
-        assert_eq!(parse_kallsyms(s, "irqfd_inject"), Some(0xffffffff81285600));
-        assert_eq!(parse_kallsyms(s, "hidden"), None);
-        assert_eq!(parse_kallsyms(s, "missing"), None);
+        assert_eq!(
+            parse_kallsyms(s, "irqfd_inject", true),
+            Some(0xffffffff81285600)
+        );
+        assert_eq!(parse_kallsyms(s, "hidden", true), None);
+        assert_eq!(parse_kallsyms(s, "missing", true), None);
+        let s = "ffffffff828c608c R __start_notes\n";
+        assert_eq!(parse_kallsyms(s, "__start_notes", true), None);
+        assert_eq!(
+            parse_kallsyms(s, "__start_notes", false),
+            Some(0xffffffff828c608c)
+        );
     }
 }

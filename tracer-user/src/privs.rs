@@ -30,3 +30,15 @@ pub fn check() -> anyhow::Result<()> {
         )
     }
 }
+
+/// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it, and its default (64 KiB
+/// or 8 MiB) is smaller than iopath's maps. Later kernels ignore it; failure is left to the
+/// loader to report.
+pub fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall on a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}

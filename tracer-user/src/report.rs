@@ -1,10 +1,12 @@
-//! Quantile reports of a session: the table `iopath record` prints, and its JSON.
+//! Quantile reports of a session: the table `iopath record` prints, its JSON, and `/quantiles`.
+//! Quantiles come from the kernel's full-resolution buckets (within 1/8 of a bucket's lower
+//! bound), not from the coarser exported layout.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::{hist::Summary, session::Session, stages};
+use crate::{hist::Summary, session::Session};
 
 #[derive(Serialize)]
 struct Row {
@@ -16,36 +18,29 @@ struct Row {
 }
 
 fn rows(s: &mut Session) -> Vec<Row> {
-    let summaries: Vec<_> = s.quantiles.summaries().map(|(k, v)| (*k, v)).collect();
-    summaries
+    s.summaries()
         .into_iter()
-        .map(|(key, summary)| {
-            let stage = stages::stage(key.stage);
-            let labels = s
-                .labeler
-                .labels(&key)
+        .map(|(l, summary)| Row {
+            stage: l.stage.name,
+            path: l.stage.path.name(),
+            labels: l
+                .labels
                 .into_iter()
-                .map(|(k, v)| (k, v.into()))
-                .collect();
-            Row {
-                stage: stage.name,
-                path: stage.path.name(),
-                labels,
-                summary,
-            }
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect(),
+            summary,
         })
         .collect()
 }
 
 /// Dropped events since the session started, by stage and reason (non-zero only).
 fn dropped(s: &Session) -> Vec<serde_json::Value> {
-    // The session loaded its own maps, so the counters' totals are this session's.
-    s.quantiles
-        .last()
-        .counters
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|((stage, reason), n)| serde_json::json!({"stage": stages::stage(*stage).name, "reason": reason, "events": n}))
+    s.dropped_since_start()
+        .into_iter()
+        .filter(|(_, _, n)| *n > 0)
+        .map(
+            |(stage, reason, n)| serde_json::json!({"stage": stage, "reason": reason, "events": n}),
+        )
         .collect()
 }
 
@@ -58,6 +53,7 @@ pub fn json(s: &mut Session) -> String {
     serde_json::to_string_pretty(&out).expect("serializable") + "\n"
 }
 
+/// A latency in µs for the table: µs with one decimal below 10 ms, then ms with a unit.
 fn us(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.1}ms", v / 1e3)
@@ -73,10 +69,11 @@ pub fn table(s: &mut Session) -> String {
         r.labels
             .iter()
             .filter(|(_, v)| v.as_str().is_some_and(|v| !v.is_empty()))
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .map(|(k, v)| format!("{k}={:?}", v.as_str().unwrap_or_default()))
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let stage_w = rows.iter().map(|r| r.stage.len()).max().unwrap_or(5).max(5);
     let width = rows
         .iter()
         .map(|r| label_text(r).len())
@@ -85,14 +82,14 @@ pub fn table(s: &mut Session) -> String {
         .max(6);
     let _ = writeln!(
         out,
-        "{:<12} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}   (µs)",
+        "{:<stage_w$} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "STAGE", "LABELS", "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
     );
     for r in &rows {
         let m = &r.summary;
         let _ = writeln!(
             out,
-            "{:<12} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:<stage_w$} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             r.stage,
             label_text(r),
             m.count,
@@ -105,6 +102,10 @@ pub fn table(s: &mut Session) -> String {
     }
     if rows.is_empty() {
         out.push_str("(no events)\n");
+    } else {
+        out.push_str(
+            "(latencies in µs unless marked ms; MAX is the upper bound of the highest bucket)\n",
+        );
     }
     for r in s.tracer.report.iter().filter(|r| !r.attached) {
         let _ = writeln!(out, "unavailable: {}: {}", r.stage, r.skipped.join("; "));

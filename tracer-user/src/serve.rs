@@ -1,25 +1,98 @@
 //! `iopath serve`: the daemon. Binds the listen address first (a port in use fails before any
-//! probe is attached), attaches, then answers `/metrics` until SIGINT or SIGTERM, and detaches
-//! everything on the way out.
+//! probe is attached), attaches, then serves HTTP with hyper until SIGINT or SIGTERM, and
+//! detaches everything on the way out.
+//!
+//! One task owns the timers: every second it collects what has been gone for the grace period,
+//! and it names new VMs as soon as the kernel's notices arrive. Scrapes share snapshots: a
+//! scrape takes the newest one read after it arrived, or reads one that every scrape waiting
+//! behind it then shares. Connections are capped (the rest get 503), slow or oversized requests
+//! are cut off (408 by closing, 431, 400), and accept errors (EMFILE) back off.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
+    sync::{Mutex, OwnedSemaphorePermit, Semaphore},
 };
 
-use crate::{attach::Options, export, report, session::Session};
+use crate::{
+    export, report,
+    session::{Options, Session},
+};
 
-const MAX_REQUEST: usize = 8192;
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Request head (line and headers) larger than this: 431.
+const MAX_HEAD: usize = 16 * 1024;
+/// A client must send a request head within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed after this, whatever it does.
+const CONN_LIFETIME: Duration = Duration::from_secs(300);
+/// Pause after a failed accept (EMFILE, ENFILE): the error repeats until a connection closes.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often what is gone is collected.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// A scrape's worth of text, shared by every scrape that asked for it.
+struct Rendered {
+    /// When the read behind it started.
+    at: Instant,
+    openmetrics: Bytes,
+    text: OnceLock<Bytes>,
+}
+
+struct Inner {
+    session: Session,
+    latest: Option<Arc<Rendered>>,
+}
+
+/// The session, behind an async lock (it cannot be poisoned: a panicking scrape leaves it
+/// usable).
+struct State {
+    inner: Mutex<Inner>,
+}
+
+impl State {
+    /// The newest snapshot read after `asked`, reading one if there is none.
+    async fn rendered(&self, asked: Instant) -> Result<Arc<Rendered>, String> {
+        let mut inner = self.inner.lock().await;
+        if let Some(r) = &inner.latest
+            && r.at >= asked
+        {
+            return Ok(r.clone());
+        }
+        let at = Instant::now();
+        inner.session.refresh().map_err(|e| e.to_string())?;
+        let om = inner.session.exposition().encode();
+        let r = Arc::new(Rendered {
+            at,
+            openmetrics: Bytes::from(om),
+            text: OnceLock::new(),
+        });
+        inner.latest = Some(r.clone());
+        Ok(r)
+    }
+
+    async fn quantiles(&self) -> Result<String, String> {
+        let mut inner = self.inner.lock().await;
+        inner.session.refresh().map_err(|e| e.to_string())?;
+        Ok(report::json(&mut inner.session))
+    }
+}
 
 pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
@@ -36,83 +109,125 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     if !session.tracer.any_attached() {
         anyhow::bail!("no stage can attach on this kernel (see `iopath doctor`)");
     }
-    let local = listener.local_addr()?;
+    let notices = session.notice_waiter().context("notice ring buffer")?;
     eprintln!(
-        "iopath: serving http://{local}/metrics ({})",
+        "iopath: serving http://{}/metrics ({})",
+        listener.local_addr()?,
         session.tracer.attached_stages()
     );
-    let session = Arc::new(Mutex::new(session));
+    let state = Arc::new(State {
+        inner: Mutex::new(Inner {
+            session,
+            latest: None,
+        }),
+    });
+    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut collect = tokio::time::interval(COLLECT_EVERY);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let session = session.clone();
-                tokio::spawn(async move {
-                    // A client that stalls is dropped; it never holds the session.
-                    let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, session)).await;
-                });
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match conns.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(connection(stream, state.clone(), permit));
+                    }
+                    Err(_) => {
+                        tokio::spawn(busy(stream));
+                    }
+                },
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            _ = collect.tick() => {
+                state.inner.lock().await.session.collect();
+            }
+            ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
+                if let Ok(mut guard) = ready {
+                    state.inner.lock().await.session.drain_notices();
+                    guard.clear_ready();
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     eprintln!("iopath: detaching and exiting");
+    drop(notices);
     // Dropping the session detaches and unloads every program; nothing is pinned.
-    drop(session);
+    drop(state);
     Ok(())
 }
 
-async fn handle(mut stream: TcpStream, session: Arc<Mutex<Session>>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    // Content negotiation as Prometheus does it: OpenMetrics when the scraper asks for it.
-    let openmetrics = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("accept:") && l.contains("application/openmetrics-text")
+/// Over the connection cap: a short 503, then close.
+async fn busy(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await;
+}
+
+async fn connection(stream: TcpStream, state: Arc<State>, _permit: OwnedSemaphorePermit) {
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(respond(req, &state).await) }
     });
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => match session.lock().expect("session lock").metrics() {
-            Ok(text) if openmetrics => ("200 OK", OPENMETRICS, text),
-            Ok(text) => ("200 OK", TEXT, export::openmetrics_to_text(&text)),
-            Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
-        },
-        ("GET", "/quantiles") => {
-            let mut s = session.lock().expect("session lock");
-            match s.refresh() {
-                Ok(()) => ("200 OK", "application/json", report::json(&mut s)),
-                Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    // hyper answers a malformed head with 400 and an oversized one with 431 before closing.
+    let _ = tokio::time::timeout(CONN_LIFETIME, conn).await;
+}
+
+fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, ctype)
+        .body(Full::new(body.into()))
+        .expect("a static header is valid")
+}
+
+async fn respond(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+    let asked = Instant::now();
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            // Content negotiation as Prometheus does it: OpenMetrics when asked for.
+            let openmetrics = req.headers().get_all(header::ACCEPT).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.contains("application/openmetrics-text"))
+            });
+            match state.rendered(asked).await {
+                Ok(r) if openmetrics => reply(StatusCode::OK, OPENMETRICS, r.openmetrics.clone()),
+                Ok(r) => {
+                    let text = r.text.get_or_init(|| {
+                        let om = String::from_utf8_lossy(&r.openmetrics);
+                        Bytes::from(export::openmetrics_to_text(&om))
+                    });
+                    reply(StatusCode::OK, TEXT, text.clone())
+                }
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e + "\n"),
             }
         }
-        ("GET", "/") => (
-            "200 OK",
+        "/quantiles" => match state.quantiles().await {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e + "\n"),
+        },
+        "/" => reply(
+            StatusCode::OK,
             "text/plain",
-            "iopath: see /metrics and /quantiles\n".to_string(),
+            "iopath: see /metrics and /quantiles\n",
         ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_string(),
-        ),
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
 }

@@ -1,101 +1,221 @@
-//! A running tracer and what reading it needs: the attached programs, label resolution and the
-//! cumulative quantiles. Shared by `serve` and `record`.
+//! A running tracer and what reading it needs: the attached programs, the notices that name new
+//! VMs and vCPUs, label resolution, snapshots of the kernel's counts and the collection of what
+//! is gone. Shared by `serve` and `record`.
 
 use std::{
-    collections::HashSet,
+    collections::BTreeMap,
     fs,
+    os::fd::{AsFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tracer_common::{maps::Notice, stage::StageId};
+
 use crate::{
-    attach::{Options, Tracer},
-    export::{Exposition, ProgramStats},
-    gc::{self, Collected, VmGc},
-    hist::{Quantiles, ReadError, SeriesKey, Snapshot},
+    attach::{self, Tracer},
+    export::{Exposition, ProgramStats, Status},
+    gc::{self, Collector},
+    hist::{Layout, ReadError, Series, SeriesKey, Snapshot, Summary},
     labels::Labeler,
+    maps::{self, Owner},
+    stages::{self, Stage},
+    sys,
 };
+
+#[derive(Clone, Debug)]
+pub struct Options<'a> {
+    pub attach: attach::Options<'a>,
+    /// How long an exited VM's (or removed device's) series stay exported.
+    pub vm_grace: Duration,
+    /// Buckets of the classic exposition.
+    pub layout: Layout,
+}
+
+/// Label names and values of a series, in the stage table's order.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// One exported series: a stage, its labels, and the sum of every kernel series whose labels
+/// came out the same (a VM restarted under one name, vCPUs that could not be resolved).
+#[derive(Clone, Debug)]
+pub struct Labelled {
+    pub stage: &'static Stage,
+    pub labels: Labels,
+    pub series: Series,
+}
 
 pub struct Session {
     pub tracer: Tracer,
     pub labeler: Labeler,
-    pub quantiles: Quantiles,
-    gc: VmGc,
-    last_gc: Option<Instant>,
-    /// Series whose labels were resolved once (the labeler caches the values).
-    labelled: HashSet<SeriesKey>,
+    pub layout: Layout,
+    /// What the kernel had counted when the session started.
+    base: Snapshot,
+    last: Snapshot,
+    collector: Collector,
+    notices: Option<RingBuf<MapData>>,
     bpf_stats: bool,
 }
 
-/// How often exited VMs are looked for (each look reads /proc for every VM and started thread).
-const GC_EVERY: Duration = Duration::from_secs(1);
+/// The owner of a series' kernel entries.
+fn owner(k: &SeriesKey) -> Owner {
+    Owner {
+        vm: k.vm,
+        dev: if k.stage == StageId::BlkDevice {
+            k.obj
+        } else {
+            0
+        },
+    }
+}
 
 impl Session {
     pub fn start(opts: &Options) -> anyhow::Result<Session> {
-        let mut tracer = Tracer::start(opts)?;
-        let labeler = Labeler::new(&tracer.tracefs);
-        let mut gc = VmGc::new(opts.vm_grace);
-        gc.seed(&mut tracer.ebpf);
+        let mut tracer = Tracer::start(&opts.attach)?;
+        let mut labeler = Labeler::new(&tracer.tracefs);
+        // VMs older than the session: named now, while they run.
+        for tgid in gc::seed(&mut tracer.ebpf) {
+            labeler.vm(tgid);
+        }
+        let notices = tracer
+            .ebpf
+            .take_map("VM_NOTICES")
+            .and_then(|m| RingBuf::try_from(m).ok());
         let base = Snapshot::read(&tracer.ebpf)?;
         Ok(Session {
             tracer,
             labeler,
-            quantiles: Quantiles::new(base),
-            gc,
-            last_gc: None,
-            labelled: HashSet::new(),
-            bpf_stats: opts.bpf_stats,
+            layout: opts.layout.clone(),
+            last: base.clone(),
+            base,
+            collector: Collector::new(opts.vm_grace),
+            notices,
+            bpf_stats: opts.attach.bpf_stats,
         })
     }
 
-    /// Reads the kernel maps and feeds the increase to the quantiles; then removes what belongs
-    /// to VMs gone for longer than the grace period.
-    pub fn refresh(&mut self) -> Result<(), ReadError> {
-        let snap = Snapshot::read(&self.tracer.ebpf)?;
-        // Resolve the labels of new series now, while their VMM is alive: a VM that exits
-        // before the report keeps its name.
-        for key in snap.series.keys() {
-            if self.labelled.insert(*key) {
-                self.labeler.labels(key);
+    /// Readiness of the notice ring buffer, to wait on: its own duplicate of the ring's fd,
+    /// so it stays valid whatever the session does with the ring.
+    pub fn notice_waiter(&self) -> std::io::Result<Option<AsyncFd<OwnedFd>>> {
+        let Some(ring) = &self.notices else {
+            return Ok(None);
+        };
+        let fd = ring.as_fd().try_clone_to_owned()?;
+        // SAFETY: the AsyncFd owns `fd`, which stays open as long as it is registered.
+        let waiter = unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
+        Ok(Some(waiter))
+    }
+
+    /// Names the VMs and vCPUs the kernel told of since the last call.
+    pub fn drain_notices(&mut self) -> usize {
+        let Some(ring) = self.notices.as_mut() else {
+            return 0;
+        };
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<Notice>() {
+                // SAFETY: the programs write whole Notices; read unaligned from the ring.
+                let notice = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Notice) };
+                self.labeler.notice(&notice);
+                n += 1;
             }
         }
-        self.quantiles.update(snap);
-        let now = Instant::now();
-        if self
-            .last_gc
-            .is_none_or(|t| now.duration_since(t) >= GC_EVERY)
-        {
-            self.last_gc = Some(now);
-            self.collect(now);
-        }
+        n
+    }
+
+    /// Reads the kernel's counts.
+    pub fn refresh(&mut self) -> Result<(), ReadError> {
+        self.drain_notices();
+        self.last = Snapshot::read(&self.tracer.ebpf)?;
         Ok(())
     }
 
-    /// One garbage collection of exited VMs.
-    fn collect(&mut self, now: Instant) -> Collected {
-        let mut vms: Vec<u32> = self.quantiles.last().series.keys().map(|k| k.vm).collect();
-        vms.extend(gc::vmm_tgids(&self.tracer.ebpf));
-        let dead: HashSet<u32> = self.gc.expired(vms, now).into_iter().collect();
-        let kernel_entries = VmGc::clean_kernel(&mut self.tracer.ebpf, &dead);
-        self.quantiles.forget_vms(&dead);
-        self.labelled.retain(|k| !dead.contains(&k.vm));
-        for tgid in &dead {
-            self.labeler.forget_vm(*tgid);
+    /// Collects what has been gone for the grace period: kernel entries, series, labels.
+    pub fn collect(&mut self) -> gc::Collected {
+        self.drain_notices();
+        // HIST's owners come from the snapshot: no second walk of the largest map.
+        let owners: Vec<Owner> = self.last.series.keys().map(owner).collect();
+        let dead = self
+            .collector
+            .collect(&mut self.tracer.ebpf, owners, Instant::now());
+        if !dead.vms.is_empty() || !dead.devices.is_empty() {
+            let gone =
+                |k: &SeriesKey| dead.vms.contains(&k.vm) || dead.devices.contains(&owner(k).dev);
+            self.last.forget(gone);
+            self.base.forget(gone);
+            for &vm in &dead.vms {
+                self.labeler.forget_vm(vm);
+            }
+            for &dev in &dead.devices {
+                self.labeler.forget_disk(dev);
+            }
         }
-        Collected {
-            vms: dead.len(),
-            kernel_entries,
+        dead
+    }
+
+    /// The last snapshot's series (since the session started with `since_start`, else all the
+    /// kernel counted), labelled, with equal label sets merged.
+    pub fn labelled(&mut self, since_start: bool) -> Vec<Labelled> {
+        let snap = if since_start {
+            self.last.since(&self.base)
+        } else {
+            self.last.clone()
+        };
+        let mut merged: BTreeMap<(StageId, Labels), Series> = BTreeMap::new();
+        for (key, series) in &snap.series {
+            let labels = self.labeler.labels(key);
+            merged.entry((key.stage, labels)).or_default().add(series);
         }
+        merged
+            .into_iter()
+            .map(|((stage, labels), series)| Labelled {
+                stage: stages::stage(stage),
+                labels,
+                series,
+            })
+            .collect()
+    }
+
+    /// Quantiles of what happened since the session started, one row per label set.
+    pub fn summaries(&mut self) -> Vec<(Labelled, Summary)> {
+        self.labelled(true)
+            .into_iter()
+            .map(|l| {
+                let s = l.series.summary();
+                (l, s)
+            })
+            .collect()
+    }
+
+    /// Dropped events since the session started, by stage and reason.
+    pub fn dropped_since_start(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.last
+            .since(&self.base)
+            .counters
+            .iter()
+            .map(|((s, r), n)| (stages::stage(*s).name, *r, *n))
+            .collect()
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.tracer
             .programs()
             .filter_map(|name| {
-                let i = self.tracer.ebpf.program(name)?.info().ok()?;
+                let p = self.tracer.ebpf.program(name)?;
+                let i = p.info().ok()?;
+                let misses = p
+                    .fd()
+                    .ok()
+                    .and_then(|fd| {
+                        use std::os::fd::AsFd as _;
+                        sys::recursion_misses(fd.as_fd()).ok()
+                    })
+                    .unwrap_or(0);
                 Some(ProgramStats {
                     program: name.to_string(),
                     run_time: i.run_time(),
                     run_count: i.run_count(),
+                    recursion_misses: misses,
                 })
             })
             .collect()
@@ -107,21 +227,45 @@ impl Session {
                 .is_ok_and(|v| v.trim() == "1")
     }
 
-    /// One scrape: read, then encode.
-    pub fn metrics(&mut self) -> Result<String, ReadError> {
-        self.refresh()?;
+    /// Entries of every growing kernel map (HIST's from the last snapshot).
+    pub fn map_entries(&self) -> Vec<(&'static str, usize)> {
+        maps::all()
+            .into_iter()
+            .map(|m| {
+                let n = if m.name == maps::HIST.name {
+                    self.last.hist_entries
+                } else {
+                    m.owners(&self.tracer.ebpf).len()
+                };
+                (m.name, n)
+            })
+            .collect()
+    }
+
+    /// What a scrape shows, from the last refresh. Counters are the kernel's totals (this
+    /// session loaded its own maps, so they start at zero with it).
+    pub fn exposition(&mut self) -> Exposition {
+        let series = self.labelled(false);
         let programs = self.program_stats();
-        let enabled = self.bpf_stats_enabled();
-        let snap = self.quantiles.last();
-        let maps = VmGc::count_entries(&self.tracer.ebpf, self.quantiles.last().hist_entries);
-        Ok(Exposition::gather(
-            snap,
-            &mut self.labeler,
-            &self.tracer.report,
-            &programs,
-            enabled,
-            &maps,
+        let dropped: Vec<_> = self
+            .last
+            .counters
+            .iter()
+            .map(|((s, r), n)| (stages::stage(*s).name, *r, *n))
+            .collect();
+        let map_full: Vec<_> = self.last.map_full.iter().map(|(m, n)| (*m, *n)).collect();
+        let map_entries = self.map_entries();
+        Exposition::gather(
+            &series,
+            &self.layout,
+            &Status {
+                report: &self.tracer.report,
+                programs: &programs,
+                bpf_stats_enabled: self.bpf_stats_enabled(),
+                dropped: &dropped,
+                map_full: &map_full,
+                map_entries: &map_entries,
+            },
         )
-        .encode())
     }
 }

@@ -13,7 +13,12 @@
 //! - `ioeventfd`: the `pio` guest with port 0x3f8 registered with KVM_IOEVENTFD; reports how
 //!   many `out`s signalled the eventfd in the kernel and how many still exited to userspace.
 //! - `halt`: the guest halts in the kernel (in-kernel irqchip); the VMM wakes the vCPU thread N
-//!   times with a signal D µs after it entered KVM_RUN (kvm:kvm_vcpu_wakeup).
+//!   times with a signal D µs after it entered KVM_RUN (kvm:kvm_vcpu_wakeup); the first time
+//!   after at least 20 ms, so that the vCPU has surely halted.
+//! - `exits`: V vCPUs (`--vcpus V`), each in its own thread, each doing N port writes
+//!   (KVM_EXIT_IO) and N writes to unbacked memory (KVM_EXIT_MMIO), then halting until the VMM
+//!   signals its thread (KVM_RUN fails with EINTR), twice, so that one exit of the third
+//!   reason is followed by a KVM_RUN: exits of three reasons on every vCPU.
 //!
 //! It stays alive H ms after the work (default 0) so a test can scrape while the VM exists, and
 //! prints one JSON line of what it did. The `-name` argument is what labels the VM, as for QEMU.
@@ -51,6 +56,10 @@ const GUEST_PIO: &[u8] = &[
 ];
 /// h: hlt; jmp h
 const GUEST_HALT: &[u8] = &[0xf4, 0xeb, 0xfd];
+/// mov dx,0x3f8; l: out dx,al; mov [0x8000],al; loop l; h: hlt; jmp h (0x8000 is unbacked)
+const GUEST_EXITS: &[u8] = &[
+    0xba, 0xf8, 0x03, 0xee, 0xa2, 0x00, 0x80, 0xe2, 0xfa, 0xf4, 0xeb, 0xfd,
+];
 
 struct Args {
     name: String,
@@ -59,6 +68,7 @@ struct Args {
     spin_us: u64,
     gap_us: u64,
     hold_ms: u64,
+    vcpus: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -69,6 +79,7 @@ fn parse_args() -> anyhow::Result<Args> {
         spin_us: 0,
         gap_us: 1000,
         hold_ms: 0,
+        vcpus: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,12 +90,15 @@ fn parse_args() -> anyhow::Result<Args> {
             "--spin-us" => a.spin_us = val()?.parse()?,
             "--gap-us" => a.gap_us = val()?.parse()?,
             "--hold-ms" => a.hold_ms = val()?.parse()?,
+            "--vcpus" => a.vcpus = val()?.parse()?,
             m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
             other => bail!("unknown argument {other}"),
         }
     }
     if a.mode.is_empty() {
-        bail!("usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|halt ...");
+        bail!(
+            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits ..."
+        );
     }
     Ok(a)
 }
@@ -102,6 +116,26 @@ struct Vm {
     vcpu: VcpuFd,
     // guest memory, mapped for the VM's lifetime
     _mem: *mut u8,
+}
+
+/// A vCPU about to run the guest's code in real mode, with CX = `loops` (the guests' `loop`
+/// count), runnable at once (an AP of an in-kernel irqchip would wait for INIT/SIPI).
+fn create_vcpu(vm: &VmFd, id: u64, loops: u32) -> anyhow::Result<VcpuFd> {
+    let vcpu = vm.create_vcpu(id).context("KVM_CREATE_VCPU")?;
+    let mut sregs = vcpu.get_sregs()?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs)?;
+    let mut regs = vcpu.get_regs()?;
+    regs.rip = CODE_ADDR;
+    regs.rflags = 2;
+    regs.rcx = loops as u64;
+    vcpu.set_regs(&regs)?;
+    vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    })
+    .context("KVM_SET_MP_STATE")?;
+    Ok(vcpu)
 }
 
 /// A VM with an in-kernel irqchip and one vCPU about to run `code` in real mode, with CX =
@@ -136,16 +170,7 @@ fn create_vm(code: &[u8], loops: u32) -> anyhow::Result<Vm> {
     };
     // SAFETY: the region is a valid mapping that outlives the VM.
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
-    let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
-    let mut sregs = vcpu.get_sregs()?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs)?;
-    let mut regs = vcpu.get_regs()?;
-    regs.rip = CODE_ADDR;
-    regs.rflags = 2;
-    regs.rcx = loops as u64;
-    vcpu.set_regs(&regs)?;
+    let vcpu = create_vcpu(&vm, 0, loops)?;
     Ok(Vm {
         vm,
         vcpu,
@@ -244,16 +269,83 @@ fn run_ioeventfd(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
 
 extern "C" fn on_wake(_: libc::c_int) {}
 
-fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
-    // SIGUSR1 without SA_RESTART: KVM_RUN returns EINTR, the halt ends with kvm_vcpu_wakeup.
+/// SIGUSR1 without SA_RESTART: a KVM_RUN it interrupts returns EINTR.
+fn wake_on_sigusr1() {
     // SAFETY: installs a handler that does nothing.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_wake as *const () as usize;
         libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
     }
+}
+
+fn gettid() -> libc::pid_t {
     // SAFETY: plain syscall.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
+
+/// Every vCPU in its own thread: N io and N mmio exits, then a halt the VMM ends by a signal.
+fn run_exits(vm: Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    wake_on_sigusr1();
+    let mut vcpus = vec![vm.vcpu];
+    for id in 1..a.vcpus {
+        vcpus.push(create_vcpu(&vm.vm, id as u64, a.count)?);
+    }
+    let threads: Vec<_> = vcpus
+        .into_iter()
+        .map(|mut vcpu| {
+            let n = a.count;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = thread::spawn(move || -> anyhow::Result<(u32, u32, u32)> {
+                let (mut io, mut mmio, mut intr) = (0u32, 0u32, 0u32);
+                let mut told = false;
+                loop {
+                    if io == n && mmio == n && !told {
+                        // the guest halts next: the VMM will signal this thread
+                        tx.send(gettid()).ok();
+                        told = true;
+                    }
+                    match vcpu.run() {
+                        Ok(VcpuExit::IoOut(0x3f8, _)) => io += 1,
+                        Ok(VcpuExit::MmioWrite(0x8000, _)) => mmio += 1,
+                        Ok(e) => bail!("unexpected exit {e:?}"),
+                        Err(e) if e.errno() == libc::EINTR && told => {
+                            intr += 1;
+                            if intr == 2 {
+                                return Ok((io, mmio, intr));
+                            }
+                        }
+                        Err(e) if e.errno() == libc::EINTR => {}
+                        Err(e) => bail!("KVM_RUN: {e}"),
+                    }
+                }
+            });
+            (t, rx)
+        })
+        .collect();
+    let (mut io, mut mmio, mut intr) = (0, 0, 0);
+    for (t, rx) in threads {
+        let tid = rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("vCPU did not finish")?;
+        // Signal until the thread returns: a signal that lands before it re-enters KVM_RUN
+        // would be taken in userspace.
+        while !t.is_finished() {
+            // SAFETY: signals a thread of this process.
+            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+            thread::sleep(Duration::from_millis(2));
+        }
+        let (i, m, s) = t.join().expect("vCPU thread")?;
+        (io, mmio, intr) = (io + i, mmio + m, intr + s);
+    }
+    let _keep = vm._mem;
+    Ok(serde_json::json!({ "vcpus": a.vcpus, "io": io, "mmio": mmio, "intr": intr }))
+}
+
+fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    // The halt ends with kvm_vcpu_wakeup when the signal interrupts KVM_RUN.
+    wake_on_sigusr1();
+    let tid = gettid();
     let entering = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let waker = {
@@ -267,8 +359,9 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
                     }
                     std::hint::spin_loop();
                 }
-                // spin, not sleep: a sleep overshoots by the timer slack
-                spin(spin_us);
+                // spin, not sleep: a sleep overshoots by the timer slack. The first KVM_RUN of
+                // a new vCPU takes longer to reach the guest's hlt: give it 20 ms.
+                spin(if i == 1 { spin_us.max(20_000) } else { spin_us });
                 // SAFETY: signals our own vCPU thread.
                 unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
             }
@@ -306,10 +399,12 @@ fn real_main() -> anyhow::Result<()> {
     let a = parse_args()?;
     let mut vm = match a.mode.as_str() {
         "halt" => create_vm(GUEST_HALT, 0)?,
+        "exits" => create_vm(GUEST_EXITS, a.count)?,
         _ => create_vm(GUEST_PIO, a.count)?,
     };
     let t0 = Instant::now();
     let out = match a.mode.as_str() {
+        "exits" => run_exits(vm, &a)?,
         "pio" => run_pio(&mut vm, &a)?,
         "irqfd-msi" => run_irqfd(&vm, &a, MSI_GSI)?,
         "irqfd-gsi" => run_irqfd(&vm, &a, IOAPIC_GSI)?,

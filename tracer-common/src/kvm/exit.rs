@@ -4,15 +4,20 @@
 
 use crate::{assert_size, maps::Counter, rules::Starts};
 
-/// What is remembered of an exit until its thread enters the guest again.
+/// What is remembered of an exit until its thread enters the guest again. It carries its VM:
+/// the daemon removes it when that VM is gone, and an entry of another VM's thread that reuses
+/// the thread id never takes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExitStart {
     pub ts_ns: u64,
     pub reason: u32,
     pub vcpu: u32,
+    /// tgid of the VMM.
+    pub vm: u32,
+    pub _pad: u32,
 }
-assert_size!(ExitStart, 16);
+assert_size!(ExitStart, 24);
 
 /// One finished exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,10 +51,12 @@ pub const fn split_exit_detail(detail: u32) -> (u32, bool) {
     }
 }
 
-/// kvm:kvm_exit on vCPU thread `tid`. A vCPU thread runs one vCPU, so the thread is the key.
+/// kvm:kvm_exit on vCPU thread `tid` of VMM `tgid`. A vCPU thread runs one vCPU, so the
+/// thread is the key.
 pub fn on_exit<S: Starts<u32, ExitStart>>(
     starts: &mut S,
     tid: u32,
+    tgid: u32,
     now_ns: u64,
     reason: u32,
     isa: u32,
@@ -62,23 +69,33 @@ pub fn on_exit<S: Starts<u32, ExitStart>>(
             ts_ns: now_ns,
             reason,
             vcpu,
+            vm: tgid,
+            _pad: 0,
         },
     )
 }
 
-/// kvm:kvm_entry on thread `tid`. The first entry after KVM_RUN has no exit before it: that is
-/// not an error, so it returns `None` rather than counting an unmatched event.
+/// kvm:kvm_entry of `vcpu` (None when it could not be read) on thread `tid` of VMM `tgid`.
+/// The first entry after KVM_RUN has no exit before it: not an error, `Ok(None)`. A start of
+/// another VM or vCPU is what a dead thread left under a reused thread id: dropped, `stale`.
 pub fn on_entry<S: Starts<u32, ExitStart>>(
     starts: &mut S,
     tid: u32,
+    tgid: u32,
+    vcpu: Option<u32>,
     now_ns: u64,
-) -> Option<ExitSample> {
-    let start = starts.take(&tid)?;
-    Some(ExitSample {
+) -> Result<Option<ExitSample>, Counter> {
+    let Some(start) = starts.take(&tid) else {
+        return Ok(None);
+    };
+    if start.vm != tgid || vcpu.is_some_and(|v| v != start.vcpu) {
+        return Err(Counter::Stale);
+    }
+    Ok(Some(ExitSample {
         latency_ns: now_ns.saturating_sub(start.ts_ns),
         reason: start.reason,
         vcpu: start.vcpu,
-    })
+    }))
 }
 
 #[cfg(feature = "user")]
@@ -88,46 +105,46 @@ unsafe impl aya::Pod for ExitStart {}
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use std::{string::String, vec::Vec};
+    use std::vec::Vec;
 
     use super::*;
-    use crate::rules::testing::MapStarts;
+    use crate::rules::testing::{MapStarts, events};
 
-    /// Replays a recorded event sequence (`ts_ns tid event [reason=N] [vcpu=N]`, `#` comments)
-    /// through the rules and returns the samples, as the BPF programs would record them.
-    fn replay(text: &str) -> Vec<ExitSample> {
+    /// Replays an event sequence (`ts_ns tgid/tid event [reason=N] [isa=N] [vcpu=N]`, `#`
+    /// comments) through the rules: the samples, as the BPF programs would record them, and
+    /// the number of stale starts dropped.
+    fn replay(text: &str) -> (Vec<ExitSample>, usize) {
         let mut starts = MapStarts::new(64);
-        let mut out = Vec::new();
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let mut f = line.split_whitespace();
-            let ts: u64 = f.next().unwrap().parse().unwrap();
-            let tid: u32 = f.next().unwrap().parse().unwrap();
-            let ev = String::from(f.next().unwrap());
-            let kv = |k: &str| -> u32 {
-                line.split_whitespace()
-                    .find_map(|p| p.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-                    .map_or(0, |v| v.parse().unwrap())
-            };
-            match ev.as_str() {
-                "kvm_exit" => {
-                    on_exit(&mut starts, tid, ts, kv("reason"), kv("isa"), kv("vcpu")).unwrap()
-                }
-                "kvm_entry" => out.extend(on_entry(&mut starts, tid, ts)),
+        let (mut out, mut stale) = (Vec::new(), 0);
+        for e in events(text) {
+            let u = |k: &str| e.u(k) as u32;
+            match e.name {
+                "kvm_exit" => on_exit(
+                    &mut starts,
+                    e.tid,
+                    e.tgid,
+                    e.ts,
+                    u("reason"),
+                    u("isa"),
+                    u("vcpu"),
+                )
+                .unwrap(),
+                "kvm_entry" => match on_entry(&mut starts, e.tid, e.tgid, Some(u("vcpu")), e.ts) {
+                    Ok(s) => out.extend(s),
+                    Err(Counter::Stale) => stale += 1,
+                    Err(c) => panic!("{c:?}"),
+                },
                 other => panic!("unknown event {other}"),
             }
         }
-        out
+        (out, stale)
     }
 
     #[test]
     fn recorded_two_vcpu_sequence() {
         // Recorded shape of a 2-vCPU VMX guest: interleaved exits on two vCPU threads,
         // an EPT violation handled in the kernel and an I/O exit that went to userspace.
-        let got = replay(include_str!("../../../tests/fixtures/kvm_exit.events"));
+        let (got, stale) = replay(include_str!("../../../tests/fixtures/kvm_exit.events"));
         let want = [
             ExitSample {
                 latency_ns: 1_800,
@@ -151,6 +168,7 @@ mod tests {
             },
         ];
         assert_eq!(got, want);
+        assert_eq!(stale, 1, "the reused thread id's first entry");
     }
 
     #[test]
@@ -172,6 +190,9 @@ mod tests {
 
     #[test]
     fn entry_without_exit_records_nothing() {
-        assert!(replay("10 7 kvm_entry vcpu=0\n20 7 kvm_entry vcpu=0").is_empty());
+        assert_eq!(
+            replay("10 7 kvm_entry vcpu=0\n20 7 kvm_entry vcpu=0"),
+            (Vec::new(), 0)
+        );
     }
 }

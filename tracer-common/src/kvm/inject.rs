@@ -40,14 +40,30 @@ pub struct InjectSample {
     pub vcpu: u32,
 }
 
-/// kvm:kvm_msi_set_irq / kvm:kvm_set_irq (level 1) on CPU slot `cpu`, in task `tid`, for VM `vm`.
+/// The VM an injection is for: its signal's VM when the injecting task signalled it (the
+/// kworker of a deferred signal included), else the injecting task's VMM. In interrupt context
+/// the task is whatever was interrupted, and a task of no known VMM (a kworker nobody
+/// signalled, a vhost kernel thread before Linux 6.4) names no VM: 0, unknown.
+pub const fn injection_vm(signal_vm: Option<u32>, in_task: bool, vmm: Option<u32>) -> u32 {
+    if !in_task {
+        return 0;
+    }
+    match (signal_vm, vmm) {
+        (Some(vm), _) | (None, Some(vm)) => vm,
+        (None, None) => 0,
+    }
+}
+
+/// kvm:kvm_msi_set_irq / kvm:kvm_set_irq (level 1) on CPU slot `cpu`, in task `tid`, for VM
+/// `vm` ([`injection_vm`]). The CPU is marked even for an unknown VM (`unknown_vm`), so the
+/// accepts of that injection are not taken for another's.
 pub fn on_inject<M: Starts<u32, InjectMark>>(
     marks: &mut M,
     cpu: u32,
     tid: u32,
     vm: u32,
     now_ns: u64,
-) {
+) -> Result<(), Counter> {
     let _ = marks.put(
         cpu,
         InjectMark {
@@ -56,11 +72,16 @@ pub fn on_inject<M: Starts<u32, InjectMark>>(
             tid,
         },
     );
+    if vm == 0 {
+        Err(Counter::UnknownVm)
+    } else {
+        Ok(())
+    }
 }
 
 /// kvm:kvm_apic_accept_irq(apicid) in task `tid` on CPU slot `cpu`. Keeps the earliest pending
-/// injection of a vCPU: interrupts injected before the vCPU runs are delivered together, and the
-/// first one waited longest.
+/// injection of a vCPU (inserted only if absent, atomically): interrupts injected before the
+/// vCPU runs are delivered together, and the first one waited longest.
 pub fn on_accept<M: Starts<u32, InjectMark>, P: Starts<VcpuKey, u64>>(
     marks: &M,
     pending: &mut P,
@@ -70,19 +91,22 @@ pub fn on_accept<M: Starts<u32, InjectMark>, P: Starts<VcpuKey, u64>>(
     now_ns: u64,
 ) -> Result<(), Counter> {
     let Some(m) = marks.get(&cpu) else {
-        return Ok(());
+        return Err(Counter::AcceptUnmatched);
     };
     if m.tid != tid || now_ns.saturating_sub(m.ts_ns) > ACCEPT_WINDOW_NS {
-        return Ok(());
+        return Err(Counter::AcceptUnmatched);
+    }
+    if m.vm == 0 {
+        return Ok(()); // counted once, as unknown_vm, at the injection
     }
     let key = VcpuKey {
         vm: m.vm,
         vcpu: apicid,
     };
-    if pending.get(&key).is_some() {
-        return Ok(());
+    match pending.put_new(key, m.ts_ns)? {
+        true => Ok(()),
+        false => Err(Counter::Coalesced),
     }
-    pending.start(key, m.ts_ns)
 }
 
 /// kvm:kvm_entry of vCPU `vcpu` in a thread of VMM `tgid`.
@@ -118,17 +142,16 @@ mod tests {
     /// Replays `ts tgid/tid@cpu event fields`: kvm_msi_set_irq / kvm_set_irq [vm=] (the VM the
     /// signal rule found; the task's tgid otherwise), kvm_apic_accept_irq apicid=,
     /// kvm_entry vcpu=.
-    fn replay(text: &str) -> Vec<InjectSample> {
+    /// The samples, and the counters the rules returned (sorted).
+    fn replay(text: &str) -> (Vec<InjectSample>, Vec<Counter>) {
         let mut marks = MapStarts::new(8);
         let mut pending = MapStarts::new(64);
-        let mut out = Vec::new();
+        let (mut out, mut counted) = (Vec::new(), Vec::new());
         for e in events(text) {
-            let vm = match e.u("vm") {
-                0 => e.tgid,
-                v => v as u32,
-            };
-            match e.name {
-                "kvm_msi_set_irq" | "kvm_set_irq" => on_inject(&mut marks, e.cpu, e.tid, vm, e.ts),
+            let r = match e.name {
+                "kvm_msi_set_irq" | "kvm_set_irq" => {
+                    on_inject(&mut marks, e.cpu, e.tid, e.u("vm") as u32, e.ts)
+                }
                 "kvm_apic_accept_irq" => on_accept(
                     &marks,
                     &mut pending,
@@ -136,18 +159,21 @@ mod tests {
                     e.tid,
                     e.u("apicid") as u32,
                     e.ts,
-                )
-                .unwrap(),
-                "kvm_entry" => out.extend(on_entry(&mut pending, e.tgid, e.u("vcpu") as u32, e.ts)),
+                ),
+                "kvm_entry" => {
+                    out.extend(on_entry(&mut pending, e.tgid, e.u("vcpu") as u32, e.ts));
+                    Ok(())
+                }
                 other => panic!("unknown event {other}"),
-            }
+            };
+            counted.extend(r.err());
         }
-        out
+        (out, counted)
     }
 
     #[test]
     fn recorded_injections_to_two_vcpus() {
-        let got = replay(include_str!("../../../tests/fixtures/kvm_inject.events"));
+        let (got, counted) = replay(include_str!("../../../tests/fixtures/kvm_inject.events"));
         let got: Vec<_> = got.iter().map(|s| (s.latency_ns, s.vm, s.vcpu)).collect();
         assert_eq!(
             got,
@@ -158,5 +184,26 @@ mod tests {
                 (26_000, 700, 0)
             ]
         );
+        assert_eq!(
+            counted,
+            [
+                Counter::Coalesced,
+                Counter::AcceptUnmatched,
+                Counter::UnknownVm,
+                Counter::UnknownVm
+            ]
+        );
+    }
+
+    #[test]
+    fn the_vm_of_an_injection() {
+        // the signal names it, in the writer or the kworker that took its start over
+        assert_eq!(injection_vm(Some(700), true, None), 700);
+        assert_eq!(injection_vm(Some(700), true, Some(700)), 700);
+        // a VMM thread's own injection (KVM_IRQ_LINE, in-kernel device emulation)
+        assert_eq!(injection_vm(None, true, Some(700)), 700);
+        // a kworker nobody signalled, or any interrupt: unknown, never the interrupted task
+        assert_eq!(injection_vm(None, true, None), 0);
+        assert_eq!(injection_vm(Some(700), false, Some(700)), 0);
     }
 }

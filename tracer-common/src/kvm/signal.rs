@@ -10,6 +10,10 @@
 //!
 //! A write that was not to an irqfd injects nothing; its start is dropped when the system call
 //! returns, so it can never be matched with a later injection of the same thread.
+//!
+//! An injection in interrupt context (a VFIO device's MSI handler signalling its irqfd) runs
+//! in whatever task it interrupted, maybe a VMM thread in the middle of its own irqfd write:
+//! it never takes that thread's start.
 
 use crate::{assert_size, maps::Counter, rules::Starts};
 
@@ -145,14 +149,22 @@ pub fn on_work_start<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
 }
 
 /// kvm:kvm_msi_set_irq, or kvm:kvm_set_irq with level 1 (irqfd_inject raises then lowers the
-/// line: the lowering is no injection), in thread `tid`. Injections nobody signalled (device
-/// emulation in the kernel, KVM_IRQ_LINE) end nothing.
+/// line: the lowering is no injection), in thread `tid`, whose start `start` the program has
+/// looked up already (it also names the injection's VM). Only an injection in task context
+/// ends the thread's signal. Injections nobody signalled (device emulation in the kernel,
+/// KVM_IRQ_LINE) end nothing.
 pub fn on_inject<S: Starts<u32, SignalStart>>(
     starts: &mut S,
     tid: u32,
+    start: Option<SignalStart>,
+    in_task: bool,
     now_ns: u64,
 ) -> Option<SignalSample> {
-    let s = starts.take(&tid)?;
+    if !in_task {
+        return None;
+    }
+    let s = start?;
+    starts.remove(&tid);
     Some(SignalSample {
         latency_ns: now_ns.saturating_sub(s.ts_ns),
         vm: s.vm,
@@ -176,7 +188,7 @@ mod tests {
 
     /// Replays `ts tgid/tid event fields`: sys_enter_write, sys_enter_ioctl_signal_msi,
     /// sys_exit, workqueue_queue_work work= function=, workqueue_execute_start work= function=,
-    /// kvm_msi_set_irq, kvm_set_irq level=.
+    /// kvm_msi_set_irq [irq=1], kvm_set_irq level= [irq=1] (irq=1: in interrupt context).
     fn replay(text: &str) -> (Vec<SignalSample>, usize) {
         let mut starts = MapStarts::new(64);
         let mut deferred = MapStarts::new(64);
@@ -208,9 +220,11 @@ mod tests {
                     IRQFD_INJECT,
                 )
                 .unwrap(),
-                "kvm_msi_set_irq" => out.extend(on_inject(&mut starts, e.tid, e.ts)),
-                "kvm_set_irq" if e.u("level") == 1 => {
-                    out.extend(on_inject(&mut starts, e.tid, e.ts))
+                "kvm_msi_set_irq" | "kvm_set_irq"
+                    if e.name == "kvm_msi_set_irq" || e.u("level") == 1 =>
+                {
+                    let start = starts.get(&e.tid);
+                    out.extend(on_inject(&mut starts, e.tid, start, e.u("irq") == 0, e.ts))
                 }
                 "kvm_set_irq" => {}
                 other => panic!("unknown event {other}"),
@@ -231,6 +245,7 @@ mod tests {
             (31_000, 500, irqfd_kworker),
             (3_300, 500, ioctl),
             (45_000, 600, irqfd_kworker),
+            (2_000, 500, irqfd_inline),
         ];
         let got: Vec<_> = got.iter().map(|s| (s.latency_ns, s.vm, s.detail)).collect();
         assert_eq!(got, want);

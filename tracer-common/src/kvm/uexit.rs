@@ -73,21 +73,37 @@ pub fn on_userspace_exit<S: Starts<u32, UexitStart>>(
     starts.start(tid, start)
 }
 
-/// ioctl(fd, KVM_RUN) entry in thread `tid`: ends its pending userspace exit, and records which
-/// vCPU fd the thread runs.
-pub fn on_run<S: Starts<u32, UexitStart>, F: Starts<u32, VcpuThread>>(
-    starts: &mut S,
+/// ioctl(fd, KVM_RUN) entry in thread `tid` of VMM `tgid`: records which vCPU fd the thread
+/// runs. True when that is news (the thread's first KVM_RUN, or another fd, or a reused
+/// thread id): the daemon is then told, to name the vCPU while its fd exists.
+pub fn learn_vcpu<F: Starts<u32, VcpuThread>>(
     vcpu_fds: &mut F,
     tid: u32,
     tgid: u32,
     fd: u32,
+) -> Result<bool, Counter> {
+    let thread = VcpuThread { fd, vm: tgid };
+    if vcpu_fds.get(&tid) == Some(thread) {
+        return Ok(false);
+    }
+    vcpu_fds.start(tid, thread).map(|()| true)
+}
+
+/// ioctl(KVM_RUN) entry in thread `tid` of VMM `tgid`: ends its pending exit to userspace. A
+/// start of another VMM is what a dead thread left under a reused thread id: `stale`.
+pub fn on_run<S: Starts<u32, UexitStart>>(
+    starts: &mut S,
+    tid: u32,
+    tgid: u32,
     now_ns: u64,
 ) -> Result<Option<UexitSample>, Counter> {
-    let thread = VcpuThread { fd, vm: tgid };
-    if vcpu_fds.get(&tid) != Some(thread) {
-        vcpu_fds.start(tid, thread)?;
+    let Some(s) = starts.take(&tid) else {
+        return Ok(None);
+    };
+    if s.vm != tgid {
+        return Err(Counter::Stale);
     }
-    Ok(starts.take(&tid).map(|s| UexitSample {
+    Ok(Some(UexitSample {
         latency_ns: now_ns.saturating_sub(s.ts_ns),
         detail: s.detail,
     }))
@@ -112,10 +128,12 @@ mod tests {
     type Samples = Vec<(u64, u32, u32)>;
 
     /// Replays `ts tgid/tid event fields`: kvm_userspace_exit reason= errno=, kvm_run fd=.
-    fn replay(text: &str) -> (Samples, MapStarts<u32, VcpuThread>) {
+    /// Returns the samples, the thread-to-fd map, the vCPU notices and the stale starts.
+    fn replay(text: &str) -> (Samples, MapStarts<u32, VcpuThread>, usize, usize) {
         let mut starts = MapStarts::new(64);
         let mut fds = MapStarts::new(64);
         let mut out = Vec::new();
+        let (mut notices, mut stale) = (0, 0);
         for e in events(text) {
             match e.name {
                 "kvm_userspace_exit" => on_userspace_exit(
@@ -129,20 +147,23 @@ mod tests {
                 .unwrap(),
                 "kvm_run" => {
                     let fd = e.u("fd") as u32;
-                    if let Some(s) = on_run(&mut starts, &mut fds, e.tid, e.tgid, fd, e.ts).unwrap()
-                    {
-                        out.push((s.latency_ns, s.detail, fd));
+                    notices += learn_vcpu(&mut fds, e.tid, e.tgid, fd).unwrap() as usize;
+                    match on_run(&mut starts, e.tid, e.tgid, e.ts) {
+                        Ok(s) => out.extend(s.map(|s| (s.latency_ns, s.detail, fd))),
+                        Err(Counter::Stale) => stale += 1,
+                        Err(c) => panic!("{c:?}"),
                     }
                 }
                 other => panic!("unknown event {other}"),
             }
         }
-        (out, fds)
+        (out, fds, notices, stale)
     }
 
     #[test]
     fn recorded_pio_exits_and_a_signal() {
-        let (got, fds) = replay(include_str!("../../../tests/fixtures/kvm_uexit.events"));
+        let (got, fds, notices, stale) =
+            replay(include_str!("../../../tests/fixtures/kvm_uexit.events"));
         assert_eq!(
             got,
             [
@@ -152,7 +173,9 @@ mod tests {
                 (50_000, ERRNO_DETAIL | 4, 12),
             ]
         );
-        assert_eq!(fds.map.get(&801), Some(&VcpuThread { fd: 12, vm: 800 }));
         assert_eq!(fds.map.get(&802), Some(&VcpuThread { fd: 13, vm: 800 }));
+        // 801's id was reused by VMM 900: its dead start is dropped, the new vCPU noticed
+        assert_eq!(fds.map.get(&801), Some(&VcpuThread { fd: 7, vm: 900 }));
+        assert_eq!((notices, stale), (3, 1));
     }
 }

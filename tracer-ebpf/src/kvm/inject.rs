@@ -1,0 +1,46 @@
+//! kvm.inject_to_entry: KVM's injection (the CPU is marked), the vCPU that accepts it (a
+//! pending interrupt for that VM and vCPU), that vCPU's next kvm_entry.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use tracer_common::{
+    kvm::inject::{self, InjectMark, VcpuKey},
+    maps::START_ENTRIES,
+    stage::StageId,
+};
+
+use crate::shared::{CpuSlot, KernelStarts, count, now_ns, record};
+
+const STAGE: StageId = StageId::KvmInjectToEntry;
+
+/// The injection running on this CPU, for kvm_apic_accept_irq to find.
+#[map]
+static INJ_MARK: PerCpuArray<InjectMark> = PerCpuArray::with_max_entries(1, 0);
+
+/// Injected interrupts not yet seen by their vCPU, by VM and vCPU (only known VMs).
+#[map]
+static INJ_PENDING: HashMap<VcpuKey, u64> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+#[inline(always)]
+pub fn injected(tid: u32, vm: u32, now: u64) {
+    if let Err(c) = inject::on_inject(&mut CpuSlot(&INJ_MARK), 0, tid, vm, now) {
+        count(STAGE, c);
+    }
+}
+
+#[inline(always)]
+pub fn accepted(tid: u32, apicid: u32) {
+    let pending = &mut KernelStarts(&INJ_PENDING);
+    if let Err(c) = inject::on_accept(&CpuSlot(&INJ_MARK), pending, 0, tid, apicid, now_ns()) {
+        count(STAGE, c);
+    }
+}
+
+#[inline(always)]
+pub fn entry(tgid: u32, vcpu: u32, now: u64) {
+    if let Some(s) = inject::on_entry(&mut KernelStarts(&INJ_PENDING), tgid, vcpu, now) {
+        record(STAGE, 0, s.vcpu, s.vm, s.latency_ns);
+    }
+}

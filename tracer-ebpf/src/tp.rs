@@ -1,0 +1,68 @@
+//! One declaration per tracepoint for its three programs, which the attach plan tries in this
+//! order: tp_btf (the typed argument array), raw_tp (the same array, untyped), classic
+//! tracepoint (the formatted record; field offsets read from tracefs). tp_btf and raw_tp read
+//! their arguments the same way, so one expression serves both.
+
+/// `tracepoint!(name, btf_prog, raw_prog, tp_prog, |arg| from_args, |rec| from_record, handle)`:
+/// `arg(i)` is argument i as a u64; `rec` the classic program's context. Both expressions give
+/// a `Result<Event, ()>` (Err: a read failed) that `handle` takes, with the event's [`Site`].
+macro_rules! tracepoint {
+    ($tp:literal, $btf:ident, $raw:ident, $classic:ident,
+     |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
+        #[aya_ebpf::macros::btf_tracepoint(function = $tp)]
+        pub fn $btf(ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
+            #[allow(unused_variables)]
+            let $arg = |i: usize| -> u64 { ctx.arg(i) };
+            // A closure, so that `?` in the expression returns from it.
+            #[allow(clippy::redundant_closure_call)]
+            let ev: Result<_, ()> = (|| $from_args)();
+            $handle(
+                ev,
+                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
+            );
+            0
+        }
+
+        #[aya_ebpf::macros::raw_tracepoint(tracepoint = $tp)]
+        pub fn $raw(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
+            #[allow(unused_variables)]
+            let $arg = |i: usize| -> u64 { ctx.arg(i) };
+            // A closure, so that `?` in the expression returns from it.
+            #[allow(clippy::redundant_closure_call)]
+            let ev: Result<_, ()> = (|| $from_args)();
+            $handle(
+                ev,
+                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
+            );
+            0
+        }
+
+        #[aya_ebpf::macros::tracepoint]
+        pub fn $classic(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+            #[allow(unused_variables)]
+            let $rec = &ctx;
+            #[allow(clippy::redundant_closure_call)]
+            let ev: Result<_, ()> = (|| $from_record)();
+            $handle(ev, $crate::tp::Site::Record);
+            0
+        }
+    };
+}
+pub(crate) use tracepoint;
+
+/// A field of a classic tracepoint record at `off` (from tracefs).
+#[inline(always)]
+pub fn field<T>(ctx: &aya_ebpf::programs::TracePointContext, off: u32) -> Result<T, ()> {
+    // SAFETY: a bounded read of the record; a bad offset fails the read, nothing else.
+    unsafe { ctx.read_at::<T>(off as usize) }.map_err(|_| ())
+}
+
+/// Where an event's context lives. A tp_btf or raw_tp program's argument array is a local of
+/// the traced code (the kernel's bpf_trace_run*), so its address is on the stack the event
+/// fired on: the task's own, or the per-CPU IRQ stack in interrupt context. A classic
+/// tracepoint's record is in a per-CPU buffer and tells nothing.
+#[derive(Clone, Copy)]
+pub enum Site {
+    Args(*const u64),
+    Record,
+}

@@ -1,0 +1,19 @@
+//! iopath: eBPF host I/O latency tracer for KVM hosts. The binary (`main.rs`) is the command
+//! line; this library is everything else, so the end-to-end tests can load and drive the same
+//! programs in-process.
+
+pub mod attach;
+pub mod btf;
+pub mod export;
+pub mod gc;
+pub mod hist;
+pub mod labels;
+pub mod maps;
+pub mod offsets;
+pub mod privs;
+pub mod report;
+pub mod serve;
+pub mod session;
+pub mod stages;
+pub mod sys;
+pub mod tracefs;

@@ -1,0 +1,264 @@
+//! The kernel maps that grow with VMs, threads, devices or requests, and how each is collected:
+//! what an entry belongs to (a VM, a block device), read from its key or its value. Stage rows
+//! name their maps (`stages`); collection, the `iopath_kernel_map_entries` gauge and the tests'
+//! leftover checks iterate this table, not hand-kept lists.
+
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf, Pod,
+    maps::{HashMap, MapData, PerCpuHashMap},
+};
+use tracer_common::{
+    blk::{BlkStart, SectorKey, SectorStart},
+    kvm::{
+        ExitStart,
+        inject::VcpuKey,
+        signal::SignalStart,
+        uexit::{UexitStart, VcpuThread},
+    },
+    maps::{HistKey, HistVal},
+    stage::StageId,
+};
+
+use crate::stages::STAGES;
+
+/// What one entry belongs to; 0 for nothing of that kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// tgid of a VMM.
+    pub vm: u32,
+    /// Kernel dev_t of a block device.
+    pub dev: u32,
+}
+
+impl Owner {
+    const fn vm(vm: u32) -> Owner {
+        Owner { vm, dev: 0 }
+    }
+    const fn dev(dev: u32) -> Owner {
+        Owner { vm: 0, dev }
+    }
+}
+
+/// Which flag sizes a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    /// `--hist-entries`.
+    Hist,
+    /// `--start-entries`: maps of events in flight.
+    Starts,
+    /// Fixed in the BPF object.
+    Fixed,
+}
+
+/// Typed access to one map, behind a trait so the table can hold maps of any layout.
+trait Access: Sync {
+    /// The owner of every entry.
+    fn owners(&self, ebpf: &Ebpf, name: &str) -> Vec<Owner>;
+    /// Removes the entries whose owner `doomed` selects; returns how many.
+    fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize;
+}
+
+/// A hash map whose owner comes from key and value.
+struct Hash<K, V>(fn(&K, &V) -> Owner);
+
+impl<K: Pod + Sync, V: Pod + Sync> Access for Hash<K, V> {
+    fn owners(&self, ebpf: &Ebpf, name: &str) -> Vec<Owner> {
+        ebpf.map(name)
+            .and_then(|m| HashMap::<&MapData, K, V>::try_from(m).ok())
+            .map(|m| m.iter().flatten().map(|(k, v)| (self.0)(&k, &v)).collect())
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize {
+        let Some(Ok(mut m)) = ebpf
+            .map_mut(name)
+            .map(HashMap::<&mut MapData, K, V>::try_from)
+        else {
+            return 0;
+        };
+        let keys: Vec<K> = m
+            .iter()
+            .flatten()
+            .filter(|(k, v)| doomed((self.0)(k, v)))
+            .map(|(k, _)| k)
+            .collect();
+        keys.iter().filter(|k| m.remove(k).is_ok()).count()
+    }
+}
+
+/// A per-CPU hash map whose owner is in the key (the values are per CPU).
+struct PerCpuHash<K, V>(fn(&K) -> Owner, std::marker::PhantomData<fn() -> V>);
+
+impl<K: Pod + Sync, V: Pod + Sync> Access for PerCpuHash<K, V> {
+    fn owners(&self, ebpf: &Ebpf, name: &str) -> Vec<Owner> {
+        ebpf.map(name)
+            .and_then(|m| PerCpuHashMap::<&MapData, K, V>::try_from(m).ok())
+            .map(|m| m.keys().flatten().map(|k| (self.0)(&k)).collect())
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize {
+        let Some(Ok(mut m)) = ebpf
+            .map_mut(name)
+            .map(PerCpuHashMap::<&mut MapData, K, V>::try_from)
+        else {
+            return 0;
+        };
+        let keys: Vec<K> = m.keys().flatten().filter(|k| doomed((self.0)(k))).collect();
+        keys.iter().filter(|k| m.remove(k).is_ok()).count()
+    }
+}
+
+/// A kernel map that grows, and how its entries are collected.
+pub struct KernelMap {
+    /// Its name in the BPF object (the `map` label).
+    pub name: &'static str,
+    /// How an entry is tied to what it belongs to, in words (`iopath doctor --json`).
+    pub collected: &'static str,
+    pub capacity: Capacity,
+    access: &'static dyn Access,
+}
+
+impl std::fmt::Debug for KernelMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl KernelMap {
+    pub fn owners(&self, ebpf: &Ebpf) -> Vec<Owner> {
+        self.access.owners(ebpf, self.name)
+    }
+
+    pub fn remove(&self, ebpf: &mut Ebpf, doomed: &dyn Fn(Owner) -> bool) -> usize {
+        self.access.remove(ebpf, self.name, doomed)
+    }
+}
+
+/// The histogram: one entry per series and bucket, owned by its VM, and by its device for
+/// blk.device.
+pub static HIST: KernelMap = KernelMap {
+    name: "HIST",
+    collected: "by VM (key), and by device (key) for blk.device",
+    capacity: Capacity::Hist,
+    access: &PerCpuHash::<HistKey, HistVal>(
+        |k| Owner {
+            vm: k.vm,
+            dev: if k.stage == StageId::BlkDevice as u16 {
+                k.obj
+            } else {
+                0
+            },
+        },
+        std::marker::PhantomData,
+    ),
+};
+
+pub static VMM_TGIDS: KernelMap = KernelMap {
+    name: "VMM_TGIDS",
+    collected: "by VM (the key is the VMM)",
+    capacity: Capacity::Fixed,
+    access: &Hash::<u32, u32>(|k, _| Owner::vm(*k)),
+};
+
+pub static BLK_START_RQ: KernelMap = KernelMap {
+    name: "BLK_START_RQ",
+    collected: "by device (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u64, BlkStart>(|_, v| Owner::dev(v.dev)),
+};
+
+pub static BLK_START_SECTOR: KernelMap = KernelMap {
+    name: "BLK_START_SECTOR",
+    collected: "by device (key)",
+    capacity: Capacity::Starts,
+    access: &Hash::<SectorKey, SectorStart>(|k, _| Owner::dev(k.dev)),
+};
+
+pub static KVM_EXIT_START: KernelMap = KernelMap {
+    name: "KVM_EXIT_START",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, ExitStart>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static SIG_START: KernelMap = KernelMap {
+    name: "SIG_START",
+    collected: "by VM (value); a start ends at its system call's return",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, SignalStart>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static SIG_DEFERRED: KernelMap = KernelMap {
+    name: "SIG_DEFERRED",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u64, SignalStart>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static INJ_PENDING: KernelMap = KernelMap {
+    name: "INJ_PENDING",
+    collected: "by VM (key)",
+    capacity: Capacity::Starts,
+    access: &Hash::<VcpuKey, u64>(|k, _| Owner::vm(k.vm)),
+};
+
+pub static UEXIT_START: KernelMap = KernelMap {
+    name: "UEXIT_START",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, UexitStart>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static VCPU_FD: KernelMap = KernelMap {
+    name: "VCPU_FD",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, VcpuThread>(|_, v| Owner::vm(v.vm)),
+};
+
+/// Maps every stage uses.
+pub static SHARED: &[&KernelMap] = &[&HIST, &VMM_TGIDS];
+
+/// Every growing map: the shared ones, then each stage's, once each.
+pub fn all() -> Vec<&'static KernelMap> {
+    let mut out: Vec<&'static KernelMap> = SHARED.to_vec();
+    for s in STAGES {
+        for m in s.maps {
+            if !out.iter().any(|o| o.name == m.name) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+/// Entries of every growing map, by name.
+pub fn entries(ebpf: &Ebpf) -> BTreeMap<&'static str, usize> {
+    all()
+        .into_iter()
+        .map(|m| (m.name, m.owners(ebpf).len()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_is_listed_once_and_sized_by_a_flag_or_fixed() {
+        let all = all();
+        let mut names: Vec<_> = all.iter().map(|m| m.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        // every start map a stage keeps is sized by --start-entries
+        for s in STAGES {
+            for m in s.maps {
+                assert_eq!(m.capacity, Capacity::Starts, "{}", m.name);
+            }
+        }
+    }
+}

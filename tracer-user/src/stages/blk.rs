@@ -1,0 +1,66 @@
+//! Block path stages (host block device, shared by both paths).
+
+use tracer_common::{config::Config, stage::StageId};
+
+use super::{Event, Family, Path, Stage, all_set, tracepoint};
+use crate::maps::{BLK_START_RQ, BLK_START_SECTOR};
+
+/// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
+/// programs read dev, sector and rwbs from the record.
+fn issue_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_issue_dev, c.tp_issue_sector, c.tp_issue_rwbs],
+            "block_rq_issue format lacks dev, sector or rwbs",
+        ),
+        _ => request_members(c),
+    }
+}
+
+fn complete_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_complete_dev, c.tp_complete_sector],
+            "block_rq_complete format lacks dev or sector",
+        ),
+        _ => request_members(c),
+    }
+}
+
+fn request_members(c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[
+            c.rq_q,
+            c.rq_cmd_flags,
+            c.q_disk,
+            c.disk_major,
+            c.disk_first_minor,
+        ],
+        "struct request/request_queue/gendisk members not found in BTF",
+    )
+}
+
+// void trace_block_rq_issue(struct request *rq)
+pub static BLOCK_RQ_ISSUE: Event =
+    tracepoint("block", "block_rq_issue", "blk_rq_issue", issue_needs);
+// void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)
+pub static BLOCK_RQ_COMPLETE: Event = tracepoint(
+    "block",
+    "block_rq_complete",
+    "blk_rq_complete",
+    complete_needs,
+);
+
+/// Keyed by request pointer (tp_btf, raw_tp) or dev + sector (classic; requests sharing one
+/// are counted `ambiguous`).
+pub static DEVICE: Stage = Stage {
+    id: StageId::BlkDevice,
+    name: "blk.device",
+    path: Path::Block,
+    from: "block:block_rq_issue",
+    to: "block:block_rq_complete",
+    labels: &["device", "disk", "op"],
+    events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE],
+    needs: |_| Ok(()),
+    maps: &[&BLK_START_RQ, &BLK_START_SECTOR],
+};

@@ -1,0 +1,237 @@
+//! KVM stages, shared by both paths. Every one of them also attaches sys_enter_ioctl, whose
+//! KVM_CREATE_VM and first KVM_RUN of each thread tell the daemon of new VMs and vCPUs, so a
+//! VM is named while it exists however short its life.
+
+use tracer_common::{config::Config, stage::StageId};
+
+use super::{Event, Family, Path, Stage, all_set, classic, none, tracepoint};
+use crate::maps::{INJ_PENDING, KVM_EXIT_START, SIG_DEFERRED, SIG_START, UEXIT_START, VCPU_FD};
+
+fn kvm_exit_fields(_: Family, c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[c.tp_kvm_exit_reason, c.tp_kvm_exit_isa, c.tp_kvm_exit_vcpu],
+        "kvm:kvm_exit format lacks exit_reason, isa or vcpu_id (is KVM built?)",
+    )
+}
+
+fn kvm_entry_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(&[c.tp_kvm_entry_vcpu], "kvm_entry format lacks vcpu_id"),
+        _ => all_set(
+            &[c.vcpu_id],
+            "struct kvm_vcpu.vcpu_id not in BTF (is KVM built?)",
+        ),
+    }
+}
+
+fn set_irq_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(&[c.tp_set_irq_level], "kvm_set_irq format lacks level"),
+        _ => Ok(()),
+    }
+}
+
+fn accept_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_accept_apicid],
+            "kvm_apic_accept_irq format lacks apicid",
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn queue_work_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_queue_work, c.tp_queue_function],
+            "workqueue_queue_work format lacks work or function",
+        ),
+        _ => all_set(&[c.work_func], "struct work_struct.func not in BTF"),
+    }
+}
+
+fn exec_work_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_exec_work, c.tp_exec_function],
+            "workqueue_execute_start format lacks work or function",
+        ),
+        _ => all_set(&[c.work_func], "struct work_struct.func not in BTF"),
+    }
+}
+
+fn wakeup_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_wakeup_ns, c.tp_wakeup_waited],
+            "kvm_vcpu_wakeup format lacks ns or waited",
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn uexit_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_uexit_reason, c.tp_uexit_errno],
+            "kvm_userspace_exit format lacks reason or errno",
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn write_needs(_: Family, c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[c.tp_write_count],
+        "syscalls:sys_enter_write lacks count (CONFIG_FTRACE_SYSCALLS?)",
+    )
+}
+
+fn ioctl_needs(_: Family, c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[c.tp_ioctl_fd, c.tp_ioctl_cmd],
+        "syscalls:sys_enter_ioctl lacks fd or cmd (CONFIG_FTRACE_SYSCALLS?)",
+    )
+}
+
+// kvm/kvm_exit: the reason is computed inside the tracepoint: classic only
+pub static KVM_EXIT: Event = classic("kvm", "kvm_exit", "kvm_exit", kvm_exit_fields);
+// void trace_kvm_entry(struct kvm_vcpu *vcpu, bool force_immediate_exit)
+pub static KVM_ENTRY: Event = tracepoint("kvm", "kvm_entry", "kvm_entry", kvm_entry_needs);
+// void trace_kvm_msi_set_irq(__u64 address, __u64 data)
+pub static KVM_MSI_SET_IRQ: Event = tracepoint("kvm", "kvm_msi_set_irq", "kvm_msi_set_irq", none);
+// void trace_kvm_set_irq(unsigned int gsi, int level, int irq_source_id)
+pub static KVM_SET_IRQ: Event = tracepoint("kvm", "kvm_set_irq", "kvm_set_irq", set_irq_needs);
+// void trace_kvm_apic_accept_irq(__u32 apicid, __u16 dm, __u16 tm, __u8 vec)
+pub static KVM_APIC_ACCEPT_IRQ: Event = tracepoint(
+    "kvm",
+    "kvm_apic_accept_irq",
+    "kvm_apic_accept_irq",
+    accept_needs,
+);
+// void trace_workqueue_queue_work(int req_cpu, struct pool_workqueue *pwq, struct work_struct *work)
+pub static WORKQUEUE_QUEUE_WORK: Event = tracepoint(
+    "workqueue",
+    "workqueue_queue_work",
+    "workqueue_queue_work",
+    queue_work_needs,
+);
+// void trace_workqueue_execute_start(struct work_struct *work)
+pub static WORKQUEUE_EXECUTE_START: Event = tracepoint(
+    "workqueue",
+    "workqueue_execute_start",
+    "workqueue_execute_start",
+    exec_work_needs,
+);
+// void trace_kvm_vcpu_wakeup(__u64 ns, bool waited, bool valid)
+pub static KVM_VCPU_WAKEUP: Event =
+    tracepoint("kvm", "kvm_vcpu_wakeup", "kvm_vcpu_wakeup", wakeup_needs);
+// void trace_kvm_userspace_exit(__u32 reason, int errno)
+pub static KVM_USERSPACE_EXIT: Event = tracepoint(
+    "kvm",
+    "kvm_userspace_exit",
+    "kvm_userspace_exit",
+    uexit_needs,
+);
+// System calls have only classic per-syscall tracepoints (the raw sys_enter one fires for
+// every system call on the host).
+pub static SYS_ENTER_WRITE: Event = classic(
+    "syscalls",
+    "sys_enter_write",
+    "sys_enter_write",
+    write_needs,
+);
+pub static SYS_EXIT_WRITE: Event = classic("syscalls", "sys_exit_write", "sys_exit_write", none);
+pub static SYS_ENTER_IOCTL: Event = classic(
+    "syscalls",
+    "sys_enter_ioctl",
+    "sys_enter_ioctl",
+    ioctl_needs,
+);
+pub static SYS_EXIT_IOCTL: Event = classic("syscalls", "sys_exit_ioctl", "sys_exit_ioctl", none);
+
+fn irqfd_inject_known(c: &Config) -> Result<(), &'static str> {
+    if c.irqfd_inject == 0 {
+        Err(
+            "irqfd_inject not in /proc/kallsyms (needs CAP_SYSLOG): deferred injections cannot be followed",
+        )
+    } else {
+        Ok(())
+    }
+}
+
+pub static EXIT: Stage = Stage {
+    id: StageId::KvmExit,
+    name: "kvm.exit",
+    path: Path::Kvm,
+    from: "kvm:kvm_exit",
+    to: "kvm:kvm_entry (same vCPU thread)",
+    labels: &["vm", "vcpu", "reason"],
+    events: &[&KVM_EXIT, &KVM_ENTRY, &SYS_ENTER_IOCTL],
+    needs: |_| Ok(()),
+    maps: &[&KVM_EXIT_START],
+};
+
+pub static SIGNAL_TO_INJECT: Stage = Stage {
+    id: StageId::KvmSignalToInject,
+    name: "kvm.signal_to_inject",
+    path: Path::Kvm,
+    from: "irqfd write / ioctl(KVM_SIGNAL_MSI) entry (syscalls)",
+    to: "kvm:kvm_msi_set_irq (same task) / kvm:kvm_set_irq (kworker, via workqueue)",
+    labels: &["vm", "signal", "inject"],
+    events: &[
+        &SYS_ENTER_WRITE,
+        &SYS_EXIT_WRITE,
+        &SYS_ENTER_IOCTL,
+        &SYS_EXIT_IOCTL,
+        &KVM_MSI_SET_IRQ,
+        &KVM_SET_IRQ,
+        &WORKQUEUE_QUEUE_WORK,
+        &WORKQUEUE_EXECUTE_START,
+    ],
+    needs: irqfd_inject_known,
+    maps: &[&SIG_START, &SIG_DEFERRED],
+};
+
+pub static INJECT_TO_ENTRY: Stage = Stage {
+    id: StageId::KvmInjectToEntry,
+    name: "kvm.inject_to_entry",
+    path: Path::Kvm,
+    from: "kvm:kvm_msi_set_irq / kvm:kvm_set_irq (+ kvm:kvm_apic_accept_irq: destination)",
+    to: "kvm:kvm_entry of the destination vCPU",
+    labels: &["vm", "vcpu"],
+    events: &[
+        &KVM_MSI_SET_IRQ,
+        &KVM_SET_IRQ,
+        &KVM_APIC_ACCEPT_IRQ,
+        &KVM_ENTRY,
+        &SYS_ENTER_IOCTL,
+    ],
+    needs: |_| Ok(()),
+    maps: &[&INJ_PENDING],
+};
+
+pub static HALT_WAKEUP: Stage = Stage {
+    id: StageId::KvmHaltWakeup,
+    name: "kvm.halt_wakeup",
+    path: Path::Kvm,
+    from: "vCPU halts (measured by KVM)",
+    to: "kvm:kvm_vcpu_wakeup (ns, waited)",
+    labels: &["vm", "vcpu", "wait"],
+    events: &[&KVM_VCPU_WAKEUP, &SYS_ENTER_IOCTL],
+    needs: |_| Ok(()),
+    maps: &[&VCPU_FD],
+};
+
+pub static USERSPACE_EXIT: Stage = Stage {
+    id: StageId::KvmUserspaceExit,
+    name: "kvm.userspace_exit",
+    path: Path::Kvm,
+    from: "kvm:kvm_userspace_exit",
+    to: "ioctl(KVM_RUN) entry, same thread (syscalls)",
+    labels: &["vm", "vcpu", "reason"],
+    events: &[&KVM_USERSPACE_EXIT, &SYS_ENTER_IOCTL],
+    needs: |_| Ok(()),
+    maps: &[&UEXIT_START, &VCPU_FD],
+};

@@ -1,0 +1,306 @@
+//! The table of stages: what each one measures, between which kernel events, with which labels,
+//! which kernel maps it keeps and how they are collected. One file per path (`blk`, `kvm`; `net`
+//! and `vfio` next). `attach` walks this table; nothing else decides what to attach.
+//!
+//! A stage names its events; an event names its candidate program families in order of
+//! preference (tp_btf, raw tracepoint, classic tracepoint, fentry, kprobe). The plan attaches one
+//! program per event, whatever the number of stages it serves: the first family whose needs are
+//! met and whose program loads and attaches.
+
+mod blk;
+mod kvm;
+
+use tracer_common::{config::Config, config::NO_OFFSET, stage::StageId};
+
+use crate::maps::KernelMap;
+
+/// A kind of BPF program, in order of preference (cheapest and most precise first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// BTF-enabled tracepoint: typed arguments, the cheapest.
+    TpBtf,
+    /// Raw tracepoint: the same arguments without BTF.
+    RawTp,
+    /// Classic tracepoint: the formatted record (field offsets from tracefs).
+    Tracepoint,
+    /// fentry on a kernel function (BTF and trampolines).
+    FEntry,
+    /// kprobe on a kernel function.
+    KProbe,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] = [
+        Family::TpBtf,
+        Family::RawTp,
+        Family::Tracepoint,
+        Family::FEntry,
+        Family::KProbe,
+    ];
+
+    /// The `attach` label and the `--families` spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::TpBtf => "tp_btf",
+            Family::RawTp => "raw_tp",
+            Family::Tracepoint => "tracepoint",
+            Family::FEntry => "fentry",
+            Family::KProbe => "kprobe",
+        }
+    }
+
+    /// Suffix of the program's name in the BPF object.
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Family::TpBtf => "btf",
+            Family::RawTp => "raw",
+            Family::Tracepoint => "tp",
+            Family::FEntry => "fentry",
+            Family::KProbe => "kprobe",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.name() == s)
+    }
+}
+
+/// What a program of an event reads beyond its arguments, checked before loading.
+pub type Needs = fn(Family, &Config) -> Result<(), &'static str>;
+
+/// A kernel event and its candidate programs.
+#[derive(Debug)]
+pub struct Event {
+    /// Tracepoint or kernel function name.
+    pub name: &'static str,
+    /// Tracefs category of a tracepoint; empty for a function.
+    pub category: &'static str,
+    /// The programs are `{program}_{suffix}` in the BPF object.
+    pub program: &'static str,
+    /// Candidates, in order of preference.
+    pub families: &'static [Family],
+    pub needs: Needs,
+}
+
+impl Event {
+    pub fn program_name(&self, f: Family) -> String {
+        format!("{}_{}", self.program, f.suffix())
+    }
+
+    /// Where the family's program attaches, as `iopath doctor` shows it.
+    pub fn point(&self, f: Family) -> String {
+        match f {
+            Family::TpBtf => format!("tp_btf/{}", self.name),
+            Family::RawTp => format!("raw_tp/{}", self.name),
+            Family::Tracepoint => format!("tracepoint/{}/{}", self.category, self.name),
+            Family::FEntry => format!("fentry/{}", self.name),
+            Family::KProbe => format!("kprobe/{}", self.name),
+        }
+    }
+}
+
+/// Every program family of a tracepoint.
+const TRACEPOINT: &[Family] = &[Family::TpBtf, Family::RawTp, Family::Tracepoint];
+
+/// A tracepoint with its three programs (tp_btf, raw_tp, classic).
+pub const fn tracepoint(
+    category: &'static str,
+    name: &'static str,
+    program: &'static str,
+    needs: Needs,
+) -> Event {
+    Event {
+        name,
+        category,
+        program,
+        families: TRACEPOINT,
+        needs,
+    }
+}
+
+/// A tracepoint with only its classic program (system calls; kvm_exit's reason is computed
+/// inside the tracepoint).
+pub const fn classic(
+    category: &'static str,
+    name: &'static str,
+    program: &'static str,
+    needs: Needs,
+) -> Event {
+    Event {
+        name,
+        category,
+        program,
+        families: &[Family::Tracepoint],
+        needs,
+    }
+}
+
+/// Which I/O path a stage belongs to (`path` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Host block device, shared by both paths.
+    Block,
+    /// KVM, shared by both paths.
+    Kvm,
+}
+
+impl Path {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Path::Block => "block",
+            Path::Kvm => "kvm",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Stage {
+    pub id: StageId,
+    /// Dotted name, the `stage` label.
+    pub name: &'static str,
+    pub path: Path,
+    /// The events that bound the stage, in words.
+    pub from: &'static str,
+    pub to: &'static str,
+    /// Labels of its series besides stage and path, in export order.
+    pub labels: &'static [&'static str],
+    /// Every event its programs run at; the stage is on when all of them attached.
+    pub events: &'static [&'static Event],
+    /// What the stage needs beyond its events' programs (a kernel address, say).
+    pub needs: fn(&Config) -> Result<(), &'static str>,
+    /// The kernel maps it keeps besides the shared ones (`maps::SHARED`).
+    pub maps: &'static [&'static KernelMap],
+}
+
+pub static STAGES: &[&Stage] = &[
+    &blk::DEVICE,
+    &kvm::EXIT,
+    &kvm::SIGNAL_TO_INJECT,
+    &kvm::INJECT_TO_ENTRY,
+    &kvm::HALT_WAKEUP,
+    &kvm::USERSPACE_EXIT,
+];
+
+pub fn stage(id: StageId) -> &'static Stage {
+    STAGES
+        .iter()
+        .find(|s| s.id == id)
+        .expect("every StageId is in STAGES")
+}
+
+/// Every event of the table, once each, in table order.
+pub fn events() -> Vec<&'static Event> {
+    let mut out: Vec<&'static Event> = Vec::new();
+    for s in STAGES {
+        for &e in s.events {
+            if !out.iter().any(|o| std::ptr::eq(*o, e)) {
+                out.push(e);
+            }
+        }
+    }
+    out
+}
+
+/// The name of every program the table can attach (what the BPF object holds).
+pub fn all_programs() -> Vec<String> {
+    events()
+        .into_iter()
+        .flat_map(|e| e.families.iter().map(|&f| e.program_name(f)))
+        .collect()
+}
+
+/// Ok when every offset was found, else `why`.
+pub fn all_set(offsets: &[u32], why: &'static str) -> Result<(), &'static str> {
+    if offsets.iter().all(|&o| o != NO_OFFSET) {
+        Ok(())
+    } else {
+        Err(why)
+    }
+}
+
+/// Needs nothing.
+pub fn none(_: Family, _: &Config) -> Result<(), &'static str> {
+    Ok(())
+}
+
+/// Why an event's candidates are not in order of preference, if they are not.
+pub fn out_of_order(e: &Event) -> Option<String> {
+    (e.families.is_empty() || !e.families.windows(2).all(|w| w[0] < w[1])).then(|| {
+        format!(
+            "{}: families {:?} are not in order of preference",
+            e.name, e.families
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_stage_id_has_exactly_one_row() {
+        for id in StageId::ALL {
+            assert_eq!(STAGES.iter().filter(|s| s.id == id).count(), 1, "{id:?}");
+        }
+        assert_eq!(STAGES.len(), StageId::COUNT);
+        let names: HashSet<_> = STAGES.iter().map(|s| s.name).collect();
+        assert_eq!(names.len(), STAGES.len(), "stage names are unique");
+    }
+
+    #[test]
+    fn names_are_path_dot_what_and_labels_are_prometheus_safe() {
+        for s in STAGES {
+            assert!(
+                s.name.contains('.')
+                    && s.name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '.' || c == '_'),
+                "{}",
+                s.name
+            );
+            for l in s.labels {
+                assert!(l.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{l}");
+                assert!(!["stage", "path", "le"].contains(l), "{l} is reserved");
+            }
+        }
+    }
+
+    #[test]
+    fn candidates_are_in_order_of_preference() {
+        for s in STAGES {
+            assert!(!s.events.is_empty(), "{} has no event", s.name);
+            for e in s.events {
+                assert_eq!(out_of_order(e), None);
+            }
+        }
+        // The check itself: kvm_exit's classic program listed before a tp_btf one fails it.
+        let backwards = Event {
+            families: &[Family::Tracepoint, Family::TpBtf],
+            ..kvm::KVM_EXIT
+        };
+        assert!(out_of_order(&backwards).is_some());
+        let twice = Event {
+            families: &[Family::RawTp, Family::RawTp],
+            ..kvm::KVM_EXIT
+        };
+        assert!(out_of_order(&twice).is_some());
+    }
+
+    #[test]
+    fn one_event_one_row() {
+        // An event is declared once, so the plan attaches one program to it for every stage.
+        let mut by_name = std::collections::HashMap::new();
+        for s in STAGES {
+            for e in s.events {
+                let prev = by_name.insert((e.category, e.name), *e as *const Event);
+                assert!(
+                    prev.is_none_or(|p| std::ptr::eq(p, *e)),
+                    "{} is declared twice",
+                    e.name
+                );
+            }
+        }
+    }
+}
