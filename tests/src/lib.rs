@@ -252,6 +252,34 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// GET `path` from 127.0.0.1:`port` (content type, body); with `openmetrics` the Accept
+/// header Prometheus sends.
+pub fn http_get(port: u16, path: &str, openmetrics: bool) -> std::io::Result<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = if openmetrics {
+        "Accept: application/openmetrics-text; version=1.0.0\r\n"
+    } else {
+        ""
+    };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept}Connection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type").then(|| v.trim())
+        })
+        .unwrap_or_default()
+        .to_string();
+    Ok((ctype, body.to_string()))
+}
+
 /// `iopath serve` on a free loopback port, stopped with SIGTERM on drop.
 pub struct Daemon {
     pub child: Child,
@@ -296,29 +324,7 @@ impl Daemon {
 
     /// GET `path`; with `openmetrics` the Accept header Prometheus sends.
     pub fn get(&self, path: &str, openmetrics: bool) -> std::io::Result<(String, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let accept = if openmetrics {
-            "Accept: application/openmetrics-text; version=1.0.0\r\n"
-        } else {
-            ""
-        };
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\n{accept}Connection: close\r\n\r\n"
-        )?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-        let ctype = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-type").then(|| v.trim())
-            })
-            .unwrap_or_default()
-            .to_string();
-        Ok((ctype, body.to_string()))
+        http_get(self.port, path, openmetrics)
     }
 
     pub fn metrics(&self) -> Metrics {

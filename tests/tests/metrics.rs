@@ -62,13 +62,22 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
             )
             .is_empty()
         );
-        assert!(
-            !m.find(
-                "iopath_program_run_count_total",
-                &[("program", "blk_rq_issue_btf")]
-            )
-            .is_empty()
+        for family in [
+            "iopath_program_run_count_total",
+            "iopath_program_recursion_misses_total",
+        ] {
+            assert_eq!(
+                m.find(family, &[("program", "blk_rq_issue_btf")]).len(),
+                1,
+                "{family}"
+            );
+        }
+        // every shared map's losses, and every growing map's size, are reported
+        assert_eq!(
+            m.label_values("iopath_map_full_total", "map"),
+            ["VCPU_FD", "VMM_TGIDS", "VM_NOTICES"]
         );
+        assert!(m.label_values("iopath_kernel_map_entries", "map").len() >= 10);
     }
     assert!(d.stop().success());
 }

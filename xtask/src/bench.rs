@@ -9,6 +9,8 @@
 //! - bpftrace (when installed): the same issue-to-complete histogram as a bpftrace script, for
 //!   reference, measured the same way.
 //!
+//! Scrapes: after each run with iopath, 200 scrapes of /metrics by 50 clients at once, timed.
+//!
 //! KVM stages (when /dev/kvm exists): the test VMM drives exits to userspace, irqfd and
 //! KVM_SIGNAL_MSI signals and halts with and without iopath; the KVM programs' ns per event come
 //! from that phase, and the ratio is of exits to userspace per second.
@@ -25,7 +27,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 // The end-to-end tests' helpers: loop device, daemon, scrape parser.
-use iopath_tests::{Daemon, LoopDev, Metrics};
+use iopath_tests::{Daemon, LoopDev, Metrics, http_get};
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc(Child);
@@ -155,6 +157,26 @@ fn kvm_workload(vmm: &Path) -> anyhow::Result<f64> {
     Ok(n / us * 1e6)
 }
 
+/// Scrapes: `clients` threads, each doing `each` GET /metrics in a row, all at once. Returns the
+/// wall time of the whole burst, and the failed scrapes.
+fn scrape_burst(port: u16, clients: usize, each: usize) -> (Duration, usize) {
+    let t = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            std::thread::spawn(move || {
+                (0..each)
+                    .filter(|_| {
+                        http_get(port, "/metrics", i % 2 == 0)
+                            .map_or(true, |(_, body)| !body.contains("iopath_vms"))
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let failed = threads.into_iter().map(|t| t.join().unwrap_or(each)).sum();
+    (t.elapsed(), failed)
+}
+
 /// Adds the increase of each program's stats between two scrapes to `progs`.
 fn accumulate(
     progs: &mut BTreeMap<String, (f64, f64)>,
@@ -187,6 +209,7 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
     let (mut kvm_without, mut kvm_with) = (Vec::new(), Vec::new());
     let mut progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut bt = (0.0, 0.0);
+    let mut bursts = Vec::new();
     for round in 1..=rounds {
         without.push(fio(&lo.dev, seconds)?);
 
@@ -195,6 +218,10 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         with.push(fio(&lo.dev, seconds)?);
         let after = program_stats(&iopath.metrics());
         accumulate(&mut progs, &before, after);
+        // 200 scrapes by 50 clients at once, with the block series of the fio run exported.
+        let (took, failed) = scrape_burst(iopath.port, 50, 4);
+        anyhow::ensure!(failed == 0, "{failed} of 200 scrapes failed");
+        bursts.push(took.as_secs_f64());
         if let Some(vmm) = vmm {
             // KVM stages: their programs see no event under fio.
             let before = program_stats(&iopath.metrics());
@@ -281,6 +308,14 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         let c = mean(&with_bt);
         println!("IOPS with bpftrace {c:.0}: ratio {:.3}", c / a);
     }
+    println!(
+        "200 scrapes by 50 clients at once: {} s",
+        bursts
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let kvm_ratio = (!kvm_with.is_empty()).then(|| {
         let (a, b) = (mean(&kvm_without), mean(&kvm_with));
         println!(
@@ -295,6 +330,7 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         "ratio_iopath": b / a, "programs": report, "bpftrace_ns_per_event": bt_ns,
         "kvm_exits_per_s_without": kvm_without, "kvm_exits_per_s_with_iopath": kvm_with,
         "ratio_kvm_exits": kvm_ratio,
+        "scrape_burst_200_by_50_s": bursts,
     });
     fs::write(
         dir.join("latest.json"),
