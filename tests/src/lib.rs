@@ -237,6 +237,28 @@ impl LoopDev {
     }
 }
 
+impl LoopDev {
+    /// Detaches the device and removes it from the system (LOOP_CTL_REMOVE): its
+    /// /sys/dev/block entry goes, as a hot-unplugged disk's would.
+    pub fn remove(self) {
+        let n: libc::c_long = self
+            .name()
+            .trim_start_matches("loop")
+            .parse()
+            .expect("loopN");
+        drop(self);
+        const LOOP_CTL_REMOVE: libc::c_ulong = 0x4c81;
+        let ctl = fs::File::open("/dev/loop-control").expect("/dev/loop-control");
+        // SAFETY: LOOP_CTL_REMOVE takes the device number as its argument.
+        let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&ctl), LOOP_CTL_REMOVE, n) };
+        assert!(
+            r >= 0,
+            "LOOP_CTL_REMOVE loop{n}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl Drop for LoopDev {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();

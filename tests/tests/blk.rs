@@ -173,3 +173,28 @@ fn every_fallback_family_counts_the_same_io() {
         assert!(d.stop().success());
     }
 }
+
+#[test]
+fn a_removed_disk_is_collected_after_the_grace_period() {
+    require_root();
+    let d = Daemon::start(&["--stages", "blk.device", "--vm-grace", "1s"]);
+    let lo = LoopDev::new("removed", 16);
+    let dev = lo.majmin();
+    lo.direct_io(50, 50);
+    let series =
+        |m: &iopath_tests::Metrics| m.find(&format!("{HIST}_count"), &[("device", &dev)]).len();
+    assert!(series(&d.metrics()) >= 2, "read and write series of {dev}");
+    let sys = format!("/sys/dev/block/{dev}");
+    lo.remove();
+    assert!(std::fs::metadata(&sys).is_err(), "{sys} is gone");
+    // Gone for the grace period (1 s), then collected (every second): its series go, and with
+    // them its kernel entries.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let mut m = d.metrics();
+    while series(&m) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        m = d.metrics();
+    }
+    assert_eq!(series(&m), 0, "the removed disk's series are collected");
+    assert!(d.stop().success());
+}

@@ -1,6 +1,6 @@
 //! `iopath doctor` on this kernel: what attaches and how.
 
-use iopath_tests::{iopath, leftover_programs, require_root};
+use iopath_tests::{Daemon, iopath, leftover_programs, loaded_programs, require_root};
 
 #[test]
 fn doctor_attaches_blk_device_and_kvm_exit_here() {
@@ -58,4 +58,34 @@ fn doctor_selects_one_stage() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["stages"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn one_program_per_event_whatever_the_stages_sharing_it() {
+    require_root();
+    // Every stage, and families mixed: kvm_entry is shared by two stages, the injection
+    // events by two, sys_enter_ioctl by five.
+    for families in [None, Some("raw_tp,tracepoint")] {
+        // Nothing of iopath's loaded before (doctor, earlier tests): what is loaded is serve's.
+        assert!(leftover_programs().is_empty());
+        let mut args = vec![];
+        if let Some(f) = families {
+            args.extend(["--families", f]);
+        }
+        let d = Daemon::start(&args);
+        let loaded = loaded_programs();
+        for e in iopath::stages::events() {
+            let mine: Vec<&String> = loaded
+                .iter()
+                .filter(|p| {
+                    e.families.iter().any(|&f| {
+                        let name = e.program_name(f);
+                        *p == &name || (p.len() == 15 && name.starts_with(p.as_str()))
+                    })
+                })
+                .collect();
+            assert_eq!(mine.len(), 1, "{}: {mine:?} ({families:?})", e.name);
+        }
+        assert!(d.stop().success());
+    }
 }

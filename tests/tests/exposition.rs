@@ -111,11 +111,40 @@ fn one_vm_of_4_vcpus_and_3_exit_reasons_costs_a_quarter_of_the_lines() {
     // Each series: 49 finite bounds + +Inf + _sum + _count. Every kernel bucket (209 finite
     // bounds), as before this layout, would be 212 lines a series.
     assert_eq!(lines, 12 * 52);
-    let every_kernel_bucket = 12 * 212;
+    // What every kernel bucket cost (210 buckets, +Inf included, + _sum + _count a series).
+    let every_kernel_bucket = 12 * (tracer_common::hist::BUCKETS + 2);
     assert!(lines * 4 < every_kernel_bucket, "{lines} lines");
     eprintln!(
         "one VM, 4 vCPUs x 3 exit reasons: {lines} lines (every kernel bucket: {every_kernel_bucket})"
     );
     vmm.wait();
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_merged_series_never_goes_down_when_one_of_its_vms_is_collected() {
+    if !kvm_available("a_merged_series_never_goes_down_when_one_of_its_vms_is_collected") {
+        return;
+    }
+    let d = Daemon::start(&["--stages", "kvm.userspace_exit", "--vm-grace", "1s"]);
+    let first = Vmm::run("restarted", &["pio", "--count", "20"], 200);
+    let first_pid = first.pid();
+    first.wait();
+    // The same name again, alive until the first life has been collected.
+    let second = Vmm::run("restarted", &["pio", "--count", "30"], 4000);
+    let io = |m: &iopath_tests::Metrics| m.value(COUNT, &[("vm", "restarted"), ("reason", "io")]);
+    assert_eq!(io(&d.metrics()), 50.0);
+    // The first life is collected (grace 1 s, collection every second): only the second is
+    // left in the kernel's VMM set.
+    assert!(std::fs::metadata(format!("/proc/{first_pid}")).is_err());
+    sleep(Duration::from_secs(3));
+    let m = d.metrics();
+    assert_eq!(
+        m.value("iopath_kernel_map_entries", &[("map", "VMM_TGIDS")]),
+        1.0,
+        "the first life's entries are gone"
+    );
+    assert_eq!(io(&m), 50.0, "the counter kept the collected life's 20");
+    second.wait();
     assert!(d.stop().success());
 }

@@ -189,37 +189,48 @@ fn fifty_scrapers_for_ten_seconds() {
             Err(_) => false,
         }
     };
-    // Warm up, then take the memory the daemon settles at.
-    for i in 0..20 {
-        assert!(scrape(&d, i % 2 == 0));
-    }
     let pid = d.child.id();
-    let rss0 = rss_kib(pid);
     let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let scrapers: Vec<_> = (0..50)
-        .map(|i| {
-            let (d, ok, bad) = (d.clone(), ok.clone(), bad.clone());
-            thread::spawn(move || {
-                while Instant::now() < deadline {
-                    let c = if scrape(&d, i % 2 == 0) { &ok } else { &bad };
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
+    // 50 scrapers for `secs` seconds, while the block stage keeps counting.
+    let burst = |secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let scrapers: Vec<_> = (0..50)
+            .map(|i| {
+                let (d, ok, bad) = (d.clone(), ok.clone(), bad.clone());
+                thread::spawn(move || {
+                    while Instant::now() < deadline {
+                        let c = if scrape(&d, i % 2 == 0) { &ok } else { &bad };
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
             })
-        })
-        .collect();
-    // The block stage keeps counting while they scrape.
-    while Instant::now() < deadline {
-        lo.direct_io(50, 50);
-    }
-    for s in scrapers {
-        s.join().unwrap();
-    }
+            .collect();
+        while Instant::now() < deadline {
+            lo.direct_io(50, 50);
+        }
+        for s in scrapers {
+            s.join().unwrap();
+        }
+    };
+    // Warm up under the same load, then take the memory the daemon settles at.
+    burst(2);
+    let reads = |d: &Daemon| d.metrics().value("iopath_snapshot_reads_total", &[]);
+    let reads0 = reads(&d);
+    let rss0 = rss_kib(pid);
+    ok.store(0, Ordering::Relaxed);
+    burst(10);
     let rss1 = rss_kib(pid);
     let (ok, bad) = (ok.load(Ordering::Relaxed), bad.load(Ordering::Relaxed));
-    eprintln!("50 scrapers, 10 s: {ok} answers, {bad} failures; RSS {rss0} -> {rss1} KiB");
+    let read = reads(&d) - reads0 - 1.0; // this scrape's own
+    eprintln!(
+        "50 scrapers, 10 s: {ok} answers, {bad} failures, {read} reads; RSS {rss0} -> {rss1} KiB"
+    );
     assert_eq!(bad, 0, "every scrape answered in full");
     assert!(ok >= 500, "{ok} scrapes in 10 s");
+    assert!(
+        read < ok as f64 / 2.0,
+        "concurrent scrapes share reads: {read} reads for {ok} scrapes"
+    );
     assert!(
         rss1 <= rss0 + rss0 / 10,
         "memory flat within 10%: {rss0} -> {rss1} KiB"

@@ -77,7 +77,12 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
             m.label_values("iopath_map_full_total", "map"),
             ["VCPU_FD", "VMM_TGIDS", "VM_NOTICES"]
         );
-        assert!(m.label_values("iopath_kernel_map_entries", "map").len() >= 10);
+        let mut table: Vec<String> = iopath::maps::all()
+            .iter()
+            .map(|m| m.name.to_string())
+            .collect();
+        table.sort();
+        assert_eq!(m.label_values("iopath_kernel_map_entries", "map"), table);
     }
     assert!(d.stop().success());
 }
@@ -94,15 +99,22 @@ fn bpf_stats_count_program_runs() {
     let sel = [("program", "blk_rq_issue_btf")];
     let runs = after.value("iopath_program_run_count_total", &sel)
         - before.value("iopath_program_run_count_total", &sel);
+    // One run a request issued to any disk: the loop device's 100, the backing file's on the
+    // host disk, anything else: as many as blk.device samples (give or take those in flight).
+    let count = "iopath_stage_latency_seconds_count";
+    let requests = after.value(count, &[]) - before.value(count, &[]);
+    let ours =
+        after.value(count, &[("disk", &lo.name())]) - before.value(count, &[("disk", &lo.name())]);
+    assert!(ours >= 100.0, "{ours} requests of {}", lo.name());
     assert!(
-        runs >= 100.0,
-        "{runs} runs of blk_rq_issue_btf for 100 writes"
+        (runs - requests).abs() <= 4.0,
+        "{runs} runs of blk_rq_issue_btf for {requests} requests"
     );
     let t = after.value("iopath_program_run_time_seconds_total", &sel)
         - before.value("iopath_program_run_time_seconds_total", &sel);
-    // Measured here at 400-1000 ns per run; a microsecond-scale bound catches a unit or a
-    // counting error, not a slowdown (that is the benchmark's job).
+    // Measured here at 400-1400 ns per run on a busy machine; the bound catches a unit error
+    // (x1000) or time not counted, not a slowdown (that is the benchmark's job).
     let ns = t / runs * 1e9;
-    assert!((20.0..5_000.0).contains(&ns), "{ns} ns per run");
+    assert!((50.0..3_000.0).contains(&ns), "{ns} ns per run");
     assert!(d.stop().success());
 }

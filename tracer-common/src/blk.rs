@@ -128,6 +128,12 @@ pub fn on_issue<K, S: Starts<K, BlkStart>>(
     )
 }
 
+/// block_rq_requeue, request-pointer key: the request left the device and will be issued
+/// again; the clock restarts then.
+pub fn on_requeue<K, S: Starts<K, BlkStart>>(starts: &mut S, key: &K) {
+    starts.remove(key);
+}
+
 /// block_rq_complete: the request under `key` is done.
 pub fn on_complete<K, S: Starts<K, BlkStart>>(
     starts: &mut S,
@@ -171,6 +177,21 @@ pub fn on_issue_sector<S: Starts<SectorKey, SectorStart>>(
     s.inflight += 1;
     s.ambiguous = 1;
     starts.start(key, s)
+}
+
+/// block_rq_requeue, classic tracepoint: one request under the key left the device (it will be
+/// issued again). Without this, a requeued request would be taken for a second one and leave the
+/// key ambiguous for good.
+pub fn on_requeue_sector<S: Starts<SectorKey, SectorStart>>(starts: &mut S, key: &SectorKey) {
+    let Some(mut s) = starts.get(key) else {
+        return;
+    };
+    if s.inflight <= 1 {
+        starts.remove(key);
+    } else {
+        s.inflight -= 1;
+        let _ = starts.put(*key, s);
+    }
 }
 
 /// block_rq_complete, classic tracepoint.
@@ -300,6 +321,41 @@ mod tests {
             }
         );
         assert!(s.map.is_empty());
+    }
+
+    #[test]
+    fn a_requeued_request_is_not_a_second_one() {
+        let mut s = MapStarts::new(8);
+        let key = SectorKey {
+            dev: mkdev(7, 0),
+            _pad: 0,
+            sector: 64,
+        };
+        on_issue_sector(&mut s, key, 1_000, Op::Write).unwrap();
+        on_requeue_sector(&mut s, &key);
+        on_issue_sector(&mut s, key, 5_000, Op::Write).unwrap();
+        assert_eq!(
+            on_complete_sector(&mut s, &key, 6_000).unwrap().latency_ns,
+            1_000
+        );
+        assert!(s.map.is_empty(), "nothing left ambiguous");
+        // A requeue while two are in flight leaves the key ambiguous until both complete.
+        on_issue_sector(&mut s, key, 10_000, Op::Write).unwrap();
+        on_issue_sector(&mut s, key, 10_500, Op::Write).unwrap();
+        on_requeue_sector(&mut s, &key);
+        on_issue_sector(&mut s, key, 11_000, Op::Write).unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                on_complete_sector(&mut s, &key, 20_000),
+                Err(Counter::Ambiguous)
+            );
+        }
+        assert!(s.map.is_empty());
+        // Pointer key: the requeue drops the start, the next issue starts afresh.
+        let mut p = MapStarts::new(8);
+        on_issue(&mut p, 9u64, 1_000, 1, Op::Read).unwrap();
+        on_requeue(&mut p, &9u64);
+        assert!(p.map.is_empty());
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Config {
     /// block:block_rq_complete dev, sector
     pub tp_complete_dev: u32,
     pub tp_complete_sector: u32,
+    /// block:block_rq_requeue dev, sector
+    pub tp_requeue_dev: u32,
+    pub tp_requeue_sector: u32,
     /// kvm:kvm_exit exit_reason, isa, vcpu_id
     pub tp_kvm_exit_reason: u32,
     pub tp_kvm_exit_isa: u32,
@@ -75,7 +78,7 @@ pub struct Config {
     /// then not followed.
     pub irqfd_inject: u64,
 }
-assert_size!(Config, 136);
+assert_size!(Config, 144);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -90,6 +93,8 @@ impl Config {
         tp_issue_rwbs: NO_OFFSET,
         tp_complete_dev: NO_OFFSET,
         tp_complete_sector: NO_OFFSET,
+        tp_requeue_dev: NO_OFFSET,
+        tp_requeue_sector: NO_OFFSET,
         tp_kvm_exit_reason: NO_OFFSET,
         tp_kvm_exit_isa: NO_OFFSET,
         tp_kvm_exit_vcpu: NO_OFFSET,

@@ -1,6 +1,6 @@
 //! What the stage rules need from a map of started events. The BPF programs implement it over
 //! a kernel hash map; the host tests implement it over a BTreeMap, so the same rule code runs
-//! against recorded event sequences.
+//! against event sequences (tests/fixtures/*.events).
 
 use crate::maps::Counter;
 

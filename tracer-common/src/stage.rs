@@ -1,5 +1,5 @@
 //! Stage identifiers: the `stage` field of a histogram key. The table of what each stage means,
-//! its bounding events and how it attaches lives in the daemon (`tracer-user/src/stages.rs`).
+//! its bounding events and how it attaches lives in the daemon (`tracer-user/src/stages/`).
 
 /// One stage of one path. The numeric values are part of the map layout: append, never reorder.
 #[repr(u16)]

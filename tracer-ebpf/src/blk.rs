@@ -3,7 +3,8 @@
 //! tp_btf and raw_tp take the tracepoint's own argument (`struct request *rq`) and key the
 //! request by that pointer, reading dev and op from the request with offsets found in BTF. The
 //! classic tracepoints carry no pointer: they key by dev + sector, and count as `ambiguous` the
-//! requests that share one (concurrent flushes at sector 0).
+//! requests that share one (concurrent flushes at sector 0). block_rq_requeue takes a request
+//! off the device (it is issued again later): its start goes.
 
 use aya_ebpf::{macros::map, maps::HashMap};
 use tracer_common::{
@@ -92,6 +93,21 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     }
 }
 
+/// A requeued request left the device; its next issue starts it again.
+#[inline(always)]
+fn requeue(rq: Result<Request, ()>, _: Site) {
+    if !on(stages_on(), STAGE) {
+        return;
+    }
+    match rq {
+        Ok(Request::Ptr(rq)) => blk::on_requeue(&mut KernelStarts(&BLK_START_RQ), &rq),
+        Ok(Request::Sector(key, _)) => {
+            blk::on_requeue_sector(&mut KernelStarts(&BLK_START_SECTOR), &key)
+        }
+        Err(()) => count(STAGE, Counter::ReadError),
+    }
+}
+
 #[inline(always)]
 fn sector_key(
     ctx: &aya_ebpf::programs::TracePointContext,
@@ -132,4 +148,17 @@ tracepoint!(
     |rec| sector_key(rec, config!(tp_complete_dev), config!(tp_complete_sector))
         .map(|k| Request::Sector(k, Op::Other)),
     complete
+);
+
+// void trace_block_rq_requeue(struct request *rq)
+// block/block_rq_requeue: dev_t dev; sector_t sector; ...
+tracepoint!(
+    "block_rq_requeue",
+    blk_rq_requeue_btf,
+    blk_rq_requeue_raw,
+    blk_rq_requeue_tp,
+    |arg| Ok(Request::Ptr(arg(0))),
+    |rec| sector_key(rec, config!(tp_requeue_dev), config!(tp_requeue_sector))
+        .map(|k| Request::Sector(k, Op::Other)),
+    requeue
 );

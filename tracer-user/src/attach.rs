@@ -71,7 +71,7 @@ pub struct StageReport {
     pub to: &'static str,
     pub attached: bool,
     /// The families its events attached with (`attach` label), when attached: `tp_btf`, or
-    /// `tracepoint+tp_btf` when they differ.
+    /// `tp_btf+tracepoint` when they differ (in order of preference).
     pub attach: Option<String>,
     /// Its events' attach points.
     pub points: Vec<String>,
@@ -230,8 +230,35 @@ impl Tracer {
             }
             for &event in stage.events {
                 if !outcomes.contains_key(&(event as *const Event)) {
-                    let o = tracer.attach_event(event, &k);
+                    let o = tracer.attach_event(event, &k, &|_| true);
                     outcomes.insert(event, o);
+                }
+            }
+            // Events whose programs must key alike: re-attach the ones that differ with the
+            // class the others fell back to.
+            if let Some(class) = stage.key_class {
+                let families: Vec<Option<Family>> = stage
+                    .events
+                    .iter()
+                    .map(|e| outcomes[&(*e as *const Event)].family)
+                    .collect();
+                if let Some(forced) = class_to_force(&families, class) {
+                    for &event in stage.events {
+                        let o = outcomes
+                            .get_mut(&(event as *const Event))
+                            .expect("attached");
+                        if o.family.is_some_and(|f| class(f) != forced) {
+                            let f = o.family.take().expect("checked");
+                            tracer.detach(&event.program_name(f));
+                            let again = tracer.attach_event(event, &k, &|f| class(f) == forced);
+                            o.skipped.push(format!(
+                                "{}: keyed unlike the stage's other events",
+                                event.point(f)
+                            ));
+                            o.skipped.extend(again.skipped);
+                            o.family = again.family;
+                        }
+                    }
                 }
             }
         }
@@ -281,9 +308,15 @@ impl Tracer {
             .map_err(|e| AttachError::Switch(short(&e)))
     }
 
-    fn attach_event(&mut self, event: &'static Event, k: &Kernel) -> EventOutcome {
+    /// Attaches the first family of `event` that `allowed` lets through and that works.
+    fn attach_event(
+        &mut self,
+        event: &'static Event,
+        k: &Kernel,
+        allowed: &dyn Fn(Family) -> bool,
+    ) -> EventOutcome {
         let mut skipped = Vec::new();
-        for &f in event.families {
+        for &f in event.families.iter().filter(|&&f| allowed(f)) {
             let point = event.point(f);
             if !k.families.is_empty() && !k.families.contains(&f) {
                 skipped.push(format!("{point}: not in --families"));
@@ -426,6 +459,14 @@ impl Tracer {
     }
 }
 
+/// The key class a stage's events must all use when they attached with different ones: the
+/// least preferred among them (every event offers every class, and the event that fell back
+/// to it could not do better). None when they agree.
+fn class_to_force(families: &[Option<Family>], class: fn(Family) -> u8) -> Option<u8> {
+    let classes: BTreeSet<u8> = families.iter().flatten().map(|&f| class(f)).collect();
+    (classes.len() > 1).then(|| *classes.iter().max().expect("two or more"))
+}
+
 /// A stage's report from its events' outcomes.
 fn stage_report(
     stage: &'static Stage,
@@ -495,6 +536,26 @@ mod tests {
         let in_object: BTreeSet<String> = obj.programs.keys().cloned().collect();
         let in_table: BTreeSet<String> = crate::stages::all_programs().into_iter().collect();
         assert_eq!(in_object, in_table);
+    }
+
+    #[test]
+    fn block_events_that_key_differently_are_brought_to_one_key() {
+        let class = crate::stages::stage(tracer_common::stage::StageId::BlkDevice)
+            .key_class
+            .expect("blk.device keys its requests");
+        let (btf, raw, tp) = (
+            Some(Family::TpBtf),
+            Some(Family::RawTp),
+            Some(Family::Tracepoint),
+        );
+        // tp_btf and raw_tp both key by request pointer: nothing to do
+        assert_eq!(class_to_force(&[btf, raw, btf], class), None);
+        // issue by pointer, complete by sector (its BTF programs failed): all by sector
+        assert_eq!(
+            class_to_force(&[btf, tp, raw], class),
+            Some(class(Family::Tracepoint))
+        );
+        assert_eq!(class_to_force(&[tp, None, tp], class), None);
     }
 
     #[test]

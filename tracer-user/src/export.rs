@@ -17,6 +17,7 @@
 //!   kernel.bpf_stats per attached program (zero unless `iopath_bpf_stats_enabled` is 1);
 //!   `iopath_program_recursion_misses_total{program}`: runs the kernel skipped.
 //! - `iopath_series`, `iopath_vms` gauges: label sets exported and distinct VMs among them.
+//! - `iopath_snapshot_reads_total` counter: reads of the kernel maps (shared by scrapes).
 //! - `iopath_kernel_map_entries{map}` gauge: entries of the kernel maps that grow.
 
 use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
@@ -84,6 +85,8 @@ pub struct Status<'a> {
     pub map_full: &'a [(&'static str, u64)],
     /// map -> entries.
     pub map_entries: &'a [(&'static str, usize)],
+    /// Reads of the kernel maps so far.
+    pub snapshot_reads: u64,
 }
 
 /// Everything one scrape exposes, gathered before encoding.
@@ -99,6 +102,7 @@ pub struct Exposition {
     bpf_stats_enabled: i64,
     vms: i64,
     map_entries: Vec<(Labels, i64)>,
+    snapshot_reads: u64,
 }
 
 impl Exposition {
@@ -166,6 +170,7 @@ impl Exposition {
                 .iter()
                 .map(|(m, n)| (l(&[("map", m)]), *n as i64))
                 .collect(),
+            snapshot_reads: st.snapshot_reads,
         }
     }
 
@@ -311,6 +316,13 @@ impl Collector for Exposition {
             &self.map_entries,
             |e, v| e.encode_gauge(v),
         )?;
+        enc.encode_descriptor(
+            "iopath_snapshot_reads",
+            "Reads of the kernel's counts: scrapes that arrive while one is read share it.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&self.snapshot_reads, None)?;
         for (name, help, v) in [
             (
                 "iopath_bpf_stats_enabled",

@@ -146,6 +146,18 @@ pub struct Collected {
     pub kernel_entries: usize,
 }
 
+/// Is an entry of `map` owned by `o` to go? The entries of gone VMs and devices go, but a VMM
+/// set entry whose pid a live process has again stays: that is the new VMM (it marked itself at
+/// KVM_CREATE_VM), and dropping it would hide its system calls for its whole life. (Its other
+/// entries are keyed by the same pid and cannot be told from the old VM's: they go, a loss at
+/// the new VM's start.)
+fn doomed(map: &str, o: Owner, dead: &Collected, live_pids: &HashSet<u32>) -> bool {
+    if map == maps::VMM_TGIDS.name && live_pids.contains(&o.vm) {
+        return false;
+    }
+    dead.vms.contains(&o.vm) || dead.devices.contains(&o.dev)
+}
+
 impl Collector {
     pub fn new(grace: Duration) -> Self {
         Collector {
@@ -154,17 +166,18 @@ impl Collector {
         }
     }
 
-    /// One collection: every owner named by a kernel map entry or by an exported series
-    /// (`extra`) is checked; the entries of those gone for the grace period are removed.
+    /// One collection: every owner named by a kernel map entry, or by the histogram's series
+    /// (`series`: the snapshot just read, so the largest map is not walked again), is checked;
+    /// the entries of those gone for the grace period are removed.
     pub fn collect(
         &mut self,
         ebpf: &mut Ebpf,
-        extra: impl IntoIterator<Item = Owner>,
+        series: impl IntoIterator<Item = Owner>,
         now: Instant,
     ) -> Collected {
         let all = maps::all();
-        let mut owners: Vec<Owner> = extra.into_iter().collect();
-        for m in &all {
+        let mut owners: Vec<Owner> = series.into_iter().collect();
+        for m in all.iter().filter(|m| m.name != maps::HIST.name) {
             owners.extend(m.owners(ebpf));
         }
         let vms: HashSet<u32> = owners.iter().map(|o| o.vm).filter(|&v| v != 0).collect();
@@ -177,8 +190,16 @@ impl Collector {
         if dead.vms.is_empty() && dead.devices.is_empty() {
             return dead;
         }
-        let doomed = |o: Owner| dead.vms.contains(&o.vm) || dead.devices.contains(&o.dev);
-        let kernel_entries = all.iter().map(|m| m.remove(ebpf, &doomed)).sum();
+        let live_pids: HashSet<u32> = dead
+            .vms
+            .iter()
+            .copied()
+            .filter(|&vm| start_time(vm).is_some())
+            .collect();
+        let kernel_entries = all
+            .iter()
+            .map(|m| m.remove(ebpf, &|o| doomed(m.name, o, &dead, &live_pids)))
+            .sum();
         Collected {
             kernel_entries,
             ..dead
@@ -213,6 +234,30 @@ mod tests {
         assert!(gc.expired([42], t0).is_empty());
         gc.identity = |_| Some(8); // same pid, another process
         assert_eq!(gc.expired([42], t0), [42]);
+    }
+
+    #[test]
+    fn a_reused_pid_keeps_the_new_vmm_in_the_set() {
+        let dead = Collected {
+            vms: HashSet::from([42, 43]),
+            devices: HashSet::from([7 << 20]),
+            kernel_entries: 0,
+        };
+        let live = HashSet::from([43]); // 43 is a new process now
+        let vm = |v| Owner { vm: v, dev: 0 };
+        assert!(doomed("VMM_TGIDS", vm(42), &dead, &live));
+        assert!(!doomed("VMM_TGIDS", vm(43), &dead, &live));
+        assert!(doomed("VCPU_FD", vm(43), &dead, &live));
+        assert!(!doomed("VCPU_FD", vm(44), &dead, &live));
+        assert!(doomed(
+            "HIST",
+            Owner {
+                vm: 0,
+                dev: 7 << 20
+            },
+            &dead,
+            &live
+        ));
     }
 
     #[test]

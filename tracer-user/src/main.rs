@@ -130,16 +130,25 @@ impl Common {
         }
     }
 
-    fn options(&self) -> session::Options<'_> {
+    fn options(&self, keep_collected: bool) -> session::Options<'_> {
         session::Options {
             attach: self.attach(),
             vm_grace: self.vm_grace,
             layout: self.buckets.clone(),
+            keep_collected,
         }
     }
 }
 
 fn main() -> ExitCode {
+    // One malloc arena for the daemon's few threads: memory one frees, another reuses. With
+    // glibc's per-thread arenas the daemon's RSS grew by 40% over 400 short-lived VMs before it
+    // settled; with one it stays flat.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -179,26 +188,32 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     privs::check()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     match cli.cmd {
         Cmd::Serve { listen, common } => {
-            rt.block_on(serve::run(listen, &common.options()))?;
+            // Two workers: while one reads the kernel's counts, the other takes the scrapes
+            // that arrive meanwhile, which then share the next read.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(serve::run(listen, &common.options(false)))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Record {
             duration,
             json,
             common,
-        } => rt.block_on(record(duration, json, &common)),
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(record(duration, json, &common)),
         Cmd::Doctor { json, common } => doctor(json, &common),
     }
 }
 
 async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut session = session::Session::start(&common.options())?;
+    let mut session = session::Session::start(&common.options(true))?;
     if !session.tracer.any_attached() {
         anyhow::bail!("no stage can attach on this kernel (see `iopath doctor`)");
     }

@@ -22,6 +22,8 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         tp_issue_rwbs: field("block", "block_rq_issue", "rwbs"),
         tp_complete_dev: field("block", "block_rq_complete", "dev"),
         tp_complete_sector: field("block", "block_rq_complete", "sector"),
+        tp_requeue_dev: field("block", "block_rq_requeue", "dev"),
+        tp_requeue_sector: field("block", "block_rq_requeue", "sector"),
         tp_kvm_exit_reason: field("kvm", "kvm_exit", "exit_reason"),
         tp_kvm_exit_isa: field("kvm", "kvm_exit", "isa"),
         tp_kvm_exit_vcpu: field("kvm", "kvm_exit", "vcpu_id"),

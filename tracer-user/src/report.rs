@@ -82,17 +82,18 @@ pub fn table(s: &mut Session) -> String {
         .max(6);
     let _ = writeln!(
         out,
-        "{:<stage_w$} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "STAGE", "LABELS", "COUNT", "P50", "P90", "P99", "P99.9", "MAX"
+        "{:<stage_w$} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "STAGE", "LABELS", "COUNT", "MEAN", "P50", "P90", "P99", "P99.9", "MAX"
     );
     for r in &rows {
         let m = &r.summary;
         let _ = writeln!(
             out,
-            "{:<stage_w$} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:<stage_w$} {:<width$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             r.stage,
             label_text(r),
             m.count,
+            us(m.mean_us),
             us(m.p50_us),
             us(m.p90_us),
             us(m.p99_us),

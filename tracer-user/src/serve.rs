@@ -76,6 +76,7 @@ impl State {
             return Ok(r.clone());
         }
         let at = Instant::now();
+        // Blocking work on this worker; the other one takes the scrapes that arrive meanwhile.
         inner.session.refresh().map_err(|e| e.to_string())?;
         let om = inner.session.exposition().encode();
         let r = Arc::new(Rendered {

@@ -31,6 +31,8 @@ pub struct Options<'a> {
     pub vm_grace: Duration,
     /// Buckets of the classic exposition.
     pub layout: Layout,
+    /// Keep what is collected in the report (`record`: a VM that exited early is still in it).
+    pub keep_collected: bool,
 }
 
 /// Label names and values of a series, in the stage table's order.
@@ -52,9 +54,17 @@ pub struct Session {
     /// What the kernel had counted when the session started.
     base: Snapshot,
     last: Snapshot,
+    /// Collected kernel series, by labels: (counts, counts when the session started). Added
+    /// to the live series they merge with, so a merged series never goes down when one of its
+    /// VMs is collected (a counter that went down would read as a reset). Kept whole for a
+    /// report (`record`), dropped with the last live series of its labels otherwise.
+    retired: BTreeMap<(StageId, Labels), (Series, Series)>,
+    keep_retired: bool,
     collector: Collector,
     notices: Option<RingBuf<MapData>>,
     bpf_stats: bool,
+    /// Reads of the kernel's counts (scrapes that shared one read count once).
+    reads: u64,
 }
 
 /// The owner of a series' kernel entries.
@@ -88,9 +98,12 @@ impl Session {
             layout: opts.layout.clone(),
             last: base.clone(),
             base,
+            retired: BTreeMap::new(),
+            keep_retired: opts.keep_collected,
             collector: Collector::new(opts.vm_grace),
             notices,
             bpf_stats: opts.attach.bpf_stats,
+            reads: 0,
         })
     }
 
@@ -127,6 +140,7 @@ impl Session {
     pub fn refresh(&mut self) -> Result<(), ReadError> {
         self.drain_notices();
         self.last = Snapshot::read(&self.tracer.ebpf)?;
+        self.reads += 1;
         Ok(())
     }
 
@@ -141,6 +155,22 @@ impl Session {
         if !dead.vms.is_empty() || !dead.devices.is_empty() {
             let gone =
                 |k: &SeriesKey| dead.vms.contains(&k.vm) || dead.devices.contains(&owner(k).dev);
+            // Their counts stay under their labels (named while the cache still has them).
+            let doomed: Vec<SeriesKey> = self
+                .last
+                .series
+                .keys()
+                .filter(|k| gone(k))
+                .copied()
+                .collect();
+            for k in doomed {
+                let labels = self.labeler.labels(&k);
+                let (total, at_start) = self.retired.entry((k.stage, labels)).or_default();
+                total.add(&self.last.series[&k]);
+                if let Some(b) = self.base.series.get(&k) {
+                    at_start.add(b);
+                }
+            }
             self.last.forget(gone);
             self.base.forget(gone);
             for &vm in &dead.vms {
@@ -166,6 +196,22 @@ impl Session {
             let labels = self.labeler.labels(key);
             merged.entry((key.stage, labels)).or_default().add(series);
         }
+        let keep = self.keep_retired;
+        self.retired.retain(|key, (total, at_start)| {
+            let counts = if since_start {
+                total.since(Some(at_start))
+            } else {
+                total.clone()
+            };
+            match merged.get_mut(key) {
+                Some(live) => live.add(&counts),
+                None if keep => {
+                    merged.insert(key.clone(), counts);
+                }
+                None => return false,
+            }
+            true
+        });
         merged
             .into_iter()
             .map(|((stage, labels), series)| Labelled {
@@ -265,6 +311,7 @@ impl Session {
                 dropped: &dropped,
                 map_full: &map_full,
                 map_entries: &map_entries,
+                snapshot_reads: self.reads,
             },
         )
     }

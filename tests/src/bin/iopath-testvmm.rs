@@ -135,6 +135,11 @@ fn create_vcpu(vm: &VmFd, id: u64, loops: u32) -> anyhow::Result<VcpuFd> {
         mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
     })
     .context("KVM_SET_MP_STATE")?;
+    // Software-enable the LAPIC (SVR bit 8), as a guest's kernel would: it then accepts the
+    // MSIs the irqfd modes inject (kvm:kvm_apic_accept_irq).
+    let mut lapic = vcpu.get_lapic().context("KVM_GET_LAPIC")?;
+    lapic.regs[0xf1] |= 1;
+    vcpu.set_lapic(&lapic).context("KVM_SET_LAPIC")?;
     Ok(vcpu)
 }
 

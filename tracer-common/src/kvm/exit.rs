@@ -141,8 +141,8 @@ mod tests {
     }
 
     #[test]
-    fn recorded_two_vcpu_sequence() {
-        // Recorded shape of a 2-vCPU VMX guest: interleaved exits on two vCPU threads,
+    fn replays_two_vcpu_sequence() {
+        // The shape of a 2-vCPU VMX guest (hand-written): interleaved exits on two vCPU threads,
         // an EPT violation handled in the kernel and an I/O exit that went to userspace.
         let (got, stale) = replay(include_str!("../../../tests/fixtures/kvm_exit.events"));
         let want = [

@@ -172,7 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn recorded_injections_to_two_vcpus() {
+    fn replays_injections_to_two_vcpus() {
         let (got, counted) = replay(include_str!("../../../tests/fixtures/kvm_inject.events"));
         let got: Vec<_> = got.iter().map(|s| (s.latency_ns, s.vm, s.vcpu)).collect();
         assert_eq!(

@@ -149,27 +149,36 @@ pub fn on_work_start<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
 }
 
 /// kvm:kvm_msi_set_irq, or kvm:kvm_set_irq with level 1 (irqfd_inject raises then lowers the
-/// line: the lowering is no injection), in thread `tid`, whose start `start` the program has
-/// looked up already (it also names the injection's VM). Only an injection in task context
-/// ends the thread's signal. Injections nobody signalled (device emulation in the kernel,
-/// KVM_IRQ_LINE) end nothing.
+/// line: the lowering is no injection), in thread `tid` of `tgid`, whose start `start` the
+/// program has looked up already (it also names the injection's VM). Only an injection in task
+/// context ends the thread's signal. Injections nobody signalled (device emulation in the
+/// kernel, KVM_IRQ_LINE) end nothing. A start the writer made inline belongs to the writer's
+/// VM: one of another VM is what a dead thread left under a reused id (`stale`); a kworker's
+/// start came from its work item and names its VM itself.
 pub fn on_inject<S: Starts<u32, SignalStart>>(
     starts: &mut S,
     tid: u32,
+    tgid: u32,
     start: Option<SignalStart>,
     in_task: bool,
     now_ns: u64,
-) -> Option<SignalSample> {
+) -> Result<Option<SignalSample>, Counter> {
     if !in_task {
-        return None;
+        return Ok(None);
     }
-    let s = start?;
+    let Some(s) = start else {
+        return Ok(None);
+    };
     starts.remove(&tid);
-    Some(SignalSample {
+    let (_, inject) = split_signal_detail(s.detail);
+    if inject == Inject::Inline && s.vm != tgid {
+        return Err(Counter::Stale);
+    }
+    Ok(Some(SignalSample {
         latency_ns: now_ns.saturating_sub(s.ts_ns),
         vm: s.vm,
         detail: s.detail,
-    })
+    }))
 }
 
 #[cfg(feature = "user")]
@@ -193,6 +202,7 @@ mod tests {
         let mut starts = MapStarts::new(64);
         let mut deferred = MapStarts::new(64);
         let mut out = Vec::new();
+        let mut stale = Vec::new();
         for e in events(text) {
             match e.name {
                 "sys_enter_write" => {
@@ -224,17 +234,26 @@ mod tests {
                     if e.name == "kvm_msi_set_irq" || e.u("level") == 1 =>
                 {
                     let start = starts.get(&e.tid);
-                    out.extend(on_inject(&mut starts, e.tid, start, e.u("irq") == 0, e.ts))
+                    let irq = e.u("irq") == 1;
+                    match on_inject(&mut starts, e.tid, e.tgid, start, !irq, e.ts) {
+                        Ok(s) => out.extend(s),
+                        Err(c) => stale.push((e.ts, c)),
+                    }
                 }
                 "kvm_set_irq" => {}
                 other => panic!("unknown event {other}"),
             }
         }
+        assert_eq!(
+            stale,
+            [(80_500, Counter::Stale)],
+            "the reused thread id's start"
+        );
         (out, starts.map.len() + deferred.map.len())
     }
 
     #[test]
-    fn recorded_irqfd_msi_gsi_and_ioctl() {
+    fn replays_irqfd_msi_gsi_and_ioctl() {
         let (got, left) = replay(include_str!("../../../tests/fixtures/kvm_signal.events"));
         let irqfd_inline = signal_detail(Signal::Irqfd, Inject::Inline);
         let irqfd_kworker = signal_detail(Signal::Irqfd, Inject::Kworker);

@@ -161,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn recorded_pio_exits_and_a_signal() {
+    fn replays_pio_exits_and_a_signal() {
         let (got, fds, notices, stale) =
             replay(include_str!("../../../tests/fixtures/kvm_uexit.events"));
         assert_eq!(

@@ -105,7 +105,7 @@ fn injection(site: Site) {
     // Only a VMM's task needs the (two reads) context check: any other names no VM anyway.
     let in_task = (start.is_some() || vmm.is_some()) && in_task(site);
     if on(mask, KvmSignalToInject) {
-        signal::injected(tid, start, in_task, now);
+        signal::injected(tgid, tid, start, in_task, now);
     }
     if on(mask, KvmInjectToEntry) {
         inject::injected(tid, injection_vm(start.map(|s| s.vm), in_task, vmm), now);
@@ -177,7 +177,8 @@ tracepoint!(
 );
 
 /// A workqueue event (work item, its function). These run for every work item on the host:
-/// anything but KVM's `irqfd_inject` returns after one compare.
+/// anything but KVM's `irqfd_inject` returns after reading `work->func` (tp_btf, raw_tp) or the
+/// record's function field (classic) and one compare.
 #[inline(always)]
 fn work(at: Hop, ev: Result<(u64, u64), ()>) {
     let Ok((work, function)) = ev else {

@@ -8,7 +8,7 @@ use tracer_common::{
     stage::StageId,
 };
 
-use crate::shared::{KernelStarts, config, count, now_ns, record};
+use crate::shared::{KernelStarts, config, count, now_ns, record, record_or_count};
 
 const STAGE: StageId = StageId::KvmSignalToInject;
 
@@ -40,13 +40,14 @@ pub fn pending(tid: u32) -> Option<SignalStart> {
     unsafe { SIG_START.get(tid) }.copied()
 }
 
-/// An injection in thread `tid`: ends its signal (`start`, looked up by the caller).
+/// An injection in thread `tid` of `tgid`: ends its signal (`start`, looked up by the caller).
 #[inline(always)]
-pub fn injected(tid: u32, start: Option<SignalStart>, in_task: bool, now: u64) {
-    let ended = signal::on_inject(&mut KernelStarts(&SIG_START), tid, start, in_task, now);
-    if let Some(s) = ended {
-        record(STAGE, s.detail, 0, s.vm, s.latency_ns);
-    }
+pub fn injected(tgid: u32, tid: u32, start: Option<SignalStart>, in_task: bool, now: u64) {
+    let starts = &mut KernelStarts(&SIG_START);
+    let ended = signal::on_inject(starts, tid, tgid, start, in_task, now);
+    record_or_count(STAGE, ended, |s| {
+        record(STAGE, s.detail, 0, s.vm, s.latency_ns)
+    });
 }
 
 /// Which workqueue event a deferred signal is at.

@@ -24,8 +24,14 @@ use crate::{
 /// An eventfd write carries one u64.
 const EVENTFD_WRITE: u64 = 8;
 
-/// The stages sys_enter_ioctl serves.
-const IOCTL: [StageId; 3] = [KvmSignalToInject, KvmUserspaceExit, KvmHaltWakeup];
+/// Every KVM stage attaches sys_enter_ioctl: it names VMs and vCPUs for all of them.
+const IOCTL: [StageId; 5] = [
+    KvmExit,
+    KvmSignalToInject,
+    KvmInjectToEntry,
+    KvmHaltWakeup,
+    KvmUserspaceExit,
+];
 
 #[inline(always)]
 fn signal_return() {
@@ -79,12 +85,13 @@ pub fn sys_enter_ioctl_tp(ctx: TracePointContext) -> u32 {
         // VMs older than the daemon are seeded from /proc when it starts.
         vm_created(tgid, tid);
     } else if cmd == KVM_SIGNAL_MSI {
-        if on(mask, KvmSignalToInject) {
+        // Only a known VMM's: its start is dropped at the return, which looks at those only.
+        if on(mask, KvmSignalToInject) && is_vmm(tgid) {
             signal::start(tgid, tid, Signal::Ioctl);
         }
     } else {
         let Ok(fd) = field::<u64>(&ctx, config!(tp_ioctl_fd)) else {
-            count_each(mask, &[KvmUserspaceExit, KvmHaltWakeup], Counter::ReadError);
+            count_each(mask, &IOCTL, Counter::ReadError);
             return 0;
         };
         let fd = fd as u32;

@@ -27,6 +27,16 @@ fn complete_needs(f: Family, c: &Config) -> Result<(), &'static str> {
     }
 }
 
+fn requeue_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Tracepoint => all_set(
+            &[c.tp_requeue_dev, c.tp_requeue_sector],
+            "block_rq_requeue format lacks dev or sector",
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn request_members(c: &Config) -> Result<(), &'static str> {
     all_set(
         &[
@@ -51,8 +61,22 @@ pub static BLOCK_RQ_COMPLETE: Event = tracepoint(
     complete_needs,
 );
 
+// void trace_block_rq_requeue(struct request *rq)
+pub static BLOCK_RQ_REQUEUE: Event =
+    tracepoint("block", "block_rq_requeue", "blk_rq_requeue", requeue_needs);
+
+/// How a family's programs key requests: by pointer (tp_btf, raw_tp) or by dev + sector
+/// (classic). All three events of the stage must key alike.
+fn request_key(f: Family) -> u8 {
+    match f {
+        Family::TpBtf | Family::RawTp => 0,
+        _ => 1,
+    }
+}
+
 /// Keyed by request pointer (tp_btf, raw_tp) or dev + sector (classic; requests sharing one
-/// are counted `ambiguous`).
+/// are counted `ambiguous`); a requeue takes the request off the device until it is issued
+/// again.
 pub static DEVICE: Stage = Stage {
     id: StageId::BlkDevice,
     name: "blk.device",
@@ -60,7 +84,8 @@ pub static DEVICE: Stage = Stage {
     from: "block:block_rq_issue",
     to: "block:block_rq_complete",
     labels: &["device", "disk", "op"],
-    events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE],
+    events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE, &BLOCK_RQ_REQUEUE],
     needs: |_| Ok(()),
+    key_class: Some(request_key),
     maps: &[&BLK_START_RQ, &BLK_START_SECTOR],
 };

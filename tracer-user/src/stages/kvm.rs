@@ -170,6 +170,7 @@ pub static EXIT: Stage = Stage {
     labels: &["vm", "vcpu", "reason"],
     events: &[&KVM_EXIT, &KVM_ENTRY, &SYS_ENTER_IOCTL],
     needs: |_| Ok(()),
+    key_class: None,
     maps: &[&KVM_EXIT_START],
 };
 
@@ -191,6 +192,7 @@ pub static SIGNAL_TO_INJECT: Stage = Stage {
         &WORKQUEUE_EXECUTE_START,
     ],
     needs: irqfd_inject_known,
+    key_class: None,
     maps: &[&SIG_START, &SIG_DEFERRED],
 };
 
@@ -209,6 +211,7 @@ pub static INJECT_TO_ENTRY: Stage = Stage {
         &SYS_ENTER_IOCTL,
     ],
     needs: |_| Ok(()),
+    key_class: None,
     maps: &[&INJ_PENDING],
 };
 
@@ -221,6 +224,7 @@ pub static HALT_WAKEUP: Stage = Stage {
     labels: &["vm", "vcpu", "wait"],
     events: &[&KVM_VCPU_WAKEUP, &SYS_ENTER_IOCTL],
     needs: |_| Ok(()),
+    key_class: None,
     maps: &[&VCPU_FD],
 };
 
@@ -233,5 +237,6 @@ pub static USERSPACE_EXIT: Stage = Stage {
     labels: &["vm", "vcpu", "reason"],
     events: &[&KVM_USERSPACE_EXIT, &SYS_ENTER_IOCTL],
     needs: |_| Ok(()),
+    key_class: None,
     maps: &[&UEXIT_START, &VCPU_FD],
 };

@@ -99,9 +99,6 @@ impl Event {
     }
 }
 
-/// Every program family of a tracepoint.
-const TRACEPOINT: &[Family] = &[Family::TpBtf, Family::RawTp, Family::Tracepoint];
-
 /// A tracepoint with its three programs (tp_btf, raw_tp, classic).
 pub const fn tracepoint(
     category: &'static str,
@@ -113,7 +110,7 @@ pub const fn tracepoint(
         name,
         category,
         program,
-        families: TRACEPOINT,
+        families: &[Family::TpBtf, Family::RawTp, Family::Tracepoint],
         needs,
     }
 }
@@ -127,11 +124,8 @@ pub const fn classic(
     needs: Needs,
 ) -> Event {
     Event {
-        name,
-        category,
-        program,
         families: &[Family::Tracepoint],
-        needs,
+        ..tracepoint(category, name, program, needs)
     }
 }
 
@@ -168,6 +162,10 @@ pub struct Stage {
     pub events: &'static [&'static Event],
     /// What the stage needs beyond its events' programs (a kernel address, say).
     pub needs: fn(&Config) -> Result<(), &'static str>,
+    /// For a stage whose events share state keyed by what their programs read: the class of a
+    /// family's key. All its events then attach with families of one class (the block stage's
+    /// classic programs key by dev + sector, the others by request pointer).
+    pub key_class: Option<fn(Family) -> u8>,
     /// The kernel maps it keeps besides the shared ones (`maps::SHARED`).
     pub maps: &'static [&'static KernelMap],
 }
