@@ -89,3 +89,52 @@ fn one_program_per_event_whatever_the_stages_sharing_it() {
         assert!(d.stop().success());
     }
 }
+
+#[test]
+fn without_cap_syslog_the_signal_stage_says_why() {
+    require_root();
+    // kallsyms shows addresses only to CAP_SYSLOG once kptr_restrict is 1; this machine runs
+    // with 0, so the test sets 1 for the run and restores what was there.
+    let path = "/proc/sys/kernel/kptr_restrict";
+    let was = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, "1").unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-syslog", "--inh-caps=-syslog", "--"])
+        .arg(iopath_tests::iopath_bin())
+        .args([
+            "doctor",
+            "--json",
+            "--stages",
+            "kvm.signal_to_inject,kvm.userspace_exit",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    std::fs::write(path, was.trim()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stage = |name: &str| {
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == name)
+            .unwrap()
+            .clone()
+    };
+    let signal = stage("kvm.signal_to_inject");
+    assert_eq!(signal["attached"], false, "{signal}");
+    assert!(
+        signal["skipped"].to_string().contains("needs CAP_SYSLOG"),
+        "{signal}"
+    );
+    assert_eq!(
+        stage("kvm.userspace_exit")["attached"],
+        true,
+        "the rest still runs"
+    );
+    assert!(leftover_programs().is_empty());
+}

@@ -149,9 +149,10 @@ fn testvmm(vmm: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
 fn kvm_workload(vmm: &Path) -> anyhow::Result<f64> {
     let pio = testvmm(vmm, &["pio", "--count", "20000", "--spin-us", "0"])?;
     for mode in ["irqfd-msi", "irqfd-gsi", "signal-msi"] {
-        testvmm(vmm, &[mode, "--count", "2000", "--gap-us", "20"])?;
+        testvmm(vmm, &[mode, "--count", "4000", "--gap-us", "20"])?;
     }
-    testvmm(vmm, &["halt", "--count", "200", "--spin-us", "100"])?;
+    // Enough halts for a stable ns per event (each wakes a cold cache).
+    testvmm(vmm, &["halt", "--count", "2000", "--spin-us", "30"])?;
     let n = pio["handled"].as_f64().unwrap_or(0.0);
     let us = pio["elapsed_us"].as_f64().unwrap_or(f64::MAX);
     Ok(n / us * 1e6)

@@ -352,9 +352,10 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     wake_on_sigusr1();
     let tid = gettid();
     let entering = Arc::new(AtomicU32::new(0));
+    let returned = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let waker = {
-        let (entering, done) = (entering.clone(), done.clone());
+        let (entering, returned, done) = (entering.clone(), returned.clone(), done.clone());
         let (count, spin_us) = (a.count, a.spin_us);
         thread::spawn(move || {
             for i in 1..=count {
@@ -367,8 +368,16 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
                 // spin, not sleep: a sleep overshoots by the timer slack. The first KVM_RUN of
                 // a new vCPU takes longer to reach the guest's hlt: give it 20 ms.
                 spin(if i == 1 { spin_us.max(20_000) } else { spin_us });
-                // SAFETY: signals our own vCPU thread.
-                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+                // A signal that lands before the thread is inside KVM_RUN is taken in
+                // userspace and lost: signal again if KVM_RUN has not returned 50 ms later.
+                while returned.load(Ordering::Acquire) < i && !done.load(Ordering::Acquire) {
+                    // SAFETY: signals our own vCPU thread.
+                    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+                    let resend = Instant::now() + Duration::from_millis(50);
+                    while returned.load(Ordering::Acquire) < i && Instant::now() < resend {
+                        std::hint::spin_loop();
+                    }
+                }
             }
         })
     };
@@ -376,7 +385,10 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     while woken < a.count {
         entering.fetch_add(1, Ordering::AcqRel);
         match vm.vcpu.run() {
-            Err(e) if e.errno() == libc::EINTR => woken += 1,
+            Err(e) if e.errno() == libc::EINTR => {
+                woken += 1;
+                returned.store(woken, Ordering::Release);
+            }
             Err(e) => bail!("KVM_RUN: {e}"),
             Ok(e) => {
                 other += 1;

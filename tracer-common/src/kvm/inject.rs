@@ -103,6 +103,11 @@ pub fn on_accept<M: Starts<u32, InjectMark>, P: Starts<VcpuKey, u64>>(
         vm: m.vm,
         vcpu: apicid,
     };
+    // A lookup first: most accepts find one pending (interrupts come in bursts), and an
+    // insert that fails takes the bucket's lock.
+    if pending.get(&key).is_some() {
+        return Err(Counter::Coalesced);
+    }
     match pending.put_new(key, m.ts_ns)? {
         true => Ok(()),
         false => Err(Counter::Coalesced),
