@@ -157,19 +157,21 @@ fn every_fallback_family_counts_the_same_io() {
         for (op, n) in [("write", 300.0), ("read", 200.0)] {
             let count = after.value(&format!("{HIST}_count"), &sel(op))
                 - before.value(&format!("{HIST}_count"), &sel(op));
+            // The classic programs key by dev + sector: a request that met another at its
+            // sector (udev probing the new device at sector 0) is counted ambiguous instead.
+            let ambiguous = |m: &iopath_tests::Metrics| {
+                m.value(
+                    "iopath_events_dropped_total",
+                    &[("stage", "blk.device"), ("reason", "ambiguous")],
+                )
+            };
+            let lost = ambiguous(&after) - ambiguous(&before);
+            assert!(lost <= 2.0, "{family}: {lost} ambiguous");
             assert!(
-                count >= n && count <= n * 1.02 + 2.0,
-                "{family}: {op}: {count} requests counted for {n}"
+                count + lost >= n && count <= n * 1.02 + 2.0,
+                "{family}: {op}: {count} requests counted for {n} ({lost} ambiguous)"
             );
         }
-        // Synchronous I/O never has two requests in flight at one sector.
-        assert_eq!(
-            after.value(
-                "iopath_events_dropped_total",
-                &[("stage", "blk.device"), ("reason", "ambiguous")]
-            ),
-            0.0
-        );
         assert!(d.stop().success());
     }
 }
