@@ -2,6 +2,17 @@
 
 use iopath_tests::{Daemon, iopath, leftover_programs, loaded_programs, require_root};
 
+/// One stage's report in `iopath doctor --json`.
+fn stage_in(doctor: &serde_json::Value, name: &str) -> serde_json::Value {
+    doctor["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {doctor}"))
+        .clone()
+}
+
 #[test]
 fn doctor_attaches_blk_device_and_kvm_exit_here() {
     require_root();
@@ -12,15 +23,7 @@ fn doctor_attaches_blk_device_and_kvm_exit_here() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let stage = |name: &str| {
-        v["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["stage"] == name)
-            .unwrap()
-            .clone()
-    };
+    let stage = |name: &str| stage_in(&v, name);
     // kvm_exit/kvm_entry never fire under this machine's KVM-PVM, but they exist and attach.
     let kvm = stage("kvm.exit");
     assert_eq!(kvm["attached"], true, "{kvm}");
@@ -116,15 +119,7 @@ fn without_cap_syslog_the_signal_stage_says_why() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let stage = |name: &str| {
-        v["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["stage"] == name)
-            .unwrap()
-            .clone()
-    };
+    let stage = |name: &str| stage_in(&v, name);
     let signal = stage("kvm.signal_to_inject");
     assert_eq!(signal["attached"], false, "{signal}");
     assert!(

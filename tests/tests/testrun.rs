@@ -61,6 +61,22 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `stages` attached in this process with raw_tp programs where an event has them (test runs
+/// drive raw_tp programs only).
+fn tracer(stages: &[&str]) -> Tracer {
+    let stages: Vec<String> = stages.iter().map(|s| s.to_string()).collect();
+    Tracer::start(&Options {
+        tracefs: Path::new("/sys/kernel/tracing"),
+        stages: &stages,
+        families: &[Family::RawTp, Family::Tracepoint],
+        hist_entries: 4096,
+        start_entries: 1024,
+        strict: true,
+        bpf_stats: false,
+    })
+    .expect("attach")
+}
+
 fn run(t: &Tracer, program: &str, args: &[u64], cpu: Option<u32>) {
     let p = t
         .ebpf
@@ -100,21 +116,7 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
         .member_offset("kvm_vcpu", "vcpu_id")
         .expect("kvm_vcpu.vcpu_id in BTF") as u64;
     pin_to(0);
-    let stages = [
-        "kvm.exit".to_string(),
-        "kvm.signal_to_inject".into(),
-        "kvm.inject_to_entry".into(),
-    ];
-    let mut t = Tracer::start(&Options {
-        tracefs: Path::new("/sys/kernel/tracing"),
-        stages: &stages,
-        families: &[Family::RawTp, Family::Tracepoint],
-        hist_entries: 4096,
-        start_entries: 1024,
-        strict: true,
-        bpf_stats: false,
-    })
-    .expect("attach");
+    let mut t = tracer(&["kvm.exit", "kvm.signal_to_inject", "kvm.inject_to_entry"]);
     let me = std::process::id();
     let tid = gettid();
 
@@ -331,17 +333,7 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
         return;
     }
     // kvm.exit alone: its kvm_entry program is shared with kvm.inject_to_entry, which is off.
-    let stages = ["kvm.exit".to_string()];
-    let mut t = Tracer::start(&Options {
-        tracefs: Path::new("/sys/kernel/tracing"),
-        stages: &stages,
-        families: &[Family::RawTp, Family::Tracepoint],
-        hist_entries: 4096,
-        start_entries: 1024,
-        strict: true,
-        bpf_stats: false,
-    })
-    .expect("attach");
+    let mut t = tracer(&["kvm.exit"]);
     assert!(
         t.ebpf
             .program("kvm_apic_accept_irq_raw")
