@@ -657,3 +657,32 @@ pub fn repeated_series(text: &str) -> Vec<String> {
         .filter(|series| !seen.insert(series.clone()))
         .collect()
 }
+
+/// The keys of the kernel histogram map (HIST) of the iopath running now, read with bpftool.
+pub fn hist_keys() -> Vec<tracer_common::maps::HistKey> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "name", "HIST"])
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            // key: stage u16, bucket u16, detail u32, obj u32, vm u32 (hex byte strings)
+            let b: Vec<u8> = e["key"]
+                .as_array()?
+                .iter()
+                .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+                .collect();
+            (b.len() == 16).then(|| tracer_common::maps::HistKey {
+                stage: u16::from_le_bytes([b[0], b[1]]),
+                bucket: u16::from_le_bytes([b[2], b[3]]),
+                detail: u32_at(&b, 4),
+                obj: u32_at(&b, 8),
+                vm: u32_at(&b, 12),
+            })
+        })
+        .collect()
+}

@@ -186,6 +186,19 @@ fn a_removed_disk_is_collected_after_the_grace_period() {
     let series =
         |m: &iopath_tests::Metrics| m.find(&format!("{HIST}_count"), &[("device", &dev)]).len();
     assert!(series(&d.metrics()) >= 2, "read and write series of {dev}");
+    let dev_t = {
+        let (ma, mi) = dev.split_once(':').unwrap();
+        tracer_common::blk::mkdev(ma.parse().unwrap(), mi.parse().unwrap())
+    };
+    let of_dev = || {
+        iopath_tests::hist_keys()
+            .iter()
+            .filter(|k| {
+                k.stage == tracer_common::stage::StageId::BlkDevice as u16 && k.obj == dev_t
+            })
+            .count()
+    };
+    assert!(of_dev() > 0, "kernel HIST entries of {dev}");
     let sys = format!("/sys/dev/block/{dev}");
     lo.remove();
     assert!(std::fs::metadata(&sys).is_err(), "{sys} is gone");
@@ -198,5 +211,6 @@ fn a_removed_disk_is_collected_after_the_grace_period() {
         m = d.metrics();
     }
     assert_eq!(series(&m), 0, "the removed disk's series are collected");
+    assert_eq!(of_dev(), 0, "and its kernel HIST entries");
     assert!(d.stop().success());
 }

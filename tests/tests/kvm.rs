@@ -8,7 +8,6 @@
 //! with BPF_PROG_TEST_RUN in tests/testrun.rs.
 
 use std::{
-    process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -175,27 +174,11 @@ fn halt_wakeup_reports_the_halted_time() {
     assert!(d.stop().success());
 }
 
-/// HIST entries whose key's vm field is `pid`, counted with bpftool's map iteration.
+/// HIST entries whose key's vm field is `pid`.
 fn hist_entries_of(pid: u32) -> usize {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "name", "HIST"])
-        .output()
-        .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let vm = pid.to_le_bytes();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| {
-            // key: stage u16, bucket u16, detail u32, obj u32, vm u32 (hex byte strings)
-            let key: Vec<u8> = e["key"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-                .collect();
-            key.len() == 16 && key[12..16] == vm
-        })
+    iopath_tests::hist_keys()
+        .iter()
+        .filter(|k| k.vm == pid)
         .count()
 }
 
@@ -312,4 +295,9 @@ fn record_keeps_a_vm_that_exited_and_was_collected() {
         .map(|s| s["count"].as_u64().unwrap())
         .sum();
     assert_eq!(count, 30, "{v}");
+    assert!(
+        v["collected"]["vms"].as_u64().unwrap() >= 1,
+        "the VM was collected during the recording: {}",
+        v["collected"]
+    );
 }

@@ -342,8 +342,23 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
             .is_err(),
         "not loaded"
     );
+    let Some(notes) = kernel_address("__start_notes") else {
+        skip(TEST, Why::Machine, "__start_notes not in /proc/kallsyms");
+        return;
+    };
+    let vcpu = u32::from_le_bytes(
+        std::fs::read("/sys/kernel/notes").expect("/sys/kernel/notes")[..4]
+            .try_into()
+            .unwrap(),
+    );
+    let vcpu_id_off = KernelBtf::from_sys_fs()
+        .unwrap()
+        .member_offset("kvm_vcpu", "vcpu_id")
+        .expect("kvm_vcpu.vcpu_id in BTF") as u64;
     let me = std::process::id();
-    let key = VcpuKey { vm: me, vcpu: 0 };
+    // An interrupt pending for the vCPU kvm_entry will name: were kvm.inject_to_entry's work
+    // done, the entry would take it.
+    let key = VcpuKey { vm: me, vcpu };
     let mut pending: BpfHashMap<&mut MapData, VcpuKey, u64> =
         BpfHashMap::try_from(t.ebpf.map_mut("INJ_PENDING").unwrap()).unwrap();
     pending.insert(key, now_ns(), 0).unwrap();
@@ -352,22 +367,27 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
     let start = ExitStart {
         ts_ns: now_ns(),
         reason: exit_detail(12, ISA_VMX),
-        vcpu: 0,
+        vcpu,
         vm: me,
         _pad: 0,
     };
     exits.insert(gettid(), start, 0).unwrap();
-    // An unreadable vCPU pointer: kvm.exit does not need the id, inject_to_entry would count it.
-    run(&t, "kvm_entry_raw", &[0, 0], None);
+    run(&t, "kvm_entry_raw", &[notes - vcpu_id_off, 0], None);
     let snap = Snapshot::read(&t.ebpf).unwrap();
     let exit = SeriesKey {
         stage: StageId::KvmExit,
         detail: exit_detail(12, ISA_VMX),
-        obj: 0,
+        obj: vcpu,
         vm: me,
     };
     assert_eq!(samples(&snap, exit), 1, "kvm.exit did its work");
-    assert_eq!(count(&snap, StageId::KvmInjectToEntry, "read_error"), 0);
+    let inject = SeriesKey {
+        stage: StageId::KvmInjectToEntry,
+        detail: 0,
+        obj: vcpu,
+        vm: me,
+    };
+    assert_eq!(samples(&snap, inject), 0, "kvm.inject_to_entry did not");
     let pending: BpfHashMap<&MapData, VcpuKey, u64> =
         BpfHashMap::try_from(t.ebpf.map("INJ_PENDING").unwrap()).unwrap();
     assert!(

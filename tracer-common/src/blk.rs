@@ -181,7 +181,8 @@ pub fn on_issue_sector<S: Starts<SectorKey, SectorStart>>(
 
 /// block_rq_requeue, classic tracepoint: one request under the key left the device (it will be
 /// issued again). Without this, a requeued request would be taken for a second one and leave the
-/// key ambiguous for good.
+/// key ambiguous for good. (A driver may requeue a request it never started: that takes another
+/// request's place under the key, whose completion then counts as `unmatched`.)
 pub fn on_requeue_sector<S: Starts<SectorKey, SectorStart>>(starts: &mut S, key: &SectorKey) {
     let Some(mut s) = starts.get(key) else {
         return;

@@ -40,7 +40,15 @@ fn device_exists(dev: u32) -> Option<u64> {
     .map(|_| 0)
 }
 
-/// Thread groups that hold a KVM VM fd (`anon_inode:kvm-vm`): VMs that existed before iopath.
+/// Does process `pid` hold a KVM VM fd (`anon_inode:kvm-vm`)?
+fn holds_vm(pid: u32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:kvm-vm"))
+    })
+}
+
+/// Thread groups that hold a KVM VM fd: VMs that existed before iopath.
 pub fn running_vmms() -> Vec<u32> {
     let Ok(procs) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -48,13 +56,7 @@ pub fn running_vmms() -> Vec<u32> {
     procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-                fds.flatten().any(|fd| {
-                    fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:kvm-vm")
-                })
-            })
-        })
+        .filter(|&pid| holds_vm(pid))
         .collect()
 }
 
@@ -147,12 +149,12 @@ pub struct Collected {
 }
 
 /// Is an entry of `map` owned by `o` to go? The entries of gone VMs and devices go, but a VMM
-/// set entry whose pid a live process has again stays: that is the new VMM (it marked itself at
+/// set entry whose pid a live VMM holds again stays: that is the new VMM (it marked itself at
 /// KVM_CREATE_VM), and dropping it would hide its system calls for its whole life. (Its other
 /// entries are keyed by the same pid and cannot be told from the old VM's: they go, a loss at
 /// the new VM's start.)
-fn doomed(map: &str, o: Owner, dead: &Collected, live_pids: &HashSet<u32>) -> bool {
-    if map == maps::VMM_TGIDS.name && live_pids.contains(&o.vm) {
+fn doomed(map: &str, o: Owner, dead: &Collected, vmm_again: &HashSet<u32>) -> bool {
+    if map == maps::VMM_TGIDS.name && vmm_again.contains(&o.vm) {
         return false;
     }
     dead.vms.contains(&o.vm) || dead.devices.contains(&o.dev)
@@ -166,44 +168,32 @@ impl Collector {
         }
     }
 
-    /// One collection: every owner named by a kernel map entry, or by the histogram's series
-    /// (`series`: the snapshot just read, so the largest map is not walked again), is checked;
-    /// the entries of those gone for the grace period are removed.
-    pub fn collect(
-        &mut self,
-        ebpf: &mut Ebpf,
-        series: impl IntoIterator<Item = Owner>,
-        now: Instant,
-    ) -> Collected {
-        let all = maps::all();
-        let mut owners: Vec<Owner> = series.into_iter().collect();
-        for m in all.iter().filter(|m| m.name != maps::HIST.name) {
-            owners.extend(m.owners(ebpf));
-        }
+    /// Checks every owner named by a kernel map entry (the histogram's by its keys only), and
+    /// returns those gone for the grace period. Nothing is removed yet.
+    pub fn find_dead(&mut self, ebpf: &Ebpf, now: Instant) -> Collected {
+        let owners: Vec<Owner> = maps::all().iter().flat_map(|m| m.owners(ebpf)).collect();
         let vms: HashSet<u32> = owners.iter().map(|o| o.vm).filter(|&v| v != 0).collect();
         let devs: HashSet<u32> = owners.iter().map(|o| o.dev).filter(|&d| d != 0).collect();
-        let dead = Collected {
+        Collected {
             vms: self.vms.expired(vms, now).into_iter().collect(),
             devices: self.devices.expired(devs, now).into_iter().collect(),
             kernel_entries: 0,
-        };
-        if dead.vms.is_empty() && dead.devices.is_empty() {
-            return dead;
         }
-        let live_pids: HashSet<u32> = dead
+    }
+
+    /// Removes the kernel entries of what `dead` names, from every map of the table.
+    pub fn remove(ebpf: &mut Ebpf, dead: &mut Collected) {
+        // A gone VM's pid that a live VMM holds again: that one keeps its set entry.
+        let vmm_again: HashSet<u32> = dead
             .vms
             .iter()
             .copied()
-            .filter(|&vm| start_time(vm).is_some())
+            .filter(|&vm| start_time(vm).is_some() && holds_vm(vm))
             .collect();
-        let kernel_entries = all
+        dead.kernel_entries = maps::all()
             .iter()
-            .map(|m| m.remove(ebpf, &|o| doomed(m.name, o, &dead, &live_pids)))
+            .map(|m| m.remove(ebpf, &|o| doomed(m.name, o, dead, &vmm_again)))
             .sum();
-        Collected {
-            kernel_entries,
-            ..dead
-        }
     }
 }
 
@@ -243,7 +233,7 @@ mod tests {
             devices: HashSet::from([7 << 20]),
             kernel_entries: 0,
         };
-        let live = HashSet::from([43]); // 43 is a new process now
+        let live = HashSet::from([43]); // 43 is a new VMM now
         let vm = |v| Owner { vm: v, dev: 0 };
         assert!(doomed("VMM_TGIDS", vm(42), &dead, &live));
         assert!(!doomed("VMM_TGIDS", vm(43), &dead, &live));
@@ -263,6 +253,7 @@ mod tests {
     #[test]
     fn start_time_of_self_and_of_nothing() {
         assert!(start_time(std::process::id()).is_some());
+        assert!(!holds_vm(std::process::id()), "this test is no VMM");
         assert_eq!(start_time(u32::MAX - 7), None);
         assert_eq!(device_exists(u32::MAX), None);
     }

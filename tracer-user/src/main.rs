@@ -233,7 +233,7 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
             _ = tokio::time::sleep_until(deadline) => break,
             _ = tick.tick() => {
                 session.refresh()?;
-                session.collect();
+                session.collect()?;
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

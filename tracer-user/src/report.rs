@@ -49,6 +49,8 @@ pub fn json(s: &mut Session) -> String {
         "stages": s.tracer.report,
         "series": rows(s),
         "dropped": dropped(s),
+        // exited VMs and removed disks collected while it ran (their series stay in a record)
+        "collected": s.collected,
     });
     serde_json::to_string_pretty(&out).expect("serializable") + "\n"
 }

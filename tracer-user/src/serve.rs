@@ -2,8 +2,8 @@
 //! probe is attached), attaches, then serves HTTP with hyper until SIGINT or SIGTERM, and
 //! detaches everything on the way out.
 //!
-//! One task owns the timers: every second it collects what has been gone for the grace period,
-//! and it names new VMs as soon as the kernel's notices arrive. Scrapes share snapshots: a
+//! One task owns the timers: it collects what has been gone for the grace period (every quarter
+//! of it), and it names new VMs as soon as the kernel's notices arrive. Scrapes share snapshots: a
 //! scrape takes the newest one read after it arrived, or reads one that every scrape waiting
 //! behind it then shares. Connections are capped (the rest get 503), slow or oversized requests
 //! are cut off (408 by closing, 431, 400), and accept errors (EMFILE) back off.
@@ -44,8 +44,11 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const CONN_LIFETIME: Duration = Duration::from_secs(300);
 /// Pause after a failed accept (EMFILE, ENFILE): the error repeats until a connection closes.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// How often what is gone is collected.
-const COLLECT_EVERY: Duration = Duration::from_secs(1);
+/// How often what is gone is collected: a quarter of the grace period, between 250 ms and 10 s
+/// (each collection walks every growing map's keys, the histogram's included).
+fn collect_every(grace: Duration) -> Duration {
+    (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
+}
 
 /// A scrape's worth of text, shared by every scrape that asked for it.
 struct Rendered {
@@ -123,7 +126,7 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
         }),
     });
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut collect = tokio::time::interval(COLLECT_EVERY);
+    let mut collect = tokio::time::interval(collect_every(opts.vm_grace));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -141,7 +144,9 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
                 }
             },
             _ = collect.tick() => {
-                state.inner.lock().await.session.collect();
+                if let Err(e) = state.inner.lock().await.session.collect() {
+                    log::warn!("collection: {e}");
+                }
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

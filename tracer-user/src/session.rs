@@ -65,6 +65,15 @@ pub struct Session {
     bpf_stats: bool,
     /// Reads of the kernel's counts (scrapes that shared one read count once).
     reads: u64,
+    /// VMs and devices collected so far.
+    pub collected: Collections,
+}
+
+/// How many VMs and devices a session has collected.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Collections {
+    pub vms: usize,
+    pub devices: usize,
 }
 
 /// The owner of a series' kernel entries.
@@ -104,6 +113,7 @@ impl Session {
             notices,
             bpf_stats: opts.attach.bpf_stats,
             reads: 0,
+            collected: Collections::default(),
         })
     }
 
@@ -144,43 +154,55 @@ impl Session {
         Ok(())
     }
 
-    /// Collects what has been gone for the grace period: kernel entries, series, labels.
-    pub fn collect(&mut self) -> gc::Collected {
+    /// Collects what has been gone for the grace period: kernel entries, series, labels. Runs
+    /// on a timer, scraped or not; when something goes, the counts are read afresh first, so
+    /// what is kept under its labels is all the kernel counted for it.
+    pub fn collect(&mut self) -> Result<gc::Collected, ReadError> {
         self.drain_notices();
-        // HIST's owners come from the snapshot: no second walk of the largest map.
-        let owners: Vec<Owner> = self.last.series.keys().map(owner).collect();
-        let dead = self
-            .collector
-            .collect(&mut self.tracer.ebpf, owners, Instant::now());
-        if !dead.vms.is_empty() || !dead.devices.is_empty() {
-            let gone =
-                |k: &SeriesKey| dead.vms.contains(&k.vm) || dead.devices.contains(&owner(k).dev);
-            // Their counts stay under their labels (named while the cache still has them).
-            let doomed: Vec<SeriesKey> = self
+        let mut dead = self.collector.find_dead(&self.tracer.ebpf, Instant::now());
+        if dead.vms.is_empty() && dead.devices.is_empty() {
+            return Ok(dead);
+        }
+        self.refresh()?;
+        let gone = |k: &SeriesKey| dead.vms.contains(&k.vm) || dead.devices.contains(&owner(k).dev);
+        // Their counts stay under their labels (named while the cache still has them).
+        let doomed: Vec<SeriesKey> = self
+            .last
+            .series
+            .keys()
+            .filter(|k| gone(k))
+            .copied()
+            .collect();
+        for k in doomed {
+            let labels = self.labeler.labels(&k);
+            let (total, at_start) = self.retired.entry((k.stage, labels)).or_default();
+            total.add(&self.last.series[&k]);
+            if let Some(b) = self.base.series.get(&k) {
+                at_start.add(b);
+            }
+        }
+        self.last.forget(gone);
+        self.base.forget(gone);
+        Collector::remove(&mut self.tracer.ebpf, &mut dead);
+        for &vm in &dead.vms {
+            self.labeler.forget_vm(vm);
+        }
+        for &dev in &dead.devices {
+            self.labeler.forget_disk(dev);
+        }
+        if !self.keep_retired {
+            // A kept count goes with the last live series of its labels.
+            let live: std::collections::BTreeSet<(StageId, Labels)> = self
                 .last
                 .series
                 .keys()
-                .filter(|k| gone(k))
-                .copied()
+                .map(|k| (k.stage, self.labeler.labels(k)))
                 .collect();
-            for k in doomed {
-                let labels = self.labeler.labels(&k);
-                let (total, at_start) = self.retired.entry((k.stage, labels)).or_default();
-                total.add(&self.last.series[&k]);
-                if let Some(b) = self.base.series.get(&k) {
-                    at_start.add(b);
-                }
-            }
-            self.last.forget(gone);
-            self.base.forget(gone);
-            for &vm in &dead.vms {
-                self.labeler.forget_vm(vm);
-            }
-            for &dev in &dead.devices {
-                self.labeler.forget_disk(dev);
-            }
+            self.retired.retain(|key, _| live.contains(key));
         }
-        dead
+        self.collected.vms += dead.vms.len();
+        self.collected.devices += dead.devices.len();
+        Ok(dead)
     }
 
     /// The last snapshot's series (since the session started with `since_start`, else all the
@@ -196,8 +218,7 @@ impl Session {
             let labels = self.labeler.labels(key);
             merged.entry((key.stage, labels)).or_default().add(series);
         }
-        let keep = self.keep_retired;
-        self.retired.retain(|key, (total, at_start)| {
+        for (key, (total, at_start)) in &self.retired {
             let counts = if since_start {
                 total.since(Some(at_start))
             } else {
@@ -205,13 +226,11 @@ impl Session {
             };
             match merged.get_mut(key) {
                 Some(live) => live.add(&counts),
-                None if keep => {
+                None => {
                     merged.insert(key.clone(), counts);
                 }
-                None => return false,
             }
-            true
-        });
+        }
         merged
             .into_iter()
             .map(|((stage, labels), series)| Labelled {

@@ -148,6 +148,14 @@ pub fn on_work_start<S: Starts<u32, SignalStart>, W: Starts<u64, SignalStart>>(
     )
 }
 
+/// Is `start`, found under a thread of `tgid`, what a dead thread of another VM left under a
+/// reused thread id? A start made inline belongs to the writer's own VM; a kworker's came from
+/// its work item and names its VM itself.
+pub fn is_stale(start: &SignalStart, tgid: u32) -> bool {
+    let (_, inject) = split_signal_detail(start.detail);
+    inject == Inject::Inline && start.vm != tgid
+}
+
 /// kvm:kvm_msi_set_irq, or kvm:kvm_set_irq with level 1 (irqfd_inject raises then lowers the
 /// line: the lowering is no injection), in thread `tid` of `tgid`, whose start `start` the
 /// program has looked up already (it also names the injection's VM). Only an injection in task
@@ -170,8 +178,7 @@ pub fn on_inject<S: Starts<u32, SignalStart>>(
         return Ok(None);
     };
     starts.remove(&tid);
-    let (_, inject) = split_signal_detail(s.detail);
-    if inject == Inject::Inline && s.vm != tgid {
+    if is_stale(&s, tgid) {
         return Err(Counter::Stale);
     }
     Ok(Some(SignalSample {

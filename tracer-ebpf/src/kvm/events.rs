@@ -4,7 +4,10 @@
 //! file.
 
 use tracer_common::{
-    kvm::{inject::injection_vm, signal::is_irqfd_inject},
+    kvm::{
+        inject::injection_vm,
+        signal::{is_irqfd_inject, is_stale},
+    },
     maps::Counter,
     stage::StageId::{self, *},
 };
@@ -97,18 +100,21 @@ fn injection(site: Site) {
     let (tgid, tid) = current_tgid_tid();
     let now = now_ns();
     let start = signal::pending(tid);
-    let vmm = if start.is_none() && is_vmm(tgid) {
+    // A stale start (another VM's, under a reused thread id) names no VM: the signal stage
+    // counts it, and the VM comes from the task as if there were none.
+    let live = start.filter(|s| !is_stale(s, tgid));
+    let vmm = if live.is_none() && is_vmm(tgid) {
         Some(tgid)
     } else {
         None
     };
-    // Only a VMM's task needs the (two reads) context check: any other names no VM anyway.
+    // Only a VMM's task needs the context check: any other names no VM anyway.
     let in_task = (start.is_some() || vmm.is_some()) && in_task(site);
     if on(mask, KvmSignalToInject) {
         signal::injected(tgid, tid, start, in_task, now);
     }
     if on(mask, KvmInjectToEntry) {
-        inject::injected(tid, injection_vm(start.map(|s| s.vm), in_task, vmm), now);
+        inject::injected(tid, injection_vm(live.map(|s| s.vm), in_task, vmm), now);
     }
 }
 
