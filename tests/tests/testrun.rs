@@ -61,6 +61,31 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// kvm_entry's argument for a vCPU whose id the test knows: `__start_notes - offsetof(vcpu_id)`
+/// makes the program read the kernel notes' first word (shown by /sys/kernel/notes) as the id.
+/// Returns (argument, id), or skips the test (no /dev/kvm, no such symbol).
+fn known_vcpu(test: &str) -> Option<(u64, u32)> {
+    require_root();
+    if !Path::new("/dev/kvm").exists() {
+        skip(test, Why::Machine, "no /dev/kvm on this machine");
+        return None;
+    }
+    let Some(notes) = kernel_address("__start_notes") else {
+        skip(test, Why::Machine, "__start_notes not in /proc/kallsyms");
+        return None;
+    };
+    let id = u32::from_le_bytes(
+        std::fs::read("/sys/kernel/notes").expect("/sys/kernel/notes")[..4]
+            .try_into()
+            .unwrap(),
+    );
+    let off = KernelBtf::from_sys_fs()
+        .unwrap()
+        .member_offset("kvm_vcpu", "vcpu_id")
+        .expect("kvm_vcpu.vcpu_id in BTF") as u64;
+    Some((notes - off, id))
+}
+
 /// `stages` attached in this process with raw_tp programs where an event has them (test runs
 /// drive raw_tp programs only).
 fn tracer(stages: &[&str]) -> Tracer {
@@ -97,24 +122,9 @@ fn samples(snap: &Snapshot, key: SeriesKey) -> u64 {
 #[test]
 fn raw_tp_programs_of_kvm_events_fill_their_maps() {
     const TEST: &str = "raw_tp_programs_of_kvm_events_fill_their_maps";
-    require_root();
-    if !Path::new("/dev/kvm").exists() {
-        skip(TEST, Why::Machine, "no /dev/kvm on this machine");
-        return;
-    }
-    let Some(notes) = kernel_address("__start_notes") else {
-        skip(TEST, Why::Machine, "__start_notes not in /proc/kallsyms");
+    let Some((vcpu_arg, first_note_word)) = known_vcpu(TEST) else {
         return;
     };
-    let first_note_word = u32::from_le_bytes(
-        std::fs::read("/sys/kernel/notes").expect("/sys/kernel/notes")[..4]
-            .try_into()
-            .unwrap(),
-    );
-    let vcpu_id_off = KernelBtf::from_sys_fs()
-        .unwrap()
-        .member_offset("kvm_vcpu", "vcpu_id")
-        .expect("kvm_vcpu.vcpu_id in BTF") as u64;
     pin_to(0);
     let mut t = tracer(&["kvm.exit", "kvm.signal_to_inject", "kvm.inject_to_entry"]);
     let me = std::process::id();
@@ -195,7 +205,6 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
     let mut exits: BpfHashMap<&mut MapData, u32, ExitStart> =
         BpfHashMap::try_from(t.ebpf.map_mut("KVM_EXIT_START").unwrap()).unwrap();
     exits.insert(tid, exit_start, 0).unwrap();
-    let vcpu_arg = notes - vcpu_id_off;
     run(&t, "kvm_entry_raw", &[vcpu_arg, 0], None);
     let snap2 = Snapshot::read(&t.ebpf).unwrap();
     let exit = SeriesKey {
@@ -327,11 +336,9 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
 #[test]
 fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
     const TEST: &str = "a_stage_that_is_off_does_no_work_in_a_shared_program";
-    require_root();
-    if !Path::new("/dev/kvm").exists() {
-        skip(TEST, Why::Machine, "no /dev/kvm on this machine");
+    let Some((vcpu_arg, vcpu)) = known_vcpu(TEST) else {
         return;
-    }
+    };
     // kvm.exit alone: its kvm_entry program is shared with kvm.inject_to_entry, which is off.
     let mut t = tracer(&["kvm.exit"]);
     assert!(
@@ -342,19 +349,6 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
             .is_err(),
         "not loaded"
     );
-    let Some(notes) = kernel_address("__start_notes") else {
-        skip(TEST, Why::Machine, "__start_notes not in /proc/kallsyms");
-        return;
-    };
-    let vcpu = u32::from_le_bytes(
-        std::fs::read("/sys/kernel/notes").expect("/sys/kernel/notes")[..4]
-            .try_into()
-            .unwrap(),
-    );
-    let vcpu_id_off = KernelBtf::from_sys_fs()
-        .unwrap()
-        .member_offset("kvm_vcpu", "vcpu_id")
-        .expect("kvm_vcpu.vcpu_id in BTF") as u64;
     let me = std::process::id();
     // An interrupt pending for the vCPU kvm_entry will name: were kvm.inject_to_entry's work
     // done, the entry would take it.
@@ -372,7 +366,7 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
         _pad: 0,
     };
     exits.insert(gettid(), start, 0).unwrap();
-    run(&t, "kvm_entry_raw", &[notes - vcpu_id_off, 0], None);
+    run(&t, "kvm_entry_raw", &[vcpu_arg, 0], None);
     let snap = Snapshot::read(&t.ebpf).unwrap();
     let exit = SeriesKey {
         stage: StageId::KvmExit,
