@@ -107,30 +107,10 @@ pub fn leftover_programs() -> Vec<String> {
     }
 }
 
-/// Every program iopath's BPF object holds, from `iopath doctor --json`: the stage table's own
-/// list.
-pub fn iopath_programs() -> Vec<String> {
-    static PROGRAMS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    PROGRAMS
-        .get_or_init(|| {
-            let out = iopath(&["doctor", "--json", "--stages", "blk.device"]);
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).expect("iopath doctor --json");
-            let names: Vec<String> = v["programs"]
-                .as_array()
-                .expect("doctor lists the object's programs")
-                .iter()
-                .map(|p| p.as_str().unwrap().to_string())
-                .collect();
-            assert!(names.len() > 20, "{names:?}");
-            names
-        })
-        .clone()
-}
-
 /// Names of iopath's programs loaded now, from bpftool.
 pub fn loaded_programs() -> Vec<String> {
-    let ours = iopath_programs();
+    // The stage table's own list of programs (a unit test holds it to the object).
+    let ours = iopath::stages::all_programs();
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()

@@ -25,6 +25,36 @@ fn nothing_left() {
     );
 }
 
+/// Runs a copy of `bin` (in a directory user nobody can read) as nobody, with no
+/// capabilities, once with each argument list.
+fn as_nobody(bin: &std::path::Path, runs: &[&[&str]]) -> Vec<Output> {
+    let dir = std::env::temp_dir().join(format!("iopath-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.join(bin.file_name().unwrap());
+    std::fs::copy(bin, &copy).unwrap();
+    let outs = runs
+        .iter()
+        .map(|args| {
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--",
+                ])
+                .arg(&copy)
+                .args(*args)
+                .current_dir(&dir)
+                .output()
+                .expect("setpriv (util-linux)")
+        })
+        .collect();
+    std::fs::remove_dir_all(&dir).unwrap();
+    outs
+}
+
 #[test]
 fn unknown_flag() {
     one_line_error(
@@ -120,32 +150,14 @@ fn unknown_stage() {
 #[test]
 fn not_root() {
     require_root();
-    // A copy of the binary that an unprivileged user can run.
-    let dir = std::env::temp_dir().join(format!("iopath-noroot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("iopath");
-    std::fs::copy(iopath_bin(), &bin).unwrap();
-    for args in [
-        &["doctor"][..],
+    let runs: [&[&str]; 3] = [
+        &["doctor"],
         &["serve", "--listen", "127.0.0.1:0"],
         &["record", "--duration", "1s"],
-    ] {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--",
-            ])
-            .arg(&bin)
-            .args(args)
-            .output()
-            .expect("setpriv (util-linux)");
+    ];
+    for out in as_nobody(&iopath_bin(), &runs) {
         one_line_error(&out, 1, "iopath needs root, or CAP_BPF and CAP_PERFMON");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
     nothing_left();
 }
 
@@ -179,27 +191,6 @@ fn xtask_test_refuses_to_run_without_root() {
         "{} (cargo xtask builds it)",
         xtask.display()
     );
-    let dir = std::env::temp_dir().join(format!("iopath-xtask-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("xtask");
-    std::fs::copy(&xtask, &bin).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--",
-        ])
-        .arg(&bin)
-        .arg("test")
-        .current_dir(&dir)
-        .output()
-        .expect("setpriv (util-linux)");
-    std::fs::remove_dir_all(&dir).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
-    assert!(err.contains("run it as root"), "{err}");
+    let out = as_nobody(&xtask, &[&["test"]]).remove(0);
+    one_line_error(&out, 1, "run it as root");
 }

@@ -104,6 +104,8 @@ pub struct Tracer {
     /// The tracefs the plan read (record formats, exit reason names).
     pub tracefs: Tracefs,
     pub report: Vec<StageReport>,
+    /// The kernel modules whose BTF the plan read.
+    pub btf_modules: Vec<String>,
     /// Attached programs, by name.
     links: BTreeMap<String, Link>,
     /// Keeps kernel.bpf_stats enabled while held.
@@ -207,6 +209,10 @@ impl Tracer {
             ebpf,
             tracefs: tracefs.clone(),
             report: Vec::new(),
+            btf_modules: kbtf
+                .as_ref()
+                .map(|b| b.modules().map(String::from).collect())
+                .unwrap_or_default(),
             links: BTreeMap::new(),
             _stats: stats,
         };

@@ -49,7 +49,7 @@ fn holds_vm(pid: u32) -> bool {
 }
 
 /// Thread groups that hold a KVM VM fd: VMs that existed before iopath.
-pub fn running_vmms() -> Vec<u32> {
+fn running_vmms() -> Vec<u32> {
     let Ok(procs) = fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -264,13 +264,10 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
     };
     let tracer = attach::Tracer::start(&opts)?;
     if json {
-        let modules: Vec<String> = iopath::btf::KernelBtf::from_sys_fs()
-            .map(|b| b.modules().map(String::from).collect())
-            .unwrap_or_default();
         let out = serde_json::json!({
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "btf": std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
-            "btf_modules": modules,
+            "btf_modules": tracer.btf_modules,
             "tracefs": common.tracefs,
             "stages": tracer.report,
             // Every program the object holds, attached or not: what to look for if one is

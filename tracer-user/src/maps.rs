@@ -3,8 +3,6 @@
 //! name their maps (`stages`); collection, the `iopath_kernel_map_entries` gauge and the tests'
 //! leftover checks iterate this table, not hand-kept lists.
 
-use std::collections::BTreeMap;
-
 use aya::{
     Ebpf, Pod,
     maps::{HashMap, MapData, PerCpuHashMap},
@@ -33,6 +31,19 @@ pub struct Owner {
 }
 
 impl Owner {
+    /// The owner of a histogram series (`HistKey` stage, obj, vm): its VM, and for blk.device
+    /// its device (`obj` is the dev_t there).
+    pub fn of_series(stage: u16, obj: u32, vm: u32) -> Owner {
+        Owner {
+            vm,
+            dev: if stage == StageId::BlkDevice as u16 {
+                obj
+            } else {
+                0
+            },
+        }
+    }
+
     const fn vm(vm: u32) -> Owner {
         Owner { vm, dev: 0 }
     }
@@ -56,6 +67,8 @@ pub enum Capacity {
 trait Access: Sync {
     /// The owner of every entry.
     fn owners(&self, ebpf: &Ebpf, name: &str) -> Vec<Owner>;
+    /// Entries, counted by their keys alone (no value is read).
+    fn len(&self, ebpf: &Ebpf, name: &str) -> usize;
     /// Removes the entries whose owner `doomed` selects; returns how many.
     fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize;
 }
@@ -69,6 +82,12 @@ impl<K: Pod + Sync, V: Pod + Sync> Access for Hash<K, V> {
             .and_then(|m| HashMap::<&MapData, K, V>::try_from(m).ok())
             .map(|m| m.iter().flatten().map(|(k, v)| (self.0)(&k, &v)).collect())
             .unwrap_or_default()
+    }
+
+    fn len(&self, ebpf: &Ebpf, name: &str) -> usize {
+        ebpf.map(name)
+            .and_then(|m| HashMap::<&MapData, K, V>::try_from(m).ok())
+            .map_or(0, |m| m.keys().flatten().count())
     }
 
     fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize {
@@ -97,6 +116,10 @@ impl<K: Pod + Sync, V: Pod + Sync> Access for PerCpuHash<K, V> {
             .and_then(|m| PerCpuHashMap::<&MapData, K, V>::try_from(m).ok())
             .map(|m| m.keys().flatten().map(|k| (self.0)(&k)).collect())
             .unwrap_or_default()
+    }
+
+    fn len(&self, ebpf: &Ebpf, name: &str) -> usize {
+        self.owners(ebpf, name).len()
     }
 
     fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize {
@@ -132,6 +155,11 @@ impl KernelMap {
         self.access.owners(ebpf, self.name)
     }
 
+    /// Its entries now (what `iopath_kernel_map_entries` reports).
+    pub fn len(&self, ebpf: &Ebpf) -> usize {
+        self.access.len(ebpf, self.name)
+    }
+
     pub fn remove(&self, ebpf: &mut Ebpf, doomed: &dyn Fn(Owner) -> bool) -> usize {
         self.access.remove(ebpf, self.name, doomed)
     }
@@ -144,14 +172,7 @@ pub static HIST: KernelMap = KernelMap {
     collected: "by VM (key), and by device (key) for blk.device",
     capacity: Capacity::Hist,
     access: &PerCpuHash::<HistKey, HistVal>(
-        |k| Owner {
-            vm: k.vm,
-            dev: if k.stage == StageId::BlkDevice as u16 {
-                k.obj
-            } else {
-                0
-            },
-        },
+        |k| Owner::of_series(k.stage, k.obj, k.vm),
         std::marker::PhantomData,
     ),
 };
@@ -233,14 +254,6 @@ pub fn all() -> Vec<&'static KernelMap> {
         }
     }
     out
-}
-
-/// Entries of every growing map, by name.
-pub fn entries(ebpf: &Ebpf) -> BTreeMap<&'static str, usize> {
-    all()
-        .into_iter()
-        .map(|m| (m.name, m.owners(ebpf).len()))
-        .collect()
 }
 
 #[cfg(test)]

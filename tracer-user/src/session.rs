@@ -76,18 +76,6 @@ pub struct Collections {
     pub devices: usize,
 }
 
-/// The owner of a series' kernel entries.
-fn owner(k: &SeriesKey) -> Owner {
-    Owner {
-        vm: k.vm,
-        dev: if k.stage == StageId::BlkDevice {
-            k.obj
-        } else {
-            0
-        },
-    }
-}
-
 impl Session {
     pub fn start(opts: &Options) -> anyhow::Result<Session> {
         let mut tracer = Tracer::start(&opts.attach)?;
@@ -164,7 +152,12 @@ impl Session {
             return Ok(dead);
         }
         self.refresh()?;
-        let gone = |k: &SeriesKey| dead.vms.contains(&k.vm) || dead.devices.contains(&owner(k).dev);
+        let gone = |k: &SeriesKey| {
+            dead.vms.contains(&k.vm)
+                || dead
+                    .devices
+                    .contains(&Owner::of_series(k.stage as u16, k.obj, k.vm).dev)
+        };
         // Their counts stay under their labels (named while the cache still has them).
         let doomed: Vec<SeriesKey> = self
             .last
@@ -208,10 +201,12 @@ impl Session {
     /// The last snapshot's series (since the session started with `since_start`, else all the
     /// kernel counted), labelled, with equal label sets merged.
     pub fn labelled(&mut self, since_start: bool) -> Vec<Labelled> {
+        let since;
         let snap = if since_start {
-            self.last.since(&self.base)
+            since = self.last.since(&self.base);
+            &since
         } else {
-            self.last.clone()
+            &self.last
         };
         let mut merged: BTreeMap<(StageId, Labels), Series> = BTreeMap::new();
         for (key, series) in &snap.series {
@@ -300,7 +295,7 @@ impl Session {
                 let n = if m.name == maps::HIST.name {
                     self.last.hist_entries
                 } else {
-                    m.owners(&self.tracer.ebpf).len()
+                    m.len(&self.tracer.ebpf)
                 };
                 (m.name, n)
             })
