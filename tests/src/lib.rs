@@ -75,6 +75,18 @@ pub fn kvm_available(test: &str) -> bool {
     true
 }
 
+/// True inside the distro-kernel VM (`cargo xtask vm`): a machine emulated by QEMU TCG, whose
+/// clock is real but whose every instruction is slow, so a test injects delays of milliseconds
+/// there, not microseconds, and waits longer for the daemon to attach.
+pub fn emulated() -> bool {
+    std::env::var_os("IOPATH_EMULATED").is_some()
+}
+
+/// `ms` on this machine, five times as long when emulated.
+pub fn patience(ms: u64) -> Duration {
+    Duration::from_millis(if emulated() { ms * 5 } else { ms })
+}
+
 /// Every KVM stage, and not blk.device: the host's own disk I/O would add HIST entries.
 pub const KVM_STAGES: &str =
     "kvm.exit,kvm.signal_to_inject,kvm.inject_to_entry,kvm.halt_wakeup,kvm.userspace_exit";

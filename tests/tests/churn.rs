@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use iopath_tests::{Daemon, KVM_STAGES, Vmm, kvm_available, rss_kib};
+use iopath_tests::{Daemon, KVM_STAGES, Vmm, kvm_available, patience, rss_kib};
 
 const VMS: usize = 200;
 const AT_ONCE: usize = 8;
@@ -38,8 +38,9 @@ fn two_hundred_short_lived_vms() {
                     if i >= VMS {
                         return;
                     }
-                    // 100 ms to 1 s of life, exits of every kind along the way
-                    let hold = 100 + (i as u64 * 37) % 900;
+                    // 100 ms to 1 s of life (five times that emulated, where the daemon is
+                    // as slow as the VMs), exits of every kind along the way
+                    let hold = patience(100 + (i as u64 * 37) % 900).as_millis() as u64;
                     let args: &[&str] = match i % 3 {
                         0 => &["pio", "--count", "50", "--spin-us", "20"],
                         1 => &["irqfd-gsi", "--count", "20", "--gap-us", "300"],

@@ -73,12 +73,19 @@ pub struct Config {
     /// THREAD_SIZE: size of `union thread_union`, else of x86's `struct irq_stack` (the same
     /// order), else 0 (unknown: every program is taken to run in task context).
     pub thread_size: u32,
-    pub _pad: u32,
+    // The VMM of a kernel thread that works in its memory (BTF): the vhost worker before
+    // Linux 6.4 is a kthread `vhost-PID` that adopts the VMM's mm, outside its thread group.
+    /// `struct task_struct`.mm
+    pub task_mm: u32,
     /// Address of KVM's `irqfd_inject` (kallsyms), 0 when unknown: deferred injections are
     /// then not followed.
     pub irqfd_inject: u64,
+    /// `struct mm_struct`.owner (CONFIG_MEMCG): the task the mm belongs to.
+    pub mm_owner: u32,
+    /// `struct task_struct`.tgid
+    pub task_tgid: u32,
 }
-assert_size!(Config, 144);
+assert_size!(Config, 152);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -116,8 +123,10 @@ impl Config {
         tp_ioctl_cmd: NO_OFFSET,
         task_stack: NO_OFFSET,
         thread_size: 0,
-        _pad: 0,
+        task_mm: NO_OFFSET,
         irqfd_inject: 0,
+        mm_owner: NO_OFFSET,
+        task_tgid: NO_OFFSET,
     };
 }
 

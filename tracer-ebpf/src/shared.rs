@@ -247,6 +247,31 @@ pub fn vm_created(tgid: u32, tid: u32) {
     notify(NoticeKind::VmCreated, tgid, tid, 0);
 }
 
+/// The VMM whose memory the current task works in, when that is a known VMM's: a kernel thread
+/// that adopted its mm (the vhost worker before Linux 6.4, `vhost-PID`, is outside the VMM's
+/// thread group). Only for tasks that are no VMM themselves; a few reads, no map.
+#[inline(always)]
+pub fn mm_owner_vmm() -> Option<u32> {
+    let (mm_off, owner_off, tgid_off) = (config!(task_mm), config!(mm_owner), config!(task_tgid));
+    if mm_off == NO_OFFSET || owner_off == NO_OFFSET || tgid_off == NO_OFFSET {
+        return None;
+    }
+    // SAFETY: the loads go through bpf_probe_read_kernel; a null or stale pointer fails them.
+    let tgid = unsafe {
+        let task = bpf_get_current_task_btf() as u64;
+        let mm: u64 = read_at(task, mm_off).ok()?;
+        if mm == 0 {
+            return None;
+        }
+        let owner: u64 = read_at(mm, owner_off).ok()?;
+        if owner == 0 {
+            return None;
+        }
+        read_at::<i32>(owner, tgid_off).ok()? as u32
+    };
+    is_vmm(tgid).then_some(tgid)
+}
+
 /// tgid and tid of the current task.
 #[inline(always)]
 pub fn current_tgid_tid() -> (u32, u32) {

@@ -16,7 +16,10 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use tracer_common::blk::{dev_major, dev_minor};
+use tracer_common::{
+    blk::{dev_major, dev_minor},
+    kvm::uexit::{KVM_RUN, VcpuThread},
+};
 
 use crate::maps::{self, Owner};
 
@@ -61,7 +64,9 @@ fn running_vmms() -> Vec<u32> {
 }
 
 /// Seeds the kernel's VMM set with the VMs already running (the programs learn new ones from
-/// KVM_CREATE_VM); returns them.
+/// KVM_CREATE_VM), and the vCPU fd of each of their threads that sits in KVM_RUN (the programs
+/// learn it at KVM_RUN's entry, which a halted or busy vCPU may not make again for long);
+/// returns the VMMs.
 pub fn seed(ebpf: &mut Ebpf) -> Vec<u32> {
     let running = running_vmms();
     if let Some(Ok(mut vmms)) = ebpf
@@ -72,7 +77,51 @@ pub fn seed(ebpf: &mut Ebpf) -> Vec<u32> {
             let _ = vmms.insert(tgid, 1, 0);
         }
     }
+    if let Some(Ok(mut fds)) = ebpf
+        .map_mut("VCPU_FD")
+        .map(BpfHashMap::<&mut MapData, u32, VcpuThread>::try_from)
+    {
+        for &tgid in &running {
+            for (tid, fd) in threads_in_kvm_run(tgid) {
+                if fds.get(&tid, 0).is_err() {
+                    let _ = fds.insert(tid, VcpuThread { fd, vm: tgid }, 0);
+                }
+            }
+        }
+    }
     running
+}
+
+/// ioctl's system call number.
+#[cfg(target_arch = "x86_64")]
+const SYS_IOCTL: &str = "16";
+#[cfg(target_arch = "aarch64")]
+const SYS_IOCTL: &str = "29";
+
+/// Threads of `tgid` blocked in ioctl(fd, KVM_RUN), from /proc/TID/syscall (`NR arg0 arg1 ...`;
+/// a thread on a CPU at that moment reads `running` and is learned at its next KVM_RUN).
+fn threads_in_kvm_run(tgid: u32) -> Vec<(u32, u32)> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{tgid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse::<u32>().ok()?;
+            let sc = fs::read_to_string(t.path().join("syscall")).ok()?;
+            kvm_run_fd(&sc).map(|fd| (tid, fd))
+        })
+        .collect()
+}
+
+fn kvm_run_fd(syscall: &str) -> Option<u32> {
+    let mut f = syscall.split_whitespace();
+    if f.next()? != SYS_IOCTL {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
+    let fd = hex(f.next()?)?;
+    (hex(f.next()?)? == KVM_RUN as u64).then_some(fd as u32)
 }
 
 /// Things that come and go (VMM processes, block devices), each gone for a grace period before
@@ -200,6 +249,16 @@ impl Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_thread_in_kvm_run_names_its_fd() {
+        let line = "16 0x1b 0xae80 0x0 0x0 0x0 0x0 0x7f3a8bffe5f8 0x7f3a9c11ac5b\n";
+        assert_eq!(kvm_run_fd(line), Some(0x1b));
+        assert_eq!(kvm_run_fd("16 0x1b 0xae01 0x0 0x0 0x0 0x0 0x0 0x0"), None);
+        assert_eq!(kvm_run_fd("7 0x5 0xae80 0x0 0x0 0x0 0x0 0x0 0x0"), None);
+        assert_eq!(kvm_run_fd("running"), None);
+    }
 
     #[test]
     fn a_vm_expires_only_after_the_grace_period() {

@@ -45,8 +45,10 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         tp_ioctl_cmd: field("syscalls", "sys_enter_ioctl", "cmd"),
         task_stack: member("task_struct", "stack"),
         thread_size: btf.and_then(thread_size).unwrap_or(0),
-        _pad: 0,
+        task_mm: member("task_struct", "mm"),
         irqfd_inject: kernel_symbol("irqfd_inject").unwrap_or(0),
+        mm_owner: member("mm_struct", "owner"),
+        task_tgid: member("task_struct", "tgid"),
     }
 }
 

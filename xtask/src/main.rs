@@ -1,7 +1,10 @@
 //! Project tasks: `setup`, `run`, `test`, `bench`. `cargo xtask <task>`.
 
 mod bench;
+mod e2e;
+mod images;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -28,12 +31,24 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run every test: unit tests, then the end-to-end tests that load the real
-    /// programs into this kernel (root). Fails if an end-to-end test skipped for something
-    /// setup installs.
+    /// Set up, then run every test: unit tests, the end-to-end tests that load the real
+    /// programs into this kernel (root), then the end-to-end tests that run in the distro-kernel
+    /// VM. Fails if a test failed, or an end-to-end test skipped for something setup installs.
     Test {
         /// Only the tests whose name contains this.
         filter: Option<String>,
+        /// Leave out the distro-kernel VM.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Boot Debian's kernel under QEMU (a KVM host with kvm_amd, vhost-net, kprobes, fentry),
+    /// run the end-to-end tests that belong there, stop it.
+    Vm {
+        /// Only the tests whose name contains this.
+        filter: Option<String>,
+        /// Run this shell command in the VM instead of the tests (with the tests' environment).
+        #[arg(long, conflicts_with = "filter")]
+        exec: Option<String>,
     },
     /// Formatting and clippy (-D warnings): the host crates, then the BPF crate on its own.
     Lint,
@@ -55,10 +70,12 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs a command in the workspace root, failing on a non-zero exit.
+/// Runs a command (in the workspace root unless told otherwise), failing on a non-zero exit.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     let status = cmd
-        .current_dir(root())
         .status()
         .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
@@ -100,28 +117,62 @@ fn skip_log() -> PathBuf {
     root().join("target/e2e-skips.tsv")
 }
 
-/// Prints the skipped tests; fails when one skipped for what setup installs.
-fn check_skips() -> anyhow::Result<()> {
-    let log = std::fs::read_to_string(skip_log()).unwrap_or_default();
-    let skips: Vec<Vec<&str>> = log
-        .lines()
-        .map(|l| l.splitn(3, '\t').collect::<Vec<_>>())
-        .filter(|f| f.len() == 3)
-        .collect();
-    eprintln!("xtask: {} end-to-end tests skipped", skips.len());
-    for f in &skips {
-        eprintln!("  skipped ({}): {}: {}", f[0], f[1], f[2]);
+/// The same, for the tests that ran in the distro-kernel VM.
+fn vm_skip_log() -> PathBuf {
+    root().join("target/e2e-skips-vm.tsv")
+}
+
+fn require_root(what: &str) {
+    if !is_root() {
+        refuse(&format!(
+            "{what} loads BPF programs and makes loop devices and KVM guests: run it as root (sudo -E {what})"
+        ));
     }
-    let preventable: Vec<_> = skips.iter().filter(|f| f[0] == "setup").collect();
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Boots the distro-kernel VM, runs its tests, stops it (also on error and Ctrl-C).
+fn in_vm(
+    bins: &[(String, PathBuf)],
+    bin: &Path,
+    filter: Option<&str>,
+) -> anyhow::Result<(String, e2e::Counts)> {
+    vm::remove_stale_runs(&images::cache());
+    let img = images::prepare()?;
+    let mut l1 = vm::L1::boot(&img)?;
+    let c = e2e::run_in_vm(&mut l1, &img, bins, bin, &vm_skip_log(), filter)?;
+    Ok((img.kver, c))
+}
+
+fn report_skips(log: &Path, kernel: &str) {
+    let skips = e2e::skips(log);
+    eprintln!(
+        "xtask: {} end-to-end tests skipped on {kernel}",
+        skips.len()
+    );
+    for [kind, test, reason] in &skips {
+        eprintln!("  skipped ({kind}): {test}: {reason}");
+    }
+}
+
+/// Fails when a test skipped for what setup installs.
+fn check_skips(logs: &[PathBuf]) -> anyhow::Result<()> {
+    let preventable: Vec<String> = logs
+        .iter()
+        .flat_map(|l| e2e::skips(l))
+        .filter(|[kind, ..]| kind == "setup")
+        .map(|[_, test, _]| test)
+        .collect();
     if !preventable.is_empty() {
         bail!(
             "{} end-to-end tests skipped for something `cargo xtask setup` installs ({}): setup is incomplete",
             preventable.len(),
-            preventable
-                .iter()
-                .map(|f| f[1])
-                .collect::<Vec<_>>()
-                .join(", ")
+            preventable.join(", ")
         );
     }
     Ok(())
@@ -187,12 +238,9 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             let status = Command::new(bin).args(&args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Test { filter } => {
-            if !is_root() {
-                refuse(
-                    "cargo xtask test loads BPF programs and makes loop devices and KVM guests: run it as root (sudo -E cargo xtask test)",
-                );
-            }
+        Task::Test { filter, no_vm } => {
+            require_root("cargo xtask test");
+            vm::catch_signals();
             setup::setup()?;
             // Unit tests: no root, no kernel (the default members leave tracer-ebpf out).
             let mut unit = cargo();
@@ -207,22 +255,72 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             if let Some(f) = &filter {
                 unit.arg(f);
             }
-            run(&mut unit)?;
-            // End-to-end: real programs in this kernel; one at a time, they share kernel state.
+            let unit_ok = run(&mut unit);
             let bin = build_iopath()?;
-            let _ = std::fs::remove_file(skip_log());
-            let mut e2e = cargo();
-            e2e.args(["test", "--release", "--package", "iopath-tests"])
-                .env("IOPATH_BIN", &bin)
-                .env("IOPATH_SKIPS", skip_log());
-            e2e.arg("--");
-            if let Some(f) = &filter {
-                e2e.arg(f);
+            let bins = e2e::build()?;
+            let here = e2e::run_here(&bins, &bin, &skip_log(), filter.as_deref())?;
+            let mut lines = vec![format!(
+                "kernel {} (this machine): {here}",
+                kernel_release()
+            )];
+            let mut vm_failed = None;
+            let mut failed = here.failed;
+            if !no_vm {
+                match in_vm(&bins, &bin, filter.as_deref()) {
+                    Ok((kver, c)) => {
+                        failed += c.failed;
+                        lines.push(format!("kernel {kver} (distro-kernel VM): {c}"));
+                    }
+                    Err(e) => {
+                        lines.push(format!("distro-kernel VM: did not run: {e:#}"));
+                        vm_failed = Some(e);
+                    }
+                }
             }
-            e2e.arg("--test-threads=1");
-            let ran = run(&mut e2e);
-            check_skips()?;
-            ran
+            eprintln!();
+            eprintln!(
+                "xtask: unit tests: {}",
+                if unit_ok.is_ok() { "passed" } else { "FAILED" }
+            );
+            report_skips(&skip_log(), "this machine");
+            if !no_vm {
+                report_skips(&vm_skip_log(), "distro-kernel VM");
+            }
+            for l in &lines {
+                eprintln!("xtask: {l}");
+            }
+            unit_ok?;
+            if let Some(e) = vm_failed {
+                return Err(e);
+            }
+            check_skips(&[skip_log(), vm_skip_log()])?;
+            if failed > 0 {
+                bail!("end-to-end tests failed");
+            }
+            Ok(())
+        }
+        Task::Vm { filter, exec } => {
+            require_root("cargo xtask vm");
+            vm::catch_signals();
+            setup::setup()?;
+            let bin = build_iopath()?;
+            let bins = e2e::build()?;
+            if let Some(cmd) = exec {
+                let img = images::prepare()?;
+                let mut l1 = vm::L1::boot(&img)?;
+                let script = format!("{}\n{cmd}\n", e2e::vm_env(&img, &bin));
+                let (rc, _) = l1.exec(&script, std::time::Duration::from_secs(3600), true)?;
+                drop(l1);
+                std::process::exit(rc);
+            }
+            let (kver, c) = in_vm(&bins, &bin, filter.as_deref())?;
+            report_skips(&vm_skip_log(), "distro-kernel VM");
+            eprintln!("xtask: kernel {kver} (distro-kernel VM): {c}");
+            check_skips(&[vm_skip_log()])?;
+            if c.failed > 0 {
+                bail!("end-to-end tests failed in the distro-kernel VM");
+            }
+            Ok(())
         }
         Task::Bench { seconds, rounds } => {
             setup::setup()?;

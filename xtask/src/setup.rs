@@ -11,7 +11,8 @@ use crate::{is_root, root, run};
 /// fio drives the benchmark, bpftool lists programs left behind, losetup makes loop devices;
 /// the guest-lab test boots a real QEMU guest (qemu-system-x86, ping, xz, bc), and bpftrace
 /// gives the independent counts the tests and the benchmark compare with. A test that skips for
-/// one of these fails `cargo xtask test`.
+/// one of these fails `cargo xtask test`. The distro-kernel VM boots with QEMU and runs its
+/// nested guests with the same packages (L1 sees this machine's `/`).
 const PACKAGES: &[&str] = &[
     "prometheus",
     "fio",
@@ -24,9 +25,15 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     "bc",
     "python3",
+    // the distro-kernel VM (cargo xtask vm): its initramfs, its kernel package's module index,
+    // the ext4 scratch disk it formats
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "e2fsprogs",
 ];
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {cmd:?}"))?;
@@ -144,7 +151,7 @@ fn packages() -> anyhow::Result<()> {
     install(PACKAGES)
 }
 
-fn install(packages: &[&str]) -> anyhow::Result<()> {
+pub fn install(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

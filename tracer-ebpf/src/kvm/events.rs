@@ -19,8 +19,8 @@ use super::{
 };
 use crate::{
     shared::{
-        config, count, count_each, current_tgid_tid, in_task, is_vmm, now_ns, on, read_at,
-        stages_on,
+        config, count, count_each, current_tgid_tid, in_task, is_vmm, mm_owner_vmm, now_ns, on,
+        read_at, stages_on,
     },
     tp::{Site, field, tracepoint},
 };
@@ -103,10 +103,10 @@ fn injection(site: Site) {
     // A stale start (another VM's, under a reused thread id) names no VM: the signal stage
     // counts it, and the VM comes from the task as if there were none.
     let live = start.filter(|s| !is_stale(s, tgid));
-    let vmm = if live.is_none() && is_vmm(tgid) {
-        Some(tgid)
-    } else {
-        None
+    let vmm = match live {
+        Some(_) => None,
+        None if is_vmm(tgid) => Some(tgid),
+        None => mm_owner_vmm(),
     };
     // Only a VMM's task needs the context check: any other names no VM anyway.
     let in_task = (start.is_some() || vmm.is_some()) && in_task(site);
@@ -114,7 +114,8 @@ fn injection(site: Site) {
         signal::injected(tgid, tid, start, in_task, now);
     }
     if on(mask, KvmInjectToEntry) {
-        inject::injected(tid, injection_vm(live.map(|s| s.vm), in_task, vmm), now);
+        let vm = injection_vm(live.map(|s| s.vm), in_task, vmm);
+        inject::injected(tid, vm, in_task, now);
     }
 }
 
@@ -160,12 +161,12 @@ tracepoint!(
 );
 
 #[inline(always)]
-fn accept(apicid: Result<u32, ()>, _: Site) {
+fn accept(apicid: Result<u32, ()>, site: Site) {
     if !on(stages_on(), KvmInjectToEntry) {
         return;
     }
     match apicid {
-        Ok(apicid) => inject::accepted(current_tgid_tid().1, apicid),
+        Ok(apicid) => inject::accepted(current_tgid_tid().1, apicid, in_task(site)),
         Err(()) => count(KvmInjectToEntry, Counter::ReadError),
     }
 }

@@ -24,16 +24,17 @@ static INJ_MARK: PerCpuArray<InjectMark> = PerCpuArray::with_max_entries(1, 0);
 static INJ_PENDING: HashMap<VcpuKey, u64> = HashMap::with_max_entries(START_ENTRIES, 0);
 
 #[inline(always)]
-pub fn injected(tid: u32, vm: u32, now: u64) {
-    if let Err(c) = inject::on_inject(&mut CpuSlot(&INJ_MARK), 0, tid, vm, now) {
+pub fn injected(tid: u32, vm: u32, in_task: bool, now: u64) {
+    if let Err(c) = inject::on_inject(&mut CpuSlot(&INJ_MARK), 0, tid, vm, in_task, now) {
         count(STAGE, c);
     }
 }
 
 #[inline(always)]
-pub fn accepted(tid: u32, apicid: u32) {
+pub fn accepted(tid: u32, apicid: u32, in_task: bool) {
     let pending = &mut KernelStarts(&INJ_PENDING);
-    if let Err(c) = inject::on_accept(&CpuSlot(&INJ_MARK), pending, 0, tid, apicid, now_ns()) {
+    let now = now_ns();
+    if let Err(c) = inject::on_accept(&CpuSlot(&INJ_MARK), pending, 0, tid, apicid, in_task, now) {
         count(STAGE, c);
     }
 }

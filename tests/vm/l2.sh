@@ -1,0 +1,68 @@
+#!/bin/bash
+# l2.sh: a nested guest (L2) inside the distro-kernel VM (L1, `cargo xtask vm`), for the tests
+# in tests/tests/nested.rs. The lab kernel ($IOPATH_L2_KERNEL) under nested KVM (kvm_amd), with
+# virtio-net on a tap in the network namespace l2ns (169.254.100.1 <-> guest 169.254.100.2),
+# vhost-net on or off, and a virtio-blk disk.
+#   L2_NAME=NAME L2_VHOST=on|off l2.sh start     boot it, wait for the guest's READY (<= 120 s)
+#   l2.sh ping COUNT INTERVAL                     from the namespace (COUNT <= 1000)
+#   l2.sh monitor 'HMP command'                   QEMU's monitor (stop, cont, ...)
+#   l2.sh stop                                    quit QEMU, delete the namespace
+set -u
+RUN=${L2_RUN:-/tmp/l2}; NS=l2ns; TAP=tap0; HOST_IP=169.254.100.1; GUEST_IP=169.254.100.2
+KERNEL=${IOPATH_L2_KERNEL:?set by cargo xtask vm}
+# The lab kernel must not use what nested SVM under TCG does not emulate.
+CLEARCPUID=smap,fsgsbase,invpcid,pcid,rdrand,rdseed,rdpid,popcnt,clflushopt,clwb,xsave,xsaveopt,xsavec,xsaves,avx,avx2,avx512f,pku,ospke,umip
+die() { echo "l2: $*" >&2; exit 1; }
+qpid() { [ -s $RUN/qemu.pid ] && cat $RUN/qemu.pid; }
+running() { local p; p=$(qpid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+monitor() {
+  python3 -c "
+import socket,sys,time
+s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect('$RUN/mon.sock')
+s.sendall((sys.argv[1]+'\n').encode()); time.sleep(0.3)
+try: print(s.recv(65536).decode(errors='replace').split('\n')[-2])
+except Exception: pass" "$1"
+}
+cmd_start() {
+  running && die "already running (pid $(qpid))"
+  [ -e /dev/kvm ] || die "no /dev/kvm"
+  mkdir -p $RUN; truncate -s 64M $RUN/disk.img
+  ip netns add $NS || die "cannot create netns $NS"
+  ip netns exec $NS sh -c "ip link set lo up && ip tuntap add dev $TAP mode tap &&
+    sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 &&
+    ip addr add $HOST_IP/24 dev $TAP && ip link set $TAP up" || die "netns setup failed"
+  local append="console=ttyS0 tsc=reliable no_timer_check lpj=5192264 noxsave clearcpuid=$CLEARCPUID panic=-1"
+  append="$append ip=$GUEST_IP::$HOST_IP:255.255.255.0:lab:eth0:off lab_guest.rounds=0"
+  rm -f $RUN/console.log $RUN/qemu.pid
+  setsid ip netns exec $NS qemu-system-x86_64 -name "${L2_NAME:-l2},debug-threads=on" \
+    -enable-kvm -cpu qemu64,-cx16 -m 128 -smp 1 -bios /usr/share/qemu/qboot.rom \
+    -display none -no-reboot -pidfile $RUN/qemu.pid \
+    -chardev file,id=ser0,path=$RUN/console.log -serial chardev:ser0 \
+    -monitor unix:$RUN/mon.sock,server=on,wait=off -kernel $KERNEL -append "$append" \
+    -netdev tap,id=n0,ifname=$TAP,script=no,downscript=no,vhost=${L2_VHOST:-on} \
+    -device virtio-net-pci,netdev=n0,romfile= \
+    -drive file=$RUN/disk.img,if=virtio,format=raw,cache=writeback \
+    </dev/null >$RUN/qemu.err 2>&1 &
+  local i
+  for i in $(seq 1 240); do
+    grep -q 'LAB: READY' $RUN/console.log 2>/dev/null && break
+    [ $i -gt 20 ] && ! running && { cat $RUN/qemu.err; tail -5 $RUN/console.log; die "qemu exited during boot"; }
+    sleep 0.5
+  done
+  grep -q 'LAB: READY' $RUN/console.log || { tail -5 $RUN/console.log; die "guest not ready in 120 s"; }
+  echo "l2: ready, qemu pid $(qpid), vhost=${L2_VHOST:-on}"
+}
+cmd_ping() { local n=${1:-10} iv=${2:-0.2}; [ "$n" -le 1000 ] || die "count capped at 1000"
+  ip netns exec $NS timeout 300 ping -q -c "$n" -i "$iv" -W 5 -w 290 $GUEST_IP; }
+cmd_stop() {
+  local p i
+  if running; then p=$(qpid)
+    monitor quit >/dev/null 2>&1
+    for i in $(seq 1 40); do kill -0 $p 2>/dev/null || break; sleep 0.25; done
+    kill -0 $p 2>/dev/null && { kill -KILL $p; sleep 1; }
+  fi
+  rm -f $RUN/qemu.pid $RUN/mon.sock
+  ip netns list | grep -qw $NS && ip netns del $NS; return 0
+}
+c=${1:-}; shift || true
+case $c in start|ping|stop) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,11p "$0"; exit 2;; esac

@@ -1,0 +1,221 @@
+//! The end-to-end tests: one binary per file of tests/tests, run one test at a time (they share
+//! kernel state), on this machine's kernel and in the distro-kernel VM, with a count per kernel.
+
+use std::{
+    fmt,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cargo, images::Images, root, vm::L1};
+
+/// Files of tests/tests that run in the VM: everything that depends on the kernel and runs
+/// there (the guest lab needs this machine's KVM, the HTTP and exposition tests do not depend
+/// on the kernel). `nested` needs what only the VM has (kvm_entry, kprobes, nested guests).
+pub const IN_VM: &[&str] = &["doctor", "cli", "blk", "metrics", "kvm", "churn", "nested"];
+/// Files that run only in the VM.
+pub const VM_ONLY: &[&str] = &["nested"];
+
+#[derive(Default, Clone, Copy)]
+pub struct Counts {
+    pub passed: u32,
+    pub failed: u32,
+    pub skipped: u32,
+}
+
+impl Counts {
+    fn add(&mut self, o: Counts) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.skipped += o.skipped;
+    }
+}
+
+impl fmt::Display for Counts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.skipped
+        )
+    }
+}
+
+/// Builds the test binaries (release) and returns them by file name.
+pub fn build() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let out = cargo()
+        .current_dir(root())
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "iopath-tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cargo")?;
+    if !out.status.success() {
+        bail!("building the end-to-end tests failed");
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if m["reason"] == "compiler-artifact"
+            && m["target"]["kind"] == serde_json::json!(["test"])
+            && let Some(exe) = m["executable"].as_str()
+        {
+            let name = m["target"]["name"].as_str().unwrap_or_default().to_string();
+            bins.push((name, PathBuf::from(exe)));
+        }
+    }
+    bins.sort();
+    Ok(bins)
+}
+
+/// Passed and failed of the libtest summaries in `text` (`test result: ok. 4 passed; ...`).
+pub fn results(text: &str) -> (Counts, usize) {
+    let mut c = Counts::default();
+    let mut summaries = 0;
+    for l in text.lines() {
+        let Some(r) = l.trim().strip_prefix("test result: ") else {
+            continue;
+        };
+        summaries += 1;
+        for part in r.split(';') {
+            let mut w = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (w.next(), w.next()) else {
+                continue;
+            };
+            let n: u32 = n.parse().unwrap_or(0);
+            match what {
+                "passed" => c.passed += n,
+                "failed" => c.failed += n,
+                _ => {}
+            }
+        }
+    }
+    (c, summaries)
+}
+
+/// Skipped tests in a skip log (`kind<TAB>test<TAB>reason` lines).
+pub fn skips(log: &Path) -> Vec<[String; 3]> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(3, '\t').collect();
+            (f.len() == 3).then(|| [f[0].into(), f[1].into(), f[2].into()])
+        })
+        .collect()
+}
+
+fn tally(text: &str, ok: bool, bin: &str, total: &mut Counts) {
+    let (c, summaries) = results(text);
+    total.add(c);
+    if summaries == 0 && !ok {
+        // It died before its summary: count it as one failure, not zero.
+        eprintln!("xtask: {bin} ended without a test summary");
+        total.failed += 1;
+    }
+}
+
+/// Runs the binaries on this machine's kernel.
+pub fn run_here(
+    bins: &[(String, PathBuf)],
+    iopath: &Path,
+    skip_log: &Path,
+    filter: Option<&str>,
+) -> anyhow::Result<Counts> {
+    let _ = std::fs::remove_file(skip_log);
+    let mut total = Counts::default();
+    for (name, exe) in bins.iter().filter(|(n, _)| !VM_ONLY.contains(&n.as_str())) {
+        println!("\n== {name} (this machine)");
+        let mut cmd = Command::new(exe);
+        cmd.current_dir(root().join("tests"))
+            .env("IOPATH_BIN", iopath)
+            .env("IOPATH_SKIPS", skip_log)
+            .arg("--test-threads=1")
+            .args(filter)
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("cannot run {name}"))?;
+        let mut text = String::new();
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line?;
+            println!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let ok = child.wait()?.success();
+        tally(&text, ok, name, &mut total);
+        if crate::vm::interrupted() {
+            bail!("interrupted");
+        }
+    }
+    total.skipped = skips(skip_log).len() as u32;
+    Ok(total)
+}
+
+/// What the in-VM tests need to know about it.
+pub fn vm_env(img: &Images, iopath: &Path) -> String {
+    format!(
+        "export IOPATH_BIN={} IOPATH_SKIPS=/run/iopath/skips.tsv IOPATH_EMULATED=1 IOPATH_L2_KERNEL={}",
+        iopath.display(),
+        img.l2_kernel.display()
+    )
+}
+
+/// Runs the binaries named in IN_VM inside L1; the skip log comes back to `skip_log`.
+pub fn run_in_vm(
+    l1: &mut L1,
+    img: &Images,
+    bins: &[(String, PathBuf)],
+    iopath: &Path,
+    skip_log: &Path,
+    filter: Option<&str>,
+) -> anyhow::Result<Counts> {
+    let _ = std::fs::remove_file(l1.xchg().join("skips.tsv"));
+    let mut total = Counts::default();
+    for (name, exe) in bins.iter().filter(|(n, _)| IN_VM.contains(&n.as_str())) {
+        println!("\n== {name} (L1, {})", l1.kver);
+        let script = format!(
+            "{}\ncd {} && exec {} --test-threads=1 {}\n",
+            vm_env(img, iopath),
+            root().join("tests").display(),
+            exe.display(),
+            filter
+                .map(|f| format!("'{}'", f.replace('\'', "")))
+                .unwrap_or_default()
+        );
+        let (rc, text) = l1.exec(&script, Duration::from_secs(1800), true)?;
+        tally(&text, rc == 0, name, &mut total);
+    }
+    let _ = std::fs::copy(l1.xchg().join("skips.tsv"), skip_log);
+    if !l1.xchg().join("skips.tsv").exists() {
+        let _ = std::fs::remove_file(skip_log);
+    }
+    total.skipped = skips(skip_log).len() as u32;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_summaries_are_added_up() {
+        let text = "test a ... ok\n\
+            test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 23.00s\n\
+            test result: FAILED. 2 passed; 3 failed; 1 ignored; 0 measured; 0 filtered out; finished in 3s\n";
+        let (c, n) = results(text);
+        assert_eq!((c.passed, c.failed, n), (6, 3, 2));
+        assert_eq!(results("thread panicked").1, 0);
+    }
+}

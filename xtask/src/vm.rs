@@ -1,0 +1,269 @@
+//! The distro-kernel VM ("L1"): Debian's kernel under QEMU TCG (`-cpu max` has SVM, so
+//! `kvm_amd` loads and nested guests run), this machine's `/` shared read-only over 9p under
+//! a tmpfs overlay, so binaries built here run there at the same path. Commands go through
+//! a read-write 9p share (see xtask/vm/agent.sh). The VM is stopped and its folder removed
+//! when the handle drops: on success, on error, and after Ctrl-C, which the harness catches.
+
+use std::{
+    fs,
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{images::Images, root};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP set a flag the waits below check, so the VM is stopped and its
+/// files removed instead of the harness dying with QEMU left running.
+pub fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+pub struct L1 {
+    qemu: Child,
+    dir: PathBuf,
+    pub kver: String,
+    next: u32,
+}
+
+/// L1's memory, and how long it may take to boot (10-15 s measured, more with a build running).
+const MEMORY: &str = "3G";
+const BOOT_BUDGET: Duration = Duration::from_secs(180);
+
+impl L1 {
+    pub fn boot(img: &Images) -> anyhow::Result<L1> {
+        let agent = root().join("xtask/vm/agent.sh");
+        for p in [&agent, &img.modules] {
+            let s = p.to_string_lossy();
+            if s.contains(char::is_whitespace) || s.contains(['"', '\'']) {
+                bail!("{s}: L1's kernel command line takes paths without spaces or quotes");
+            }
+        }
+        let dir = crate::images::cache().join(format!("run-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let xchg = dir.join("xchg");
+        fs::create_dir_all(&xchg)?;
+        // A real disk for /var/tmp in L1: loop devices with direct I/O need one.
+        let scratch = dir.join("scratch.img");
+        fs::File::create(&scratch)?.set_len(4 << 30)?;
+        let append = format!(
+            "console=ttyS0 panic=-1 mitigations=off iopath.agent={} iopath.modules={}",
+            agent.display(),
+            img.modules.display()
+        );
+        let t0 = Instant::now();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-name",
+            "iopath-l1,debug-threads=on",
+            "-nodefaults",
+            "-no-reboot",
+        ])
+        .args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+        ])
+        .args(["-m", MEMORY, "-display", "none"])
+        .args(["-bios", "/usr/share/qemu/qboot.rom"])
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("console.log").display()))
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(&img.initramfs)
+        .arg("-append")
+        .arg(append)
+        .args([
+            "-fsdev",
+            "local,id=root,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=root,mount_tag=root",
+        ])
+        .arg("-fsdev")
+        .arg(format!(
+            "local,id=xchg,path={},security_model=none,multidevs=remap",
+            xchg.display()
+        ))
+        .args(["-device", "virtio-9p-pci,fsdev=xchg,mount_tag=xchg"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,format=raw,cache=unsafe",
+            scratch.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(dir.join("qemu.out"))?)
+        .stderr(fs::File::create(dir.join("qemu.err"))?)
+        // Own process group: Ctrl-C reaches the harness, which stops QEMU itself.
+        .process_group(0);
+        // SAFETY: prctl is async-signal-safe; QEMU dies with the harness, even on SIGKILL.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let qemu = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+        let mut l1 = L1 {
+            qemu,
+            dir,
+            kver: img.kver.clone(),
+            next: 0,
+        };
+        eprintln!("vm: booting {} under QEMU TCG", img.kver);
+        let ready = xchg.join("ready");
+        while !ready.exists() {
+            l1.check_alive()?;
+            if t0.elapsed() > BOOT_BUDGET {
+                bail!(
+                    "L1 not ready after {} s; console: {}",
+                    BOOT_BUDGET.as_secs(),
+                    l1.console_tail()
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "vm: L1 ready after {:.1} s ({})",
+            t0.elapsed().as_secs_f64(),
+            fs::read_to_string(&ready)?.trim()
+        );
+        Ok(l1)
+    }
+
+    /// The exchange folder: L1's /run/iopath.
+    pub fn xchg(&self) -> PathBuf {
+        self.dir.join("xchg")
+    }
+
+    fn console_tail(&self) -> String {
+        let c = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let lines: Vec<&str> = c.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join(" | ")
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if interrupted() {
+            bail!("interrupted");
+        }
+        if let Some(st) = self.qemu.try_wait()? {
+            bail!(
+                "L1 stopped ({st}): {} {}",
+                fs::read_to_string(self.dir.join("qemu.err"))
+                    .unwrap_or_default()
+                    .trim(),
+                self.console_tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs a bash script in L1 and returns its exit code and output; with `echo`, the output
+    /// is also copied to stdout as it comes.
+    pub fn exec(
+        &mut self,
+        script: &str,
+        timeout: Duration,
+        echo: bool,
+    ) -> anyhow::Result<(i32, String)> {
+        self.next += 1;
+        let id = self.next;
+        let x = self.xchg();
+        let staged = x.join(format!(".cmd.{id}"));
+        fs::write(&staged, script)?;
+        fs::rename(&staged, x.join(format!("cmd.{id}")))?;
+        let (out, rc) = (x.join(format!("out.{id}")), x.join(format!("rc.{id}")));
+        let t0 = Instant::now();
+        let mut seen = 0u64;
+        let mut text = Vec::new();
+        loop {
+            let done = rc.exists();
+            if let Ok(mut f) = fs::File::open(&out) {
+                f.seek(SeekFrom::Start(seen))?;
+                let mut more = Vec::new();
+                f.read_to_end(&mut more)?;
+                seen += more.len() as u64;
+                if echo {
+                    std::io::stdout().write_all(&more)?;
+                    std::io::stdout().flush()?;
+                }
+                text.extend_from_slice(&more);
+            }
+            if done {
+                break;
+            }
+            self.check_alive()?;
+            if t0.elapsed() > timeout {
+                bail!("command in L1 timed out after {} s", timeout.as_secs());
+            }
+            sleep(Duration::from_millis(100));
+        }
+        let code = fs::read_to_string(&rc)?.trim().parse().unwrap_or(-1);
+        for f in [out, rc, x.join(format!("run.{id}"))] {
+            let _ = fs::remove_file(f);
+        }
+        Ok((code, String::from_utf8_lossy(&text).into_owned()))
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.qemu.try_wait(), Ok(None)) {
+            // Clean poweroff through the agent, then the hard way.
+            let _ = fs::write(self.xchg().join("poweroff"), "");
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if !matches!(self.qemu.try_wait(), Ok(None)) {
+                    break;
+                }
+                sleep(Duration::from_millis(100));
+            }
+            if matches!(self.qemu.try_wait(), Ok(None)) {
+                let _ = self.qemu.kill();
+                let _ = self.qemu.wait();
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for L1 {
+    fn drop(&mut self) {
+        self.stop();
+        eprintln!("vm: L1 stopped");
+    }
+}
+
+/// Removes what an earlier harness killed with SIGKILL left (its QEMU died with it).
+pub fn remove_stale_runs(cache: &Path) {
+    let Ok(entries) = fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("run-")
+            .or_else(|| name.strip_prefix("tmp-").and_then(|r| r.rsplit('-').next()))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
