@@ -15,7 +15,7 @@ use tracer_common::{
 
 use crate::{
     shared::{KernelStarts, config, count, now_ns, on, read_at, record, stages_on},
-    tp::{Site, field, tracepoint},
+    tp::{Site, field, function, tracepoint},
 };
 
 const STAGE: StageId = StageId::BlkDevice;
@@ -160,5 +160,36 @@ tracepoint!(
     |arg| Ok(Request::Ptr(arg(0))),
     |rec| sector_key(rec, config!(tp_requeue_dev), config!(tp_requeue_sector))
         .map(|k| Request::Sector(k, Op::Other)),
+    requeue
+);
+
+// The same events from the functions that fire them, for kernels without usable tracepoints:
+// void blk_mq_start_request(struct request *rq) fires block_rq_issue;
+function!(
+    "blk_mq_start_request",
+    blk_rq_issue_fentry,
+    blk_rq_issue_kprobe,
+    |arg| Ok(Request::Ptr(arg(0))),
+    issue
+);
+
+// bool blk_update_request(struct request *req, blk_status_t error, unsigned int nr_bytes)
+// fires block_rq_complete first thing;
+function!(
+    "blk_update_request",
+    blk_rq_complete_fentry,
+    blk_rq_complete_kprobe,
+    |arg| Ok(Request::Ptr(arg(0))),
+    complete
+);
+
+// void blk_mq_requeue_request(struct request *rq, bool kick_requeue_list) fires
+// block_rq_requeue (a requeue for a busy device resource does not pass here: its request's
+// next issue replaces the start).
+function!(
+    "blk_mq_requeue_request",
+    blk_rq_requeue_fentry,
+    blk_rq_requeue_kprobe,
+    |arg| Ok(Request::Ptr(arg(0))),
     requeue
 );

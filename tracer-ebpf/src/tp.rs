@@ -50,6 +50,34 @@ macro_rules! tracepoint {
 }
 pub(crate) use tracepoint;
 
+/// `function!(name, fentry_prog, kprobe_prog, |arg| from_args, handle)`: the fentry and kprobe
+/// programs of a kernel function whose arguments carry what the event's tracepoint programs
+/// read (`arg(i)`: argument i as a u64), for kernels where the tracepoint cannot be used.
+macro_rules! function {
+    ($func:literal, $fentry:ident, $kprobe:ident, |$arg:ident| $from_args:expr, $handle:path) => {
+        #[aya_ebpf::macros::fentry(function = $func)]
+        pub fn $fentry(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
+            #[allow(unused_variables)]
+            let $arg = |i: usize| -> u64 { ctx.arg(i) };
+            #[allow(clippy::redundant_closure_call)]
+            let ev: Result<_, ()> = (|| $from_args)();
+            $handle(ev, $crate::tp::Site::Function);
+            0
+        }
+
+        #[aya_ebpf::macros::kprobe]
+        pub fn $kprobe(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
+            #[allow(unused_variables)]
+            let $arg = |i: usize| -> u64 { ctx.arg(i).unwrap_or(0) };
+            #[allow(clippy::redundant_closure_call)]
+            let ev: Result<_, ()> = (|| $from_args)();
+            $handle(ev, $crate::tp::Site::Function);
+            0
+        }
+    };
+}
+pub(crate) use function;
+
 /// A field of a classic tracepoint record at `off` (from tracefs).
 #[inline(always)]
 pub fn field<T>(ctx: &aya_ebpf::programs::TracePointContext, off: u32) -> Result<T, ()> {
@@ -60,9 +88,11 @@ pub fn field<T>(ctx: &aya_ebpf::programs::TracePointContext, off: u32) -> Result
 /// Where an event's context lives. A tp_btf or raw_tp program's argument array is a local of
 /// the traced code (the kernel's bpf_trace_run*), so its address is on the stack the event
 /// fired on: the task's own, or the per-CPU IRQ stack in interrupt context. A classic
-/// tracepoint's record is in a per-CPU buffer and tells nothing.
+/// tracepoint's record is in a per-CPU buffer and tells nothing; neither does a function
+/// probe's context (the registers, or the trampoline's copy of the arguments).
 #[derive(Clone, Copy)]
 pub enum Site {
     Args(*const u64),
     Record,
+    Function,
 }

@@ -351,7 +351,7 @@ impl Tracer {
 
     fn attach_program(&mut self, event: &Event, f: Family, k: &Kernel) -> Result<Link, String> {
         // Cheap checks first, for a clear reason instead of a syscall error.
-        btf_target(k.kbtf, f, event.name)?;
+        btf_target(k.kbtf, f, event.target(f))?;
         if matches!(f, Family::Tracepoint | Family::RawTp)
             && !k.tracefs.has_tracepoint(event.category, event.name)
         {
@@ -363,7 +363,7 @@ impl Tracer {
             .program_mut(&name)
             .ok_or_else(|| format!("program {name} missing from the BPF object"))?;
         let loaded = program.fd().is_ok();
-        let tp = event.name;
+        let tp = event.target(f);
         Ok(match (f, program) {
             (Family::TpBtf, Program::BtfTracePoint(p)) => {
                 if !loaded {

@@ -2,7 +2,7 @@
 
 use tracer_common::{config::Config, stage::StageId};
 
-use super::{Event, Family, Path, Stage, all_set, tracepoint};
+use super::{Event, Family, Path, Stage, all_set, tracepoint_or_function};
 use crate::maps::{BLK_START_RQ, BLK_START_SECTOR};
 
 /// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
@@ -50,27 +50,39 @@ fn request_members(c: &Config) -> Result<(), &'static str> {
     )
 }
 
-// void trace_block_rq_issue(struct request *rq)
-pub static BLOCK_RQ_ISSUE: Event =
-    tracepoint("block", "block_rq_issue", "blk_rq_issue", issue_needs);
-// void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)
-pub static BLOCK_RQ_COMPLETE: Event = tracepoint(
+// void trace_block_rq_issue(struct request *rq), from blk_mq_start_request(rq)
+pub static BLOCK_RQ_ISSUE: Event = tracepoint_or_function(
+    "block",
+    "block_rq_issue",
+    "blk_rq_issue",
+    "blk_mq_start_request",
+    issue_needs,
+);
+// void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes),
+// first thing in blk_update_request(rq, error, nr_bytes)
+pub static BLOCK_RQ_COMPLETE: Event = tracepoint_or_function(
     "block",
     "block_rq_complete",
     "blk_rq_complete",
+    "blk_update_request",
     complete_needs,
 );
 
-// void trace_block_rq_requeue(struct request *rq)
-pub static BLOCK_RQ_REQUEUE: Event =
-    tracepoint("block", "block_rq_requeue", "blk_rq_requeue", requeue_needs);
+// void trace_block_rq_requeue(struct request *rq), from blk_mq_requeue_request(rq, kick)
+pub static BLOCK_RQ_REQUEUE: Event = tracepoint_or_function(
+    "block",
+    "block_rq_requeue",
+    "blk_rq_requeue",
+    "blk_mq_requeue_request",
+    requeue_needs,
+);
 
-/// How a family's programs key requests: by pointer (tp_btf, raw_tp) or by dev + sector
-/// (classic). All three events of the stage must key alike.
+/// How a family's programs key requests: by pointer (tp_btf, raw_tp, fentry, kprobe) or by
+/// dev + sector (classic). All three events of the stage must key alike.
 fn request_key(f: Family) -> u8 {
     match f {
-        Family::TpBtf | Family::RawTp => 0,
-        _ => 1,
+        Family::Tracepoint => 1,
+        _ => 0,
     }
 }
 

@@ -71,8 +71,11 @@ pub type Needs = fn(Family, &Config) -> Result<(), &'static str>;
 /// A kernel event and its candidate programs.
 #[derive(Debug)]
 pub struct Event {
-    /// Tracepoint or kernel function name.
+    /// Tracepoint name.
     pub name: &'static str,
+    /// The kernel function the fentry and kprobe candidates attach to (one that fires the
+    /// tracepoint with the same arguments); empty when there are none.
+    pub function: &'static str,
     /// Tracefs category of a tracepoint; empty for a function.
     pub category: &'static str,
     /// The programs are `{program}_{suffix}` in the BPF object.
@@ -93,8 +96,16 @@ impl Event {
             Family::TpBtf => format!("tp_btf/{}", self.name),
             Family::RawTp => format!("raw_tp/{}", self.name),
             Family::Tracepoint => format!("tracepoint/{}/{}", self.category, self.name),
-            Family::FEntry => format!("fentry/{}", self.name),
-            Family::KProbe => format!("kprobe/{}", self.name),
+            Family::FEntry => format!("fentry/{}", self.function),
+            Family::KProbe => format!("kprobe/{}", self.function),
+        }
+    }
+
+    /// What the family's program attaches to: the tracepoint, or the function.
+    pub fn target(&self, f: Family) -> &'static str {
+        match f {
+            Family::FEntry | Family::KProbe => self.function,
+            _ => self.name,
         }
     }
 }
@@ -110,8 +121,30 @@ pub const fn tracepoint(
         name,
         category,
         program,
+        function: "",
         families: &[Family::TpBtf, Family::RawTp, Family::Tracepoint],
         needs,
+    }
+}
+
+/// A tracepoint's three programs, then fentry and kprobe on `function`, which fires it.
+pub const fn tracepoint_or_function(
+    category: &'static str,
+    name: &'static str,
+    program: &'static str,
+    function: &'static str,
+    needs: Needs,
+) -> Event {
+    Event {
+        function,
+        families: &[
+            Family::TpBtf,
+            Family::RawTp,
+            Family::Tracepoint,
+            Family::FEntry,
+            Family::KProbe,
+        ],
+        ..tracepoint(category, name, program, needs)
     }
 }
 
