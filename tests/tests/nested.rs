@@ -32,8 +32,8 @@ fn in_vm(test: &str) -> bool {
     true
 }
 
-/// The nested guest; stopped (QEMU quit, namespace deleted) on drop.
-struct L2;
+/// The nested guest (its QEMU's pid); stopped (QEMU quit, namespace deleted) on drop.
+struct L2(u32);
 
 fn l2(args: &[&str], env: &[(&str, &str)]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/l2.sh");
@@ -53,11 +53,15 @@ impl L2 {
         let vhost = if vhost { "on" } else { "off" };
         // A leftover from an interrupted run would hold the namespace.
         l2(&["stop"], &[]);
-        eprintln!(
-            "{}",
-            l2(&["start"], &[("L2_NAME", name), ("L2_VHOST", vhost)]).trim()
-        );
-        L2
+        let out = l2(&["start"], &[("L2_NAME", name), ("L2_VHOST", vhost)]);
+        eprintln!("{}", out.trim());
+        let pid = out
+            .split("qemu pid ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .expect("l2.sh names its QEMU's pid");
+        L2(pid)
     }
 
     fn ping(&self, count: u32, interval: &str) {
@@ -88,6 +92,7 @@ impl Trace {
         let t = Trace(dir);
         t.write("tracing_on", "0");
         t.write("buffer_size_kb", "16384");
+        t.write("options/record-tgid", "1");
         for e in events {
             t.write(&format!("events/{e}/enable"), "1");
         }
@@ -128,29 +133,50 @@ impl Drop for Trace {
     }
 }
 
-/// One line of a tracefs `trace` file: task pid, CPU, event name, its text.
+/// One line of a tracefs `trace` file.
 struct Line<'a> {
+    task: &'a str,
     pid: u32,
+    /// With the instance's record-tgid option; 0 without.
+    tgid: u32,
     cpu: u32,
+    /// In a hard or soft interrupt (the flags' third column: `h`, `s` or `H`).
+    irq: bool,
+    ts_ns: u64,
     event: &'a str,
     text: &'a str,
 }
 
-/// `<task>-<pid> [<cpu>] <flags> <ts>: <event>: <text>`; the task's name may hold spaces
-/// (`CPU 0/KVM`), so the line is cut at the CPU's brackets.
+/// `<task>-<pid> [(<tgid>)] [<cpu>] <flags> <ts>: <event>: <text>`; the task's name may hold
+/// spaces (`CPU 0/KVM`), so the line is cut at the CPU's brackets.
 fn parse(line: &str) -> Option<Line<'_>> {
     let open = line.find(" [")?;
     let close = open + line[open..].find(']')?;
     let cpu = line[open + 2..close].parse().ok()?;
-    let pid = line[..open].rsplit('-').next()?.trim().parse().ok()?;
+    let mut who = line[..open].trim_end();
+    let mut tgid = 0;
+    if who.ends_with(')') {
+        let p = who.rfind('(')?;
+        tgid = who[p + 1..who.len() - 1].trim().parse().unwrap_or(0);
+        who = who[..p].trim_end();
+    }
+    let (task, pid) = who.trim_start().rsplit_once('-')?;
     let rest = &line[close + 1..];
     let mut parts = rest.splitn(3, ": ");
-    let _ts = parts.next()?;
+    let mut head = parts.next()?.split_whitespace();
+    let flags = head.next()?;
+    let ts = head.next()?;
+    let (secs, micros) = ts.split_once('.')?;
+    let ts_ns = secs.parse::<u64>().ok()? * 1_000_000_000 + micros.parse::<u64>().ok()? * 1000;
     let event = parts.next()?;
     let text = parts.next().unwrap_or("");
     Some(Line {
-        pid,
+        task,
+        pid: pid.parse().ok()?,
+        tgid,
         cpu,
+        irq: matches!(flags.chars().nth(2), Some('h' | 's' | 'H')),
+        ts_ns,
         event,
         text,
     })
@@ -192,12 +218,10 @@ fn entries_after_device_interrupts(trace: &str) -> (u64, u64) {
                 injections += 1;
                 marked.insert(l.cpu, l.pid);
             }
-            "kvm_apic_accept_irq" => {
-                if marked.get(&l.cpu) == Some(&l.pid) {
-                    let apic = word_after(l.text, "apicid").unwrap_or("?");
-                    let vcpu = u32::from_str_radix(apic, 16).unwrap_or(u32::MAX);
-                    pending.insert(vcpu, true);
-                }
+            "kvm_apic_accept_irq" if marked.get(&l.cpu) == Some(&l.pid) => {
+                let apic = word_after(l.text, "apicid").unwrap_or("?");
+                let vcpu = u32::from_str_radix(apic, 16).unwrap_or(u32::MAX);
+                pending.insert(vcpu, true);
             }
             "kvm_entry" => {
                 // the injecting code path is over on this CPU
@@ -304,45 +328,6 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
 
     // kvm.inject_to_entry: one sample per entry after an accepted device interrupt.
     let (injections, want) = entries_after_device_interrupts(&text);
-    if std::env::var_os("NESTED_DEBUG").is_some() {
-        let mut tasks: BTreeMap<String, u64> = BTreeMap::new();
-        let mut last: HashMap<u32, f64> = HashMap::new();
-        let mut deltas = Vec::new();
-        for line in text.lines() {
-            let Some(l) = parse(line) else { continue };
-            let ts: f64 = line[line.find(']').unwrap() + 1..]
-                .split(':')
-                .next()
-                .unwrap()
-                .split_whitespace()
-                .last()
-                .unwrap()
-                .parse()
-                .unwrap_or(0.0);
-            if l.event == "kvm_msi_set_irq" || l.event == "kvm_set_irq" {
-                *tasks
-                    .entry(format!(
-                        "{} {}",
-                        l.event,
-                        line[..line.find(" [").unwrap()].trim()
-                    ))
-                    .or_default() += 1;
-                last.insert(l.cpu, ts);
-            } else if l.event == "kvm_apic_accept_irq" {
-                if let Some(t) = last.remove(&l.cpu) {
-                    deltas.push(((ts - t) * 1e6) as u64);
-                }
-            }
-        }
-        deltas.sort();
-        eprintln!(
-            "injecting tasks: {tasks:?}\naccept deltas us: p50 {:?} p90 {:?} max {:?}",
-            deltas.get(deltas.len() / 2),
-            deltas.get(deltas.len() * 9 / 10),
-            deltas.last()
-        );
-        std::fs::write("/run/iopath/nested-trace.txt", &text).unwrap();
-    }
     let got: u64 = diff(
         &counts_by(&after, "kvm.inject_to_entry", VM, "vcpu"),
         &counts_by(&before, "kvm.inject_to_entry", VM, "vcpu"),
@@ -368,6 +353,10 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
         got.abs_diff(want) as f64 <= want as f64 * 0.02,
         "kvm.inject_to_entry {got}, trace says {want}"
     );
+
+    if let Some(dir) = std::env::var_os("IOPATH_RECORD") {
+        record_fixtures(Path::new(&dir), &text, guest.0, &measured, got);
+    }
 
     // kvm.halt_wakeup names the vCPU: the daemon was there before the guest's first KVM_RUN.
     let vcpus = after.label_values(&format!("{LATENCY}_count"), "vcpu");
@@ -420,4 +409,117 @@ fn fentry_and_kprobe_variants_of_blk_device_count_the_same_io() {
         }
         assert!(d.stop().success());
     }
+}
+
+/// `{ N, "name" }` pairs of the `which`-th `__print_symbolic` table of an event's print fmt
+/// (kvm_exit: 1 VMX, 2 SVM).
+fn symbols(format: &str, which: usize) -> HashMap<String, u32> {
+    let table = format.split("__print_symbolic(").nth(which).unwrap_or("");
+    let table = table.split("})").next().unwrap_or("");
+    table
+        .split('{')
+        .skip(1)
+        .filter_map(|e| {
+            let (num, name) = e.split_once(',')?;
+            let num = num.trim();
+            let n = match num.strip_prefix("0x") {
+                Some(h) => u32::from_str_radix(h, 16).ok()?,
+                None => num.parse().ok()?,
+            };
+            Some((name.split('"').nth(1)?.to_string(), n))
+        })
+        .collect()
+}
+
+/// Writes the window's trace as the replay fixtures of tracer-common (`ts_ns tgid/tid@cpu
+/// event fields`), each with what iopath measured over the same window, which the replay must
+/// reproduce. Run by `cargo xtask vm --record-fixtures`.
+fn record_fixtures(dir: &Path, text: &str, qemu: u32, exits: &BTreeMap<String, u64>, injects: u64) {
+    let format = fs::read_to_string("/sys/kernel/tracing/events/kvm/kvm_exit/format").unwrap();
+    let svm = Path::new("/sys/module/kvm_amd").exists();
+    let (isa, table) = if svm {
+        (2, symbols(&format, 2))
+    } else {
+        (1, symbols(&format, 1))
+    };
+    let lines: Vec<Line> = text.lines().filter_map(parse).collect();
+    let t0 = lines.first().map_or(0, |l| l.ts_ns);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let header = |what: &str| {
+        format!(
+            "# Recorded, not hand-written: {what} of a nested guest (the lab kernel under\n\
+             # {}, virtio-net on vhost-net) pinged 200 times, on Linux {} in the distro-kernel VM.\n\
+             # Record again with `cargo xtask vm --record-fixtures` (tests/tests/nested.rs).\n\
+             # Format: ts_ns tgid/tid@cpu event fields (ts from the window's first event).\n",
+            if svm { "kvm_amd" } else { "kvm_intel" },
+            kernel.trim()
+        )
+    };
+    let who = |l: &Line| format!("{} {}/{}@{}", l.ts_ns - t0, l.tgid, l.pid, l.cpu);
+    // kvm.exit: exits and entries
+    let mut out = header("kvm_exit and kvm_entry");
+    let by_num: BTreeMap<u32, u64> = exits
+        .iter()
+        .filter_map(|(name, n)| Some((*table.get(name)?, *n)))
+        .collect();
+    out += &format!(
+        "# iopath measured over this window (kvm.exit, by exit reason; isa={isa}): {}\n",
+        by_num
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for l in &lines {
+        match l.event {
+            "kvm_exit" => {
+                let reason = word_after(l.text, "reason")
+                    .and_then(|r| table.get(r))
+                    .copied();
+                let vcpu = word_after(l.text, "vcpu").unwrap_or("0");
+                out += &format!(
+                    "{} kvm_exit reason={} isa={isa} vcpu={vcpu}\n",
+                    who(l),
+                    reason.unwrap_or(u32::MAX)
+                );
+            }
+            "kvm_entry" => {
+                let vcpu = word_after(l.text, "vcpu").unwrap_or("0");
+                out += &format!("{} kvm_entry vcpu={vcpu}\n", who(l));
+            }
+            _ => {}
+        }
+    }
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join("kvm_exit.events"), out).unwrap();
+    // kvm.inject_to_entry: injections (vm= the VM their context names: the VMM's own threads,
+    // or its vhost worker `vhost-PID`; 0 in an interrupt), accepts, entries
+    let mut out = header("kvm_msi_set_irq, kvm_set_irq, kvm_apic_accept_irq and kvm_entry");
+    out +=
+        &format!("# iopath measured over this window (kvm.inject_to_entry): samples={injects}\n");
+    let vm_of = |l: &Line| {
+        let ours = l.tgid == qemu || l.task == format!("vhost-{qemu}");
+        if ours && !l.irq { qemu } else { 0 }
+    };
+    let irq = |l: &Line| if l.irq { " irq=1" } else { "" };
+    for l in &lines {
+        match l.event {
+            "kvm_msi_set_irq" => {
+                out += &format!("{} kvm_msi_set_irq vm={}{}\n", who(l), vm_of(l), irq(l));
+            }
+            "kvm_set_irq" if word_after(l.text, "level") == Some("1") => {
+                out += &format!("{} kvm_set_irq vm={}{}\n", who(l), vm_of(l), irq(l));
+            }
+            "kvm_apic_accept_irq" => {
+                let apic = word_after(l.text, "apicid").unwrap_or("0");
+                out += &format!("{} kvm_apic_accept_irq apicid=0x{apic}{}\n", who(l), irq(l));
+            }
+            "kvm_entry" => {
+                let vcpu = word_after(l.text, "vcpu").unwrap_or("0");
+                out += &format!("{} kvm_entry vcpu={vcpu}\n", who(l));
+            }
+            _ => {}
+        }
+    }
+    fs::write(dir.join("kvm_inject.events"), out).unwrap();
 }

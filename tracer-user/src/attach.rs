@@ -110,6 +110,8 @@ pub struct Tracer {
     links: BTreeMap<String, Link>,
     /// Keeps kernel.bpf_stats enabled while held.
     _stats: Option<OwnedFd>,
+    /// The VMMs that ran before the programs were attached (`gc::seed`).
+    pub seeded: Vec<u32>,
 }
 
 /// Maps a load or attach error to the reason doctor prints: `step: error`.
@@ -202,10 +204,13 @@ impl Tracer {
                 loader.map_max_entries(m.name, n);
             }
         }
-        let ebpf = loader
+        let mut ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| AttachError::Load(short(&e)))?;
+        // Before any program attaches: an event of a running VM then finds its VMM and vCPU.
+        let seeded = crate::gc::seed(&mut ebpf);
         let mut tracer = Tracer {
+            seeded,
             ebpf,
             tracefs: tracefs.clone(),
             report: Vec::new(),

@@ -98,20 +98,42 @@ const SYS_IOCTL: &str = "16";
 #[cfg(target_arch = "aarch64")]
 const SYS_IOCTL: &str = "29";
 
-/// Threads of `tgid` blocked in ioctl(fd, KVM_RUN), from /proc/TID/syscall (`NR arg0 arg1 ...`;
-/// a thread on a CPU at that moment reads `running` and is learned at its next KVM_RUN).
+/// Threads of `tgid` blocked in ioctl(fd, KVM_RUN), from /proc/TID/syscall (`NR arg0 arg1 ...`).
+/// A thread on a CPU reads `running`: it is read again a few times over 100 ms (a vCPU in
+/// guest mode halts or exits soon), else learned at its next KVM_RUN.
 fn threads_in_kvm_run(tgid: u32) -> Vec<(u32, u32)> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{tgid}/task")) else {
         return Vec::new();
     };
-    tasks
-        .flatten()
-        .filter_map(|t| {
-            let tid = t.file_name().to_str()?.parse::<u32>().ok()?;
-            let sc = fs::read_to_string(t.path().join("syscall")).ok()?;
-            kvm_run_fd(&sc).map(|fd| (tid, fd))
-        })
-        .collect()
+    let mut running = Vec::new();
+    let mut found = Vec::new();
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        match fs::read_to_string(t.path().join("syscall")) {
+            Ok(sc) if sc.starts_with("running") => running.push(tid),
+            Ok(sc) => found.extend(kvm_run_fd(&sc).map(|fd| (tid, fd))),
+            Err(_) => {}
+        }
+    }
+    for _ in 0..20 {
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        running.retain(|&tid| {
+            match fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")) {
+                Ok(sc) if sc.starts_with("running") => true,
+                Ok(sc) => {
+                    found.extend(kvm_run_fd(&sc).map(|fd| (tid, fd)));
+                    false
+                }
+                Err(_) => false,
+            }
+        });
+    }
+    found
 }
 
 fn kvm_run_fd(syscall: &str) -> Option<u32> {

@@ -81,7 +81,7 @@ impl Session {
         let mut tracer = Tracer::start(&opts.attach)?;
         let mut labeler = Labeler::new(&tracer.tracefs);
         // VMs older than the session: named now, while they run.
-        for tgid in gc::seed(&mut tracer.ebpf) {
+        for &tgid in &tracer.seeded {
             labeler.vm(tgid);
         }
         let notices = tracer

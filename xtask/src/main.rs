@@ -49,6 +49,9 @@ enum Task {
         /// Run this shell command in the VM instead of the tests (with the tests' environment).
         #[arg(long, conflicts_with = "filter")]
         exec: Option<String>,
+        /// Record tests/fixtures/kvm_exit.events and kvm_inject.events from a nested guest.
+        #[arg(long, conflicts_with_all = ["filter", "exec"])]
+        record_fixtures: bool,
     },
     /// Formatting and clippy (-D warnings): the host crates, then the BPF crate on its own.
     Lint,
@@ -144,9 +147,35 @@ fn in_vm(
 ) -> anyhow::Result<(String, e2e::Counts)> {
     vm::remove_stale_runs(&images::cache());
     let img = images::prepare()?;
-    let mut l1 = vm::L1::boot(&img)?;
-    let c = e2e::run_in_vm(&mut l1, &img, bins, bin, &vm_skip_log(), filter)?;
+    let c = e2e::run_in_vm(&img, bins, bin, &vm_skip_log(), filter)?;
     Ok((img.kver, c))
+}
+
+/// Records the KVM replay fixtures from a nested guest in the VM (the nested test writes them
+/// to the exchange folder; L1's own writes to the clone would stay in L1).
+fn record(bins: &[(String, PathBuf)], bin: &Path) -> anyhow::Result<()> {
+    let (_, nested) = bins
+        .iter()
+        .find(|(n, _)| n == "nested")
+        .context("no nested test binary")?;
+    let img = images::prepare()?;
+    let mut l1 = vm::L1::boot(&img)?;
+    let script = format!(
+        "{}\ncd {} && IOPATH_RECORD=/run/iopath/fixtures {} --test-threads=1 --nocapture exits_and_injections\n",
+        e2e::vm_env(&img, bin),
+        root().join("tests").display(),
+        nested.display()
+    );
+    let (rc, _) = l1.exec(&script, std::time::Duration::from_secs(900), true)?;
+    if rc != 0 {
+        bail!("the nested test failed: nothing recorded");
+    }
+    for f in ["kvm_exit.events", "kvm_inject.events"] {
+        let to = root().join("tests/fixtures").join(f);
+        std::fs::copy(l1.xchg().join("fixtures").join(f), &to)?;
+        eprintln!("xtask: recorded {}", to.display());
+    }
+    Ok(())
 }
 
 fn report_skips(log: &Path, kernel: &str) {
@@ -299,12 +328,19 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Vm { filter, exec } => {
+        Task::Vm {
+            filter,
+            exec,
+            record_fixtures,
+        } => {
             require_root("cargo xtask vm");
             vm::catch_signals();
             setup::setup()?;
             let bin = build_iopath()?;
             let bins = e2e::build()?;
+            if record_fixtures {
+                return record(&bins, &bin);
+            }
             if let Some(cmd) = exec {
                 let img = images::prepare()?;
                 let mut l1 = vm::L1::boot(&img)?;

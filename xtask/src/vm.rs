@@ -45,6 +45,20 @@ pub struct L1 {
     next: u32,
 }
 
+/// L1 stopped answering (its agent's heartbeat is older than [`HANG`]).
+#[derive(Debug)]
+pub struct Hung;
+
+impl std::fmt::Display for Hung {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "L1 stopped answering for {} s", HANG.as_secs())
+    }
+}
+
+impl std::error::Error for Hung {}
+
+const HANG: Duration = Duration::from_secs(60);
+
 /// L1's memory, and how long it may take to boot (10-15 s measured, more with a build running).
 const MEMORY: &str = "3G";
 const BOOT_BUDGET: Duration = Duration::from_secs(180);
@@ -148,6 +162,11 @@ impl L1 {
         Ok(l1)
     }
 
+    /// True when QEMU has exited (L1 powered off or crashed).
+    pub fn died(&mut self) -> bool {
+        !matches!(self.qemu.try_wait(), Ok(None))
+    }
+
     /// The exchange folder: L1's /run/iopath.
     pub fn xchg(&self) -> PathBuf {
         self.dir.join("xchg")
@@ -162,6 +181,13 @@ impl L1 {
     fn check_alive(&mut self) -> anyhow::Result<()> {
         if interrupted() {
             bail!("interrupted");
+        }
+        // The agent touches `alive` every 2 s; nested SVM under TCG can wedge the whole VM.
+        let beat = fs::metadata(self.xchg().join("alive")).and_then(|m| m.modified());
+        if let Ok(t) = beat
+            && t.elapsed().unwrap_or_default() > HANG
+        {
+            return Err(Hung.into());
         }
         if let Some(st) = self.qemu.try_wait()? {
             bail!(

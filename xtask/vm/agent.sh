@@ -32,7 +32,10 @@ echo "$(cut -d' ' -f1 /proc/uptime) $(uname -r)" > $X/ready.tmp && mv $X/ready.t
 log "ready at $(cut -d' ' -f1 /proc/uptime) s"
 trap '' INT TERM
 shopt -s nullglob
+n=0
 while :; do
+  # a heartbeat for the host, which gives up on a machine that stopped answering
+  (( n++ % 20 == 0 )) && : > $X/alive
   for f in $X/cmd.*; do
     id=${f##*/cmd.}
     mv -f "$f" "$X/run.$id" || continue

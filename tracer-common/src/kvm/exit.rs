@@ -144,7 +144,9 @@ mod tests {
     fn replays_two_vcpu_sequence() {
         // The shape of a 2-vCPU VMX guest (hand-written): interleaved exits on two vCPU threads,
         // an EPT violation handled in the kernel and an I/O exit that went to userspace.
-        let (got, stale) = replay(include_str!("../../../tests/fixtures/kvm_exit.events"));
+        let (got, stale) = replay(include_str!(
+            "../../../tests/fixtures/kvm_exit_edges.events"
+        ));
         let want = [
             ExitSample {
                 latency_ns: 1_800,
@@ -169,6 +171,47 @@ mod tests {
         ];
         assert_eq!(got, want);
         assert_eq!(stale, 1, "the reused thread id's first entry");
+    }
+
+    /// `key=value` pairs of the fixture's `# iopath measured ...: k=v k=v` line.
+    pub(crate) fn measured(text: &str) -> std::collections::BTreeMap<u64, u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("# iopath measured"))
+            .expect("a recorded fixture says what iopath measured");
+        let values = line.rsplit_once("):").expect("`): ` before the values").1;
+        values
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.parse().unwrap_or(0), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn replays_a_recorded_nested_guest_as_the_kernel_programs_measured_it() {
+        // Recorded in the distro-kernel VM (cargo xtask vm --record-fixtures): the rules give,
+        // per exit reason, what iopath's programs measured over the same window, give or take
+        // the exit whose entry fell at either edge of it.
+        let text = include_str!("../../../tests/fixtures/kvm_exit.events");
+        assert!(text.starts_with("# Recorded"), "the fixture is recorded");
+        let (got, stale) = replay(text);
+        assert_eq!(stale, 0);
+        let mut by_reason = std::collections::BTreeMap::<u64, u64>::new();
+        for s in &got {
+            *by_reason
+                .entry(split_exit_detail(s.reason).0 as u64)
+                .or_default() += 1;
+        }
+        let want = measured(text);
+        assert!(want.values().sum::<u64>() > 400, "{want:?}");
+        for (reason, n) in &want {
+            let g = by_reason.get(reason).copied().unwrap_or(0);
+            assert!(
+                g.abs_diff(*n) <= 1,
+                "reason {reason}: {g} replayed, {n} measured"
+            );
+        }
+        assert_eq!(by_reason.len(), want.len(), "{by_reason:?} vs {want:?}");
     }
 
     #[test]
