@@ -81,14 +81,18 @@ fn record_reports_quantiles_of_the_loop_device() {
         iopath(&[
             "record",
             "--duration",
-            "4s",
+            if iopath_tests::emulated() {
+                "20s"
+            } else {
+                "4s"
+            },
             "--json",
             "--stages",
             "blk.device",
         ])
     });
-    // record attaches within a second; then the I/O, well inside its 4 s window
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // record attaches within a second (five emulated); then the I/O, well inside its window
+    std::thread::sleep(iopath_tests::patience(1500));
     let (write_call, _) = lo.direct_io(250, 0);
     let out = handle.join().unwrap();
     assert!(

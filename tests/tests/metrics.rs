@@ -112,9 +112,15 @@ fn bpf_stats_count_program_runs() {
     );
     let t = after.value("iopath_program_run_time_seconds_total", &sel)
         - before.value("iopath_program_run_time_seconds_total", &sel);
-    // Measured here at 400-1400 ns per run on a busy machine; the bound catches a unit error
-    // (x1000) or time not counted, not a slowdown (that is the benchmark's job).
+    // Measured here at 400-1400 ns per run on a busy machine (14 µs emulated, in the
+    // distro-kernel VM); the bound catches a unit error (x1000) or time not counted, not a
+    // slowdown (that is the benchmark's job).
     let ns = t / runs * 1e9;
-    assert!((50.0..3_000.0).contains(&ns), "{ns} ns per run");
+    let most = if iopath_tests::emulated() {
+        100_000.0
+    } else {
+        3_000.0
+    };
+    assert!((50.0..most).contains(&ns), "{ns} ns per run");
     assert!(d.stop().success());
 }

@@ -72,12 +72,17 @@ impl L2 {
     fn pause(&self, on: bool) {
         l2(&["monitor", if on { "stop" } else { "cont" }], &[]);
         std::thread::sleep(std::time::Duration::from_millis(300));
+        let status = l2(&["monitor", "info status"], &[]);
+        let want = if on { "paused" } else { "running" };
+        assert!(status.contains(want), "guest not {want}: {status}");
     }
 }
 
 impl Drop for L2 {
     fn drop(&mut self) {
-        l2(&["stop"], &[]);
+        // no panic here: it may run while a failed assertion unwinds
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/l2.sh");
+        let _ = Command::new(script).arg("stop").output();
     }
 }
 
@@ -128,7 +133,7 @@ impl Trace {
 
 impl Drop for Trace {
     fn drop(&mut self) {
-        self.write("tracing_on", "0");
+        let _ = fs::write(self.0.join("tracing_on"), "0");
         let _ = fs::remove_dir(&self.0);
     }
 }

@@ -160,8 +160,9 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
 
     // 1. A real irqfd write (task context): the signal is measured, the CPU marked for this
     // VM, and the real accept of vCPU 0 leaves an interrupt pending for it. Right after, a
-    // test run of the accept for APIC id = the note word takes the same mark (same task, same
-    // CPU, within the accept window).
+    // test run of the accept for APIC id = the note word, in the same task and CPU within the
+    // window, does not take the mark: its arguments are a heap copy, which the programs take
+    // for interrupt context (a LAPIC timer's accept), and the mark is task context's.
     let before = Snapshot::read(&t.ebpf).unwrap();
     irqfd.write(1).unwrap();
     run(
@@ -191,7 +192,18 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
         vcpu: first_note_word,
     };
     assert!(keys.contains(&v0), "the real accept: {keys:?}");
-    assert!(keys.contains(&vn), "the test-run accept: {keys:?}");
+    assert!(!keys.contains(&vn), "the test-run accept: {keys:?}");
+    let unmatched = |s: &Snapshot| {
+        s.counters
+            .get(&(StageId::KvmInjectToEntry, "accept_unmatched"))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(unmatched(&snap) - unmatched(&before), 1, "another context");
+    // What a task-context accept of it would have left, for the entry below to end.
+    let mut pending: BpfHashMap<&mut MapData, VcpuKey, u64> =
+        BpfHashMap::try_from(t.ebpf.map_mut("INJ_PENDING").unwrap()).unwrap();
+    pending.insert(vn, now_ns() - 3_000, 0).unwrap();
 
     // 2. kvm_entry of vCPU `first_note_word` in this thread: ends the exit started below and
     // the pending interrupt.

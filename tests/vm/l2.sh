@@ -12,7 +12,7 @@ RUN=${L2_RUN:-/tmp/l2}; NS=l2ns; TAP=tap0; HOST_IP=169.254.100.1; GUEST_IP=169.2
 KERNEL=${IOPATH_L2_KERNEL:?set by cargo xtask vm}
 # The lab kernel must not use what nested SVM under TCG does not emulate.
 CLEARCPUID=smap,fsgsbase,invpcid,pcid,rdrand,rdseed,rdpid,popcnt,clflushopt,clwb,xsave,xsaveopt,xsavec,xsaves,avx,avx2,avx512f,pku,ospke,umip
-die() { echo "l2: $*" >&2; exit 1; }
+die() { echo "l2: $*" >&2; [ "${STARTING:-}" ] && cmd_stop >/dev/null 2>&1; exit 1; }
 qpid() { [ -s $RUN/qemu.pid ] && cat $RUN/qemu.pid; }
 running() { local p; p=$(qpid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 monitor() {
@@ -20,12 +20,13 @@ monitor() {
 import socket,sys,time
 s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect('$RUN/mon.sock')
 s.sendall((sys.argv[1]+'\n').encode()); time.sleep(0.3)
-try: print(s.recv(65536).decode(errors='replace').split('\n')[-2])
+try: print(s.recv(65536).decode(errors='replace'))
 except Exception: pass" "$1"
 }
 cmd_start() {
   running && die "already running (pid $(qpid))"
   [ -e /dev/kvm ] || die "no /dev/kvm"
+  STARTING=1   # from here a failure stops what was started
   mkdir -p $RUN; truncate -s 64M $RUN/disk.img
   ip netns add $NS || die "cannot create netns $NS"
   ip netns exec $NS sh -c "ip link set lo up && ip tuntap add dev $TAP mode tap &&

@@ -131,8 +131,14 @@ tracepoint!(
     |arg| Ok(Request::Ptr(arg(0))),
     |rec| {
         let key = sector_key(rec, config!(tp_issue_dev), config!(tp_issue_sector));
-        let rwbs = field::<[u8; 2]>(rec, config!(tp_issue_rwbs));
-        key.and_then(|k| Ok(Request::Sector(k, Op::from_rwbs(&rwbs?))))
+        // The op has no error path of its own: with one, Linux 6.1's verifier lost track of
+        // which path held what, and refused the program ("invalid size of register spill").
+        // A record's own bytes do not fail to read anyway.
+        let op = match field::<[u8; 2]>(rec, config!(tp_issue_rwbs)) {
+            Ok(rwbs) => Op::from_rwbs(&rwbs),
+            Err(()) => Op::Other,
+        };
+        key.map(|k| Request::Sector(k, op))
     },
     issue
 );

@@ -304,6 +304,12 @@ impl Tracer {
         }
         tracer.switch_on(mask)?;
         tracer.unload_unused();
+        // Again: a VM created, or a vCPU that entered KVM_RUN, while the programs attached.
+        for tgid in crate::gc::seed(&mut tracer.ebpf) {
+            if !tracer.seeded.contains(&tgid) {
+                tracer.seeded.push(tgid);
+            }
+        }
         Ok(tracer)
     }
 

@@ -135,9 +135,16 @@ fn kernel() -> anyhow::Result<PathBuf> {
     let tmp = tempdir("kernel")?;
     // apt downloads as its own user when it can write there
     run(Command::new("chmod").arg("777").arg(&tmp))?;
-    run(Command::new("apt-get")
-        .args(["download", "-q", &pkg])
-        .current_dir(&tmp))?;
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .current_dir(&tmp))
+    };
+    if download().is_err() {
+        // an index older than the mirror names a file it no longer has
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        download()?;
+    }
     let deb = fs::read_dir(&tmp)?
         .filter_map(Result::ok)
         .map(|e| e.path())

@@ -146,6 +146,7 @@ fn in_vm(
     filter: Option<&str>,
 ) -> anyhow::Result<(String, e2e::Counts)> {
     vm::remove_stale_runs(&images::cache());
+    let _ = std::fs::remove_file(vm_skip_log());
     let img = images::prepare()?;
     let c = e2e::run_in_vm(&img, bins, bin, &vm_skip_log(), filter)?;
     Ok((img.kver, c))
@@ -285,6 +286,9 @@ fn task(cmd: Task) -> anyhow::Result<()> {
                 unit.arg(f);
             }
             let unit_ok = run(&mut unit);
+            if vm::interrupted() {
+                bail!("interrupted");
+            }
             let bin = build_iopath()?;
             let bins = e2e::build()?;
             let here = e2e::run_here(&bins, &bin, &skip_log(), filter.as_deref())?;
@@ -322,7 +326,11 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             if let Some(e) = vm_failed {
                 return Err(e);
             }
-            check_skips(&[skip_log(), vm_skip_log()])?;
+            let mut logs = vec![skip_log()];
+            if !no_vm {
+                logs.push(vm_skip_log());
+            }
+            check_skips(&logs)?;
             if failed > 0 {
                 bail!("end-to-end tests failed");
             }
@@ -341,6 +349,7 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             if record_fixtures {
                 return record(&bins, &bin);
             }
+            vm::remove_stale_runs(&images::cache());
             if let Some(cmd) = exec {
                 let img = images::prepare()?;
                 let mut l1 = vm::L1::boot(&img)?;

@@ -190,6 +190,8 @@ mod tests {
                     e.ts,
                 ),
                 "kvm_entry" => {
+                    // as the kernel program does: the CPU's mark goes at an entry
+                    marks.take(&e.cpu);
                     out.extend(on_entry(&mut pending, e.tgid, e.u("vcpu") as u32, e.ts));
                     Ok(())
                 }
@@ -221,7 +223,10 @@ mod tests {
                 Counter::Coalesced,
                 Counter::AcceptUnmatched,
                 Counter::UnknownVm,
-                Counter::UnknownVm
+                Counter::UnknownVm,
+                Counter::AcceptUnmatched,
+                Counter::AcceptUnmatched,
+                Counter::AcceptUnmatched,
             ]
         );
     }

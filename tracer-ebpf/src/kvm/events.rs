@@ -108,8 +108,9 @@ fn injection(site: Site) {
         None if is_vmm(tgid) => Some(tgid),
         None => mm_owner_vmm(),
     };
-    // Only a VMM's task needs the context check: any other names no VM anyway.
-    let in_task = (start.is_some() || vmm.is_some()) && in_task(site);
+    // The mark records the context even when no VM is named: its accept, in the same context,
+    // is then known for that injection's (counted once, as unknown_vm).
+    let in_task = in_task(site);
     if on(mask, KvmSignalToInject) {
         signal::injected(tgid, tid, start, in_task, now);
     }

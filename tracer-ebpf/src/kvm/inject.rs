@@ -41,6 +41,15 @@ pub fn accepted(tid: u32, apicid: u32, in_task: bool) {
 
 #[inline(always)]
 pub fn entry(tgid: u32, vcpu: u32, now: u64) {
+    // Whatever injected on this CPU has returned: a later accept here is not its.
+    if let Some(m) = INJ_MARK.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, no one else writes it while this program runs.
+        unsafe {
+            if (*m).ts_ns != 0 {
+                (*m).ts_ns = 0;
+            }
+        }
+    }
     if let Some(s) = inject::on_entry(&mut KernelStarts(&INJ_PENDING), tgid, vcpu, now) {
         record(STAGE, 0, s.vcpu, s.vm, s.latency_ns);
     }
