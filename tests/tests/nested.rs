@@ -272,6 +272,21 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
     }
     const VM: &str = "nested-vhost";
     let d = Daemon::start(&["--stages", "kvm.exit,kvm.inject_to_entry,kvm.halt_wakeup"]);
+    // The same stage with the accept on a module function: kvm_amd's svm_deliver_interrupt,
+    // by kprobe (aya 0.14 loads fentry only against vmlinux BTF).
+    let kprobe = Daemon::start(&[
+        "--stages",
+        "kvm.inject_to_entry",
+        "--event-family",
+        "kvm_apic_accept_irq=kprobe",
+    ]);
+    let attached = kprobe
+        .metrics()
+        .label_values("iopath_stage_attached", "attach");
+    assert!(
+        attached.iter().any(|a| a.contains("kprobe")),
+        "the accept on a kprobe: {attached:?}"
+    );
     let guest = L2::start(VM, true);
     // A daemon started while the guest runs: its vCPU thread sits in KVM_RUN, halting, and
     // does not enter it again while the guest idles (no exit to userspace), so only the
@@ -298,12 +313,14 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
         ],
     );
     let before = d.metrics();
+    let kprobe_before = kprobe.metrics();
     trace.on(true);
     guest.pause(false);
     guest.ping(200, "0.05");
     guest.pause(true);
     trace.on(false);
     let after = d.metrics();
+    let kprobe_after = kprobe.metrics();
     let text = trace.text();
     assert_eq!(trace.overruns(), 0, "the trace lost events");
 
@@ -358,6 +375,19 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
         got.abs_diff(want) as f64 <= want as f64 * 0.02,
         "kvm.inject_to_entry {got}, trace says {want}"
     );
+
+    let by_kprobe: u64 = diff(
+        &counts_by(&kprobe_after, "kvm.inject_to_entry", VM, "vcpu"),
+        &counts_by(&kprobe_before, "kvm.inject_to_entry", VM, "vcpu"),
+    )
+    .values()
+    .sum();
+    eprintln!("kvm.inject_to_entry with the accept by kprobe: {by_kprobe}");
+    assert!(
+        by_kprobe.abs_diff(want) as f64 <= want as f64 * 0.02,
+        "kvm.inject_to_entry by kprobe {by_kprobe}, trace says {want}"
+    );
+    assert!(kprobe.stop().success());
 
     if let Some(dir) = std::env::var_os("IOPATH_RECORD") {
         record_fixtures(Path::new(&dir), &text, guest.0, &measured, got);
@@ -527,4 +557,29 @@ fn record_fixtures(dir: &Path, text: &str, qemu: u32, exits: &BTreeMap<String, u
         }
     }
     fs::write(dir.join("kvm_inject.events"), out).unwrap();
+}
+
+#[test]
+fn fentry_on_a_module_function_is_refused_with_its_reason() {
+    const TEST: &str = "fentry_on_a_module_function_is_refused_with_its_reason";
+    if !in_vm(TEST) {
+        return;
+    }
+    let out = iopath_tests::iopath(&[
+        "doctor",
+        "--stages",
+        "kvm.inject_to_entry",
+        "--event-family",
+        "kvm_apic_accept_irq=fentry",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    assert!(
+        text.contains("fentry/svm_deliver_interrupt: svm_deliver_interrupt is in module kvm_amd's BTF, and aya 0.14 attaches fentry only against vmlinux BTF"),
+        "{text}"
+    );
+    assert!(
+        !out.status.success(),
+        "no stage attached: doctor exits non-zero"
+    );
 }

@@ -94,6 +94,7 @@ fn tracer(stages: &[&str]) -> Tracer {
         tracefs: Path::new("/sys/kernel/tracing"),
         stages: &stages,
         families: &[Family::RawTp, Family::Tracepoint],
+        event_families: &[],
         hist_entries: 4096,
         start_entries: 1024,
         strict: true,

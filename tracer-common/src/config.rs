@@ -84,8 +84,11 @@ pub struct Config {
     pub mm_owner: u32,
     /// `struct task_struct`.tgid
     pub task_tgid: u32,
+    /// `struct kvm_lapic`.vcpu (kvm module BTF): the accept's function variants.
+    pub lapic_vcpu: u32,
+    pub _pad: u32,
 }
-assert_size!(Config, 152);
+assert_size!(Config, 160);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -127,6 +130,8 @@ impl Config {
         irqfd_inject: 0,
         mm_owner: NO_OFFSET,
         task_tgid: NO_OFFSET,
+        lapic_vcpu: NO_OFFSET,
+        _pad: 0,
     };
 }
 

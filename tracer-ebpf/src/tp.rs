@@ -61,7 +61,11 @@ macro_rules! function {
             let $arg = |i: usize| -> u64 { ctx.arg(i) };
             #[allow(clippy::redundant_closure_call)]
             let ev: Result<_, ()> = (|| $from_args)();
-            $handle(ev, $crate::tp::Site::Function);
+            // the trampoline's copy of the arguments is on the stack the call runs on
+            $handle(
+                ev,
+                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
+            );
             0
         }
 
@@ -71,7 +75,11 @@ macro_rules! function {
             let $arg = |i: usize| -> u64 { ctx.arg(i).unwrap_or(0) };
             #[allow(clippy::redundant_closure_call)]
             let ev: Result<_, ()> = (|| $from_args)();
-            $handle(ev, $crate::tp::Site::Function);
+            // the saved registers are on the stack the probed function runs on
+            $handle(
+                ev,
+                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
+            );
             0
         }
     };
@@ -88,11 +96,11 @@ pub fn field<T>(ctx: &aya_ebpf::programs::TracePointContext, off: u32) -> Result
 /// Where an event's context lives. A tp_btf or raw_tp program's argument array is a local of
 /// the traced code (the kernel's bpf_trace_run*), so its address is on the stack the event
 /// fired on: the task's own, or the per-CPU IRQ stack in interrupt context. A classic
-/// tracepoint's record is in a per-CPU buffer and tells nothing; neither does a function
-/// probe's context (the registers, or the trampoline's copy of the arguments).
+/// tracepoint's record is in a per-CPU buffer and tells nothing. A function probe's context
+/// (kprobe: the saved registers; fentry: the trampoline's copy of the arguments) is on the
+/// stack the probed call runs on, like an argument array.
 #[derive(Clone, Copy)]
 pub enum Site {
     Args(*const u64),
     Record,
-    Function,
 }

@@ -54,6 +54,8 @@ pub struct Options<'a> {
     pub stages: &'a [String],
     /// Program families the plan may use; empty for all.
     pub families: &'a [Family],
+    /// Events whose family is forced (`--event-family EVENT=FAMILY`): they try only that one.
+    pub event_families: &'a [(String, Family)],
     pub hist_entries: u32,
     pub start_entries: u32,
     /// Turn an unavailable stage into an error.
@@ -93,6 +95,8 @@ enum Link {
 /// What became of one event.
 struct EventOutcome {
     family: Option<Family>,
+    /// Where it attached (`kprobe/svm_deliver_interrupt`).
+    point: String,
     /// Candidates not used, with the reason.
     skipped: Vec<String>,
 }
@@ -227,6 +231,7 @@ impl Tracer {
             tracefs: &tracefs,
             config: &config,
             families: opts.families,
+            event_families: opts.event_families,
         };
         let selected: Vec<&'static Stage> = STAGES
             .iter()
@@ -264,7 +269,7 @@ impl Tracer {
                             let again = tracer.attach_event(event, &k, &|f| class(f) == forced);
                             o.skipped.push(format!(
                                 "{}: keyed unlike the stage's other events",
-                                event.point(f)
+                                k.point(event, f)
                             ));
                             o.skipped.extend(again.skipped);
                             o.family = again.family;
@@ -333,11 +338,24 @@ impl Tracer {
         allowed: &dyn Fn(Family) -> bool,
     ) -> EventOutcome {
         let mut skipped = Vec::new();
+        let forced = k
+            .event_families
+            .iter()
+            .find(|(e, _)| e == event.name)
+            .map(|&(_, f)| f);
         for &f in event.families.iter().filter(|&&f| allowed(f)) {
-            let point = event.point(f);
-            if !k.families.is_empty() && !k.families.contains(&f) {
-                skipped.push(format!("{point}: not in --families"));
-                continue;
+            let point = k.point(event, f);
+            match forced {
+                Some(only) if only != f => {
+                    let want = format!("{}={}", event.name, only.name());
+                    skipped.push(format!("{point}: not --event-family {want}"));
+                    continue;
+                }
+                None if !k.families.is_empty() && !k.families.contains(&f) => {
+                    skipped.push(format!("{point}: not in --families"));
+                    continue;
+                }
+                _ => {}
             }
             if let Err(why) = (event.needs)(f, k.config) {
                 skipped.push(format!("{point}: {why}"));
@@ -348,6 +366,7 @@ impl Tracer {
                     self.links.insert(event.program_name(f), link);
                     return EventOutcome {
                         family: Some(f),
+                        point,
                         skipped,
                     };
                 }
@@ -356,13 +375,15 @@ impl Tracer {
         }
         EventOutcome {
             family: None,
+            point: String::new(),
             skipped,
         }
     }
 
     fn attach_program(&mut self, event: &Event, f: Family, k: &Kernel) -> Result<Link, String> {
         // Cheap checks first, for a clear reason instead of a syscall error.
-        btf_target(k.kbtf, f, event.target(f))?;
+        let tp = k.target(event, f);
+        btf_target(k.kbtf, f, tp)?;
         if matches!(f, Family::Tracepoint | Family::RawTp)
             && !k.tracefs.has_tracepoint(event.category, event.name)
         {
@@ -374,7 +395,6 @@ impl Tracer {
             .program_mut(&name)
             .ok_or_else(|| format!("program {name} missing from the BPF object"))?;
         let loaded = program.fd().is_ok();
-        let tp = event.target(f);
         Ok(match (f, program) {
             (Family::TpBtf, Program::BtfTracePoint(p)) => {
                 if !loaded {
@@ -517,7 +537,7 @@ fn stage_report(
         match o.family {
             Some(f) => {
                 families.insert(f);
-                r.points.push(e.point(f));
+                r.points.push(o.point.clone());
             }
             None => all = false,
         }
@@ -537,6 +557,24 @@ struct Kernel<'a> {
     tracefs: &'a Tracefs,
     config: &'a Config,
     families: &'a [Family],
+    event_families: &'a [(String, Family)],
+}
+
+impl Kernel<'_> {
+    /// What the family's program of `event` attaches to here: for a function, the first of
+    /// its candidates this kernel's BTF has (vmlinux or a loaded module).
+    fn target(&self, event: &Event, f: Family) -> &'static str {
+        event.target(f, &|name| self.kbtf.is_none_or(|b| b.func(name).is_some()))
+    }
+
+    fn point(&self, event: &Event, f: Family) -> String {
+        match f {
+            Family::FEntry | Family::KProbe => {
+                format!("{}/{}", f.name(), self.target(event, f))
+            }
+            _ => event.point(f),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,11 @@ struct Common {
     /// tp_btf, raw_tp, tracepoint, fentry, kprobe; each event takes the first that works).
     #[arg(long, value_delimiter = ',', value_parser = parse_family, global = true)]
     families: Vec<Family>,
+    /// Force the program family of one event, EVENT=FAMILY, comma separated (e.g.
+    /// kvm_apic_accept_irq=kprobe): it tries only that one, whatever --families says. For
+    /// diagnosis, and to compare families on one kernel.
+    #[arg(long = "event-family", value_delimiter = ',', value_parser = parse_event_family, global = true)]
+    event_families: Vec<(String, Family)>,
     /// Histogram buckets exported on /metrics per power of two, from 1.024 µs to 17.2 s: 1, 2,
     /// 4 or 8 (8: the kernel's own resolution). /quantiles and record always use all.
     #[arg(long, default_value = "2", value_parser = parse_layout, global = true)]
@@ -57,6 +62,26 @@ fn parse_family(s: &str) -> Result<Family, String> {
     Family::parse(s).ok_or_else(|| {
         format!("unknown program family {s:?} (tp_btf, raw_tp, tracepoint, fentry, kprobe)")
     })
+}
+
+fn parse_event_family(s: &str) -> Result<(String, Family), String> {
+    let (event, family) = s.split_once('=').ok_or_else(|| {
+        format!("--event-family {s:?}: EVENT=FAMILY, e.g. kvm_apic_accept_irq=kprobe")
+    })?;
+    let family = parse_family(family)?;
+    let e = iopath::stages::events()
+        .into_iter()
+        .find(|e| e.name == event)
+        .ok_or_else(|| format!("--event-family: no event {event:?} in the stage table"))?;
+    if !e.families.contains(&family) {
+        let names: Vec<_> = e.families.iter().map(|f| f.name()).collect();
+        return Err(format!(
+            "--event-family: {event} has no {} program (it has {})",
+            family.name(),
+            names.join(", ")
+        ));
+    }
+    Ok((event.to_string(), family))
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -123,6 +148,7 @@ impl Common {
             tracefs: &self.tracefs,
             stages: &self.stages,
             families: &self.families,
+            event_families: &self.event_families,
             hist_entries: self.hist_entries,
             start_entries: self.start_entries,
             strict: self.strict,

@@ -49,6 +49,8 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         irqfd_inject: kernel_symbol("irqfd_inject").unwrap_or(0),
         mm_owner: member("mm_struct", "owner"),
         task_tgid: member("task_struct", "tgid"),
+        lapic_vcpu: member("kvm_lapic", "vcpu"),
+        _pad: 0,
     }
 }
 

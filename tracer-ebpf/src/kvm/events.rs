@@ -22,7 +22,7 @@ use crate::{
         config, count, count_each, current_tgid_tid, in_task, is_vmm, mm_owner_vmm, now_ns, on,
         read_at, stages_on,
     },
-    tp::{Site, field, tracepoint},
+    tp::{Site, field, function, tracepoint},
 };
 
 /// kvm:kvm_exit: the exit reason is computed inside the tracepoint (the vendor's
@@ -181,6 +181,22 @@ tracepoint!(
     kvm_apic_accept_irq_tp,
     |arg| Ok(arg(0) as u32),
     |rec| field::<u32>(rec, config!(tp_accept_apicid)),
+    accept
+);
+
+// void svm_deliver_interrupt(struct kvm_lapic *apic, int delivery_mode, int trig_mode,
+// int vector) (vmx_ likewise) fires it with apicid = apic->vcpu->vcpu_id. The attach plan
+// names the function this kernel has; the section's name is only a default.
+function!(
+    "svm_deliver_interrupt",
+    kvm_apic_accept_irq_fentry,
+    kvm_apic_accept_irq_kprobe,
+    |arg| {
+        // SAFETY: probe reads at offsets found in BTF; a bad pointer fails the read.
+        let vcpu: u64 = unsafe { read_at(arg(0), config!(lapic_vcpu)) }.map_err(|_| ())?;
+        let id: i32 = unsafe { read_at(vcpu, config!(vcpu_id)) }.map_err(|_| ())?;
+        Ok(id as u32)
+    },
     accept
 );
 

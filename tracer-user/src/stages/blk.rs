@@ -55,7 +55,7 @@ pub static BLOCK_RQ_ISSUE: Event = tracepoint_or_function(
     "block",
     "block_rq_issue",
     "blk_rq_issue",
-    "blk_mq_start_request",
+    &["blk_mq_start_request"],
     issue_needs,
 );
 // void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes),
@@ -64,7 +64,7 @@ pub static BLOCK_RQ_COMPLETE: Event = tracepoint_or_function(
     "block",
     "block_rq_complete",
     "blk_rq_complete",
-    "blk_update_request",
+    &["blk_update_request"],
     complete_needs,
 );
 
@@ -73,7 +73,7 @@ pub static BLOCK_RQ_REQUEUE: Event = tracepoint_or_function(
     "block",
     "block_rq_requeue",
     "blk_rq_requeue",
-    "blk_mq_requeue_request",
+    &["blk_mq_requeue_request"],
     requeue_needs,
 );
 

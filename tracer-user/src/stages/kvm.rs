@@ -4,7 +4,9 @@
 
 use tracer_common::{config::Config, stage::StageId};
 
-use super::{Event, Family, Path, Stage, all_set, classic, none, tracepoint};
+use super::{
+    Event, Family, Path, Stage, all_set, classic, none, tracepoint, tracepoint_or_function,
+};
 use crate::maps::{INJ_PENDING, KVM_EXIT_START, SIG_DEFERRED, SIG_START, UEXIT_START, VCPU_FD};
 
 fn kvm_exit_fields(_: Family, c: &Config) -> Result<(), &'static str> {
@@ -36,6 +38,10 @@ fn accept_needs(f: Family, c: &Config) -> Result<(), &'static str> {
         Family::Tracepoint => all_set(
             &[c.tp_accept_apicid],
             "kvm_apic_accept_irq format lacks apicid",
+        ),
+        Family::FEntry | Family::KProbe => all_set(
+            &[c.lapic_vcpu, c.vcpu_id],
+            "struct kvm_lapic.vcpu or kvm_vcpu.vcpu_id not in BTF (is KVM loaded?)",
         ),
         _ => Ok(()),
     }
@@ -104,10 +110,13 @@ pub static KVM_MSI_SET_IRQ: Event = tracepoint("kvm", "kvm_msi_set_irq", "kvm_ms
 // void trace_kvm_set_irq(unsigned int gsi, int level, int irq_source_id)
 pub static KVM_SET_IRQ: Event = tracepoint("kvm", "kvm_set_irq", "kvm_set_irq", set_irq_needs);
 // void trace_kvm_apic_accept_irq(__u32 apicid, __u16 dm, __u16 tm, __u8 vec)
-pub static KVM_APIC_ACCEPT_IRQ: Event = tracepoint(
+// fired by the vendor's deliver_interrupt(struct kvm_lapic *apic, int delivery_mode,
+// int trig_mode, int vector) with apic->vcpu->vcpu_id (kvm_amd, kvm_intel: module functions)
+pub static KVM_APIC_ACCEPT_IRQ: Event = tracepoint_or_function(
     "kvm",
     "kvm_apic_accept_irq",
     "kvm_apic_accept_irq",
+    &["svm_deliver_interrupt", "vmx_deliver_interrupt"],
     accept_needs,
 );
 // void trace_workqueue_queue_work(int req_cpu, struct pool_workqueue *pwq, struct work_struct *work)

@@ -73,9 +73,10 @@ pub type Needs = fn(Family, &Config) -> Result<(), &'static str>;
 pub struct Event {
     /// Tracepoint name.
     pub name: &'static str,
-    /// The kernel function the fentry and kprobe candidates attach to (one that fires the
-    /// tracepoint with the same arguments); empty when there are none.
-    pub function: &'static str,
+    /// The kernel functions the fentry and kprobe candidates attach to, the first this kernel
+    /// has (one that fires the tracepoint with what its programs read; vendor variants such as
+    /// KVM's svm_/vmx_ ones); empty when there are none.
+    pub functions: &'static [&'static str],
     /// Tracefs category of a tracepoint; empty for a function.
     pub category: &'static str,
     /// The programs are `{program}_{suffix}` in the BPF object.
@@ -96,15 +97,22 @@ impl Event {
             Family::TpBtf => format!("tp_btf/{}", self.name),
             Family::RawTp => format!("raw_tp/{}", self.name),
             Family::Tracepoint => format!("tracepoint/{}/{}", self.category, self.name),
-            Family::FEntry => format!("fentry/{}", self.function),
-            Family::KProbe => format!("kprobe/{}", self.function),
+            Family::FEntry => format!("fentry/{}", self.functions.join("|")),
+            Family::KProbe => format!("kprobe/{}", self.functions.join("|")),
         }
     }
 
-    /// What the family's program attaches to: the tracepoint, or the function.
-    pub fn target(&self, f: Family) -> &'static str {
+    /// What the family's program attaches to: the tracepoint, or the first of the functions
+    /// for which `here` is true (the kernel has it).
+    pub fn target(&self, f: Family, here: &dyn Fn(&str) -> bool) -> &'static str {
         match f {
-            Family::FEntry | Family::KProbe => self.function,
+            Family::FEntry | Family::KProbe => self
+                .functions
+                .iter()
+                .copied()
+                .find(|n| here(n))
+                .or(self.functions.first().copied())
+                .unwrap_or(""),
             _ => self.name,
         }
     }
@@ -121,22 +129,23 @@ pub const fn tracepoint(
         name,
         category,
         program,
-        function: "",
+        functions: &[],
         families: &[Family::TpBtf, Family::RawTp, Family::Tracepoint],
         needs,
     }
 }
 
-/// A tracepoint's three programs, then fentry and kprobe on `function`, which fires it.
+/// A tracepoint's three programs, then fentry and kprobe on the first of `functions` the
+/// kernel has, which fires it.
 pub const fn tracepoint_or_function(
     category: &'static str,
     name: &'static str,
     program: &'static str,
-    function: &'static str,
+    functions: &'static [&'static str],
     needs: Needs,
 ) -> Event {
     Event {
-        function,
+        functions,
         families: &[
             Family::TpBtf,
             Family::RawTp,
