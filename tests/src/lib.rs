@@ -87,6 +87,51 @@ pub fn patience(ms: u64) -> Duration {
     Duration::from_millis(if emulated() { ms * 5 } else { ms })
 }
 
+/// What blk.device counted, attached with one program family only, for 300 direct writes and
+/// 200 direct reads on a fresh loop device: requests per op, and requests dropped as
+/// `ambiguous` (the classic family's collisions).
+pub struct FamilyIo {
+    pub write: f64,
+    pub read: f64,
+    pub ambiguous: f64,
+}
+
+pub fn blk_io_with_family(family: &str) -> FamilyIo {
+    let lo = LoopDev::new(family, 16);
+    let d = Daemon::start(&["--stages", "blk.device", "--families", family]);
+    let m = d.metrics();
+    assert_eq!(
+        m.value(
+            "iopath_stage_attached",
+            &[("stage", "blk.device"), ("attach", family)]
+        ),
+        1.0,
+        "blk.device attached as {family}"
+    );
+    let dev = lo.majmin();
+    let count = |m: &Metrics, op: &str| {
+        m.value(
+            "iopath_stage_latency_seconds_count",
+            &[("stage", "blk.device"), ("device", &dev), ("op", op)],
+        )
+    };
+    let ambiguous = |m: &Metrics| {
+        m.value(
+            "iopath_events_dropped_total",
+            &[("stage", "blk.device"), ("reason", "ambiguous")],
+        )
+    };
+    let before = d.metrics();
+    lo.direct_io(300, 200);
+    let after = d.metrics();
+    assert!(d.stop().success());
+    FamilyIo {
+        write: count(&after, "write") - count(&before, "write"),
+        read: count(&after, "read") - count(&before, "read"),
+        ambiguous: ambiguous(&after) - ambiguous(&before),
+    }
+}
+
 /// Every KVM stage, and not blk.device: the host's own disk I/O would add HIST entries.
 pub const KVM_STAGES: &str =
     "kvm.exit,kvm.signal_to_inject,kvm.inject_to_entry,kvm.halt_wakeup,kvm.userspace_exit";

@@ -136,47 +136,17 @@ fn record_reports_quantiles_of_the_loop_device() {
 fn every_fallback_family_counts_the_same_io() {
     require_root();
     for family in ["raw_tp", "tracepoint"] {
-        let lo = LoopDev::new(family, 16);
-        let d = Daemon::start(&["--stages", "blk.device", "--families", family]);
-        let m = d.metrics();
-        assert_eq!(
-            m.value(
-                "iopath_stage_attached",
-                &[("stage", "blk.device"), ("attach", family)]
-            ),
-            1.0,
-            "blk.device attached as {family}"
-        );
-        let dev = lo.majmin();
-        let sel = |op: &'static str| {
-            vec![
-                ("stage", "blk.device"),
-                ("device", dev.as_str()),
-                ("op", op),
-            ]
-        };
-        let before = d.metrics();
-        lo.direct_io(300, 200);
-        let after = d.metrics();
-        for (op, n) in [("write", 300.0), ("read", 200.0)] {
-            let count = after.value(&format!("{HIST}_count"), &sel(op))
-                - before.value(&format!("{HIST}_count"), &sel(op));
-            // The classic programs key by dev + sector: a request that met another at its
-            // sector (udev probing the new device at sector 0) is counted ambiguous instead.
-            let ambiguous = |m: &iopath_tests::Metrics| {
-                m.value(
-                    "iopath_events_dropped_total",
-                    &[("stage", "blk.device"), ("reason", "ambiguous")],
-                )
-            };
-            let lost = ambiguous(&after) - ambiguous(&before);
-            assert!(lost <= 2.0, "{family}: {lost} ambiguous");
+        let io = iopath_tests::blk_io_with_family(family);
+        // The classic programs key by dev + sector: a request that met another at its
+        // sector (udev probing the new device at sector 0) is counted ambiguous instead.
+        let lost = io.ambiguous;
+        assert!(lost <= 2.0, "{family}: {lost} ambiguous");
+        for (op, count, n) in [("write", io.write, 300.0), ("read", io.read, 200.0)] {
             assert!(
                 count + lost >= n && count <= n * 1.02 + 2.0,
                 "{family}: {op}: {count} requests counted for {n} ({lost} ambiguous)"
             );
         }
-        assert!(d.stop().success());
     }
 }
 

@@ -91,6 +91,21 @@ fn bad_buckets_families_and_sizes() {
         2,
         "unknown program family \"uprobe\"",
     );
+    one_line_error(
+        &iopath(&["doctor", "--event-family", "bogus=kprobe"]),
+        2,
+        "--event-family: no event \"bogus\" in the stage table",
+    );
+    one_line_error(
+        &iopath(&["doctor", "--event-family", "kvm_entry=kprobe"]),
+        2,
+        "--event-family: kvm_entry has no kprobe program (it has tp_btf, raw_tp, tracepoint)",
+    );
+    one_line_error(
+        &iopath(&["doctor", "--event-family", "kvm_entry"]),
+        2,
+        "--event-family \"kvm_entry\": EVENT=FAMILY",
+    );
     for flag in ["--start-entries", "--hist-entries"] {
         one_line_error(
             &iopath(&["serve", flag, "0"]),

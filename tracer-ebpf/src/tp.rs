@@ -3,6 +3,23 @@
 //! tracepoint (the formatted record; field offsets read from tracefs). tp_btf and raw_tp read
 //! their arguments the same way, so one expression serves both.
 
+/// The body of a program that takes its event from argument-like context: `$arg` is `$get`
+/// (argument i as a u64), the event `$from_args` (a closure, so that `?` in it returns from
+/// it), handed to `$handle` with the context's address as its [`Site`].
+macro_rules! from_args {
+    ($ctx:ident, $arg:ident = $get:expr, $from_args:expr, $handle:path) => {{
+        #[allow(unused_variables)]
+        let $arg = $get;
+        #[allow(clippy::redundant_closure_call)]
+        let ev: Result<_, ()> = (|| $from_args)();
+        $handle(
+            ev,
+            $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&$ctx) as *const u64),
+        );
+    }};
+}
+pub(crate) use from_args;
+
 /// `tracepoint!(name, btf_prog, raw_prog, tp_prog, |arg| from_args, |rec| from_record, handle)`:
 /// `arg(i)` is argument i as a u64; `rec` the classic program's context. Both expressions give
 /// a `Result<Event, ()>` (Err: a read failed) that `handle` takes, with the event's [`Site`].
@@ -11,29 +28,15 @@ macro_rules! tracepoint {
      |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
         #[aya_ebpf::macros::btf_tracepoint(function = $tp)]
         pub fn $btf(ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
-            #[allow(unused_variables)]
-            let $arg = |i: usize| -> u64 { ctx.arg(i) };
-            // A closure, so that `?` in the expression returns from it.
-            #[allow(clippy::redundant_closure_call)]
-            let ev: Result<_, ()> = (|| $from_args)();
-            $handle(
-                ev,
-                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
-            );
+            let get = |i: usize| -> u64 { ctx.arg(i) };
+            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
             0
         }
 
         #[aya_ebpf::macros::raw_tracepoint(tracepoint = $tp)]
         pub fn $raw(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
-            #[allow(unused_variables)]
-            let $arg = |i: usize| -> u64 { ctx.arg(i) };
-            // A closure, so that `?` in the expression returns from it.
-            #[allow(clippy::redundant_closure_call)]
-            let ev: Result<_, ()> = (|| $from_args)();
-            $handle(
-                ev,
-                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
-            );
+            let get = |i: usize| -> u64 { ctx.arg(i) };
+            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
             0
         }
 
@@ -52,34 +55,21 @@ pub(crate) use tracepoint;
 
 /// `function!(name, fentry_prog, kprobe_prog, |arg| from_args, handle)`: the fentry and kprobe
 /// programs of a kernel function whose arguments carry what the event's tracepoint programs
-/// read (`arg(i)`: argument i as a u64), for kernels where the tracepoint cannot be used.
+/// read (`arg(i)`: argument i as a u64), for kernels where the tracepoint cannot be used. The
+/// attach plan names the function; `name` is only the section's default.
 macro_rules! function {
     ($func:literal, $fentry:ident, $kprobe:ident, |$arg:ident| $from_args:expr, $handle:path) => {
         #[aya_ebpf::macros::fentry(function = $func)]
         pub fn $fentry(ctx: aya_ebpf::programs::FEntryContext) -> i32 {
-            #[allow(unused_variables)]
-            let $arg = |i: usize| -> u64 { ctx.arg(i) };
-            #[allow(clippy::redundant_closure_call)]
-            let ev: Result<_, ()> = (|| $from_args)();
-            // the trampoline's copy of the arguments is on the stack the call runs on
-            $handle(
-                ev,
-                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
-            );
+            let get = |i: usize| -> u64 { ctx.arg(i) };
+            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
             0
         }
 
         #[aya_ebpf::macros::kprobe]
         pub fn $kprobe(ctx: aya_ebpf::programs::ProbeContext) -> u32 {
-            #[allow(unused_variables)]
-            let $arg = |i: usize| -> u64 { ctx.arg(i).unwrap_or(0) };
-            #[allow(clippy::redundant_closure_call)]
-            let ev: Result<_, ()> = (|| $from_args)();
-            // the saved registers are on the stack the probed function runs on
-            $handle(
-                ev,
-                $crate::tp::Site::Args(aya_ebpf::EbpfContext::as_ptr(&ctx) as *const u64),
-            );
+            let get = |i: usize| -> u64 { ctx.arg(i).unwrap_or(0) };
+            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
             0
         }
     };

@@ -273,6 +273,7 @@ impl Tracer {
                             ));
                             o.skipped.extend(again.skipped);
                             o.family = again.family;
+                            o.point = again.point;
                         }
                     }
                 }

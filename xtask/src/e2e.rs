@@ -180,7 +180,8 @@ pub fn vm_env(img: &Images, iopath: &Path) -> String {
 
 /// Runs the binaries named in IN_VM in the VM; the skip log comes back to `skip_log`. Nested
 /// SVM under TCG can wedge or panic L1 (rarely: about once in 20 nested guest boots, measured
-/// with ../shared/hostlab): then L1 is booted again and that binary run once more, saying so.
+/// with ../shared/hostlab): then that file runs once more in a fresh L1, saying so. A file
+/// that still could not run counts as one failure, and the next one gets a fresh L1.
 pub fn run_in_vm(
     img: &Images,
     bins: &[(String, PathBuf)],
@@ -188,10 +189,14 @@ pub fn run_in_vm(
     skip_log: &Path,
     filter: Option<&str>,
 ) -> anyhow::Result<Counts> {
-    let mut l1 = L1::boot(img)?;
+    let mut l1: Option<L1> = None;
     let mut total = Counts::default();
     let mut skipped = String::new();
-    for (name, exe) in bins.iter().filter(|(n, _)| IN_VM.contains(&n.as_str())) {
+    let files: Vec<_> = bins
+        .iter()
+        .filter(|(n, _)| IN_VM.contains(&n.as_str()))
+        .collect();
+    for (i, (name, exe)) in files.iter().enumerate() {
         let script = format!(
             "{}\ncd {} && exec {} --test-threads=1 {}\n",
             vm_env(img, iopath),
@@ -203,17 +208,34 @@ pub fn run_in_vm(
         );
         let mut tries = 0;
         let ran = loop {
-            println!("\n== {name} (L1, {})", l1.kver);
-            let _ = std::fs::remove_file(l1.xchg().join("skips.tsv"));
-            match l1.exec(&script, Duration::from_secs(1800), true) {
-                Ok(r) => break Some(r),
+            let vm = match l1.as_mut() {
+                Some(vm) => vm,
+                None => match L1::boot(img) {
+                    Ok(vm) => l1.insert(vm),
+                    Err(e) if crate::vm::interrupted() => return Err(e),
+                    Err(e) => {
+                        // no VM for what is left: each file one failure
+                        eprintln!("xtask: {e:#}: {} files not run", files.len() - i);
+                        total.failed += (files.len() - i) as u32;
+                        std::fs::write(skip_log, &skipped)?;
+                        finish(&mut total, skip_log);
+                        return Ok(total);
+                    }
+                },
+            };
+            println!("\n== {name} (L1, {})", vm.kver);
+            let _ = std::fs::remove_file(vm.xchg().join("skips.tsv"));
+            match vm.exec(&script, Duration::from_secs(1800), true) {
+                Ok(r) => {
+                    skipped +=
+                        &std::fs::read_to_string(vm.xchg().join("skips.tsv")).unwrap_or_default();
+                    break Some(r);
+                }
                 Err(e) if crate::vm::interrupted() => return Err(e),
                 Err(e) => {
-                    let wedged = e.is::<crate::vm::Hung>() || l1.died();
+                    let wedged = e.is::<crate::vm::Hung>() || vm.died();
                     eprintln!("xtask: {name} in L1: {e:#}");
-                    // A fresh L1 for what follows; this file once more if L1 was at fault.
-                    drop(l1);
-                    l1 = L1::boot(img)?;
+                    l1 = None; // stopped; the next run boots a fresh one
                     if wedged && tries == 0 {
                         tries += 1;
                         eprintln!("xtask: running {name} once more in a fresh L1");
@@ -223,13 +245,13 @@ pub fn run_in_vm(
                 }
             }
         };
-        let Some((rc, text)) = ran else {
-            eprintln!("xtask: {name}: counted as one failure");
-            total.failed += 1;
-            continue;
-        };
-        skipped += &std::fs::read_to_string(l1.xchg().join("skips.tsv")).unwrap_or_default();
-        tally(&text, rc == 0, name, &mut total);
+        match ran {
+            Some((rc, text)) => tally(&text, rc == 0, name, &mut total),
+            None => {
+                eprintln!("xtask: {name}: counted as one failure");
+                total.failed += 1;
+            }
+        }
     }
     drop(l1);
     std::fs::write(skip_log, &skipped)?;

@@ -113,6 +113,19 @@ fn kernel_package() -> anyhow::Result<(String, String)> {
 }
 
 fn kernel() -> anyhow::Result<PathBuf> {
+    match kernel_from_index() {
+        Ok(k) => Ok(k),
+        Err(e) => {
+            // An index older than the mirror names a file it no longer has: once more after
+            // an update, which may name another package or revision.
+            eprintln!("vm: {e:#}; updating the apt index and trying again");
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            kernel_from_index()
+        }
+    }
+}
+
+fn kernel_from_index() -> anyhow::Result<PathBuf> {
     let (pkg, sha) = match kernel_package() {
         Ok(p) => p,
         Err(e) => {
@@ -135,16 +148,9 @@ fn kernel() -> anyhow::Result<PathBuf> {
     let tmp = tempdir("kernel")?;
     // apt downloads as its own user when it can write there
     run(Command::new("chmod").arg("777").arg(&tmp))?;
-    let download = || {
-        run(Command::new("apt-get")
-            .args(["download", "-q", &pkg])
-            .current_dir(&tmp))
-    };
-    if download().is_err() {
-        // an index older than the mirror names a file it no longer has
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        download()?;
-    }
+    run(Command::new("apt-get")
+        .args(["download", "-q", &pkg])
+        .current_dir(&tmp))?;
     let deb = fs::read_dir(&tmp)?
         .filter_map(Result::ok)
         .map(|e| e.path())

@@ -310,29 +310,37 @@ fn task(cmd: Task) -> anyhow::Result<()> {
                     }
                 }
             }
-            eprintln!();
-            eprintln!(
-                "xtask: unit tests: {}",
-                if unit_ok.is_ok() { "passed" } else { "FAILED" }
-            );
-            report_skips(&skip_log(), "this machine");
-            if !no_vm {
-                report_skips(&vm_skip_log(), "distro-kernel VM");
-            }
-            for l in &lines {
-                eprintln!("xtask: {l}");
-            }
-            unit_ok?;
-            if let Some(e) = vm_failed {
-                return Err(e);
-            }
+            // The verdict first, then the counts: the last lines are per kernel.
             let mut logs = vec![skip_log()];
             if !no_vm {
                 logs.push(vm_skip_log());
             }
-            check_skips(&logs)?;
-            if failed > 0 {
-                bail!("end-to-end tests failed");
+            let verdict = if let Err(e) = &unit_ok {
+                Err(anyhow::anyhow!("unit tests failed: {e:#}"))
+            } else if let Some(e) = vm_failed {
+                Err(e)
+            } else if failed > 0 {
+                Err(anyhow::anyhow!("{failed} end-to-end tests failed"))
+            } else {
+                check_skips(&logs)
+            };
+            eprintln!();
+            report_skips(&skip_log(), "this machine");
+            if !no_vm {
+                report_skips(&vm_skip_log(), "distro-kernel VM");
+            }
+            if let Err(e) = &verdict {
+                eprintln!("xtask: error: {e:#}");
+            }
+            eprintln!(
+                "xtask: unit tests: {}",
+                if unit_ok.is_ok() { "passed" } else { "FAILED" }
+            );
+            for l in &lines {
+                eprintln!("xtask: {l}");
+            }
+            if verdict.is_err() {
+                std::process::exit(1);
             }
             Ok(())
         }

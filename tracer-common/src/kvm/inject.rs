@@ -190,8 +190,10 @@ mod tests {
                     e.ts,
                 ),
                 "kvm_entry" => {
-                    // as the kernel program does: the CPU's mark goes at an entry
-                    marks.take(&e.cpu);
+                    // as the kernel program does: the CPU's mark goes at its task's entry
+                    if marks.get(&e.cpu).is_some_and(|m| m.tid == e.tid) {
+                        marks.take(&e.cpu);
+                    }
                     out.extend(on_entry(&mut pending, e.tgid, e.u("vcpu") as u32, e.ts));
                     Ok(())
                 }

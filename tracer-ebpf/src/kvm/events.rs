@@ -60,6 +60,7 @@ fn entry(vcpu: Result<Option<u32>, ()>, _: Site) {
         exit::entry(tgid, tid, vcpu, now);
     }
     if on(mask, KvmInjectToEntry) {
+        inject::entered(tid);
         match vcpu {
             Some(v) => inject::entry(tgid, v, now),
             None => count(KvmInjectToEntry, Counter::ReadError),
@@ -185,8 +186,10 @@ tracepoint!(
 );
 
 // void svm_deliver_interrupt(struct kvm_lapic *apic, int delivery_mode, int trig_mode,
-// int vector) (vmx_ likewise) fires it with apicid = apic->vcpu->vcpu_id. The attach plan
-// names the function this kernel has; the section's name is only a default.
+// int vector) (vmx_ likewise): __apic_accept_irq calls it right after it fires
+// kvm_apic_accept_irq, for each fixed or lowest-priority interrupt it delivers (device MSIs
+// are fixed; NMI, INIT and SIPI accepts are not seen); apicid = apic->vcpu->vcpu_id. The
+// attach plan names the function this kernel has; the section's name is only a default.
 function!(
     "svm_deliver_interrupt",
     kvm_apic_accept_irq_fentry,

@@ -39,17 +39,23 @@ pub fn accepted(tid: u32, apicid: u32, in_task: bool) {
     }
 }
 
+/// A VM entry on this CPU by the task that marked it: its injection has returned, so a later
+/// accept in it (its own LAPIC timer) is not that injection's. Another task's entry leaves the
+/// mark: the injector may only have been preempted.
 #[inline(always)]
-pub fn entry(tgid: u32, vcpu: u32, now: u64) {
-    // Whatever injected on this CPU has returned: a later accept here is not its.
+pub fn entered(tid: u32) {
     if let Some(m) = INJ_MARK.get_ptr_mut(0) {
         // SAFETY: this CPU's slot, no one else writes it while this program runs.
         unsafe {
-            if (*m).ts_ns != 0 {
+            if (*m).ts_ns != 0 && (*m).tid == tid {
                 (*m).ts_ns = 0;
             }
         }
     }
+}
+
+#[inline(always)]
+pub fn entry(tgid: u32, vcpu: u32, now: u64) {
     if let Some(s) = inject::on_entry(&mut KernelStarts(&INJ_PENDING), tgid, vcpu, now) {
         record(STAGE, 0, s.vcpu, s.vm, s.latency_ns);
     }

@@ -110,8 +110,10 @@ pub static KVM_MSI_SET_IRQ: Event = tracepoint("kvm", "kvm_msi_set_irq", "kvm_ms
 // void trace_kvm_set_irq(unsigned int gsi, int level, int irq_source_id)
 pub static KVM_SET_IRQ: Event = tracepoint("kvm", "kvm_set_irq", "kvm_set_irq", set_irq_needs);
 // void trace_kvm_apic_accept_irq(__u32 apicid, __u16 dm, __u16 tm, __u8 vec)
-// fired by the vendor's deliver_interrupt(struct kvm_lapic *apic, int delivery_mode,
-// int trig_mode, int vector) with apic->vcpu->vcpu_id (kvm_amd, kvm_intel: module functions)
+// The vendor's deliver_interrupt(struct kvm_lapic *apic, int delivery_mode, int trig_mode,
+// int vector), which __apic_accept_irq calls right after it fires the tracepoint, for each
+// fixed or lowest-priority interrupt (device MSIs; not NMI, INIT, SIPI): apicid is
+// apic->vcpu->vcpu_id (kvm_amd, kvm_intel: module functions)
 pub static KVM_APIC_ACCEPT_IRQ: Event = tracepoint_or_function(
     "kvm",
     "kvm_apic_accept_irq",

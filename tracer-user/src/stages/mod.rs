@@ -74,8 +74,8 @@ pub struct Event {
     /// Tracepoint name.
     pub name: &'static str,
     /// The kernel functions the fentry and kprobe candidates attach to, the first this kernel
-    /// has (one that fires the tracepoint with what its programs read; vendor variants such as
-    /// KVM's svm_/vmx_ ones); empty when there are none.
+    /// has (one called where the tracepoint fires, with what its programs read; vendor
+    /// variants such as KVM's svm_/vmx_ ones); empty when there are none.
     pub functions: &'static [&'static str],
     /// Tracefs category of a tracepoint; empty for a function.
     pub category: &'static str,
@@ -326,6 +326,20 @@ mod tests {
             ..kvm::KVM_EXIT
         };
         assert!(out_of_order(&twice).is_some());
+    }
+
+    #[test]
+    fn a_function_candidate_is_the_first_the_kernel_has() {
+        let e = &kvm::KVM_APIC_ACCEPT_IRQ;
+        let intel = |n: &str| n == "vmx_deliver_interrupt";
+        assert_eq!(e.target(Family::KProbe, &intel), "vmx_deliver_interrupt");
+        assert_eq!(e.target(Family::FEntry, &|_| true), "svm_deliver_interrupt");
+        // none here: the first, for the reason the attach then gives
+        assert_eq!(
+            e.target(Family::KProbe, &|_| false),
+            "svm_deliver_interrupt"
+        );
+        assert_eq!(e.target(Family::RawTp, &intel), "kvm_apic_accept_irq");
     }
 
     #[test]
