@@ -2,7 +2,7 @@
 //! with delays it controls, so the tests can check what iopath measures against what happened.
 //!
 //! ```text
-//! iopath-testvmm -name guest=NAME MODE [--count N] [--spin-us D] [--gap-us G] [--hold-ms H]
+//! iopath-testvmm -name guest=NAME MODE [--count N] [--spin-us D] [--first-us F] [--gap-us G] [--hold-ms H]
 //! ```
 //! Modes:
 //! - `pio`: a real-mode guest does N `out` to port 0x3f8, each a KVM_EXIT_IO; the VMM spins D µs
@@ -66,6 +66,8 @@ struct Args {
     mode: String,
     count: u32,
     spin_us: u64,
+    /// halt: the wait before the first signal, for the first KVM_RUN to reach the guest's hlt.
+    first_us: u64,
     gap_us: u64,
     hold_ms: u64,
     vcpus: u32,
@@ -77,6 +79,7 @@ fn parse_args() -> anyhow::Result<Args> {
         mode: String::new(),
         count: 100,
         spin_us: 0,
+        first_us: 20_000,
         gap_us: 1000,
         hold_ms: 0,
         vcpus: 1,
@@ -88,6 +91,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "-name" => a.name = val()?,
             "--count" => a.count = val()?.parse()?,
             "--spin-us" => a.spin_us = val()?.parse()?,
+            "--first-us" => a.first_us = val()?.parse()?,
             "--gap-us" => a.gap_us = val()?.parse()?,
             "--hold-ms" => a.hold_ms = val()?.parse()?,
             "--vcpus" => a.vcpus = val()?.parse()?,
@@ -356,7 +360,7 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     let done = Arc::new(AtomicBool::new(false));
     let waker = {
         let (entering, returned, done) = (entering.clone(), returned.clone(), done.clone());
-        let (count, spin_us) = (a.count, a.spin_us);
+        let (count, spin_us, first_us) = (a.count, a.spin_us, a.first_us);
         thread::spawn(move || {
             for i in 1..=count {
                 while entering.load(Ordering::Acquire) < i {
@@ -366,8 +370,13 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
                     std::hint::spin_loop();
                 }
                 // spin, not sleep: a sleep overshoots by the timer slack. The first KVM_RUN of
-                // a new vCPU takes longer to reach the guest's hlt: give it 20 ms.
-                spin(if i == 1 { spin_us.max(20_000) } else { spin_us });
+                // a new vCPU takes longer to reach the guest's hlt (--first-us, 20 ms): a
+                // signal before it would end KVM_RUN with no halt.
+                spin(if i == 1 {
+                    spin_us.max(first_us)
+                } else {
+                    spin_us
+                });
                 // A signal that lands before the thread is inside KVM_RUN is taken in
                 // userspace and lost: signal again if KVM_RUN has not returned 50 ms later.
                 while returned.load(Ordering::Acquire) < i && !done.load(Ordering::Acquire) {
