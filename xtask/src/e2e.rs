@@ -234,7 +234,7 @@ pub fn run_in_vm(
                 Err(e) if crate::vm::interrupted() => return Err(e),
                 Err(e) => {
                     let wedged = e.is::<crate::vm::Hung>() || vm.died();
-                    eprintln!("xtask: {name} in L1: {e:#}");
+                    eprintln!("xtask: {name} in L1: {e:#}; console: {}", vm.console_tail());
                     l1 = None; // stopped; the next run boots a fresh one
                     if wedged && tries == 0 {
                         tries += 1;

@@ -172,7 +172,8 @@ impl L1 {
         self.dir.join("xchg")
     }
 
-    fn console_tail(&self) -> String {
+    /// The last lines of L1's serial console, on one line.
+    pub fn console_tail(&self) -> String {
         let c = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = c.lines().collect();
         lines[lines.len().saturating_sub(15)..].join(" | ")
