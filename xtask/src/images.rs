@@ -48,6 +48,18 @@ pub fn cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/iopath-vm"))
 }
 
+/// The cache must be visible in L1 at its own path: L1 mounts its scratch disk on /var/tmp.
+pub fn check_cache() -> anyhow::Result<()> {
+    let c = cache();
+    if !c.is_absolute() || c.starts_with("/var/tmp") {
+        bail!(
+            "IOPATH_VM_CACHE={}: an absolute path outside /var/tmp is needed (L1 mounts its own disk there)",
+            c.display()
+        );
+    }
+    Ok(())
+}
+
 fn step(what: &str) {
     eprintln!("vm: {what}");
 }
@@ -70,6 +82,7 @@ fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub fn prepare() -> anyhow::Result<Images> {
+    check_cache()?;
     let c = cache();
     fs::create_dir_all(&c).with_context(|| format!("cannot create {}", c.display()))?;
     let kernel_dir = kernel()?;
@@ -224,10 +237,11 @@ fn initramfs(modules: &Path, kver: &str) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// The prebuilt lab kernel of the team's shared folder, when this machine has it.
+/// The prebuilt lab kernel of the team's shared folder, when this machine has it and
+/// `IOPATH_L2_FROM_SOURCE` is not set (which builds it as a machine without it would).
 fn shared_l2() -> Option<PathBuf> {
     let p = root().join("../shared/lab/vmlinux-lab-vfio.xz");
-    p.exists().then_some(p)
+    (p.exists() && std::env::var_os("IOPATH_L2_FROM_SOURCE").is_none()).then_some(p)
 }
 
 fn l2_kernel() -> anyhow::Result<PathBuf> {
