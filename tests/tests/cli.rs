@@ -81,31 +81,31 @@ fn bad_listen_address_and_duration() {
 
 #[test]
 fn bad_buckets_families_and_sizes() {
-    one_line_error(
-        &iopath(&["serve", "--buckets", "3"]),
-        2,
-        "invalid --buckets \"3\" (1, 2, 4 or 8 per power of two)",
-    );
-    one_line_error(
-        &iopath(&["doctor", "--families", "tp_btf,uprobe"]),
-        2,
-        "unknown program family \"uprobe\"",
-    );
-    one_line_error(
-        &iopath(&["doctor", "--event-family", "bogus=kprobe"]),
-        2,
-        "--event-family: no event \"bogus\" in the stage table",
-    );
-    one_line_error(
-        &iopath(&["doctor", "--event-family", "kvm_entry=kprobe"]),
-        2,
-        "--event-family: kvm_entry has no kprobe program (it has tp_btf, raw_tp, tracepoint)",
-    );
-    one_line_error(
-        &iopath(&["doctor", "--event-family", "kvm_entry"]),
-        2,
-        "--event-family \"kvm_entry\": EVENT=FAMILY",
-    );
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["serve", "--buckets", "3"],
+            "invalid --buckets \"3\" (1, 2, 4 or 8 per power of two)",
+        ),
+        (
+            &["doctor", "--families", "tp_btf,uprobe"],
+            "unknown program family \"uprobe\"",
+        ),
+        (
+            &["doctor", "--event-family", "bogus=kprobe"],
+            "--event-family: no event \"bogus\" in the stage table",
+        ),
+        (
+            &["doctor", "--event-family", "kvm_entry=kprobe"],
+            "--event-family: kvm_entry has no kprobe program (it has tp_btf, raw_tp, tracepoint)",
+        ),
+        (
+            &["doctor", "--event-family", "kvm_entry"],
+            "--event-family \"kvm_entry\": EVENT=FAMILY",
+        ),
+    ];
+    for (args, want) in cases {
+        one_line_error(&iopath(args), 2, want);
+    }
     for flag in ["--start-entries", "--hist-entries"] {
         one_line_error(
             &iopath(&["serve", flag, "0"]),

@@ -13,16 +13,21 @@ fn stage_in(doctor: &serde_json::Value, name: &str) -> serde_json::Value {
         .clone()
 }
 
-#[test]
-fn doctor_attaches_blk_device_and_kvm_exit_here() {
-    require_root();
-    let out = iopath(&["doctor", "--json"]);
+/// `iopath doctor --json`'s report; the run must have succeeded.
+fn report(out: &std::process::Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).expect("doctor --json is JSON")
+}
+
+#[test]
+fn doctor_attaches_blk_device_and_kvm_exit_here() {
+    require_root();
+    let out = iopath(&["doctor", "--json"]);
+    let v = report(&out);
     let stage = |name: &str| stage_in(&v, name);
     // kvm_exit/kvm_entry never fire under this machine's KVM-PVM, but they exist and attach.
     let kvm = stage("kvm.exit");
@@ -58,8 +63,7 @@ fn doctor_attaches_blk_device_and_kvm_exit_here() {
 fn doctor_selects_one_stage() {
     require_root();
     let out = iopath(&["doctor", "--json", "--stages", "kvm.exit"]);
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = report(&out);
     assert_eq!(v["stages"].as_array().unwrap().len(), 1);
 }
 
@@ -113,12 +117,7 @@ fn without_cap_syslog_the_signal_stage_says_why() {
         .output()
         .expect("setpriv (util-linux)");
     std::fs::write(path, was.trim()).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = report(&out);
     let stage = |name: &str| stage_in(&v, name);
     let signal = stage("kvm.signal_to_inject");
     assert_eq!(signal["attached"], false, "{signal}");

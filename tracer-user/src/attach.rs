@@ -562,19 +562,20 @@ struct Kernel<'a> {
 }
 
 impl Kernel<'_> {
+    /// Is this function in this kernel's BTF (vmlinux or a loaded module)? Without BTF,
+    /// the attach says.
+    fn has(&self, function: &str) -> bool {
+        self.kbtf.is_none_or(|b| b.func(function).is_some())
+    }
+
     /// What the family's program of `event` attaches to here: for a function, the first of
-    /// its candidates this kernel's BTF has (vmlinux or a loaded module).
+    /// its candidates this kernel has.
     fn target(&self, event: &Event, f: Family) -> &'static str {
-        event.target(f, &|name| self.kbtf.is_none_or(|b| b.func(name).is_some()))
+        event.target(f, &|n| self.has(n))
     }
 
     fn point(&self, event: &Event, f: Family) -> String {
-        match f {
-            Family::FEntry | Family::KProbe => {
-                format!("{}/{}", f.name(), self.target(event, f))
-            }
-            _ => event.point(f),
-        }
+        event.point(f, &|n| self.has(n))
     }
 }
 

@@ -84,6 +84,7 @@ fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
 pub fn prepare() -> anyhow::Result<Images> {
     check_cache()?;
     let c = cache();
+    crate::vm::remove_stale_runs(&c);
     fs::create_dir_all(&c).with_context(|| format!("cannot create {}", c.display()))?;
     let kernel_dir = kernel()?;
     let kver = fs::read_dir(kernel_dir.join("lib/modules"))?

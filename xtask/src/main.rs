@@ -145,7 +145,6 @@ fn in_vm(
     bin: &Path,
     filter: Option<&str>,
 ) -> anyhow::Result<(String, e2e::Counts)> {
-    vm::remove_stale_runs(&images::cache());
     let _ = std::fs::remove_file(vm_skip_log());
     let img = images::prepare()?;
     let c = e2e::run_in_vm(&img, bins, bin, &vm_skip_log(), filter)?;
@@ -357,7 +356,6 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             if record_fixtures {
                 return record(&bins, &bin);
             }
-            vm::remove_stale_runs(&images::cache());
             if let Some(cmd) = exec {
                 let img = images::prepare()?;
                 let mut l1 = vm::L1::boot(&img)?;

@@ -92,13 +92,12 @@ impl Event {
     }
 
     /// Where the family's program attaches, as `iopath doctor` shows it.
-    pub fn point(&self, f: Family) -> String {
+    /// `here`: does this kernel have that function (see [`Event::target`]).
+    pub fn point(&self, f: Family, here: &dyn Fn(&str) -> bool) -> String {
+        let t = self.target(f, here);
         match f {
-            Family::TpBtf => format!("tp_btf/{}", self.name),
-            Family::RawTp => format!("raw_tp/{}", self.name),
-            Family::Tracepoint => format!("tracepoint/{}/{}", self.category, self.name),
-            Family::FEntry => format!("fentry/{}", self.functions.join("|")),
-            Family::KProbe => format!("kprobe/{}", self.functions.join("|")),
+            Family::Tracepoint => format!("tracepoint/{}/{t}", self.category),
+            _ => format!("{}/{t}", f.name()),
         }
     }
 
