@@ -77,7 +77,8 @@ fn dashboard_queries_use_exported_metrics_and_labels() {
         return;
     }
     let lo = LoopDev::new("dash", 16);
-    let d = Daemon::start(&["--bpf-stats"]);
+    // Every stage, the opt-in ones too: the dashboards show them all.
+    let d = Daemon::start(&["--bpf-stats", "--syscall-tracepoints"]);
     lo.direct_io(20, 20);
     for (name, args) in [
         ("dash-exits", &["pio", "--count", "20"][..]),

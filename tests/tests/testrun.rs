@@ -93,12 +93,13 @@ fn tracer(stages: &[&str]) -> Tracer {
     Tracer::start(&Options {
         tracefs: Path::new("/sys/kernel/tracing"),
         stages: &stages,
-        families: &[Family::RawTp, Family::Tracepoint],
+        families: &[Family::RawTp, Family::Tracepoint, Family::Syscall],
         event_families: &[],
         hist_entries: 4096,
         start_entries: 1024,
         strict: true,
         bpf_stats: false,
+        syscall_tracepoints: true,
     })
     .expect("attach")
 }

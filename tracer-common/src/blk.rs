@@ -57,7 +57,7 @@ impl Op {
 
 /// What is remembered of an issued request until it completes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlkStart {
     pub ts_ns: u64,
     /// Kernel dev_t: major << 20 | minor.
@@ -65,6 +65,94 @@ pub struct BlkStart {
     pub op: u32,
 }
 assert_size!(BlkStart, 16);
+
+/// Slots of [`RqSlot`]: requests in flight keyed by pointer live in an array, at a slot
+/// hashed from the pointer, so that issue and completion take no lock (a hash map's update
+/// and delete take its bucket lock: most of what the programs cost).
+pub const RQ_SLOTS: u32 = 1 << RQ_SLOT_BITS;
+pub const RQ_SLOT_BITS: u32 = 13;
+
+/// The slot of request pointer `rq` (Fibonacci hashing; requests are slab objects, so the low
+/// bits say little).
+pub const fn rq_slot(rq: u64) -> u32 {
+    ((rq >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - RQ_SLOT_BITS)) as u32
+}
+
+/// A request in flight in its slot. `check` is `rq ^ ts_ns`: a slot two CPUs wrote at once
+/// (two requests sharing it, issued at the same instant) fails it and gives no sample instead
+/// of a wrong one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RqSlot {
+    /// 0: free.
+    pub rq: u64,
+    pub start: BlkStart,
+    pub check: u64,
+}
+assert_size!(RqSlot, 32);
+
+impl RqSlot {
+    pub const fn new(rq: u64, start: BlkStart) -> RqSlot {
+        RqSlot {
+            rq,
+            start,
+            check: rq ^ start.ts_ns,
+        }
+    }
+
+    pub const fn holds(&self, rq: u64) -> bool {
+        rq != 0 && self.rq == rq && self.check == rq ^ self.start.ts_ns
+    }
+}
+
+/// block_rq_issue into a slot: a slot held by another request in flight is taken over (that
+/// one is lost, counted `start_full` here and `unmatched` at its completion), so a request
+/// that never completes cannot hold a slot for good.
+pub fn issue_slot(
+    slot: &mut RqSlot,
+    rq: u64,
+    now_ns: u64,
+    dev: u32,
+    op: Op,
+) -> Result<(), Counter> {
+    let evicted = slot.rq != 0 && slot.rq != rq;
+    *slot = RqSlot::new(
+        rq,
+        BlkStart {
+            ts_ns: now_ns,
+            dev,
+            op: op as u32,
+        },
+    );
+    if evicted {
+        Err(Counter::StartFull)
+    } else {
+        Ok(())
+    }
+}
+
+/// block_rq_complete from a slot: the sample, and the slot freed, when it holds `rq`.
+pub fn complete_slot(slot: &mut RqSlot, rq: u64, now_ns: u64) -> Result<Sample, Counter> {
+    // Checked on a copy: a request taking the slot meanwhile cannot mix into the sample.
+    let copy = *slot;
+    if !copy.holds(rq) {
+        return Err(Counter::Unmatched);
+    }
+    let s = copy.start;
+    slot.rq = 0;
+    Ok(Sample {
+        latency_ns: now_ns.saturating_sub(s.ts_ns),
+        dev: s.dev,
+        op: Op::from_u32(s.op),
+    })
+}
+
+/// block_rq_requeue: the slot is freed when it holds `rq`.
+pub fn requeue_slot(slot: &mut RqSlot, rq: u64) {
+    if slot.holds(rq) {
+        slot.rq = 0;
+    }
+}
 
 /// Key of started requests for the classic tracepoints, which carry no request pointer.
 #[repr(C)]
@@ -223,6 +311,7 @@ pub fn on_complete_sector<S: Starts<SectorKey, SectorStart>>(
 mod user {
     // SAFETY: #[repr(C)], integer fields, explicit padding, sizes asserted.
     unsafe impl aya::Pod for super::BlkStart {}
+    unsafe impl aya::Pod for super::RqSlot {}
     unsafe impl aya::Pod for super::SectorKey {}
     unsafe impl aya::Pod for super::SectorStart {}
 }
@@ -231,6 +320,56 @@ mod user {
 mod tests {
     use super::*;
     use crate::rules::testing::MapStarts;
+
+    #[test]
+    fn slots_spread_slab_neighbours_and_stay_in_range() {
+        let base = 0xffff_8880_1234_0000u64;
+        let mut slots = [0u32; 256];
+        for (i, s) in slots.iter_mut().enumerate() {
+            *s = rq_slot(base + i as u64 * 0x140);
+        }
+        assert!(slots.iter().all(|&s| s < RQ_SLOTS));
+        slots.sort_unstable();
+        let distinct = 1 + slots.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct > 240, "{distinct} distinct of 256");
+    }
+
+    #[test]
+    fn a_slot_gives_its_request_once_and_refuses_others() {
+        let mut slot = RqSlot::default();
+        assert_eq!(issue_slot(&mut slot, 0x1000, 100, 7, Op::Write), Ok(()));
+        assert_eq!(
+            complete_slot(&mut slot, 0x2000, 150),
+            Err(Counter::Unmatched)
+        );
+        let s = complete_slot(&mut slot, 0x1000, 160).unwrap();
+        assert_eq!((s.latency_ns, s.dev, s.op), (60, 7, Op::Write));
+        assert_eq!(
+            complete_slot(&mut slot, 0x1000, 170),
+            Err(Counter::Unmatched)
+        );
+        // requeue frees it; a second request evicts the first, counted
+        issue_slot(&mut slot, 0x1000, 200, 7, Op::Read).unwrap();
+        requeue_slot(&mut slot, 0x1000);
+        assert_eq!(slot.rq, 0);
+        issue_slot(&mut slot, 0x1000, 300, 7, Op::Read).unwrap();
+        assert_eq!(
+            issue_slot(&mut slot, 0x3000, 310, 7, Op::Read),
+            Err(Counter::StartFull)
+        );
+        assert_eq!(
+            complete_slot(&mut slot, 0x1000, 320),
+            Err(Counter::Unmatched)
+        );
+        // a torn slot (ts of one request, pointer of another) gives nothing
+        complete_slot(&mut slot, 0x3000, 330).unwrap();
+        issue_slot(&mut slot, 0x4000, 400, 7, Op::Read).unwrap();
+        slot.start.ts_ns = 390;
+        assert_eq!(
+            complete_slot(&mut slot, 0x4000, 420),
+            Err(Counter::Unmatched)
+        );
+    }
 
     #[test]
     fn rwbs_ops() {

@@ -48,3 +48,15 @@ impl StageId {
         }
     }
 }
+
+/// Which of the VMM's requests the system call tracepoints stand in for (`STAGES_ON[1]`): set
+/// only for the events whose function probes could not attach, so that a syscall program
+/// attached for one request does not repeat what a function probe does for another.
+pub mod stand_in {
+    /// sys_enter_ioctl handles KVM_RUN (and KVM_CREATE_VM).
+    pub const KVM_RUN: u64 = 1 << 0;
+    /// sys_enter_ioctl / sys_exit_ioctl handle KVM_SIGNAL_MSI.
+    pub const SIGNAL_MSI: u64 = 1 << 1;
+    /// sys_enter_write / sys_exit_write handle irqfd signals.
+    pub const IRQFD: u64 = 1 << 2;
+}

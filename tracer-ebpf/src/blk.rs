@@ -6,9 +6,12 @@
 //! requests that share one (concurrent flushes at sector 0). block_rq_requeue takes a request
 //! off the device (it is issued again later): its start goes.
 
-use aya_ebpf::{macros::map, maps::HashMap};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
 use tracer_common::{
-    blk::{self, BlkStart, Op, SectorKey, SectorStart, mkdev},
+    blk::{self, Op, RQ_SLOTS, RqSlot, SectorKey, SectorStart, mkdev, rq_slot},
     maps::{Counter, START_ENTRIES},
     stage::StageId,
 };
@@ -20,8 +23,36 @@ use crate::{
 
 const STAGE: StageId = StageId::BlkDevice;
 
+/// Requests in flight keyed by pointer, in slots hashed from it (`blk::rq_slot`): plain stores,
+/// no lock.
 #[map]
-static BLK_START_RQ: HashMap<u64, BlkStart> = HashMap::with_max_entries(START_ENTRIES, 0);
+static BLK_START_RQ: Array<RqSlot> = Array::with_max_entries(RQ_SLOTS, 0);
+
+/// A typed pointer's value as a plain number. The verifier refuses arithmetic other than
+/// add/sub on a pointer (the slot hash shifts and multiplies); what comes back out of a map
+/// value is a number to it (storing a kernel pointer there needs CAP_PERFMON, as everything
+/// here does).
+#[map]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn number(p: *const u8) -> Option<u64> {
+    let slot = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's own slot of a map value; the program is not preempted mid-way.
+    unsafe {
+        core::ptr::write_volatile(slot as *mut *const u8, p);
+        Some(core::ptr::read_volatile(slot))
+    }
+}
+
+/// The slot of request `rq` (always there: the index is masked to the array's size).
+#[inline(always)]
+fn slot(rq: u64) -> Option<&'static mut RqSlot> {
+    // SAFETY: a map value; each slot's writers are the events of the requests hashed to it.
+    BLK_START_RQ
+        .get_ptr_mut(rq_slot(rq))
+        .map(|p| unsafe { &mut *p })
+}
 
 #[map]
 static BLK_START_SECTOR: HashMap<SectorKey, SectorStart> =
@@ -31,6 +62,8 @@ static BLK_START_SECTOR: HashMap<SectorKey, SectorStart> =
 /// (classic).
 enum Request {
     Ptr(u64),
+    /// tp_btf's argument: a typed pointer, read with plain loads.
+    Typed(*const u8),
     Sector(SectorKey, Op),
 }
 
@@ -53,6 +86,34 @@ fn request_dev_op(rq: u64) -> Result<(u32, Op), i32> {
     }
 }
 
+/// [`request_dev_op`] with loads the verifier checks against BTF (the offsets are constants to
+/// it: CONFIG is frozen), for tp_btf's typed `struct request *`: no helper call, and a null
+/// pointer on the way reads as 0.
+#[inline(always)]
+fn typed_dev_op(rq: *const u8) -> (u32, Op) {
+    // SAFETY: BTF-typed pointers; the verifier checks each load's offset and type, and a load
+    // through a bad or null one reads 0 instead of faulting.
+    unsafe {
+        let load32 =
+            |p: *const u8, off: u32| core::ptr::read_volatile(p.add(off as usize) as *const u32);
+        let load_ptr = |p: *const u8, off: u32| {
+            core::ptr::read_volatile(p.add(off as usize) as *const *const u8)
+        };
+        let cmd_flags = load32(rq, config!(rq_cmd_flags));
+        let q = load_ptr(rq, config!(rq_q));
+        let disk = load_ptr(q, config!(q_disk));
+        let dev = if disk.is_null() {
+            0
+        } else {
+            mkdev(
+                load32(disk, config!(disk_major)),
+                load32(disk, config!(disk_first_minor)),
+            )
+        };
+        (dev, Op::from_cmd_flags(cmd_flags))
+    }
+}
+
 #[inline(always)]
 fn issue(rq: Result<Request, ()>, _: Site) {
     if !on(stages_on(), STAGE) {
@@ -60,10 +121,20 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     }
     let now = now_ns();
     let started = match rq {
-        Ok(Request::Ptr(rq)) => match request_dev_op(rq) {
-            Ok((dev, op)) => blk::on_issue(&mut KernelStarts(&BLK_START_RQ), rq, now, dev, op),
-            Err(_) => Err(Counter::ReadError),
+        Ok(Request::Ptr(p)) => match (request_dev_op(p), number(p as *const u8)) {
+            (Ok((dev, op)), Some(rq)) => match slot(rq) {
+                Some(s) => blk::issue_slot(s, rq, now, dev, op),
+                None => Err(Counter::ReadError),
+            },
+            _ => Err(Counter::ReadError),
         },
+        Ok(Request::Typed(ptr)) => {
+            let (dev, op) = typed_dev_op(ptr);
+            match number(ptr).and_then(|rq| Some((rq, slot(rq)?))) {
+                Some((rq, s)) => blk::issue_slot(s, rq, now, dev, op),
+                None => Err(Counter::ReadError),
+            }
+        }
         Ok(Request::Sector(key, op)) => {
             blk::on_issue_sector(&mut KernelStarts(&BLK_START_SECTOR), key, now, op)
         }
@@ -81,7 +152,14 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     }
     let now = now_ns();
     let done = match rq {
-        Ok(Request::Ptr(rq)) => blk::on_complete(&mut KernelStarts(&BLK_START_RQ), &rq, now),
+        Ok(Request::Ptr(p)) => match number(p as *const u8).and_then(|rq| Some((rq, slot(rq)?))) {
+            Some((rq, s)) => blk::complete_slot(s, rq, now),
+            None => Err(Counter::ReadError),
+        },
+        Ok(Request::Typed(ptr)) => match number(ptr).and_then(|rq| Some((rq, slot(rq)?))) {
+            Some((rq, s)) => blk::complete_slot(s, rq, now),
+            None => Err(Counter::ReadError),
+        },
         Ok(Request::Sector(key, _)) => {
             blk::on_complete_sector(&mut KernelStarts(&BLK_START_SECTOR), &key, now)
         }
@@ -100,7 +178,16 @@ fn requeue(rq: Result<Request, ()>, _: Site) {
         return;
     }
     match rq {
-        Ok(Request::Ptr(rq)) => blk::on_requeue(&mut KernelStarts(&BLK_START_RQ), &rq),
+        Ok(Request::Ptr(p)) => {
+            if let Some((rq, s)) = number(p as *const u8).and_then(|rq| Some((rq, slot(rq)?))) {
+                blk::requeue_slot(s, rq);
+            }
+        }
+        Ok(Request::Typed(ptr)) => {
+            if let Some((rq, s)) = number(ptr).and_then(|rq| Some((rq, slot(rq)?))) {
+                blk::requeue_slot(s, rq);
+            }
+        }
         Ok(Request::Sector(key, _)) => {
             blk::on_requeue_sector(&mut KernelStarts(&BLK_START_SECTOR), &key)
         }
@@ -128,6 +215,7 @@ tracepoint!(
     blk_rq_issue_btf,
     blk_rq_issue_raw,
     blk_rq_issue_tp,
+    btf | arg | Ok(Request::Typed(arg(0) as *const u8)),
     |arg| Ok(Request::Ptr(arg(0))),
     |rec| {
         let key = sector_key(rec, config!(tp_issue_dev), config!(tp_issue_sector));
@@ -150,6 +238,7 @@ tracepoint!(
     blk_rq_complete_btf,
     blk_rq_complete_raw,
     blk_rq_complete_tp,
+    btf | arg | Ok(Request::Typed(arg(0) as *const u8)),
     |arg| Ok(Request::Ptr(arg(0))),
     |rec| sector_key(rec, config!(tp_complete_dev), config!(tp_complete_sector))
         .map(|k| Request::Sector(k, Op::Other)),
@@ -163,6 +252,7 @@ tracepoint!(
     blk_rq_requeue_btf,
     blk_rq_requeue_raw,
     blk_rq_requeue_tp,
+    btf | arg | Ok(Request::Typed(arg(0) as *const u8)),
     |arg| Ok(Request::Ptr(arg(0))),
     |rec| sector_key(rec, config!(tp_requeue_dev), config!(tp_requeue_sector))
         .map(|k| Request::Sector(k, Op::Other)),

@@ -39,13 +39,20 @@ pub(crate) use config;
 /// Bit mask of the stages the attach plan switched on ([`StageId::bit`]), written by the daemon
 /// once every stage is attached. A program shared by several stages does only the work of the
 /// stages that are on; until the mask is written, none.
+/// Entry 1: what the system call programs stand in for (`stage::stand_in`).
 #[map]
-static STAGES_ON: Array<u64> = Array::with_max_entries(1, 0);
+static STAGES_ON: Array<u64> = Array::with_max_entries(2, 0);
 
 /// The stages that are on (an array lookup the verifier inlines).
 #[inline(always)]
 pub fn stages_on() -> u64 {
     STAGES_ON.get(0).copied().unwrap_or(0)
+}
+
+/// The requests the system call programs handle (`stage::stand_in` bits).
+#[inline(always)]
+pub fn stand_ins() -> u64 {
+    STAGES_ON.get(1).copied().unwrap_or(0)
 }
 
 #[inline(always)]
@@ -247,11 +254,29 @@ pub fn vm_created(tgid: u32, tid: u32) {
     notify(NoticeKind::VmCreated, tgid, tid, 0);
 }
 
+/// A KVM event in a thread of `tgid`: only VMM threads run them, so a VMM not yet known (its
+/// KVM_CREATE_VM not seen: no syscall tracepoint attached, or before the daemon) joins the set
+/// and the daemon is told. One lookup when it is known.
+#[inline(always)]
+pub fn vmm_seen(tgid: u32, tid: u32) {
+    if !is_vmm(tgid) {
+        vm_created(tgid, tid);
+    }
+}
+
 /// The VMM whose memory the current task works in, when that is a known VMM's: a kernel thread
 /// that adopted its mm (the vhost worker before Linux 6.4, `vhost-PID`, is outside the VMM's
 /// thread group). Only for tasks that are no VMM themselves; a few reads, no map.
 #[inline(always)]
 pub fn mm_owner_vmm() -> Option<u32> {
+    mm_owner_tgid().filter(|&t| is_vmm(t))
+}
+
+/// The thread group that owns the current task's memory (`current->mm->owner`), known VMM or
+/// not: a VMM's own thread finds its own tgid; a kernel thread that adopted a VMM's mm finds the
+/// VMM's.
+#[inline(always)]
+pub fn mm_owner_tgid() -> Option<u32> {
     let (mm_off, owner_off, tgid_off) = (config!(task_mm), config!(mm_owner), config!(task_tgid));
     if mm_off == NO_OFFSET || owner_off == NO_OFFSET || tgid_off == NO_OFFSET {
         return None;
@@ -269,7 +294,7 @@ pub fn mm_owner_vmm() -> Option<u32> {
         }
         read_at::<i32>(owner, tgid_off).ok()? as u32
     };
-    is_vmm(tgid).then_some(tgid)
+    Some(tgid)
 }
 
 /// tgid and tid of the current task.

@@ -62,7 +62,15 @@ pub struct Options<'a> {
     pub strict: bool,
     /// Enable kernel.bpf_stats for the tracer's lifetime.
     pub bpf_stats: bool,
+    /// Let every selected stage fall back to system call tracepoints (otherwise only the
+    /// stages named in `stages` may).
+    pub syscall_tracepoints: bool,
 }
+
+/// Why a stage does not fall back to system call tracepoints unless asked to.
+pub const SYSCALL_OPT_IN: &str = "opt-in (name the stage in --stages, or --syscall-tracepoints): \
+a system call tracepoint puts every process on the host on the slow system call path \
+(`cargo xtask bench` measures the cost: syscall_tax)";
 
 /// What became of one stage on this kernel.
 #[derive(Clone, Debug, Serialize)]
@@ -95,6 +103,9 @@ enum Link {
 /// What became of one event.
 struct EventOutcome {
     family: Option<Family>,
+    /// Were system call stand-ins allowed when it was tried (a stage that allows them tries
+    /// again an event that failed without them).
+    syscalls_ok: bool,
     /// Where it attached (`kprobe/svm_deliver_interrupt`).
     point: String,
     /// Candidates not used, with the reason.
@@ -132,7 +143,11 @@ fn short(e: &dyn std::error::Error) -> String {
         s.push_str(&c.to_string());
         src = c.source();
     }
-    // The verifier log can be long: the first line says what failed.
+    if std::env::var_os("IOPATH_VERIFIER_LOG").is_some() {
+        eprintln!("{s}");
+    }
+    // The verifier log can be long: the first line says what failed (IOPATH_VERIFIER_LOG=1
+    // prints it whole).
     let mut s = s.lines().next().unwrap_or_default().to_string();
     if s.len() > 200 {
         s.truncate(200);
@@ -244,9 +259,14 @@ impl Tracer {
             if (stage.needs)(&config).is_err() {
                 continue;
             }
-            for &event in stage.events {
-                if !outcomes.contains_key(&(event as *const Event)) {
-                    let o = tracer.attach_event(event, &k, &|_| true);
+            let syscalls_ok =
+                opts.syscall_tracepoints || opts.stages.iter().any(|n| n == stage.name);
+            for &event in stage.events.iter().chain(stage.naming) {
+                let again = outcomes
+                    .get(&(event as *const Event))
+                    .is_none_or(|o| o.family.is_none() && syscalls_ok && !o.syscalls_ok);
+                if again {
+                    let o = tracer.attach_event(event, &k, &|_| true, syscalls_ok);
                     outcomes.insert(event, o);
                 }
             }
@@ -266,7 +286,12 @@ impl Tracer {
                         if o.family.is_some_and(|f| class(f) != forced) {
                             let f = o.family.take().expect("checked");
                             tracer.detach(&event.program_name(f));
-                            let again = tracer.attach_event(event, &k, &|f| class(f) == forced);
+                            let again = tracer.attach_event(
+                                event,
+                                &k,
+                                &|f| class(f) == forced,
+                                syscalls_ok,
+                            );
                             o.skipped.push(format!(
                                 "{}: keyed unlike the stage's other events",
                                 k.point(event, f)
@@ -279,15 +304,21 @@ impl Tracer {
                 }
             }
         }
-        let mut mask = 0u64;
+        let (mut mask, mut roles) = (0u64, 0u64);
         let mut used: BTreeSet<String> = BTreeSet::new();
         for stage in selected {
             let report = stage_report(stage, &config, &outcomes);
             if report.attached {
                 mask |= stage.id.bit();
-                for e in stage.events {
-                    if let Some(f) = outcomes[&(*e as *const Event)].family {
-                        used.insert(e.program_name(f));
+                for e in stage.events.iter().chain(stage.naming) {
+                    let Some(o) = outcomes.get(&(*e as *const Event)) else {
+                        continue;
+                    };
+                    if let Some(f) = o.family {
+                        used.extend(e.programs(f));
+                        if f == Family::Syscall {
+                            roles |= e.stand_in;
+                        }
                     }
                 }
             } else if opts.strict {
@@ -308,7 +339,7 @@ impl Tracer {
         for p in unused {
             tracer.detach(&p);
         }
-        tracer.switch_on(mask)?;
+        tracer.switch_on(mask, roles)?;
         tracer.unload_unused();
         // Again: a VM created, or a vCPU that entered KVM_RUN, while the programs attached.
         for tgid in crate::gc::seed(&mut tracer.ebpf) {
@@ -319,15 +350,17 @@ impl Tracer {
         Ok(tracer)
     }
 
-    /// Tells the programs which stages are on (`STAGES_ON`).
-    fn switch_on(&mut self, mask: u64) -> Result<(), AttachError> {
+    /// Tells the programs which stages are on, and what the system call programs stand in
+    /// for (`STAGES_ON`).
+    fn switch_on(&mut self, mask: u64, roles: u64) -> Result<(), AttachError> {
         let map = self
             .ebpf
             .map_mut("STAGES_ON")
             .ok_or_else(|| AttachError::Switch("STAGES_ON missing".into()))?;
         let mut on: Array<&mut MapData, u64> =
             Array::try_from(map).map_err(|e| AttachError::Switch(short(&e)))?;
-        on.set(0, mask, 0)
+        on.set(1, roles, 0)
+            .and_then(|()| on.set(0, mask, 0))
             .map_err(|e| AttachError::Switch(short(&e)))
     }
 
@@ -337,6 +370,7 @@ impl Tracer {
         event: &'static Event,
         k: &Kernel,
         allowed: &dyn Fn(Family) -> bool,
+        syscalls_ok: bool,
     ) -> EventOutcome {
         let mut skipped = Vec::new();
         let forced = k
@@ -362,11 +396,15 @@ impl Tracer {
                 skipped.push(format!("{point}: {why}"));
                 continue;
             }
-            match self.attach_program(event, f, k) {
-                Ok(link) => {
-                    self.links.insert(event.program_name(f), link);
+            if f == Family::Syscall && !syscalls_ok {
+                skipped.push(format!("{point}: {SYSCALL_OPT_IN}"));
+                continue;
+            }
+            match self.attach_family(event, f, k) {
+                Ok(()) => {
                     return EventOutcome {
                         family: Some(f),
+                        syscalls_ok,
                         point,
                         skipped,
                     };
@@ -376,9 +414,35 @@ impl Tracer {
         }
         EventOutcome {
             family: None,
+            syscalls_ok,
             point: String::new(),
             skipped,
         }
+    }
+
+    /// Attaches the family's program of `event`, or for [`Family::Syscall`] each stand-in not
+    /// attached yet (for another event).
+    fn attach_family(
+        &mut self,
+        event: &'static Event,
+        f: Family,
+        k: &Kernel,
+    ) -> Result<(), String> {
+        if f != Family::Syscall {
+            let link = self.attach_program(event, f, k)?;
+            self.links.insert(event.program_name(f), link);
+            return Ok(());
+        }
+        for &s in event.syscalls {
+            let name = s.program_name(Family::Tracepoint);
+            if self.links.contains_key(&name) {
+                continue;
+            }
+            (s.needs)(Family::Tracepoint, k.config).map_err(|why| format!("{}: {why}", s.name))?;
+            let link = self.attach_program(s, Family::Tracepoint, k)?;
+            self.links.insert(name, link);
+        }
+        Ok(())
     }
 
     fn attach_program(&mut self, event: &Event, f: Family, k: &Kernel) -> Result<Link, String> {
@@ -541,6 +605,18 @@ fn stage_report(
                 r.points.push(o.point.clone());
             }
             None => all = false,
+        }
+    }
+    // Naming events: the stage runs without them (the daemon then names vCPUs from /proc).
+    for e in stage.naming {
+        let Some(o) = outcomes.get(&(*e as *const Event)) else {
+            continue;
+        };
+        match o.family {
+            Some(_) => r.points.push(format!("{} (names vCPUs)", o.point)),
+            None => r
+                .skipped
+                .extend(o.skipped.iter().map(|s| format!("vCPU naming: {s}"))),
         }
     }
     if all {

@@ -11,7 +11,7 @@ use tracer_common::{
         halt::halt_wait_name,
         signal::{Inject, Signal, split_signal_detail},
         split_exit_detail,
-        uexit::{ERRNO_DETAIL, NO_VCPU},
+        uexit::{ERRNO_DETAIL, NO_VCPU, VCPU_ID_FLAG},
     },
     maps::{Notice, NoticeKind},
     stage::StageId,
@@ -144,6 +144,10 @@ impl UexitReasons {
 fn vcpu_of_fd(tgid: u32, fd: u32) -> Option<String> {
     if fd == NO_VCPU {
         return None;
+    }
+    // A function probe read the vCPU's id itself.
+    if fd & VCPU_ID_FLAG != 0 {
+        return Some((fd & !VCPU_ID_FLAG).to_string());
     }
     let link = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
     link.to_string_lossy()

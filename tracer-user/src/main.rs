@@ -25,6 +25,11 @@ struct Common {
     /// Stages to run, comma separated (default: all that attach). See `iopath doctor`.
     #[arg(long, value_delimiter = ',', global = true)]
     stages: Vec<String>,
+    /// Let every stage fall back to system call tracepoints where the kernel has neither fentry
+    /// nor kprobes (a stage named in --stages may anyway). They put every process on the host
+    /// on the slow system call path.
+    #[arg(long, global = true)]
+    syscall_tracepoints: bool,
     /// Fail when a stage cannot attach, instead of running without it.
     #[arg(long, global = true)]
     strict: bool,
@@ -44,7 +49,8 @@ struct Common {
     #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
     vm_grace: Duration,
     /// Program families the attach plan may use, comma separated, in any order (default: all:
-    /// tp_btf, raw_tp, tracepoint, fentry, kprobe; each event takes the first that works).
+    /// tp_btf, raw_tp, tracepoint, fentry, kprobe, syscall; each event takes the first that
+    /// works).
     #[arg(long, value_delimiter = ',', value_parser = parse_family, global = true)]
     families: Vec<Family>,
     /// Force the program family of one event, EVENT=FAMILY, comma separated (e.g.
@@ -60,7 +66,9 @@ struct Common {
 
 fn parse_family(s: &str) -> Result<Family, String> {
     Family::parse(s).ok_or_else(|| {
-        format!("unknown program family {s:?} (tp_btf, raw_tp, tracepoint, fentry, kprobe)")
+        format!(
+            "unknown program family {s:?} (tp_btf, raw_tp, tracepoint, fentry, kprobe, syscall)"
+        )
     })
 }
 
@@ -153,6 +161,7 @@ impl Common {
             start_entries: self.start_entries,
             strict: self.strict,
             bpf_stats: self.bpf_stats,
+            syscall_tracepoints: self.syscall_tracepoints,
         }
     }
 

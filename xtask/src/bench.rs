@@ -124,6 +124,98 @@ fn set_bpf_stats(on: bool) {
     );
 }
 
+/// ns per call of three system calls a non-VMM process makes, each in a tight loop of `n`:
+/// write(2) of one byte to /dev/null, getpid(2), ioctl(FIONREAD) on a pipe.
+fn syscall_loops(n: u32) -> [f64; 3] {
+    use std::os::fd::AsRawFd;
+    let null = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let mut fds = [0i32; 2];
+    // SAFETY: plain system calls on fds this function owns; the pipe is closed below.
+    unsafe { libc::pipe(fds.as_mut_ptr()) };
+    let time = |f: &dyn Fn()| {
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        t.elapsed().as_nanos() as f64 / n as f64
+    };
+    let byte = [0u8; 1];
+    let w = time(&|| unsafe {
+        libc::write(null.as_raw_fd(), byte.as_ptr().cast(), 1);
+    });
+    let g = time(&|| unsafe {
+        libc::syscall(libc::SYS_getpid);
+    });
+    let mut avail = 0i32;
+    let avail_ptr = &mut avail as *mut i32;
+    let i = time(&|| unsafe {
+        libc::ioctl(fds[0], libc::FIONREAD, avail_ptr);
+    });
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    [w, g, i]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Medians of `reps` runs of [`syscall_loops`].
+fn syscall_medians(reps: usize) -> [f64; 3] {
+    let runs: Vec<[f64; 3]> = (0..reps).map(|_| syscall_loops(200_000)).collect();
+    [0, 1, 2].map(|k| median(&runs.iter().map(|r| r[k]).collect::<Vec<_>>()))
+}
+
+/// The syscall tax on a process that runs no VM: the loops without iopath, with its default
+/// stages, and with system call tracepoints (`--syscall-tracepoints`), alternating, `rounds`
+/// times; medians per mode. Also the test VMM's exit rate in the same three modes.
+struct Tax {
+    loops: [[Vec<f64>; 3]; 3],
+    exits: [Vec<f64>; 3],
+}
+
+const TAX_MODES: [&str; 3] = ["without", "default", "syscall_tracepoints"];
+
+fn syscall_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<Tax> {
+    let mut tax = Tax {
+        loops: Default::default(),
+        exits: Default::default(),
+    };
+    for _ in 0..rounds {
+        for (m, args) in [None, Some(&[][..]), Some(&["--syscall-tracepoints"][..])]
+            .into_iter()
+            .enumerate()
+        {
+            let daemon = args.map(|a| Daemon::start_bin(bin, a));
+            let l = syscall_medians(5);
+            for k in 0..3 {
+                tax.loops[m][k].push(l[k]);
+            }
+            if let Some(vmm) = vmm {
+                let pio = testvmm(vmm, &["pio", "--count", "20000", "--spin-us", "0"])?;
+                let n = pio["handled"].as_f64().unwrap_or(0.0);
+                let us = pio["elapsed_us"].as_f64().unwrap_or(f64::MAX);
+                tax.exits[m].push(n / us * 1e6);
+            }
+            if let Some(d) = daemon {
+                anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
+            }
+        }
+    }
+    Ok(tax)
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -210,11 +302,14 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
     let (mut kvm_without, mut kvm_with) = (Vec::new(), Vec::new());
     let mut progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut bt = (0.0, 0.0);
+    // iopath's programs in the windows bpftrace ran in too.
+    let mut blk_same_window: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut bursts = Vec::new();
     for round in 1..=rounds {
         without.push(fio(&lo.dev, seconds)?);
 
-        let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
+        // Every stage, stand-ins too, so every program's ns per event is measured.
+        let iopath = Daemon::start_bin(bin, &["--bpf-stats", "--syscall-tracepoints"]);
         let before = program_stats(&iopath.metrics());
         with.push(fio(&lo.dev, seconds)?);
         let after = program_stats(&iopath.metrics());
@@ -235,6 +330,8 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         }
 
         if has_bpftrace {
+            // bpftrace and iopath's block stage attached at once: one window, one workload.
+            let both = Daemon::start_bin(bin, &["--bpf-stats", "--stages", "blk.device"]);
             set_bpf_stats(true);
             let child = Command::new("bpftrace")
                 .arg("-e")
@@ -255,13 +352,15 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
                 set_bpf_stats(false);
                 continue;
             }
-            let b0 = bpftrace_stats()?;
+            let (b0, i0) = (bpftrace_stats()?, program_stats(&both.metrics()));
             with_bt.push(fio(&lo.dev, seconds)?);
-            let b1 = bpftrace_stats()?;
+            let (b1, i1) = (bpftrace_stats()?, program_stats(&both.metrics()));
             drop(p);
+            anyhow::ensure!(both.stop().success(), "iopath did not exit cleanly");
             set_bpf_stats(false);
             bt.0 += b1.0 - b0.0;
             bt.1 += b1.1 - b0.1;
+            accumulate(&mut blk_same_window, &i0, i1);
         }
         eprintln!(
             "bench: round {round}: without {:.0} IOPS, with iopath {:.0}{}",
@@ -269,7 +368,7 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
             with.last().unwrap(),
             with_bt
                 .last()
-                .map(|v| format!(", with bpftrace {v:.0}"))
+                .map(|v| format!(", with iopath's block stage and bpftrace at once {v:.0}"))
                 .unwrap_or_default()
         );
     }
@@ -293,10 +392,23 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         );
     }
     let bt_ns = (bt.1 > 0.0).then(|| bt.0 / bt.1);
-    if let Some(ns) = bt_ns {
+    // Block programs against bpftrace's, attached at once: total run time over one window.
+    let blk_total = blk_same_window
+        .iter()
+        .filter(|(n, _)| n.starts_with("blk_rq_"))
+        .fold((0.0, 0.0), |a, (_, (t, c))| (a.0 + t, a.1 + c));
+    let blk_vs_bt = (bt.0 > 0.0).then(|| blk_total.0 / bt.0);
+    if let Some(ratio) = blk_vs_bt {
         println!(
-            "  {:<24} {:>12.0} {ns:>10.0}",
-            "bpftrace (same histogram)", bt.1
+            "\nblock stage against bpftrace's same histogram, both attached, one window:\n  \
+             iopath {:.0} ns over {:.0} runs ({:.0} ns/run), bpftrace {:.0} ns over {:.0} runs \
+             ({:.0} ns/run): ratio of total run time {ratio:.3}",
+            blk_total.0,
+            blk_total.1,
+            blk_total.0 / blk_total.1.max(1.0),
+            bt.0,
+            bt.1,
+            bt_ns.unwrap_or(0.0),
         );
     }
     let (a, b) = (mean(&without), mean(&with));
@@ -307,7 +419,10 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
     );
     if !with_bt.is_empty() {
         let c = mean(&with_bt);
-        println!("IOPS with bpftrace {c:.0}: ratio {:.3}", c / a);
+        println!(
+            "IOPS with iopath's block stage and bpftrace at once {c:.0}: ratio {:.3}",
+            c / a
+        );
     }
     println!(
         "200 scrapes by 50 clients at once: {} s",
@@ -320,23 +435,108 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
     let kvm_ratio = (!kvm_with.is_empty()).then(|| {
         let (a, b) = (mean(&kvm_without), mean(&kvm_with));
         println!(
-            "KVM exits to userspace per second (test VMM): without {a:.0}, with iopath {b:.0}: ratio {:.3}",
+            "KVM exits to userspace per second (test VMM): without {a:.0}, with every stage (--syscall-tracepoints) {b:.0}: ratio {:.3}",
             b / a
         );
         b / a
     });
+    eprintln!(
+        "bench: syscall tax and exit rate, {} rounds of the three modes alternating",
+        rounds * 3
+    );
+    // Cheap rounds (no fio): three times as many, for medians that noise moves less.
+    let tax = syscall_tax(bin, vmm, rounds * 3)?;
+    println!(
+        "\nsystem calls of a process that runs no VM, ns per call (median of {} rounds, each the median of 5 loops of 200k):",
+        rounds * 3
+    );
+    println!(
+        "  {:<22} {:>9} {:>9} {:>9}",
+        "mode", "write", "getpid", "ioctl"
+    );
+    let mut tax_json = serde_json::Map::new();
+    for (m, mode) in TAX_MODES.iter().enumerate() {
+        let meds = [0, 1, 2].map(|k| median(&tax.loops[m][k]));
+        let ratios = [0, 1, 2].map(|k| meds[k] / median(&tax.loops[0][k]));
+        println!(
+            "  {mode:<22} {:>9.1} {:>9.1} {:>9.1}   (x{:.3} x{:.3} x{:.3} of without)",
+            meds[0], meds[1], meds[2], ratios[0], ratios[1], ratios[2]
+        );
+        let exits = (!tax.exits[m].is_empty()).then(|| median(&tax.exits[m]));
+        if let Some(e) = exits {
+            println!(
+                "  {:<22} test VMM exits to userspace per second: {e:.0} (x{:.3} of without)",
+                "",
+                e / median(&tax.exits[0])
+            );
+        }
+        tax_json.insert(
+            mode.to_string(),
+            serde_json::json!({
+                "write_ns": meds[0], "getpid_ns": meds[1], "ioctl_ns": meds[2],
+                "ratio_write": ratios[0], "ratio_getpid": ratios[1], "ratio_ioctl": ratios[2],
+                "exits_per_s": exits,
+                "runs": {"write": tax.loops[m][0], "getpid": tax.loops[m][1], "ioctl": tax.loops[m][2], "exits_per_s": tax.exits[m]},
+            }),
+        );
+    }
     let json = serde_json::json!({
+        "date": bench_date(), "kernel": uname_r(), "machine": machine(),
         "seconds": seconds, "rounds": rounds, "device": lo.dev,
-        "iops_without": without, "iops_with_iopath": with, "iops_with_bpftrace": with_bt,
+        "iops_without": without, "iops_with_iopath": with, "iops_with_iopath_blk_and_bpftrace": with_bt,
         "ratio_iopath": b / a, "programs": report, "bpftrace_ns_per_event": bt_ns,
-        "kvm_exits_per_s_without": kvm_without, "kvm_exits_per_s_with_iopath": kvm_with,
-        "ratio_kvm_exits": kvm_ratio,
+        "blk_vs_bpftrace_same_window": {
+            "iopath_run_time_ns": blk_total.0, "iopath_runs": blk_total.1,
+            "bpftrace_run_time_ns": bt.0, "bpftrace_runs": bt.1, "ratio": blk_vs_bt,
+            "programs": blk_same_window.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"run_time_ns": t, "runs": c}))).collect::<serde_json::Map<_, _>>(),
+        },
+        "kvm_exits_per_s_without": kvm_without, "kvm_exits_per_s_with_iopath_all_stages": kvm_with,
+        "ratio_kvm_exits_all_stages": kvm_ratio,
+        "syscall_tax": tax_json,
         "scrape_burst_200_by_50_s": bursts,
     });
-    fs::write(
-        dir.join("latest.json"),
-        serde_json::to_string_pretty(&json)? + "\n",
-    )?;
-    println!("(written to target/bench/latest.json)");
+    let text = serde_json::to_string_pretty(&json)? + "\n";
+    fs::write(dir.join("latest.json"), &text)?;
+    let results = crate::root().join("bench/results");
+    fs::create_dir_all(&results)?;
+    let file = results.join(format!("{}-{}.json", bench_date(), uname_r()));
+    fs::write(&file, &text)?;
+    println!(
+        "(written to target/bench/latest.json and {})",
+        file.strip_prefix(crate::root()).unwrap_or(&file).display()
+    );
     Ok(())
+}
+
+/// Today (UTC), for the results file's name.
+fn bench_date() -> String {
+    Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "undated".into())
+}
+
+fn uname_r() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// CPUs, CPU model and whether it runs under a hypervisor, from /proc/cpuinfo.
+fn machine() -> String {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpus = info.lines().filter(|l| l.starts_with("processor")).count();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let virt = info
+        .lines()
+        .any(|l| l.starts_with("flags") && l.contains(" hypervisor"));
+    format!(
+        "{cpus} CPUs, {model}{}",
+        if virt { ", virtual machine" } else { "" }
+    )
 }

@@ -22,6 +22,10 @@ pub const ERRNO_DETAIL: u32 = 1 << 16;
 /// vCPU of a thread not yet seen entering KVM_RUN.
 pub const NO_VCPU: u32 = u32::MAX;
 
+/// Set in a [`VcpuThread`]'s `fd` when it holds the vCPU's id instead of its fd: what a function
+/// probe on `kvm_arch_vcpu_ioctl_run(struct kvm_vcpu *)` reads (the fd is the system call's).
+pub const VCPU_ID_FLAG: u32 = 1 << 31;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UexitStart {

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     shared::{
         config, count, count_each, current_tgid_tid, in_task, is_vmm, mm_owner_vmm, now_ns, on,
-        read_at, stages_on,
+        read_at, stages_on, vmm_seen,
     },
     tp::{Site, field, function, tracepoint},
 };
@@ -41,6 +41,7 @@ pub fn kvm_exit_tp(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     match fields {
         (Ok(reason), Ok(isa), Ok(vcpu)) => {
             let (tgid, tid) = current_tgid_tid();
+            vmm_seen(tgid, tid);
             exit::exit(tgid, tid, reason, isa, vcpu);
         }
         _ => count(KvmExit, Counter::ReadError),
@@ -276,6 +277,7 @@ fn vcpu_wakeup(ev: Result<(u64, bool), ()>, _: Site) {
     match ev {
         Ok((ns, waited)) => {
             let (tgid, tid) = current_tgid_tid();
+            vmm_seen(tgid, tid);
             vcpu::wakeup(tgid, tid, ns, waited);
         }
         Err(()) => count(KvmHaltWakeup, Counter::ReadError),
@@ -305,6 +307,7 @@ fn userspace_exit(ev: Result<(u32, i32), ()>, _: Site) {
     match ev {
         Ok((reason, errno)) => {
             let (tgid, tid) = current_tgid_tid();
+            vmm_seen(tgid, tid);
             vcpu::userspace_exit(tgid, tid, reason, errno);
         }
         Err(()) => count(KvmUserspaceExit, Counter::ReadError),

@@ -97,6 +97,7 @@ pub static DEVICE: Stage = Stage {
     to: "block:block_rq_complete",
     labels: &["device", "disk", "op"],
     events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE, &BLOCK_RQ_REQUEUE],
+    naming: &[],
     needs: |_| Ok(()),
     key_class: Some(request_key),
     maps: &[&BLK_START_RQ, &BLK_START_SECTOR],

@@ -1,11 +1,21 @@
-//! KVM stages, shared by both paths. Every one of them also attaches sys_enter_ioctl, whose
-//! KVM_CREATE_VM and first KVM_RUN of each thread tell the daemon of new VMs and vCPUs, so a
-//! VM is named while it exists however short its life.
+//! KVM stages, shared by both paths. A VMM is known from its first KVM event (or its
+//! KVM_CREATE_VM, where a syscall tracepoint is attached), and a vCPU thread from its KVM_RUN
+//! (`kvm_vcpu_run`, a naming event of every stage that labels by vCPU), so a VM is named while it
+//! exists however short its life.
+//!
+//! The VMM's requests (KVM_RUN, an irqfd signal, KVM_SIGNAL_MSI) come from the KVM functions that
+//! serve them; only where neither fentry nor kprobes work do system call tracepoints stand in,
+//! and only for the stages named in `--stages` (or with `--syscall-tracepoints`): any of them puts
+//! every task of the host on the slow system call path.
 
-use tracer_common::{config::Config, stage::StageId};
+use tracer_common::{
+    config::Config,
+    stage::{StageId, stand_in},
+};
 
 use super::{
-    Event, Family, Path, Stage, all_set, classic, none, tracepoint, tracepoint_or_function,
+    Event, Family, Path, Stage, all_set, classic, function_or_syscalls, none, tracepoint,
+    tracepoint_or_function,
 };
 use crate::maps::{INJ_PENDING, KVM_EXIT_START, SIG_DEFERRED, SIG_START, UEXIT_START, VCPU_FD};
 
@@ -162,6 +172,60 @@ pub static SYS_ENTER_IOCTL: Event = classic(
 );
 pub static SYS_EXIT_IOCTL: Event = classic("syscalls", "sys_exit_ioctl", "sys_exit_ioctl", none);
 
+fn vcpu_run_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Syscall => ioctl_needs(f, c),
+        _ => all_set(
+            &[c.vcpu_id],
+            "struct kvm_vcpu.vcpu_id not in BTF (is KVM built?)",
+        ),
+    }
+}
+
+fn signal_msi_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Syscall => ioctl_needs(f, c),
+        _ => Ok(()),
+    }
+}
+
+fn irqfd_needs(f: Family, c: &Config) -> Result<(), &'static str> {
+    match f {
+        Family::Syscall => write_needs(f, c),
+        _ => Ok(()),
+    }
+}
+
+// int kvm_arch_vcpu_ioctl_run(struct kvm_vcpu *vcpu): ioctl(KVM_RUN) in the vCPU thread; the
+// stand-in's KVM_RUN reads the fd, and also sees KVM_CREATE_VM.
+pub static KVM_VCPU_RUN: Event = function_or_syscalls(
+    "kvm_vcpu_run",
+    "kvm_vcpu_run",
+    &["kvm_arch_vcpu_ioctl_run"],
+    &[&SYS_ENTER_IOCTL],
+    stand_in::KVM_RUN,
+    vcpu_run_needs,
+);
+// int kvm_send_userspace_msi(struct kvm *kvm, struct kvm_msi *msi): ioctl(KVM_SIGNAL_MSI)
+pub static KVM_SIGNAL_MSI: Event = function_or_syscalls(
+    "kvm_signal_msi",
+    "kvm_signal_msi",
+    &["kvm_send_userspace_msi"],
+    &[&SYS_ENTER_IOCTL, &SYS_EXIT_IOCTL],
+    stand_in::SIGNAL_MSI,
+    signal_msi_needs,
+);
+// int irqfd_wakeup(wait_queue_entry_t *wait, unsigned mode, int sync, void *key): a write to an
+// irqfd's eventfd, in the writer's context (the stand-in: any 8-byte write of a VMM)
+pub static IRQFD_WAKEUP: Event = function_or_syscalls(
+    "irqfd_wakeup",
+    "irqfd_wakeup",
+    &["irqfd_wakeup"],
+    &[&SYS_ENTER_WRITE, &SYS_EXIT_WRITE],
+    stand_in::IRQFD,
+    irqfd_needs,
+);
+
 fn irqfd_inject_known(c: &Config) -> Result<(), &'static str> {
     if c.irqfd_inject == 0 {
         Err(
@@ -179,7 +243,8 @@ pub static EXIT: Stage = Stage {
     from: "kvm:kvm_exit",
     to: "kvm:kvm_entry (same vCPU thread)",
     labels: &["vm", "vcpu", "reason"],
-    events: &[&KVM_EXIT, &KVM_ENTRY, &SYS_ENTER_IOCTL],
+    events: &[&KVM_EXIT, &KVM_ENTRY],
+    naming: &[&KVM_VCPU_RUN],
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&KVM_EXIT_START],
@@ -189,19 +254,18 @@ pub static SIGNAL_TO_INJECT: Stage = Stage {
     id: StageId::KvmSignalToInject,
     name: "kvm.signal_to_inject",
     path: Path::Kvm,
-    from: "irqfd write / ioctl(KVM_SIGNAL_MSI) entry (syscalls)",
+    from: "irqfd signal (irqfd_wakeup) / KVM_SIGNAL_MSI (kvm_send_userspace_msi); syscall stand-ins: the write / ioctl entry",
     to: "kvm:kvm_msi_set_irq (same task) / kvm:kvm_set_irq (kworker, via workqueue)",
     labels: &["vm", "signal", "inject"],
     events: &[
-        &SYS_ENTER_WRITE,
-        &SYS_EXIT_WRITE,
-        &SYS_ENTER_IOCTL,
-        &SYS_EXIT_IOCTL,
+        &IRQFD_WAKEUP,
+        &KVM_SIGNAL_MSI,
         &KVM_MSI_SET_IRQ,
         &KVM_SET_IRQ,
         &WORKQUEUE_QUEUE_WORK,
         &WORKQUEUE_EXECUTE_START,
     ],
+    naming: &[&KVM_VCPU_RUN],
     needs: irqfd_inject_known,
     key_class: None,
     maps: &[&SIG_START, &SIG_DEFERRED],
@@ -219,8 +283,8 @@ pub static INJECT_TO_ENTRY: Stage = Stage {
         &KVM_SET_IRQ,
         &KVM_APIC_ACCEPT_IRQ,
         &KVM_ENTRY,
-        &SYS_ENTER_IOCTL,
     ],
+    naming: &[&KVM_VCPU_RUN],
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&INJ_PENDING],
@@ -233,7 +297,8 @@ pub static HALT_WAKEUP: Stage = Stage {
     from: "vCPU halts (measured by KVM)",
     to: "kvm:kvm_vcpu_wakeup (ns, waited)",
     labels: &["vm", "vcpu", "wait"],
-    events: &[&KVM_VCPU_WAKEUP, &SYS_ENTER_IOCTL],
+    events: &[&KVM_VCPU_WAKEUP],
+    naming: &[&KVM_VCPU_RUN],
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&VCPU_FD],
@@ -244,9 +309,10 @@ pub static USERSPACE_EXIT: Stage = Stage {
     name: "kvm.userspace_exit",
     path: Path::Kvm,
     from: "kvm:kvm_userspace_exit",
-    to: "ioctl(KVM_RUN) entry, same thread (syscalls)",
+    to: "KVM_RUN, same thread (kvm_arch_vcpu_ioctl_run; syscall stand-in: the ioctl entry)",
     labels: &["vm", "vcpu", "reason"],
-    events: &[&KVM_USERSPACE_EXIT, &SYS_ENTER_IOCTL],
+    events: &[&KVM_USERSPACE_EXIT, &KVM_VCPU_RUN],
+    naming: &[],
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&UEXIT_START, &VCPU_FD],

@@ -27,15 +27,20 @@ pub enum Family {
     FEntry,
     /// kprobe on a kernel function.
     KProbe,
+    /// Classic tracepoints on system calls standing in for a function (the event's
+    /// `syscalls`): the last resort, and opt-in, because attaching any of them puts every
+    /// task of the host on the slow system call path.
+    Syscall,
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::TpBtf,
         Family::RawTp,
         Family::Tracepoint,
         Family::FEntry,
         Family::KProbe,
+        Family::Syscall,
     ];
 
     /// The `attach` label and the `--families` spelling.
@@ -46,6 +51,7 @@ impl Family {
             Family::Tracepoint => "tracepoint",
             Family::FEntry => "fentry",
             Family::KProbe => "kprobe",
+            Family::Syscall => "syscall",
         }
     }
 
@@ -57,6 +63,8 @@ impl Family {
             Family::Tracepoint => "tp",
             Family::FEntry => "fentry",
             Family::KProbe => "kprobe",
+            // Never used as such: the stand-ins' classic programs are `{program}_tp`.
+            Family::Syscall => "syscall",
         }
     }
 
@@ -84,11 +92,30 @@ pub struct Event {
     /// Candidates, in order of preference.
     pub families: &'static [Family],
     pub needs: Needs,
+    /// For [`Family::Syscall`]: the system call tracepoints that stand in for the function
+    /// (entry, and the return that drops what the call did not finish), each attached once
+    /// whatever the number of events it stands in for.
+    pub syscalls: &'static [&'static Event],
+    /// What the stand-ins do for this event when it attaches as [`Family::Syscall`]
+    /// (`tracer_common::stage::stand_in`).
+    pub stand_in: u64,
 }
 
 impl Event {
     pub fn program_name(&self, f: Family) -> String {
         format!("{}_{}", self.program, f.suffix())
+    }
+
+    /// The programs the family attaches: its own, or for [`Family::Syscall`] the stand-ins'.
+    pub fn programs(&self, f: Family) -> Vec<String> {
+        match f {
+            Family::Syscall => self
+                .syscalls
+                .iter()
+                .map(|s| s.program_name(Family::Tracepoint))
+                .collect(),
+            _ => vec![self.program_name(f)],
+        }
     }
 
     /// Where the family's program attaches, as `iopath doctor` shows it.
@@ -97,6 +124,10 @@ impl Event {
         let t = self.target(f, here);
         match f {
             Family::Tracepoint => format!("tracepoint/{}/{t}", self.category),
+            Family::Syscall => {
+                let names: Vec<_> = self.syscalls.iter().map(|s| s.name).collect();
+                format!("tracepoint/syscalls/{}", names.join("+"))
+            }
             _ => format!("{}/{t}", f.name()),
         }
     }
@@ -131,6 +162,8 @@ pub const fn tracepoint(
         functions: &[],
         families: &[Family::TpBtf, Family::RawTp, Family::Tracepoint],
         needs,
+        syscalls: &[],
+        stand_in: 0,
     }
 }
 
@@ -170,6 +203,28 @@ pub const fn classic(
     }
 }
 
+/// A kernel function that only the VMM's requests reach (fentry, then kprobe), with system call
+/// tracepoints as the opt-in last resort (`syscalls`, attached as [`Family::Syscall`]).
+pub const fn function_or_syscalls(
+    name: &'static str,
+    program: &'static str,
+    functions: &'static [&'static str],
+    syscalls: &'static [&'static Event],
+    stand_in: u64,
+    needs: Needs,
+) -> Event {
+    Event {
+        name,
+        category: "",
+        program,
+        functions,
+        families: &[Family::FEntry, Family::KProbe, Family::Syscall],
+        needs,
+        syscalls,
+        stand_in,
+    }
+}
+
 /// Which I/O path a stage belongs to (`path` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
@@ -201,6 +256,9 @@ pub struct Stage {
     pub labels: &'static [&'static str],
     /// Every event its programs run at; the stage is on when all of them attached.
     pub events: &'static [&'static Event],
+    /// Events that only name its series (which vCPU a thread runs), attached when they can
+    /// be; without them the stage runs and the daemon names what it finds in /proc.
+    pub naming: &'static [&'static Event],
     /// What the stage needs beyond its events' programs (a kernel address, say).
     pub needs: fn(&Config) -> Result<(), &'static str>,
     /// For a stage whose events share state keyed by what their programs read: the class of a
@@ -231,7 +289,7 @@ pub fn stage(id: StageId) -> &'static Stage {
 pub fn events() -> Vec<&'static Event> {
     let mut out: Vec<&'static Event> = Vec::new();
     for s in STAGES {
-        for &e in s.events {
+        for &e in s.events.iter().chain(s.naming) {
             if !out.iter().any(|o| std::ptr::eq(*o, e)) {
                 out.push(e);
             }
@@ -242,10 +300,17 @@ pub fn events() -> Vec<&'static Event> {
 
 /// The name of every program the table can attach (what the BPF object holds).
 pub fn all_programs() -> Vec<String> {
-    events()
-        .into_iter()
-        .flat_map(|e| e.families.iter().map(|&f| e.program_name(f)))
-        .collect()
+    let mut out: Vec<String> = Vec::new();
+    for e in events() {
+        for &f in e.families {
+            for p in e.programs(f) {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Ok when every offset was found, else `why`.
