@@ -702,23 +702,21 @@ pub fn hist_keys() -> Vec<tracer_common::maps::HistKey> {
         .output()
         .expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
     v.as_array()
         .into_iter()
         .flatten()
         .filter_map(|e| {
-            // key: stage u16, bucket u16, detail u32, obj u32, vm u32 (hex byte strings)
+            // the key's bytes, as hex strings
             let b: Vec<u8> = e["key"]
                 .as_array()?
                 .iter()
                 .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
                 .collect();
-            (b.len() == 16).then(|| tracer_common::maps::HistKey {
-                stage: u16::from_le_bytes([b[0], b[1]]),
-                bucket: u16::from_le_bytes([b[2], b[3]]),
-                detail: u32_at(&b, 4),
-                obj: u32_at(&b, 8),
-                vm: u32_at(&b, 12),
+            (b.len() == std::mem::size_of::<tracer_common::maps::HistKey>()).then(|| {
+                // SAFETY: HistKey is #[repr(C)] integers with no padding, and b is as long.
+                unsafe {
+                    std::ptr::read_unaligned(b.as_ptr().cast::<tracer_common::maps::HistKey>())
+                }
             })
         })
         .collect()

@@ -194,13 +194,21 @@ fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     w.next()
 }
 
-/// kvm_exit events per reason name, as the kernel prints them.
+/// A kvm_exit's reason as a label value: the name the kernel prints between `reason` and `rip`
+/// (`reason DB excp rip ...`), named as iopath names it.
+fn reason_of(text: &str) -> String {
+    let printed = text
+        .split_once("reason ")
+        .map_or("?", |(_, r)| r.split(" rip ").next().unwrap_or(r));
+    iopath::labels::reason_label(printed)
+}
+
+/// kvm_exit events per reason (label values).
 fn exits_by_reason(trace: &str) -> BTreeMap<String, u64> {
     let mut by = BTreeMap::new();
     for l in trace.lines().filter_map(parse) {
         if l.event == "kvm_exit" {
-            *by.entry(word_after(l.text, "reason").unwrap_or("?").to_string())
-                .or_default() += 1;
+            *by.entry(reason_of(l.text)).or_default() += 1;
         }
     }
     by
@@ -420,37 +428,14 @@ fn fentry_and_kprobe_variants_of_blk_device_count_the_same_io() {
     }
 }
 
-/// `{ N, "name" }` pairs of the `which`-th `__print_symbolic` table of an event's print fmt
-/// (kvm_exit: 1 VMX, 2 SVM).
-fn symbols(format: &str, which: usize) -> HashMap<String, u32> {
-    let table = format.split("__print_symbolic(").nth(which).unwrap_or("");
-    let table = table.split("})").next().unwrap_or("");
-    table
-        .split('{')
-        .skip(1)
-        .filter_map(|e| {
-            let (num, name) = e.split_once(',')?;
-            let num = num.trim();
-            let n = match num.strip_prefix("0x") {
-                Some(h) => u32::from_str_radix(h, 16).ok()?,
-                None => num.parse().ok()?,
-            };
-            Some((name.split('"').nth(1)?.to_string(), n))
-        })
-        .collect()
-}
-
 /// Writes the window's trace as the replay fixtures of tracer-common (`ts_ns tgid/tid@cpu
 /// event fields`), each with what iopath measured over the same window, which the replay must
 /// reproduce. Run by `cargo xtask vm --record-fixtures`.
 fn record_fixtures(dir: &Path, text: &str, qemu: u32, exits: &BTreeMap<String, u64>, injects: u64) {
     let format = fs::read_to_string("/sys/kernel/tracing/events/kvm/kvm_exit/format").unwrap();
     let svm = Path::new("/sys/module/kvm_amd").exists();
-    let (isa, table) = if svm {
-        (2, symbols(&format, 2))
-    } else {
-        (1, symbols(&format, 1))
-    };
+    let reasons = iopath::labels::ExitReasons::parse(&format);
+    let isa = if svm { 2 } else { 1 };
     let lines: Vec<Line> = text.lines().filter_map(parse).collect();
     let t0 = lines.first().map_or(0, |l| l.ts_ns);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -469,7 +454,7 @@ fn record_fixtures(dir: &Path, text: &str, qemu: u32, exits: &BTreeMap<String, u
     let mut out = header("kvm_exit and kvm_entry");
     let by_num: BTreeMap<u32, u64> = exits
         .iter()
-        .filter_map(|(name, n)| Some((*table.get(name)?, *n)))
+        .filter_map(|(name, n)| Some((reasons.number(!svm, name)?, *n)))
         .collect();
     out += &format!(
         "# iopath measured over this window (kvm.exit, by exit reason; isa={isa}): {}\n",
@@ -482,9 +467,7 @@ fn record_fixtures(dir: &Path, text: &str, qemu: u32, exits: &BTreeMap<String, u
     for l in &lines {
         match l.event {
             "kvm_exit" => {
-                let reason = word_after(l.text, "reason")
-                    .and_then(|r| table.get(r))
-                    .copied();
+                let reason = reasons.number(!svm, &reason_of(l.text));
                 let vcpu = word_after(l.text, "vcpu").unwrap_or("0");
                 out += &format!(
                     "{} kvm_exit reason={} isa={isa} vcpu={vcpu}\n",

@@ -37,6 +37,16 @@ use tracer_common::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+/// A histogram series of the snapshot.
+fn series(stage: StageId, detail: u32, obj: u32, vm: u32) -> SeriesKey {
+    SeriesKey {
+        stage,
+        detail,
+        obj,
+        vm,
+    }
+}
+
 fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
     unsafe {
@@ -174,12 +184,7 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
         None,
     );
     let snap = Snapshot::read(&t.ebpf).unwrap();
-    let signal = SeriesKey {
-        stage: StageId::KvmSignalToInject,
-        detail: 0, // irqfd, inline
-        obj: 0,
-        vm: me,
-    };
+    let signal = series(StageId::KvmSignalToInject, 0, 0, me); // irqfd, inline
     assert_eq!(
         samples(&snap, signal) - samples(&before, signal),
         1,
@@ -221,18 +226,13 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
     exits.insert(tid, exit_start, 0).unwrap();
     run(&t, "kvm_entry_raw", &[vcpu_arg, 0], None);
     let snap2 = Snapshot::read(&t.ebpf).unwrap();
-    let exit = SeriesKey {
-        stage: StageId::KvmExit,
-        detail: exit_detail(30, ISA_VMX),
-        obj: first_note_word,
-        vm: me,
-    };
-    let inject = SeriesKey {
-        stage: StageId::KvmInjectToEntry,
-        detail: 0,
-        obj: first_note_word,
-        vm: me,
-    };
+    let exit = series(
+        StageId::KvmExit,
+        exit_detail(30, ISA_VMX),
+        first_note_word,
+        me,
+    );
+    let inject = series(StageId::KvmInjectToEntry, 0, first_note_word, me);
     assert_eq!(samples(&snap2, exit), 1, "the exit ended at the entry");
     assert!(
         snap2.series[&exit].sum_ns >= 5_000,
@@ -382,19 +382,9 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
     exits.insert(gettid(), start, 0).unwrap();
     run(&t, "kvm_entry_raw", &[vcpu_arg, 0], None);
     let snap = Snapshot::read(&t.ebpf).unwrap();
-    let exit = SeriesKey {
-        stage: StageId::KvmExit,
-        detail: exit_detail(12, ISA_VMX),
-        obj: vcpu,
-        vm: me,
-    };
+    let exit = series(StageId::KvmExit, exit_detail(12, ISA_VMX), vcpu, me);
     assert_eq!(samples(&snap, exit), 1, "kvm.exit did its work");
-    let inject = SeriesKey {
-        stage: StageId::KvmInjectToEntry,
-        detail: 0,
-        obj: vcpu,
-        vm: me,
-    };
+    let inject = series(StageId::KvmInjectToEntry, 0, vcpu, me);
     assert_eq!(samples(&snap, inject), 0, "kvm.inject_to_entry did not");
     let pending: BpfHashMap<&MapData, VcpuKey, u64> =
         BpfHashMap::try_from(t.ebpf.map("INJ_PENDING").unwrap()).unwrap();

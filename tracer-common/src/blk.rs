@@ -78,9 +78,9 @@ pub const fn rq_slot(rq: u64) -> u32 {
     ((rq >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - RQ_SLOT_BITS)) as u32
 }
 
-/// A request in flight in its slot. `check` is `rq ^ ts_ns`: a slot two CPUs wrote at once
-/// (two requests sharing it, issued at the same instant) fails it and gives no sample instead
-/// of a wrong one.
+/// A request in flight in its slot. `check` folds every other field: a slot two CPUs wrote at
+/// once (two requests sharing it, issued at the same instant) fails it and gives no sample
+/// instead of a wrong one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RqSlot {
@@ -96,18 +96,24 @@ impl RqSlot {
         RqSlot {
             rq,
             start,
-            check: rq ^ start.ts_ns,
+            check: Self::fold(rq, start),
         }
     }
 
+    const fn fold(rq: u64, s: BlkStart) -> u64 {
+        rq ^ s.ts_ns ^ ((s.dev as u64) << 32 | s.op as u64)
+    }
+
+    /// Is this `rq`'s start, written whole?
     pub const fn holds(&self, rq: u64) -> bool {
-        rq != 0 && self.rq == rq && self.check == rq ^ self.start.ts_ns
+        rq != 0 && self.rq == rq && self.check == Self::fold(rq, self.start)
     }
 }
 
-/// block_rq_issue into a slot: a slot held by another request in flight is taken over (that
-/// one is lost, counted `start_full` here and `unmatched` at its completion), so a request
-/// that never completes cannot hold a slot for good.
+/// block_rq_issue into a slot: a request issued again (after a requeue) restarts its clock; a
+/// slot held by another request in flight is taken over (that one is lost, counted
+/// `start_full` here and `unmatched` at its completion), so a request that never completes
+/// cannot hold a slot for good, and a removed disk's slots need no collecting.
 pub fn issue_slot(
     slot: &mut RqSlot,
     rq: u64,
@@ -197,45 +203,6 @@ pub struct Sample {
     pub op: Op,
 }
 
-/// block_rq_issue: remember the request under `key`. A request issued again (requeue) simply
-/// restarts its clock.
-pub fn on_issue<K, S: Starts<K, BlkStart>>(
-    starts: &mut S,
-    key: K,
-    now_ns: u64,
-    dev: u32,
-    op: Op,
-) -> Result<(), Counter> {
-    starts.start(
-        key,
-        BlkStart {
-            ts_ns: now_ns,
-            dev,
-            op: op as u32,
-        },
-    )
-}
-
-/// block_rq_requeue, request-pointer key: the request left the device and will be issued
-/// again; the clock restarts then.
-pub fn on_requeue<K, S: Starts<K, BlkStart>>(starts: &mut S, key: &K) {
-    starts.remove(key);
-}
-
-/// block_rq_complete: the request under `key` is done.
-pub fn on_complete<K, S: Starts<K, BlkStart>>(
-    starts: &mut S,
-    key: &K,
-    now_ns: u64,
-) -> Result<Sample, Counter> {
-    let start = starts.take(key).ok_or(Counter::Unmatched)?;
-    Ok(Sample {
-        latency_ns: now_ns.saturating_sub(start.ts_ns),
-        dev: start.dev,
-        op: Op::from_u32(start.op),
-    })
-}
-
 /// block_rq_issue, classic tracepoint: remember the request under its dev + sector, or mark
 /// the key ambiguous when another request is in flight under it. The read-modify-write of an
 /// existing entry is not atomic: two CPUs issuing to the same sector at the same instant can
@@ -310,7 +277,6 @@ pub fn on_complete_sector<S: Starts<SectorKey, SectorStart>>(
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], integer fields, explicit padding, sizes asserted.
-    unsafe impl aya::Pod for super::BlkStart {}
     unsafe impl aya::Pod for super::RqSlot {}
     unsafe impl aya::Pod for super::SectorKey {}
     unsafe impl aya::Pod for super::SectorStart {}
@@ -335,36 +301,20 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_gives_its_request_once_and_refuses_others() {
+    fn a_slot_refuses_other_requests_and_torn_writes() {
         let mut slot = RqSlot::default();
-        assert_eq!(issue_slot(&mut slot, 0x1000, 100, 7, Op::Write), Ok(()));
+        issue_slot(&mut slot, 0x1000, 100, 7, Op::Write).unwrap();
         assert_eq!(
             complete_slot(&mut slot, 0x2000, 150),
             Err(Counter::Unmatched)
         );
-        let s = complete_slot(&mut slot, 0x1000, 160).unwrap();
-        assert_eq!((s.latency_ns, s.dev, s.op), (60, 7, Op::Write));
         assert_eq!(
-            complete_slot(&mut slot, 0x1000, 170),
-            Err(Counter::Unmatched)
+            complete_slot(&mut slot, 0x1000, 160).unwrap().latency_ns,
+            60
         );
-        // requeue frees it; a second request evicts the first, counted
-        issue_slot(&mut slot, 0x1000, 200, 7, Op::Read).unwrap();
-        requeue_slot(&mut slot, 0x1000);
-        assert_eq!(slot.rq, 0);
-        issue_slot(&mut slot, 0x1000, 300, 7, Op::Read).unwrap();
-        assert_eq!(
-            issue_slot(&mut slot, 0x3000, 310, 7, Op::Read),
-            Err(Counter::StartFull)
-        );
-        assert_eq!(
-            complete_slot(&mut slot, 0x1000, 320),
-            Err(Counter::Unmatched)
-        );
-        // a torn slot (ts of one request, pointer of another) gives nothing
-        complete_slot(&mut slot, 0x3000, 330).unwrap();
+        // a torn slot (the pointer and time of one request, the device of another) gives nothing
         issue_slot(&mut slot, 0x4000, 400, 7, Op::Read).unwrap();
-        slot.start.ts_ns = 390;
+        slot.start.dev = 8;
         assert_eq!(
             complete_slot(&mut slot, 0x4000, 420),
             Err(Counter::Unmatched)
@@ -402,9 +352,9 @@ mod tests {
 
     #[test]
     fn issue_then_complete_gives_the_latency_and_forgets_the_request() {
-        let mut s = MapStarts::new(8);
-        on_issue(&mut s, 0xffff_1000u64, 1_000, mkdev(7, 0), Op::Write).unwrap();
-        let got = on_complete(&mut s, &0xffff_1000u64, 51_000).unwrap();
+        let mut s = RqSlot::default();
+        issue_slot(&mut s, 0xffff_1000u64, 1_000, mkdev(7, 0), Op::Write).unwrap();
+        let got = complete_slot(&mut s, 0xffff_1000u64, 51_000).unwrap();
         assert_eq!(
             got,
             Sample {
@@ -414,7 +364,7 @@ mod tests {
             }
         );
         assert_eq!(
-            on_complete(&mut s, &0xffff_1000u64, 60_000),
+            complete_slot(&mut s, 0xffff_1000u64, 60_000),
             Err(Counter::Unmatched)
         );
     }
@@ -491,23 +441,28 @@ mod tests {
             );
         }
         assert!(s.map.is_empty());
-        // Pointer key: the requeue drops the start, the next issue starts afresh.
-        let mut p = MapStarts::new(8);
-        on_issue(&mut p, 9u64, 1_000, 1, Op::Read).unwrap();
-        on_requeue(&mut p, &9u64);
-        assert!(p.map.is_empty());
+        // Pointer key: the requeue frees the slot, the next issue starts afresh.
+        let mut p = RqSlot::default();
+        issue_slot(&mut p, 9u64, 1_000, 1, Op::Read).unwrap();
+        requeue_slot(&mut p, 9u64);
+        assert_eq!(p.rq, 0);
     }
 
     #[test]
     fn requeue_restarts_the_clock_and_a_full_map_is_counted() {
-        let mut s = MapStarts::new(1);
-        on_issue(&mut s, 1u64, 1_000, 1, Op::Read).unwrap();
-        on_issue(&mut s, 1u64, 5_000, 1, Op::Read).unwrap();
-        assert_eq!(on_complete(&mut s, &1u64, 6_000).unwrap().latency_ns, 1_000);
-        on_issue(&mut s, 2u64, 1, 1, Op::Read).unwrap();
+        let mut s = RqSlot::default();
+        issue_slot(&mut s, 1u64, 1_000, 1, Op::Read).unwrap();
+        issue_slot(&mut s, 1u64, 5_000, 1, Op::Read).unwrap();
         assert_eq!(
-            on_issue(&mut s, 3u64, 1, 1, Op::Read),
+            complete_slot(&mut s, 1u64, 6_000).unwrap().latency_ns,
+            1_000
+        );
+        issue_slot(&mut s, 2u64, 1, 1, Op::Read).unwrap();
+        // another request hashed to the slot takes it: counted, and the first is unmatched
+        assert_eq!(
+            issue_slot(&mut s, 3u64, 1, 1, Op::Read),
             Err(Counter::StartFull)
         );
+        assert_eq!(complete_slot(&mut s, 2u64, 9), Err(Counter::Unmatched));
     }
 }

@@ -78,6 +78,21 @@ pub mod testing {
         }
     }
 
+    /// What iopath measured over a recorded fixture's window, from its header line
+    /// `# iopath measured over this window (...): key=n key=n`.
+    pub fn measured(text: &str) -> BTreeMap<std::string::String, u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("# iopath measured"))
+            .expect("a recorded fixture says what iopath measured");
+        let values = line.rsplit_once("):").expect("`): ` before the values").1;
+        values
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.into(), v.parse().expect("a count")))
+            .collect()
+    }
+
     /// One line of an event sequence: `ts_ns tgid/tid[@cpu] event key=value...`
     /// (`tid` alone means tgid = tid, cpu 0). Blank lines and `#` comments are skipped.
     pub struct Event<'a> {

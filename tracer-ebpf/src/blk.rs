@@ -45,24 +45,24 @@ fn number(p: *const u8) -> Option<u64> {
     }
 }
 
-/// The slot of request `rq` (always there: the index is masked to the array's size).
+/// Request `p`'s number and its slot (always there: the index is masked to the array's size).
 #[inline(always)]
-fn slot(rq: u64) -> Option<&'static mut RqSlot> {
+fn slot_of(p: *const u8) -> Option<(u64, &'static mut RqSlot)> {
+    let rq = number(p)?;
     // SAFETY: a map value; each slot's writers are the events of the requests hashed to it.
-    BLK_START_RQ
-        .get_ptr_mut(rq_slot(rq))
-        .map(|p| unsafe { &mut *p })
+    let slot = BLK_START_RQ.get_ptr_mut(rq_slot(rq))?;
+    Some((rq, unsafe { &mut *slot }))
 }
 
 #[map]
 static BLK_START_SECTOR: HashMap<SectorKey, SectorStart> =
     HashMap::with_max_entries(START_ENTRIES, 0);
 
-/// One request event: the request pointer (tp_btf, raw_tp) or its dev + sector and op letter
-/// (classic).
+/// One request event: the request pointer (raw_tp, fentry, kprobe: its members read with
+/// `bpf_probe_read_kernel`; tp_btf at issue: `Typed`, read with plain loads) or its dev +
+/// sector and op letter (classic).
 enum Request {
-    Ptr(u64),
-    /// tp_btf's argument: a typed pointer, read with plain loads.
+    Ptr(*const u8),
     Typed(*const u8),
     Sector(SectorKey, Op),
 }
@@ -70,7 +70,8 @@ enum Request {
 /// dev_t and op of a `struct request`. Mirrors the tracepoint: dev is
 /// `disk_devt(rq->q->disk)`, 0 when the queue has no disk.
 #[inline(always)]
-fn request_dev_op(rq: u64) -> Result<(u32, Op), i32> {
+fn request_dev_op(rq: *const u8) -> Result<(u32, Op), i32> {
+    let rq = rq as u64;
     unsafe {
         let cmd_flags: u32 = read_at(rq, config!(rq_cmd_flags))?;
         let q: u64 = read_at(rq, config!(rq_q))?;
@@ -115,26 +116,22 @@ fn typed_dev_op(rq: *const u8) -> (u32, Op) {
 }
 
 #[inline(always)]
+fn issue_ptr(p: *const u8, dev_op: Result<(u32, Op), i32>, now: u64) -> Result<(), Counter> {
+    match (dev_op, slot_of(p)) {
+        (Ok((dev, op)), Some((rq, s))) => blk::issue_slot(s, rq, now, dev, op),
+        _ => Err(Counter::ReadError),
+    }
+}
+
+#[inline(always)]
 fn issue(rq: Result<Request, ()>, _: Site) {
     if !on(stages_on(), STAGE) {
         return;
     }
     let now = now_ns();
     let started = match rq {
-        Ok(Request::Ptr(p)) => match (request_dev_op(p), number(p as *const u8)) {
-            (Ok((dev, op)), Some(rq)) => match slot(rq) {
-                Some(s) => blk::issue_slot(s, rq, now, dev, op),
-                None => Err(Counter::ReadError),
-            },
-            _ => Err(Counter::ReadError),
-        },
-        Ok(Request::Typed(ptr)) => {
-            let (dev, op) = typed_dev_op(ptr);
-            match number(ptr).and_then(|rq| Some((rq, slot(rq)?))) {
-                Some((rq, s)) => blk::issue_slot(s, rq, now, dev, op),
-                None => Err(Counter::ReadError),
-            }
-        }
+        Ok(Request::Ptr(p)) => issue_ptr(p, request_dev_op(p), now),
+        Ok(Request::Typed(p)) => issue_ptr(p, Ok(typed_dev_op(p)), now),
         Ok(Request::Sector(key, op)) => {
             blk::on_issue_sector(&mut KernelStarts(&BLK_START_SECTOR), key, now, op)
         }
@@ -152,11 +149,7 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     }
     let now = now_ns();
     let done = match rq {
-        Ok(Request::Ptr(p)) => match number(p as *const u8).and_then(|rq| Some((rq, slot(rq)?))) {
-            Some((rq, s)) => blk::complete_slot(s, rq, now),
-            None => Err(Counter::ReadError),
-        },
-        Ok(Request::Typed(ptr)) => match number(ptr).and_then(|rq| Some((rq, slot(rq)?))) {
+        Ok(Request::Ptr(p) | Request::Typed(p)) => match slot_of(p) {
             Some((rq, s)) => blk::complete_slot(s, rq, now),
             None => Err(Counter::ReadError),
         },
@@ -178,13 +171,8 @@ fn requeue(rq: Result<Request, ()>, _: Site) {
         return;
     }
     match rq {
-        Ok(Request::Ptr(p)) => {
-            if let Some((rq, s)) = number(p as *const u8).and_then(|rq| Some((rq, slot(rq)?))) {
-                blk::requeue_slot(s, rq);
-            }
-        }
-        Ok(Request::Typed(ptr)) => {
-            if let Some((rq, s)) = number(ptr).and_then(|rq| Some((rq, slot(rq)?))) {
+        Ok(Request::Ptr(p) | Request::Typed(p)) => {
+            if let Some((rq, s)) = slot_of(p) {
                 blk::requeue_slot(s, rq);
             }
         }
@@ -215,8 +203,8 @@ tracepoint!(
     blk_rq_issue_btf,
     blk_rq_issue_raw,
     blk_rq_issue_tp,
-    btf | arg | Ok(Request::Typed(arg(0) as *const u8)),
-    |arg| Ok(Request::Ptr(arg(0))),
+    btf = |arg| Ok(Request::Typed(arg(0) as *const u8)),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     |rec| {
         let key = sector_key(rec, config!(tp_issue_dev), config!(tp_issue_sector));
         // The op has no error path of its own: with one, Linux 6.1's verifier lost track of
@@ -238,8 +226,7 @@ tracepoint!(
     blk_rq_complete_btf,
     blk_rq_complete_raw,
     blk_rq_complete_tp,
-    btf | arg | Ok(Request::Typed(arg(0) as *const u8)),
-    |arg| Ok(Request::Ptr(arg(0))),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     |rec| sector_key(rec, config!(tp_complete_dev), config!(tp_complete_sector))
         .map(|k| Request::Sector(k, Op::Other)),
     complete
@@ -252,8 +239,7 @@ tracepoint!(
     blk_rq_requeue_btf,
     blk_rq_requeue_raw,
     blk_rq_requeue_tp,
-    btf | arg | Ok(Request::Typed(arg(0) as *const u8)),
-    |arg| Ok(Request::Ptr(arg(0))),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     |rec| sector_key(rec, config!(tp_requeue_dev), config!(tp_requeue_sector))
         .map(|k| Request::Sector(k, Op::Other)),
     requeue
@@ -265,7 +251,7 @@ function!(
     "blk_mq_start_request",
     blk_rq_issue_fentry,
     blk_rq_issue_kprobe,
-    |arg| Ok(Request::Ptr(arg(0))),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     issue
 );
 
@@ -275,7 +261,7 @@ function!(
     "blk_update_request",
     blk_rq_complete_fentry,
     blk_rq_complete_kprobe,
-    |arg| Ok(Request::Ptr(arg(0))),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     complete
 );
 
@@ -286,6 +272,6 @@ function!(
     "blk_mq_requeue_request",
     blk_rq_requeue_fentry,
     blk_rq_requeue_kprobe,
-    |arg| Ok(Request::Ptr(arg(0))),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     requeue
 );

@@ -206,9 +206,17 @@ impl<K, V: Copy> Starts<K, V> for CpuSlot<V> {
         Ok(self.put(k, v))
     }
 
+    /// The slot's value, and the slot zeroed (a value whose fields are all 0 is "none" to
+    /// the rules that use a slot: a mark at time 0 is out of every window).
     #[inline(always)]
-    fn take(&mut self, k: &K) -> Option<V> {
-        self.get(k)
+    fn take(&mut self, _: &K) -> Option<V> {
+        let p = self.0.get_ptr_mut(0)?;
+        // SAFETY: this CPU's slot, no one else writes it while this program runs.
+        unsafe {
+            let v = *p;
+            core::ptr::write_bytes(p, 0, 1);
+            Some(v)
+        }
     }
 
     #[inline(always)]
@@ -217,9 +225,10 @@ impl<K, V: Copy> Starts<K, V> for CpuSlot<V> {
     }
 }
 
-/// Thread groups known to run VMs: marked at ioctl(KVM_CREATE_VM), seeded by the daemon with the
-/// ones that existed before it started, removed by it when they exit. System calls of other
-/// processes are ignored at the cost of one lookup.
+/// Thread groups known to run VMs: marked at their first KVM event (`vmm_seen`) or, where the
+/// syscall stand-in runs, at ioctl(KVM_CREATE_VM); seeded by the daemon with the ones that
+/// existed before it started, removed by it when they exit. Signals of other processes are
+/// ignored at the cost of one lookup.
 #[map]
 pub static VMM_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(VMM_ENTRIES, 0);
 
@@ -245,11 +254,13 @@ pub fn notify(kind: NoticeKind, tgid: u32, tid: u32, fd: u32) {
     }
 }
 
-/// On KVM_CREATE_VM (rare): the VMM joins the set and the daemon is told.
+/// A new VMM (rare): it joins the set and the daemon is told. With the set full it is counted
+/// instead, and no notice is sent (its every event would send one); it is named when read.
 #[inline(always)]
 pub fn vm_created(tgid: u32, tid: u32) {
     if VMM_TGIDS.insert(tgid, 1, 0).is_err() {
         count_map(MapCounter::VmmSetFull);
+        return;
     }
     notify(NoticeKind::VmCreated, tgid, tid, 0);
 }

@@ -23,11 +23,23 @@ pub(crate) use from_args;
 /// `tracepoint!(name, btf_prog, raw_prog, tp_prog, |arg| from_args, |rec| from_record, handle)`:
 /// `arg(i)` is argument i as a u64; `rec` the classic program's context. Both expressions give
 /// a `Result<Event, ()>` (Err: a read failed) that `handle` takes, with the event's [`Site`].
+/// `btf = |arg| e,` before them gives the tp_btf program its own expression: its arguments are
+/// typed kernel pointers the verifier lets it load through directly (no bpf_probe_read_kernel).
 macro_rules! tracepoint {
-    // `btf |arg| e` gives the tp_btf program its own expression: its arguments are typed
-    // kernel pointers the verifier lets it load through directly (no bpf_probe_read_kernel).
     ($tp:literal, $btf:ident, $raw:ident, $classic:ident,
-     btf |$barg:ident| $from_btf:expr,
+     |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
+        $crate::tp::tracepoint!(
+            $tp,
+            $btf,
+            $raw,
+            $classic,
+            btf = |$arg| $from_args,
+            |$arg| $from_args,
+            |$rec| $from_record,
+            $handle
+        );
+    };
+    ($tp:literal, $btf:ident, $raw:ident, $classic:ident, btf = |$barg:ident| $from_btf:expr,
      |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
         #[aya_ebpf::macros::btf_tracepoint(function = $tp)]
         pub fn $btf(ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
@@ -36,21 +48,6 @@ macro_rules! tracepoint {
             0
         }
 
-        $crate::tp::tracepoint!(@rest $tp, $raw, $classic, |$arg| $from_args, |$rec| $from_record, $handle);
-    };
-    ($tp:literal, $btf:ident, $raw:ident, $classic:ident,
-     |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
-        #[aya_ebpf::macros::btf_tracepoint(function = $tp)]
-        pub fn $btf(ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
-            let get = |i: usize| -> u64 { ctx.arg(i) };
-            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
-            0
-        }
-
-        $crate::tp::tracepoint!(@rest $tp, $raw, $classic, |$arg| $from_args, |$rec| $from_record, $handle);
-    };
-    (@rest $tp:literal, $raw:ident, $classic:ident,
-     |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
         #[aya_ebpf::macros::raw_tracepoint(tracepoint = $tp)]
         pub fn $raw(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
             let get = |i: usize| -> u64 { ctx.arg(i) };

@@ -62,8 +62,8 @@ pub struct Options<'a> {
     pub strict: bool,
     /// Enable kernel.bpf_stats for the tracer's lifetime.
     pub bpf_stats: bool,
-    /// Let every selected stage fall back to system call tracepoints (otherwise only the
-    /// stages named in `stages` may).
+    /// Let the selected stages fall back to system call tracepoints; stages named in `stages`
+    /// may anyway.
     pub syscall_tracepoints: bool,
 }
 
@@ -103,11 +103,6 @@ enum Link {
 /// What became of one event.
 struct EventOutcome {
     family: Option<Family>,
-    /// Were system call stand-ins allowed when it was tried (a stage that allows them tries
-    /// again an event that failed without them).
-    syscalls_ok: bool,
-    /// Where it attached (`kprobe/svm_deliver_interrupt`).
-    point: String,
     /// Candidates not used, with the reason.
     skipped: Vec<String>,
 }
@@ -125,7 +120,7 @@ pub struct Tracer {
     links: BTreeMap<String, Link>,
     /// Keeps kernel.bpf_stats enabled while held.
     _stats: Option<OwnedFd>,
-    /// The VMMs that ran before the programs were attached (`gc::seed`).
+    /// The VMMs that ran before the stages were switched on (`gc::seed`).
     pub seeded: Vec<u32>,
 }
 
@@ -223,13 +218,11 @@ impl Tracer {
                 loader.map_max_entries(m.name, n);
             }
         }
-        let mut ebpf = loader
+        let ebpf = loader
             .load(BPF_OBJECT)
             .map_err(|e| AttachError::Load(short(&e)))?;
-        // Before any program attaches: an event of a running VM then finds its VMM and vCPU.
-        let seeded = crate::gc::seed(&mut ebpf);
         let mut tracer = Tracer {
-            seeded,
+            seeded: Vec::new(),
             ebpf,
             tracefs: tracefs.clone(),
             report: Vec::new(),
@@ -247,6 +240,7 @@ impl Tracer {
             config: &config,
             families: opts.families,
             event_families: opts.event_families,
+            syscalls_ok: opts.syscall_tracepoints || !opts.stages.is_empty(),
         };
         let selected: Vec<&'static Stage> = STAGES
             .iter()
@@ -259,14 +253,9 @@ impl Tracer {
             if (stage.needs)(&config).is_err() {
                 continue;
             }
-            let syscalls_ok =
-                opts.syscall_tracepoints || opts.stages.iter().any(|n| n == stage.name);
             for &event in stage.events.iter().chain(stage.naming) {
-                let again = outcomes
-                    .get(&(event as *const Event))
-                    .is_none_or(|o| o.family.is_none() && syscalls_ok && !o.syscalls_ok);
-                if again {
-                    let o = tracer.attach_event(event, &k, &|_| true, syscalls_ok);
+                if !outcomes.contains_key(&(event as *const Event)) {
+                    let o = tracer.attach_event(event, &k, &|_| true);
                     outcomes.insert(event, o);
                 }
             }
@@ -286,19 +275,13 @@ impl Tracer {
                         if o.family.is_some_and(|f| class(f) != forced) {
                             let f = o.family.take().expect("checked");
                             tracer.detach(&event.program_name(f));
-                            let again = tracer.attach_event(
-                                event,
-                                &k,
-                                &|f| class(f) == forced,
-                                syscalls_ok,
-                            );
+                            let again = tracer.attach_event(event, &k, &|f| class(f) == forced);
                             o.skipped.push(format!(
                                 "{}: keyed unlike the stage's other events",
                                 k.point(event, f)
                             ));
                             o.skipped.extend(again.skipped);
                             o.family = again.family;
-                            o.point = again.point;
                         }
                     }
                 }
@@ -307,7 +290,7 @@ impl Tracer {
         let (mut mask, mut roles) = (0u64, 0u64);
         let mut used: BTreeSet<String> = BTreeSet::new();
         for stage in selected {
-            let report = stage_report(stage, &config, &outcomes);
+            let report = stage_report(stage, &k, &outcomes);
             if report.attached {
                 mask |= stage.id.bit();
                 for e in stage.events.iter().chain(stage.naming) {
@@ -339,14 +322,11 @@ impl Tracer {
         for p in unused {
             tracer.detach(&p);
         }
+        // The VMMs and vCPU threads that existed before: seeded once the programs that learn new
+        // ones run, and before anything is measured (the stages are off until switched on).
+        tracer.seeded = crate::gc::seed(&mut tracer.ebpf);
         tracer.switch_on(mask, roles)?;
         tracer.unload_unused();
-        // Again: a VM created, or a vCPU that entered KVM_RUN, while the programs attached.
-        for tgid in crate::gc::seed(&mut tracer.ebpf) {
-            if !tracer.seeded.contains(&tgid) {
-                tracer.seeded.push(tgid);
-            }
-        }
         Ok(tracer)
     }
 
@@ -370,7 +350,6 @@ impl Tracer {
         event: &'static Event,
         k: &Kernel,
         allowed: &dyn Fn(Family) -> bool,
-        syscalls_ok: bool,
     ) -> EventOutcome {
         let mut skipped = Vec::new();
         let forced = k
@@ -396,7 +375,7 @@ impl Tracer {
                 skipped.push(format!("{point}: {why}"));
                 continue;
             }
-            if f == Family::Syscall && !syscalls_ok {
+            if f == Family::Syscall && !k.syscalls_ok {
                 skipped.push(format!("{point}: {SYSCALL_OPT_IN}"));
                 continue;
             }
@@ -404,8 +383,6 @@ impl Tracer {
                 Ok(()) => {
                     return EventOutcome {
                         family: Some(f),
-                        syscalls_ok,
-                        point,
                         skipped,
                     };
                 }
@@ -414,8 +391,6 @@ impl Tracer {
         }
         EventOutcome {
             family: None,
-            syscalls_ok,
-            point: String::new(),
             skipped,
         }
     }
@@ -572,7 +547,7 @@ fn class_to_force(families: &[Option<Family>], class: fn(Family) -> u8) -> Optio
 /// A stage's report from its events' outcomes.
 fn stage_report(
     stage: &'static Stage,
-    config: &Config,
+    k: &Kernel,
     outcomes: &BTreeMap<*const Event, EventOutcome>,
 ) -> StageReport {
     let mut r = StageReport {
@@ -590,7 +565,7 @@ fn stage_report(
             .map(|m| format!("{}: {}", m.name, m.collected))
             .collect(),
     };
-    if let Err(why) = (stage.needs)(config) {
+    if let Err(why) = (stage.needs)(k.config) {
         r.skipped.push(why.to_string());
         return r;
     }
@@ -602,7 +577,7 @@ fn stage_report(
         match o.family {
             Some(f) => {
                 families.insert(f);
-                r.points.push(o.point.clone());
+                r.points.push(k.point(e, f));
             }
             None => all = false,
         }
@@ -613,7 +588,7 @@ fn stage_report(
             continue;
         };
         match o.family {
-            Some(_) => r.points.push(format!("{} (names vCPUs)", o.point)),
+            Some(f) => r.points.push(format!("{} (names vCPUs)", k.point(e, f))),
             None => r
                 .skipped
                 .extend(o.skipped.iter().map(|s| format!("vCPU naming: {s}"))),
@@ -635,6 +610,9 @@ struct Kernel<'a> {
     config: &'a Config,
     families: &'a [Family],
     event_families: &'a [(String, Family)],
+    /// May events fall back to system call stand-ins: with `--syscall-tracepoints`, or when
+    /// the stages were named (every selected stage then was).
+    syscalls_ok: bool,
 }
 
 impl Kernel<'_> {

@@ -63,9 +63,9 @@ fn running_vmms() -> Vec<u32> {
         .collect()
 }
 
-/// Seeds the kernel's VMM set with the VMs already running (the programs learn new ones from
-/// KVM_CREATE_VM), and the vCPU fd of each of their threads that sits in KVM_RUN (the programs
-/// learn it at KVM_RUN's entry, which a halted or busy vCPU may not make again for long);
+/// Seeds the kernel's VMM set with the VMs already running (the programs learn new ones at
+/// their first KVM event), and the vCPU fd of each of their threads that sits in KVM_RUN (the
+/// programs learn a vCPU at KVM_RUN, which a halted or busy vCPU may not make again for long);
 /// returns the VMMs.
 pub fn seed(ebpf: &mut Ebpf) -> Vec<u32> {
     let running = running_vmms();
@@ -81,11 +81,9 @@ pub fn seed(ebpf: &mut Ebpf) -> Vec<u32> {
         .map_mut("VCPU_FD")
         .map(BpfHashMap::<&mut MapData, u32, VcpuThread>::try_from)
     {
-        for &tgid in &running {
-            for (tid, fd) in threads_in_kvm_run(tgid) {
-                if fds.get(&tid, 0).is_err() {
-                    let _ = fds.insert(tid, VcpuThread { fd, vm: tgid }, 0);
-                }
+        for (tgid, tid, fd) in threads_in_kvm_run(&running) {
+            if fds.get(&tid, 0).is_err() {
+                let _ = fds.insert(tid, VcpuThread { fd, vm: tgid }, 0);
             }
         }
     }
@@ -98,23 +96,28 @@ const SYS_IOCTL: &str = "16";
 #[cfg(target_arch = "aarch64")]
 const SYS_IOCTL: &str = "29";
 
-/// Threads of `tgid` blocked in ioctl(fd, KVM_RUN), from /proc/TID/syscall (`NR arg0 arg1 ...`).
-/// A thread on a CPU reads `running`: it is read again a few times over 100 ms (a vCPU in
-/// guest mode halts or exits soon), else learned at its next KVM_RUN.
-fn threads_in_kvm_run(tgid: u32) -> Vec<(u32, u32)> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{tgid}/task")) else {
-        return Vec::new();
-    };
+/// Threads of the VMMs `tgids` blocked in ioctl(fd, KVM_RUN), as (tgid, tid, fd), from
+/// /proc/TID/syscall (`NR arg0 arg1 ...`). A thread on a CPU reads `running`: those of all the
+/// VMMs are read again together a few times over 100 ms (a vCPU in guest mode halts or exits
+/// soon), else learned at their next KVM_RUN.
+fn threads_in_kvm_run(tgids: &[u32]) -> Vec<(u32, u32, u32)> {
+    let syscall =
+        |tgid: u32, tid: u32| fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall"));
     let mut running = Vec::new();
     let mut found = Vec::new();
-    for t in tasks.flatten() {
-        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+    for &tgid in tgids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{tgid}/task")) else {
             continue;
         };
-        match fs::read_to_string(t.path().join("syscall")) {
-            Ok(sc) if sc.starts_with("running") => running.push(tid),
-            Ok(sc) => found.extend(kvm_run_fd(&sc).map(|fd| (tid, fd))),
-            Err(_) => {}
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            match syscall(tgid, tid) {
+                Ok(sc) if sc.starts_with("running") => running.push((tgid, tid)),
+                Ok(sc) => found.extend(kvm_run_fd(&sc).map(|fd| (tgid, tid, fd))),
+                Err(_) => {}
+            }
         }
     }
     for _ in 0..20 {
@@ -122,15 +125,13 @@ fn threads_in_kvm_run(tgid: u32) -> Vec<(u32, u32)> {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
-        running.retain(|&tid| {
-            match fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")) {
-                Ok(sc) if sc.starts_with("running") => true,
-                Ok(sc) => {
-                    found.extend(kvm_run_fd(&sc).map(|fd| (tid, fd)));
-                    false
-                }
-                Err(_) => false,
+        running.retain(|&(tgid, tid)| match syscall(tgid, tid) {
+            Ok(sc) if sc.starts_with("running") => true,
+            Ok(sc) => {
+                found.extend(kvm_run_fd(&sc).map(|fd| (tgid, tid, fd)));
+                false
             }
+            Err(_) => false,
         });
     }
     found
@@ -259,7 +260,7 @@ impl Collector {
             .vms
             .iter()
             .copied()
-            .filter(|&vm| start_time(vm).is_some() && holds_vm(vm))
+            .filter(|&vm| holds_vm(vm))
             .collect();
         dead.kernel_entries = maps::all()
             .iter()

@@ -46,6 +46,12 @@ impl ExitReasons {
         }
     }
 
+    /// The number of exit reason `name` (a label value), VMX's table or SVM's.
+    pub fn number(&self, vmx: bool, name: &str) -> Option<u32> {
+        let table = if vmx { &self.vmx } else { &self.svm };
+        table.iter().find(|(_, n)| *n == name).map(|(&r, _)| r)
+    }
+
     pub fn name(&self, detail: u32) -> String {
         let (reason, vmx) = split_exit_detail(detail);
         let table = if vmx { &self.vmx } else { &self.svm };
@@ -78,17 +84,17 @@ fn parse_symbols(s: &str) -> HashMap<u32, String> {
             .map(|t| parse_num(t.trim()))
             .try_fold(0u32, |a, v| Some(a.wrapping_add(v?)));
         // adjacent literals ("KVM_EXIT_" "IO") are one string
-        let name = name
-            .trim()
-            .trim_matches('"')
-            .replace("\" \"", "")
-            .replace(' ', "_")
-            .to_lowercase();
+        let name = reason_label(&name.trim().trim_matches('"').replace("\" \"", ""));
         if let Some(v) = value {
             out.entry(v).or_insert(name);
         }
     }
     out
+}
+
+/// The label value of a reason name as the kernel prints it (`DB excp` -> `db_excp`).
+pub fn reason_label(printed: &str) -> String {
+    printed.trim().replace(' ', "_").to_lowercase()
 }
 
 fn parse_num(t: &str) -> Option<u32> {

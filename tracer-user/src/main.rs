@@ -266,8 +266,8 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
+            // collect() reads the counts itself when something goes; the report reads them last.
             _ = tick.tick() => {
-                session.refresh()?;
                 session.collect()?;
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {

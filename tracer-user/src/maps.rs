@@ -5,10 +5,10 @@
 
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    maps::{HashMap, MapData, PerCpuHashMap},
 };
 use tracer_common::{
-    blk::{RqSlot, SectorKey, SectorStart},
+    blk::{SectorKey, SectorStart},
     kvm::{
         ExitStart,
         inject::VcpuKey,
@@ -107,51 +107,6 @@ impl<K: Pod + Sync, V: Pod + Sync> Access for Hash<K, V> {
     }
 }
 
-/// The block stage's array of request slots: an entry is a slot holding a request.
-struct Slots;
-
-impl Slots {
-    fn held(ebpf: &Ebpf, name: &str) -> Vec<(u32, RqSlot)> {
-        ebpf.map(name)
-            .and_then(|m| Array::<&MapData, RqSlot>::try_from(m).ok())
-            .map(|a| {
-                (0..a.len())
-                    .filter_map(|i| a.get(&i, 0).ok().map(|v| (i, v)))
-                    .filter(|(_, v)| v.rq != 0)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Access for Slots {
-    fn owners(&self, ebpf: &Ebpf, name: &str) -> Vec<Owner> {
-        Self::held(ebpf, name)
-            .into_iter()
-            .map(|(_, v)| Owner::dev(v.start.dev))
-            .collect()
-    }
-
-    fn len(&self, ebpf: &Ebpf, name: &str) -> usize {
-        Self::held(ebpf, name).len()
-    }
-
-    fn remove(&self, ebpf: &mut Ebpf, name: &str, doomed: &dyn Fn(Owner) -> bool) -> usize {
-        let held = Self::held(ebpf, name);
-        let Some(Ok(mut a)) = ebpf
-            .map_mut(name)
-            .map(Array::<&mut MapData, RqSlot>::try_from)
-        else {
-            return 0;
-        };
-        // A slot a new request took meanwhile is overwritten too: that one request is lost.
-        held.iter()
-            .filter(|(_, v)| doomed(Owner::dev(v.start.dev)))
-            .filter(|(i, _)| a.set(*i, RqSlot::default(), 0).is_ok())
-            .count()
-    }
-}
-
 /// A per-CPU hash map whose owner is in the key (the values are per CPU).
 struct PerCpuHash<K, V>(fn(&K) -> Owner, std::marker::PhantomData<fn() -> V>);
 
@@ -227,13 +182,6 @@ pub static VMM_TGIDS: KernelMap = KernelMap {
     collected: "by VM (the key is the VMM)",
     capacity: Capacity::Fixed,
     access: &Hash::<u32, u32>(|k, _| Owner::vm(*k)),
-};
-
-pub static BLK_START_RQ: KernelMap = KernelMap {
-    name: "BLK_START_RQ",
-    collected: "by device (value; slots of an array)",
-    capacity: Capacity::Fixed,
-    access: &Slots,
 };
 
 pub static BLK_START_SECTOR: KernelMap = KernelMap {
@@ -321,21 +269,14 @@ mod tests {
                 )
             })
             .map(|(name, _)| name.clone())
-            // and the block stage's array of request slots, which holds entries too
-            .chain(std::iter::once("BLK_START_RQ".to_string()))
             .collect();
         let table: std::collections::BTreeSet<String> =
             all().iter().map(|m| m.name.to_string()).collect();
         assert_eq!(hashes, table);
-        // every start map a stage keeps is sized by --start-entries, but the slot array
+        // every start map a stage keeps is sized by --start-entries
         for s in STAGES {
             for m in s.maps {
-                let want = if m.name == "BLK_START_RQ" {
-                    Capacity::Fixed
-                } else {
-                    Capacity::Starts
-                };
-                assert_eq!(m.capacity, want, "{}", m.name);
+                assert_eq!(m.capacity, Capacity::Starts, "{}", m.name);
             }
         }
     }

@@ -223,7 +223,7 @@ pub fn run_in_vm(
                     }
                 },
             };
-            println!("\n== {name} (L1, {})", vm.kver);
+            println!("\n== {name} (L1, {})", img.kver);
             let _ = std::fs::remove_file(vm.xchg().join("skips.tsv"));
             match vm.exec(&script, Duration::from_secs(1800), true) {
                 Ok(r) => {

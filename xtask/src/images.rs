@@ -64,14 +64,36 @@ fn step(what: &str) {
     eprintln!("vm: {what}");
 }
 
-/// First 16 hex digits of the SHA256 of these bytes.
+/// First 16 hex digits of the SHA256 of these bytes, one after the other.
 fn hash(parts: &[&[u8]]) -> anyhow::Result<String> {
-    let dir = tempdir("hash")?;
-    let f = dir.join("in");
-    fs::write(&f, parts.concat())?;
-    let out = output(Command::new("sha256sum").arg(&f))?;
-    fs::remove_dir_all(&dir)?;
-    Ok(out[..16].to_string())
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("sha256sum")?;
+    let mut stdin = child.stdin.take().context("sha256sum's stdin")?;
+    for p in parts {
+        stdin.write_all(p)?;
+    }
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "sha256sum failed");
+    Ok(String::from_utf8_lossy(&out.stdout)[..16].to_string())
+}
+
+/// The same of a file's content, read by sha256sum itself.
+fn file_hash(path: &Path) -> anyhow::Result<String> {
+    Ok(output(Command::new("sha256sum").arg(path))?[..16].to_string())
+}
+
+/// The kernel release an unpacked kernel package holds modules for.
+fn kver_of(unpacked: &Path) -> anyhow::Result<String> {
+    fs::read_dir(unpacked.join("lib/modules"))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .context("the kernel package has no lib/modules")
 }
 
 fn tempdir(what: &str) -> anyhow::Result<PathBuf> {
@@ -87,11 +109,7 @@ pub fn prepare() -> anyhow::Result<Images> {
     crate::vm::remove_stale_runs(&c);
     fs::create_dir_all(&c).with_context(|| format!("cannot create {}", c.display()))?;
     let kernel_dir = kernel()?;
-    let kver = fs::read_dir(kernel_dir.join("lib/modules"))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .next()
-        .context("the kernel package has no lib/modules")?;
+    let kver = kver_of(&kernel_dir)?;
     let modules = kernel_dir.join("lib/modules").join(&kver);
     let initramfs = initramfs(&modules, &kver)?;
     Ok(Images {
@@ -103,7 +121,8 @@ pub fn prepare() -> anyhow::Result<Images> {
     })
 }
 
-/// The package `linux-image-amd64` depends on and the SHA256 the apt index gives for it.
+/// The package `linux-image-amd64` depends on and the SHA256 the apt index gives for it (the
+/// index is updated by `kernel`, once, when this or the download fails).
 fn kernel_package() -> anyhow::Result<(String, String)> {
     let resolve = || -> Option<(String, String)> {
         let deps = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"])).ok()?;
@@ -119,10 +138,6 @@ fn kernel_package() -> anyhow::Result<(String, String)> {
             .to_string();
         Some((pkg, sha))
     };
-    if let Some(p) = resolve() {
-        return Ok(p);
-    }
-    run(Command::new("apt-get").args(["update", "-q"]))?;
     resolve().context("apt knows no linux-image-amd64 (is a Debian mirror configured?)")
 }
 
@@ -130,8 +145,8 @@ fn kernel() -> anyhow::Result<PathBuf> {
     match kernel_from_index() {
         Ok(k) => Ok(k),
         Err(e) => {
-            // An index older than the mirror names a file it no longer has: once more after
-            // an update, which may name another package or revision.
+            // No index yet, or one older than the mirror that names a file it no longer has:
+            // once more after an update, which may name another package or revision.
             eprintln!("vm: {e:#}; updating the apt index and trying again");
             run(Command::new("apt-get").args(["update", "-q"]))?;
             kernel_from_index()
@@ -176,11 +191,7 @@ fn kernel_from_index() -> anyhow::Result<PathBuf> {
     }
     let unpacked = tmp.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    let kver = fs::read_dir(unpacked.join("lib/modules"))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .next()
-        .context("the kernel package has no lib/modules")?;
+    let kver = kver_of(&unpacked)?;
     run(Command::new("depmod").arg("-b").arg(&unpacked).arg(&kver))?;
     fs::rename(&unpacked, &dir)?;
     fs::remove_dir_all(&tmp)?;
@@ -247,7 +258,7 @@ fn shared_l2() -> Option<PathBuf> {
 
 fn l2_kernel() -> anyhow::Result<PathBuf> {
     if let Some(xz) = shared_l2() {
-        let key = hash(&[&fs::read(&xz)?])?;
+        let key = file_hash(&xz)?;
         let dir = cache().join(format!("l2-{key}"));
         let out = dir.join("vmlinux");
         if !out.exists() {

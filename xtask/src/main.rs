@@ -151,6 +151,20 @@ fn in_vm(
     Ok((img.kver, c))
 }
 
+/// Boots L1 and runs a shell command there with the tests' environment; returns its exit
+/// status and L1, still up (its exchange folder holds what the command left).
+fn exec_in_l1(
+    bin: &Path,
+    cmd: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(i32, vm::L1)> {
+    let img = images::prepare()?;
+    let mut l1 = vm::L1::boot(&img)?;
+    let script = format!("{}\n{cmd}\n", e2e::vm_env(&img, bin));
+    let (rc, _) = l1.exec(&script, timeout, true)?;
+    Ok((rc, l1))
+}
+
 /// Records the KVM replay fixtures from a nested guest in the VM (the nested test writes them
 /// to the exchange folder; L1's own writes to the clone would stay in L1).
 fn record(bins: &[(String, PathBuf)], bin: &Path) -> anyhow::Result<()> {
@@ -158,15 +172,12 @@ fn record(bins: &[(String, PathBuf)], bin: &Path) -> anyhow::Result<()> {
         .iter()
         .find(|(n, _)| n == "nested")
         .context("no nested test binary")?;
-    let img = images::prepare()?;
-    let mut l1 = vm::L1::boot(&img)?;
-    let script = format!(
-        "{}\ncd {} && IOPATH_RECORD=/run/iopath/fixtures {} --test-threads=1 --nocapture exits_and_injections\n",
-        e2e::vm_env(&img, bin),
+    let cmd = format!(
+        "cd {} && IOPATH_RECORD=/run/iopath/fixtures {} --test-threads=1 --nocapture exits_and_injections",
         root().join("tests").display(),
         nested.display()
     );
-    let (rc, _) = l1.exec(&script, std::time::Duration::from_secs(900), true)?;
+    let (rc, l1) = exec_in_l1(bin, &cmd, std::time::Duration::from_secs(900))?;
     if rc != 0 {
         bail!("the nested test failed: nothing recorded");
     }
@@ -357,10 +368,7 @@ fn task(cmd: Task) -> anyhow::Result<()> {
                 return record(&bins, &bin);
             }
             if let Some(cmd) = exec {
-                let img = images::prepare()?;
-                let mut l1 = vm::L1::boot(&img)?;
-                let script = format!("{}\n{cmd}\n", e2e::vm_env(&img, &bin));
-                let (rc, _) = l1.exec(&script, std::time::Duration::from_secs(3600), true)?;
+                let (rc, l1) = exec_in_l1(&bin, &cmd, std::time::Duration::from_secs(3600))?;
                 drop(l1);
                 std::process::exit(rc);
             }

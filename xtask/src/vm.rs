@@ -41,7 +41,6 @@ pub fn interrupted() -> bool {
 pub struct L1 {
     qemu: Child,
     dir: PathBuf,
-    pub kver: String,
     next: u32,
 }
 
@@ -135,12 +134,7 @@ impl L1 {
             });
         }
         let qemu = cmd.spawn().context("cannot start qemu-system-x86_64")?;
-        let mut l1 = L1 {
-            qemu,
-            dir,
-            kver: img.kver.clone(),
-            next: 0,
-        };
+        let mut l1 = L1 { qemu, dir, next: 0 };
         eprintln!("vm: booting {} under QEMU TCG", img.kver);
         let ready = xchg.join("ready");
         while !ready.exists() {

@@ -108,7 +108,7 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
-    use crate::rules::testing::{MapStarts, events};
+    use crate::rules::testing::{MapStarts, events, measured};
 
     /// Replays an event sequence (`ts_ns tgid/tid event [reason=N] [isa=N] [vcpu=N]`, `#`
     /// comments) through the rules: the samples, as the BPF programs would record them, and
@@ -173,20 +173,6 @@ mod tests {
         assert_eq!(stale, 1, "the reused thread id's first entry");
     }
 
-    /// `key=value` pairs of the fixture's `# iopath measured ...: k=v k=v` line.
-    pub(crate) fn measured(text: &str) -> std::collections::BTreeMap<u64, u64> {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("# iopath measured"))
-            .expect("a recorded fixture says what iopath measured");
-        let values = line.rsplit_once("):").expect("`): ` before the values").1;
-        values
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.parse().unwrap_or(0), v.parse().unwrap()))
-            .collect()
-    }
-
     #[test]
     fn replays_a_recorded_nested_guest_as_the_kernel_programs_measured_it() {
         // Recorded in the distro-kernel VM (cargo xtask vm --record-fixtures): the rules give,
@@ -202,7 +188,10 @@ mod tests {
                 .entry(split_exit_detail(s.reason).0 as u64)
                 .or_default() += 1;
         }
-        let want = measured(text);
+        let want: std::collections::BTreeMap<u64, u64> = measured(text)
+            .into_iter()
+            .map(|(reason, n)| (reason.parse().expect("an exit reason"), n))
+            .collect();
         assert!(want.values().sum::<u64>() > 400, "{want:?}");
         for (reason, n) in &want {
             let g = by_reason.get(reason).copied().unwrap_or(0);

@@ -71,7 +71,7 @@ fn entry(vcpu: Result<Option<u32>, ()>, _: Site) {
 
 /// `vcpu->vcpu_id` of a `struct kvm_vcpu *` argument.
 #[inline(always)]
-fn vcpu_id(vcpu: u64) -> Option<u32> {
+pub(super) fn vcpu_id(vcpu: u64) -> Option<u32> {
     unsafe { read_at::<u32>(vcpu, config!(vcpu_id)).ok() }
 }
 

@@ -4,8 +4,10 @@
 //! call path (any syscall tracepoint puts every task on the slow one).
 //!
 //! Against the system calls they start later (the eventfd write, the ioctl's dispatch are
-//! before them) and need no return probe: an irqfd wakeup or a KVM_SIGNAL_MSI always injects
-//! or defers, in that thread, at once.
+//! before them), and they have no return probe: an irqfd wakeup or a KVM_SIGNAL_MSI injects or
+//! defers in that thread at once, but one that injects nothing (an invalid MSI route, no
+//! in-kernel irqchip) leaves its start, which the thread's next signal replaces and which an
+//! injection of that thread's own in between (KVM_IRQ_LINE) would end.
 
 use tracer_common::{
     kvm::{signal::Signal, uexit::VCPU_ID_FLAG},
@@ -13,11 +15,11 @@ use tracer_common::{
     stage::StageId::*,
 };
 
-use super::{signal, vcpu};
+use super::{events::vcpu_id, signal, vcpu};
 use crate::{
     shared::{
-        config, count_each, current_tgid_tid, in_task, is_vmm, mm_owner_tgid, on, read_at,
-        stages_on, vm_created, vmm_seen,
+        count_each, current_tgid_tid, in_task, is_vmm, mm_owner_tgid, on, stages_on, vm_created,
+        vmm_seen,
     },
     tp::{Site, function},
 };
@@ -30,9 +32,7 @@ fn vcpu_run(vcpu: Result<u64, ()>, _: Site) {
     let mask = stages_on();
     let (tgid, tid) = current_tgid_tid();
     vmm_seen(tgid, tid);
-    // SAFETY: a probe read through the kvm_vcpu pointer KVM passes.
-    let id = vcpu.and_then(|v| unsafe { read_at::<u32>(v, config!(vcpu_id)) }.map_err(|_| ()));
-    let Ok(id) = id else {
+    let Some(id) = vcpu.ok().and_then(vcpu_id) else {
         count_each(
             mask,
             &[KvmUserspaceExit, KvmHaltWakeup, KvmExit],

@@ -39,19 +39,10 @@ pub fn accepted(tid: u32, apicid: u32, in_task: bool) {
     }
 }
 
-/// A VM entry on this CPU by the task that marked it: its injection has returned, so a later
-/// accept in it (its own LAPIC timer) is not that injection's. Another task's entry leaves the
-/// mark: the injector may only have been preempted.
+/// A VM entry on this CPU by task `tid` (`inject::on_entered`).
 #[inline(always)]
 pub fn entered(tid: u32) {
-    if let Some(m) = INJ_MARK.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot, no one else writes it while this program runs.
-        unsafe {
-            if (*m).ts_ns != 0 && (*m).tid == tid {
-                (*m).ts_ns = 0;
-            }
-        }
-    }
+    inject::on_entered(&mut CpuSlot(&INJ_MARK), 0, tid);
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! kvm.halt_wakeup (kvm:kvm_vcpu_wakeup's halted time) and kvm.userspace_exit
-//! (kvm:kvm_userspace_exit to the thread's next ioctl(KVM_RUN)), which share the map of each
-//! vCPU thread's fd, learned at KVM_RUN.
+//! (kvm:kvm_userspace_exit to the thread's next KVM_RUN), which share the map of each vCPU
+//! thread's vCPU, learned at KVM_RUN: its id (`VCPU_ID_FLAG`) from the function probe, its fd
+//! from the syscall stand-in.
 
 use aya_ebpf::{macros::map, maps::HashMap};
 use tracer_common::{
@@ -18,7 +19,7 @@ use crate::shared::{KernelStarts, count, count_map, notify, now_ns, record, reco
 #[map]
 static UEXIT_START: HashMap<u32, UexitStart> = HashMap::with_max_entries(START_ENTRIES, 0);
 
-/// The vCPU fd each vCPU thread last ran, and its VM.
+/// The vCPU each vCPU thread last ran (id or fd), and its VM.
 #[map]
 static VCPU_FD: HashMap<u32, VcpuThread> = HashMap::with_max_entries(START_ENTRIES, 0);
 
@@ -36,7 +37,7 @@ pub fn userspace_exit(tgid: u32, tid: u32, reason: u32, errno: i32) {
     }
 }
 
-/// ioctl(fd, KVM_RUN): learns the thread's vCPU fd (the daemon is told of a new one).
+/// KVM_RUN: learns the thread's vCPU, `fd` (an id or an fd; the daemon is told of a new one).
 #[inline(always)]
 pub fn learn(tgid: u32, tid: u32, fd: u32) {
     match uexit::learn_vcpu(&mut KernelStarts(&VCPU_FD), tid, tgid, fd) {
@@ -46,7 +47,7 @@ pub fn learn(tgid: u32, tid: u32, fd: u32) {
     }
 }
 
-/// ioctl(fd, KVM_RUN): ends the thread's exit to userspace.
+/// KVM_RUN: ends the thread's exit to userspace.
 #[inline(always)]
 pub fn run(tgid: u32, tid: u32, fd: u32) {
     const STAGE: StageId = StageId::KvmUserspaceExit;

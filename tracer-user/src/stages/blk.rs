@@ -3,7 +3,7 @@
 use tracer_common::{config::Config, stage::StageId};
 
 use super::{Event, Family, Path, Stage, all_set, tracepoint_or_function};
-use crate::maps::{BLK_START_RQ, BLK_START_SECTOR};
+use crate::maps::BLK_START_SECTOR;
 
 /// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
 /// programs read dev, sector and rwbs from the record.
@@ -100,5 +100,5 @@ pub static DEVICE: Stage = Stage {
     naming: &[],
     needs: |_| Ok(()),
     key_class: Some(request_key),
-    maps: &[&BLK_START_RQ, &BLK_START_SECTOR],
+    maps: &[&BLK_START_SECTOR],
 };

@@ -172,9 +172,10 @@ pub static SYS_ENTER_IOCTL: Event = classic(
 );
 pub static SYS_EXIT_IOCTL: Event = classic("syscalls", "sys_exit_ioctl", "sys_exit_ioctl", none);
 
+/// The function probes read `vcpu->vcpu_id`; the stand-in (sys_enter_ioctl) has its own needs.
 fn vcpu_run_needs(f: Family, c: &Config) -> Result<(), &'static str> {
     match f {
-        Family::Syscall => ioctl_needs(f, c),
+        Family::Syscall => Ok(()),
         _ => all_set(
             &[c.vcpu_id],
             "struct kvm_vcpu.vcpu_id not in BTF (is KVM built?)",
@@ -182,24 +183,9 @@ fn vcpu_run_needs(f: Family, c: &Config) -> Result<(), &'static str> {
     }
 }
 
-fn signal_msi_needs(f: Family, c: &Config) -> Result<(), &'static str> {
-    match f {
-        Family::Syscall => ioctl_needs(f, c),
-        _ => Ok(()),
-    }
-}
-
-fn irqfd_needs(f: Family, c: &Config) -> Result<(), &'static str> {
-    match f {
-        Family::Syscall => write_needs(f, c),
-        _ => Ok(()),
-    }
-}
-
 // int kvm_arch_vcpu_ioctl_run(struct kvm_vcpu *vcpu): ioctl(KVM_RUN) in the vCPU thread; the
 // stand-in's KVM_RUN reads the fd, and also sees KVM_CREATE_VM.
 pub static KVM_VCPU_RUN: Event = function_or_syscalls(
-    "kvm_vcpu_run",
     "kvm_vcpu_run",
     &["kvm_arch_vcpu_ioctl_run"],
     &[&SYS_ENTER_IOCTL],
@@ -209,21 +195,19 @@ pub static KVM_VCPU_RUN: Event = function_or_syscalls(
 // int kvm_send_userspace_msi(struct kvm *kvm, struct kvm_msi *msi): ioctl(KVM_SIGNAL_MSI)
 pub static KVM_SIGNAL_MSI: Event = function_or_syscalls(
     "kvm_signal_msi",
-    "kvm_signal_msi",
     &["kvm_send_userspace_msi"],
     &[&SYS_ENTER_IOCTL, &SYS_EXIT_IOCTL],
     stand_in::SIGNAL_MSI,
-    signal_msi_needs,
+    none,
 );
 // int irqfd_wakeup(wait_queue_entry_t *wait, unsigned mode, int sync, void *key): a write to an
 // irqfd's eventfd, in the writer's context (the stand-in: any 8-byte write of a VMM)
 pub static IRQFD_WAKEUP: Event = function_or_syscalls(
     "irqfd_wakeup",
-    "irqfd_wakeup",
     &["irqfd_wakeup"],
     &[&SYS_ENTER_WRITE, &SYS_EXIT_WRITE],
     stand_in::IRQFD,
-    irqfd_needs,
+    none,
 );
 
 fn irqfd_inject_known(c: &Config) -> Result<(), &'static str> {

@@ -204,10 +204,10 @@ pub const fn classic(
 }
 
 /// A kernel function that only the VMM's requests reach (fentry, then kprobe), with system call
-/// tracepoints as the opt-in last resort (`syscalls`, attached as [`Family::Syscall`]).
+/// tracepoints as the opt-in last resort (`syscalls`, attached as [`Family::Syscall`], each
+/// checked against its own needs). Its programs are `{name}_fentry` and `{name}_kprobe`.
 pub const fn function_or_syscalls(
     name: &'static str,
-    program: &'static str,
     functions: &'static [&'static str],
     syscalls: &'static [&'static Event],
     stand_in: u64,
@@ -216,7 +216,7 @@ pub const fn function_or_syscalls(
     Event {
         name,
         category: "",
-        program,
+        program: name,
         functions,
         families: &[Family::FEntry, Family::KProbe, Family::Syscall],
         needs,
