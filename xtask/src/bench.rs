@@ -7,7 +7,8 @@
 //! - with: `iopath serve --bpf-stats`, its default stages; its programs' run time and run count
 //!   (kernel.bpf_stats) over the workload give ns per event;
 //! - bpftrace (when installed) and iopath's block stage attached at once: the same
-//!   issue-to-complete histogram, both sides' run time over one window.
+//!   issue-to-complete histogram, both sides' run time over one window, beside bpftrace
+//!   programs on the same tracepoints that only read the clock or do nothing (the floor).
 //!
 //! Scrapes: after each run with iopath, 200 scrapes of /metrics by 50 clients at once, timed.
 //!
@@ -16,7 +17,9 @@
 //! programs' ns per event.
 //!
 //! Syscall tax: loops of system calls of this (non-VMM) process and the test VMM's exit rate,
-//! without iopath, with its default stages and with the stand-ins, alternating.
+//! without iopath, with its default stages and with the stand-ins, alternating; then how many
+//! of iopath's programs ran per call in each mode. The same, scaled down, in the distro-kernel
+//! VM (`bench-tax`, run there by `bench`), where KVM's functions are kprobes.
 
 use std::{
     collections::BTreeMap,
@@ -98,26 +101,86 @@ tracepoint:block:block_rq_complete /@start[args->dev, args->sector]/ {
 }
 "#;
 
-/// Sum of (run_time_ns, run_cnt) over the reference bpftrace script's programs (bpftool, JSON).
-/// bpftrace names them after the probe (`block_rq_issue`, `block_rq_comple`); iopath's are
-/// `blk_rq_*`, so the name tells them apart.
-fn bpftrace_stats() -> anyhow::Result<(f64, f64)> {
+/// Floors on the same two tracepoints: what any program costs there (empty), and that plus the
+/// one clock read a latency needs at each end (the branch keeps the read; it never prints).
+const BPFTRACE_FLOORS: [(&str, &str); 2] = [
+    (
+        "empty",
+        "tracepoint:block:block_rq_issue, tracepoint:block:block_rq_complete { }",
+    ),
+    (
+        "empty + clock read",
+        "tracepoint:block:block_rq_issue, tracepoint:block:block_rq_complete \
+         { $t = nsecs; if ($t == 1) { printf(\"x\"); } }",
+    ),
+];
+
+/// (run_time_ns, run_cnt) of each loaded bpftrace block program by id (bpftool, JSON). bpftrace
+/// names them after the probe (`block_rq_issue`, `block_rq_comple`); iopath's are `blk_rq_*`.
+fn bpftrace_progs() -> anyhow::Result<BTreeMap<u64, (f64, f64)>> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
         .context("bpftool")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mut acc = (0.0, 0.0);
-    for p in v.as_array().into_iter().flatten() {
-        if p["name"]
-            .as_str()
-            .is_some_and(|n| n.starts_with("block_rq_"))
-        {
-            acc.0 += p["run_time_ns"].as_f64().unwrap_or(0.0);
-            acc.1 += p["run_cnt"].as_f64().unwrap_or(0.0);
-        }
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("block_rq_"))
+        })
+        .map(|p| {
+            let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+            (
+                p["id"].as_u64().unwrap_or(0),
+                (f("run_time_ns"), f("run_cnt")),
+            )
+        })
+        .collect())
+}
+
+/// Sum over the programs `ids` of their increase from `before` to `after`.
+fn delta(
+    ids: &[u64],
+    before: &BTreeMap<u64, (f64, f64)>,
+    after: &BTreeMap<u64, (f64, f64)>,
+) -> (f64, f64) {
+    ids.iter().fold((0.0, 0.0), |a, id| {
+        let (t0, c0) = before.get(id).copied().unwrap_or_default();
+        let (t1, c1) = after.get(id).copied().unwrap_or_default();
+        (a.0 + t1 - t0, a.1 + c1 - c0)
+    })
+}
+
+/// Starts bpftrace on `script` and returns it with the ids of the programs it added, once
+/// attached; None (saying why) when it exited.
+fn start_bpftrace(script: &str) -> anyhow::Result<Option<(Proc, Vec<u64>)>> {
+    let known = bpftrace_progs()?;
+    let child = Command::new("bpftrace")
+        .arg("-e")
+        .arg(script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut p = Proc(child);
+    sleep(Duration::from_secs(3)); // bpftrace compiles and attaches
+    if let Ok(Some(st)) = p.0.try_wait() {
+        let mut err = String::new();
+        let _ = p.0.stderr.take().map(|mut e| e.read_to_string(&mut err));
+        let why = err
+            .lines()
+            .find(|l| l.contains("ERROR") && !l.contains("RLIMIT"))
+            .unwrap_or_default();
+        eprintln!("bench: bpftrace reference skipped: it exited ({st}) {why}");
+        return Ok(None);
     }
-    Ok(acc)
+    let ids = bpftrace_progs()?
+        .into_keys()
+        .filter(|id| !known.contains_key(id))
+        .collect();
+    Ok(Some((p, ids)))
 }
 
 fn set_bpf_stats(on: bool) {
@@ -174,18 +237,14 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Medians of `reps` runs of [`syscall_loops`].
-fn syscall_medians(reps: usize) -> [f64; 3] {
-    let runs: Vec<[f64; 3]> = (0..reps).map(|_| syscall_loops(200_000)).collect();
-    [0, 1, 2].map(|k| median(&runs.iter().map(|r| r[k]).collect::<Vec<_>>()))
-}
-
 /// The syscall tax on a process that runs no VM: the loops without iopath, with its default
 /// stages, and with system call tracepoints (`--syscall-tracepoints`), alternating, `rounds`
-/// times; medians per mode. Also the test VMM's exit rate in the same three modes.
+/// times, 5 loops each. Also the test VMM's exit rate in the same three modes, and, from
+/// one more loop per mode under `--bpf-stats`, how many of iopath's programs ran per call.
 struct Tax {
     loops: [[Vec<f64>; 3]; 3],
     exits: [Vec<f64>; 3],
+    runs_per_call: [f64; 3],
 }
 
 const TAX_MODES: [&str; 3] = ["without", "default", "syscall_tracepoints"];
@@ -197,10 +256,18 @@ const STAND_INS: [&str; 2] = [
     "--event-family=kvm_vcpu_run=syscall,kvm_signal_msi=syscall,irqfd_wakeup=syscall",
 ];
 
-fn syscall_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<Tax> {
+/// `n` calls per loop, `exits` exits per exit-rate run.
+fn syscall_tax(
+    bin: &Path,
+    vmm: Option<&Path>,
+    rounds: u32,
+    n: u32,
+    exits: u32,
+) -> anyhow::Result<Tax> {
     let mut tax = Tax {
         loops: Default::default(),
         exits: Default::default(),
+        runs_per_call: [0.0; 3],
     };
     for _ in 0..rounds {
         for (m, args) in [None, Some(&[][..]), Some(&STAND_INS[..])]
@@ -208,16 +275,34 @@ fn syscall_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<Ta
             .enumerate()
         {
             let daemon = args.map(|a| Daemon::start_bin(bin, a));
-            for (runs, ns) in tax.loops[m].iter_mut().zip(syscall_medians(5)) {
-                runs.push(ns);
+            // The last mode's programs are freed after its daemon exits (RCU, deferred work):
+            // every mode lets that settle before it measures.
+            sleep(Duration::from_secs(2));
+            for _ in 0..5 {
+                for (runs, ns) in tax.loops[m].iter_mut().zip(syscall_loops(n)) {
+                    runs.push(ns);
+                }
             }
             if let Some(vmm) = vmm {
-                tax.exits[m].push(exit_rate(vmm)?);
+                tax.exits[m].push(exit_rate(vmm, exits)?);
             }
             if let Some(d) = daemon {
                 anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
             }
         }
+    }
+    // Apart from the timed loops: bpf_stats adds a clock read to every program run.
+    for (m, args) in [(1, &[][..]), (2, &STAND_INS[..])] {
+        let d = Daemon::start_bin(bin, &[args, &["--bpf-stats"]].concat());
+        let before = program_stats(&d.metrics());
+        syscall_loops(n);
+        let after = program_stats(&d.metrics());
+        anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
+        let runs: f64 = after
+            .iter()
+            .map(|(p, (_, c))| c - before.get(p).map_or(0.0, |b| b.1))
+            .sum();
+        tax.runs_per_call[m] = runs / (3.0 * n as f64);
     }
     Ok(tax)
 }
@@ -242,9 +327,10 @@ fn testvmm(vmm: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// Exits to userspace per second: 20,000 PIO exits as fast as the test VMM takes them.
-fn exit_rate(vmm: &Path) -> anyhow::Result<f64> {
-    let pio = testvmm(vmm, &["pio", "--count", "20000", "--spin-us", "0"])?;
+/// Exits to userspace per second: `count` PIO exits as fast as the test VMM takes them.
+fn exit_rate(vmm: &Path, count: u32) -> anyhow::Result<f64> {
+    let count = count.to_string();
+    let pio = testvmm(vmm, &["pio", "--count", &count, "--spin-us", "0"])?;
     let n = pio["handled"].as_f64().unwrap_or(0.0);
     let us = pio["elapsed_us"].as_f64().unwrap_or(f64::MAX);
     Ok(n / us * 1e6)
@@ -253,7 +339,7 @@ fn exit_rate(vmm: &Path) -> anyhow::Result<f64> {
 /// The KVM workload: exits to userspace, irqfd signals over an MSI and an IOAPIC route,
 /// KVM_SIGNAL_MSI, halts.
 fn kvm_workload(vmm: &Path) -> anyhow::Result<()> {
-    exit_rate(vmm)?;
+    exit_rate(vmm, TAX_EXITS)?;
     for mode in ["irqfd-msi", "irqfd-gsi", "signal-msi"] {
         testvmm(vmm, &[mode, "--count", "4000", "--gap-us", "20"])?;
     }
@@ -296,7 +382,80 @@ fn accumulate(
     }
 }
 
-pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyhow::Result<()> {
+/// Calls per loop of the syscall tax on this machine, and exits per exit-rate run.
+const TAX_LOOP: u32 = 200_000;
+const TAX_EXITS: u32 = 20_000;
+
+/// The syscall tax alone, for the distro-kernel VM: printed, and its JSON (with the kernel)
+/// written to `out`.
+pub fn tax_only(
+    bin: &Path,
+    vmm: Option<&Path>,
+    rounds: u32,
+    n: u32,
+    exits: u32,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let tax = syscall_tax(bin, vmm, rounds, n, exits)?;
+    let json = serde_json::json!({
+        "kernel": uname_r(), "machine": machine(), "syscall_tax": tax_report(&tax, rounds, n),
+    });
+    fs::write(out, serde_json::to_string_pretty(&json)? + "\n")?;
+    Ok(())
+}
+
+/// Prints the syscall tax table and returns it as JSON, per mode.
+fn tax_report(tax: &Tax, rounds: u32, n: u32) -> serde_json::Map<String, serde_json::Value> {
+    println!(
+        "\nsystem calls of a process that runs no VM, ns per call: medians of {} loops of {n} per mode, {rounds} rounds alternating:",
+        rounds * 5
+    );
+    println!(
+        "  {:<22} {:>9} {:>9} {:>9}",
+        "mode", "write", "getpid", "ioctl"
+    );
+    let mut tax_json = serde_json::Map::new();
+    for (m, mode) in TAX_MODES.iter().enumerate() {
+        let meds = [0, 1, 2].map(|k| median(&tax.loops[m][k]));
+        let ratios = [0, 1, 2].map(|k| meds[k] / median(&tax.loops[0][k]));
+        println!(
+            "  {mode:<22} {:>9.1} {:>9.1} {:>9.1}   (x{:.3} x{:.3} x{:.3} of without)",
+            meds[0], meds[1], meds[2], ratios[0], ratios[1], ratios[2]
+        );
+        println!(
+            "  {:<22} iopath programs run per call: {:.3}",
+            "", tax.runs_per_call[m]
+        );
+        let exits = (!tax.exits[m].is_empty()).then(|| median(&tax.exits[m]));
+        if let Some(e) = exits {
+            println!(
+                "  {:<22} test VMM exits to userspace per second: {e:.0} (x{:.3} of without)",
+                "",
+                e / median(&tax.exits[0])
+            );
+        }
+        tax_json.insert(
+            mode.to_string(),
+            serde_json::json!({
+                "write_ns": meds[0], "getpid_ns": meds[1], "ioctl_ns": meds[2],
+                "ratio_write": ratios[0], "ratio_getpid": ratios[1], "ratio_ioctl": ratios[2],
+                "programs_run_per_call": tax.runs_per_call[m],
+                "exits_per_s": exits,
+                "runs": {"write": tax.loops[m][0], "getpid": tax.loops[m][1], "ioctl": tax.loops[m][2], "exits_per_s": tax.exits[m]},
+            }),
+        );
+    }
+    tax_json
+}
+
+/// The whole bench on this machine; `l1` is the distro-kernel VM's syscall tax, when measured.
+pub fn bench(
+    bin: &Path,
+    vmm: Option<&Path>,
+    seconds: u32,
+    rounds: u32,
+    l1: Option<serde_json::Value>,
+) -> anyhow::Result<()> {
     let dir = crate::root().join("target/bench");
     fs::create_dir_all(&dir)?;
     let lo = LoopDev::new("bench", 256);
@@ -312,7 +471,8 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         .is_ok_and(|o| o.status.success());
     let (mut without, mut with, mut with_bt) = (Vec::new(), Vec::new(), Vec::new());
     let mut progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    let mut bt = (0.0, 0.0);
+    // Run time and runs of bpftrace's reference script, then of each floor.
+    let mut bt = [(0.0, 0.0); 1 + BPFTRACE_FLOORS.len()];
     // iopath's programs in the windows bpftrace ran in too.
     let mut blk_same_window: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut bursts = Vec::new();
@@ -341,36 +501,34 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         }
 
         if has_bpftrace {
-            // bpftrace and iopath's block stage attached at once: one window, one workload.
+            // bpftrace and iopath's block stage attached at once, and the empty floor programs:
+            // one window, one workload.
             let both = Daemon::start_bin(bin, &["--bpf-stats", "--stages", "blk.device"]);
             set_bpf_stats(true);
-            let child = Command::new("bpftrace")
-                .arg("-e")
-                .arg(BPFTRACE)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            let mut p = Proc(child);
-            sleep(Duration::from_secs(3)); // bpftrace compiles and attaches
-            if let Ok(Some(st)) = p.0.try_wait() {
-                let mut err = String::new();
-                let _ = p.0.stderr.take().map(|mut e| e.read_to_string(&mut err));
-                let why = err
-                    .lines()
-                    .find(|l| l.contains("ERROR") && !l.contains("RLIMIT"))
-                    .unwrap_or_default();
-                eprintln!("bench: bpftrace reference skipped: it exited ({st}) {why}");
+            let mut tracers = Vec::new();
+            for script in std::iter::once(BPFTRACE).chain(BPFTRACE_FLOORS.map(|f| f.1)) {
+                match start_bpftrace(script)? {
+                    Some(t) => tracers.push(t),
+                    None => break,
+                }
+            }
+            if tracers.len() < 1 + BPFTRACE_FLOORS.len() {
+                drop(tracers);
                 set_bpf_stats(false);
                 continue;
             }
-            let (b0, i0) = (bpftrace_stats()?, program_stats(&both.metrics()));
+            let (b0, i0) = (bpftrace_progs()?, program_stats(&both.metrics()));
             with_bt.push(fio(&lo.dev, seconds)?);
-            let (b1, i1) = (bpftrace_stats()?, program_stats(&both.metrics()));
-            drop(p);
+            let (b1, i1) = (bpftrace_progs()?, program_stats(&both.metrics()));
             anyhow::ensure!(both.stop().success(), "iopath did not exit cleanly");
             set_bpf_stats(false);
-            bt.0 += b1.0 - b0.0;
-            bt.1 += b1.1 - b0.1;
+            // bt: the reference script's, then each floor's.
+            for (acc, (_, ids)) in bt.iter_mut().zip(&tracers) {
+                let d = delta(ids, &b0, &b1);
+                acc.0 += d.0;
+                acc.1 += d.1;
+            }
+            drop(tracers);
             accumulate(&mut blk_same_window, &i0, i1);
         }
         eprintln!(
@@ -402,6 +560,7 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
             serde_json::json!({"events": c, "ns_per_event": ns}),
         );
     }
+    let (floors, bt) = (&bt[1..], bt[0]);
     let bt_ns = (bt.1 > 0.0).then(|| bt.0 / bt.1);
     // Block programs against bpftrace's, attached at once: total run time over one window.
     let blk_total = blk_same_window
@@ -421,6 +580,14 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
             bt.1,
             bt_ns.unwrap_or(0.0),
         );
+        // What no latency program on these tracepoints can go below.
+        for ((name, _), (t, c)) in BPFTRACE_FLOORS.iter().zip(floors) {
+            println!(
+                "  floor in the same window, {name}: {:.0} ns/run, {:.3} of bpftrace's run time",
+                t / c.max(1.0),
+                t / bt.0,
+            );
+        }
     }
     let (a, b) = (mean(&without), mean(&with));
     println!(
@@ -448,41 +615,8 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         rounds * 3
     );
     // Cheap rounds (no fio): three times as many, for medians that noise moves less.
-    let tax = syscall_tax(bin, vmm, rounds * 3)?;
-    println!(
-        "\nsystem calls of a process that runs no VM, ns per call (median of {} rounds, each the median of 5 loops of 200k):",
-        rounds * 3
-    );
-    println!(
-        "  {:<22} {:>9} {:>9} {:>9}",
-        "mode", "write", "getpid", "ioctl"
-    );
-    let mut tax_json = serde_json::Map::new();
-    for (m, mode) in TAX_MODES.iter().enumerate() {
-        let meds = [0, 1, 2].map(|k| median(&tax.loops[m][k]));
-        let ratios = [0, 1, 2].map(|k| meds[k] / median(&tax.loops[0][k]));
-        println!(
-            "  {mode:<22} {:>9.1} {:>9.1} {:>9.1}   (x{:.3} x{:.3} x{:.3} of without)",
-            meds[0], meds[1], meds[2], ratios[0], ratios[1], ratios[2]
-        );
-        let exits = (!tax.exits[m].is_empty()).then(|| median(&tax.exits[m]));
-        if let Some(e) = exits {
-            println!(
-                "  {:<22} test VMM exits to userspace per second: {e:.0} (x{:.3} of without)",
-                "",
-                e / median(&tax.exits[0])
-            );
-        }
-        tax_json.insert(
-            mode.to_string(),
-            serde_json::json!({
-                "write_ns": meds[0], "getpid_ns": meds[1], "ioctl_ns": meds[2],
-                "ratio_write": ratios[0], "ratio_getpid": ratios[1], "ratio_ioctl": ratios[2],
-                "exits_per_s": exits,
-                "runs": {"write": tax.loops[m][0], "getpid": tax.loops[m][1], "ioctl": tax.loops[m][2], "exits_per_s": tax.exits[m]},
-            }),
-        );
-    }
+    let tax = syscall_tax(bin, vmm, rounds * 3, TAX_LOOP, TAX_EXITS)?;
+    let tax_json = tax_report(&tax, rounds * 3, TAX_LOOP);
     let json = serde_json::json!({
         "date": bench_date(), "kernel": uname_r(), "machine": machine(),
         "seconds": seconds, "rounds": rounds, "device": lo.dev,
@@ -491,10 +625,12 @@ pub fn bench(bin: &Path, vmm: Option<&Path>, seconds: u32, rounds: u32) -> anyho
         "blk_vs_bpftrace_same_window": {
             "iopath_run_time_ns": blk_total.0, "iopath_runs": blk_total.1,
             "bpftrace_run_time_ns": bt.0, "bpftrace_runs": bt.1, "ratio": blk_vs_bt,
+            "floors": BPFTRACE_FLOORS.iter().zip(floors).map(|((name, _), (t, c))| serde_json::json!({"name": name, "run_time_ns": t, "runs": c, "ratio": t / bt.0.max(1.0)})).collect::<Vec<_>>(),
             "programs": blk_same_window.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"run_time_ns": t, "runs": c}))).collect::<serde_json::Map<_, _>>(),
         },
         "syscall_tax": tax_json,
         "scrape_burst_200_by_50_s": bursts,
+        "distro_kernel_vm": l1,
     });
     let text = serde_json::to_string_pretty(&json)? + "\n";
     fs::write(dir.join("latest.json"), &text)?;

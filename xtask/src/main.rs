@@ -63,6 +63,28 @@ enum Task {
         /// Runs of each mode (without / with iopath), interleaved.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Leave out the syscall tax in the distro-kernel VM.
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// The bench's syscall tax alone (what `bench` runs in the distro-kernel VM).
+    #[command(hide = true)]
+    BenchTax {
+        #[arg(long)]
+        bin: PathBuf,
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        #[arg(long)]
+        rounds: u32,
+        /// System calls per loop.
+        #[arg(long)]
+        calls: u32,
+        /// Exits per exit-rate run.
+        #[arg(long)]
+        exits: u32,
+        /// Where the JSON goes.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -163,6 +185,31 @@ fn exec_in_l1(
     let script = format!("{}\n{cmd}\n", e2e::vm_env(&img, bin));
     let (rc, _) = l1.exec(&script, timeout, true)?;
     Ok((rc, l1))
+}
+
+/// The syscall tax in the distro-kernel VM: the bench's loops and exit rate, scaled down for
+/// TCG (a system call there costs microseconds), with L1's function probes in the default mode.
+fn l1_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<serde_json::Value> {
+    let xtask = std::env::current_exe()?;
+    let mut cmd = format!(
+        "{} bench-tax --bin {} --rounds {} --calls 20000 --exits 2000 --out /run/iopath/tax.json",
+        xtask.display(),
+        bin.display(),
+        rounds * 3
+    );
+    if let Some(v) = vmm {
+        cmd += &format!(" --vmm {}", v.display());
+    }
+    eprintln!(
+        "bench: syscall tax in the distro-kernel VM ({} rounds)",
+        rounds * 3
+    );
+    let (rc, l1) = exec_in_l1(bin, &cmd, std::time::Duration::from_secs(1800))?;
+    if rc != 0 {
+        bail!("the syscall tax in the distro-kernel VM failed (exit {rc}); --no-vm leaves it out");
+    }
+    let text = std::fs::read_to_string(l1.xchg().join("tax.json"))?;
+    Ok(serde_json::from_str(&text)?)
 }
 
 /// Records the KVM replay fixtures from a nested guest in the VM (the nested test writes them
@@ -381,7 +428,20 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Bench { seconds, rounds } => {
+        Task::BenchTax {
+            bin,
+            vmm,
+            rounds,
+            calls,
+            exits,
+            out,
+        } => bench::tax_only(&bin, vmm.as_deref(), rounds, calls, exits, &out),
+        Task::Bench {
+            seconds,
+            rounds,
+            no_vm,
+        } => {
+            require_root("cargo xtask bench");
             setup::setup()?;
             let bin = build_iopath()?;
             let vmm = if Path::new("/dev/kvm").exists() {
@@ -398,7 +458,13 @@ fn task(cmd: Task) -> anyhow::Result<()> {
                 eprintln!("bench: no /dev/kvm, KVM programs not measured");
                 None
             };
-            bench::bench(&bin, vmm.as_deref(), seconds, rounds)
+            let l1 = if no_vm {
+                None
+            } else {
+                vm::catch_signals();
+                Some(l1_tax(&bin, vmm.as_deref(), rounds)?)
+            };
+            bench::bench(&bin, vmm.as_deref(), seconds, rounds, l1)
         }
     }
 }
