@@ -86,9 +86,13 @@ pub struct Config {
     pub task_tgid: u32,
     /// `struct kvm_lapic`.vcpu (kvm module BTF): the accept's function variants.
     pub lapic_vcpu: u32,
+    /// `struct sk_buff`.dev
+    pub skb_dev: u32,
+    /// `struct net_device`.ifindex
+    pub netdev_ifindex: u32,
     pub _pad: u32,
 }
-assert_size!(Config, 160);
+assert_size!(Config, 168);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -131,6 +135,8 @@ impl Config {
         mm_owner: NO_OFFSET,
         task_tgid: NO_OFFSET,
         lapic_vcpu: NO_OFFSET,
+        skb_dev: NO_OFFSET,
+        netdev_ifindex: NO_OFFSET,
         _pad: 0,
     };
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod hist;
 pub mod kvm;
 pub mod maps;
+pub mod net;
 pub mod rules;
 pub mod stage;
 

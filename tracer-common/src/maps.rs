@@ -56,10 +56,14 @@ pub enum Counter {
     AcceptUnmatched = 7,
     /// An injection for a vCPU that already had one pending: measured from the earliest.
     Coalesced = 8,
+    /// A packet the kernel dropped before the stage ended.
+    Dropped = 9,
+    /// Packets a backend took and delivered without an interrupt (the guest was polling).
+    NoInterrupt = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 11] = [
         Counter::HistFull,
         Counter::StartFull,
         Counter::ReadError,
@@ -69,6 +73,8 @@ impl Counter {
         Counter::UnknownVm,
         Counter::AcceptUnmatched,
         Counter::Coalesced,
+        Counter::Dropped,
+        Counter::NoInterrupt,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -83,6 +89,8 @@ impl Counter {
             Counter::UnknownVm => "unknown_vm",
             Counter::AcceptUnmatched => "accept_unmatched",
             Counter::Coalesced => "coalesced",
+            Counter::Dropped => "dropped",
+            Counter::NoInterrupt => "no_interrupt",
         }
     }
 }

@@ -17,16 +17,25 @@ pub enum StageId {
     KvmHaltWakeup = 4,
     /// kvm:kvm_userspace_exit to the same thread's next ioctl(KVM_RUN).
     KvmUserspaceExit = 5,
+    /// net:netif_receive_skb on an uplink to net:net_dev_start_xmit on a tap.
+    NetRxHostStack = 6,
+    /// net:net_dev_start_xmit on a tap to skb:consume_skb in the backend's thread.
+    NetRxBackendQueue = 7,
+    /// That consume to the next kvm:kvm_msi_set_irq of the same thread.
+    NetRxBackendToIrq = 8,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 6] = [
+    pub const ALL: [StageId; 9] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
         StageId::KvmInjectToEntry,
         StageId::KvmHaltWakeup,
         StageId::KvmUserspaceExit,
+        StageId::NetRxHostStack,
+        StageId::NetRxBackendQueue,
+        StageId::NetRxBackendToIrq,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -44,6 +53,9 @@ impl StageId {
             3 => Some(StageId::KvmInjectToEntry),
             4 => Some(StageId::KvmHaltWakeup),
             5 => Some(StageId::KvmUserspaceExit),
+            6 => Some(StageId::NetRxHostStack),
+            7 => Some(StageId::NetRxBackendQueue),
+            8 => Some(StageId::NetRxBackendToIrq),
             _ => None,
         }
     }

@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap},
 };
 use tracer_common::{
     blk::{self, Op, RQ_SLOTS, RqSlot, SectorKey, SectorStart, mkdev, rq_slot},
@@ -17,7 +17,7 @@ use tracer_common::{
 };
 
 use crate::{
-    shared::{KernelStarts, config, count, now_ns, on, read_at, record, stages_on},
+    shared::{KernelStarts, config, count, now_ns, number, on, read_at, record, stages_on},
     tp::{Site, field, function, tracepoint},
 };
 
@@ -27,23 +27,6 @@ const STAGE: StageId = StageId::BlkDevice;
 /// no lock.
 #[map]
 static BLK_START_RQ: Array<RqSlot> = Array::with_max_entries(RQ_SLOTS, 0);
-
-/// A typed pointer's value as a plain number. The verifier refuses arithmetic other than
-/// add/sub on a pointer (the slot hash shifts and multiplies); what comes back out of a map
-/// value is a number to it (storing a kernel pointer there needs CAP_PERFMON, as everything
-/// here does).
-#[map]
-static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-#[inline(always)]
-fn number(p: *const u8) -> Option<u64> {
-    let slot = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's own slot of a map value; the program is not preempted mid-way.
-    unsafe {
-        core::ptr::write_volatile(slot as *mut *const u8, p);
-        Some(core::ptr::read_volatile(slot))
-    }
-}
 
 /// Request `p`'s number and its slot (always there: the index is masked to the array's size).
 #[inline(always)]

@@ -15,6 +15,7 @@
 
 mod blk;
 mod kvm;
+mod net;
 mod shared;
 mod tp;
 

@@ -67,17 +67,23 @@ static HIST: PerCpuHashMap<HistKey, HistVal> = PerCpuHashMap::with_max_entries(H
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 #[inline(always)]
-fn bump(index: u32) {
+fn bump(index: u32, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {
         // Per-CPU slot: no other CPU writes it.
-        unsafe { *p += 1 };
+        unsafe { *p += n };
     }
 }
 
 /// Counts one event of `stage` that gave no sample, for `c`.
 #[inline(always)]
 pub fn count(stage: StageId, c: Counter) {
-    bump(counter_index(stage, c));
+    bump(counter_index(stage, c), 1);
+}
+
+/// Counts `n` events of `stage` that gave no sample, for `c`.
+#[inline(always)]
+pub fn count_n(stage: StageId, c: Counter, n: u64) {
+    bump(counter_index(stage, c), n);
 }
 
 /// Counts `c` for each stage of `stages` that is on: an event shared by several stages that
@@ -94,7 +100,7 @@ pub fn count_each(mask: u64, stages: &[StageId], c: Counter) {
 /// Counts a loss of a map shared by every KVM stage.
 #[inline(always)]
 pub fn count_map(m: MapCounter) {
-    bump(map_counter_index(m));
+    bump(map_counter_index(m), 1);
 }
 
 #[inline(always)]
@@ -319,6 +325,23 @@ pub fn current_tgid_tid() -> (u32, u32) {
 #[inline(always)]
 pub unsafe fn read_at<T>(base: u64, off: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// A typed pointer's value as a plain number. The verifier refuses arithmetic other than
+/// add/sub on a pointer (the slot hashes shift and multiply); what comes back out of a map
+/// value is a number to it (storing a kernel pointer there needs CAP_PERFMON, as everything
+/// here does).
+#[map]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn number(p: *const u8) -> Option<u64> {
+    let slot = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's own slot of a map value; the program is not preempted mid-way.
+    unsafe {
+        core::ptr::write_volatile(slot as *mut *const u8, p);
+        Some(core::ptr::read_volatile(slot))
+    }
 }
 
 #[inline(always)]

@@ -68,6 +68,29 @@ macro_rules! tracepoint {
 }
 pub(crate) use tracepoint;
 
+/// `tracepoint_args!(name, btf_prog, raw_prog, btf = |arg| from_btf, |arg| from_args, handle)`:
+/// a tracepoint's tp_btf and raw_tp programs only, for events whose classic record lacks what
+/// the stage keys by (the net tracepoints name the device by its name, not its ifindex).
+macro_rules! tracepoint_args {
+    ($tp:literal, $btf:ident, $raw:ident, btf = |$barg:ident| $from_btf:expr,
+     |$arg:ident| $from_args:expr, $handle:path) => {
+        #[aya_ebpf::macros::btf_tracepoint(function = $tp)]
+        pub fn $btf(ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
+            let get = |i: usize| -> u64 { ctx.arg(i) };
+            $crate::tp::from_args!(ctx, $barg = get, $from_btf, $handle);
+            0
+        }
+
+        #[aya_ebpf::macros::raw_tracepoint(tracepoint = $tp)]
+        pub fn $raw(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
+            let get = |i: usize| -> u64 { ctx.arg(i) };
+            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
+            0
+        }
+    };
+}
+pub(crate) use tracepoint_args;
+
 /// `function!(name, fentry_prog, kprobe_prog, |arg| from_args, handle)`: the fentry and kprobe
 /// programs of a kernel function whose arguments carry what the event's tracepoint programs
 /// read (`arg(i)`: argument i as a u64), for kernels where the tracepoint cannot be used. The

@@ -43,6 +43,17 @@ fn device_exists(dev: u32) -> Option<u64> {
     .map(|_| 0)
 }
 
+/// A network device exists while sysfs has one of that ifindex (ifindexes are not reused
+/// until the counter wraps).
+fn netdev_exists(ifindex: u32) -> Option<u64> {
+    let want = ifindex.to_string();
+    fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .any(|d| fs::read_to_string(d.path().join("ifindex")).is_ok_and(|i| i.trim() == want))
+        .then_some(0)
+}
+
 /// Does process `pid` hold a KVM VM fd (`anon_inode:kvm-vm`)?
 fn holds_vm(pid: u32) -> bool {
     fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
@@ -210,6 +221,7 @@ impl<T: Copy + Eq + Hash> Lifecycle<T> {
 pub struct Collector {
     pub vms: Lifecycle<u32>,
     pub devices: Lifecycle<u32>,
+    pub netdevs: Lifecycle<u32>,
 }
 
 /// What one collection found gone and removed.
@@ -217,7 +229,21 @@ pub struct Collector {
 pub struct Collected {
     pub vms: HashSet<u32>,
     pub devices: HashSet<u32>,
+    pub netdevs: HashSet<u32>,
     pub kernel_entries: usize,
+}
+
+impl Collected {
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty() && self.devices.is_empty() && self.netdevs.is_empty()
+    }
+
+    /// Is what `o` names gone?
+    pub fn owns(&self, o: Owner) -> bool {
+        self.vms.contains(&o.vm)
+            || self.devices.contains(&o.dev)
+            || self.netdevs.contains(&o.netdev)
+    }
 }
 
 /// Is an entry of `map` owned by `o` to go? The entries of gone VMs and devices go, but a VMM
@@ -229,7 +255,7 @@ fn doomed(map: &str, o: Owner, dead: &Collected, vmm_again: &HashSet<u32>) -> bo
     if map == maps::VMM_TGIDS.name && vmm_again.contains(&o.vm) {
         return false;
     }
-    dead.vms.contains(&o.vm) || dead.devices.contains(&o.dev)
+    dead.owns(o)
 }
 
 impl Collector {
@@ -237,6 +263,7 @@ impl Collector {
         Collector {
             vms: Lifecycle::new(grace, start_time),
             devices: Lifecycle::new(grace, device_exists),
+            netdevs: Lifecycle::new(grace, netdev_exists),
         }
     }
 
@@ -246,9 +273,15 @@ impl Collector {
         let owners: Vec<Owner> = maps::all().iter().flat_map(|m| m.owners(ebpf)).collect();
         let vms: HashSet<u32> = owners.iter().map(|o| o.vm).filter(|&v| v != 0).collect();
         let devs: HashSet<u32> = owners.iter().map(|o| o.dev).filter(|&d| d != 0).collect();
+        let netdevs: HashSet<u32> = owners
+            .iter()
+            .map(|o| o.netdev)
+            .filter(|&d| d != 0)
+            .collect();
         Collected {
             vms: self.vms.expired(vms, now).into_iter().collect(),
             devices: self.devices.expired(devs, now).into_iter().collect(),
+            netdevs: self.netdevs.expired(netdevs, now).into_iter().collect(),
             kernel_entries: 0,
         }
     }
@@ -313,10 +346,14 @@ mod tests {
         let dead = Collected {
             vms: HashSet::from([42, 43]),
             devices: HashSet::from([7 << 20]),
+            netdevs: HashSet::from([9]),
             kernel_entries: 0,
         };
         let live = HashSet::from([43]); // 43 is a new VMM now
-        let vm = |v| Owner { vm: v, dev: 0 };
+        let vm = |v| Owner {
+            vm: v,
+            ..Owner::default()
+        };
         assert!(doomed("VMM_TGIDS", vm(42), &dead, &live));
         assert!(!doomed("VMM_TGIDS", vm(43), &dead, &live));
         assert!(doomed("VCPU_FD", vm(43), &dead, &live));
@@ -324,8 +361,17 @@ mod tests {
         assert!(doomed(
             "HIST",
             Owner {
-                vm: 0,
-                dev: 7 << 20
+                dev: 7 << 20,
+                ..Owner::default()
+            },
+            &dead,
+            &live
+        ));
+        assert!(doomed(
+            "HIST",
+            Owner {
+                netdev: 9,
+                ..Owner::default()
             },
             &dead,
             &live
@@ -338,5 +384,7 @@ mod tests {
         assert!(!holds_vm(std::process::id()), "this test is no VMM");
         assert_eq!(start_time(u32::MAX - 7), None);
         assert_eq!(device_exists(u32::MAX), None);
+        assert_eq!(netdev_exists(1), Some(0), "lo is ifindex 1");
+        assert_eq!(netdev_exists(u32::MAX), None);
     }
 }

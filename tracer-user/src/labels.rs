@@ -14,6 +14,7 @@ use tracer_common::{
         uexit::{ERRNO_DETAIL, NO_VCPU, VCPU_ID_FLAG},
     },
     maps::{Notice, NoticeKind},
+    net::Backend,
     stage::StageId,
 };
 
@@ -277,6 +278,8 @@ pub struct Labeler {
     /// (tgid, fd) -> vcpu id
     vcpus: HashMap<(u32, u32), String>,
     disks: HashMap<u32, String>,
+    /// ifindex -> network device name
+    netdevs: HashMap<u32, String>,
 }
 
 impl Labeler {
@@ -306,6 +309,25 @@ impl Labeler {
     pub fn forget_vm(&mut self, tgid: u32) {
         self.vms.remove(&tgid);
         self.vcpus.retain(|(t, _), _| *t != tgid);
+    }
+
+    /// Names of the devices the net stages follow, as `netdevs` found them.
+    pub fn netdevs(&mut self, devs: &std::collections::BTreeMap<u32, crate::netdevs::NetDev>) {
+        for (i, d) in devs {
+            self.netdevs.insert(*i, d.name.clone());
+        }
+    }
+
+    fn netdev(&self, ifindex: u32) -> String {
+        match self.netdevs.get(&ifindex) {
+            Some(n) => n.clone(),
+            None if ifindex == 0 => String::new(),
+            None => format!("ifindex{ifindex}"),
+        }
+    }
+
+    pub fn forget_netdev(&mut self, ifindex: u32) {
+        self.netdevs.remove(&ifindex);
     }
 
     pub fn forget_disk(&mut self, dev: u32) {
@@ -383,6 +405,12 @@ impl Labeler {
                 self.vm(k.vm),
                 self.vcpu_fd(k.vm, k.obj),
                 self.uexit_reasons.name(k.detail),
+            ],
+            StageId::NetRxHostStack => vec![self.netdev(k.obj), self.netdev(k.detail)],
+            StageId::NetRxBackendQueue | StageId::NetRxBackendToIrq => vec![
+                self.vm(k.vm),
+                Backend::from_u32(k.detail).name().into(),
+                self.netdev(k.obj),
             ],
         };
         let names = stages::stage(k.stage).labels;

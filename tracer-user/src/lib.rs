@@ -9,6 +9,7 @@ pub mod gc;
 pub mod hist;
 pub mod labels;
 pub mod maps;
+pub mod netdevs;
 pub mod offsets;
 pub mod privs;
 pub mod report;

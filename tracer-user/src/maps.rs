@@ -16,6 +16,7 @@ use tracer_common::{
         uexit::{UexitStart, VcpuThread},
     },
     maps::{HistKey, HistVal},
+    net::backend_to_irq::Batch,
     stage::StageId,
 };
 
@@ -28,15 +29,22 @@ pub struct Owner {
     pub vm: u32,
     /// Kernel dev_t of a block device.
     pub dev: u32,
+    /// ifindex of a tap (the net stages' series).
+    pub netdev: u32,
 }
 
 impl Owner {
-    /// The owner of a histogram series (`HistKey` stage, obj, vm): its VM, and for blk.device
-    /// its device (`obj` is the dev_t there).
+    /// The owner of a histogram series (`HistKey` stage, obj, vm): its VM, and its device for
+    /// blk.device (`obj` is the dev_t there) and for the net stages (`obj` is the tap).
     pub fn of_series(stage: u16, obj: u32, vm: u32) -> Owner {
+        let is = |s: StageId| stage == s as u16;
         Owner {
             vm,
-            dev: if stage == StageId::BlkDevice as u16 {
+            dev: if is(StageId::BlkDevice) { obj } else { 0 },
+            netdev: if is(StageId::NetRxHostStack)
+                || is(StageId::NetRxBackendQueue)
+                || is(StageId::NetRxBackendToIrq)
+            {
                 obj
             } else {
                 0
@@ -45,10 +53,25 @@ impl Owner {
     }
 
     const fn vm(vm: u32) -> Owner {
-        Owner { vm, dev: 0 }
+        Owner {
+            vm,
+            dev: 0,
+            netdev: 0,
+        }
     }
     const fn dev(dev: u32) -> Owner {
-        Owner { vm: 0, dev }
+        Owner {
+            vm: 0,
+            dev,
+            netdev: 0,
+        }
+    }
+    const fn netdev(netdev: u32) -> Owner {
+        Owner {
+            vm: 0,
+            dev: 0,
+            netdev,
+        }
     }
 }
 
@@ -169,7 +192,7 @@ impl KernelMap {
 /// blk.device.
 pub static HIST: KernelMap = KernelMap {
     name: "HIST",
-    collected: "by VM (key), and by device (key) for blk.device",
+    collected: "by VM (key), by device (key) for blk.device, by tap (key) for net.*",
     capacity: Capacity::Hist,
     access: &PerCpuHash::<HistKey, HistVal>(
         |k| Owner::of_series(k.stage, k.obj, k.vm),
@@ -233,8 +256,22 @@ pub static VCPU_FD: KernelMap = KernelMap {
     access: &Hash::<u32, VcpuThread>(|_, v| Owner::vm(v.vm)),
 };
 
-/// Maps every stage uses.
-pub static SHARED: &[&KernelMap] = &[&HIST, &VMM_TGIDS];
+pub static NET_RX_BATCH: KernelMap = KernelMap {
+    name: "NET_RX_BATCH",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, Batch>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static NET_DEVS: KernelMap = KernelMap {
+    name: "NET_DEVS",
+    collected: "by network device (key); kept equal to sysfs by the daemon (netdevs)",
+    capacity: Capacity::Fixed,
+    access: &Hash::<u32, u32>(|k, _| Owner::netdev(*k)),
+};
+
+/// Maps every stage uses, and the net stages' device table (the daemon's to keep).
+pub static SHARED: &[&KernelMap] = &[&HIST, &VMM_TGIDS, &NET_DEVS];
 
 /// Every growing map: the shared ones, then each stage's, once each.
 pub fn all() -> Vec<&'static KernelMap> {

@@ -50,6 +50,8 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         mm_owner: member("mm_struct", "owner"),
         task_tgid: member("task_struct", "tgid"),
         lapic_vcpu: member("kvm_lapic", "vcpu"),
+        skb_dev: member("sk_buff", "dev"),
+        netdev_ifindex: member("net_device", "ifindex"),
         _pad: 0,
     }
 }

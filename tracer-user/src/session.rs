@@ -20,6 +20,7 @@ use crate::{
     hist::{Layout, ReadError, Series, SeriesKey, Snapshot, Summary},
     labels::Labeler,
     maps::{self, Owner},
+    netdevs,
     stages::{self, Stage},
     sys,
 };
@@ -69,7 +70,7 @@ pub struct Session {
     pub collected: Collections,
 }
 
-/// How many VMs and devices a session has collected.
+/// How many VMs and devices (block devices and taps) a session has collected.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct Collections {
     pub vms: usize,
@@ -89,7 +90,7 @@ impl Session {
             .take_map("VM_NOTICES")
             .and_then(|m| RingBuf::try_from(m).ok());
         let base = Snapshot::read(&tracer.ebpf)?;
-        Ok(Session {
+        let mut session = Session {
             tracer,
             labeler,
             layout: opts.layout.clone(),
@@ -102,7 +103,16 @@ impl Session {
             bpf_stats: opts.attach.bpf_stats,
             reads: 0,
             collected: Collections::default(),
-        })
+        };
+        session.sync_netdevs();
+        Ok(session)
+    }
+
+    /// Tells the net programs which devices are taps and uplinks (sysfs, now), and names them.
+    pub fn sync_netdevs(&mut self) {
+        let devs = netdevs::scan(std::path::Path::new("/sys/class/net"));
+        netdevs::sync(&mut self.tracer.ebpf, &devs);
+        self.labeler.netdevs(&devs);
     }
 
     /// Readiness of the notice ring buffer, to wait on: its own duplicate of the ring's fd,
@@ -147,17 +157,13 @@ impl Session {
     /// what is kept under its labels is all the kernel counted for it.
     pub fn collect(&mut self) -> Result<gc::Collected, ReadError> {
         self.drain_notices();
+        self.sync_netdevs();
         let mut dead = self.collector.find_dead(&self.tracer.ebpf, Instant::now());
-        if dead.vms.is_empty() && dead.devices.is_empty() {
+        if dead.is_empty() {
             return Ok(dead);
         }
         self.refresh()?;
-        let gone = |k: &SeriesKey| {
-            dead.vms.contains(&k.vm)
-                || dead
-                    .devices
-                    .contains(&Owner::of_series(k.stage as u16, k.obj, k.vm).dev)
-        };
+        let gone = |k: &SeriesKey| dead.owns(Owner::of_series(k.stage as u16, k.obj, k.vm));
         // Their counts stay under their labels (named while the cache still has them).
         let doomed: Vec<SeriesKey> = self
             .last
@@ -183,6 +189,9 @@ impl Session {
         for &dev in &dead.devices {
             self.labeler.forget_disk(dev);
         }
+        for &ifindex in &dead.netdevs {
+            self.labeler.forget_netdev(ifindex);
+        }
         if !self.keep_retired {
             // A kept count goes with the last live series of its labels.
             let live: std::collections::BTreeSet<(StageId, Labels)> = self
@@ -194,7 +203,7 @@ impl Session {
             self.retired.retain(|key, _| live.contains(key));
         }
         self.collected.vms += dead.vms.len();
-        self.collected.devices += dead.devices.len();
+        self.collected.devices += dead.devices.len() + dead.netdevs.len();
         Ok(dead)
     }
 

@@ -16,6 +16,11 @@
 //! KVM_SIGNAL_MSI signals and halts under every stage with the syscall stand-ins, for the KVM
 //! programs' ns per event.
 //!
+//! Network (when /dev/kvm exists): a peer namespace floods UDP through a veth, a bridge and a
+//! tap to the test VMM reading the tap (`tap-rx`: each packet read, then an irqfd signal);
+//! the packets per second it reads without iopath and with its default stages, alternating,
+//! and the net programs' ns per event.
+//!
 //! Syscall tax: loops of system calls of this (non-VMM) process and the test VMM's exit rate,
 //! without iopath, with its default stages and with the stand-ins, alternating; then how many
 //! of iopath's programs ran per call in each mode. The same, scaled down, in the distro-kernel
@@ -348,6 +353,22 @@ fn kvm_workload(vmm: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Datagrams per network flood, and the packets per second the backend read of them.
+const FLOOD: u32 = 100_000;
+
+/// One flood through the tap: the rate (packets/s) at which the backend read, and how many of
+/// the datagrams it read.
+fn net_flood(vmm: &Path, topo: &iopath_tests::net::Topology) -> anyhow::Result<(f64, u64)> {
+    let backend = iopath_tests::net::TapBackend::start(vmm, "bench", &topo.tap, FLOOD, 0, &[]);
+    topo.wait_forwarding();
+    iopath_tests::net::send(vmm, &topo.ns, FLOOD, 0);
+    let r = backend.report();
+    let n = r["packets"].as_u64().unwrap_or(0);
+    let us = r["first_to_last_us"].as_f64().unwrap_or(0.0);
+    anyhow::ensure!(n > 1 && us > 0.0, "the backend read {n} packets: {r}");
+    Ok(((n - 1) as f64 / us * 1e6, n))
+}
+
 /// Scrapes: `clients` threads, each doing `each` GET /metrics in a row, all at once. Returns the
 /// wall time of the whole burst, and the failed scrapes.
 fn scrape_burst(port: u16, clients: usize, each: usize) -> (Duration, usize) {
@@ -542,6 +563,28 @@ pub fn bench(
         );
     }
 
+    // The network phase: floods without iopath and with its default stages, alternating.
+    let mut net = [Vec::new(), Vec::new()];
+    let mut net_read = [Vec::new(), Vec::new()];
+    if let Some(vmm) = vmm {
+        eprintln!(
+            "bench: {rounds} rounds of {FLOOD} datagrams through a tap, without and with iopath"
+        );
+        let topo = iopath_tests::net::Topology::new("bench");
+        for _ in 0..rounds {
+            let (pps, n) = net_flood(vmm, &topo)?;
+            net[0].push(pps);
+            net_read[0].push(n);
+            let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
+            let before = program_stats(&iopath.metrics());
+            let (pps, n) = net_flood(vmm, &topo)?;
+            accumulate(&mut progs, &before, program_stats(&iopath.metrics()));
+            anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
+            net[1].push(pps);
+            net_read[1].push(n);
+        }
+    }
+
     println!("\nns per event (kernel.bpf_stats, summed over {rounds} runs of {seconds}s):");
     println!("  {:<24} {:>12} {:>10}", "program", "events", "ns/event");
     let mut report = serde_json::Map::new();
@@ -602,6 +645,17 @@ pub fn bench(
             c / a
         );
     }
+    let net_ratio = (!net[0].is_empty()).then(|| median(&net[1]) / median(&net[0]));
+    if let Some(r) = net_ratio {
+        println!(
+            "packets/s a tap's backend read of {FLOOD} datagrams: without {:.0}, with iopath {:.0}: \
+             ratio {r:.3} (medians of {rounds}; read {:?} and {:?})",
+            median(&net[0]),
+            median(&net[1]),
+            net_read[0],
+            net_read[1],
+        );
+    }
     println!(
         "200 scrapes by 50 clients at once: {} s",
         bursts
@@ -630,6 +684,10 @@ pub fn bench(
         },
         "syscall_tax": tax_json,
         "scrape_burst_200_by_50_s": bursts,
+        "net_flood": {
+            "datagrams": FLOOD, "pps_without": net[0], "pps_with_iopath": net[1],
+            "read_without": net_read[0], "read_with_iopath": net_read[1], "ratio": net_ratio,
+        },
         "distro_kernel_vm": l1,
     });
     let text = serde_json::to_string_pretty(&json)? + "\n";

@@ -16,7 +16,9 @@ use crate::{cargo, images::Images, root, vm::L1};
 /// Files of tests/tests that run in the VM: everything that depends on the kernel and runs
 /// there (the guest lab needs this machine's KVM, the HTTP and exposition tests do not depend
 /// on the kernel). `nested` needs what only the VM has (kvm_entry, kprobes, nested guests).
-pub const IN_VM: &[&str] = &["doctor", "cli", "blk", "metrics", "kvm", "churn", "nested"];
+pub const IN_VM: &[&str] = &[
+    "doctor", "cli", "blk", "metrics", "kvm", "churn", "net", "nested",
+];
 /// Files that run only in the VM.
 pub const VM_ONLY: &[&str] = &["nested"];
 

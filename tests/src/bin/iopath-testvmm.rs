@@ -20,6 +20,16 @@
 //!   signals its thread (KVM_RUN fails with EINTR), twice, so that one exit of the third
 //!   reason is followed by a KVM_RUN: exits of three reasons on every vCPU.
 //!
+//! - `tap-rx --tap TAP`: a virtio-net backend's receive side, as QEMU's userspace one does it:
+//!   reads N packets from the existing tap device TAP (each read takes the skb off the tap:
+//!   skb:consume_skb in this thread), spins D µs on each, then signals an irqfd on the MSI
+//!   route (kvm:kvm_msi_set_irq in this thread). A UDP packet from `udp-send` carries its send
+//!   time (CLOCK_MONOTONIC): for those, the report gives the time from send to signal, an
+//!   independent figure for the RX stages' sum. Reads end after N packets or `--gap-us` µs
+//!   without one. With `--no-signal` it never signals (a guest that polls with interrupts off).
+//! - `udp-send --to IP:PORT`: no VM; sends N UDP datagrams G µs apart, each carrying its
+//!   CLOCK_MONOTONIC send time (run in the peer's network namespace).
+//!
 //! It stays alive H ms after the work (default 0) so a test can scrape while the VM exists, and
 //! prints one JSON line of what it did. The `-name` argument is what labels the VM, as for QEMU.
 
@@ -71,6 +81,10 @@ struct Args {
     gap_us: u64,
     hold_ms: u64,
     vcpus: u32,
+    tap: String,
+    to: String,
+    /// tap-rx: signal the irqfd after each packet, or never (a guest that polls).
+    no_signal: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -83,6 +97,9 @@ fn parse_args() -> anyhow::Result<Args> {
         gap_us: 1000,
         hold_ms: 0,
         vcpus: 1,
+        tap: String::new(),
+        to: String::new(),
+        no_signal: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -95,13 +112,16 @@ fn parse_args() -> anyhow::Result<Args> {
             "--gap-us" => a.gap_us = val()?.parse()?,
             "--hold-ms" => a.hold_ms = val()?.parse()?,
             "--vcpus" => a.vcpus = val()?.parse()?,
+            "--tap" => a.tap = val()?,
+            "--to" => a.to = val()?,
+            "--no-signal" => a.no_signal = true,
             m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
             other => bail!("unknown argument {other}"),
         }
     }
     if a.mode.is_empty() {
         bail!(
-            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits ..."
+            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits|tap-rx|udp-send ..."
         );
     }
     Ok(a)
@@ -414,6 +434,144 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({ "wakeups": woken, "other": other }))
 }
 
+/// CLOCK_MONOTONIC in ns: the same clock in every network namespace, and the kernel's.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Magic at the start of a `udp-send` payload, before its send time.
+const STAMP_MAGIC: &[u8; 8] = b"iopathTS";
+
+fn run_udp_send(a: &Args) -> anyhow::Result<serde_json::Value> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("UDP socket")?;
+    let mut sent = 0u32;
+    for seq in 0..a.count {
+        let mut payload = [0u8; 24];
+        payload[..8].copy_from_slice(STAMP_MAGIC);
+        payload[16..20].copy_from_slice(&seq.to_le_bytes());
+        payload[8..16].copy_from_slice(&monotonic_ns().to_le_bytes());
+        // A full socket buffer or tap queue drops the datagram further on: counted by who reads.
+        if sock.send_to(&payload, &a.to).is_ok() {
+            sent += 1;
+        }
+        if a.gap_us > 0 {
+            thread::sleep(Duration::from_micros(a.gap_us));
+        }
+    }
+    Ok(serde_json::json!({ "sent": sent }))
+}
+
+/// The send time a `udp-send` frame carries: Ethernet, IPv4 (its header length), UDP, payload.
+fn send_stamp(frame: &[u8]) -> Option<u64> {
+    let ip = frame.get(14..)?;
+    if u16::from_be_bytes([frame[12], frame[13]]) != 0x0800 || ip.first()? >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((ip[0] & 0xf) as usize) * 4;
+    if ip.get(9) != Some(&17) {
+        return None;
+    }
+    let payload = ip.get(ihl + 8..)?;
+    if payload.get(..8)? != STAMP_MAGIC {
+        return None;
+    }
+    Some(u64::from_le_bytes(payload.get(8..16)?.try_into().ok()?))
+}
+
+/// Opens the existing tap `name` (TUNSETIFF, IFF_TAP | IFF_NO_PI).
+fn open_tap(name: &str) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("/dev/net/tun")?;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    let n = name.len().min(15);
+    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: TUNSETIFF reads an ifreq of the size the kernel expects (40 bytes).
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(tun)
+}
+
+fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    use std::{io::Read as _, os::fd::AsRawFd};
+    let mut tap = open_tap(&a.tap)?;
+    set_routes(&vm.vm)?;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.vm.register_irqfd(&irqfd, MSI_GSI).context("KVM_IRQFD")?;
+    // Ready: the tap has a reader (carrier on), the test may send.
+    println!("{}", serde_json::json!({ "ready": true }));
+    let (mut packets, mut stamped, mut held) = (0u32, Vec::new(), Vec::new());
+    let mut frame = [0u8; 2048];
+    let mut first = true;
+    let (mut first_read, mut last_read) = (0u64, 0u64);
+    while packets < a.count {
+        let mut pfd = libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // The first packet may take the sender's start-up; then a gap ends the run.
+        let wait_ms = if first {
+            30_000
+        } else {
+            (a.gap_us / 1000).max(1) as i32
+        };
+        // SAFETY: one pollfd, on the tap this function owns.
+        if unsafe { libc::poll(&mut pfd, 1, wait_ms) } <= 0 {
+            break;
+        }
+        first = false;
+        let n = tap.read(&mut frame).context("read tap")?;
+        let read = monotonic_ns();
+        if packets == 0 {
+            first_read = read;
+        }
+        last_read = read;
+        packets += 1;
+        spin(a.spin_us);
+        let before_signal = monotonic_ns();
+        if a.no_signal {
+            continue;
+        }
+        irqfd.write(1).context("write irqfd")?;
+        // The write returns after KVM injected (MSI route: inline).
+        held.push((monotonic_ns() - read) as f64 / 1000.0);
+        if let Some(sent) = send_stamp(&frame[..n]) {
+            stamped.push(before_signal.saturating_sub(sent) as f64 / 1000.0);
+        }
+    }
+    let p50 = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    Ok(serde_json::json!({
+        "packets": packets, "stamped": stamped.len(),
+        "first_to_last_us": (last_read - first_read) / 1000,
+        "send_to_signal_p50_us": p50(&mut stamped), "read_to_signal_p50_us": p50(&mut held),
+    }))
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("iopath-testvmm: {e:#}");
@@ -423,6 +581,10 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     let a = parse_args()?;
+    if a.mode == "udp-send" {
+        println!("{}", run_udp_send(&a)?);
+        return Ok(());
+    }
     let mut vm = match a.mode.as_str() {
         "halt" => create_vm(GUEST_HALT, 0)?,
         "exits" => create_vm(GUEST_EXITS, a.count)?,
@@ -437,6 +599,7 @@ fn real_main() -> anyhow::Result<()> {
         "signal-msi" => run_signal_msi(&vm, &a)?,
         "halt" => run_halt(&mut vm, &a)?,
         "ioeventfd" => run_ioeventfd(&mut vm, &a)?,
+        "tap-rx" => run_tap_rx(&vm, &a)?,
         m => bail!("unknown mode {m}"),
     };
     let mut out = out;

@@ -125,7 +125,10 @@ fn injection(site: Site) {
 #[inline(always)]
 fn msi_set_irq(ev: Result<(), ()>, site: Site) {
     match ev {
-        Ok(()) => injection(site),
+        Ok(()) => {
+            injection(site);
+            crate::net::irq(site);
+        }
         Err(()) => count_each(stages_on(), &INJECTION, Counter::ReadError),
     }
 }

@@ -9,6 +9,7 @@
 
 mod blk;
 mod kvm;
+mod net;
 
 use tracer_common::{config::Config, config::NO_OFFSET, stage::StageId};
 
@@ -167,6 +168,20 @@ pub const fn tracepoint(
     }
 }
 
+/// A tracepoint with its tp_btf and raw_tp programs only (what they read is not in its classic
+/// record).
+pub const fn tracepoint_args(
+    category: &'static str,
+    name: &'static str,
+    program: &'static str,
+    needs: Needs,
+) -> Event {
+    Event {
+        families: &[Family::TpBtf, Family::RawTp],
+        ..tracepoint(category, name, program, needs)
+    }
+}
+
 /// A tracepoint's three programs, then fentry and kprobe on the first of `functions` the
 /// kernel has, which fires it.
 pub const fn tracepoint_or_function(
@@ -232,6 +247,8 @@ pub enum Path {
     Block,
     /// KVM, shared by both paths.
     Kvm,
+    /// Paravirtual network (virtio-net: vhost-net or QEMU's backend).
+    Net,
 }
 
 impl Path {
@@ -239,6 +256,7 @@ impl Path {
         match self {
             Path::Block => "block",
             Path::Kvm => "kvm",
+            Path::Net => "net",
         }
     }
 }
@@ -276,6 +294,9 @@ pub static STAGES: &[&Stage] = &[
     &kvm::INJECT_TO_ENTRY,
     &kvm::HALT_WAKEUP,
     &kvm::USERSPACE_EXIT,
+    &net::RX_HOST_STACK,
+    &net::RX_BACKEND_QUEUE,
+    &net::RX_BACKEND_TO_IRQ,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {

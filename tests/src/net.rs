@@ -1,0 +1,192 @@
+//! A KVM host's network topology for the net stages, and the test VMM as a tap's backend: used
+//! by `tests/net.rs` and by `cargo xtask bench`. Only link-local addresses, only to the network
+//! namespace it creates; IPv6 is off on its links so that nothing but the datagrams sent crosses
+//! the tap.
+
+use std::{
+    io::BufRead as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sysctl_off_ipv6(ns: Option<&str>, dev: &str) {
+    let key = format!("net.ipv6.conf.{dev}.disable_ipv6=1");
+    let mut c = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "sysctl", "-qw", &key]);
+            c
+        }
+        None => {
+            let mut c = Command::new("sysctl");
+            c.args(["-qw", &key]);
+            c
+        }
+    };
+    // Without IPv6 in the kernel there is nothing to turn off.
+    let _ = c.status();
+}
+
+/// The topology, removed on drop: namespace `ns` holds `peer` (169.254.77.1), whose other end
+/// `uplink` is on bridge `bridge` with tap `tap`.
+pub struct Topology {
+    pub ns: String,
+    pub bridge: String,
+    pub tap: String,
+    pub uplink: String,
+}
+
+impl Topology {
+    pub fn new(tag: &str) -> Topology {
+        let id = std::process::id() % 100_000;
+        let t = Topology {
+            ns: format!("iopath-{tag}-{id}"),
+            bridge: format!("iopbr{id}"),
+            tap: format!("ioptap{id}"),
+            uplink: format!("iopvh{id}"),
+        };
+        let peer = format!("iopvp{id}");
+        ip(&["netns", "add", &t.ns]);
+        ip(&[
+            "link", "add", &t.uplink, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &t.ns]);
+        ip(&["link", "add", &t.bridge, "type", "bridge"]);
+        ip(&["tuntap", "add", "dev", &t.tap, "mode", "tap"]);
+        for dev in [&t.bridge, &t.uplink, &t.tap] {
+            sysctl_off_ipv6(None, dev);
+        }
+        sysctl_off_ipv6(Some(&t.ns), &peer);
+        ip(&["link", "set", &t.uplink, "master", &t.bridge]);
+        ip(&["link", "set", &t.tap, "master", &t.bridge]);
+        for dev in [&t.bridge, &t.uplink, &t.tap] {
+            ip(&["link", "set", dev, "up"]);
+        }
+        let exec = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &t.ns, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        exec(&["addr", "add", "169.254.77.1/24", "dev", &peer]);
+        exec(&["link", "set", &peer, "up"]);
+        // The guest's address, resolved for good: no ARP crosses the tap.
+        exec(&[
+            "neigh",
+            "add",
+            "169.254.77.2",
+            "lladdr",
+            "02:00:00:00:77:02",
+            "dev",
+            &peer,
+            "nud",
+            "permanent",
+        ]);
+        t
+    }
+
+    /// Waits (bounded) until the bridge forwards to the tap (it needs a reader for carrier).
+    pub fn wait_forwarding(&self) {
+        let state = format!("/sys/class/net/{}/brport/state", self.tap);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3") {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        panic!("bridge port {} never forwarded", self.tap);
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for dev in [&self.tap, &self.uplink, &self.bridge] {
+            let _ = Command::new("ip").args(["link", "del", dev]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// The test VMM reading the tap, started and ready; killed on drop.
+pub struct TapBackend(Child, std::io::BufReader<std::process::ChildStdout>);
+
+impl TapBackend {
+    /// `vmm`: the test VMM's binary ([`crate::testvmm_bin`] from a test).
+    pub fn start(
+        vmm: &Path,
+        name: &str,
+        tap: &str,
+        count: u32,
+        d_us: u64,
+        extra: &[&str],
+    ) -> TapBackend {
+        let mut child = Command::new(vmm)
+            .args(["-name", &format!("guest={name}"), "tap-rx", "--tap", tap])
+            .args(extra)
+            .args([
+                "--count",
+                &count.to_string(),
+                "--spin-us",
+                &d_us.to_string(),
+            ])
+            // the read that ends the run waits this long for a packet
+            .args(["--gap-us", "1000000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start test VMM");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.contains("ready"), "test VMM: {line:?}");
+        TapBackend(child, out)
+    }
+
+    pub fn report(mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.1.read_line(&mut line).unwrap();
+        let _ = self.0.wait();
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("test VMM report: {line:?}"))
+    }
+}
+
+impl Drop for TapBackend {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn send(vmm: &Path, ns: &str, count: u32, gap_us: u64) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(vmm)
+        .args([
+            "udp-send",
+            "--to",
+            "169.254.77.2:9",
+            "--count",
+            &count.to_string(),
+        ])
+        .args(["--gap-us", &gap_us.to_string()])
+        .output()
+        .expect("udp-send");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,317 @@
+//! Paravirtual network, receive side, against real packets: a peer network namespace sends UDP
+//! over a veth pair whose host end (the uplink) is on a bridge with a tap, as on a KVM host; the
+//! test VMM (src/bin/iopath-testvmm.rs, mode `tap-rx`) is the backend. It reads each packet off
+//! the tap as QEMU's userspace virtio-net does, holds it a known D µs, then signals an irqfd on
+//! an MSI route of a real KVM VM, while the real `iopath serve` traces it all.
+//!
+//! Only link-local addresses, only to the namespace the test creates; IPv6 is off on the test's
+//! links so that nothing but the test's datagrams crosses the tap (every packet the backend reads
+//! is one the stages must count).
+
+use std::{
+    io::BufRead as _,
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use iopath_tests::{
+    Daemon, Why, emulated, have, kvm_available, leftover_programs,
+    net::{TapBackend, Topology, send},
+    skip, testvmm_bin,
+};
+
+const LATENCY: &str = "iopath_stage_latency_seconds";
+const STAGES: &str = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq";
+
+/// The bounding events counted by bpftrace over the same window (a second method): receives on
+/// the uplink, transmits to the tap, the consumes of the skbs sent there (by address, as bpftrace
+/// users write it) and the test VMM's MSI injections.
+fn bpftrace_counter(uplink: &str, tap: &str) -> (Bpftrace, std::sync::mpsc::Receiver<String>) {
+    let script = format!(
+        r#"BEGIN {{ printf("ready\n"); }}
+tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
+tracepoint:net:net_dev_start_xmit /str(args->name) == "{tap}"/ {{
+  @xmit = count(); @queued[args->skbaddr] = 1;
+}}
+tracepoint:skb:consume_skb /@queued[args->skbaddr]/ {{
+  @consume = count(); delete(@queued[args->skbaddr]);
+}}
+tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
+  @dropped = count(); delete(@queued[args->skbaddr]);
+}}
+tracepoint:kvm:kvm_msi_set_irq /comm == "iopath-testvmm"/ {{ @msi = count(); }}
+END {{ clear(@queued); }}
+"#
+    );
+    let mut bt = Bpftrace(
+        Command::new("bpftrace")
+            .args(["-e", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bpftrace"),
+    );
+    let out = std::io::BufReader::new(bt.0.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("ready") => break,
+            Ok(_) => {}
+            Err(_) => panic!("bpftrace did not attach within 60 s"),
+        }
+    }
+    (bt, rx)
+}
+
+/// bpftrace, killed on drop (a failed assertion must not leave it attached).
+struct Bpftrace(Child);
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
+fn bpftrace_counts(mut bt: Bpftrace, rx: std::sync::mpsc::Receiver<String>) -> Vec<(String, u64)> {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(bt.0.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bt.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        sleep(Duration::from_millis(50));
+    }
+    drop(bt);
+    rx.try_iter()
+        .filter_map(|l| {
+            let (name, n) = l.strip_prefix('@')?.split_once(": ")?;
+            Some((name.to_string(), n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// (count, p50 µs) of `stage`'s series whose labels include `want`, from /quantiles.
+fn stage_p50(d: &Daemon, stage: &str, want: &[(&str, &str)]) -> (u64, f64) {
+    let q = d.quantiles();
+    q["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["stage"] == stage
+                && want
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .map(|s| (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap()))
+        .unwrap_or_else(|| panic!("no {stage} series with {want:?} in {q}"))
+}
+
+#[test]
+fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
+    const TEST: &str = "rx_stages_through_a_userspace_backend_with_a_known_hold";
+    if !kvm_available(TEST) {
+        return;
+    }
+    if !have("bpftrace") {
+        skip(
+            TEST,
+            Why::Setup,
+            "bpftrace not installed (cargo xtask setup installs it)",
+        );
+        return;
+    }
+    let topo = Topology::new("rx");
+    // After the topology: the daemon finds the tap and its uplink at start. A short grace
+    // period, for the tap's series to go soon after the tap does (checked at the end).
+    let d = Daemon::start(&["--stages", STAGES, "--vm-grace", "2s"]);
+    let (bt, bt_out) = bpftrace_counter(&topo.uplink, &topo.tap);
+    let delays: &[u64] = if emulated() {
+        &[2000, 10000]
+    } else {
+        &[50, 500]
+    };
+    let count = 300u32;
+    // Samples per stage over the rounds, read after each (a round's VM goes with its series
+    // after the grace period).
+    let mut seen = [0u64; 3];
+    for (i, &d_us) in delays.iter().enumerate() {
+        let name = format!("netrx{i}");
+        let backend = TapBackend::start(&testvmm_bin(), &name, &topo.tap, count, d_us, &[]);
+        topo.wait_forwarding();
+        // Packets farther apart than the hold: one per batch, as the check below assumes.
+        send(&testvmm_bin(), &topo.ns, count, d_us * 2 + 200);
+        let r = backend.report();
+        let packets = r["packets"].as_u64().unwrap();
+        assert_eq!(
+            packets, count as u64,
+            "every datagram reached the backend: {r}"
+        );
+        let m = d.metrics();
+        let tap = topo.tap.as_str();
+        let vm = [("vm", name.as_str()), ("backend", "qemu"), ("tap", tap)];
+        for stage in ["net.rx.backend_queue", "net.rx.backend_to_irq"] {
+            let mut want = vec![("stage", stage)];
+            want.extend_from_slice(&vm);
+            assert_eq!(
+                m.value(&format!("{LATENCY}_count"), &want),
+                packets as f64,
+                "{stage}: one sample per packet the backend read"
+            );
+        }
+        // Every packet came in on the uplink: host-stack samples for this VM's packets so far.
+        let host = [("tap", tap), ("uplink", topo.uplink.as_str())];
+        let (host_n, host_p50) = stage_p50(&d, "net.rx.host_stack", &host);
+        let drops: Vec<String> = m
+            .samples
+            .iter()
+            .filter(|s| s.name == "iopath_events_dropped_total" && s.value > 0.0)
+            .map(|s| format!("{:?} {}", s.labels, s.value))
+            .collect();
+        // An skb copied on its way (a packet socket's clone unshared by the bridge) is another
+        // address at the tap: rare, and the issue's bound is 1%.
+        let host_want = count as u64 * (i as u64 + 1);
+        assert!(
+            host_n <= host_want && host_n * 100 >= host_want * 99,
+            "host stack count {host_n} for {host_want} packets; dropped: {drops:?}"
+        );
+        let (queue_n, queue_p50) = stage_p50(&d, "net.rx.backend_queue", &vm);
+        let (irq_n, irq_p50) = stage_p50(&d, "net.rx.backend_to_irq", &vm);
+        assert_eq!(irq_n, count as u64);
+        seen = [host_n, seen[1] + queue_n, seen[2] + irq_n];
+        // The stage is the hold plus the backend's signalling: the read's return, the irqfd
+        // write and KVM's inline injection, a few µs the backend measures around them itself
+        // (read return to write return). Checked against that, and never below the hold.
+        let held = r["read_to_signal_p50_us"].as_f64().unwrap();
+        let tol = if emulated() {
+            held * 0.10 + 100.0
+        } else {
+            (held * 0.10).max(3.0)
+        };
+        let sum = host_p50 + queue_p50 + irq_p50;
+        let independent = r["send_to_signal_p50_us"].as_f64().unwrap();
+        eprintln!(
+            "D = {d_us} us: backend_to_irq p50 {irq_p50:.1} us, the backend's read-to-signal \
+             {held:.1} us (tolerance {tol:.1}); host_stack {host_p50:.1}, backend_queue \
+             {queue_p50:.1}: sum {sum:.1} us; the backend's own send-to-signal p50 \
+             {independent:.1} us"
+        );
+        assert!(
+            (irq_p50 - held).abs() <= tol && irq_p50 >= d_us as f64,
+            "backend_to_irq p50 {irq_p50} us for a {d_us} us hold ({held} us read to signal)"
+        );
+        // Emulated, the peer's own send path (outside the stages) takes hundreds of µs more.
+        let slack = if emulated() { 1000.0 } else { 0.0 };
+        assert!(
+            (sum - independent).abs() <= 0.15 * independent + slack,
+            "RX stages add up to {sum} us, the backend measured {independent} us"
+        );
+    }
+    // The second method: every bounding event bpftrace saw over the same window. The tap may
+    // also carry a packet of the host's own (no uplink receive): it waits for the backend like
+    // the others, or is dropped with no reader.
+    let drops = |m: &iopath_tests::Metrics, stage: &str, reason: &str| {
+        m.value(
+            "iopath_events_dropped_total",
+            &[("stage", stage), ("reason", reason)],
+        ) as u64
+    };
+    let iopath_dropped = drops(&d.metrics(), "net.rx.backend_queue", "dropped");
+    let counts = bpftrace_counts(bt, bt_out);
+    let of = |name: &str| counts.iter().find(|(n, _)| n == name).map_or(0, |c| c.1);
+    let sent = count as u64 * delays.len() as u64;
+    eprintln!(
+        "bpftrace: {counts:?}; {sent} datagrams sent; iopath: {seen:?}, {iopath_dropped} dropped"
+    );
+    assert_eq!(of("rx"), sent, "bpftrace: receives on the uplink");
+    assert!(
+        seen[0] <= of("rx") && seen[0] * 100 >= of("rx") * 99,
+        "host stack: one per uplink receive (within 1%)"
+    );
+    assert_eq!(seen[1], of("consume"), "backend queue: one per consume");
+    assert_eq!(
+        iopath_dropped,
+        of("dropped"),
+        "backend queue: one drop per kfree"
+    );
+    assert_eq!(
+        of("xmit"),
+        of("consume") + of("dropped"),
+        "bpftrace's own balance"
+    );
+    assert_eq!(
+        seen[2],
+        of("msi"),
+        "to irq: one per injection (batches of one)"
+    );
+
+    // A backend that never signals (the guest polls): each packet it took is counted when its
+    // thread blocks again, never measured up to some later interrupt.
+    let dropped = |m: &iopath_tests::Metrics| {
+        let want = [
+            ("stage", "net.rx.backend_to_irq"),
+            ("reason", "no_interrupt"),
+        ];
+        m.value("iopath_events_dropped_total", &want)
+    };
+    let before = dropped(&d.metrics());
+    let quiet = 50u32;
+    let backend = TapBackend::start(
+        &testvmm_bin(),
+        "netpoll",
+        &topo.tap,
+        quiet,
+        0,
+        &["--no-signal"],
+    );
+    topo.wait_forwarding();
+    send(&testvmm_bin(), &topo.ns, quiet, 1000);
+    assert_eq!(backend.report()["packets"].as_u64(), Some(quiet as u64));
+    let m = d.metrics();
+    assert_eq!(
+        dropped(&m) - before,
+        quiet as f64,
+        "no_interrupt: one per packet"
+    );
+    let irq = [("stage", "net.rx.backend_to_irq"), ("vm", "netpoll")];
+    assert_eq!(m.value(&format!("{LATENCY}_count"), &irq), 0.0);
+
+    // The tap goes: its series and its device entry go after the grace period.
+    drop(topo);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = d.metrics();
+        // Latency series only: the per-stage counters stay while the stage is attached.
+        let left = m
+            .samples
+            .iter()
+            .filter(|s| {
+                s.name.starts_with(LATENCY)
+                    && s.labels
+                        .get("stage")
+                        .is_some_and(|st| st.starts_with("net."))
+            })
+            .count();
+        let devs = m.value("iopath_kernel_map_entries", &[("map", "NET_DEVS")]);
+        if left == 0 && devs == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} net latency samples and {devs} NET_DEVS entries left 15 s after the tap went"
+        );
+        sleep(Duration::from_millis(250));
+    }
+    assert!(d.stop().success());
+    assert!(leftover_programs().is_empty());
+}

@@ -1,0 +1,157 @@
+//! Paravirtual network path, receive side (wire to guest), per packet:
+//! - `net.rx.host_stack`: net:netif_receive_skb on an uplink to net:net_dev_start_xmit on a tap
+//!   ([`host_stack`]);
+//! - `net.rx.backend_queue`: that transmit to the backend taking the skb off the tap
+//!   (skb:consume_skb in its thread: QEMU's read, vhost's tun_recvmsg; [`backend_queue`]);
+//! - `net.rx.backend_to_irq`: that take to the next interrupt the same thread injects
+//!   (kvm:kvm_msi_set_irq; [`backend_to_irq`]).
+//!
+//! Packets are matched by skb address in an array of slots hashed from it (as block requests
+//! are): no lock, and a bounded map whose evictions are counted.
+
+pub mod backend_queue;
+pub mod backend_to_irq;
+pub mod host_stack;
+
+use crate::assert_size;
+
+/// What a network device is to iopath (the `NET_DEVS` map's value, written by the daemon from
+/// sysfs): only packets received on an uplink and sent to a tap are followed.
+pub mod role {
+    /// A bridge port that is not a tap: where a guest's packets come from the wire.
+    pub const UPLINK: u32 = 1 << 0;
+    /// A tun/tap device: a guest's NIC backend.
+    pub const TAP: u32 = 1 << 1;
+}
+
+/// Who took the packet off the tap (the `backend` label), from its thread's name.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A userspace VMM thread (QEMU's main loop or I/O thread).
+    Qemu = 0,
+    /// A vhost worker (`vhost-PID`).
+    Vhost = 1,
+}
+
+impl Backend {
+    /// From the thread's name: `vhost-PID` is a vhost worker. Compared by words, not with
+    /// `starts_with`, which becomes a call to `bcmp` (a BPF subprogram).
+    #[inline(always)]
+    pub fn from_comm(comm: &[u8; 16]) -> Backend {
+        let word = u32::from_le_bytes([comm[0], comm[1], comm[2], comm[3]]);
+        if word == u32::from_le_bytes(*b"vhos") && comm[4] == b't' && comm[5] == b'-' {
+            Backend::Vhost
+        } else {
+            Backend::Qemu
+        }
+    }
+
+    pub const fn from_u32(v: u32) -> Backend {
+        if v == Backend::Vhost as u32 {
+            Backend::Vhost
+        } else {
+            Backend::Qemu
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Vhost => "vhost",
+        }
+    }
+}
+
+/// Where a followed packet is.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Received on an uplink, in the host stack.
+    Received = 1,
+    /// Sent to a tap, queued for the backend.
+    Queued = 2,
+}
+
+/// Slots of [`SkbSlot`], hashed from the skb address.
+pub const SKB_SLOT_BITS: u32 = 12;
+pub const SKB_SLOTS: u32 = 1 << SKB_SLOT_BITS;
+
+/// The slot of skb address `skb` (Fibonacci hashing: skbs are slab objects).
+pub const fn skb_slot(skb: u64) -> u32 {
+    ((skb >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SKB_SLOT_BITS)) as u32
+}
+
+/// A packet in flight in its slot. `check` folds the other fields: a slot two CPUs wrote at
+/// once fails it and gives no sample rather than a wrong one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbSlot {
+    /// 0: free.
+    pub skb: u64,
+    pub ts_ns: u64,
+    /// ifindex of the uplink it came in on (0: not seen there).
+    pub uplink: u32,
+    /// ifindex of the tap it was sent to (0: not yet).
+    pub tap: u32,
+    /// [`Phase`].
+    pub phase: u32,
+    pub _pad: u32,
+    pub check: u64,
+}
+assert_size!(SkbSlot, 40);
+
+impl SkbSlot {
+    pub const fn new(skb: u64, ts_ns: u64, uplink: u32, tap: u32, phase: Phase) -> SkbSlot {
+        let mut s = SkbSlot {
+            skb,
+            ts_ns,
+            uplink,
+            tap,
+            phase: phase as u32,
+            _pad: 0,
+            check: 0,
+        };
+        s.check = s.fold();
+        s
+    }
+
+    const fn fold(&self) -> u64 {
+        self.skb ^ self.ts_ns ^ ((self.uplink as u64) << 32 | self.tap as u64) ^ self.phase as u64
+    }
+
+    /// Is this `skb`'s, in `phase`, written whole?
+    pub const fn holds(&self, skb: u64, phase: Phase) -> bool {
+        skb != 0 && self.skb == skb && self.phase == phase as u32 && self.check == self.fold()
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)], u64 and u32 fields in pairs, size asserted.
+unsafe impl aya::Pod for SkbSlot {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_from_the_thread_name() {
+        let comm = |s: &[u8]| {
+            let mut c = [0u8; 16];
+            c[..s.len()].copy_from_slice(s);
+            c
+        };
+        assert_eq!(Backend::from_comm(&comm(b"vhost-4242")), Backend::Vhost);
+        assert_eq!(Backend::from_comm(&comm(b"qemu-system-x86")), Backend::Qemu);
+        assert_eq!(Backend::from_comm(&comm(b"vhost")), Backend::Qemu);
+        assert_eq!(Backend::from_comm(&comm(b"")), Backend::Qemu);
+    }
+}
+
+/// A sample of a net stage: its latency and what labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetSample {
+    pub latency_ns: u64,
+    pub uplink: u32,
+    pub tap: u32,
+}

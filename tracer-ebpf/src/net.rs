@@ -1,0 +1,325 @@
+//! net.rx.*: a packet from an uplink through the host stack to a tap, to the backend taking it,
+//! to the interrupt that tells the guest (rules: `tracer_common::net`).
+//!
+//! Every skb the host receives, transmits or frees passes through these programs: each asks the
+//! cheapest question first (is the stage on, is the device an uplink or a tap, does the slot
+//! hold this skb) and does nothing more for a packet that is not a guest's.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_comm,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use tracer_common::{
+    maps::{Counter, START_ENTRIES},
+    net::{
+        Backend, SKB_SLOTS, SkbSlot, backend_queue,
+        backend_to_irq::{self, Batch},
+        host_stack, role, skb_slot,
+    },
+    stage::StageId::{self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack},
+};
+
+use crate::{
+    shared::{
+        config, count, count_each, count_n, current_tgid_tid, in_task, mm_owner_tgid, now_ns,
+        number, on, read_at, record, stages_on, vmm_seen,
+    },
+    tp::{Site, tracepoint_args},
+};
+
+/// Network devices iopath follows, by ifindex (`net::role`), kept by the daemon from sysfs.
+#[map]
+static NET_DEVS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Packets in flight, by skb address (`net::skb_slot`).
+#[map]
+static NET_RX_SKB: Array<SkbSlot> = Array::with_max_entries(SKB_SLOTS, 0);
+
+/// Packets a backend thread took and has not signalled yet, by thread.
+#[map]
+pub static NET_RX_BATCH: HashMap<u32, Batch> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// The thread on this CPU that last took a packet: sched_switch looks the batch map up only
+/// for it, not at every context switch of the host.
+#[map]
+static NET_BATCH_CPU: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+const ALL: [StageId; 3] = [NetRxHostStack, NetRxBackendQueue, NetRxBackendToIrq];
+
+#[inline(always)]
+fn any_on(mask: u64) -> bool {
+    mask & (NetRxHostStack.bit() | NetRxBackendQueue.bit() | NetRxBackendToIrq.bit()) != 0
+}
+
+#[inline(always)]
+fn role_of(ifindex: u32) -> u32 {
+    unsafe { NET_DEVS.get(ifindex) }.copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn slot(skb: u64) -> Option<&'static mut SkbSlot> {
+    // SAFETY: a map value; each slot's writers are the events of the skbs hashed to it.
+    NET_RX_SKB
+        .get_ptr_mut(skb_slot(skb))
+        .map(|p| unsafe { &mut *p })
+}
+
+/// An skb and its device's ifindex, read through typed pointers (tp_btf: plain loads the
+/// verifier checks against BTF) or with bpf_probe_read_kernel (raw_tp).
+#[inline(always)]
+fn typed_skb_dev(skb: *const u8, dev: *const u8) -> Result<(u64, u32), ()> {
+    // SAFETY: BTF-typed pointers; a load through a bad or null one reads 0.
+    let ifindex = unsafe {
+        let dev = if dev.is_null() {
+            core::ptr::read_volatile(skb.add(config!(skb_dev) as usize) as *const *const u8)
+        } else {
+            dev
+        };
+        core::ptr::read_volatile(dev.add(config!(netdev_ifindex) as usize) as *const u32)
+    };
+    Ok((number(skb).ok_or(())?, ifindex))
+}
+
+#[inline(always)]
+fn raw_skb_dev(skb: u64, dev: u64) -> Result<(u64, u32), ()> {
+    let dev = if dev == 0 {
+        unsafe { read_at::<u64>(skb, config!(skb_dev)) }.map_err(|_| ())?
+    } else {
+        dev
+    };
+    let ifindex = unsafe { read_at::<u32>(dev, config!(netdev_ifindex)) }.map_err(|_| ())?;
+    Ok((skb, ifindex))
+}
+
+/// net:netif_receive_skb: a packet on an uplink starts the host stack.
+#[inline(always)]
+fn received(ev: Result<(u64, u32), ()>, _: Site) {
+    if !on(stages_on(), NetRxHostStack) {
+        return;
+    }
+    let Ok((skb, ifindex)) = ev else {
+        count(NetRxHostStack, Counter::ReadError);
+        return;
+    };
+    if role_of(ifindex) & role::UPLINK == 0 {
+        return;
+    }
+    if let Some(s) = slot(skb)
+        && let Err(c) = host_stack::on_uplink_rx(s, skb, now_ns(), ifindex)
+    {
+        count(NetRxHostStack, c);
+    }
+}
+
+// void trace_netif_receive_skb(struct sk_buff *skb)
+tracepoint_args!(
+    "netif_receive_skb",
+    netif_receive_skb_btf,
+    netif_receive_skb_raw,
+    btf = |arg| typed_skb_dev(arg(0) as *const u8, core::ptr::null()),
+    |arg| raw_skb_dev(arg(0), 0),
+    received
+);
+
+/// net:net_dev_start_xmit on a tap: ends the host stack, starts the backend's queue.
+#[inline(always)]
+fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
+    let mask = stages_on();
+    if mask & (NetRxHostStack.bit() | NetRxBackendQueue.bit()) == 0 {
+        return;
+    }
+    let Ok((skb, ifindex)) = ev else {
+        count_each(mask, &ALL[..2], Counter::ReadError);
+        return;
+    };
+    if role_of(ifindex) & role::TAP == 0 {
+        return;
+    }
+    let Some(s) = slot(skb) else {
+        return;
+    };
+    let (sample, started) = host_stack::on_tap_xmit(s, skb, now_ns(), ifindex);
+    if let Some(x) = sample
+        && on(mask, NetRxHostStack)
+    {
+        record(NetRxHostStack, x.uplink, x.tap, 0, x.latency_ns);
+    }
+    if let Err(c) = started {
+        count(NetRxBackendQueue, c);
+    }
+}
+
+// void trace_net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev)
+tracepoint_args!(
+    "net_dev_start_xmit",
+    net_dev_start_xmit_btf,
+    net_dev_start_xmit_raw,
+    btf = |arg| typed_skb_dev(arg(0) as *const u8, arg(1) as *const u8),
+    |arg| raw_skb_dev(arg(0), arg(1)),
+    start_xmit
+);
+
+/// skb:consume_skb / skb:kfree_skb: a queued packet taken by the backend (or dropped).
+#[inline(always)]
+fn freed(skb: u64, dropped: bool) {
+    let mask = stages_on();
+    if !any_on(mask) {
+        return;
+    }
+    let Some(s) = slot(skb) else {
+        return;
+    };
+    let now = now_ns();
+    match backend_queue::on_free(s, skb, now, dropped) {
+        Ok(None) => {}
+        Ok(Some(x)) => {
+            let (tgid, tid) = current_tgid_tid();
+            let comm = bpf_get_current_comm().unwrap_or_default();
+            let backend = Backend::from_comm(&comm);
+            // A vhost worker before Linux 6.4 is a kthread of its own: its VMM owns the mm it
+            // adopted.
+            let vm = match backend {
+                Backend::Vhost => mm_owner_tgid().unwrap_or(tgid),
+                Backend::Qemu => tgid,
+            };
+            // The tap's reader serves a guest: known from now on, and named while it lives.
+            vmm_seen(vm, tid);
+            if on(mask, NetRxBackendQueue) {
+                record(NetRxBackendQueue, backend as u32, x.tap, vm, x.latency_ns);
+            }
+            if on(mask, NetRxBackendToIrq) {
+                taken(tid, vm, now, x.tap, backend as u32);
+            }
+        }
+        Err(c) => count(NetRxBackendQueue, c),
+    }
+}
+
+#[inline(always)]
+fn taken(tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
+    let b = match NET_RX_BATCH.get_ptr_mut(tid) {
+        Some(b) => b,
+        None => {
+            let fresh = Batch { vm, ..Batch::EMPTY };
+            if NET_RX_BATCH.insert(tid, fresh, 0).is_err() {
+                count(NetRxBackendToIrq, Counter::StartFull);
+                return;
+            }
+            match NET_RX_BATCH.get_ptr_mut(tid) {
+                Some(b) => b,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a map value of this thread's; only this thread's events write it.
+    let b = unsafe { &mut *b };
+    b.vm = vm;
+    if let Err(c) = backend_to_irq::on_taken(b, now, tap, backend) {
+        count(NetRxBackendToIrq, c);
+    }
+    if let Some(cpu) = NET_BATCH_CPU.get_ptr_mut(0) {
+        unsafe { *cpu = tid };
+    }
+}
+
+// Every function here is inlined into its program: Linux 6.1's verifier refuses a program
+// whose BTF lists a subprogram beside it ("reg type unsupported for arg#0").
+#[inline(always)]
+fn consumed(ev: Result<u64, ()>, _: Site) {
+    if let Ok(skb) = ev {
+        freed(skb, false);
+    }
+}
+
+#[inline(always)]
+fn dropped(ev: Result<u64, ()>, _: Site) {
+    if let Ok(skb) = ev {
+        freed(skb, true);
+    }
+}
+
+// void trace_consume_skb(struct sk_buff *skb, void *location) (6.3+; before, skb alone)
+tracepoint_args!(
+    "consume_skb",
+    consume_skb_btf,
+    consume_skb_raw,
+    btf = |arg| number(arg(0) as *const u8).ok_or(()),
+    |arg| Ok(arg(0)),
+    consumed
+);
+
+// void trace_kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
+tracepoint_args!(
+    "kfree_skb",
+    kfree_skb_btf,
+    kfree_skb_raw,
+    btf = |arg| number(arg(0) as *const u8).ok_or(()),
+    |arg| Ok(arg(0)),
+    dropped
+);
+
+/// kvm:kvm_msi_set_irq in a task (the caller checked the stage): the thread's batch ends at
+/// this interrupt.
+#[inline(always)]
+pub fn irq(site: Site) {
+    if !on(stages_on(), NetRxBackendToIrq) || !in_task(site) {
+        return;
+    }
+    let tid = current_tgid_tid().1;
+    let Some(b) = NET_RX_BATCH.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: a map value of this thread's.
+    let b = unsafe { &mut *b };
+    if b.len == 0 {
+        return;
+    }
+    let (tap, backend, vm) = (b.tap, b.backend, b.vm);
+    let now = now_ns();
+    let n = backend_to_irq::on_irq(b);
+    // An index loop (not an iterator over a slice): Linux 6.1's verifier bounds it.
+    let mut i = 0;
+    while i < n {
+        let ns = backend_to_irq::latency(b, i, now);
+        record(NetRxBackendToIrq, backend, tap, vm, ns);
+        i += 1;
+    }
+}
+
+/// sched:sched_switch away from a thread that blocks (not preempted): packets it took and
+/// never signalled were delivered without an interrupt.
+#[inline(always)]
+fn switched(ev: Result<(u64, u64), ()>, _: Site) {
+    if !on(stages_on(), NetRxBackendToIrq) {
+        return;
+    }
+    let Ok((preempt, prev_state)) = ev else {
+        return;
+    };
+    let Some(cpu) = NET_BATCH_CPU.get_ptr_mut(0) else {
+        return;
+    };
+    let tid = current_tgid_tid().1;
+    // SAFETY: this CPU's own slot.
+    if unsafe { *cpu } != tid || preempt != 0 || prev_state == 0 {
+        return;
+    }
+    unsafe { *cpu = 0 };
+    if let Some(b) = NET_RX_BATCH.get_ptr_mut(tid) {
+        let n = backend_to_irq::on_sleep(unsafe { &mut *b });
+        count_n(NetRxBackendToIrq, Counter::NoInterrupt, n as u64);
+    }
+}
+
+// void trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+//                         unsigned int prev_state) (since 5.18). The classic record folds
+// preemption into prev_state: the arguments only.
+tracepoint_args!(
+    "sched_switch",
+    sched_switch_btf,
+    sched_switch_raw,
+    btf = |arg| Ok((arg(0) & 0xff, arg(3) & 0xffff_ffff)),
+    |arg| Ok((arg(0) & 0xff, arg(3) & 0xffff_ffff)),
+    switched
+);

@@ -1,0 +1,102 @@
+//! Paravirtual network stages, receive side (`tracer_common::net`): a guest's packet from the
+//! uplink through the host stack to its tap, to the backend that takes it (QEMU's thread or a
+//! vhost worker, told apart by the thread's name), to the interrupt that thread injects.
+//!
+//! Only tracepoints: net, skb, sched and kvm. Their programs key by skb address and device
+//! ifindex, which only the argument array has (the classic net records name the device), so
+//! each event has tp_btf then raw_tp. Which devices are uplinks and taps the daemon reads from
+//! sysfs (`netdevs`).
+
+use tracer_common::{config::Config, stage::StageId};
+
+use super::{Event, Family, Path, Stage, all_set, kvm::KVM_MSI_SET_IRQ, none, tracepoint_args};
+use crate::maps::NET_RX_BATCH;
+
+fn skb_dev_needs(_: Family, c: &Config) -> Result<(), &'static str> {
+    all_set(
+        &[c.skb_dev, c.netdev_ifindex],
+        "struct sk_buff.dev or net_device.ifindex not in BTF",
+    )
+}
+
+fn dev_needs(_: Family, c: &Config) -> Result<(), &'static str> {
+    all_set(&[c.netdev_ifindex], "struct net_device.ifindex not in BTF")
+}
+
+// void trace_netif_receive_skb(struct sk_buff *skb): skb->dev is the receiving device (before
+// a bridge's rx_handler passes it on).
+pub static NETIF_RECEIVE_SKB: Event = tracepoint_args(
+    "net",
+    "netif_receive_skb",
+    "netif_receive_skb",
+    skb_dev_needs,
+);
+// void trace_net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev): before
+// the driver's ndo_start_xmit (net_dev_xmit fires after it, when tun may have handed the skb to
+// a reader already).
+pub static NET_DEV_START_XMIT: Event =
+    tracepoint_args("net", "net_dev_start_xmit", "net_dev_start_xmit", dev_needs);
+// void trace_consume_skb(struct sk_buff *skb, ...)
+pub static CONSUME_SKB: Event = tracepoint_args("skb", "consume_skb", "consume_skb", none);
+// void trace_kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
+pub static KFREE_SKB: Event = tracepoint_args("skb", "kfree_skb", "kfree_skb", none);
+// void trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+// unsigned int prev_state)
+pub static SCHED_SWITCH: Event = tracepoint_args("sched", "sched_switch", "sched_switch", none);
+
+/// A packet in the host stack, from the uplink to the tap: bridging, netfilter, qdiscs.
+pub static RX_HOST_STACK: Stage = Stage {
+    id: StageId::NetRxHostStack,
+    name: "net.rx.host_stack",
+    path: Path::Net,
+    from: "net:netif_receive_skb on an uplink (a port of a tap's bridge)",
+    to: "net:net_dev_start_xmit on the tap",
+    labels: &["tap", "uplink"],
+    // The frees end packets the host stack dropped or kept, so their slots do not linger.
+    events: &[
+        &NETIF_RECEIVE_SKB,
+        &NET_DEV_START_XMIT,
+        &CONSUME_SKB,
+        &KFREE_SKB,
+    ],
+    naming: &[],
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[],
+};
+
+/// A packet queued on the tap until the backend takes it: how long the backend left it there.
+pub static RX_BACKEND_QUEUE: Stage = Stage {
+    id: StageId::NetRxBackendQueue,
+    name: "net.rx.backend_queue",
+    path: Path::Net,
+    from: "net:net_dev_start_xmit on a tap",
+    to: "skb:consume_skb of that skb in the backend's thread (kfree_skb: dropped)",
+    labels: &["vm", "backend", "tap"],
+    events: &[&NET_DEV_START_XMIT, &CONSUME_SKB, &KFREE_SKB],
+    naming: &[],
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[],
+};
+
+/// The backend's work on a packet up to the interrupt that covers it.
+pub static RX_BACKEND_TO_IRQ: Stage = Stage {
+    id: StageId::NetRxBackendToIrq,
+    name: "net.rx.backend_to_irq",
+    path: Path::Net,
+    from: "skb:consume_skb in the backend's thread",
+    to: "the next kvm:kvm_msi_set_irq of that thread (one interrupt ends the batch it covers)",
+    labels: &["vm", "backend", "tap"],
+    events: &[
+        &NET_DEV_START_XMIT,
+        &CONSUME_SKB,
+        &KFREE_SKB,
+        &KVM_MSI_SET_IRQ,
+        &SCHED_SWITCH,
+    ],
+    naming: &[],
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[&NET_RX_BATCH],
+};
