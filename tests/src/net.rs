@@ -51,6 +51,7 @@ pub struct Topology {
 impl Topology {
     pub fn new(tag: &str) -> Topology {
         let id = std::process::id() % 100_000;
+        // Built first: a failed step below leaves what it made to Drop.
         let t = Topology {
             ns: format!("iopath-{tag}-{id}"),
             bridge: format!("iopbr{id}"),

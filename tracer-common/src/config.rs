@@ -90,7 +90,8 @@ pub struct Config {
     pub skb_dev: u32,
     /// `struct net_device`.ifindex
     pub netdev_ifindex: u32,
-    pub _pad: u32,
+    /// `struct task_struct`.nvcsw: voluntary context switches (a backend thread that blocked).
+    pub task_nvcsw: u32,
 }
 assert_size!(Config, 168);
 
@@ -137,7 +138,7 @@ impl Config {
         lapic_vcpu: NO_OFFSET,
         skb_dev: NO_OFFSET,
         netdev_ifindex: NO_OFFSET,
-        _pad: 0,
+        task_nvcsw: NO_OFFSET,
     };
 }
 

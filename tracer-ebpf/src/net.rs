@@ -3,19 +3,22 @@
 //!
 //! Every skb the host receives, transmits or frees passes through these programs: each asks the
 //! cheapest question first (is the stage on, is the device an uplink or a tap, does the slot
-//! hold this skb) and does nothing more for a packet that is not a guest's.
+//! hold this skb) and does nothing more for a packet that is not a guest's. Whether a backend
+//! thread blocked between taking packets and signalling is read from its voluntary context
+//! switch count, so no program runs on the host's context switches.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_comm,
+    helpers::{bpf_get_current_comm, bpf_get_current_task_btf},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap},
 };
 use tracer_common::{
     maps::{Counter, START_ENTRIES},
     net::{
         Backend, SKB_SLOTS, SkbSlot, backend_queue,
         backend_to_irq::{self, Batch},
-        host_stack, role, skb_slot,
+        host_stack::{self, Ended},
+        role, skb_slot,
     },
     stage::StageId::{self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack},
 };
@@ -39,11 +42,6 @@ static NET_RX_SKB: Array<SkbSlot> = Array::with_max_entries(SKB_SLOTS, 0);
 /// Packets a backend thread took and has not signalled yet, by thread.
 #[map]
 pub static NET_RX_BATCH: HashMap<u32, Batch> = HashMap::with_max_entries(START_ENTRIES, 0);
-
-/// The thread on this CPU that last took a packet: sched_switch looks the batch map up only
-/// for it, not at every context switch of the host.
-#[map]
-static NET_BATCH_CPU: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 const ALL: [StageId; 3] = [NetRxHostStack, NetRxBackendQueue, NetRxBackendToIrq];
 
@@ -102,12 +100,14 @@ fn received(ev: Result<(u64, u32), ()>, _: Site) {
         count(NetRxHostStack, Counter::ReadError);
         return;
     };
+    let Some(s) = slot(skb) else {
+        return;
+    };
     if role_of(ifindex) & role::UPLINK == 0 {
+        host_stack::on_other_rx(s, skb);
         return;
     }
-    if let Some(s) = slot(skb)
-        && let Err(c) = host_stack::on_uplink_rx(s, skb, now_ns(), ifindex)
-    {
+    if let Err(c) = host_stack::on_uplink_rx(s, skb, now_ns(), ifindex) {
         count(NetRxHostStack, c);
     }
 }
@@ -126,11 +126,11 @@ tracepoint_args!(
 #[inline(always)]
 fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
     let mask = stages_on();
-    if mask & (NetRxHostStack.bit() | NetRxBackendQueue.bit()) == 0 {
+    if !any_on(mask) {
         return;
     }
     let Ok((skb, ifindex)) = ev else {
-        count_each(mask, &ALL[..2], Counter::ReadError);
+        count_each(mask, &ALL, Counter::ReadError);
         return;
     };
     if role_of(ifindex) & role::TAP == 0 {
@@ -139,14 +139,16 @@ fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
     let Some(s) = slot(skb) else {
         return;
     };
-    let (sample, started) = host_stack::on_tap_xmit(s, skb, now_ns(), ifindex);
-    if let Some(x) = sample
-        && on(mask, NetRxHostStack)
-    {
-        record(NetRxHostStack, x.uplink, x.tap, 0, x.latency_ns);
+    let (ended, started) = host_stack::on_tap_xmit(s, skb, now_ns(), ifindex);
+    if on(mask, NetRxHostStack) {
+        match ended {
+            Ended::Sample(x) => record(NetRxHostStack, x.uplink, x.tap, 0, x.latency_ns),
+            Ended::Stale => count(NetRxHostStack, Counter::Stale),
+            Ended::NotFromUplink => {}
+        }
     }
     if let Err(c) = started {
-        count(NetRxBackendQueue, c);
+        count_each(mask, &ALL[1..], c);
     }
 }
 
@@ -192,7 +194,19 @@ fn freed(skb: u64, dropped: bool) {
                 taken(tid, vm, now, x.tap, backend as u32);
             }
         }
-        Err(c) => count(NetRxBackendQueue, c),
+        Err(c) => count_each(mask, &ALL[1..], c),
+    }
+}
+
+/// The current thread's voluntary context switches (0 when the offset is unknown: the stage
+/// then needs it, see the table).
+#[inline(always)]
+fn nvcsw() -> u64 {
+    let off = config!(task_nvcsw);
+    // SAFETY: the verifier checks the load against task_struct's BTF layout.
+    unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        core::ptr::read_volatile(task.add(off as usize) as *const u64)
     }
 }
 
@@ -215,11 +229,13 @@ fn taken(tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
     // SAFETY: a map value of this thread's; only this thread's events write it.
     let b = unsafe { &mut *b };
     b.vm = vm;
-    if let Err(c) = backend_to_irq::on_taken(b, now, tap, backend) {
-        count(NetRxBackendToIrq, c);
+    let switches = nvcsw();
+    let lost = backend_to_irq::slept(b, switches);
+    if lost > 0 {
+        count_n(NetRxBackendToIrq, Counter::NoInterrupt, lost as u64);
     }
-    if let Some(cpu) = NET_BATCH_CPU.get_ptr_mut(0) {
-        unsafe { *cpu = tid };
+    if let Err(c) = backend_to_irq::on_taken(b, now, tap, backend, switches) {
+        count(NetRxBackendToIrq, c);
     }
 }
 
@@ -275,6 +291,11 @@ pub fn irq(site: Site) {
     if b.len == 0 {
         return;
     }
+    let lost = backend_to_irq::slept(b, nvcsw());
+    if lost > 0 {
+        count_n(NetRxBackendToIrq, Counter::NoInterrupt, lost as u64);
+        return;
+    }
     let (tap, backend, vm) = (b.tap, b.backend, b.vm);
     let now = now_ns();
     let n = backend_to_irq::on_irq(b);
@@ -286,40 +307,3 @@ pub fn irq(site: Site) {
         i += 1;
     }
 }
-
-/// sched:sched_switch away from a thread that blocks (not preempted): packets it took and
-/// never signalled were delivered without an interrupt.
-#[inline(always)]
-fn switched(ev: Result<(u64, u64), ()>, _: Site) {
-    if !on(stages_on(), NetRxBackendToIrq) {
-        return;
-    }
-    let Ok((preempt, prev_state)) = ev else {
-        return;
-    };
-    let Some(cpu) = NET_BATCH_CPU.get_ptr_mut(0) else {
-        return;
-    };
-    let tid = current_tgid_tid().1;
-    // SAFETY: this CPU's own slot.
-    if unsafe { *cpu } != tid || preempt != 0 || prev_state == 0 {
-        return;
-    }
-    unsafe { *cpu = 0 };
-    if let Some(b) = NET_RX_BATCH.get_ptr_mut(tid) {
-        let n = backend_to_irq::on_sleep(unsafe { &mut *b });
-        count_n(NetRxBackendToIrq, Counter::NoInterrupt, n as u64);
-    }
-}
-
-// void trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-//                         unsigned int prev_state) (since 5.18). The classic record folds
-// preemption into prev_state: the arguments only.
-tracepoint_args!(
-    "sched_switch",
-    sched_switch_btf,
-    sched_switch_raw,
-    btf = |arg| Ok((arg(0) & 0xff, arg(3) & 0xffff_ffff)),
-    |arg| Ok((arg(0) & 0xff, arg(3) & 0xffff_ffff)),
-    switched
-);

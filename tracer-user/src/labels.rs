@@ -311,8 +311,15 @@ impl Labeler {
         self.vcpus.retain(|(t, _), _| *t != tgid);
     }
 
-    /// Names of the devices the net stages follow, as `netdevs` found them.
-    pub fn netdevs(&mut self, devs: &std::collections::BTreeMap<u32, crate::netdevs::NetDev>) {
+    /// Names of the devices the net stages follow, as `netdevs` found them; a name no longer
+    /// found is kept while a series still uses its ifindex (`in_use`).
+    pub fn netdevs(
+        &mut self,
+        devs: &std::collections::BTreeMap<u32, crate::netdevs::NetDev>,
+        in_use: &std::collections::BTreeSet<u32>,
+    ) {
+        self.netdevs
+            .retain(|i, _| devs.contains_key(i) || in_use.contains(i));
         for (i, d) in devs {
             self.netdevs.insert(*i, d.name.clone());
         }

@@ -1,7 +1,10 @@
 //! The network devices the net stages follow (the kernel's `NET_DEVS`): every tap (a tun device
-//! in tap mode, `tun_flags` in sysfs) and the other ports of the bridges taps are on, the
-//! uplinks. Read from sysfs in the daemon's network namespace and kept in step on the
-//! collector's timer, so a VM started later is followed within one period.
+//! in tap mode: `tun_flags` in sysfs with IFF_TAP) and the other ports of the bridges taps are
+//! on, the uplinks. Read from sysfs in the daemon's network namespace (ifindexes are per
+//! namespace: devices of other namespaces are not followed) and kept in step on the
+//! collector's timer, so a VM started later is followed within one period. An uplink is the
+//! bridge port itself: the NIC under a bond or VLAN port is not one (its receive fires the
+//! tracepoint before the bond or VLAN takes the packet), so there the host stage stays empty.
 
 use std::{collections::BTreeMap, fs, path::Path};
 
@@ -35,7 +38,12 @@ pub fn scan(class_net: &Path) -> BTreeMap<u32, NetDev> {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
     };
-    let is_tap = |dev: &str| class_net.join(dev).join("tun_flags").exists();
+    // tun_flags holds the IFF_* flags in hex: IFF_TAP is 0x2 (IFF_TUN devices carry no frames).
+    let is_tap = |dev: &str| {
+        read(dev, "tun_flags").ok().is_some_and(|f| {
+            u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).is_ok_and(|f| f & 0x2 != 0)
+        })
+    };
     let mut out = BTreeMap::new();
     for tap in names.iter().filter(|n| is_tap(n)) {
         let Some(i) = ifindex(tap) else { continue };
@@ -115,6 +123,9 @@ mod tests {
         dev("tap0", 4, true);
         dev("tap1", 5, true);
         dev("eth0", 6, false);
+        // a tun-mode device (a VPN's): not a tap
+        dev("tun0", 7, false);
+        fs::write(root.join("tun0/tun_flags"), "0x1001\n").unwrap();
         fs::create_dir_all(root.join("br0/brif")).unwrap();
         for port in ["veth0", "tap0"] {
             fs::create_dir_all(root.join("br0/brif").join(port)).unwrap();

@@ -52,7 +52,7 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         lapic_vcpu: member("kvm_lapic", "vcpu"),
         skb_dev: member("sk_buff", "dev"),
         netdev_ifindex: member("net_device", "ifindex"),
-        _pad: 0,
+        task_nvcsw: member("task_struct", "nvcsw"),
     }
 }
 

@@ -112,7 +112,15 @@ impl Session {
     pub fn sync_netdevs(&mut self) {
         let devs = netdevs::scan(std::path::Path::new("/sys/class/net"));
         netdevs::sync(&mut self.tracer.ebpf, &devs);
-        self.labeler.netdevs(&devs);
+        // The ifindexes series are labelled by: the tap (obj), and host_stack's uplink (detail).
+        let in_use = self
+            .last
+            .series
+            .keys()
+            .filter(|k| Owner::of_series(k.stage as u16, k.obj, k.vm).netdev != 0)
+            .flat_map(|k| [k.obj, k.detail])
+            .collect();
+        self.labeler.netdevs(&devs, &in_use);
     }
 
     /// Readiness of the notice ring buffer, to wait on: its own duplicate of the ring's fd,

@@ -563,26 +563,34 @@ pub fn bench(
         );
     }
 
-    // The network phase: floods without iopath and with its default stages, alternating.
+    // The network phase: floods without iopath and with its default stages, alternating, each
+    // after the last one's programs are freed; then one flood under --bpf-stats for the net
+    // programs' ns per event (kept out of the timed floods: it adds a clock read to each run).
     let mut net = [Vec::new(), Vec::new()];
     let mut net_read = [Vec::new(), Vec::new()];
+    let mut net_progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     if let Some(vmm) = vmm {
         eprintln!(
             "bench: {rounds} rounds of {FLOOD} datagrams through a tap, without and with iopath"
         );
         let topo = iopath_tests::net::Topology::new("bench");
         for _ in 0..rounds {
-            let (pps, n) = net_flood(vmm, &topo)?;
-            net[0].push(pps);
-            net_read[0].push(n);
-            let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
-            let before = program_stats(&iopath.metrics());
-            let (pps, n) = net_flood(vmm, &topo)?;
-            accumulate(&mut progs, &before, program_stats(&iopath.metrics()));
-            anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
-            net[1].push(pps);
-            net_read[1].push(n);
+            for (m, with) in [false, true].into_iter().enumerate() {
+                let iopath = with.then(|| Daemon::start_bin(bin, &[]));
+                sleep(Duration::from_secs(2));
+                let (pps, n) = net_flood(vmm, &topo)?;
+                net[m].push(pps);
+                net_read[m].push(n);
+                if let Some(d) = iopath {
+                    anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
+                }
+            }
         }
+        let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
+        let before = program_stats(&iopath.metrics());
+        net_flood(vmm, &topo)?;
+        accumulate(&mut net_progs, &before, program_stats(&iopath.metrics()));
+        anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
     }
 
     println!("\nns per event (kernel.bpf_stats, summed over {rounds} runs of {seconds}s):");
@@ -628,7 +636,7 @@ pub fn bench(
             println!(
                 "  floor in the same window, {name}: {:.0} ns/run, {:.3} of bpftrace's run time",
                 t / c.max(1.0),
-                t / bt.0,
+                t / bt.0.max(1.0),
             );
         }
     }
@@ -648,13 +656,17 @@ pub fn bench(
     let net_ratio = (!net[0].is_empty()).then(|| median(&net[1]) / median(&net[0]));
     if let Some(r) = net_ratio {
         println!(
-            "packets/s a tap's backend read of {FLOOD} datagrams: without {:.0}, with iopath {:.0}: \
-             ratio {r:.3} (medians of {rounds}; read {:?} and {:?})",
+            "\npackets/s a tap's backend read of {FLOOD} datagrams: without {:.0}, with iopath \
+             {:.0}: ratio {r:.3} (medians of {rounds}; read {:?} and {:?})",
             median(&net[0]),
             median(&net[1]),
             net_read[0],
             net_read[1],
         );
+        println!("  net programs over one more flood (kernel.bpf_stats):");
+        for (name, (t, c)) in net_progs.iter().filter(|(_, (_, c))| *c > 0.0) {
+            println!("  {name:<24} {c:>12.0} {:>10.0}", t / c);
+        }
     }
     println!(
         "200 scrapes by 50 clients at once: {} s",
@@ -687,6 +699,7 @@ pub fn bench(
         "net_flood": {
             "datagrams": FLOOD, "pps_without": net[0], "pps_with_iopath": net[1],
             "read_without": net_read[0], "read_with_iopath": net_read[1], "ratio": net_ratio,
+            "programs": net_progs.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"events": c, "ns_per_event": if *c > 0.0 { t / c } else { 0.0 }}))).collect::<serde_json::Map<_, _>>(),
         },
         "distro_kernel_vm": l1,
     });

@@ -4,7 +4,7 @@
 //! dropped (queue full, backend gone): no sample, counted `dropped`. Labelled by VM (the
 //! consuming thread's VMM), backend and tap.
 
-use super::{NetSample, Phase, SkbSlot};
+use super::{MAX_AGE_NS, NetSample, Phase, SkbSlot};
 use crate::maps::Counter;
 
 /// Starts the stage for `skb`, sent to `tap` (after a receive on `uplink`, or 0).
@@ -48,6 +48,9 @@ pub fn on_free(
     if dropped {
         return Err(Counter::Dropped);
     }
+    if now_ns.saturating_sub(copy.ts_ns) > MAX_AGE_NS {
+        return Err(Counter::Stale);
+    }
     Ok(Some(NetSample {
         latency_ns: now_ns.saturating_sub(copy.ts_ns),
         uplink: copy.uplink,
@@ -74,6 +77,15 @@ mod tests {
         let mut s = SkbSlot::default();
         start(&mut s, 0xa0, 100, 3, 4).unwrap();
         assert_eq!(on_free(&mut s, 0xa0, 160, true), Err(Counter::Dropped));
+        assert_eq!(s.skb, 0);
+    }
+
+    #[test]
+    fn a_start_too_old_to_be_this_packets_is_stale() {
+        let mut s = SkbSlot::default();
+        start(&mut s, 0xa0, 100, 3, 4).unwrap();
+        let later = 100 + MAX_AGE_NS + 1;
+        assert_eq!(on_free(&mut s, 0xa0, later, false), Err(Counter::Stale));
         assert_eq!(s.skb, 0);
     }
 

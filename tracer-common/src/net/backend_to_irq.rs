@@ -4,9 +4,11 @@
 //! of packets, then signals once: every packet of the batch ends at that interrupt. The batch
 //! is kept per thread, bounded ([`BATCH_MAX`] packets; more are counted `start_map_full`).
 //!
-//! A thread that goes to sleep with packets and no interrupt (the guest had notifications off:
-//! it was polling) delivered them without one: they are dropped from the batch, counted
-//! `no_interrupt`, never measured up to some later interrupt.
+//! A thread that blocked (a voluntary context switch: its `nvcsw` moved) with packets and no
+//! interrupt (the guest had notifications off: it was polling) delivered them without one: at
+//! its next take or interrupt they are dropped from the batch, counted `no_interrupt`, never
+//! measured up to that later interrupt. Counting switches instead of tracing sched_switch puts
+//! no program on the host's context switches, and follows a thread across CPUs.
 
 use crate::{assert_size, maps::Counter};
 
@@ -26,9 +28,11 @@ pub struct Batch {
     pub backend: u32,
     /// tgid of the VMM the thread serves (what collects the entry when the VMM exits).
     pub vm: u32,
+    /// The thread's voluntary context switches when it took the batch's first packet.
+    pub nvcsw: u64,
     pub ts_ns: [u64; BATCH_MAX],
 }
-assert_size!(Batch, 16 + 8 * BATCH_MAX);
+assert_size!(Batch, 24 + 8 * BATCH_MAX);
 
 impl Batch {
     pub const EMPTY: Batch = Batch {
@@ -36,6 +40,7 @@ impl Batch {
         tap: 0,
         backend: 0,
         vm: 0,
+        nvcsw: 0,
         ts_ns: [0; BATCH_MAX],
     };
 }
@@ -44,9 +49,28 @@ impl Batch {
 // SAFETY: #[repr(C)], u32 fields in pairs then u64s, size asserted.
 unsafe impl aya::Pod for Batch {}
 
-/// The backend took a packet of `tap` at `now_ns`.
+/// Packets of the batch the thread took before it last blocked (`nvcsw`: its voluntary
+/// context switches now): delivered without an interrupt. Returns how many, and leaves the
+/// batch empty if there were any.
 #[inline(always)]
-pub fn on_taken(b: &mut Batch, now_ns: u64, tap: u32, backend: u32) -> Result<(), Counter> {
+pub fn slept(b: &mut Batch, nvcsw: u64) -> u32 {
+    if b.len == 0 || b.nvcsw == nvcsw {
+        return 0;
+    }
+    let n = b.len;
+    b.len = 0;
+    n
+}
+
+/// The backend took a packet of `tap` at `now_ns` (call [`slept`] first).
+#[inline(always)]
+pub fn on_taken(
+    b: &mut Batch,
+    now_ns: u64,
+    tap: u32,
+    backend: u32,
+    nvcsw: u64,
+) -> Result<(), Counter> {
     let n = b.len as usize;
     if n >= BATCH_MAX {
         return Err(Counter::StartFull);
@@ -54,6 +78,7 @@ pub fn on_taken(b: &mut Batch, now_ns: u64, tap: u32, backend: u32) -> Result<()
     if n == 0 {
         b.tap = tap;
         b.backend = backend;
+        b.nvcsw = nvcsw;
     }
     b.ts_ns[n] = now_ns;
     b.len += 1;
@@ -75,15 +100,6 @@ pub fn latency(b: &Batch, i: u32, now_ns: u64) -> u64 {
     now_ns.saturating_sub(b.ts_ns[i as usize & (BATCH_MAX - 1)])
 }
 
-/// The thread blocked (sched_switch away, not runnable) with `len` packets never signalled:
-/// returns how many, and the batch is empty.
-#[inline(always)]
-pub fn on_sleep(b: &mut Batch) -> u32 {
-    let n = b.len;
-    b.len = 0;
-    n
-}
-
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -95,8 +111,10 @@ mod tests {
     fn every_packet_of_a_batch_ends_at_the_interrupt() {
         let mut b = Batch::EMPTY;
         for t in [100, 130, 170] {
-            on_taken(&mut b, t, 4, 0).unwrap();
+            assert_eq!(slept(&mut b, 7), 0);
+            on_taken(&mut b, t, 4, 0, 7).unwrap();
         }
+        assert_eq!(slept(&mut b, 7), 0, "no voluntary switch since");
         let n = on_irq(&mut b);
         let got: Vec<u64> = (0..n).map(|i| latency(&b, i, 200)).collect();
         assert_eq!(got, [100, 70, 30]);
@@ -109,18 +127,23 @@ mod tests {
     fn a_full_batch_counts_the_rest() {
         let mut b = Batch::EMPTY;
         for t in 0..BATCH_MAX as u64 {
-            on_taken(&mut b, t, 4, 1).unwrap();
+            on_taken(&mut b, t, 4, 1, 0).unwrap();
         }
-        assert_eq!(on_taken(&mut b, 99, 4, 1), Err(Counter::StartFull));
+        assert_eq!(on_taken(&mut b, 99, 4, 1, 0), Err(Counter::StartFull));
         assert_eq!(on_irq(&mut b), BATCH_MAX as u32);
     }
 
     #[test]
     fn packets_left_when_the_thread_sleeps_had_no_interrupt() {
         let mut b = Batch::EMPTY;
-        on_taken(&mut b, 10, 4, 0).unwrap();
-        on_taken(&mut b, 20, 4, 0).unwrap();
-        assert_eq!(on_sleep(&mut b), 2);
+        on_taken(&mut b, 10, 4, 0, 7).unwrap();
+        on_taken(&mut b, 20, 4, 0, 7).unwrap();
+        // the thread blocked (nvcsw 7 -> 8): at its next interrupt or take
+        assert_eq!(slept(&mut b, 8), 2);
         assert_eq!(on_irq(&mut b), 0, "a later interrupt does not measure them");
+        // a new batch starts from the new count
+        on_taken(&mut b, 30, 4, 0, 8).unwrap();
+        assert_eq!(slept(&mut b, 8), 0);
+        assert_eq!(on_irq(&mut b), 1);
     }
 }

@@ -3,7 +3,7 @@
 //! the backend, so the backend cannot have taken it yet). Matched by skb address; labelled by
 //! tap and uplink.
 
-use super::{NetSample, Phase, SkbSlot, backend_queue};
+use super::{MAX_AGE_NS, NetSample, Phase, SkbSlot, backend_queue};
 use crate::maps::Counter;
 
 /// net:netif_receive_skb of `skb` on uplink `uplink`: its slot starts the stage. A slot holding
@@ -19,24 +19,52 @@ pub fn on_uplink_rx(slot: &mut SkbSlot, skb: u64, now_ns: u64, uplink: u32) -> R
     }
 }
 
+/// A packet received on a device that is no uplink frees a slot that held that skb: its
+/// address was another packet's, freed where no tracepoint saw it.
+#[inline(always)]
+pub fn on_other_rx(slot: &mut SkbSlot, skb: u64) {
+    if skb != 0 && slot.skb == skb {
+        slot.skb = 0;
+    }
+}
+
+/// What net:net_dev_start_xmit of `skb` on a tap ended of this stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A packet from an uplink: its time in the host stack.
+    Sample(NetSample),
+    /// A start too old to be this packet's (`stale`).
+    Stale,
+    /// A packet the host itself sent to the guest: no host-stack time.
+    NotFromUplink,
+}
+
 /// net:net_dev_start_xmit of `skb` on tap `tap`: ends this stage when the packet came from an
-/// uplink (the sample), and starts `net.rx.backend_queue` either way (a packet the host itself
-/// sent to the guest has no host-stack time, but does wait for the backend).
+/// uplink, and starts `net.rx.backend_queue` either way (a packet the host itself sent to the
+/// guest has no host-stack time, but does wait for the backend).
 #[inline(always)]
 pub fn on_tap_xmit(
     slot: &mut SkbSlot,
     skb: u64,
     now_ns: u64,
     tap: u32,
-) -> (Option<NetSample>, Result<(), Counter>) {
+) -> (Ended, Result<(), Counter>) {
     let copy = *slot;
-    let sample = copy.holds(skb, Phase::Received).then(|| NetSample {
-        latency_ns: now_ns.saturating_sub(copy.ts_ns),
-        uplink: copy.uplink,
-        tap,
-    });
-    let uplink = sample.map_or(0, |s| s.uplink);
-    (sample, backend_queue::start(slot, skb, now_ns, uplink, tap))
+    let age = now_ns.saturating_sub(copy.ts_ns);
+    let ended = match copy.holds(skb, Phase::Received) {
+        true if age > MAX_AGE_NS => Ended::Stale,
+        true => Ended::Sample(NetSample {
+            latency_ns: age,
+            uplink: copy.uplink,
+            tap,
+        }),
+        false => Ended::NotFromUplink,
+    };
+    let uplink = match ended {
+        Ended::Sample(s) => s.uplink,
+        _ => 0,
+    };
+    (ended, backend_queue::start(slot, skb, now_ns, uplink, tap))
 }
 
 #[cfg(test)]
@@ -47,10 +75,10 @@ mod tests {
     fn uplink_to_tap_is_measured_and_hands_over_to_the_backend_queue() {
         let mut s = SkbSlot::default();
         on_uplink_rx(&mut s, 0xa0, 1_000, 3).unwrap();
-        let (sample, started) = on_tap_xmit(&mut s, 0xa0, 1_750, 4);
+        let (ended, started) = on_tap_xmit(&mut s, 0xa0, 1_750, 4);
         assert_eq!(
-            sample,
-            Some(NetSample {
+            ended,
+            Ended::Sample(NetSample {
                 latency_ns: 750,
                 uplink: 3,
                 tap: 4
@@ -64,8 +92,8 @@ mod tests {
     #[test]
     fn a_packet_the_host_sent_has_no_host_stack_time_but_is_queued() {
         let mut s = SkbSlot::default();
-        let (sample, started) = on_tap_xmit(&mut s, 0xb0, 500, 4);
-        assert_eq!((sample, started), (None, Ok(())));
+        let (ended, started) = on_tap_xmit(&mut s, 0xb0, 500, 4);
+        assert_eq!((ended, started), (Ended::NotFromUplink, Ok(())));
         assert!(s.holds(0xb0, Phase::Queued));
         assert_eq!(s.uplink, 0);
     }
@@ -76,7 +104,21 @@ mod tests {
         on_uplink_rx(&mut s, 0xa0, 1, 3).unwrap();
         assert_eq!(on_uplink_rx(&mut s, 0xc0, 2, 3), Err(Counter::StartFull));
         // the evicted packet's transmit finds nothing of its own
-        assert_eq!(on_tap_xmit(&mut s, 0xa0, 3, 4).0, None);
+        assert_eq!(on_tap_xmit(&mut s, 0xa0, 3, 4).0, Ended::NotFromUplink);
+    }
+
+    #[test]
+    fn a_start_left_by_a_freed_packet_is_stale_or_cleared() {
+        let mut s = SkbSlot::default();
+        on_uplink_rx(&mut s, 0xa0, 1_000, 3).unwrap();
+        // freed unseen; its address comes back to a tap seconds later
+        let later = 1_000 + MAX_AGE_NS + 1;
+        assert_eq!(on_tap_xmit(&mut s, 0xa0, later, 4).0, Ended::Stale);
+        // or is received again on a device that is no uplink
+        let mut s = SkbSlot::default();
+        on_uplink_rx(&mut s, 0xb0, 1_000, 3).unwrap();
+        on_other_rx(&mut s, 0xb0);
+        assert_eq!(s.skb, 0);
     }
 
     #[test]
@@ -84,6 +126,6 @@ mod tests {
         let mut s = SkbSlot::default();
         on_uplink_rx(&mut s, 0xa0, 1_000, 3).unwrap();
         s.ts_ns = 900; // another CPU's half-written start
-        assert_eq!(on_tap_xmit(&mut s, 0xa0, 2_000, 4).0, None);
+        assert_eq!(on_tap_xmit(&mut s, 0xa0, 2_000, 4).0, Ended::NotFromUplink);
     }
 }

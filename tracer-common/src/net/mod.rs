@@ -148,6 +148,12 @@ mod tests {
     }
 }
 
+/// A start older than this is another packet's that was freed where no tracepoint saw it (TCP's
+/// `__kfree_skb`, say) and whose address came back: it is counted `stale`, never measured. The
+/// host stack holds a packet for microseconds to a qdisc's delay; a backend that stops reading
+/// (the guest's ring full) holds it longer, but not for seconds.
+pub const MAX_AGE_NS: u64 = 1_000_000_000;
+
 /// A sample of a net stage: its latency and what labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetSample {

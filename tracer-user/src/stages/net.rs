@@ -40,9 +40,6 @@ pub static NET_DEV_START_XMIT: Event =
 pub static CONSUME_SKB: Event = tracepoint_args("skb", "consume_skb", "consume_skb", none);
 // void trace_kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
 pub static KFREE_SKB: Event = tracepoint_args("skb", "kfree_skb", "kfree_skb", none);
-// void trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
-// unsigned int prev_state)
-pub static SCHED_SWITCH: Event = tracepoint_args("sched", "sched_switch", "sched_switch", none);
 
 /// A packet in the host stack, from the uplink to the tap: bridging, netfilter, qdiscs.
 pub static RX_HOST_STACK: Stage = Stage {
@@ -86,17 +83,19 @@ pub static RX_BACKEND_TO_IRQ: Stage = Stage {
     name: "net.rx.backend_to_irq",
     path: Path::Net,
     from: "skb:consume_skb in the backend's thread",
-    to: "the next kvm:kvm_msi_set_irq of that thread (one interrupt ends the batch it covers)",
+    to: "the next kvm:kvm_msi_set_irq of that thread, unless it blocked before (one interrupt \
+         ends the batch it covers)",
     labels: &["vm", "backend", "tap"],
     events: &[
         &NET_DEV_START_XMIT,
         &CONSUME_SKB,
         &KFREE_SKB,
         &KVM_MSI_SET_IRQ,
-        &SCHED_SWITCH,
     ],
     naming: &[],
-    needs: |_| Ok(()),
+    // A batch's thread that blocked delivered it without an interrupt: seen from its count of
+    // voluntary context switches.
+    needs: |c| all_set(&[c.task_nvcsw], "struct task_struct.nvcsw not in BTF"),
     key_class: None,
     maps: &[&NET_RX_BATCH],
 };
