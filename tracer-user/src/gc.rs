@@ -197,6 +197,10 @@ impl<T: Copy + Eq + Hash> Lifecycle<T> {
     /// forgetting them.
     pub fn expired(&mut self, candidates: impl IntoIterator<Item = T>, now: Instant) -> Vec<T> {
         let candidates: HashSet<T> = candidates.into_iter().collect();
+        // What no map names any more (a tap's NET_DEVS entry goes at the next sysfs read) is
+        // forgotten, not kept for ever.
+        self.seen.retain(|t, _| candidates.contains(t));
+        self.gone_since.retain(|t, _| candidates.contains(t));
         let mut out = Vec::new();
         for t in candidates {
             if self.alive(t) {
@@ -330,6 +334,9 @@ mod tests {
         assert_eq!(gc.expired([me, gone], t0 + Duration::from_secs(10)), [gone]);
         // forgotten: seen gone again, it starts a new grace period
         assert!(gc.expired([gone], t0 + Duration::from_secs(11)).is_empty());
+        // no longer named by any map: forgotten too
+        assert!(gc.expired([], t0 + Duration::from_secs(12)).is_empty());
+        assert!(gc.seen.is_empty() && gc.gone_since.is_empty());
     }
 
     #[test]
