@@ -101,18 +101,6 @@ fn bpftrace_counts(mut bt: Bpftrace, rx: std::sync::mpsc::Receiver<String>) -> V
         .collect()
 }
 
-/// Samples of `stage` in all its series, from a scrape.
-fn total_of(m: &iopath_tests::Metrics, stage: &str) -> f64 {
-    m.samples
-        .iter()
-        .filter(|s| {
-            s.name == format!("{LATENCY}_count")
-                && s.labels.get("stage").is_some_and(|st| st == stage)
-        })
-        .map(|s| s.value)
-        .sum()
-}
-
 /// (count, p50 µs) of `stage`'s series whose labels include `want`, from /quantiles.
 fn stage_p50(d: &Daemon, stage: &str, want: &[(&str, &str)]) -> (u64, f64) {
     let q = d.quantiles();
@@ -248,10 +236,6 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
         "bpftrace: {counts:?}; {sent} datagrams sent; iopath: {seen:?}, {iopath_dropped} dropped"
     );
     assert_eq!(of("rx"), sent, "bpftrace: receives on the uplink");
-    assert!(
-        seen[0] <= of("rx") && seen[0] * 100 >= of("rx") * 99,
-        "host stack: one per uplink receive (within 1%)"
-    );
     assert_eq!(seen[1], of("consume"), "backend queue: one per consume");
     assert_eq!(
         iopath_dropped,
@@ -273,8 +257,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     // thread has blocked since, at its next take (the last one stays in the thread's batch,
     // which goes with its VM), never measured up to some later interrupt.
     let dropped = |m: &iopath_tests::Metrics| drops(m, "net.rx.backend_to_irq", "no_interrupt");
-    let m = d.metrics();
-    let (before, irq_before) = (dropped(&m), total_of(&m, "net.rx.backend_to_irq"));
+    let before = dropped(&d.metrics());
     let quiet = 50u32;
     let backend = TapBackend::start(
         &testvmm_bin(),
@@ -299,9 +282,10 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
         quiet as u64 - 1,
         "no_interrupt: one per packet but the last"
     );
-    assert_eq!(
-        total_of(&m, "net.rx.backend_to_irq"),
-        irq_before,
+    // Its VM is labelled (the backend_queue series above), and has no backend_to_irq series.
+    let irq = [("stage", "net.rx.backend_to_irq"), ("vm", "netpoll")];
+    assert!(
+        m.find(&format!("{LATENCY}_count"), &irq).is_empty(),
         "no backend_to_irq sample without an interrupt"
     );
 

@@ -291,11 +291,6 @@ pub fn irq(site: Site) {
     if b.len == 0 {
         return;
     }
-    let lost = backend_to_irq::slept(b, nvcsw());
-    if lost > 0 {
-        count_n(NetRxBackendToIrq, Counter::NoInterrupt, lost as u64);
-        return;
-    }
     let (tap, backend, vm) = (b.tap, b.backend, b.vm);
     let now = now_ns();
     let n = backend_to_irq::on_irq(b);

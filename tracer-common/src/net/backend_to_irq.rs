@@ -4,11 +4,13 @@
 //! of packets, then signals once: every packet of the batch ends at that interrupt. The batch
 //! is kept per thread, bounded ([`BATCH_MAX`] packets; more are counted `start_map_full`).
 //!
-//! A thread that blocked (a voluntary context switch: its `nvcsw` moved) with packets and no
-//! interrupt (the guest had notifications off: it was polling) delivered them without one: at
-//! its next take or interrupt they are dropped from the batch, counted `no_interrupt`, never
-//! measured up to that later interrupt. Counting switches instead of tracing sched_switch puts
-//! no program on the host's context switches, and follows a thread across CPUs.
+//! A thread that blocked (a voluntary context switch: its `nvcsw` moved) with packets it never
+//! signalled, and then took another, delivered those without an interrupt (the guest had
+//! notifications off: it was polling): at that take they are dropped from the batch, counted
+//! `no_interrupt`, never measured up to a later interrupt. Only a take asks: a thread that
+//! blocks between its take and its signal (a page fault in the read's copy) still signals
+//! that batch. Counting switches instead of tracing sched_switch puts no program on the host's
+//! context switches, and follows a thread across CPUs.
 
 use crate::{assert_size, maps::Counter};
 
@@ -49,9 +51,9 @@ impl Batch {
 // SAFETY: #[repr(C)], u32 fields in pairs then u64s, size asserted.
 unsafe impl aya::Pod for Batch {}
 
-/// Packets of the batch the thread took before it last blocked (`nvcsw`: its voluntary
-/// context switches now): delivered without an interrupt. Returns how many, and leaves the
-/// batch empty if there were any.
+/// At a take: packets of the batch the thread took before it last blocked (`nvcsw`: its
+/// voluntary context switches now), delivered without an interrupt. Returns how many, and
+/// leaves the batch empty if there were any.
 #[inline(always)]
 pub fn slept(b: &mut Batch, nvcsw: u64) -> u32 {
     if b.len == 0 || b.nvcsw == nvcsw {
@@ -138,7 +140,7 @@ mod tests {
         let mut b = Batch::EMPTY;
         on_taken(&mut b, 10, 4, 0, 7).unwrap();
         on_taken(&mut b, 20, 4, 0, 7).unwrap();
-        // the thread blocked (nvcsw 7 -> 8): at its next interrupt or take
+        // the thread blocked (nvcsw 7 -> 8), then takes again: the two had no interrupt
         assert_eq!(slept(&mut b, 8), 2);
         assert_eq!(on_irq(&mut b), 0, "a later interrupt does not measure them");
         // a new batch starts from the new count

@@ -2,7 +2,7 @@
 //! uplink through the host stack to its tap, to the backend that takes it (QEMU's thread or a
 //! vhost worker, told apart by the thread's name), to the interrupt that thread injects.
 //!
-//! Only tracepoints: net, skb, sched and kvm. Their programs key by skb address and device
+//! Only tracepoints: net, skb and kvm. Their programs key by skb address and device
 //! ifindex, which only the argument array has (the classic net records name the device), so
 //! each event has tp_btf then raw_tp. Which devices are uplinks and taps the daemon reads from
 //! sysfs (`netdevs`).
@@ -83,8 +83,8 @@ pub static RX_BACKEND_TO_IRQ: Stage = Stage {
     name: "net.rx.backend_to_irq",
     path: Path::Net,
     from: "skb:consume_skb in the backend's thread",
-    to: "the next kvm:kvm_msi_set_irq of that thread, unless it blocked before (one interrupt \
-         ends the batch it covers)",
+    to: "the next kvm:kvm_msi_set_irq of that thread, unless it blocked and took another packet \
+         first (one interrupt ends the batch it covers)",
     labels: &["vm", "backend", "tap"],
     events: &[
         &NET_DEV_START_XMIT,
