@@ -41,19 +41,14 @@ macro_rules! tracepoint {
     };
     ($tp:literal, $btf:ident, $raw:ident, $classic:ident, btf = |$barg:ident| $from_btf:expr,
      |$arg:ident| $from_args:expr, |$rec:ident| $from_record:expr, $handle:path) => {
-        #[aya_ebpf::macros::btf_tracepoint(function = $tp)]
-        pub fn $btf(ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
-            let get = |i: usize| -> u64 { ctx.arg(i) };
-            $crate::tp::from_args!(ctx, $barg = get, $from_btf, $handle);
-            0
-        }
-
-        #[aya_ebpf::macros::raw_tracepoint(tracepoint = $tp)]
-        pub fn $raw(ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
-            let get = |i: usize| -> u64 { ctx.arg(i) };
-            $crate::tp::from_args!(ctx, $arg = get, $from_args, $handle);
-            0
-        }
+        $crate::tp::tracepoint_args!(
+            $tp,
+            $btf,
+            $raw,
+            btf = |$barg| $from_btf,
+            |$arg| $from_args,
+            $handle
+        );
 
         #[aya_ebpf::macros::tracepoint]
         pub fn $classic(ctx: aya_ebpf::programs::TracePointContext) -> u32 {

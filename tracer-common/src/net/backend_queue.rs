@@ -16,13 +16,7 @@ pub fn start(
     uplink: u32,
     tap: u32,
 ) -> Result<(), Counter> {
-    let evicted = slot.skb != 0 && slot.skb != skb;
-    *slot = SkbSlot::new(skb, now_ns, uplink, tap, Phase::Queued);
-    if evicted {
-        Err(Counter::StartFull)
-    } else {
-        Ok(())
-    }
+    slot.put(skb, now_ns, uplink, tap, Phase::Queued)
 }
 
 /// skb:consume_skb (`dropped` false) or skb:kfree_skb (true) of `skb`: ends the stage when the

@@ -120,6 +120,26 @@ impl SkbSlot {
         self.skb ^ self.ts_ns ^ ((self.uplink as u64) << 32 | self.tap as u64) ^ self.phase as u64
     }
 
+    /// Writes `skb`'s start over whatever the slot held: another packet still in flight there is
+    /// evicted (`start_map_full`).
+    #[inline(always)]
+    pub fn put(
+        &mut self,
+        skb: u64,
+        ts_ns: u64,
+        uplink: u32,
+        tap: u32,
+        phase: Phase,
+    ) -> Result<(), crate::maps::Counter> {
+        let evicted = self.skb != 0 && self.skb != skb;
+        *self = SkbSlot::new(skb, ts_ns, uplink, tap, phase);
+        if evicted {
+            Err(crate::maps::Counter::StartFull)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Is this `skb`'s, in `phase`, written whole?
     pub const fn holds(&self, skb: u64, phase: Phase) -> bool {
         skb != 0 && self.skb == skb && self.phase == phase as u32 && self.check == self.fold()
