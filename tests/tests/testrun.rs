@@ -28,7 +28,7 @@ use iopath::{
     stages::Family,
     sys::test_run_raw_tp,
 };
-use iopath_tests::{Why, require_root, skip};
+use iopath_tests::{Why, monotonic_ns, require_root, skip};
 use kvm_bindings::{KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry};
 use kvm_ioctls::Kvm;
 use tracer_common::{
@@ -59,16 +59,6 @@ fn pin_to(cpu: usize) {
 fn gettid() -> u32 {
     // SAFETY: plain syscall.
     unsafe { libc::syscall(libc::SYS_gettid) as u32 }
-}
-
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// kvm_entry's argument for a vCPU whose id the test knows: `__start_notes - offsetof(vcpu_id)`
@@ -210,12 +200,12 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
     // What a task-context accept of it would have left, for the entry below to end.
     let mut pending: BpfHashMap<&mut MapData, VcpuKey, u64> =
         BpfHashMap::try_from(t.ebpf.map_mut("INJ_PENDING").unwrap()).unwrap();
-    pending.insert(vn, now_ns() - 3_000, 0).unwrap();
+    pending.insert(vn, monotonic_ns() - 3_000, 0).unwrap();
 
     // 2. kvm_entry of vCPU `first_note_word` in this thread: ends the exit started below and
     // the pending interrupt.
     let exit_start = ExitStart {
-        ts_ns: now_ns() - 5_000,
+        ts_ns: monotonic_ns() - 5_000,
         reason: exit_detail(30, ISA_VMX),
         vcpu: first_note_word,
         vm: me,
@@ -316,7 +306,7 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
     let mut sig: BpfHashMap<&mut MapData, u32, SignalStart> =
         BpfHashMap::try_from(t.ebpf.map_mut("SIG_START").unwrap()).unwrap();
     let start = SignalStart {
-        ts_ns: now_ns(),
+        ts_ns: monotonic_ns(),
         vm: me,
         detail: 0,
     };
@@ -369,11 +359,11 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
     let key = VcpuKey { vm: me, vcpu };
     let mut pending: BpfHashMap<&mut MapData, VcpuKey, u64> =
         BpfHashMap::try_from(t.ebpf.map_mut("INJ_PENDING").unwrap()).unwrap();
-    pending.insert(key, now_ns(), 0).unwrap();
+    pending.insert(key, monotonic_ns(), 0).unwrap();
     let mut exits: BpfHashMap<&mut MapData, u32, ExitStart> =
         BpfHashMap::try_from(t.ebpf.map_mut("KVM_EXIT_START").unwrap()).unwrap();
     let start = ExitStart {
-        ts_ns: now_ns(),
+        ts_ns: monotonic_ns(),
         reason: exit_detail(12, ISA_VMX),
         vcpu,
         vm: me,

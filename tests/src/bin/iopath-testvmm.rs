@@ -43,6 +43,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use iopath_tests::monotonic_ns;
 use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC, KvmIrqRouting,
     kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region,
@@ -432,17 +433,6 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     done.store(true, Ordering::Release);
     let _ = waker.join();
     Ok(serde_json::json!({ "wakeups": woken, "other": other }))
-}
-
-/// CLOCK_MONOTONIC in ns: the same clock in every network namespace, and the kernel's.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Magic at the start of a `udp-send` payload, before its send time.
