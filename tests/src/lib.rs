@@ -96,6 +96,8 @@ pub struct FamilyIo {
     pub write: f64,
     pub read: f64,
     pub ambiguous: f64,
+    /// Every blk.device drop reason counted meanwhile, for a failure's message.
+    pub drops: Vec<(String, f64)>,
 }
 
 pub fn blk_io_with_family(family: &str) -> FamilyIo {
@@ -123,14 +125,26 @@ pub fn blk_io_with_family(family: &str) -> FamilyIo {
             &[("stage", "blk.device"), ("reason", "ambiguous")],
         )
     };
+    let drops = |m: &Metrics| {
+        m.find("iopath_events_dropped_total", &[("stage", "blk.device")])
+            .iter()
+            .map(|s| (s.labels["reason"].clone(), s.value))
+            .collect::<BTreeMap<_, _>>()
+    };
     let before = d.metrics();
     lo.direct_io(300, 200);
     let after = d.metrics();
     assert!(d.stop().success());
+    let (was, now) = (drops(&before), drops(&after));
     FamilyIo {
         write: count(&after, "write") - count(&before, "write"),
         read: count(&after, "read") - count(&before, "read"),
         ambiguous: ambiguous(&after) - ambiguous(&before),
+        drops: now
+            .into_iter()
+            .map(|(r, v)| (r.clone(), v - was.get(&r).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v > 0.0)
+            .collect(),
     }
 }
 

@@ -144,7 +144,8 @@ fn every_fallback_family_counts_the_same_io() {
         for (op, count, n) in [("write", io.write, 300.0), ("read", io.read, 200.0)] {
             assert!(
                 count + lost >= n && count <= n * 1.02 + 2.0,
-                "{family}: {op}: {count} requests counted for {n} ({lost} ambiguous)"
+                "{family}: {op}: {count} requests counted for {n} ({lost} ambiguous; drops {:?})",
+                io.drops
             );
         }
     }

@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use tracer_common::{
-    blk::{self, Op, RQ_SLOTS, RqSlot, SectorKey, SectorStart, mkdev, rq_slot},
+    blk::{self, Op, RQ_BUCKETS, RqBucket, SectorKey, SectorStart, mkdev, rq_bucket},
     maps::{Counter, START_ENTRIES},
     stage::StageId,
 };
@@ -23,17 +23,17 @@ use crate::{
 
 const STAGE: StageId = StageId::BlkDevice;
 
-/// Requests in flight keyed by pointer, in slots hashed from it (`blk::rq_slot`): plain stores,
-/// no lock.
+/// Requests in flight keyed by pointer, in buckets hashed from it (`blk::rq_bucket`): plain
+/// stores, no lock.
 #[map]
-static BLK_START_RQ: Array<RqSlot> = Array::with_max_entries(RQ_SLOTS, 0);
+static BLK_START_RQ: Array<RqBucket> = Array::with_max_entries(RQ_BUCKETS, 0);
 
-/// Request `p`'s number and its slot (always there: the index is masked to the array's size).
+/// Request `p`'s number and its bucket (always there: the index is masked to the array's size).
 #[inline(always)]
-fn slot_of(p: *const u8) -> Option<(u64, &'static mut RqSlot)> {
+fn slot_of(p: *const u8) -> Option<(u64, &'static mut RqBucket)> {
     let rq = number(p)?;
-    // SAFETY: a map value; each slot's writers are the events of the requests hashed to it.
-    let slot = BLK_START_RQ.get_ptr_mut(rq_slot(rq))?;
+    // SAFETY: a map value; each bucket's writers are the events of the requests hashed to it.
+    let slot = BLK_START_RQ.get_ptr_mut(rq_bucket(rq))?;
     Some((rq, unsafe { &mut *slot }))
 }
 
