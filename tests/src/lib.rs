@@ -422,6 +422,23 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// (count, p50 µs) of `stage`'s series whose labels include `want`, from /quantiles.
+    pub fn stage_p50(&self, stage: &str, want: &[(&str, &str)]) -> (u64, f64) {
+        let q = self.quantiles();
+        q["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s["stage"] == stage
+                    && want
+                        .iter()
+                        .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+            })
+            .map(|s| (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap()))
+            .unwrap_or_else(|| panic!("no {stage} series with {want:?} in {q}"))
+    }
+
     /// GET /quantiles as JSON.
     pub fn quantiles(&self) -> serde_json::Value {
         serde_json::from_str(&self.get("/quantiles", false).expect("quantiles").1)

@@ -191,3 +191,99 @@ pub fn send(vmm: &Path, ns: &str, count: u32, gap_us: u64) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The bounding events of the receive stages counted by bpftrace (a second method), from start
+/// to [`RxCounter::counts`]: receives on the uplink (`rx`), transmits to the tap (`xmit`), the
+/// consumes and drops of the skbs sent there (`consume`, `dropped`: by address, as bpftrace users
+/// write it) and the MSI injections of the threads `msi_filter` (a bpftrace predicate) selects
+/// (`msi`). Killed on drop: a failed assertion must not leave it attached.
+pub struct RxCounter {
+    bt: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl RxCounter {
+    pub fn start(uplink: &str, tap: &str, msi_filter: &str) -> RxCounter {
+        let script = format!(
+            r#"BEGIN {{ printf("ready\n"); }}
+tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
+tracepoint:net:net_dev_start_xmit /str(args->name) == "{tap}"/ {{
+  @xmit = count(); @queued[args->skbaddr] = 1;
+}}
+tracepoint:skb:consume_skb /@queued[args->skbaddr]/ {{
+  @consume = count(); delete(@queued[args->skbaddr]);
+}}
+tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
+  @dropped = count(); delete(@queued[args->skbaddr]);
+}}
+tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
+END {{ clear(@queued); }}
+"#
+        );
+        let mut bt = Command::new("bpftrace")
+            .args(["-e", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bpftrace");
+        let out = std::io::BufReader::new(bt.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let c = RxCounter { bt, lines };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match c.lines.recv_timeout(left) {
+                Ok(l) if l.contains("ready") => break,
+                Ok(_) => {}
+                Err(_) => panic!("bpftrace did not attach within 60 s"),
+            }
+        }
+        c
+    }
+
+    /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
+    pub fn counts(mut self) -> RxCounts {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.bt.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            sleep(Duration::from_millis(50));
+        }
+        let _ = self.bt.kill();
+        let _ = self.bt.wait();
+        // bpftrace is gone: the reader thread forwards what it printed, then its channel closes.
+        RxCounts(
+            self.lines
+                .iter()
+                .filter_map(|l| {
+                    let (name, n) = l.strip_prefix('@')?.split_once(": ")?;
+                    Some((name.to_string(), n.trim().parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for RxCounter {
+    fn drop(&mut self) {
+        let _ = self.bt.kill();
+        let _ = self.bt.wait();
+    }
+}
+
+/// What an [`RxCounter`] counted, by name (0 for a name it never printed: no such event).
+#[derive(Debug)]
+pub struct RxCounts(pub Vec<(String, u64)>);
+
+impl RxCounts {
+    pub fn of(&self, name: &str) -> u64 {
+        self.0.iter().find(|(n, _)| n == name).map_or(0, |c| c.1)
+    }
+}

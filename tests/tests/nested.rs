@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use iopath_tests::{Daemon, Metrics, Why, emulated, kvm_available, skip};
+use iopath_tests::{Daemon, Metrics, Why, emulated, have, kvm_available, net::RxCounter, skip};
 
 const LATENCY: &str = "iopath_stage_latency_seconds";
 
@@ -50,10 +50,18 @@ fn l2(args: &[&str], env: &[(&str, &str)]) -> String {
 
 impl L2 {
     fn start(name: &str, vhost: bool) -> L2 {
+        L2::start_on(name, vhost, "")
+    }
+
+    /// `net`: "" (the tap in the guest's namespace) or "bridge" (a host's topology: l2.sh).
+    fn start_on(name: &str, vhost: bool, net: &str) -> L2 {
         let vhost = if vhost { "on" } else { "off" };
         // A leftover from an interrupted run would hold the namespace.
         l2(&["stop"], &[]);
-        let out = l2(&["start"], &[("L2_NAME", name), ("L2_VHOST", vhost)]);
+        let out = l2(
+            &["start"],
+            &[("L2_NAME", name), ("L2_VHOST", vhost), ("L2_NET", net)],
+        );
         eprintln!("{}", out.trim());
         let pid = out
             .split("qemu pid ")
@@ -65,7 +73,15 @@ impl L2 {
     }
 
     fn ping(&self, count: u32, interval: &str) {
-        l2(&["ping", &count.to_string(), interval], &[]);
+        self.ping_rtts(count, interval);
+    }
+
+    /// Pings from the namespace; each reply's round trip in ms, as ping printed it.
+    fn ping_rtts(&self, count: u32, interval: &str) -> Vec<f64> {
+        let out = l2(&["ping", &count.to_string(), interval], &[]);
+        out.lines()
+            .filter_map(|l| l.split("time=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect()
     }
 
     /// QEMU's `stop` / `cont`: a stopped guest's vCPU threads stay out of KVM_RUN.
@@ -411,6 +427,130 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
     drop(trace);
     drop(guest);
     assert!(d.stop().success());
+}
+
+/// The receive stages through vhost-net, on a host's topology (l2.sh's bridge: a peer namespace,
+/// a veth whose host end is the uplink, a bridge, the guest's tap): every ping the guest answers
+/// is one packet through each stage, counted again by bpftrace; then netem holds each packet 20
+/// ms in the tap's qdisc, between the bridge and the tap's transmit, which is inside
+/// net.rx.host_stack and nowhere else.
+#[test]
+fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
+    const TEST: &str = "vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap";
+    if !in_vm(TEST) {
+        return;
+    }
+    if !have("bpftrace") {
+        skip(
+            TEST,
+            Why::Setup,
+            "bpftrace not installed (cargo xtask setup installs it)",
+        );
+        return;
+    }
+    const VM: &str = "nested-net";
+    const PINGS: u32 = 500;
+    const NETEM_MS: f64 = 20.0;
+    let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq";
+    let guest = L2::start_on(VM, true, "bridge");
+    // The guest's ARP for its gateway and the bridge's learning of the guest's MAC, before any
+    // window: the peer knows the guest's MAC for good (l2.sh), so only pings cross the tap.
+    guest.ping(3, "0.2");
+    let host = [("tap", "l2tap"), ("uplink", "l2up")];
+    let vm = [("vm", VM), ("backend", "vhost"), ("tap", "l2tap")];
+    // (host_stack, backend_queue, backend_to_irq p50 in µs, ping's median in ms) per window.
+    let mut windows = Vec::new();
+    for netem in [None, Some(NETEM_MS)] {
+        if let Some(ms) = netem {
+            l2(&["netem", &format!("{ms}ms")], &[]);
+        }
+        // A daemon per window: its quantiles are the window's.
+        let d = Daemon::start(&["--stages", stages]);
+        let bt = RxCounter::start("l2up", "l2tap", r#"strncmp(comm, "vhost-", 6) == 0"#);
+        let mut rtts = guest.ping_rtts(PINGS, "0.02");
+        let counts = bt.counts();
+        let (host_n, host_p50) = d.stage_p50("net.rx.host_stack", &host);
+        let (queue_n, queue_p50) = d.stage_p50("net.rx.backend_queue", &vm);
+        let (irq_n, irq_p50) = d.stage_p50("net.rx.backend_to_irq", &vm);
+        let no_irq = d.metrics().value(
+            "iopath_events_dropped_total",
+            &[
+                ("stage", "net.rx.backend_to_irq"),
+                ("reason", "no_interrupt"),
+            ],
+        ) as u64;
+        assert!(d.stop().success());
+        eprintln!(
+            "netem {netem:?}: bpftrace {counts:?}; iopath host_stack {host_n} (p50 \
+             {host_p50:.0} us), backend_queue {queue_n} ({queue_p50:.0} us), backend_to_irq \
+             {irq_n} ({irq_p50:.0} us, {no_irq} no_interrupt); {} replies",
+            rtts.len()
+        );
+        assert_eq!(rtts.len(), PINGS as usize, "every ping answered");
+        // Each echo request is one packet to the guest; the guest's own ARP refresh (a reply
+        // back through the tap) is the only other, hence the 1%.
+        let xmit = counts.of("xmit");
+        assert!(
+            (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&xmit),
+            "{xmit} packets sent to the tap for {PINGS} pings"
+        );
+        assert_eq!(host_n, xmit, "host_stack: one per transmit to the tap");
+        assert_eq!(
+            counts.of("rx"),
+            xmit,
+            "bpftrace: every one came in on the uplink"
+        );
+        assert_eq!(
+            queue_n,
+            counts.of("consume"),
+            "backend_queue: one per consume"
+        );
+        assert_eq!(counts.of("consume"), xmit, "vhost took every packet");
+        assert_eq!(
+            irq_n + no_irq,
+            queue_n,
+            "backend_to_irq: every packet taken ends at an interrupt, or is counted"
+        );
+        assert!(
+            irq_n * 100 >= queue_n * 99,
+            "backend_to_irq {irq_n} of {queue_n}"
+        );
+        // vhost signals the receive queue and the transmit queue (the reply): at least one
+        // injection per packet.
+        assert!(counts.of("msi") >= xmit, "vhost's injections: {counts:?}");
+        rtts.sort_by(f64::total_cmp);
+        let median = rtts[rtts.len() / 2];
+        eprintln!("netem {netem:?}: ping's median round trip {median:.2} ms");
+        windows.push((host_p50, queue_p50, irq_p50, median));
+    }
+    let (before, after) = (windows[0], windows[1]);
+    let moved_us = after.0 - before.0;
+    let delay_us = NETEM_MS * 1000.0;
+    assert!(
+        (moved_us - delay_us).abs() <= 0.1 * delay_us,
+        "host_stack p50 moved {moved_us:.0} us for netem {NETEM_MS} ms"
+    );
+    // The other stages do not see the qdisc: under TCG they wander by hundreds of µs, a tenth
+    // of the delay bounds it.
+    for (name, a, b) in [
+        ("backend_queue", before.1, after.1),
+        ("backend_to_irq", before.2, after.2),
+    ] {
+        assert!(
+            (b - a).abs() <= 0.1 * delay_us,
+            "{name} p50 moved {:.0} us with netem on the tap ({a:.0} -> {b:.0})",
+            b - a
+        );
+    }
+    // The independent figure: ping's own round trip, whose request waited in the same qdisc.
+    let rtt_moved = after.3 - before.3;
+    assert!(
+        (rtt_moved - NETEM_MS).abs() <= 0.1 * NETEM_MS,
+        "ping's median RTT moved {rtt_moved:.2} ms ({:.2} -> {:.2})",
+        before.3,
+        after.3
+    );
+    drop(guest);
 }
 
 #[test]

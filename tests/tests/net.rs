@@ -9,114 +9,18 @@
 //! is one the stages must count).
 
 use std::{
-    io::BufRead as _,
-    process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use iopath_tests::{
     Daemon, Why, emulated, have, kvm_available, leftover_programs,
-    net::{TapBackend, Topology, send},
+    net::{RxCounter, TapBackend, Topology, send},
     skip, testvmm_bin,
 };
 
 const LATENCY: &str = "iopath_stage_latency_seconds";
 const STAGES: &str = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq";
-
-/// The bounding events counted by bpftrace over the same window (a second method): receives on
-/// the uplink, transmits to the tap, the consumes of the skbs sent there (by address, as bpftrace
-/// users write it) and the test VMM's MSI injections.
-fn bpftrace_counter(uplink: &str, tap: &str) -> (Bpftrace, std::sync::mpsc::Receiver<String>) {
-    let script = format!(
-        r#"BEGIN {{ printf("ready\n"); }}
-tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
-tracepoint:net:net_dev_start_xmit /str(args->name) == "{tap}"/ {{
-  @xmit = count(); @queued[args->skbaddr] = 1;
-}}
-tracepoint:skb:consume_skb /@queued[args->skbaddr]/ {{
-  @consume = count(); delete(@queued[args->skbaddr]);
-}}
-tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
-  @dropped = count(); delete(@queued[args->skbaddr]);
-}}
-tracepoint:kvm:kvm_msi_set_irq /comm == "iopath-testvmm"/ {{ @msi = count(); }}
-END {{ clear(@queued); }}
-"#
-    );
-    let mut bt = Bpftrace(
-        Command::new("bpftrace")
-            .args(["-e", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("bpftrace"),
-    );
-    let out = std::io::BufReader::new(bt.0.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in out.lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains("ready") => break,
-            Ok(_) => {}
-            Err(_) => panic!("bpftrace did not attach within 60 s"),
-        }
-    }
-    (bt, rx)
-}
-
-/// bpftrace, killed on drop (a failed assertion must not leave it attached).
-struct Bpftrace(Child);
-
-impl Drop for Bpftrace {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
-fn bpftrace_counts(mut bt: Bpftrace, rx: std::sync::mpsc::Receiver<String>) -> Vec<(String, u64)> {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(bt.0.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bt.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        sleep(Duration::from_millis(50));
-    }
-    drop(bt);
-    // bpftrace is gone: the reader thread forwards what it printed, then its channel closes.
-    rx.iter()
-        .filter_map(|l| {
-            let (name, n) = l.strip_prefix('@')?.split_once(": ")?;
-            Some((name.to_string(), n.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// (count, p50 µs) of `stage`'s series whose labels include `want`, from /quantiles.
-fn stage_p50(d: &Daemon, stage: &str, want: &[(&str, &str)]) -> (u64, f64) {
-    let q = d.quantiles();
-    q["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| {
-            s["stage"] == stage
-                && want
-                    .iter()
-                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
-        })
-        .map(|s| (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap()))
-        .unwrap_or_else(|| panic!("no {stage} series with {want:?} in {q}"))
-}
 
 #[test]
 fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
@@ -136,7 +40,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     // After the topology: the daemon finds the tap and its uplink at start. A short grace
     // period, for the tap's series to go soon after the tap does (checked at the end).
     let d = Daemon::start(&["--stages", STAGES, "--vm-grace", "2s"]);
-    let (bt, bt_out) = bpftrace_counter(&topo.uplink, &topo.tap);
+    let bt = RxCounter::start(&topo.uplink, &topo.tap, r#"comm == "iopath-testvmm""#);
     let delays: &[u64] = if emulated() {
         &[2000, 10000]
     } else {
@@ -172,7 +76,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
         }
         // Every packet came in on the uplink: host-stack samples for this VM's packets so far.
         let host = [("tap", tap), ("uplink", topo.uplink.as_str())];
-        let (host_n, host_p50) = stage_p50(&d, "net.rx.host_stack", &host);
+        let (host_n, host_p50) = d.stage_p50("net.rx.host_stack", &host);
         let drops: Vec<String> = m
             .samples
             .iter()
@@ -186,8 +90,8 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
             host_n <= host_want && host_n * 100 >= host_want * 99,
             "host stack count {host_n} for {host_want} packets; dropped: {drops:?}"
         );
-        let (queue_n, queue_p50) = stage_p50(&d, "net.rx.backend_queue", &vm);
-        let (irq_n, irq_p50) = stage_p50(&d, "net.rx.backend_to_irq", &vm);
+        let (queue_n, queue_p50) = d.stage_p50("net.rx.backend_queue", &vm);
+        let (irq_n, irq_p50) = d.stage_p50("net.rx.backend_to_irq", &vm);
         assert_eq!(irq_n, count as u64);
         seen = [host_n, seen[1] + queue_n, seen[2] + irq_n];
         // The stage is the hold plus the backend's signalling: the read's return, the irqfd
@@ -229,8 +133,8 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
         ) as u64
     };
     let iopath_dropped = drops(&d.metrics(), "net.rx.backend_queue", "dropped");
-    let counts = bpftrace_counts(bt, bt_out);
-    let of = |name: &str| counts.iter().find(|(n, _)| n == name).map_or(0, |c| c.1);
+    let counts = bt.counts();
+    let of = |name: &str| counts.of(name);
     let sent = count as u64 * delays.len() as u64;
     eprintln!(
         "bpftrace: {counts:?}; {sent} datagrams sent; iopath: {seen:?}, {iopath_dropped} dropped"

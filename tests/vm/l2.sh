@@ -2,13 +2,18 @@
 # l2.sh: a nested guest (L2) inside the distro-kernel VM (L1, `cargo xtask vm`), for the tests
 # in tests/tests/nested.rs. The lab kernel ($IOPATH_L2_KERNEL) under nested KVM (kvm_amd), with
 # virtio-net on a tap in the network namespace l2ns (169.254.100.1 <-> guest 169.254.100.2),
-# vhost-net on or off, and a virtio-blk disk.
-#   L2_NAME=NAME L2_VHOST=on|off l2.sh start     boot it, wait for the guest's READY (<= 120 s)
+# vhost-net on or off, and a virtio-blk disk. With L2_NET=bridge, a host's topology instead: the
+# tap l2tap on bridge l2br in L1's own namespace with the uplink l2up, a veth whose peer is
+# 169.254.100.1 in l2ns (which knows the guest's MAC: no ARP from that side).
+#   L2_NAME=NAME L2_VHOST=on|off [L2_NET=bridge] l2.sh start
+#                                                 boot it, wait for the guest's READY (<= 120 s)
 #   l2.sh ping COUNT INTERVAL                     from the namespace (COUNT <= 1000)
+#   l2.sh netem DELAY|off                         netem on the tap's root qdisc (bridge only)
 #   l2.sh monitor 'HMP command'                   QEMU's monitor (stop, cont, ...)
-#   l2.sh stop                                    quit QEMU, delete the namespace
+#   l2.sh stop                                    quit QEMU, delete the namespace and links
 set -u
 RUN=${L2_RUN:-/tmp/l2}; NS=l2ns; TAP=tap0; HOST_IP=169.254.100.1; GUEST_IP=169.254.100.2
+BR_TAP=l2tap; BRIDGE=l2br; UPLINK=l2up; PEER=l2peer; GUEST_MAC=02:00:00:00:64:02
 KERNEL=${IOPATH_L2_KERNEL:?set by cargo xtask vm}
 # The lab kernel must not use what nested SVM under TCG does not emulate.
 CLEARCPUID=smap,fsgsbase,invpcid,pcid,rdrand,rdseed,rdpid,popcnt,clflushopt,clwb,xsave,xsaveopt,xsavec,xsaves,avx,avx2,avx512f,pku,ospke,umip
@@ -29,19 +34,34 @@ cmd_start() {
   STARTING=1   # from here a failure stops what was started
   mkdir -p $RUN; truncate -s 64M $RUN/disk.img
   ip netns add $NS || die "cannot create netns $NS"
-  ip netns exec $NS sh -c "ip link set lo up && ip tuntap add dev $TAP mode tap &&
-    sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 &&
-    ip addr add $HOST_IP/24 dev $TAP && ip link set $TAP up" || die "netns setup failed"
+  local inns="ip netns exec $NS" tap=$TAP
+  if [ "${L2_NET:-}" = bridge ]; then
+    inns=; tap=$BR_TAP
+    ip netns exec $NS sh -c "ip link set lo up &&
+      sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1" &&
+    ip link add $UPLINK type veth peer name $PEER && ip link set $PEER netns $NS &&
+    ip link add $BRIDGE type bridge && ip tuntap add dev $BR_TAP mode tap &&
+    for d in $BRIDGE $UPLINK $BR_TAP; do sysctl -qw net.ipv6.conf.$d.disable_ipv6=1; done &&
+    ip link set $UPLINK master $BRIDGE && ip link set $BR_TAP master $BRIDGE &&
+    ip link set $BRIDGE up && ip link set $UPLINK up && ip link set $BR_TAP up &&
+    ip netns exec $NS sh -c "ip addr add $HOST_IP/24 dev $PEER && ip link set $PEER up &&
+      ip neigh add $GUEST_IP lladdr $GUEST_MAC dev $PEER nud permanent" ||
+      die "bridge setup failed"
+  else
+    ip netns exec $NS sh -c "ip link set lo up && ip tuntap add dev $TAP mode tap &&
+      sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 &&
+      ip addr add $HOST_IP/24 dev $TAP && ip link set $TAP up" || die "netns setup failed"
+  fi
   local append="console=ttyS0 tsc=reliable no_timer_check lpj=5192264 noxsave clearcpuid=$CLEARCPUID panic=-1"
   append="$append ip=$GUEST_IP::$HOST_IP:255.255.255.0:lab:eth0:off lab_guest.rounds=0"
   rm -f $RUN/console.log $RUN/qemu.pid
-  setsid ip netns exec $NS qemu-system-x86_64 -name "${L2_NAME:-l2},debug-threads=on" \
+  setsid $inns qemu-system-x86_64 -name "${L2_NAME:-l2},debug-threads=on" \
     -enable-kvm -cpu qemu64,-cx16 -m 128 -smp 1 -bios /usr/share/qemu/qboot.rom \
     -display none -no-reboot -pidfile $RUN/qemu.pid \
     -chardev file,id=ser0,path=$RUN/console.log -serial chardev:ser0 \
     -monitor unix:$RUN/mon.sock,server=on,wait=off -kernel $KERNEL -append "$append" \
-    -netdev tap,id=n0,ifname=$TAP,script=no,downscript=no,vhost=${L2_VHOST:-on} \
-    -device virtio-net-pci,netdev=n0,romfile= \
+    -netdev tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=${L2_VHOST:-on} \
+    -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
     -drive file=$RUN/disk.img,if=virtio,format=raw,cache=writeback \
     </dev/null >$RUN/qemu.err 2>&1 &
   local i
@@ -54,7 +74,7 @@ cmd_start() {
   echo "l2: ready, qemu pid $(qpid), vhost=${L2_VHOST:-on}"
 }
 cmd_ping() { local n=${1:-10} iv=${2:-0.2}; [ "$n" -le 1000 ] || die "count capped at 1000"
-  ip netns exec $NS timeout 300 ping -q -c "$n" -i "$iv" -W 5 -w 290 $GUEST_IP; }
+  ip netns exec $NS timeout 300 ping -c "$n" -i "$iv" -W 5 -w 290 $GUEST_IP; }
 cmd_stop() {
   local p i
   if running; then p=$(qpid)
@@ -63,7 +83,11 @@ cmd_stop() {
     kill -0 $p 2>/dev/null && { kill -KILL $p; sleep 1; }
   fi
   rm -f $RUN/qemu.pid $RUN/mon.sock
+  for d in $BR_TAP $UPLINK $BRIDGE; do [ -e /sys/class/net/$d ] && ip link del $d; done
   ip netns list | grep -qw $NS && ip netns del $NS; return 0
 }
+cmd_netem() { [ -e /sys/class/net/$BR_TAP ] || die "netem needs L2_NET=bridge"
+  if [ "${1:-}" = off ]; then tc qdisc del dev $BR_TAP root
+  else tc qdisc replace dev $BR_TAP root netem delay "${1:?DELAY}"; fi; }
 c=${1:-}; shift || true
-case $c in start|ping|stop) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,11p "$0"; exit 2;; esac
+case $c in start|ping|stop|netem) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,15p "$0"; exit 2;; esac
