@@ -46,6 +46,7 @@ pub struct Topology {
     pub bridge: String,
     pub tap: String,
     pub uplink: String,
+    pub peer: String,
 }
 
 impl Topology {
@@ -57,8 +58,9 @@ impl Topology {
             bridge: format!("iopbr{id}"),
             tap: format!("ioptap{id}"),
             uplink: format!("iopvh{id}"),
+            peer: format!("iopvp{id}"),
         };
-        let peer = format!("iopvp{id}");
+        let peer = t.peer.clone();
         ip(&["netns", "add", &t.ns]);
         ip(&[
             "link", "add", &t.uplink, "type", "veth", "peer", "name", &peer,
@@ -192,21 +194,24 @@ pub fn send(vmm: &Path, ns: &str, count: u32, gap_us: u64) {
     );
 }
 
-/// The bounding events of the receive stages counted by bpftrace (a second method), from start
-/// to [`RxCounter::counts`]: receives on the uplink (`rx`), transmits to the tap (`xmit`), the
+/// The bounding events of the net stages counted by bpftrace (a second method), from start to
+/// [`NetCounter::counts`]: receives on the uplink (`rx`), transmits to the tap (`xmit`), the
 /// consumes and drops of the skbs sent there (`consume`, `dropped`: by address, as bpftrace users
-/// write it) and the MSI injections of the threads `msi_filter` (a bpftrace predicate) selects
-/// (`msi`). Killed on drop: a failed assertion must not leave it attached.
-pub struct RxCounter {
+/// write it), the MSI injections of the threads `msi_filter` (a bpftrace predicate) selects
+/// (`msi`), and the other way receives on the tap (`tap_rx`) and transmits on the uplink
+/// (`up_xmit`). Killed on drop: a failed assertion must not leave it attached.
+pub struct NetCounter {
     bt: Child,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
-impl RxCounter {
-    pub fn start(uplink: &str, tap: &str, msi_filter: &str) -> RxCounter {
+impl NetCounter {
+    pub fn start(uplink: &str, tap: &str, msi_filter: &str) -> NetCounter {
         let script = format!(
             r#"BEGIN {{ printf("ready\n"); }}
 tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
+tracepoint:net:netif_receive_skb /str(args->name) == "{tap}"/ {{ @tap_rx = count(); }}
+tracepoint:net:net_dev_start_xmit /str(args->name) == "{uplink}"/ {{ @up_xmit = count(); }}
 tracepoint:net:net_dev_start_xmit /str(args->name) == "{tap}"/ {{
   @xmit = count(); @queued[args->skbaddr] = 1;
 }}
@@ -235,7 +240,7 @@ END {{ clear(@queued); }}
                 }
             }
         });
-        let c = RxCounter { bt, lines };
+        let c = NetCounter { bt, lines };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -249,7 +254,7 @@ END {{ clear(@queued); }}
     }
 
     /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
-    pub fn counts(mut self) -> RxCounts {
+    pub fn counts(mut self) -> NetCounts {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -259,7 +264,7 @@ END {{ clear(@queued); }}
         let _ = self.bt.kill();
         let _ = self.bt.wait();
         // bpftrace is gone: the reader thread forwards what it printed, then its channel closes.
-        RxCounts(
+        NetCounts(
             self.lines
                 .iter()
                 .filter_map(|l| {
@@ -271,19 +276,129 @@ END {{ clear(@queued); }}
     }
 }
 
-impl Drop for RxCounter {
+impl Drop for NetCounter {
     fn drop(&mut self) {
         let _ = self.bt.kill();
         let _ = self.bt.wait();
     }
 }
 
-/// What an [`RxCounter`] counted, by name (0 for a name it never printed: no such event).
+/// What an [`NetCounter`] counted, by name (0 for a name it never printed: no such event).
 #[derive(Debug)]
-pub struct RxCounts(pub Vec<(String, u64)>);
+pub struct NetCounts(pub Vec<(String, u64)>);
 
-impl RxCounts {
+impl NetCounts {
     pub fn of(&self, name: &str) -> u64 {
         self.0.iter().find(|(n, _)| n == name).map_or(0, |c| c.1)
+    }
+}
+
+/// A guest's side of a tap, for the transmit stages: frames written to it enter the host stack
+/// as a guest's packets do (QEMU's write). Closed on drop.
+pub struct TapWriter(std::fs::File);
+
+impl TapWriter {
+    pub fn open(tap: &str) -> TapWriter {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("/dev/net/tun");
+        // struct ifreq: the name, then IFF_TAP | IFF_NO_PI.
+        let mut ifr = [0u8; 40];
+        ifr[..tap.len()].copy_from_slice(tap.as_bytes());
+        ifr[16..18].copy_from_slice(&(0x0002u16 | 0x1000).to_ne_bytes());
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq given.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                TUNSETIFF,
+                ifr.as_mut_ptr(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "TUNSETIFF {tap}: {}",
+            std::io::Error::last_os_error()
+        );
+        TapWriter(f)
+    }
+
+    /// `count` UDP datagrams from the guest's address (169.254.77.2, MAC 02:00:00:00:77:02) to
+    /// the peer's discard port, `gap_us` apart: each one frame, each one packet to the uplink.
+    pub fn send_udp(&mut self, peer_mac: [u8; 6], count: u32, gap_us: u64) {
+        use std::io::Write as _;
+        let payload = [0x5au8; 64];
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 169, 254, 77, 2, 169, 254, 77, 1,
+        ];
+        let total = (20 + 8 + payload.len()) as u16;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        let sum = ip
+            .chunks(2)
+            .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+            .sum::<u32>();
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let udp_len = (8 + payload.len()) as u16;
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&peer_mac);
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0x77, 0x02]);
+        frame.extend_from_slice(&[0x08, 0x00]);
+        frame.extend_from_slice(&ip);
+        // source port 40000, port 9 (discard), no UDP checksum (allowed over IPv4)
+        frame.extend_from_slice(&40000u16.to_be_bytes());
+        frame.extend_from_slice(&9u16.to_be_bytes());
+        frame.extend_from_slice(&udp_len.to_be_bytes());
+        frame.extend_from_slice(&[0, 0]);
+        frame.extend_from_slice(&payload);
+        for _ in 0..count {
+            self.0.write_all(&frame).expect("write to the tap");
+            sleep(Duration::from_micros(gap_us));
+        }
+    }
+}
+
+impl Topology {
+    /// The MAC address of the peer end, in the namespace.
+    pub fn peer_mac(&self) -> [u8; 6] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "cat"])
+            .arg(format!("/sys/class/net/{}/address", self.peer))
+            .output()
+            .expect("read the peer's address");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut mac = [0u8; 6];
+        for (b, h) in mac.iter_mut().zip(text.trim().split(':')) {
+            *b = u8::from_str_radix(h, 16).expect("a MAC address");
+        }
+        mac
+    }
+
+    /// netem `delay` (e.g. "500us") on the uplink's root qdisc; Err with tc's words when the
+    /// kernel has no netem.
+    pub fn uplink_netem(&self, delay: &str) -> Result<(), String> {
+        let out = Command::new("tc")
+            .args([
+                "qdisc",
+                "replace",
+                "dev",
+                &self.uplink,
+                "root",
+                "netem",
+                "delay",
+                delay,
+            ])
+            .output()
+            .expect("tc");
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        match out.status.success() {
+            true => Ok(()),
+            false if why.contains("unknown") => Err(why),
+            false => panic!("tc netem on {}: {why}", self.uplink),
+        }
     }
 }

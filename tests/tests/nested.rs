@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use iopath_tests::{Daemon, Metrics, Why, emulated, have, kvm_available, net::RxCounter, skip};
+use iopath_tests::{Daemon, Metrics, Why, emulated, have, kvm_available, net::NetCounter, skip};
 
 const LATENCY: &str = "iopath_stage_latency_seconds";
 
@@ -429,14 +429,14 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
     assert!(d.stop().success());
 }
 
-/// The receive stages through vhost-net, on a host's topology (l2.sh's bridge: a peer namespace,
+/// The network stages through vhost-net, on a host's topology (l2.sh's bridge: a peer namespace,
 /// a veth whose host end is the uplink, a bridge, the guest's tap): every ping the guest answers
-/// is one packet through each stage, counted again by bpftrace; then netem holds each packet 20
-/// ms in the tap's qdisc, between the bridge and the tap's transmit, which is inside
-/// net.rx.host_stack and nowhere else.
+/// is one packet through each receive stage and its reply one through the transmit side's host
+/// stack, counted again by bpftrace; then netem holds each packet 20 ms in the tap's qdisc and
+/// each reply 20 ms in the uplink's, which are inside the host stages and nowhere else.
 #[test]
-fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
-    const TEST: &str = "vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap";
+fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
+    const TEST: &str = "vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks";
     if !in_vm(TEST) {
         return;
     }
@@ -451,14 +451,15 @@ fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
     const VM: &str = "nested-net";
     const PINGS: u32 = 500;
     const NETEM_MS: f64 = 20.0;
-    let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq";
+    let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq,net.tx.host_stack";
     let guest = L2::start_on(VM, true, "bridge");
     // The guest's ARP for its gateway and the bridge's learning of the guest's MAC, before any
     // window: the peer knows the guest's MAC for good (l2.sh), so only pings cross the tap.
     guest.ping(3, "0.2");
     let host = [("tap", "l2tap"), ("uplink", "l2up")];
     let vm = [("vm", VM), ("backend", "vhost"), ("tap", "l2tap")];
-    // (host_stack, backend_queue, backend_to_irq p50 in µs, ping's median in ms) per window.
+    // (host_stack, backend_queue, backend_to_irq, tx host_stack p50 in µs, ping's median in ms)
+    // per window.
     let mut windows = Vec::new();
     for netem in [None, Some(NETEM_MS)] {
         if let Some(ms) = netem {
@@ -466,12 +467,13 @@ fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
         }
         // A daemon per window: its quantiles are the window's.
         let d = Daemon::start(&["--stages", stages]);
-        let bt = RxCounter::start("l2up", "l2tap", r#"strncmp(comm, "vhost-", 6) == 0"#);
+        let bt = NetCounter::start("l2up", "l2tap", r#"strncmp(comm, "vhost-", 6) == 0"#);
         let mut rtts = guest.ping_rtts(PINGS, "0.02");
         let counts = bt.counts();
         let (host_n, host_p50) = d.stage_p50("net.rx.host_stack", &host);
         let (queue_n, queue_p50) = d.stage_p50("net.rx.backend_queue", &vm);
         let (irq_n, irq_p50) = d.stage_p50("net.rx.backend_to_irq", &vm);
+        let (tx_n, tx_p50) = d.stage_p50("net.tx.host_stack", &host);
         let no_irq = d.metrics().value(
             "iopath_events_dropped_total",
             &[
@@ -483,7 +485,8 @@ fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
         eprintln!(
             "netem {netem:?}: bpftrace {counts:?}; iopath host_stack {host_n} (p50 \
              {host_p50:.0} us), backend_queue {queue_n} ({queue_p50:.0} us), backend_to_irq \
-             {irq_n} ({irq_p50:.0} us, {no_irq} no_interrupt); {} replies",
+             {irq_n} ({irq_p50:.0} us, {no_irq} no_interrupt); tx host_stack {tx_n} \
+             ({tx_p50:.0} us); {} replies",
             rtts.len()
         );
         assert_eq!(rtts.len(), PINGS as usize, "every ping answered");
@@ -515,21 +518,44 @@ fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
             irq_n * 100 >= queue_n * 99,
             "backend_to_irq {irq_n} of {queue_n}"
         );
+        // Each reply is one packet from the guest (and its ARP refresh, if one fell here); a
+        // packet of L1's own on the bridge would go out of both ports.
+        let replies = counts.of("tap_rx");
+        assert!(
+            (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&replies),
+            "{replies} packets from the guest for {PINGS} replies"
+        );
+        assert_eq!(tx_n, replies, "tx host_stack: one per packet from the tap");
+        // bpftrace's own count of the end event lost 2 of 502 and 5 of 503 in runs with netem
+        // on, where iopath's raw_tp/tp_btf programs saw every one: bpftrace's classic tracepoint
+        // programs are skipped when they fire nested in another BPF program on the same CPU, as
+        // netem's dequeue in a softirq on an interrupt's exit can (slow under TCG). Within 2%.
+        let out = counts.of("up_xmit");
+        let want = replies + (xmit - counts.of("rx"));
+        assert!(
+            out <= want && out * 100 >= want * 98,
+            "bpftrace: {out} packets out the uplink for {want} from the tap and L1"
+        );
         // vhost signals the receive queue and the transmit queue (the reply): at least one
         // injection per packet.
         assert!(counts.of("msi") >= xmit, "vhost's injections: {counts:?}");
         rtts.sort_by(f64::total_cmp);
         let median = rtts[rtts.len() / 2];
         eprintln!("netem {netem:?}: ping's median round trip {median:.2} ms");
-        windows.push((host_p50, queue_p50, irq_p50, median));
+        windows.push((host_p50, queue_p50, irq_p50, tx_p50, median));
     }
     let (before, after) = (windows[0], windows[1]);
-    let moved_us = after.0 - before.0;
     let delay_us = NETEM_MS * 1000.0;
-    assert!(
-        (moved_us - delay_us).abs() <= 0.1 * delay_us,
-        "host_stack p50 moved {moved_us:.0} us for netem {NETEM_MS} ms"
-    );
+    for (name, a, b) in [
+        ("net.rx.host_stack", before.0, after.0),
+        ("net.tx.host_stack", before.3, after.3),
+    ] {
+        assert!(
+            (b - a - delay_us).abs() <= 0.1 * delay_us,
+            "{name} p50 moved {:.0} us for netem {NETEM_MS} ms ({a:.0} -> {b:.0})",
+            b - a
+        );
+    }
     // The other stages do not see the qdisc: under TCG they wander by hundreds of µs, a tenth
     // of the delay bounds it.
     for (name, a, b) in [
@@ -542,13 +568,14 @@ fn vhost_net_rx_stages_count_every_ping_and_see_netem_on_the_tap() {
             b - a
         );
     }
-    // The independent figure: ping's own round trip, whose request waited in the same qdisc.
-    let rtt_moved = after.3 - before.3;
+    // The independent figure: ping's own round trip, whose request and reply waited in the
+    // same qdiscs.
+    let rtt_moved = after.4 - before.4;
     assert!(
-        (rtt_moved - NETEM_MS).abs() <= 0.1 * NETEM_MS,
+        (rtt_moved - 2.0 * NETEM_MS).abs() <= 0.1 * 2.0 * NETEM_MS,
         "ping's median RTT moved {rtt_moved:.2} ms ({:.2} -> {:.2})",
-        before.3,
-        after.3
+        before.4,
+        after.4
     );
     drop(guest);
 }

@@ -15,7 +15,7 @@ use std::{
 
 use iopath_tests::{
     Daemon, Why, emulated, have, kvm_available, leftover_programs,
-    net::{RxCounter, TapBackend, Topology, send},
+    net::{NetCounter, TapBackend, TapWriter, Topology, send},
     skip, testvmm_bin,
 };
 
@@ -40,7 +40,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     // After the topology: the daemon finds the tap and its uplink at start. A short grace
     // period, for the tap's series to go soon after the tap does (checked at the end).
     let d = Daemon::start(&["--stages", STAGES, "--vm-grace", "2s"]);
-    let bt = RxCounter::start(&topo.uplink, &topo.tap, r#"comm == "iopath-testvmm""#);
+    let bt = NetCounter::start(&topo.uplink, &topo.tap, r#"comm == "iopath-testvmm""#);
     let delays: &[u64] = if emulated() {
         &[2000, 10000]
     } else {
@@ -222,4 +222,78 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     }
     assert!(d.stop().success());
     assert!(leftover_programs().is_empty());
+}
+
+/// The transmit side's host stack: frames written to the tap (the guest's side, as QEMU writes
+/// them) cross the bridge to the uplink, first as they are, then with netem holding each one a
+/// known D in the uplink's qdisc, which is inside the stage: its p50 moves by D. Counts against
+/// bpftrace's receives on the tap and transmits on the uplink.
+#[test]
+fn tx_host_stack_from_the_tap_to_the_uplink_with_a_known_qdisc_delay() {
+    const TEST: &str = "tx_host_stack_from_the_tap_to_the_uplink_with_a_known_qdisc_delay";
+    iopath_tests::require_root();
+    if !have("bpftrace") {
+        skip(
+            TEST,
+            Why::Setup,
+            "bpftrace not installed (cargo xtask setup installs it)",
+        );
+        return;
+    }
+    let topo = Topology::new("tx");
+    let mut tap = TapWriter::open(&topo.tap);
+    topo.wait_forwarding();
+    let peer = topo.peer_mac();
+    let d_us: u64 = if emulated() { 10_000 } else { 500 };
+    let count = 300u32;
+    let host = [("tap", topo.tap.as_str()), ("uplink", topo.uplink.as_str())];
+    let mut p50s = Vec::new();
+    for netem in [None, Some(d_us)] {
+        if let Some(us) = netem
+            && let Err(why) = topo.uplink_netem(&format!("{us}us"))
+        {
+            // This machine's kernel is built without qdiscs but pfifo; the distro-kernel VM,
+            // where this test runs too, has netem.
+            skip(
+                TEST,
+                Why::Machine,
+                &format!("the known-delay half needs sch_netem, which this kernel lacks ({why})"),
+            );
+            return;
+        }
+        // A daemon per round: its quantiles are the round's.
+        let d = Daemon::start(&["--stages", "net.tx.host_stack"]);
+        let bt = NetCounter::start(&topo.uplink, &topo.tap, "0");
+        // Farther apart than the delay: netem never queues two.
+        tap.send_udp(peer, count, d_us * 2);
+        sleep(Duration::from_millis(d_us / 1000 * 3 + 100));
+        let counts = bt.counts();
+        let (n, p50) = d.stage_p50("net.tx.host_stack", &host);
+        assert!(d.stop().success());
+        eprintln!("netem {netem:?} us: {n} samples, p50 {p50:.1} us; bpftrace {counts:?}");
+        assert_eq!(
+            counts.of("tap_rx"),
+            count as u64,
+            "bpftrace: the frames written"
+        );
+        // A packet of the host's own on the bridge (now and then, one) goes out of both ports:
+        // on the uplink beside the frames, on the tap beside the replies that came in.
+        let host_own = counts.of("xmit") - counts.of("rx");
+        assert_eq!(
+            counts.of("up_xmit"),
+            count as u64 + host_own,
+            "bpftrace: every frame went out the uplink"
+        );
+        assert_eq!(n, count as u64, "net.tx.host_stack: one sample per frame");
+        p50s.push(p50);
+    }
+    let moved = p50s[1] - p50s[0];
+    let tol = (d_us as f64 * 0.10).max(3.0);
+    assert!(
+        (moved - d_us as f64).abs() <= tol,
+        "net.tx.host_stack p50 moved {moved:.1} us for netem {d_us} us on the uplink \
+         ({:.1} -> {:.1})",
+        p50s[0],
+        p50s[1]
+    );
 }

@@ -8,7 +8,8 @@
 #   L2_NAME=NAME L2_VHOST=on|off [L2_NET=bridge] l2.sh start
 #                                                 boot it, wait for the guest's READY (<= 120 s)
 #   l2.sh ping COUNT INTERVAL                     from the namespace (COUNT <= 1000)
-#   l2.sh netem DELAY|off                         netem on the tap's root qdisc (bridge only)
+#   l2.sh netem DELAY|off                         netem on the tap's and the uplink's root qdiscs
+#                                                 (bridge only): each direction held DELAY
 #   l2.sh monitor 'HMP command'                   QEMU's monitor (stop, cont, ...)
 #   l2.sh stop                                    quit QEMU, delete the namespace and links
 set -u
@@ -87,7 +88,10 @@ cmd_stop() {
   ip netns list | grep -qw $NS && ip netns del $NS; return 0
 }
 cmd_netem() { [ -e /sys/class/net/$BR_TAP ] || die "netem needs L2_NET=bridge"
-  if [ "${1:-}" = off ]; then tc qdisc del dev $BR_TAP root
-  else tc qdisc replace dev $BR_TAP root netem delay "${1:?DELAY}"; fi; }
+  local d
+  for d in $BR_TAP $UPLINK; do
+    if [ "${1:-}" = off ]; then tc qdisc del dev $d root
+    else tc qdisc replace dev $d root netem delay "${1:?DELAY}" || die "netem on $d"; fi
+  done; }
 c=${1:-}; shift || true
 case $c in start|ping|stop|netem) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,15p "$0"; exit 2;; esac

@@ -23,10 +23,12 @@ pub enum StageId {
     NetRxBackendQueue = 7,
     /// That consume to the next kvm:kvm_msi_set_irq of the same thread.
     NetRxBackendToIrq = 8,
+    /// net:netif_receive_skb on a tap to net:net_dev_start_xmit on an uplink.
+    NetTxHostStack = 9,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 9] = [
+    pub const ALL: [StageId; 10] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -36,6 +38,7 @@ impl StageId {
         StageId::NetRxHostStack,
         StageId::NetRxBackendQueue,
         StageId::NetRxBackendToIrq,
+        StageId::NetTxHostStack,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -56,6 +59,7 @@ impl StageId {
             6 => Some(StageId::NetRxHostStack),
             7 => Some(StageId::NetRxBackendQueue),
             8 => Some(StageId::NetRxBackendToIrq),
+            9 => Some(StageId::NetTxHostStack),
             _ => None,
         }
     }

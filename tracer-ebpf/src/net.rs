@@ -1,5 +1,6 @@
 //! net.rx.*: a packet from an uplink through the host stack to a tap, to the backend taking it,
-//! to the interrupt that tells the guest (rules: `tracer_common::net`).
+//! to the interrupt that tells the guest; net.tx.host_stack: a packet from a tap through the host
+//! stack to an uplink (rules: `tracer_common::net`).
 //!
 //! Every skb the host receives, transmits or frees passes through these programs: each asks the
 //! cheapest question first (is the stage on, is the device an uplink or a tap, does the slot
@@ -18,9 +19,9 @@ use tracer_common::{
         Backend, SKB_SLOTS, SkbSlot, backend_queue,
         backend_to_irq::{self, Batch},
         host_stack::{self, Ended},
-        role, skb_slot,
+        role, skb_slot, tx_host_stack,
     },
-    stage::StageId::{self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack},
+    stage::StageId::{self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack, NetTxHostStack},
 };
 
 use crate::{
@@ -35,19 +36,30 @@ use crate::{
 #[map]
 static NET_DEVS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
-/// Packets in flight, by skb address (`net::skb_slot`).
+/// Packets in flight either way, by skb address (`net::skb_slot`).
 #[map]
-static NET_RX_SKB: Array<SkbSlot> = Array::with_max_entries(SKB_SLOTS, 0);
+static NET_SKB: Array<SkbSlot> = Array::with_max_entries(SKB_SLOTS, 0);
 
 /// Packets a backend thread took and has not signalled yet, by thread.
 #[map]
 pub static NET_RX_BATCH: HashMap<u32, Batch> = HashMap::with_max_entries(START_ENTRIES, 0);
 
-const ALL: [StageId; 3] = [NetRxHostStack, NetRxBackendQueue, NetRxBackendToIrq];
+const ALL: [StageId; 4] = [
+    NetRxHostStack,
+    NetRxBackendQueue,
+    NetRxBackendToIrq,
+    NetTxHostStack,
+];
+/// The stages a receive starts.
+const HOST_STACKS: [StageId; 2] = [NetRxHostStack, NetTxHostStack];
 
 #[inline(always)]
 fn any_on(mask: u64) -> bool {
-    mask & (NetRxHostStack.bit() | NetRxBackendQueue.bit() | NetRxBackendToIrq.bit()) != 0
+    mask & (NetRxHostStack.bit()
+        | NetRxBackendQueue.bit()
+        | NetRxBackendToIrq.bit()
+        | NetTxHostStack.bit())
+        != 0
 }
 
 #[inline(always)]
@@ -58,7 +70,7 @@ fn role_of(ifindex: u32) -> u32 {
 #[inline(always)]
 fn slot(skb: u64) -> Option<&'static mut SkbSlot> {
     // SAFETY: a map value; each slot's writers are the events of the skbs hashed to it.
-    NET_RX_SKB
+    NET_SKB
         .get_ptr_mut(skb_slot(skb))
         .map(|p| unsafe { &mut *p })
 }
@@ -90,25 +102,32 @@ fn raw_skb_dev(skb: u64, dev: u64) -> Result<(u64, u32), ()> {
     Ok((skb, ifindex))
 }
 
-/// net:netif_receive_skb: a packet on an uplink starts the host stack.
+/// net:netif_receive_skb: a packet on an uplink starts the receive side's host stack, one on a
+/// tap (a guest's) the transmit side's.
 #[inline(always)]
 fn received(ev: Result<(u64, u32), ()>, _: Site) {
-    if !on(stages_on(), NetRxHostStack) {
+    let mask = stages_on();
+    if mask & (NetRxHostStack.bit() | NetTxHostStack.bit()) == 0 {
         return;
     }
     let Ok((skb, ifindex)) = ev else {
-        count(NetRxHostStack, Counter::ReadError);
+        count_each(mask, &HOST_STACKS, Counter::ReadError);
         return;
     };
     let Some(s) = slot(skb) else {
         return;
     };
-    if role_of(ifindex) & role::UPLINK == 0 {
+    let role = role_of(ifindex);
+    let started = if role & role::UPLINK != 0 && on(mask, NetRxHostStack) {
+        host_stack::on_uplink_rx(s, skb, now_ns(), ifindex).map_err(|c| (NetRxHostStack, c))
+    } else if role & role::TAP != 0 && on(mask, NetTxHostStack) {
+        tx_host_stack::on_tap_rx(s, skb, now_ns(), ifindex).map_err(|c| (NetTxHostStack, c))
+    } else {
         host_stack::on_other_rx(s, skb);
-        return;
-    }
-    if let Err(c) = host_stack::on_uplink_rx(s, skb, now_ns(), ifindex) {
-        count(NetRxHostStack, c);
+        Ok(())
+    };
+    if let Err((stage, c)) = started {
+        count(stage, c);
     }
 }
 
@@ -122,7 +141,8 @@ tracepoint_args!(
     received
 );
 
-/// net:net_dev_start_xmit on a tap: ends the host stack, starts the backend's queue.
+/// net:net_dev_start_xmit on a tap: ends the receive side's host stack, starts the backend's
+/// queue; on an uplink: ends the transmit side's host stack.
 #[inline(always)]
 fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
     let mask = stages_on();
@@ -133,7 +153,20 @@ fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
         count_each(mask, &ALL, Counter::ReadError);
         return;
     };
-    if role_of(ifindex) & role::TAP == 0 {
+    let role = role_of(ifindex);
+    if role & role::UPLINK != 0 {
+        if on(mask, NetTxHostStack)
+            && let Some(s) = slot(skb)
+        {
+            match tx_host_stack::on_uplink_xmit(s, skb, now_ns(), ifindex) {
+                Some(Ok(x)) => record(NetTxHostStack, x.uplink, x.tap, 0, x.latency_ns),
+                Some(Err(c)) => count(NetTxHostStack, c),
+                None => {}
+            }
+        }
+        return;
+    }
+    if role & role::TAP == 0 {
         return;
     }
     let Some(s) = slot(skb) else {
@@ -148,7 +181,7 @@ fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
         }
     }
     if let Err(c) = started {
-        count_each(mask, &ALL[1..], c);
+        count_each(mask, &ALL[1..3], c);
     }
 }
 
@@ -194,7 +227,7 @@ fn freed(skb: u64, dropped: bool) {
                 taken(tid, vm, now, x.tap, backend as u32);
             }
         }
-        Err(c) => count_each(mask, &ALL[1..], c),
+        Err(c) => count_each(mask, &ALL[1..3], c),
     }
 }
 

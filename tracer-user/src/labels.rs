@@ -413,7 +413,9 @@ impl Labeler {
                 self.vcpu_fd(k.vm, k.obj),
                 self.uexit_reasons.name(k.detail),
             ],
-            StageId::NetRxHostStack => vec![self.netdev(k.obj), self.netdev(k.detail)],
+            StageId::NetRxHostStack | StageId::NetTxHostStack => {
+                vec![self.netdev(k.obj), self.netdev(k.detail)]
+            }
             StageId::NetRxBackendQueue | StageId::NetRxBackendToIrq => vec![
                 self.vm(k.vm),
                 Backend::from_u32(k.detail).name().into(),

@@ -44,6 +44,7 @@ impl Owner {
             netdev: if is(StageId::NetRxHostStack)
                 || is(StageId::NetRxBackendQueue)
                 || is(StageId::NetRxBackendToIrq)
+                || is(StageId::NetTxHostStack)
             {
                 obj
             } else {

@@ -21,8 +21,8 @@ pub fn start(
 
 /// skb:consume_skb (`dropped` false) or skb:kfree_skb (true) of `skb`: ends the stage when the
 /// slot holds it queued. Every skb the host frees passes here: one not followed is no error
-/// (Ok(None)). A packet still in the host stack when freed (dropped by the bridge, or
-/// delivered to the host) frees its slot too.
+/// (Ok(None)). A packet still in the host stack when freed, either way (dropped by the bridge,
+/// or delivered to the host), frees its slot too.
 #[inline(always)]
 pub fn on_free(
     slot: &mut SkbSlot,
@@ -31,7 +31,7 @@ pub fn on_free(
     dropped: bool,
 ) -> Result<Option<NetSample>, Counter> {
     let copy = *slot;
-    if copy.holds(skb, Phase::Received) {
+    if copy.holds(skb, Phase::Received) || copy.holds(skb, Phase::Sent) {
         slot.skb = 0;
         return Ok(None);
     }

@@ -1,4 +1,4 @@
-//! Paravirtual network path, receive side (wire to guest), per packet:
+//! Paravirtual network path, per packet. Receive side (wire to guest):
 //! - `net.rx.host_stack`: net:netif_receive_skb on an uplink to net:net_dev_start_xmit on a tap
 //!   ([`host_stack`]);
 //! - `net.rx.backend_queue`: that transmit to the backend taking the skb off the tap
@@ -6,12 +6,17 @@
 //! - `net.rx.backend_to_irq`: that take to the next interrupt the same thread injects
 //!   (kvm:kvm_msi_set_irq; [`backend_to_irq`]).
 //!
+//! Transmit side (guest to wire):
+//! - `net.tx.host_stack`: net:netif_receive_skb on a tap to net:net_dev_start_xmit on an uplink
+//!   ([`tx_host_stack`]).
+//!
 //! Packets are matched by skb address in an array of slots hashed from it (as block requests
 //! are): no lock, and a bounded map whose evictions are counted.
 
 pub mod backend_queue;
 pub mod backend_to_irq;
 pub mod host_stack;
+pub mod tx_host_stack;
 
 use crate::assert_size;
 
@@ -71,6 +76,8 @@ pub enum Phase {
     Received = 1,
     /// Sent to a tap, queued for the backend.
     Queued = 2,
+    /// Received from a tap (sent by a guest), in the host stack.
+    Sent = 3,
 }
 
 /// Slots of [`SkbSlot`], hashed from the skb address.

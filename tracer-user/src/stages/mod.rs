@@ -297,6 +297,7 @@ pub static STAGES: &[&Stage] = &[
     &net::RX_HOST_STACK,
     &net::RX_BACKEND_QUEUE,
     &net::RX_BACKEND_TO_IRQ,
+    &net::TX_HOST_STACK,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {

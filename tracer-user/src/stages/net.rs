@@ -1,6 +1,7 @@
-//! Paravirtual network stages, receive side (`tracer_common::net`): a guest's packet from the
+//! Paravirtual network stages (`tracer_common::net`). Receive side: a guest's packet from the
 //! uplink through the host stack to its tap, to the backend that takes it (QEMU's thread or a
 //! vhost worker, told apart by the thread's name), to the interrupt that thread injects.
+//! Transmit side: a guest's packet from its tap through the host stack to the uplink.
 //!
 //! Only tracepoints: net, skb and kvm. Their programs key by skb address and device
 //! ifindex, which only the argument array has (the classic net records name the device), so
@@ -98,4 +99,26 @@ pub static RX_BACKEND_TO_IRQ: Stage = Stage {
     needs: |c| all_set(&[c.task_nvcsw], "struct task_struct.nvcsw not in BTF"),
     key_class: None,
     maps: &[&NET_RX_BATCH],
+};
+
+/// A guest's packet in the host stack, from its tap to the uplink: bridging, netfilter, the
+/// uplink's qdisc.
+pub static TX_HOST_STACK: Stage = Stage {
+    id: StageId::NetTxHostStack,
+    name: "net.tx.host_stack",
+    path: Path::Net,
+    from: "net:netif_receive_skb on a tap (the backend's write: QEMU's, or vhost's tun_sendmsg)",
+    to: "net:net_dev_start_xmit on an uplink (after its qdisc)",
+    labels: &["tap", "uplink"],
+    // The frees end packets delivered to the host or dropped on the way.
+    events: &[
+        &NETIF_RECEIVE_SKB,
+        &NET_DEV_START_XMIT,
+        &CONSUME_SKB,
+        &KFREE_SKB,
+    ],
+    naming: &[],
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[],
 };
