@@ -39,8 +39,8 @@ fn sysctl_off_ipv6(ns: Option<&str>, dev: &str) {
     let _ = c.status();
 }
 
-/// The topology, removed on drop: namespace `ns` holds `peer` (169.254.77.1), whose other end
-/// `uplink` is on bridge `bridge` with tap `tap`.
+/// The topology, removed on drop: namespace `ns` holds `peer` (169.254.77.1 for
+/// [`Topology::new`]), whose other end `uplink` is on bridge `bridge` with tap `tap`.
 pub struct Topology {
     pub ns: String,
     pub bridge: String,
@@ -49,16 +49,43 @@ pub struct Topology {
     pub peer: String,
 }
 
+/// The guest's side of [`Topology::new`]: its address and MAC, which the peer knows for good.
+pub const GUEST_IP: &str = "169.254.77.2";
+pub const GUEST_MAC: &str = "02:00:00:00:77:02";
+
 impl Topology {
+    /// The peer at 169.254.77.1, which knows the guest's address for good: no ARP crosses the
+    /// tap.
     pub fn new(tag: &str) -> Topology {
+        Topology::build(tag, 0, "169.254.77.1", None, Some((GUEST_IP, GUEST_MAC)))
+    }
+
+    /// Two topologies whose taps a backend joins (`tap-forward`): the first's peer is
+    /// 169.254.77.1, the second's is 169.254.77.2 with [`GUEST_MAC`]: one link through both
+    /// bridges, ARP and all.
+    pub fn pair(tag: &str) -> (Topology, Topology) {
+        (
+            Topology::build(tag, 1, "169.254.77.1", None, None),
+            Topology::build(tag, 2, GUEST_IP, Some(GUEST_MAC), None),
+        )
+    }
+
+    /// `n` tells apart the devices of topologies one process builds.
+    fn build(
+        tag: &str,
+        n: u8,
+        peer_ip: &str,
+        peer_mac: Option<&str>,
+        neigh: Option<(&str, &str)>,
+    ) -> Topology {
         let id = std::process::id() % 100_000;
         // Built first: a failed step below leaves what it made to Drop.
         let t = Topology {
-            ns: format!("iopath-{tag}-{id}"),
-            bridge: format!("iopbr{id}"),
-            tap: format!("ioptap{id}"),
-            uplink: format!("iopvh{id}"),
-            peer: format!("iopvp{id}"),
+            ns: format!("iopath-{tag}{n}-{id}"),
+            bridge: format!("iopbr{id}{n}"),
+            tap: format!("ioptap{id}{n}"),
+            uplink: format!("iopvh{id}{n}"),
+            peer: format!("iopvp{id}{n}"),
         };
         let peer = t.peer.clone();
         ip(&["netns", "add", &t.ns]);
@@ -82,20 +109,17 @@ impl Topology {
             all.extend_from_slice(args);
             ip(&all);
         };
-        exec(&["addr", "add", "169.254.77.1/24", "dev", &peer]);
+        if let Some(mac) = peer_mac {
+            exec(&["link", "set", &peer, "address", mac]);
+        }
+        exec(&["addr", "add", &format!("{peer_ip}/24"), "dev", &peer]);
         exec(&["link", "set", &peer, "up"]);
-        // The guest's address, resolved for good: no ARP crosses the tap.
-        exec(&[
-            "neigh",
-            "add",
-            "169.254.77.2",
-            "lladdr",
-            "02:00:00:00:77:02",
-            "dev",
-            &peer,
-            "nud",
-            "permanent",
-        ]);
+        exec(&["link", "set", "lo", "up"]);
+        if let Some((ip, mac)) = neigh {
+            exec(&[
+                "neigh", "add", ip, "lladdr", mac, "dev", &peer, "nud", "permanent",
+            ]);
+        }
         t
     }
 
@@ -293,37 +317,42 @@ impl NetCounts {
     }
 }
 
+/// Attaches to tap `name` as its guest's side (a VMM's backend): frames read are what the host
+/// sent the guest, frames written are the guest's.
+pub fn open_tap(name: &str) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    let n = name.len().min(15);
+    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: TUNSETIFF reads an ifreq of the size the kernel expects (40 bytes).
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tun)
+}
+
 /// A guest's side of a tap, for the transmit stages: frames written to it enter the host stack
 /// as a guest's packets do (QEMU's write). Closed on drop.
 pub struct TapWriter(std::fs::File);
 
 impl TapWriter {
     pub fn open(tap: &str) -> TapWriter {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .expect("/dev/net/tun");
-        // struct ifreq: the name, then IFF_TAP | IFF_NO_PI.
-        let mut ifr = [0u8; 40];
-        ifr[..tap.len()].copy_from_slice(tap.as_bytes());
-        ifr[16..18].copy_from_slice(&(0x0002u16 | 0x1000).to_ne_bytes());
-        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-        // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq given.
-        let rc = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                TUNSETIFF,
-                ifr.as_mut_ptr(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "TUNSETIFF {tap}: {}",
-            std::io::Error::last_os_error()
-        );
-        TapWriter(f)
+        TapWriter(open_tap(tap).unwrap_or_else(|e| panic!("TUNSETIFF {tap}: {e}")))
     }
 
     /// `count` UDP datagrams from the guest's address (169.254.77.2, MAC 02:00:00:00:77:02) to

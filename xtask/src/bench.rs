@@ -38,7 +38,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 // The end-to-end tests' helpers: loop device, daemon, scrape parser.
-use iopath_tests::{Daemon, LoopDev, Metrics, http_get};
+use iopath_tests::{Daemon, LoopDev, Metrics, http_get, net::Topology};
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc(Child);
@@ -358,7 +358,7 @@ const FLOOD: u32 = 100_000;
 
 /// One flood through the tap: the rate (packets/s) at which the backend read, and how many of
 /// the datagrams it read.
-fn net_flood(vmm: &Path, topo: &iopath_tests::net::Topology) -> anyhow::Result<(f64, u64)> {
+fn net_flood(vmm: &Path, topo: &Topology) -> anyhow::Result<(f64, u64)> {
     let backend = iopath_tests::net::TapBackend::start(vmm, "bench", &topo.tap, FLOOD, 0, &[]);
     topo.wait_forwarding();
     iopath_tests::net::send(vmm, &topo.ns, FLOOD, 0);
@@ -367,6 +367,52 @@ fn net_flood(vmm: &Path, topo: &iopath_tests::net::Topology) -> anyhow::Result<(
     let us = r["first_to_last_us"].as_f64().unwrap_or(0.0);
     anyhow::ensure!(n > 1 && us > 0.0, "the backend read {n} packets: {r}");
     Ok(((n - 1) as f64 / us * 1e6, n))
+}
+
+/// Seconds of each iperf3 run.
+const IPERF_SECONDS: u64 = 3;
+
+/// One bounded iperf3 TCP run between two namespaces through the test VMM joining their taps
+/// (`tap-forward`: every packet crosses a bridge, a tap, the backend, the other tap and bridge,
+/// as between two guests on one host): the bits per second received.
+fn iperf3(vmm: &Path, pair: &(Topology, Topology)) -> anyhow::Result<f64> {
+    let (a, b) = pair;
+    let hold_ms = ((IPERF_SECONDS + 15) * 1000).to_string();
+    let mut child = Command::new(vmm)
+        .args(["-name", "guest=bench-fwd", "tap-forward", "--tap", &a.tap])
+        .args(["--tap2", &b.tap, "--hold-ms", &hold_ms])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the test VMM")?;
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ready,
+    )?;
+    let _fwd = Proc(child);
+    anyhow::ensure!(ready.contains("ready"), "test VMM: {ready:?}");
+    a.wait_forwarding();
+    b.wait_forwarding();
+    let server = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &a.ns, "iperf3", "-s", "-1", "-B", "169.254.77.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("iperf3 -s")?,
+    );
+    sleep(Duration::from_millis(500));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &b.ns, "timeout", "60", "iperf3", "-J"])
+        .args(["-c", "169.254.77.1", "-t", &IPERF_SECONDS.to_string()])
+        .output()
+        .context("iperf3 -c")?;
+    drop(server);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 -J: {}", String::from_utf8_lossy(&out.stderr)))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 gave no throughput: {}", v["error"]))
 }
 
 /// Scrapes: `clients` threads, each doing `each` GET /metrics in a row, all at once. Returns the
@@ -569,11 +615,16 @@ pub fn bench(
     let mut net = [Vec::new(), Vec::new()];
     let mut net_read = [Vec::new(), Vec::new()];
     let mut net_progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let mut iperf = [Vec::new(), Vec::new()];
+    let has_iperf3 = Command::new("iperf3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if let Some(vmm) = vmm {
         eprintln!(
             "bench: {rounds} rounds of {FLOOD} datagrams through a tap, without and with iopath"
         );
-        let topo = iopath_tests::net::Topology::new("bench");
+        let topo = Topology::new("bench");
         for _ in 0..rounds {
             for (m, with) in [false, true].into_iter().enumerate() {
                 let iopath = with.then(|| Daemon::start_bin(bin, &[]));
@@ -586,9 +637,33 @@ pub fn bench(
                 }
             }
         }
+        drop(topo);
+        if has_iperf3 {
+            eprintln!(
+                "bench: {rounds} rounds of iperf3 ({IPERF_SECONDS} s, TCP) between two \
+                 namespaces through two taps and a backend, without and with iopath"
+            );
+            let pair = Topology::pair("bench");
+            for _ in 0..rounds {
+                for (m, with) in [false, true].into_iter().enumerate() {
+                    let iopath = with.then(|| Daemon::start_bin(bin, &[]));
+                    sleep(Duration::from_secs(2));
+                    iperf[m].push(iperf3(vmm, &pair)?);
+                    if let Some(d) = iopath {
+                        anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
+                    }
+                }
+            }
+        }
+        // ns per event of the net programs, kept out of the timed runs (bpf_stats adds a clock
+        // read to each run): one flood, and one iperf3 run for the transmit side.
+        let topo = Topology::new("bench");
         let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
         let before = program_stats(&iopath.metrics());
         net_flood(vmm, &topo)?;
+        if has_iperf3 {
+            iperf3(vmm, &Topology::pair("benchs"))?;
+        }
         accumulate(&mut net_progs, &before, program_stats(&iopath.metrics()));
         anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
     }
@@ -663,7 +738,17 @@ pub fn bench(
             net_read[0],
             net_read[1],
         );
-        println!("  net programs over one more flood (kernel.bpf_stats):");
+        let iperf_ratio = (!iperf[0].is_empty()).then(|| median(&iperf[1]) / median(&iperf[0]));
+        match iperf_ratio {
+            Some(r) => println!(
+                "iperf3 TCP between two namespaces through two taps and a backend: without {:.0} \
+                 Mbit/s, with iopath {:.0}: ratio {r:.3} (medians of {rounds})",
+                median(&iperf[0]) / 1e6,
+                median(&iperf[1]) / 1e6,
+            ),
+            None => println!("iperf3 not installed (cargo xtask setup installs it): no TCP run"),
+        }
+        println!("  net programs over one more flood and iperf3 run (kernel.bpf_stats):");
         for (name, (t, c)) in net_progs.iter().filter(|(_, (_, c))| *c > 0.0) {
             println!("  {name:<24} {c:>12.0} {:>10.0}", t / c);
         }
@@ -699,6 +784,9 @@ pub fn bench(
         "net_flood": {
             "datagrams": FLOOD, "pps_without": net[0], "pps_with_iopath": net[1],
             "read_without": net_read[0], "read_with_iopath": net_read[1], "ratio": net_ratio,
+            "iperf3_tcp_bits_per_s_without": iperf[0], "iperf3_tcp_bits_per_s_with_iopath": iperf[1],
+            "iperf3_seconds": IPERF_SECONDS,
+            "iperf3_ratio": (!iperf[0].is_empty()).then(|| median(&iperf[1]) / median(&iperf[0])),
             "programs": net_progs.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"events": c, "ns_per_event": if *c > 0.0 { t / c } else { 0.0 }}))).collect::<serde_json::Map<_, _>>(),
         },
         "distro_kernel_vm": l1,

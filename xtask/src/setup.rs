@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use crate::{is_root, root, run};
 
 /// Debian packages the tests and the benchmark use: promtool (prometheus) validates /metrics,
-/// fio drives the benchmark, bpftool lists programs left behind, losetup makes loop devices;
+/// fio and iperf3 drive the benchmark, bpftool lists programs left behind, losetup makes loop devices;
 /// the guest-lab test boots a real QEMU guest (qemu-system-x86, ping, xz, bc), and bpftrace
 /// gives the independent counts the tests and the benchmark compare with. A test that skips for
 /// one of these fails `cargo xtask test`. The distro-kernel VM boots with QEMU and runs its
@@ -16,6 +16,7 @@ use crate::{is_root, root, run};
 const PACKAGES: &[&str] = &[
     "prometheus",
     "fio",
+    "iperf3",
     "bpftool",
     "util-linux",
     "iproute2",

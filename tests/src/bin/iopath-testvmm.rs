@@ -27,6 +27,9 @@
 //!   time (CLOCK_MONOTONIC): for those, the report gives the time from send to signal, an
 //!   independent figure for the RX stages' sum. Reads end after N packets or `--gap-us` µs
 //!   without one. With `--no-signal` it never signals (a guest that polls with interrupts off).
+//! - `tap-forward --tap A --tap2 B --hold-ms H`: a backend joining two taps for H ms: each
+//!   frame read off one is written to the other (net.tx.host_stack from there), then the irqfd
+//!   is signalled. The bench's iperf3 runs between two namespaces through it.
 //! - `udp-send --to IP:PORT`: no VM; sends N UDP datagrams G µs apart, each carrying its
 //!   CLOCK_MONOTONIC send time (run in the peer's network namespace).
 //!
@@ -83,6 +86,8 @@ struct Args {
     hold_ms: u64,
     vcpus: u32,
     tap: String,
+    /// tap-forward: the other tap.
+    tap2: String,
     to: String,
     /// tap-rx: signal the irqfd after each packet, or never (a guest that polls).
     no_signal: bool,
@@ -99,6 +104,7 @@ fn parse_args() -> anyhow::Result<Args> {
         hold_ms: 0,
         vcpus: 1,
         tap: String::new(),
+        tap2: String::new(),
         to: String::new(),
         no_signal: false,
     };
@@ -114,6 +120,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--hold-ms" => a.hold_ms = val()?.parse()?,
             "--vcpus" => a.vcpus = val()?.parse()?,
             "--tap" => a.tap = val()?,
+            "--tap2" => a.tap2 = val()?,
             "--to" => a.to = val()?,
             "--no-signal" => a.no_signal = true,
             m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
@@ -122,7 +129,7 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if a.mode.is_empty() {
         bail!(
-            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits|tap-rx|udp-send ..."
+            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits|tap-rx|tap-forward|udp-send ..."
         );
     }
     Ok(a)
@@ -476,31 +483,7 @@ fn send_stamp(frame: &[u8]) -> Option<u64> {
 
 /// Opens the existing tap `name` (TUNSETIFF, IFF_TAP | IFF_NO_PI).
 fn open_tap(name: &str) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("/dev/net/tun")?;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    let n = name.len().min(15);
-    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    // SAFETY: TUNSETIFF reads an ifreq of the size the kernel expects (40 bytes).
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(tun)
+    iopath_tests::net::open_tap(name).with_context(|| format!("TUNSETIFF {name}"))
 }
 
 fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
@@ -562,6 +545,48 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// A backend joining two taps, as two guests' NICs on one host would be joined through a
+/// guest that routes: every frame read off one is written to the other, then the irqfd is
+/// signalled, as QEMU's userspace backend does per packet. Runs `--hold-ms`, then reports.
+fn run_tap_forward(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::AsRawFd,
+    };
+    let mut taps = [open_tap(&a.tap)?, open_tap(&a.tap2)?];
+    set_routes(&vm.vm)?;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.vm.register_irqfd(&irqfd, MSI_GSI).context("KVM_IRQFD")?;
+    println!("{}", serde_json::json!({ "ready": true }));
+    let end = Instant::now() + Duration::from_millis(a.hold_ms);
+    let (mut frames, mut lost) = (0u64, 0u64);
+    let mut frame = [0u8; 65536];
+    while Instant::now() < end {
+        let mut pfds = taps.each_ref().map(|t| libc::pollfd {
+            fd: t.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two pollfds, on the taps this function owns.
+        if unsafe { libc::poll(pfds.as_mut_ptr(), 2, 100) } <= 0 {
+            continue;
+        }
+        for from in 0..2 {
+            if pfds[from].revents & libc::POLLIN == 0 {
+                continue;
+            }
+            let n = taps[from].read(&mut frame).context("read tap")?;
+            // A full queue on the other tap drops the frame, as a NIC would.
+            match taps[1 - from].write(&frame[..n]) {
+                Ok(_) => frames += 1,
+                Err(_) => lost += 1,
+            }
+            irqfd.write(1).context("write irqfd")?;
+        }
+    }
+    Ok(serde_json::json!({ "frames": frames, "lost": lost }))
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("iopath-testvmm: {e:#}");
@@ -590,6 +615,7 @@ fn real_main() -> anyhow::Result<()> {
         "halt" => run_halt(&mut vm, &a)?,
         "ioeventfd" => run_ioeventfd(&mut vm, &a)?,
         "tap-rx" => run_tap_rx(&vm, &a)?,
+        "tap-forward" => run_tap_forward(&vm, &a)?,
         m => bail!("unknown mode {m}"),
     };
     let mut out = out;
