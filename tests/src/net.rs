@@ -117,7 +117,15 @@ impl Topology {
         exec(&["link", "set", "lo", "up"]);
         if let Some((ip, mac)) = neigh {
             exec(&[
-                "neigh", "add", ip, "lladdr", mac, "dev", &peer, "nud", "permanent",
+                "neigh",
+                "add",
+                ip,
+                "lladdr",
+                mac,
+                "dev",
+                &peer,
+                "nud",
+                "permanent",
             ]);
         }
         t

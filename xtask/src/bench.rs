@@ -395,7 +395,16 @@ fn iperf3(vmm: &Path, pair: &(Topology, Topology)) -> anyhow::Result<f64> {
     b.wait_forwarding();
     let server = Proc(
         Command::new("ip")
-            .args(["netns", "exec", &a.ns, "iperf3", "-s", "-1", "-B", "169.254.77.1"])
+            .args([
+                "netns",
+                "exec",
+                &a.ns,
+                "iperf3",
+                "-s",
+                "-1",
+                "-B",
+                "169.254.77.1",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
