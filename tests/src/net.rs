@@ -226,6 +226,20 @@ pub fn send(vmm: &Path, ns: &str, count: u32, gap_us: u64) {
     );
 }
 
+/// True when bpftrace is installed; else skips `test` as a setup failure (`cargo xtask setup`
+/// installs it), saying so.
+pub fn have_bpftrace(test: &str) -> bool {
+    let ok = crate::have("bpftrace");
+    if !ok {
+        crate::skip(
+            test,
+            crate::Why::Setup,
+            "bpftrace not installed (cargo xtask setup installs it)",
+        );
+    }
+    ok
+}
+
 /// The bounding events of the net stages counted by bpftrace (a second method), from start to
 /// [`NetCounter::counts`]: receives on the uplink (`rx`), transmits to the tap (`xmit`), the
 /// consumes and drops of the skbs sent there (`consume`, `dropped`: by address, as bpftrace users

@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use iopath_tests::{Daemon, Metrics, Why, emulated, have, kvm_available, net::NetCounter, skip};
+use iopath_tests::{Daemon, Metrics, Why, emulated, kvm_available, net::NetCounter, skip};
 
 const LATENCY: &str = "iopath_stage_latency_seconds";
 
@@ -440,12 +440,7 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
     if !in_vm(TEST) {
         return;
     }
-    if !have("bpftrace") {
-        skip(
-            TEST,
-            Why::Setup,
-            "bpftrace not installed (cargo xtask setup installs it)",
-        );
+    if !iopath_tests::net::have_bpftrace(TEST) {
         return;
     }
     const VM: &str = "nested-net";

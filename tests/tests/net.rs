@@ -14,7 +14,7 @@ use std::{
 };
 
 use iopath_tests::{
-    Daemon, Why, emulated, have, kvm_available, leftover_programs,
+    Daemon, Why, emulated, kvm_available, leftover_programs,
     net::{NetCounter, TapBackend, TapWriter, Topology, send},
     skip, testvmm_bin,
 };
@@ -28,12 +28,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     if !kvm_available(TEST) {
         return;
     }
-    if !have("bpftrace") {
-        skip(
-            TEST,
-            Why::Setup,
-            "bpftrace not installed (cargo xtask setup installs it)",
-        );
+    if !iopath_tests::net::have_bpftrace(TEST) {
         return;
     }
     let topo = Topology::new("rx");
@@ -232,12 +227,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
 fn tx_host_stack_from_the_tap_to_the_uplink_with_a_known_qdisc_delay() {
     const TEST: &str = "tx_host_stack_from_the_tap_to_the_uplink_with_a_known_qdisc_delay";
     iopath_tests::require_root();
-    if !have("bpftrace") {
-        skip(
-            TEST,
-            Why::Setup,
-            "bpftrace not installed (cargo xtask setup installs it)",
-        );
+    if !iopath_tests::net::have_bpftrace(TEST) {
         return;
     }
     let topo = Topology::new("tx");

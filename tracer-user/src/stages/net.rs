@@ -42,6 +42,15 @@ pub static CONSUME_SKB: Event = tracepoint_args("skb", "consume_skb", "consume_s
 // void trace_kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
 pub static KFREE_SKB: Event = tracepoint_args("skb", "kfree_skb", "kfree_skb", none);
 
+/// Both host stages': the receive starts and the transmit ends them either way, and the frees
+/// end packets the host kept or dropped, so their slots do not linger.
+const HOST_STACK_EVENTS: &[&Event] = &[
+    &NETIF_RECEIVE_SKB,
+    &NET_DEV_START_XMIT,
+    &CONSUME_SKB,
+    &KFREE_SKB,
+];
+
 /// A packet in the host stack, from the uplink to the tap: bridging, netfilter, qdiscs.
 pub static RX_HOST_STACK: Stage = Stage {
     id: StageId::NetRxHostStack,
@@ -50,13 +59,7 @@ pub static RX_HOST_STACK: Stage = Stage {
     from: "net:netif_receive_skb on an uplink (a port of a tap's bridge)",
     to: "net:net_dev_start_xmit on the tap",
     labels: &["tap", "uplink"],
-    // The frees end packets the host stack dropped or kept, so their slots do not linger.
-    events: &[
-        &NETIF_RECEIVE_SKB,
-        &NET_DEV_START_XMIT,
-        &CONSUME_SKB,
-        &KFREE_SKB,
-    ],
+    events: HOST_STACK_EVENTS,
     naming: &[],
     needs: |_| Ok(()),
     key_class: None,
@@ -110,13 +113,7 @@ pub static TX_HOST_STACK: Stage = Stage {
     from: "net:netif_receive_skb on a tap (the backend's write: QEMU's, or vhost's tun_sendmsg)",
     to: "net:net_dev_start_xmit on an uplink (after its qdisc)",
     labels: &["tap", "uplink"],
-    // The frees end packets delivered to the host or dropped on the way.
-    events: &[
-        &NETIF_RECEIVE_SKB,
-        &NET_DEV_START_XMIT,
-        &CONSUME_SKB,
-        &KFREE_SKB,
-    ],
+    events: HOST_STACK_EVENTS,
     naming: &[],
     needs: |_| Ok(()),
     key_class: None,
