@@ -485,25 +485,27 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
             rtts.len()
         );
         assert_eq!(rtts.len(), PINGS as usize, "every ping answered");
-        // Each echo request is one packet to the guest; the guest's own ARP refresh (a reply
-        // back through the tap) is the only other, hence the 1%.
+        // Each echo request is one packet to the guest; the replies to the guest's own ARP
+        // refreshes are the only others, hence the 1%. iopath is held to bpftrace's counts of
+        // the start events: bpftrace's classic tracepoint programs are skipped when they fire
+        // nested in another BPF program on the same CPU, as netem's dequeues in a softirq on an
+        // interrupt's exit can (slow under TCG), so its counts of the transmits after a netem
+        // qdisc, and of the consumes it follows from them, fell 1 to 5 short of every packet in
+        // runs where iopath's raw_tp/tp_btf programs saw them all: those are held within 2%.
+        let within = |n: u64, of: u64| n <= of && n * 100 >= of * 98;
+        let rx = counts.of("rx");
+        assert!(
+            (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&rx),
+            "{rx} packets in on the uplink for {PINGS} pings"
+        );
+        assert_eq!(host_n, rx, "host_stack: one per receive on the uplink");
+        assert_eq!(queue_n, rx, "backend_queue: vhost took every one");
         let xmit = counts.of("xmit");
         assert!(
-            (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&xmit),
-            "{xmit} packets sent to the tap for {PINGS} pings"
+            within(xmit, rx) && counts.of("consume") == xmit && counts.of("dropped") == 0,
+            "bpftrace: {xmit} transmits to the tap and {} consumes for {rx} packets in",
+            counts.of("consume")
         );
-        assert_eq!(host_n, xmit, "host_stack: one per transmit to the tap");
-        assert_eq!(
-            counts.of("rx"),
-            xmit,
-            "bpftrace: every one came in on the uplink"
-        );
-        assert_eq!(
-            queue_n,
-            counts.of("consume"),
-            "backend_queue: one per consume"
-        );
-        assert_eq!(counts.of("consume"), xmit, "vhost took every packet");
         assert_eq!(
             irq_n + no_irq,
             queue_n,
@@ -521,14 +523,10 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
             "{replies} packets from the guest for {PINGS} replies"
         );
         assert_eq!(tx_n, replies, "tx host_stack: one per packet from the tap");
-        // bpftrace's own count of the end event lost 2 of 502 and 5 of 503 in runs with netem
-        // on, where iopath's raw_tp/tp_btf programs saw every one: bpftrace's classic tracepoint
-        // programs are skipped when they fire nested in another BPF program on the same CPU, as
-        // netem's dequeue in a softirq on an interrupt's exit can (slow under TCG). Within 2%.
         let out = counts.of("up_xmit");
-        let want = replies + (xmit - counts.of("rx"));
+        let want = replies + xmit.saturating_sub(rx);
         assert!(
-            out <= want && out * 100 >= want * 98,
+            within(out, want),
             "bpftrace: {out} packets out the uplink for {want} from the tap and L1"
         );
         // vhost signals the receive queue and the transmit queue (the reply): at least one
