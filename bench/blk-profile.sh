@@ -10,11 +10,14 @@ cd "$(dirname "$0")/.."
 secs=${1:-10}
 out=$(mktemp -d)
 img=/var/tmp/iopath-blk-profile.img
+lo= iop=
+# Set first: a step that fails below leaves nothing behind.
+trap '[ -n "$iop" ] && { kill $iop 2>/dev/null; wait $iop 2>/dev/null; }
+  [ -n "$lo" ] && losetup -d "$lo"; rm -rf "$img" "$out"' EXIT
 truncate -s 256M "$img"
 lo=$(losetup --find --show --direct-io=on "$img")
 target/release/iopath serve --stages blk.device --listen 127.0.0.1:9471 >"$out/serve.log" 2>&1 &
 iop=$!
-trap 'kill $iop 2>/dev/null; wait $iop 2>/dev/null; losetup -d $lo; rm -rf "$img" "$out"' EXIT
 sleep 2
 for n in blk_rq_issue_btf blk_rq_complete_btf; do
   id=$(bpftool -j prog show | python3 -c "import json,sys; print([p['id'] for p in json.load(sys.stdin) if p.get('name')=='$n'][0])")

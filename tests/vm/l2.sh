@@ -90,8 +90,8 @@ cmd_stop() {
 cmd_netem() { [ -e /sys/class/net/$BR_TAP ] || die "netem needs L2_NET=bridge"
   local d
   for d in $BR_TAP $UPLINK; do
-    if [ "${1:-}" = off ]; then tc qdisc del dev $d root
+    if [ "${1:-}" = off ]; then tc qdisc del dev $d root || die "netem off on $d"
     else tc qdisc replace dev $d root netem delay "${1:?DELAY}" || die "netem on $d"; fi
   done; }
 c=${1:-}; shift || true
-case $c in start|ping|stop|netem) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,15p "$0"; exit 2;; esac
+case $c in start|ping|stop|netem) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,14p "$0"; exit 2;; esac

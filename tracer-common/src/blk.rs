@@ -125,7 +125,7 @@ impl RqSlot {
 
 /// block_rq_issue into a bucket: a request issued again (after a requeue) restarts its clock in
 /// its own slot; otherwise a free slot is taken; with none free, the oldest start is taken over
-/// (that request is lost, counted `start_full` here and `unmatched` at its completion), so a
+/// (that request is lost, counted `start_map_full` here and `unmatched` at its completion), so a
 /// request that never completes cannot hold a slot for good, and a removed disk's slots need
 /// no collecting.
 pub fn issue_slot(b: &mut RqBucket, rq: u64, now_ns: u64, dev: u32, op: Op) -> Result<(), Counter> {

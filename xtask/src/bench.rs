@@ -666,12 +666,14 @@ pub fn bench(
         }
         // ns per event of the net programs, kept out of the timed runs (bpf_stats adds a clock
         // read to each run): one flood, and one iperf3 run for the transmit side.
+        // Every device made first: the daemon reads taps and uplinks at start.
         let topo = Topology::new("bench");
+        let pair = has_iperf3.then(|| Topology::pair("benchs"));
         let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
         let before = program_stats(&iopath.metrics());
         net_flood(vmm, &topo)?;
-        if has_iperf3 {
-            iperf3(vmm, &Topology::pair("benchs"))?;
+        if let Some(pair) = &pair {
+            iperf3(vmm, pair)?;
         }
         accumulate(&mut net_progs, &before, program_stats(&iopath.metrics()));
         anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");

@@ -2,8 +2,9 @@
 //! (net:netif_receive_skb on the tap, in the backend's thread: QEMU's write, vhost's
 //! tun_sendmsg) to its transmit on an uplink (net:net_dev_start_xmit, after the uplink's qdisc).
 //! The mirror of `net.rx.host_stack`, matched by skb address in the same slots; labelled by tap
-//! and uplink. A packet that goes elsewhere (another tap, the host itself) or is freed on the way
-//! gives no sample and frees its slot.
+//! and uplink. A packet sent to another tap becomes that guest's received packet (the receive
+//! side takes the slot over); one delivered to the host or freed on the way gives no sample and
+//! frees its slot.
 
 use super::{MAX_AGE_NS, NetSample, Phase, SkbSlot};
 use crate::maps::Counter;
