@@ -35,17 +35,18 @@ pub struct Owner {
 
 impl Owner {
     /// The owner of a histogram series (`HistKey` stage, obj, vm): its VM, and its device for
-    /// blk.device (`obj` is the dev_t there) and for the net stages (`obj` is the tap).
+    /// blk.device (`obj` is the dev_t there) and for every stage of the net path (`obj` is the
+    /// tap), as the stage table says.
     pub fn of_series(stage: u16, obj: u32, vm: u32) -> Owner {
-        let is = |s: StageId| stage == s as u16;
+        let path = StageId::from_u16(stage).map(|s| crate::stages::stage(s).path);
         Owner {
             vm,
-            dev: if is(StageId::BlkDevice) { obj } else { 0 },
-            netdev: if is(StageId::NetRxHostStack)
-                || is(StageId::NetRxBackendQueue)
-                || is(StageId::NetRxBackendToIrq)
-                || is(StageId::NetTxHostStack)
-            {
+            dev: if path == Some(crate::stages::Path::Block) {
+                obj
+            } else {
+                0
+            },
+            netdev: if path == Some(crate::stages::Path::Net) {
                 obj
             } else {
                 0
