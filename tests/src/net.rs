@@ -245,14 +245,38 @@ pub fn have_bpftrace(test: &str) -> bool {
 /// consumes and drops of the skbs sent there (`consume`, `dropped`: by address, as bpftrace users
 /// write it), the MSI injections of the threads `msi_filter` (a bpftrace predicate) selects
 /// (`msi`), and the other way receives on the tap (`tap_rx`) and transmits on the uplink
-/// (`up_xmit`). Killed on drop: a failed assertion must not leave it attached.
+/// (`up_xmit`); `extra` adds probes of the caller's (vhost's functions, say); `missed`: the runs
+/// of its programs the kernel skipped, nested in another program. Killed on drop: a
+/// failed assertion must not leave it attached.
 pub struct NetCounter {
     bt: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// The ids of bpftrace's programs.
+    progs: Vec<u64>,
+}
+
+/// (id, recursion misses) of every loaded BPF program, from bpftool: a kprobe or classic
+/// tracepoint program is skipped, and its miss counted, when it fires nested in another such
+/// program on the same CPU (a softirq on an interrupt's exit).
+fn prog_misses() -> Vec<(u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "bpftool prog show failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let miss = p["recursion_misses"].as_u64().unwrap_or(0);
+            Some((p["id"].as_u64()?, miss))
+        })
+        .collect()
 }
 
 impl NetCounter {
-    pub fn start(uplink: &str, tap: &str, msi_filter: &str) -> NetCounter {
+    pub fn start(uplink: &str, tap: &str, msi_filter: &str, extra: &str) -> NetCounter {
         let script = format!(
             r#"BEGIN {{ printf("ready\n"); }}
 tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
@@ -268,9 +292,11 @@ tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
   @dropped = count(); delete(@queued[args->skbaddr]);
 }}
 tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
+{extra}
 END {{ clear(@queued); }}
 "#
         );
+        let known: Vec<u64> = prog_misses().into_iter().map(|p| p.0).collect();
         let mut bt = Command::new("bpftrace")
             .args(["-e", &script])
             .stdout(Stdio::piped())
@@ -286,7 +312,11 @@ END {{ clear(@queued); }}
                 }
             }
         });
-        let c = NetCounter { bt, lines };
+        let mut c = NetCounter {
+            bt,
+            lines,
+            progs: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -296,11 +326,22 @@ END {{ clear(@queued); }}
                 Err(_) => panic!("bpftrace did not attach within 60 s"),
             }
         }
+        c.progs = prog_misses()
+            .into_iter()
+            .map(|p| p.0)
+            .filter(|id| !known.contains(id))
+            .collect();
         c
     }
 
     /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
     pub fn counts(mut self) -> NetCounts {
+        // Runs bpftrace's programs skipped, nested in another program: `missed`.
+        let missed: u64 = prog_misses()
+            .into_iter()
+            .filter(|p| self.progs.contains(&p.0))
+            .map(|p| p.1)
+            .sum();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -310,15 +351,16 @@ END {{ clear(@queued); }}
         let _ = self.bt.kill();
         let _ = self.bt.wait();
         // bpftrace is gone: the reader thread forwards what it printed, then its channel closes.
-        NetCounts(
-            self.lines
-                .iter()
-                .filter_map(|l| {
-                    let (name, n) = l.strip_prefix('@')?.split_once(": ")?;
-                    Some((name.to_string(), n.trim().parse().ok()?))
-                })
-                .collect(),
-        )
+        let mut counts: Vec<(String, u64)> = self
+            .lines
+            .iter()
+            .filter_map(|l| {
+                let (name, n) = l.strip_prefix('@')?.split_once(": ")?;
+                Some((name.to_string(), n.trim().parse().ok()?))
+            })
+            .collect();
+        counts.push(("missed".into(), missed));
+        NetCounts(counts)
     }
 }
 

@@ -431,8 +431,9 @@ fn exits_and_injections_of_a_nested_guest_match_the_kernel_trace() {
 
 /// The network stages through vhost-net, on a host's topology (l2.sh's bridge: a peer namespace,
 /// a veth whose host end is the uplink, a bridge, the guest's tap): every ping the guest answers
-/// is one packet through each receive stage and its reply one through the transmit side's host
-/// stack, counted again by bpftrace; then netem holds each packet 20 ms in the tap's qdisc and
+/// is one packet through each receive stage and its reply one through the transmit side (the
+/// guest's notify to the worker, the worker's run to the tap, the host stack), counted again by
+/// bpftrace; then netem holds each packet 20 ms in the tap's qdisc and
 /// each reply 20 ms in the uplink's, which are inside the host stages and nowhere else.
 #[test]
 fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
@@ -446,7 +447,13 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
     const VM: &str = "nested-net";
     const PINGS: u32 = 500;
     const NETEM_MS: f64 = 20.0;
-    let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq,net.tx.host_stack";
+    let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq,net.tx.host_stack,\
+                  net.tx.kick,net.tx.backend_to_wire";
+    // vhost's functions, counted beside iopath's: the worker's runs on a kicked transmit queue
+    // and its transmit runs, and the guest's notifies.
+    let vhost_probes = r#"kprobe:handle_tx_kick { @tx_kick = count(); }
+kprobe:handle_tx { @tx_run = count(); }
+kprobe:ioeventfd_write { @notify = count(); }"#;
     let guest = L2::start_on(VM, true, "bridge");
     // The guest's ARP for its gateway and the bridge's learning of the guest's MAC, before any
     // window: the peer knows the guest's MAC for good (l2.sh), so only pings cross the tap.
@@ -462,13 +469,27 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
         }
         // A daemon per window: its quantiles are the window's.
         let d = Daemon::start(&["--stages", stages]);
-        let bt = NetCounter::start("l2up", "l2tap", r#"strncmp(comm, "vhost-", 6) == 0"#);
+        let bt = NetCounter::start(
+            "l2up",
+            "l2tap",
+            r#"strncmp(comm, "vhost-", 6) == 0"#,
+            vhost_probes,
+        );
         let mut rtts = guest.ping_rtts(PINGS, "0.02");
         let counts = bt.counts();
         let (host_n, host_p50) = d.stage_p50("net.rx.host_stack", &host);
         let (queue_n, queue_p50) = d.stage_p50("net.rx.backend_queue", &vm);
         let (irq_n, irq_p50) = d.stage_p50("net.rx.backend_to_irq", &vm);
         let (tx_n, tx_p50) = d.stage_p50("net.tx.host_stack", &host);
+        let (kick_n, kick_p50) = d.stage_p50("net.tx.kick", &vm[..2]);
+        let (wire_n, wire_p50) = d.stage_p50("net.tx.backend_to_wire", &vm);
+        let dropped = |stage: &str, reason: &str| {
+            d.metrics().value(
+                "iopath_events_dropped_total",
+                &[("stage", stage), ("reason", reason)],
+            ) as u64
+        };
+        let kick_unmatched = dropped("net.tx.kick", "unmatched");
         let no_irq = d.metrics().value(
             "iopath_events_dropped_total",
             &[
@@ -481,18 +502,23 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
             "netem {netem:?}: bpftrace {counts:?}; iopath host_stack {host_n} (p50 \
              {host_p50:.0} us), backend_queue {queue_n} ({queue_p50:.0} us), backend_to_irq \
              {irq_n} ({irq_p50:.0} us, {no_irq} no_interrupt); tx host_stack {tx_n} \
-             ({tx_p50:.0} us); {} replies",
+             ({tx_p50:.0} us); tx kick {kick_n} ({kick_p50:.0} us, {kick_unmatched} \
+             unmatched), backend_to_wire {wire_n} ({wire_p50:.0} us); {} replies",
             rtts.len()
         );
         assert_eq!(rtts.len(), PINGS as usize, "every ping answered");
         // Each echo request is one packet to the guest; the replies to the guest's own ARP
         // refreshes are the only others, hence the 1%. iopath is held to bpftrace's counts of
-        // the start events: bpftrace's classic tracepoint programs are skipped when they fire
-        // nested in another BPF program on the same CPU, as netem's dequeues in a softirq on an
-        // interrupt's exit can (slow under TCG), so its counts of the transmits after a netem
-        // qdisc, and of the consumes it follows from them, fell 1 to 5 short of every packet in
-        // runs where iopath's raw_tp/tp_btf programs saw them all: those are held within 2%.
-        let within = |n: u64, of: u64| n <= of && n * 100 >= of * 98;
+        // the start events: bpftrace's classic tracepoint and kprobe programs are skipped when
+        // they fire nested in another such program on the same CPU (iopath's kprobes and
+        // bpftrace's own), as netem's dequeues in a softirq on an interrupt's exit can (slow
+        // under TCG), so its counts of the transmits after a netem qdisc, and of the consumes
+        // it follows from them, fell 1 to 11 short of every packet in runs where iopath's
+        // raw_tp/tp_btf programs saw them all. Linux 6.6 and later count those runs as their
+        // programs' recursion misses (`missed`); 6.1 does not, hence 3% on top. That every
+        // reply left through the uplink ping says itself: every ping was answered.
+        let missed = counts.of("missed");
+        let within = |n: u64, of: u64| n <= of && (n + missed) * 100 >= of * 97;
         let rx = counts.of("rx");
         assert!(
             (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&rx),
@@ -523,6 +549,27 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
             "{replies} packets from the guest for {PINGS} replies"
         );
         assert_eq!(tx_n, replies, "tx host_stack: one per packet from the tap");
+        // Each reply is one notify of the transmit queue and one worker run on it (vhost had
+        // gone idle and the guest's notifications were on: 20 ms between pings); every run is
+        // measured or counted.
+        let runs = counts.of("tx_kick");
+        assert_eq!(
+            kick_n + kick_unmatched,
+            runs,
+            "net.tx.kick: every handle_tx_kick bpftrace counted is a sample or counted unmatched"
+        );
+        assert!(
+            (replies * 99 / 100..=replies).contains(&kick_n),
+            "net.tx.kick {kick_n} samples for {replies} packets from the guest"
+        );
+        assert_eq!(
+            wire_n, replies,
+            "net.tx.backend_to_wire: one per frame the worker put on the tap"
+        );
+        assert!(
+            counts.of("tx_run") >= runs && counts.of("notify") >= runs,
+            "bpftrace: {counts:?}"
+        );
         let out = counts.of("up_xmit");
         let want = replies + xmit.saturating_sub(rx);
         assert!(
@@ -535,7 +582,9 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
         rtts.sort_by(f64::total_cmp);
         let median = rtts[rtts.len() / 2];
         eprintln!("netem {netem:?}: ping's median round trip {median:.2} ms");
-        windows.push((host_p50, queue_p50, irq_p50, tx_p50, median));
+        windows.push((
+            host_p50, queue_p50, irq_p50, tx_p50, median, kick_p50, wire_p50,
+        ));
     }
     let (before, after) = (windows[0], windows[1]);
     let delay_us = NETEM_MS * 1000.0;
@@ -554,6 +603,8 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
     for (name, a, b) in [
         ("backend_queue", before.1, after.1),
         ("backend_to_irq", before.2, after.2),
+        ("net.tx.kick", before.5, after.5),
+        ("net.tx.backend_to_wire", before.6, after.6),
     ] {
         assert!(
             (b - a).abs() <= 0.1 * delay_us,

@@ -35,7 +35,7 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     // After the topology: the daemon finds the tap and its uplink at start. A short grace
     // period, for the tap's series to go soon after the tap does (checked at the end).
     let d = Daemon::start(&["--stages", STAGES, "--vm-grace", "2s"]);
-    let bt = NetCounter::start(&topo.uplink, &topo.tap, r#"comm == "iopath-testvmm""#);
+    let bt = NetCounter::start(&topo.uplink, &topo.tap, r#"comm == "iopath-testvmm""#, "");
     let delays: &[u64] = if emulated() {
         &[2000, 10000]
     } else {
@@ -253,7 +253,7 @@ fn tx_host_stack_from_the_tap_to_the_uplink_with_a_known_qdisc_delay() {
         }
         // A daemon per round: its quantiles are the round's.
         let d = Daemon::start(&["--stages", "net.tx.host_stack"]);
-        let bt = NetCounter::start(&topo.uplink, &topo.tap, "0");
+        let bt = NetCounter::start(&topo.uplink, &topo.tap, "0", "");
         // Farther apart than the delay: netem never queues two.
         tap.send_udp(peer, count, d_us * 2);
         sleep(Duration::from_millis(d_us / 1000 * 3 + 100));

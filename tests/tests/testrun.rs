@@ -99,6 +99,7 @@ fn tracer(stages: &[&str]) -> Tracer {
         start_entries: 1024,
         strict: true,
         bpf_stats: false,
+        blk_cut: 0,
         syscall_tracepoints: true,
     })
     .expect("attach")

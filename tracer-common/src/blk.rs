@@ -514,3 +514,27 @@ mod tests {
         assert_eq!(complete_slot(&mut s, 5u64, 90).unwrap().latency_ns, 10);
     }
 }
+
+/// Where the bench's variants of the block programs stop (`Config::blk_cut`), each step adding
+/// one part of the work, so that the difference of two variants' run time is that part's cost.
+pub mod cut {
+    /// The whole program.
+    pub const WHOLE: u32 = 0;
+    /// Entry and the stage switch only.
+    pub const ENTRY: u32 = 1;
+    /// Then the clock read.
+    pub const CLOCK: u32 = 2;
+    /// Then, at issue, the request's loads (dev, op) and the bucket's first load without the
+    /// store; at completion, the bucket's match (and the slot's clearing) without the histogram.
+    pub const MATCH: u32 = 3;
+    /// The variants in the order the bench runs them, with what each adds.
+    pub const STEPS: [(u32, &str); 4] = [
+        (ENTRY, "entry and stage switch"),
+        (CLOCK, "clock read"),
+        (
+            MATCH,
+            "issue: request loads and the bucket's first load; completion: bucket match",
+        ),
+        (WHOLE, "issue: slot store; completion: histogram update"),
+    ];
+}

@@ -92,8 +92,13 @@ pub struct Config {
     pub netdev_ifindex: u32,
     /// `struct task_struct`.nvcsw: voluntary context switches (a backend thread that blocked).
     pub task_nvcsw: u32,
+    /// The bench's variants of the block programs: where they stop ([`crate::blk::cut`]); 0,
+    /// the whole program, in every other use. A constant to the verifier, which drops the
+    /// branches of the other variants.
+    pub blk_cut: u32,
+    pub _pad0: u32,
 }
-assert_size!(Config, 168);
+assert_size!(Config, 176);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -139,6 +144,8 @@ impl Config {
         skb_dev: NO_OFFSET,
         netdev_ifindex: NO_OFFSET,
         task_nvcsw: NO_OFFSET,
+        blk_cut: crate::blk::cut::WHOLE,
+        _pad0: 0,
     };
 }
 

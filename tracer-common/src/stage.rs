@@ -25,10 +25,16 @@ pub enum StageId {
     NetRxBackendToIrq = 8,
     /// net:netif_receive_skb on a tap to net:net_dev_start_xmit on an uplink.
     NetTxHostStack = 9,
+    /// A guest's notify (ioeventfd_write in its vCPU thread) to the vhost worker's handle_tx_kick
+    /// of that queue's work.
+    NetTxKick = 10,
+    /// The backend's start on a queue (vhost's handle_tx) to each frame it hands to the tap
+    /// (net:netif_receive_skb on the tap in its thread).
+    NetTxBackendToWire = 11,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 10] = [
+    pub const ALL: [StageId; 12] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -39,6 +45,8 @@ impl StageId {
         StageId::NetRxBackendQueue,
         StageId::NetRxBackendToIrq,
         StageId::NetTxHostStack,
+        StageId::NetTxKick,
+        StageId::NetTxBackendToWire,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -60,6 +68,8 @@ impl StageId {
             7 => Some(StageId::NetRxBackendQueue),
             8 => Some(StageId::NetRxBackendToIrq),
             9 => Some(StageId::NetTxHostStack),
+            10 => Some(StageId::NetTxKick),
+            11 => Some(StageId::NetTxBackendToWire),
             _ => None,
         }
     }

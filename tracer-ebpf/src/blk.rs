@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use tracer_common::{
-    blk::{self, Op, RQ_BUCKETS, RqBucket, SectorKey, SectorStart, mkdev, rq_bucket},
+    blk::{self, Op, RQ_BUCKETS, RqBucket, SectorKey, SectorStart, cut, mkdev, rq_bucket},
     maps::{Counter, START_ENTRIES},
     stage::StageId,
 };
@@ -111,7 +111,30 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     if !on(stages_on(), STAGE) {
         return;
     }
+    // The bench's variants (`blk::cut`); CONFIG is constant to the verifier, which drops the
+    // branches of the others.
+    let cut = config!(blk_cut);
+    if cut == cut::ENTRY {
+        return;
+    }
     let now = now_ns();
+    if cut == cut::CLOCK {
+        return;
+    }
+    if cut == cut::MATCH {
+        let p = match rq {
+            Ok(Request::Typed(p)) => Some((p, Ok(typed_dev_op(p)))),
+            Ok(Request::Ptr(p)) => Some((p, request_dev_op(p))),
+            _ => None,
+        };
+        if let Some((p, _)) = p {
+            if let Some((_, s)) = slot_of(p) {
+                // SAFETY: a map value; volatile keeps the load.
+                let _ = unsafe { core::ptr::read_volatile(&raw const s.ways[0].rq) };
+            }
+        }
+        return;
+    }
     let started = match rq {
         Ok(Request::Ptr(p)) => issue_ptr(p, request_dev_op(p), now),
         Ok(Request::Typed(p)) => issue_ptr(p, Ok(typed_dev_op(p)), now),
@@ -130,7 +153,14 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     if !on(stages_on(), STAGE) {
         return;
     }
+    let cut = config!(blk_cut);
+    if cut == cut::ENTRY {
+        return;
+    }
     let now = now_ns();
+    if cut == cut::CLOCK {
+        return;
+    }
     let done = match rq {
         Ok(Request::Ptr(p) | Request::Typed(p)) => match slot_of(p) {
             Some((rq, s)) => blk::complete_slot(s, rq, now),
@@ -141,6 +171,9 @@ fn complete(rq: Result<Request, ()>, _: Site) {
         }
         Err(()) => Err(Counter::ReadError),
     };
+    if cut == cut::MATCH {
+        return;
+    }
     match done {
         Ok(s) => record(STAGE, s.op as u32, s.dev, 0, s.latency_ns),
         Err(c) => count(STAGE, c),

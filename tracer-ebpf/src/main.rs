@@ -18,6 +18,7 @@ mod kvm;
 mod net;
 mod shared;
 mod tp;
+mod vhost;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -21,7 +21,10 @@ use tracer_common::{
         host_stack::{self, Ended},
         role, skb_slot, tx_host_stack,
     },
-    stage::StageId::{self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack, NetTxHostStack},
+    stage::StageId::{
+        self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack, NetTxBackendToWire,
+        NetTxHostStack,
+    },
 };
 
 use crate::{
@@ -111,11 +114,11 @@ fn raw_skb_dev(skb: u64, dev: u64) -> Result<(u64, u32), ()> {
 }
 
 /// net:netif_receive_skb: a packet on an uplink starts the receive side's host stack, one on a
-/// tap (a guest's) the transmit side's.
+/// tap (a guest's) the transmit side's, and ends its backend's run (`vhost::tap_rx`).
 #[inline(always)]
 fn received(ev: Result<(u64, u32), ()>, _: Site) {
     let mask = stages_on();
-    if mask & (NetRxHostStack.bit() | NetTxHostStack.bit()) == 0 {
+    if mask & (NetRxHostStack.bit() | NetTxHostStack.bit() | NetTxBackendToWire.bit()) == 0 {
         return;
     }
     let Ok((skb, ifindex)) = ev else {
@@ -126,6 +129,9 @@ fn received(ev: Result<(u64, u32), ()>, _: Site) {
         return;
     };
     let role = role_of(ifindex);
+    if role & role::TAP != 0 && on(mask, NetTxBackendToWire) {
+        crate::vhost::tap_rx(ifindex);
+    }
     let started = if role & role::UPLINK != 0 && on(mask, NetRxHostStack) {
         host_stack::on_uplink_rx(s, skb, now_ns(), ifindex).map_err(|c| (NetRxHostStack, c))
     } else if role & role::TAP != 0 && on(mask, NetTxHostStack) {

@@ -62,6 +62,8 @@ pub struct Options<'a> {
     pub strict: bool,
     /// Enable kernel.bpf_stats for the tracer's lifetime.
     pub bpf_stats: bool,
+    /// The bench's variants of the block programs (`blk::cut`; 0: the whole programs).
+    pub blk_cut: u32,
     /// Let the selected stages fall back to system call tracepoints; stages named in `stages`
     /// may anyway.
     pub syscall_tracepoints: bool,
@@ -195,7 +197,10 @@ impl Tracer {
         // BTF is optional: without it only classic tracepoints and raw_tp can attach.
         let kbtf = KernelBtf::from_sys_fs().ok();
         let btf = Btf::from_sys_fs().ok();
-        let config: Config = offsets::probe(kbtf.as_ref(), &tracefs);
+        let config = Config {
+            blk_cut: opts.blk_cut,
+            ..offsets::probe(kbtf.as_ref(), &tracefs)
+        };
         let stats = if opts.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime)

@@ -416,7 +416,10 @@ impl Labeler {
             StageId::NetRxHostStack | StageId::NetTxHostStack => {
                 vec![self.netdev(k.obj), self.netdev(k.detail)]
             }
-            StageId::NetRxBackendQueue | StageId::NetRxBackendToIrq => vec![
+            StageId::NetTxKick => vec![self.vm(k.vm), Backend::from_u32(k.detail).name().into()],
+            StageId::NetRxBackendQueue
+            | StageId::NetRxBackendToIrq
+            | StageId::NetTxBackendToWire => vec![
                 self.vm(k.vm),
                 Backend::from_u32(k.detail).name().into(),
                 self.netdev(k.obj),

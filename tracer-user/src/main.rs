@@ -36,6 +36,9 @@ struct Common {
     /// Enable kernel.bpf_stats while running (per-program run time; costs ~20 ns per event).
     #[arg(long, global = true)]
     bpf_stats: bool,
+    /// The bench's variants of the block programs (`tracer_common::blk::cut`): where they stop.
+    #[arg(long, hide = true, default_value_t = 0, global = true)]
+    blk_cut: u32,
     /// Capacity of the kernel histogram map (series x buckets used); a full map drops samples,
     /// counted in iopath_events_dropped_total.
     #[arg(long, default_value_t = tracer_common::maps::HIST_ENTRIES, value_parser = clap::value_parser!(u32).range(1..), global = true)]
@@ -161,6 +164,7 @@ impl Common {
             start_entries: self.start_entries,
             strict: self.strict,
             bpf_stats: self.bpf_stats,
+            blk_cut: self.blk_cut,
             syscall_tracepoints: self.syscall_tracepoints,
         }
     }

@@ -16,7 +16,7 @@ use tracer_common::{
         uexit::{UexitStart, VcpuThread},
     },
     maps::{HistKey, HistVal},
-    net::backend_to_irq::Batch,
+    net::{backend_to_irq::Batch, tx_backend::TxRun, tx_kick::KickStart},
     stage::StageId,
 };
 
@@ -263,6 +263,20 @@ pub static NET_RX_BATCH: KernelMap = KernelMap {
     collected: "by VM (value)",
     capacity: Capacity::Starts,
     access: &Hash::<u32, Batch>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static NET_TX_KICK: KernelMap = KernelMap {
+    name: "NET_TX_KICK",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u64, KickStart>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static NET_TX_RUN: KernelMap = KernelMap {
+    name: "NET_TX_RUN",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, TxRun>(|_, v| Owner::vm(v.vm)),
 };
 
 pub static NET_DEVS: KernelMap = KernelMap {

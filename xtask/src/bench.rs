@@ -39,6 +39,7 @@ use std::{
 use anyhow::{Context as _, bail};
 // The end-to-end tests' helpers: loop device, daemon, scrape parser.
 use iopath_tests::{Daemon, LoopDev, Metrics, http_get, net::Topology};
+use tracer_common::blk::cut;
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc(Child);
@@ -551,6 +552,8 @@ pub fn bench(
     let mut bt = [(0.0, 0.0); 1 + BPFTRACE_FLOORS.len()];
     // iopath's programs in the windows bpftrace ran in too.
     let mut blk_same_window: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    // Each variant's block programs and bpftrace's reference in its windows.
+    let mut cuts = vec![(BTreeMap::new(), (0.0, 0.0)); cut::STEPS.len()];
     let mut bursts = Vec::new();
     for round in 1..=rounds {
         without.push(fio(&lo.dev, seconds)?);
@@ -578,8 +581,9 @@ pub fn bench(
 
         if has_bpftrace {
             // bpftrace and iopath's block stage attached at once, and the empty floor programs:
-            // one window, one workload.
-            let both = Daemon::start_bin(bin, &["--bpf-stats", "--stages", "blk.device"]);
+            // one window, one workload. Then, with the same bpftrace programs attached, one
+            // window for each of the block programs' variants (`blk::cut`), for where the
+            // whole program's nanoseconds go.
             set_bpf_stats(true);
             let mut tracers = Vec::new();
             for script in std::iter::once(BPFTRACE).chain(BPFTRACE_FLOORS.map(|f| f.1)) {
@@ -593,19 +597,33 @@ pub fn bench(
                 set_bpf_stats(false);
                 continue;
             }
-            let (b0, i0) = (bpftrace_progs()?, program_stats(&both.metrics()));
-            with_bt.push(fio(&lo.dev, seconds)?);
-            let (b1, i1) = (bpftrace_progs()?, program_stats(&both.metrics()));
-            anyhow::ensure!(both.stop().success(), "iopath did not exit cleanly");
-            set_bpf_stats(false);
-            // bt: the reference script's, then each floor's.
-            for (acc, (_, ids)) in bt.iter_mut().zip(&tracers) {
-                let d = delta(ids, &b0, &b1);
-                acc.0 += d.0;
-                acc.1 += d.1;
+            for (i, (cut, _)) in cut::STEPS.iter().enumerate().rev() {
+                let cut_arg = cut.to_string();
+                let both = Daemon::start_bin(
+                    bin,
+                    &["--bpf-stats", "--stages", "blk.device", "--blk-cut", &cut_arg],
+                );
+                let (b0, i0) = (bpftrace_progs()?, program_stats(&both.metrics()));
+                let iops = fio(&lo.dev, seconds)?;
+                let (b1, i1) = (bpftrace_progs()?, program_stats(&both.metrics()));
+                anyhow::ensure!(both.stop().success(), "iopath did not exit cleanly");
+                let reference = delta(&tracers[0].1, &b0, &b1);
+                if *cut == cut::WHOLE {
+                    with_bt.push(iops);
+                    // bt: the reference script's, then each floor's.
+                    for (acc, (_, ids)) in bt.iter_mut().zip(&tracers) {
+                        let d = delta(ids, &b0, &b1);
+                        acc.0 += d.0;
+                        acc.1 += d.1;
+                    }
+                    accumulate(&mut blk_same_window, &i0, i1.clone());
+                }
+                accumulate(&mut cuts[i].0, &i0, i1);
+                cuts[i].1.0 += reference.0;
+                cuts[i].1.1 += reference.1;
             }
+            set_bpf_stats(false);
             drop(tracers);
-            accumulate(&mut blk_same_window, &i0, i1);
         }
         eprintln!(
             "bench: round {round}: without {:.0} IOPS, with iopath {:.0}{}",
@@ -726,6 +744,38 @@ pub fn bench(
             );
         }
     }
+    // The variants: ns per run of each program, and the block programs' run time against
+    // bpftrace's reference in the same window; what each step adds is the difference.
+    let mut variants = Vec::new();
+    if cuts.iter().any(|(_, bt)| bt.1 > 0.0) {
+        println!(
+            "\nblock programs by variant (each window with the same bpftrace programs attached):"
+        );
+        println!(
+            "  {:<72} {:>9} {:>9} {:>9}",
+            "variant: the previous one and", "issue", "complete", "/bpftrace"
+        );
+    }
+    for ((_, what), (progs, bt)) in cut::STEPS.iter().zip(&cuts) {
+        if bt.1 == 0.0 {
+            continue;
+        }
+        let per_run = |prefix: &str| {
+            progs
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .fold((0.0, 0.0), |a, (_, (t, c))| (a.0 + t, a.1 + c))
+        };
+        let (issue, complete) = (per_run("blk_rq_issue"), per_run("blk_rq_complete"));
+        let ratio = (issue.0 + complete.0) / bt.0;
+        let (i_ns, c_ns) = (issue.0 / issue.1.max(1.0), complete.0 / complete.1.max(1.0));
+        println!("  {what:<72} {i_ns:>9.0} {c_ns:>9.0} {ratio:>9.3}");
+        variants.push(serde_json::json!({
+            "adds": what, "issue_ns_per_run": i_ns, "complete_ns_per_run": c_ns,
+            "issue_runs": issue.1, "complete_runs": complete.1,
+            "bpftrace_ns_per_run": bt.0 / bt.1.max(1.0), "ratio_to_bpftrace": ratio,
+        }));
+    }
     let (a, b) = (mean(&without), mean(&with));
     println!(
         "\nIOPS: without {a:.0}, with iopath {b:.0}: ratio {:.3} ({:+.1}%)",
@@ -788,6 +838,7 @@ pub fn bench(
             "iopath_run_time_ns": blk_total.0, "iopath_runs": blk_total.1,
             "bpftrace_run_time_ns": bt.0, "bpftrace_runs": bt.1, "ratio": blk_vs_bt,
             "floors": BPFTRACE_FLOORS.iter().zip(floors).map(|((name, _), (t, c))| serde_json::json!({"name": name, "run_time_ns": t, "runs": c, "ratio": t / bt.0.max(1.0)})).collect::<Vec<_>>(),
+            "variants": variants,
             "programs": blk_same_window.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"run_time_ns": t, "runs": c}))).collect::<serde_json::Map<_, _>>(),
         },
         "syscall_tax": tax_json,

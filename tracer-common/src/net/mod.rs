@@ -7,6 +7,10 @@
 //!   (kvm:kvm_msi_set_irq; [`backend_to_irq`]).
 //!
 //! Transmit side (guest to wire):
+//! - `net.tx.kick`: a guest's notify (KVM's ioeventfd_write) to the vhost worker's
+//!   handle_tx_kick of that queue ([`tx_kick`]);
+//! - `net.tx.backend_to_wire`: the worker's transmit run (handle_tx) to each frame entering the
+//!   host stack on the tap ([`tx_backend`]);
 //! - `net.tx.host_stack`: net:netif_receive_skb on a tap to net:net_dev_start_xmit on an uplink
 //!   ([`tx_host_stack`]).
 //!
@@ -16,7 +20,9 @@
 pub mod backend_queue;
 pub mod backend_to_irq;
 pub mod host_stack;
+pub mod tx_backend;
 pub mod tx_host_stack;
+pub mod tx_kick;
 
 use crate::assert_size;
 

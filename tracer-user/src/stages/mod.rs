@@ -240,6 +240,25 @@ pub const fn function_or_syscalls(
     }
 }
 
+/// A kernel function with no tracepoint (a module's, such as vhost's): fentry, then kprobe.
+/// Its programs are `{name}_fentry` and `{name}_kprobe`.
+pub const fn function(
+    name: &'static str,
+    functions: &'static [&'static str],
+    needs: Needs,
+) -> Event {
+    Event {
+        name,
+        category: "",
+        program: name,
+        functions,
+        families: &[Family::FEntry, Family::KProbe],
+        needs,
+        syscalls: &[],
+        stand_in: 0,
+    }
+}
+
 /// Which I/O path a stage belongs to (`path` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
@@ -298,6 +317,8 @@ pub static STAGES: &[&Stage] = &[
     &net::RX_BACKEND_QUEUE,
     &net::RX_BACKEND_TO_IRQ,
     &net::TX_HOST_STACK,
+    &net::TX_KICK,
+    &net::TX_BACKEND_TO_WIRE,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {

@@ -3,15 +3,21 @@
 //! vhost worker, told apart by the thread's name), to the interrupt that thread injects.
 //! Transmit side: a guest's packet from its tap through the host stack to the uplink.
 //!
-//! Only tracepoints: net, skb and kvm. Their programs key by skb address and device
-//! ifindex, which only the argument array has (the classic net records name the device), so
-//! each event has tp_btf then raw_tp. Which devices are uplinks and taps the daemon reads from
-//! sysfs (`netdevs`).
+//! Transmit side before the tap (vhost-net only): the guest's notify to the worker, and the
+//! worker's run to each frame on the tap, from KVM's and vhost's functions (module functions:
+//! fentry where it loads, kprobe next); a kernel with neither has no such stages.
+//!
+//! The other stages use only tracepoints: net, skb and kvm. Their programs key by skb address
+//! and device ifindex, which only the argument array has (the classic net records name the
+//! device), so each event has tp_btf then raw_tp. Which devices are uplinks and taps the daemon
+//! reads from sysfs (`netdevs`).
 
 use tracer_common::{config::Config, stage::StageId};
 
-use super::{Event, Family, Path, Stage, all_set, kvm::KVM_MSI_SET_IRQ, none, tracepoint_args};
-use crate::maps::NET_RX_BATCH;
+use super::{
+    Event, Family, Path, Stage, all_set, function, kvm::KVM_MSI_SET_IRQ, none, tracepoint_args,
+};
+use crate::maps::{NET_RX_BATCH, NET_TX_KICK, NET_TX_RUN};
 
 fn skb_dev_needs(_: Family, c: &Config) -> Result<(), &'static str> {
     all_set(
@@ -118,4 +124,54 @@ pub static TX_HOST_STACK: Stage = Stage {
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
+};
+
+// int ioeventfd_write(struct kvm_vcpu *vcpu, struct kvm_io_device *this, gpa_t addr, int len,
+// const void *val) (kvm): a guest's write to a notify address with an ioeventfd, in its vCPU
+// thread.
+pub static IOEVENTFD_WRITE: Event = function("ioeventfd_write", &["ioeventfd_write"], none);
+// void vhost_work_queue(struct vhost_dev *dev, struct vhost_work *work) (vhost; Linux 6.5+:
+// bool vhost_vq_work_queue(struct vhost_virtqueue *vq, struct vhost_work *work)): the work is
+// the second argument of both.
+pub static VHOST_WORK_QUEUE: Event = function(
+    "vhost_work_queue",
+    &["vhost_work_queue", "vhost_vq_work_queue"],
+    none,
+);
+// static void handle_tx_kick(struct vhost_work *work) (vhost_net): the worker on a kicked
+// transmit queue.
+pub static HANDLE_TX_KICK: Event = function("handle_tx_kick", &["handle_tx_kick"], none);
+// static void handle_tx(struct vhost_net *net) (vhost_net): every transmit run, from a kick or
+// from the socket's wakeup.
+pub static HANDLE_TX: Event = function("handle_tx", &["handle_tx"], none);
+
+/// A guest's notify of a transmit queue to the vhost worker starting on it.
+pub static TX_KICK: Stage = Stage {
+    id: StageId::NetTxKick,
+    name: "net.tx.kick",
+    path: Path::Net,
+    from: "ioeventfd_write in the vCPU thread (the guest's notify), tied to the queue's work by \
+           vhost_work_queue in the same call",
+    to: "handle_tx_kick of that work in the vhost worker",
+    labels: &["vm", "backend"],
+    events: &[&IOEVENTFD_WRITE, &VHOST_WORK_QUEUE, &HANDLE_TX_KICK],
+    naming: &[],
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[&NET_TX_KICK],
+};
+
+/// The vhost worker's transmit run to each of its frames entering the host stack on the tap.
+pub static TX_BACKEND_TO_WIRE: Stage = Stage {
+    id: StageId::NetTxBackendToWire,
+    name: "net.tx.backend_to_wire",
+    path: Path::Net,
+    from: "handle_tx in the vhost worker (the run's start)",
+    to: "net:netif_receive_skb on the tap in that thread, for each frame of the run",
+    labels: &["vm", "backend", "tap"],
+    events: &[&HANDLE_TX, &NETIF_RECEIVE_SKB],
+    naming: &[],
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[&NET_TX_RUN],
 };

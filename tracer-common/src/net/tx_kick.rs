@@ -1,0 +1,166 @@
+//! `net.tx.kick`: a guest's notify of a transmit queue to the vhost worker starting on it. The
+//! notify is KVM's `ioeventfd_write` in the vCPU thread; in that same call the queue's eventfd
+//! wakes its vhost poll, which queues the queue's work (`vhost_work_queue(dev, work)`, still in
+//! the vCPU thread); the worker later runs it (`handle_tx_kick(work)`). The work's address ties
+//! the two threads together: no learning of notify addresses, no task matching.
+//!
+//! The kick in progress is kept per CPU with its thread (the call chain holds the eventfd's
+//! lock from the wakeup on). A kick while the work is still queued is the same wakeup: the
+//! first one is kept. A worker run that finds no kick (a notify migrated between CPUs, say) is
+//! counted `unmatched`.
+
+use super::MAX_AGE_NS;
+use crate::{assert_size, maps::Counter, rules::Starts};
+
+/// How long an ioeventfd_write may precede the work it queues: the same call, microseconds
+/// apart even under emulation. An older one in the CPU's slot is another kick's that queued
+/// nothing (a userspace backend's ioeventfd).
+pub const CHAIN_MAX_NS: u64 = 10_000_000;
+
+/// The notify in progress on one CPU (a per-CPU array's value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// The vCPU thread; 0: none.
+    pub tid: u32,
+    /// Its VMM.
+    pub vm: u32,
+    pub ts_ns: u64,
+}
+assert_size!(Pending, 16);
+
+/// A queue's work queued by a kick, waiting for its worker (the value of the map keyed by the
+/// work's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KickStart {
+    pub ts_ns: u64,
+    /// tgid of the VMM whose vCPU kicked (what collects the entry when the VMM exits).
+    pub vm: u32,
+    pub _pad: u32,
+}
+assert_size!(KickStart, 16);
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)], u32 fields in pairs and u64s, sizes asserted.
+unsafe impl aya::Pod for Pending {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for KickStart {}
+
+/// ioeventfd_write in vCPU thread `tid` of VMM `vm`.
+#[inline(always)]
+pub fn on_ioeventfd(p: &mut Pending, tid: u32, vm: u32, now_ns: u64) {
+    *p = Pending {
+        tid,
+        vm,
+        ts_ns: now_ns,
+    };
+}
+
+/// vhost_work_queue of `work` in thread `tid`: when that thread's notify is in progress on this
+/// CPU, the work waits for its worker from the notify's time (the first kick kept); the notify
+/// is consumed either way.
+#[inline(always)]
+pub fn on_work_queue(
+    p: &mut Pending,
+    starts: &mut impl Starts<u64, KickStart>,
+    work: u64,
+    tid: u32,
+    now_ns: u64,
+) -> Result<(), Counter> {
+    let kick = *p;
+    if kick.tid != tid || kick.tid == 0 || now_ns.saturating_sub(kick.ts_ns) > CHAIN_MAX_NS {
+        return Ok(());
+    }
+    p.tid = 0;
+    let start = KickStart {
+        ts_ns: kick.ts_ns,
+        vm: kick.vm,
+        _pad: 0,
+    };
+    starts.put_new(work, start).map(|_| ())
+}
+
+/// handle_tx_kick of `work` in the worker: the kick's latency and VMM; `unmatched` when no kick
+/// queued it, `stale` when the kick is older than [`MAX_AGE_NS`] (a work address reused).
+#[inline(always)]
+pub fn on_tx_kick(
+    starts: &mut impl Starts<u64, KickStart>,
+    work: u64,
+    now_ns: u64,
+) -> Result<(u64, u32), Counter> {
+    let s = starts.take(&work).ok_or(Counter::Unmatched)?;
+    let age = now_ns.saturating_sub(s.ts_ns);
+    if age > MAX_AGE_NS {
+        return Err(Counter::Stale);
+    }
+    Ok((age, s.vm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::testing::MapStarts;
+
+    const WORK: u64 = 0xffff_8880_0100_0040;
+    const OTHER: u64 = 0xffff_8880_0100_0080;
+
+    #[test]
+    fn a_kick_is_measured_from_the_notify_to_the_worker() {
+        let (mut p, mut m) = (Pending::default(), MapStarts::new(8));
+        on_ioeventfd(&mut p, 11, 10, 1_000);
+        on_work_queue(&mut p, &mut m, WORK, 11, 1_200).unwrap();
+        assert_eq!(on_tx_kick(&mut m, WORK, 51_000), Ok((50_000, 10)));
+        // Taken: another run of the work with no kick is unmatched.
+        assert_eq!(on_tx_kick(&mut m, WORK, 52_000), Err(Counter::Unmatched));
+    }
+
+    #[test]
+    fn only_the_notifying_thread_queues_from_its_notify_once() {
+        let (mut p, mut m) = (Pending::default(), MapStarts::new(8));
+        on_ioeventfd(&mut p, 11, 10, 1_000);
+        // A packet for the guest wakes another queue's work in another thread (tun's transmit).
+        on_work_queue(&mut p, &mut m, OTHER, 99, 1_100).unwrap();
+        assert!(m.map.is_empty());
+        on_work_queue(&mut p, &mut m, WORK, 11, 1_200).unwrap();
+        // The notify is consumed: a second queue in the same thread is not this kick's.
+        on_work_queue(&mut p, &mut m, OTHER, 11, 1_300).unwrap();
+        assert_eq!(m.map.len(), 1);
+        assert_eq!(on_tx_kick(&mut m, WORK, 2_000), Ok((1_000, 10)));
+    }
+
+    #[test]
+    fn a_kick_while_the_work_is_queued_keeps_the_first() {
+        let (mut p, mut m) = (Pending::default(), MapStarts::new(8));
+        on_ioeventfd(&mut p, 11, 10, 1_000);
+        on_work_queue(&mut p, &mut m, WORK, 11, 1_100).unwrap();
+        on_ioeventfd(&mut p, 12, 10, 5_000);
+        on_work_queue(&mut p, &mut m, WORK, 12, 5_100).unwrap();
+        assert_eq!(on_tx_kick(&mut m, WORK, 9_000), Ok((8_000, 10)));
+    }
+
+    #[test]
+    fn an_old_notify_that_queued_nothing_starts_nothing() {
+        let (mut p, mut m) = (Pending::default(), MapStarts::new(8));
+        on_ioeventfd(&mut p, 11, 10, 1_000);
+        on_work_queue(&mut p, &mut m, WORK, 11, 1_000 + CHAIN_MAX_NS + 1).unwrap();
+        assert!(m.map.is_empty());
+    }
+
+    #[test]
+    fn full_and_stale_are_counted() {
+        let (mut p, mut m) = (Pending::default(), MapStarts::new(1));
+        on_ioeventfd(&mut p, 11, 10, 1_000);
+        on_work_queue(&mut p, &mut m, OTHER, 11, 1_100).unwrap();
+        on_ioeventfd(&mut p, 11, 10, 2_000);
+        assert_eq!(
+            on_work_queue(&mut p, &mut m, WORK, 11, 2_100),
+            Err(Counter::StartFull)
+        );
+        assert_eq!(
+            on_tx_kick(&mut m, OTHER, 1_000 + MAX_AGE_NS + 1),
+            Err(Counter::Stale)
+        );
+    }
+}

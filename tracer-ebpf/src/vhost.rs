@@ -1,0 +1,167 @@
+//! net.tx.kick and net.tx.backend_to_wire on vhost-net: KVM's ioeventfd_write (the guest's
+//! notify, in its vCPU thread), vhost_work_queue (the queue's work queued in that same call),
+//! handle_tx_kick (the worker running it) and handle_tx (the worker's transmit run), all
+//! module functions (fentry where it loads, kprobe next); the run's frames end on the tap's
+//! net:netif_receive_skb (`net::received`). Rules: `tracer_common::net::{tx_kick, tx_backend}`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use tracer_common::{
+    maps::{Counter, START_ENTRIES},
+    net::{
+        Backend,
+        tx_backend::{self, TxRun},
+        tx_kick::{self, KickStart, Pending},
+    },
+    stage::StageId::{NetTxBackendToWire, NetTxKick},
+};
+
+use crate::{
+    shared::{
+        KernelStarts, count, current_tgid_tid, mm_owner_tgid, now_ns, on, record, stages_on,
+        vmm_seen,
+    },
+    tp::{Site, function},
+};
+
+/// The notify in progress on each CPU.
+#[map]
+static NET_TX_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+/// Queues' work queued by a kick, by the work's address, until the worker runs it.
+#[map]
+pub static NET_TX_KICK: HashMap<u64, KickStart> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// Each backend thread's latest transmit run, by thread.
+#[map]
+pub static NET_TX_RUN: HashMap<u32, TxRun> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// The VMM a vhost worker serves: before Linux 6.4 a kthread that adopted the VMM's mm, since
+/// then a thread of the VMM.
+#[inline(always)]
+fn worker_vm(tgid: u32) -> u32 {
+    mm_owner_tgid().unwrap_or(tgid)
+}
+
+// int ioeventfd_write(struct kvm_vcpu *vcpu, struct kvm_io_device *this, gpa_t addr, int len,
+// const void *val)
+#[inline(always)]
+fn notified(_: Result<(), ()>, _: Site) {
+    if !on(stages_on(), NetTxKick) {
+        return;
+    }
+    let (tgid, tid) = current_tgid_tid();
+    if let Some(p) = NET_TX_PENDING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the notify's call chain runs on it.
+        tx_kick::on_ioeventfd(unsafe { &mut *p }, tid, tgid, now_ns());
+    }
+}
+
+function!(
+    "ioeventfd_write",
+    ioeventfd_write_fentry,
+    ioeventfd_write_kprobe,
+    |arg| Ok(()),
+    notified
+);
+
+// void vhost_work_queue(struct vhost_dev *dev, struct vhost_work *work) (Linux 6.5+:
+// bool vhost_vq_work_queue(struct vhost_virtqueue *vq, struct vhost_work *work))
+#[inline(always)]
+fn work_queued(work: Result<u64, ()>, _: Site) {
+    if !on(stages_on(), NetTxKick) {
+        return;
+    }
+    let (Ok(work), Some(p)) = (work, NET_TX_PENDING.get_ptr_mut(0)) else {
+        return;
+    };
+    // SAFETY: this CPU's slot.
+    let p = unsafe { &mut *p };
+    // Most work is queued from a packet's receive (no notify in progress here): one compare.
+    let tid = current_tgid_tid().1;
+    if p.tid != tid {
+        return;
+    }
+    if let Err(c) =
+        tx_kick::on_work_queue(p, &mut KernelStarts(&NET_TX_KICK), work, tid, now_ns())
+    {
+        count(NetTxKick, c);
+    }
+}
+
+function!(
+    "vhost_work_queue",
+    vhost_work_queue_fentry,
+    vhost_work_queue_kprobe,
+    |arg| Ok(arg(1)),
+    work_queued
+);
+
+// static void handle_tx_kick(struct vhost_work *work)
+#[inline(always)]
+fn tx_kick(work: Result<u64, ()>, _: Site) {
+    if !on(stages_on(), NetTxKick) {
+        return;
+    }
+    let Ok(work) = work else {
+        return;
+    };
+    match tx_kick::on_tx_kick(&mut KernelStarts(&NET_TX_KICK), work, now_ns()) {
+        Ok((ns, vm)) => {
+            vmm_seen(vm, current_tgid_tid().1);
+            record(NetTxKick, Backend::Vhost as u32, 0, vm, ns);
+        }
+        Err(c) => count(NetTxKick, c),
+    }
+}
+
+function!(
+    "handle_tx_kick",
+    handle_tx_kick_fentry,
+    handle_tx_kick_kprobe,
+    |arg| Ok(arg(0)),
+    tx_kick
+);
+
+// static void handle_tx(struct vhost_net *net): every transmit run, from a kick or from the
+// socket's wakeup.
+#[inline(always)]
+fn tx_run(_: Result<(), ()>, _: Site) {
+    if !on(stages_on(), NetTxBackendToWire) {
+        return;
+    }
+    let (tgid, tid) = current_tgid_tid();
+    let run = TxRun {
+        ts_ns: now_ns(),
+        vm: worker_vm(tgid),
+        backend: Backend::Vhost as u32,
+    };
+    if NET_TX_RUN.insert(tid, run, 0).is_err() {
+        count(NetTxBackendToWire, Counter::StartFull);
+    }
+}
+
+function!(
+    "handle_tx",
+    handle_tx_fentry,
+    handle_tx_kprobe,
+    |arg| Ok(()),
+    tx_run
+);
+
+/// net:netif_receive_skb on tap `tap` (the caller checked the stage): a frame of the current
+/// thread's transmit run, if it has one.
+#[inline(always)]
+pub fn tap_rx(tap: u32) {
+    let tid = current_tgid_tid().1;
+    // SAFETY: a map value of this thread's.
+    let Some(run) = (unsafe { NET_TX_RUN.get(tid) }) else {
+        return;
+    };
+    match tx_backend::on_tap_rx(run, now_ns()) {
+        Ok(ns) => record(NetTxBackendToWire, run.backend, tap, run.vm, ns),
+        Err(c) => count(NetTxBackendToWire, c),
+    }
+}
