@@ -8,7 +8,9 @@
 //!   (kernel.bpf_stats) over the workload give ns per event;
 //! - bpftrace (when installed) and iopath's block stage attached at once: the same
 //!   issue-to-complete histogram, both sides' run time over one window, beside bpftrace
-//!   programs on the same tracepoints that only read the clock or do nothing (the floor).
+//!   programs on the same tracepoints that only read the clock or do nothing (the floor); then
+//!   a window for each variant of iopath's block programs (`blk::cut`), for where each
+//!   nanosecond goes.
 //!
 //! Scrapes: after each run with iopath, 200 scrapes of /metrics by 50 clients at once, timed.
 //!
