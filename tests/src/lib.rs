@@ -605,6 +605,17 @@ pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> 
         .map(|(le, _)| *le)
 }
 
+/// This thread's time on CPU so far (CLOCK_THREAD_CPUTIME_ID), in ns.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The test VMM (src/bin/iopath-testvmm.rs), built beside the test binaries.
 /// CLOCK_MONOTONIC in ns: bpf_ktime_get_ns's clock, the same in every network namespace.
 pub fn monotonic_ns() -> u64 {

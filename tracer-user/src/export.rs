@@ -58,6 +58,10 @@ fn l(pairs: &[(&'static str, &str)]) -> Labels {
         .collect()
 }
 
+fn backend_labels(labels: &[(&'static str, String)]) -> Labels {
+    labels.iter().map(|(k, v)| (*k, Value(v.clone()))).collect()
+}
+
 #[derive(Debug, Default)]
 struct HistogramSeries {
     labels: Labels,
@@ -87,6 +91,8 @@ pub struct Status<'a> {
     pub map_entries: &'a [(&'static str, usize)],
     /// Reads of the kernel maps so far.
     pub snapshot_reads: u64,
+    /// Network backends (labels) and what their threads cost.
+    pub backends: &'a [(Vec<(&'static str, String)>, crate::backend::Cost)],
 }
 
 /// Everything one scrape exposes, gathered before encoding.
@@ -103,6 +109,8 @@ pub struct Exposition {
     vms: i64,
     map_entries: Vec<(Labels, i64)>,
     snapshot_reads: u64,
+    backend_cpu: Vec<(Labels, f64)>,
+    backend_packets: Vec<(Labels, u64)>,
 }
 
 impl Exposition {
@@ -171,6 +179,16 @@ impl Exposition {
                 .map(|(m, n)| (l(&[("map", m)]), *n as i64))
                 .collect(),
             snapshot_reads: st.snapshot_reads,
+            backend_cpu: st
+                .backends
+                .iter()
+                .map(|(labels, c)| (backend_labels(labels), c.cpu_ns as f64 / 1e9))
+                .collect(),
+            backend_packets: st
+                .backends
+                .iter()
+                .map(|(labels, c)| (backend_labels(labels), c.packets))
+                .collect(),
         }
     }
 
@@ -315,6 +333,24 @@ impl Collector for Exposition {
             MetricType::Gauge,
             &self.map_entries,
             |e, v| e.encode_gauge(v),
+        )?;
+        family(
+            &mut enc,
+            "iopath_backend_cpu",
+            "On-CPU time of the threads that take a tap's packets (QEMU's, a vhost worker), from the read that first saw each: rate(packets) / rate(this) is the packets per second one such thread could move.",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+            &self.backend_cpu,
+            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
+        )?;
+        family(
+            &mut enc,
+            "iopath_backend_packets",
+            "Packets a backend moved over the same time: taken off its tap (net.rx.backend_queue) and written to it and sent on an uplink (net.tx.host_stack).",
+            None,
+            MetricType::Counter,
+            &self.backend_packets,
+            counter,
         )?;
         enc.encode_descriptor(
             "iopath_snapshot_reads",

@@ -3,6 +3,7 @@
 //! programs in-process.
 
 pub mod attach;
+pub mod backend;
 pub mod btf;
 pub mod export;
 pub mod gc;

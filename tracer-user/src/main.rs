@@ -273,6 +273,7 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
             // collect() reads the counts itself when something goes; the report reads them last.
             _ = tick.tick() => {
                 session.collect()?;
+                session.watch_backends()?;
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

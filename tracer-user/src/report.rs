@@ -44,10 +44,34 @@ fn dropped(s: &Session) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// What each network backend's threads cost per packet, and the packets per second one such
+/// thread could move at that cost (`backend`), for the backends that moved any.
+fn backends(s: &mut Session) -> Vec<serde_json::Value> {
+    let costs: Vec<_> = s.backends.costs().map(|(k, c)| (*k, *c)).collect();
+    costs
+        .into_iter()
+        .filter(|(_, c)| c.packets > 0 && c.cpu_ns > 0)
+        .map(|(k, c)| {
+            let labels: serde_json::Map<String, serde_json::Value> = s
+                .labeler
+                .backend(k.vm, k.backend, k.tap)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect();
+            let per_packet_us = c.cpu_ns as f64 / 1e3 / c.packets as f64;
+            serde_json::json!({
+                "labels": labels, "packets": c.packets, "cpu_s": c.cpu_ns as f64 / 1e9,
+                "cpu_per_packet_us": per_packet_us, "ceiling_pps": 1e6 / per_packet_us,
+            })
+        })
+        .collect()
+}
+
 pub fn json(s: &mut Session) -> String {
     let out = serde_json::json!({
         "stages": s.tracer.report,
         "series": rows(s),
+        "backends": backends(s),
         "dropped": dropped(s),
         // exited VMs and removed disks collected while it ran (their series stay in a record)
         "collected": s.collected,
@@ -108,6 +132,23 @@ pub fn table(s: &mut Session) -> String {
     } else {
         out.push_str(
             "(latencies in µs unless marked ms; MAX is the upper bound of the highest bucket)\n",
+        );
+    }
+    for b in backends(s) {
+        let labels = b["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let _ = writeln!(
+            out,
+            "backend {labels}: {:.1} µs of CPU per packet over {} packets: one such thread \
+             could move {:.0} packets/s",
+            b["cpu_per_packet_us"].as_f64().unwrap_or(0.0),
+            b["packets"],
+            b["ceiling_pps"].as_f64().unwrap_or(0.0)
         );
     }
     for r in s.tracer.report.iter().filter(|r| !r.attached) {

@@ -144,8 +144,12 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
                 }
             },
             _ = collect.tick() => {
-                if let Err(e) = state.inner.lock().await.session.collect() {
+                let session = &mut state.inner.lock().await.session;
+                if let Err(e) = session.collect() {
                     log::warn!("collection: {e}");
+                }
+                if let Err(e) = session.watch_backends() {
+                    log::warn!("backend threads: {e}");
                 }
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {

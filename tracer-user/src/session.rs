@@ -15,6 +15,7 @@ use tracer_common::{maps::Notice, stage::StageId};
 
 use crate::{
     attach::{self, Tracer},
+    backend::{self, Backends},
     export::{Exposition, ProgramStats, Status},
     gc::{self, Collector},
     hist::{Layout, ReadError, Series, SeriesKey, Snapshot, Summary},
@@ -68,6 +69,8 @@ pub struct Session {
     reads: u64,
     /// VMs and devices collected so far.
     pub collected: Collections,
+    /// What the network backends' threads cost.
+    pub backends: Backends,
 }
 
 /// How many VMs and devices (block devices and taps) a session has collected.
@@ -103,6 +106,7 @@ impl Session {
             bpf_stats: opts.attach.bpf_stats,
             reads: 0,
             collected: Collections::default(),
+            backends: Backends::default(),
         };
         session.sync_netdevs();
         Ok(session)
@@ -156,7 +160,22 @@ impl Session {
     pub fn refresh(&mut self) -> Result<(), ReadError> {
         self.drain_notices();
         self.last = Snapshot::read(&self.tracer.ebpf)?;
+        self.backends.update(
+            backend::threads(&self.tracer.ebpf),
+            &self.last,
+            backend::schedstat_ns,
+        );
         self.reads += 1;
+        Ok(())
+    }
+
+    /// Reads the counts when a backend thread appeared since the last read, so that its cost
+    /// counts from close to its first packet, scraped or not (`backend`).
+    pub fn watch_backends(&mut self) -> Result<(), ReadError> {
+        let threads = backend::threads(&self.tracer.ebpf);
+        if threads.iter().any(|(tid, _)| !self.backends.knows(*tid)) {
+            self.refresh()?;
+        }
         Ok(())
     }
 
@@ -191,6 +210,8 @@ impl Session {
         self.last.forget(gone);
         self.base.forget(gone);
         Collector::remove(&mut self.tracer.ebpf, &mut dead);
+        self.backends
+            .forget(|k| dead.vms.contains(&k.vm) || dead.netdevs.contains(&k.tap));
         for &vm in &dead.vms {
             self.labeler.forget_vm(vm);
         }
@@ -332,6 +353,11 @@ impl Session {
             .collect();
         let map_full: Vec<_> = self.last.map_full.iter().map(|(m, n)| (*m, *n)).collect();
         let map_entries = self.map_entries();
+        let backends: Vec<_> = self
+            .backends
+            .costs()
+            .map(|(k, c)| (self.labeler.backend(k.vm, k.backend, k.tap), *c))
+            .collect();
         Exposition::gather(
             &series,
             &self.layout,
@@ -343,6 +369,7 @@ impl Session {
                 map_full: &map_full,
                 map_entries: &map_entries,
                 snapshot_reads: self.reads,
+                backends: &backends,
             },
         )
     }
