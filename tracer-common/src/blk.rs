@@ -524,17 +524,18 @@ pub mod cut {
     pub const ENTRY: u32 = 1;
     /// Then the clock read.
     pub const CLOCK: u32 = 2;
-    /// Then, at issue, the request's loads (dev, op) and the bucket's first load without the
-    /// store; at completion, the bucket's match (and the slot's clearing) without the histogram.
+    /// Then the whole issue (the request's loads, the slot's store); at completion the
+    /// bucket's match and the slot's clearing, without the histogram.
     pub const MATCH: u32 = 3;
-    /// The variants in the order the bench runs them, with what each adds.
+    /// The variants in the order the bench reports them, with what each adds: the last one
+    /// differs from the one before only in the completion's histogram update.
     pub const STEPS: [(u32, &str); 4] = [
         (ENTRY, "entry and stage switch"),
         (CLOCK, "clock read"),
         (
             MATCH,
-            "issue: request loads and the bucket's first load; completion: bucket match",
+            "issue: request loads and slot store; completion: bucket match and clear",
         ),
-        (WHOLE, "issue: slot store; completion: histogram update"),
+        (WHOLE, "completion: histogram update (issue unchanged)"),
     ];
 }

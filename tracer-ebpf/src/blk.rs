@@ -121,20 +121,7 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     if cut == cut::CLOCK {
         return;
     }
-    if cut == cut::MATCH {
-        let p = match rq {
-            Ok(Request::Typed(p)) => Some((p, Ok(typed_dev_op(p)))),
-            Ok(Request::Ptr(p)) => Some((p, request_dev_op(p))),
-            _ => None,
-        };
-        if let Some((p, _)) = p {
-            if let Some((_, s)) = slot_of(p) {
-                // SAFETY: a map value; volatile keeps the load.
-                let _ = unsafe { core::ptr::read_volatile(&raw const s.ways[0].rq) };
-            }
-        }
-        return;
-    }
+    // cut::MATCH runs the whole issue: the completion's match then finds its start.
     let started = match rq {
         Ok(Request::Ptr(p)) => issue_ptr(p, request_dev_op(p), now),
         Ok(Request::Typed(p)) => issue_ptr(p, Ok(typed_dev_op(p)), now),

@@ -53,8 +53,8 @@ const ALL: [StageId; 4] = [
     NetRxBackendToIrq,
     NetTxHostStack,
 ];
-/// The stages a receive starts.
-const HOST_STACKS: [StageId; 2] = [NetRxHostStack, NetTxHostStack];
+/// The stages a receive starts or ends.
+const RECEIVED: [StageId; 3] = [NetRxHostStack, NetTxHostStack, NetTxBackendToWire];
 /// The stages a transmit to a tap starts (after the receive side's host stack).
 const QUEUED: [StageId; 2] = [NetRxBackendQueue, NetRxBackendToIrq];
 
@@ -122,7 +122,7 @@ fn received(ev: Result<(u64, u32), ()>, _: Site) {
         return;
     }
     let Ok((skb, ifindex)) = ev else {
-        count_each(mask, &HOST_STACKS, Counter::ReadError);
+        count_each(mask, &RECEIVED, Counter::ReadError);
         return;
     };
     let Some(s) = slot(skb) else {

@@ -366,7 +366,6 @@ impl Labeler {
             .clone()
     }
 
-    /// Labels of a series, in the stage table's order, without stage and path.
     /// A network backend's labels (`vm`, `backend`, `tap`), as its stages' series have them.
     pub fn backend(&mut self, vm: u32, backend: u32, tap: u32) -> Vec<(&'static str, String)> {
         vec![
@@ -376,6 +375,7 @@ impl Labeler {
         ]
     }
 
+    /// Labels of a series, in the stage table's order, without stage and path.
     pub fn labels(&mut self, k: &SeriesKey) -> Vec<(&'static str, String)> {
         let values: Vec<String> = match k.stage {
             StageId::BlkDevice => {

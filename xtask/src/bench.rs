@@ -599,8 +599,12 @@ pub fn bench(
                 set_bpf_stats(false);
                 continue;
             }
-            for (i, (cut, _)) in cut::STEPS.iter().enumerate().rev() {
-                let cut_arg = cut.to_string();
+            // The variants' order turns each round, so that drift within a round does not
+            // always land on the same one.
+            let n = cut::STEPS.len();
+            for i in (0..n).map(|k| (k + round as usize) % n) {
+                let variant = cut::STEPS[i].0;
+                let cut_arg = variant.to_string();
                 let both = Daemon::start_bin(
                     bin,
                     &["--bpf-stats", "--stages", "blk.device", "--blk-cut", &cut_arg],
@@ -610,7 +614,7 @@ pub fn bench(
                 let (b1, i1) = (bpftrace_progs()?, program_stats(&both.metrics()));
                 anyhow::ensure!(both.stop().success(), "iopath did not exit cleanly");
                 let reference = delta(&tracers[0].1, &b0, &b1);
-                if *cut == cut::WHOLE {
+                if variant == cut::WHOLE {
                     with_bt.push(iops);
                     // bt: the reference script's, then each floor's.
                     for (acc, (_, ids)) in bt.iter_mut().zip(&tracers) {

@@ -4,10 +4,14 @@
 //! the vCPU thread); the worker later runs it (`handle_tx_kick(work)`). The work's address ties
 //! the two threads together: no learning of notify addresses, no task matching.
 //!
-//! The kick in progress is kept per CPU with its thread (the call chain holds the eventfd's
-//! lock from the wakeup on). A kick while the work is still queued is the same wakeup: the
-//! first one is kept. A worker run that finds no kick (a notify migrated between CPUs, say) is
-//! counted `unmatched`.
+//! The kick in progress is kept per CPU with its thread. A kick while the work is still queued
+//! is the same wakeup: the first one is kept. A worker run that finds no kick is counted
+//! `unmatched`: vhost queued the work again itself (a run that reached its weight limit), or
+//! the vCPU thread moved to another CPU between its notify and the wakeup, or a softirq on that
+//! CPU queued other work in its context first.
+//!
+//! A receive queue's notify queues that queue's work the same way; handle_tx_kick never runs
+//! it, so its start stays (one entry per such queue, put once) until its VM goes.
 
 use super::MAX_AGE_NS;
 use crate::{assert_size, maps::Counter, rules::Starts};
