@@ -169,7 +169,6 @@ impl TapBackend {
     ) -> TapBackend {
         let mut child = Command::new(vmm)
             .args(["-name", &format!("guest={name}"), "tap-rx", "--tap", tap])
-            .args(extra)
             .args([
                 "--count",
                 &count.to_string(),
@@ -178,6 +177,8 @@ impl TapBackend {
             ])
             // the read that ends the run waits this long for a packet
             .args(["--gap-us", "1000000"])
+            // last: the caller's own settings win
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start test VMM");

@@ -305,7 +305,16 @@ fn backend_cost_and_ceiling_of_a_userspace_backend_with_a_known_spin() {
     let s_us: u64 = if emulated() { 2000 } else { 200 };
     let (warm, count) = (20u32, 300u32);
     // One packet more than sent below: the thread runs, and is read, until the test lets it go.
-    let backend = TapBackend::start(&testvmm_bin(), "cost", &topo.tap, warm + count + 1, s_us, &[]);
+    // It waits up to 60 s for each next packet: the pause between the two sends below is
+    // seconds under emulation.
+    let backend = TapBackend::start(
+        &testvmm_bin(),
+        "cost",
+        &topo.tap,
+        warm + count + 1,
+        s_us,
+        &["--gap-us", "60000000"],
+    );
     topo.wait_forwarding();
     send(&testvmm_bin(), &topo.ns, warm, s_us * 2 + 200);
     let labels = [("vm", "cost"), ("backend", "qemu"), ("tap", topo.tap.as_str())];
