@@ -317,7 +317,11 @@ fn backend_cost_and_ceiling_of_a_userspace_backend_with_a_known_spin() {
     );
     topo.wait_forwarding();
     send(&testvmm_bin(), &topo.ns, warm, s_us * 2 + 200);
-    let labels = [("vm", "cost"), ("backend", "qemu"), ("tap", topo.tap.as_str())];
+    let labels = [
+        ("vm", "cost"),
+        ("backend", "qemu"),
+        ("tap", topo.tap.as_str()),
+    ];
     let read = |m: &iopath_tests::Metrics| {
         (
             m.value("iopath_backend_cpu_seconds_total", &labels),

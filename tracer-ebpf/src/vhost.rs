@@ -84,8 +84,7 @@ fn work_queued(work: Result<u64, ()>, _: Site) {
     if p.tid != tid {
         return;
     }
-    if let Err(c) =
-        tx_kick::on_work_queue(p, &mut KernelStarts(&NET_TX_KICK), work, tid, now_ns())
+    if let Err(c) = tx_kick::on_work_queue(p, &mut KernelStarts(&NET_TX_KICK), work, tid, now_ns())
     {
         count(NetTxKick, c);
     }

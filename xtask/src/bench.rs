@@ -607,7 +607,13 @@ pub fn bench(
                 let cut_arg = variant.to_string();
                 let both = Daemon::start_bin(
                     bin,
-                    &["--bpf-stats", "--stages", "blk.device", "--blk-cut", &cut_arg],
+                    &[
+                        "--bpf-stats",
+                        "--stages",
+                        "blk.device",
+                        "--blk-cut",
+                        &cut_arg,
+                    ],
                 );
                 let (b0, i0) = (bpftrace_progs()?, program_stats(&both.metrics()));
                 let iops = fio(&lo.dev, seconds)?;

@@ -53,9 +53,6 @@ mod tests {
         };
         assert_eq!(on_tap_rx(&run, 3_000), Ok(2_000));
         assert_eq!(on_tap_rx(&run, 7_000), Ok(6_000));
-        assert_eq!(
-            on_tap_rx(&run, 1_000 + MAX_AGE_NS + 1),
-            Err(Counter::Stale)
-        );
+        assert_eq!(on_tap_rx(&run, 1_000 + MAX_AGE_NS + 1), Err(Counter::Stale));
     }
 }
