@@ -549,6 +549,7 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         "packets": packets, "stamped": stamped.len(),
         "first_to_last_us": (last_read - first_read) / 1000,
         "send_to_signal_p50_us": p50(&mut stamped), "read_to_signal_p50_us": p50(&mut held),
+        "cpu_per_packet_mean_us": (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64),
         "cpu_per_packet_p50_us": p50(&mut cpu),
     }))
 }
