@@ -229,14 +229,10 @@ pub const fn function_or_syscalls(
     needs: Needs,
 ) -> Event {
     Event {
-        name,
-        category: "",
-        program: name,
-        functions,
         families: &[Family::FEntry, Family::KProbe, Family::Syscall],
-        needs,
         syscalls,
         stand_in,
+        ..function(name, functions, needs)
     }
 }
 
