@@ -180,25 +180,55 @@ pub fn leftover_programs() -> Vec<String> {
     }
 }
 
-/// Names of iopath's programs loaded now, from bpftool.
-pub fn loaded_programs() -> Vec<String> {
-    // The stage table's own list of programs (a unit test holds it to the object).
-    let ours = iopath::stages::all_programs();
+/// One loaded BPF program, as `bpftool -j prog show` lists it.
+#[derive(Clone, Debug, Default)]
+pub struct BpfProg {
+    pub id: u64,
+    /// The kernel's 15-character name, or the full one from BTF.
+    pub name: String,
+    /// kernel.bpf_stats (0 while it is off).
+    pub run_time_ns: f64,
+    pub run_cnt: f64,
+    /// Runs the kernel skipped, nested in another program (newer kernels count them for kprobe
+    /// and classic tracepoint programs).
+    pub recursion_misses: u64,
+}
+
+/// Every BPF program loaded now (bpftool, which `cargo xtask setup` installs).
+pub fn bpf_progs() -> Vec<BpfProg> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
-        .expect("bpftool (cargo xtask setup)");
+        .expect("bpftool (cargo xtask setup installs it)");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v.as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["name"].as_str())
+        .filter_map(|p| {
+            let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+            Some(BpfProg {
+                id: p["id"].as_u64()?,
+                name: p["name"].as_str().unwrap_or_default().to_string(),
+                run_time_ns: f("run_time_ns"),
+                run_cnt: f("run_cnt"),
+                recursion_misses: p["recursion_misses"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Names of iopath's programs loaded now, from bpftool.
+pub fn loaded_programs() -> Vec<String> {
+    // The stage table's own list of programs (a unit test holds it to the object).
+    let ours = iopath::stages::all_programs();
+    bpf_progs()
+        .into_iter()
+        .map(|p| p.name)
         // bpftool shows the kernel's 15-character name, or the full one from BTF
         .filter(|n| {
             ours.iter()
-                .any(|o| o == n || (n.len() == 15 && o.starts_with(n)))
+                .any(|o| o == n || (n.len() == 15 && o.starts_with(n.as_str())))
         })
-        .map(String::from)
         .collect()
 }
 

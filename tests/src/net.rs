@@ -256,26 +256,6 @@ pub struct NetCounter {
     progs: Vec<u64>,
 }
 
-/// (id, recursion misses) of every loaded BPF program, from bpftool: a kprobe or classic
-/// tracepoint program is skipped, and its miss counted, when it fires nested in another such
-/// program on the same CPU (a softirq on an interrupt's exit).
-fn prog_misses() -> Vec<(u64, u64)> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "-j"])
-        .output()
-        .expect("bpftool (cargo xtask setup installs it)");
-    assert!(out.status.success(), "bpftool prog show failed");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            let miss = p["recursion_misses"].as_u64().unwrap_or(0);
-            Some((p["id"].as_u64()?, miss))
-        })
-        .collect()
-}
-
 impl NetCounter {
     pub fn start(uplink: &str, tap: &str, msi_filter: &str, extra: &str) -> NetCounter {
         let script = format!(
@@ -297,7 +277,7 @@ tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
 END {{ clear(@queued); }}
 "#
         );
-        let known: Vec<u64> = prog_misses().into_iter().map(|p| p.0).collect();
+        let known: Vec<u64> = crate::bpf_progs().into_iter().map(|p| p.id).collect();
         let mut bt = Command::new("bpftrace")
             .args(["-e", &script])
             .stdout(Stdio::piped())
@@ -327,9 +307,9 @@ END {{ clear(@queued); }}
                 Err(_) => panic!("bpftrace did not attach within 60 s"),
             }
         }
-        c.progs = prog_misses()
+        c.progs = crate::bpf_progs()
             .into_iter()
-            .map(|p| p.0)
+            .map(|p| p.id)
             .filter(|id| !known.contains(id))
             .collect();
         c
@@ -338,10 +318,10 @@ END {{ clear(@queued); }}
     /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
     pub fn counts(mut self) -> NetCounts {
         // Runs bpftrace's programs skipped, nested in another program: `missed`.
-        let missed: u64 = prog_misses()
+        let missed: u64 = crate::bpf_progs()
             .into_iter()
-            .filter(|p| self.progs.contains(&p.0))
-            .map(|p| p.1)
+            .filter(|p| self.progs.contains(&p.id))
+            .map(|p| p.recursion_misses)
             .sum();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };

@@ -126,26 +126,10 @@ const BPFTRACE_FLOORS: [(&str, &str); 2] = [
 /// (run_time_ns, run_cnt) of each loaded bpftrace block program by id (bpftool, JSON). bpftrace
 /// names them after the probe (`block_rq_issue`, `block_rq_comple`); iopath's are `blk_rq_*`.
 fn bpftrace_progs() -> anyhow::Result<BTreeMap<u64, (f64, f64)>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .context("bpftool")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v.as_array()
+    Ok(iopath_tests::bpf_progs()
         .into_iter()
-        .flatten()
-        .filter(|p| {
-            p["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("block_rq_"))
-        })
-        .map(|p| {
-            let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
-            (
-                p["id"].as_u64().unwrap_or(0),
-                (f("run_time_ns"), f("run_cnt")),
-            )
-        })
+        .filter(|p| p.name.starts_with("block_rq_"))
+        .map(|p| (p.id, (p.run_time_ns, p.run_cnt)))
         .collect())
 }
 
