@@ -167,18 +167,28 @@ impl TapBackend {
         d_us: u64,
         extra: &[&str],
     ) -> TapBackend {
+        let (count, d_us) = (count.to_string(), d_us.to_string());
+        let mut args = vec![
+            "tap-rx",
+            "--tap",
+            tap,
+            "--count",
+            &count,
+            "--spin-us",
+            &d_us,
+        ];
+        // the read that ends the run waits this long for a packet
+        args.extend(["--gap-us", "1000000"]);
+        // last: the caller's own settings win
+        args.extend(extra);
+        TapBackend::spawn(vmm, name, &args)
+    }
+
+    /// The test VMM as VM `name` with `args` (a mode that prints `ready` first).
+    pub fn spawn(vmm: &Path, name: &str, args: &[&str]) -> TapBackend {
         let mut child = Command::new(vmm)
-            .args(["-name", &format!("guest={name}"), "tap-rx", "--tap", tap])
-            .args([
-                "--count",
-                &count.to_string(),
-                "--spin-us",
-                &d_us.to_string(),
-            ])
-            // the read that ends the run waits this long for a packet
-            .args(["--gap-us", "1000000"])
-            // last: the caller's own settings win
-            .args(extra)
+            .args(["-name", &format!("guest={name}")])
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start test VMM");
@@ -187,6 +197,10 @@ impl TapBackend {
         out.read_line(&mut line).unwrap();
         assert!(line.contains("ready"), "test VMM: {line:?}");
         TapBackend(child, out)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
     }
 
     pub fn report(mut self) -> serde_json::Value {

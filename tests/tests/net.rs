@@ -365,3 +365,155 @@ fn backend_cost_and_ceiling_of_a_userspace_backend_with_a_known_spin() {
     );
     assert!(d.stop().success());
 }
+
+/// The transmit side's kick and backend run through a userspace backend, and the backend's
+/// wakeup, with a known hold: the test VMM's guest kicks an ioeventfd, which wakes its backend
+/// thread (QEMU's way: no vhost, no function probe); the vCPU thread, SCHED_FIFO on the
+/// backend's CPU, keeps the woken backend off that CPU for H µs before it sleeps; the backend
+/// then spins D µs and writes a frame to the tap. With `sched.backend_wakeup` on, iopath gives
+/// `net.tx.kick` (notify exit to the backend running) and `sched.backend_wakeup` (wakeup to
+/// running) of about H each, held within 10% of what the test VMM measured itself (the vCPU's
+/// return to userspace after the kick to the backend awake), and `net.tx.backend_to_wire`
+/// (running to the frame on the tap) of about D, between the VMM's own awake to the write's
+/// call and to its return (which includes the bridge's flooding of the frame), and counted
+/// against bpftrace's count of the bounding events.
+#[test]
+fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
+    const TEST: &str = "tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold";
+    if !kvm_available(TEST) || !iopath_tests::net::have_bpftrace(TEST) {
+        return;
+    }
+    let topo = Topology::new("kick");
+    let d = Daemon::start(&[
+        "--stages",
+        "net.tx.kick,net.tx.backend_to_wire,sched.backend_wakeup",
+    ]);
+    let (holds, d_us, count): (&[u64], u64, u32) = if emulated() {
+        (&[3000, 15000], 1000, 100)
+    } else {
+        (&[200, 1000], 100, 300)
+    };
+    for &h_us in holds {
+        let name = format!("kick-{h_us}");
+        let gap = (d_us * 3 + 1000).to_string();
+        let (n, d_s, h_s) = (count.to_string(), d_us.to_string(), h_us.to_string());
+        let vmm = TapBackend::spawn(
+            &testvmm_bin(),
+            &name,
+            &[
+                "tap-tx",
+                "--tap",
+                &topo.tap,
+                "--count",
+                &n,
+                "--spin-us",
+                &d_s,
+                "--hold-us",
+                &h_s,
+                "--gap-us",
+                &gap,
+            ],
+        );
+        // The VMM's own threads' wakeups of its backend (the priming packet's comes from the
+        // sender), its kicks (writes to port 0x3f8), and the frames on the tap.
+        let pid = vmm.pid();
+        let extra = format!(
+            "tracepoint:sched:sched_waking /args->comm == \"tx-backend\" && pid == {pid}/ \
+             {{ @waking = count(); }}\n\
+             tracepoint:sched:sched_waking /args->comm == \"tx-backend\"/ {{ @waking_all = count(); }}\n\
+             tracepoint:kvm:kvm_pio /pid == {pid} && args->rw == 1 && args->port == 0x3f8/ \
+             {{ @kick = count(); }}"
+        );
+        let bt = NetCounter::start(&topo.uplink, &topo.tap, &format!("pid == {pid}"), &extra);
+        topo.wait_forwarding();
+        // The packet that makes the backend thread one (it takes it off the tap).
+        send(&testvmm_bin(), &topo.ns, 1, 0);
+        let r = vmm.report();
+        sleep(Duration::from_millis(700));
+        let c = bt.counts();
+        let vm = [("vm", name.as_str()), ("backend", "qemu")];
+        let vm_tap = [vm[0], vm[1], ("tap", topo.tap.as_str())];
+        // (0, NaN) for a series that is not there: the counts below fail with the figures.
+        let q = d.quantiles();
+        let p50 = |stage: &str, want: &[(&str, &str)]| {
+            q["series"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| {
+                    s["stage"] == stage
+                        && want
+                            .iter()
+                            .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+                })
+                .map_or((0, f64::NAN), |s| {
+                    (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap())
+                })
+        };
+        let (kicks, kick_p50) = p50("net.tx.kick", &vm);
+        let (wakes, wake_p50) = p50("sched.backend_wakeup", &vm_tap);
+        let (runs, run_p50) = p50("net.tx.backend_to_wire", &vm_tap);
+        let own_kick = r["exit_to_awake_p50_us"].as_f64().unwrap();
+        // To the write's call: iopath's run ends where the frame enters the host stack, early
+        // in the write (which returns after the bridge has flooded it to the uplink).
+        let own_run = r["awake_to_write_p50_us"].as_f64().unwrap();
+        let own_written = r["awake_to_written_p50_us"].as_f64().unwrap();
+        eprintln!(
+            "H = {h_us} us, D = {d_us} us: net.tx.kick {kicks} samples p50 {kick_p50:.1} us, \
+             sched.backend_wakeup {wakes} p50 {wake_p50:.1}, net.tx.backend_to_wire {runs} p50 \
+             {run_p50:.1}; the VMM's own: exit to awake {own_kick:.1}, awake to write {own_run:.1} \
+             and to written {own_written:.1}; bpftrace {:?}; {r}",
+            c.0
+        );
+        // A kick that finds the backend still woken (not yet running: another task held its
+        // CPU past the vCPU's sleep) wakes nobody and is no sample: it is in `merged`.
+        let merged = r["merged"].as_u64().unwrap();
+        assert_eq!(r["kicks"], count, "the guest's kicks");
+        assert!(merged <= count as u64 / 50, "{merged} kicks merged");
+        assert_eq!(
+            c.of("kick"),
+            count as u64,
+            "bpftrace's kvm_pio writes to the port"
+        );
+        assert_eq!(
+            kicks,
+            c.of("kick") - merged,
+            "net.tx.kick against bpftrace's kicks"
+        );
+        assert_eq!(
+            kicks,
+            c.of("waking"),
+            "net.tx.kick against bpftrace's wakeups"
+        );
+        // Every wakeup by the vCPU measured; others too, but not those before the backend took
+        // its first packet (iopath did not know it for a backend yet).
+        assert!(
+            (c.of("waking")..=c.of("waking_all")).contains(&wakes),
+            "sched.backend_wakeup's {wakes} against bpftrace's wakeups"
+        );
+        assert_eq!(
+            runs,
+            c.of("tap_rx"),
+            "net.tx.backend_to_wire against bpftrace's"
+        );
+        assert_eq!(runs, r["written"].as_u64().unwrap(), "frames written");
+        for (what, ours, own) in [
+            ("net.tx.kick", kick_p50, own_kick),
+            ("sched.backend_wakeup", wake_p50, own_kick),
+        ] {
+            assert!(
+                (ours - own).abs() <= 0.10 * own,
+                "{what} p50 {ours:.1} us against the VMM's own {own:.1} us"
+            );
+        }
+        // The run ends inside the write (the frame entering the host stack), and starts at
+        // the switch-in, a little before the backend's read of the ioeventfd returns.
+        assert!(
+            own_run <= run_p50 && run_p50 <= 1.1 * own_written,
+            "net.tx.backend_to_wire p50 {run_p50:.1} us against the VMM's own awake to write \
+             {own_run:.1} us and to written {own_written:.1} us"
+        );
+        assert!(kick_p50 >= h_us as f64, "the kick holds at least H");
+    }
+    assert!(d.stop().success());
+}

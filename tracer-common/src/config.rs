@@ -96,7 +96,8 @@ pub struct Config {
     /// the whole program, in every other use. A constant to the verifier, which drops the
     /// branches of the other variants.
     pub blk_cut: u32,
-    pub _pad0: u32,
+    /// `struct task_struct`.pid: the thread id of a task the scheduler's tracepoints name.
+    pub task_pid: u32,
 }
 assert_size!(Config, 176);
 
@@ -145,7 +146,7 @@ impl Config {
         netdev_ifindex: NO_OFFSET,
         task_nvcsw: NO_OFFSET,
         blk_cut: crate::blk::cut::WHOLE,
-        _pad0: 0,
+        task_pid: NO_OFFSET,
     };
 }
 

@@ -31,10 +31,13 @@ pub enum StageId {
     /// The backend's start on a queue (vhost's handle_tx) to each frame it hands to the tap
     /// (net:netif_receive_skb on the tap in its thread).
     NetTxBackendToWire = 11,
+    /// A network backend thread woken (sched:sched_waking) to running (sched:sched_switch into
+    /// it); opt-in.
+    SchedBackendWakeup = 12,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 12] = [
+    pub const ALL: [StageId; 13] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -47,6 +50,7 @@ impl StageId {
         StageId::NetTxHostStack,
         StageId::NetTxKick,
         StageId::NetTxBackendToWire,
+        StageId::SchedBackendWakeup,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -70,6 +74,7 @@ impl StageId {
             9 => Some(StageId::NetTxHostStack),
             10 => Some(StageId::NetTxKick),
             11 => Some(StageId::NetTxBackendToWire),
+            12 => Some(StageId::SchedBackendWakeup),
             _ => None,
         }
     }

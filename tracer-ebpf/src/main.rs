@@ -19,6 +19,7 @@ mod net;
 mod shared;
 mod tp;
 mod vhost;
+mod wakeup;
 
 #[cfg(not(test))]
 #[panic_handler]

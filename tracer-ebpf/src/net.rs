@@ -23,7 +23,7 @@ use tracer_common::{
     },
     stage::StageId::{
         self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack, NetTxBackendToWire,
-        NetTxHostStack,
+        NetTxHostStack, SchedBackendWakeup,
     },
 };
 
@@ -55,17 +55,20 @@ const ALL: [StageId; 4] = [
 ];
 /// The stages a receive starts or ends.
 const RECEIVED: [StageId; 3] = [NetRxHostStack, NetTxHostStack, NetTxBackendToWire];
+/// The stages that keep a backend thread's batch.
+const BATCHED: [StageId; 2] = [NetRxBackendToIrq, SchedBackendWakeup];
 /// The stages a transmit to a tap starts (after the receive side's host stack).
 const QUEUED: [StageId; 2] = [NetRxBackendQueue, NetRxBackendToIrq];
 
-/// The bits of `ALL`, folded at compile time.
+/// The bits of `ALL`, folded at compile time, and of sched.backend_wakeup, which learns its
+/// threads from the packets they take.
 const ALL_BITS: u64 = {
     let (mut bits, mut i) = (0, 0);
     while i < ALL.len() {
         bits |= ALL[i].bit();
         i += 1;
     }
-    bits
+    bits | SchedBackendWakeup.bit()
 };
 
 #[inline(always)]
@@ -118,7 +121,9 @@ fn raw_skb_dev(skb: u64, dev: u64) -> Result<(u64, u32), ()> {
 #[inline(always)]
 fn received(ev: Result<(u64, u32), ()>, _: Site) {
     let mask = stages_on();
-    if mask & (NetRxHostStack.bit() | NetTxHostStack.bit() | NetTxBackendToWire.bit()) == 0 {
+    // sched.backend_wakeup times the runs of backends no function probe sees (QEMU's).
+    let runs = NetTxBackendToWire.bit() | SchedBackendWakeup.bit();
+    if mask & (NetRxHostStack.bit() | NetTxHostStack.bit() | runs) == 0 {
         return;
     }
     let Ok((skb, ifindex)) = ev else {
@@ -129,7 +134,7 @@ fn received(ev: Result<(u64, u32), ()>, _: Site) {
         return;
     };
     let role = role_of(ifindex);
-    if role & role::TAP != 0 && on(mask, NetTxBackendToWire) {
+    if role & role::TAP != 0 && mask & runs != 0 {
         crate::vhost::tap_rx(ifindex);
     }
     let started = if role & role::UPLINK != 0 && on(mask, NetRxHostStack) {
@@ -237,8 +242,9 @@ fn freed(skb: u64, dropped: bool) {
             if on(mask, NetRxBackendQueue) {
                 record(NetRxBackendQueue, backend as u32, x.tap, vm, x.latency_ns);
             }
-            if on(mask, NetRxBackendToIrq) {
-                taken(tid, vm, now, x.tap, backend as u32);
+            // The thread's batch is also what names it a backend for sched.backend_wakeup.
+            if on(mask, NetRxBackendToIrq) || on(mask, SchedBackendWakeup) {
+                taken(mask, tid, vm, now, x.tap, backend as u32);
             }
         }
         Err(c) => count_each(mask, &QUEUED, c),
@@ -258,13 +264,14 @@ fn nvcsw() -> u64 {
 }
 
 #[inline(always)]
-fn taken(tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
+fn taken(mask: u64, tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
+    let counted = on(mask, NetRxBackendToIrq);
     let b = match NET_RX_BATCH.get_ptr_mut(tid) {
         Some(b) => b,
         None => {
             let fresh = Batch { vm, ..Batch::EMPTY };
             if NET_RX_BATCH.insert(tid, fresh, 0).is_err() {
-                count(NetRxBackendToIrq, Counter::StartFull);
+                count_each(mask, &BATCHED, Counter::StartFull);
                 return;
             }
             match NET_RX_BATCH.get_ptr_mut(tid) {
@@ -278,10 +285,12 @@ fn taken(tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
     b.vm = vm;
     let switches = nvcsw();
     let lost = backend_to_irq::slept(b, switches);
-    if lost > 0 {
+    if lost > 0 && counted {
         count_n(NetRxBackendToIrq, Counter::NoInterrupt, lost as u64);
     }
-    if let Err(c) = backend_to_irq::on_taken(b, now, tap, backend, switches) {
+    if let Err(c) = backend_to_irq::on_taken(b, now, tap, backend, switches)
+        && counted
+    {
         count(NetRxBackendToIrq, c);
     }
 }

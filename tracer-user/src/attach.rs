@@ -189,8 +189,9 @@ impl Tracer {
     pub fn start(opts: &Options) -> Result<Tracer, AttachError> {
         let tracefs = Tracefs::open(opts.tracefs)?;
         for name in opts.stages {
+            let name = name.strip_prefix('+').unwrap_or(name);
             if !STAGES.iter().any(|s| s.name == name) {
-                return Err(AttachError::UnknownStage(name.clone()));
+                return Err(AttachError::UnknownStage(name.into()));
             }
         }
         crate::privs::raise_memlock();
@@ -245,20 +246,17 @@ impl Tracer {
             config: &config,
             families: opts.families,
             event_families: opts.event_families,
-            syscalls_ok: opts.syscall_tracepoints || !opts.stages.is_empty(),
+            syscalls_ok: opts.syscall_tracepoints
+                || opts.stages.iter().any(|n| !n.starts_with('+')),
         };
-        let selected: Vec<&'static Stage> = STAGES
-            .iter()
-            .copied()
-            .filter(|s| opts.stages.is_empty() || opts.stages.iter().any(|n| n == s.name))
-            .collect();
+        let selected = select(opts.stages);
         // One program per event, for every stage that needs it.
         let mut outcomes: BTreeMap<*const Event, EventOutcome> = BTreeMap::new();
         for stage in &selected {
             if (stage.needs)(&config).is_err() {
                 continue;
             }
-            for &event in stage.events.iter().chain(stage.naming) {
+            for &event in stage.events.iter().chain(stage.optional) {
                 if !outcomes.contains_key(&(event as *const Event)) {
                     let o = tracer.attach_event(event, &k, &|_| true);
                     outcomes.insert(event, o);
@@ -294,11 +292,18 @@ impl Tracer {
         }
         let (mut mask, mut roles) = (0u64, 0u64);
         let mut used: BTreeSet<String> = BTreeSet::new();
+        // Opt-in stages left out of the default set: doctor says why and how to add them.
+        let left_out: Vec<&'static Stage> = STAGES
+            .iter()
+            .copied()
+            .filter(|s| s.opt_in.is_some() && opts.stages.iter().all(|n| n.starts_with('+')))
+            .filter(|s| !selected.iter().any(|x| x.id == s.id))
+            .collect();
         for stage in selected {
             let report = stage_report(stage, &k, &outcomes);
             if report.attached {
                 mask |= stage.id.bit();
-                for e in stage.events.iter().chain(stage.naming) {
+                for e in stage.events.iter().chain(stage.optional) {
                     let Some(o) = outcomes.get(&(*e as *const Event)) else {
                         continue;
                     };
@@ -315,6 +320,14 @@ impl Tracer {
                     reason: report.skipped.join("; "),
                 });
             }
+            tracer.report.push(report);
+        }
+        for stage in left_out {
+            let why = stage.opt_in.unwrap_or_default();
+            let mut report = StageReport::of(stage);
+            report
+                .skipped
+                .push(format!("off by default ({why}): --stages +{}", stage.name));
             tracer.report.push(report);
         }
         // Programs of events no attached stage needs go (a stage missing another event).
@@ -550,26 +563,33 @@ fn class_to_force(families: &[Option<Family>], class: fn(Family) -> u8) -> Optio
 }
 
 /// A stage's report from its events' outcomes.
+impl StageReport {
+    /// A stage not attached (yet), with nothing tried.
+    fn of(stage: &'static Stage) -> StageReport {
+        StageReport {
+            stage: stage.name,
+            path: stage.path.name(),
+            from: stage.from,
+            to: stage.to,
+            attached: false,
+            attach: None,
+            points: Vec::new(),
+            skipped: Vec::new(),
+            maps: maps::SHARED
+                .iter()
+                .chain(stage.maps)
+                .map(|m| format!("{}: {}", m.name, m.collected))
+                .collect(),
+        }
+    }
+}
+
 fn stage_report(
     stage: &'static Stage,
     k: &Kernel,
     outcomes: &BTreeMap<*const Event, EventOutcome>,
 ) -> StageReport {
-    let mut r = StageReport {
-        stage: stage.name,
-        path: stage.path.name(),
-        from: stage.from,
-        to: stage.to,
-        attached: false,
-        attach: None,
-        points: Vec::new(),
-        skipped: Vec::new(),
-        maps: maps::SHARED
-            .iter()
-            .chain(stage.maps)
-            .map(|m| format!("{}: {}", m.name, m.collected))
-            .collect(),
-    };
+    let mut r = StageReport::of(stage);
     if let Err(why) = (stage.needs)(k.config) {
         r.skipped.push(why.to_string());
         return r;
@@ -587,16 +607,19 @@ fn stage_report(
             None => all = false,
         }
     }
-    // Naming events: the stage runs without them (the daemon then names vCPUs from /proc).
-    for e in stage.naming {
+    // Optional events: the stage runs without them.
+    let adds = stage.optional_adds;
+    for e in stage.optional {
         let Some(o) = outcomes.get(&(*e as *const Event)) else {
             continue;
         };
         match o.family {
-            Some(f) => r.points.push(format!("{} (names vCPUs)", k.point(e, f))),
-            None => r
-                .skipped
-                .extend(o.skipped.iter().map(|s| format!("vCPU naming: {s}"))),
+            Some(f) => r.points.push(format!("{} ({adds})", k.point(e, f))),
+            None => r.skipped.extend(
+                o.skipped
+                    .iter()
+                    .map(|s| format!("{s} (would have: {adds})")),
+            ),
         }
     }
     if all {
@@ -605,6 +628,29 @@ fn stage_report(
         r.attach = Some(names.join("+"));
     }
     r
+}
+
+/// The stages `--stages` selects: the ones it names; with none named (or only `+NAME`s), every
+/// stage that is not opt-in, plus the `+NAME`s.
+pub fn select(names: &[String]) -> Vec<&'static Stage> {
+    let named = |s: &Stage, plus: bool| {
+        names
+            .iter()
+            .any(|n| n.strip_prefix('+').is_some() == plus && n.trim_start_matches('+') == s.name)
+    };
+    let only = names.iter().any(|n| !n.starts_with('+'));
+    STAGES
+        .iter()
+        .copied()
+        .filter(|s| {
+            named(s, true)
+                || if only {
+                    named(s, false)
+                } else {
+                    s.opt_in.is_none()
+                }
+        })
+        .collect()
 }
 
 /// What the plan knows of the running kernel.

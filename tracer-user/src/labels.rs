@@ -428,7 +428,8 @@ impl Labeler {
             StageId::NetTxKick => vec![self.vm(k.vm), Backend::from_u32(k.detail).name().into()],
             StageId::NetRxBackendQueue
             | StageId::NetRxBackendToIrq
-            | StageId::NetTxBackendToWire => vec![
+            | StageId::NetTxBackendToWire
+            | StageId::SchedBackendWakeup => vec![
                 self.vm(k.vm),
                 Backend::from_u32(k.detail).name().into(),
                 self.netdev(k.obj),

@@ -16,7 +16,7 @@ use tracer_common::{
         uexit::{UexitStart, VcpuThread},
     },
     maps::{HistKey, HistVal},
-    net::{backend_to_irq::Batch, tx_backend::TxRun, tx_kick::KickStart},
+    net::{backend_to_irq::Batch, tx_backend::TxRun, tx_kick::KickStart, wakeup::Woken},
     stage::StageId,
 };
 
@@ -270,6 +270,13 @@ pub static NET_TX_KICK: KernelMap = KernelMap {
     collected: "by VM (value)",
     capacity: Capacity::Starts,
     access: &Hash::<u64, KickStart>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static NET_WOKEN: KernelMap = KernelMap {
+    name: "NET_WOKEN",
+    collected: "by VM (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, Woken>(|_, v| Owner::vm(v.vm)),
 };
 
 pub static NET_TX_RUN: KernelMap = KernelMap {

@@ -53,8 +53,8 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         skb_dev: member("sk_buff", "dev"),
         netdev_ifindex: member("net_device", "ifindex"),
         task_nvcsw: member("task_struct", "nvcsw"),
+        task_pid: member("task_struct", "pid"),
         blk_cut: tracer_common::blk::cut::WHOLE,
-        _pad0: 0,
     }
 }
 

@@ -30,6 +30,15 @@
 //! - `tap-forward --tap A --tap2 B --hold-ms H`: a backend joining two taps for H ms: each
 //!   frame read off one is written to the other (net.tx.host_stack from there), then the irqfd
 //!   is signalled. The bench's iperf3 runs between two namespaces through it.
+//! - `tap-tx --tap TAP`: a virtio-net backend's transmit side, as QEMU's userspace one does it,
+//!   on one CPU with its vCPU. The backend thread first takes one packet off TAP (so iopath
+//!   knows it for a backend), then blocks on an ioeventfd (port 0x3f8). The guest does N
+//!   kicks, each an `out` to 0x3f8 (the ioeventfd wakes the backend) then an `out` to 0x3fa
+//!   (an exit to userspace); there the vCPU thread, SCHED_FIFO on the backend's CPU, spins
+//!   `--hold-us` H µs, keeping the woken backend off its CPU, then sleeps `--gap-us` G µs. The
+//!   backend, woken, spins D µs and writes one frame to TAP. The report gives, per kick, the
+//!   time from the vCPU's return to userspace after the kick to the backend awake (an
+//!   independent figure for net.tx.kick), and from awake to the write's call and return.
 //! - `udp-send --to IP:PORT`: no VM; sends N UDP datagrams G µs apart, each carrying its
 //!   CLOCK_MONOTONIC send time (run in the peer's network namespace).
 //!
@@ -68,6 +77,12 @@ const MSI_DATA: u32 = 0x30;
 const GUEST_PIO: &[u8] = &[
     0xba, 0xf8, 0x03, 0xee, 0xe2, 0xfd, 0xba, 0xf9, 0x03, 0xee, 0xf4, 0xeb, 0xfd,
 ];
+/// l: mov dx,0x3f8; out dx,al; mov dx,0x3fa; out dx,al; loop l; mov dx,0x3f9; out dx,al;
+/// h: hlt; jmp h
+const GUEST_KICKS: &[u8] = &[
+    0xba, 0xf8, 0x03, 0xee, 0xba, 0xfa, 0x03, 0xee, 0xe2, 0xf6, 0xba, 0xf9, 0x03, 0xee, 0xf4, 0xeb,
+    0xfd,
+];
 /// h: hlt; jmp h
 const GUEST_HALT: &[u8] = &[0xf4, 0xeb, 0xfd];
 /// mov dx,0x3f8; l: out dx,al; mov [0x8000],al; loop l; h: hlt; jmp h (0x8000 is unbacked)
@@ -91,6 +106,8 @@ struct Args {
     to: String,
     /// tap-rx: signal the irqfd after each packet, or never (a guest that polls).
     no_signal: bool,
+    /// tap-tx: how long the vCPU thread keeps the woken backend off its CPU.
+    hold_us: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -107,6 +124,7 @@ fn parse_args() -> anyhow::Result<Args> {
         tap2: String::new(),
         to: String::new(),
         no_signal: false,
+        hold_us: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -123,13 +141,14 @@ fn parse_args() -> anyhow::Result<Args> {
             "--tap2" => a.tap2 = val()?,
             "--to" => a.to = val()?,
             "--no-signal" => a.no_signal = true,
+            "--hold-us" => a.hold_us = val()?.parse()?,
             m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
             other => bail!("unknown argument {other}"),
         }
     }
     if a.mode.is_empty() {
         bail!(
-            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits|tap-rx|tap-forward|udp-send ..."
+            "usage: iopath-testvmm -name guest=NAME pio|irqfd-msi|irqfd-gsi|signal-msi|ioeventfd|halt|exits|tap-rx|tap-tx|tap-forward|udp-send ..."
         );
     }
     Ok(a)
@@ -554,6 +573,124 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Pins the calling thread to CPU `cpu`.
+fn pin(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::AsRawFd,
+        sync::atomic::AtomicU64,
+    };
+    let mut tap = open_tap(&a.tap)?;
+    let kick = Arc::new(EventFd::new(0).context("eventfd")?);
+    vm.vm
+        .register_ioevent(&*kick, &IoEventAddress::Pio(0x3f8), NoDatamatch)
+        .context("KVM_IOEVENTFD")?;
+    // SAFETY: sysconf has no preconditions.
+    let cpu = (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) - 1) as usize;
+    // The vCPU's return to userspace after its latest kick (CLOCK_MONOTONIC ns).
+    let exited = Arc::new(AtomicU64::new(0));
+    let (primed_tx, primed_rx) = std::sync::mpsc::channel::<()>();
+    println!("{}", serde_json::json!({ "ready": true }));
+    let (n, spin_us) = (a.count, a.spin_us);
+    let backend = {
+        let (kick, exited) = (kick.clone(), exited.clone());
+        // Its own name, for a second method to tell it from the vCPU thread.
+        thread::Builder::new().name("tx-backend".into()).spawn(move || -> anyhow::Result<serde_json::Value> {
+            pin(cpu)?;
+            let mut pfd = libc::pollfd {
+                fd: tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // The test's own datagram (a `udp-send` one) starts the kicks, not whatever else
+            // the host sends the tap first.
+            let mut frame = [0u8; 2048];
+            loop {
+                // SAFETY: one pollfd, on the tap this thread owns.
+                if unsafe { libc::poll(&mut pfd, 1, 30_000) } <= 0 {
+                    bail!("no datagram on the tap to start with");
+                }
+                let n = tap.read(&mut frame).context("read tap")?;
+                if send_stamp(&frame[..n]).is_some() {
+                    break;
+                }
+            }
+            primed_tx.send(()).ok();
+            // Broadcast, from a local address, an experimental EtherType: the bridge floods it.
+            let mut out = [0u8; 60];
+            out[..6].copy_from_slice(&[0xff; 6]);
+            out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0x7e, 0x01]);
+            out[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+            let (mut woke, mut merged, mut written) = (0u32, 0u64, 0u32);
+            let (mut kick_us, mut call_us, mut work_us) = (Vec::new(), Vec::new(), Vec::new());
+            let mut taken = 0u64;
+            while taken < n as u64 {
+                let k = kick.read().context("read ioeventfd")?;
+                let awake = monotonic_ns();
+                woke += 1;
+                taken += k;
+                merged += k - 1;
+                kick_us.push(awake.saturating_sub(exited.load(Ordering::Acquire)) as f64 / 1e3);
+                spin(spin_us);
+                call_us.push((monotonic_ns() - awake) as f64 / 1e3);
+                if tap.write(&out).is_ok() {
+                    written += 1;
+                }
+                work_us.push((monotonic_ns() - awake) as f64 / 1e3);
+            }
+            let p50 = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied()
+            };
+            Ok(serde_json::json!({
+                "woke": woke, "merged": merged, "written": written, "cpu": cpu,
+                "exit_to_awake_p50_us": p50(&mut kick_us), "awake_to_write_p50_us": p50(&mut call_us),
+                "awake_to_written_p50_us": p50(&mut work_us),
+            }))
+        }).context("spawn the backend thread")?
+    };
+    primed_rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the backend took no packet off the tap")?;
+    pin(cpu)?;
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: plain syscall on this thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        bail!("SCHED_FIFO: {}", std::io::Error::last_os_error());
+    }
+    let mut kicks = 0u32;
+    loop {
+        match vm.vcpu.run().context("KVM_RUN")? {
+            VcpuExit::IoOut(0x3fa, _) => {
+                exited.store(monotonic_ns(), Ordering::Release);
+                kicks += 1;
+                spin(a.hold_us);
+                thread::sleep(Duration::from_micros(a.gap_us));
+            }
+            VcpuExit::IoOut(0x3f9, _) => break,
+            other => bail!("unexpected exit {other:?}"),
+        }
+    }
+    let back = backend.join().expect("backend thread")?;
+    let mut out = serde_json::json!({ "kicks": kicks, "hold_us": a.hold_us });
+    out.as_object_mut()
+        .unwrap()
+        .extend(back.as_object().unwrap().clone());
+    Ok(out)
+}
+
 /// A backend joining two taps, as two guests' NICs on one host would be joined through a
 /// guest that routes: every frame read off one is written to the other, then the irqfd is
 /// signalled, as QEMU's userspace backend does per packet. Runs `--hold-ms`, then reports.
@@ -612,6 +749,7 @@ fn real_main() -> anyhow::Result<()> {
     let mut vm = match a.mode.as_str() {
         "halt" => create_vm(GUEST_HALT, 0)?,
         "exits" => create_vm(GUEST_EXITS, a.count)?,
+        "tap-tx" => create_vm(GUEST_KICKS, a.count)?,
         _ => create_vm(GUEST_PIO, a.count)?,
     };
     let t0 = Instant::now();
@@ -624,6 +762,7 @@ fn real_main() -> anyhow::Result<()> {
         "halt" => run_halt(&mut vm, &a)?,
         "ioeventfd" => run_ioeventfd(&mut vm, &a)?,
         "tap-rx" => run_tap_rx(&vm, &a)?,
+        "tap-tx" => run_tap_tx(&mut vm, &a)?,
         "tap-forward" => run_tap_forward(&vm, &a)?,
         m => bail!("unknown mode {m}"),
     };

@@ -8,11 +8,14 @@
 //!
 //! Transmit side (guest to wire):
 //! - `net.tx.kick`: a guest's notify (KVM's ioeventfd_write) to the vhost worker's
-//!   handle_tx_kick of that queue ([`tx_kick`]);
+//!   handle_tx_kick of that queue ([`tx_kick`]); for a userspace backend, the notify exit to
+//!   the backend thread it woke running ([`wakeup`]);
 //! - `net.tx.backend_to_wire`: the worker's transmit run (handle_tx) to each frame entering the
 //!   host stack on the tap ([`tx_backend`]);
 //! - `net.tx.host_stack`: net:netif_receive_skb on a tap to net:net_dev_start_xmit on an uplink
 //!   ([`tx_host_stack`]).
+//!
+//! - `sched.backend_wakeup`: a backend thread woken to running ([`wakeup`]; opt-in).
 //!
 //! Packets are matched by skb address in an array of slots hashed from it (as block requests
 //! are): no lock, and a bounded map whose evictions are counted.
@@ -23,6 +26,7 @@ pub mod host_stack;
 pub mod tx_backend;
 pub mod tx_host_stack;
 pub mod tx_kick;
+pub mod wakeup;
 
 use crate::assert_size;
 

@@ -304,7 +304,11 @@ tracepoint!(
 
 #[inline(always)]
 fn userspace_exit(ev: Result<(u32, i32), ()>, _: Site) {
-    if !on(stages_on(), KvmUserspaceExit) {
+    let mask = stages_on();
+    if on(mask, SchedBackendWakeup) {
+        crate::wakeup::left_kvm();
+    }
+    if !on(mask, KvmUserspaceExit) {
         return;
     }
     match ev {

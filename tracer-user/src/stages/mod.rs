@@ -289,9 +289,15 @@ pub struct Stage {
     pub labels: &'static [&'static str],
     /// Every event its programs run at; the stage is on when all of them attached.
     pub events: &'static [&'static Event],
-    /// Events that only name its series (which vCPU a thread runs), attached when they can
-    /// be; without them the stage runs and the daemon names what it finds in /proc.
-    pub naming: &'static [&'static Event],
+    /// Events attached when they can be, which the stage runs without: ones that only name
+    /// its series (which vCPU a thread runs; without them the daemon names what it finds in
+    /// /proc), or that add to it what `optional_adds` says.
+    pub optional: &'static [&'static Event],
+    /// What the optional events add, in words (doctor's note beside them).
+    pub optional_adds: &'static str,
+    /// Why the stage is off unless `--stages` names it (`+NAME` adds it to the default set);
+    /// None: on by default.
+    pub opt_in: Option<&'static str>,
     /// What the stage needs beyond its events' programs (a kernel address, say).
     pub needs: fn(&Config) -> Result<(), &'static str>,
     /// For a stage whose events share state keyed by what their programs read: the class of a
@@ -315,6 +321,7 @@ pub static STAGES: &[&Stage] = &[
     &net::TX_HOST_STACK,
     &net::TX_KICK,
     &net::TX_BACKEND_TO_WIRE,
+    &net::BACKEND_WAKEUP,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {
@@ -328,7 +335,7 @@ pub fn stage(id: StageId) -> &'static Stage {
 pub fn events() -> Vec<&'static Event> {
     let mut out: Vec<&'static Event> = Vec::new();
     for s in STAGES {
-        for &e in s.events.iter().chain(s.naming) {
+        for &e in s.events.iter().chain(s.optional) {
             if !out.iter().any(|o| std::ptr::eq(*o, e)) {
                 out.push(e);
             }

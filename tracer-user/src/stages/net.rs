@@ -15,9 +15,11 @@
 use tracer_common::{config::Config, stage::StageId};
 
 use super::{
-    Event, Family, Path, Stage, all_set, function, kvm::KVM_MSI_SET_IRQ, none, tracepoint_args,
+    Event, Family, Path, Stage, all_set, function,
+    kvm::{KVM_MSI_SET_IRQ, KVM_USERSPACE_EXIT},
+    none, tracepoint_args,
 };
-use crate::maps::{NET_RX_BATCH, NET_TX_KICK, NET_TX_RUN};
+use crate::maps::{NET_RX_BATCH, NET_TX_KICK, NET_TX_RUN, NET_WOKEN};
 
 fn skb_dev_needs(_: Family, c: &Config) -> Result<(), &'static str> {
     all_set(
@@ -66,7 +68,9 @@ pub static RX_HOST_STACK: Stage = Stage {
     to: "net:net_dev_start_xmit on the tap",
     labels: &["tap", "uplink"],
     events: HOST_STACK_EVENTS,
-    naming: &[],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
@@ -81,7 +85,9 @@ pub static RX_BACKEND_QUEUE: Stage = Stage {
     to: "skb:consume_skb of that skb in the backend's thread (kfree_skb: dropped)",
     labels: &["vm", "backend", "tap"],
     events: &[&NET_DEV_START_XMIT, &CONSUME_SKB, &KFREE_SKB],
-    naming: &[],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
@@ -102,7 +108,9 @@ pub static RX_BACKEND_TO_IRQ: Stage = Stage {
         &KFREE_SKB,
         &KVM_MSI_SET_IRQ,
     ],
-    naming: &[],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
     // A batch's thread that blocked delivered it without an interrupt: seen from its count of
     // voluntary context switches.
     needs: |c| all_set(&[c.task_nvcsw], "struct task_struct.nvcsw not in BTF"),
@@ -120,7 +128,9 @@ pub static TX_HOST_STACK: Stage = Stage {
     to: "net:net_dev_start_xmit on an uplink (after its qdisc)",
     labels: &["tap", "uplink"],
     events: HOST_STACK_EVENTS,
-    naming: &[],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
@@ -145,17 +155,71 @@ pub static HANDLE_TX_KICK: Event = function("handle_tx_kick", &["handle_tx_kick"
 // from the socket's wakeup.
 pub static HANDLE_TX: Event = function("handle_tx", &["handle_tx"], none);
 
+fn pid_needs(_: Family, c: &Config) -> Result<(), &'static str> {
+    all_set(&[c.task_pid], "struct task_struct.pid not in BTF")
+}
+
+// void trace_sched_waking(struct task_struct *p): a sleeping task woken, in the waker's context.
+pub static SCHED_WAKING: Event =
+    tracepoint_args("sched", "sched_waking", "sched_waking", pid_needs);
+// void trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+// unsigned int prev_state)
+pub static SCHED_SWITCH: Event =
+    tracepoint_args("sched", "sched_switch", "sched_switch", pid_needs);
+// void trace_kvm_pio(unsigned int rw, unsigned int port, unsigned int size, unsigned int count,
+// const void *data) (kvm): a guest's port access, before the bus (and an ioeventfd) takes it.
+pub static KVM_PIO: Event = tracepoint_args("kvm", "kvm_pio", "kvm_pio", none);
+// void trace_kvm_mmio(int type, int len, u64 gpa, u64 *val) (kvm): an emulated MMIO access,
+// a write traced before the bus takes it.
+pub static KVM_MMIO: Event = tracepoint_args("kvm", "kvm_mmio", "kvm_mmio", none);
+
+/// A network backend thread woken, waiting for a CPU: what a busy host adds to every kick and
+/// every packet the backend is woken for.
+pub static BACKEND_WAKEUP: Stage = Stage {
+    id: StageId::SchedBackendWakeup,
+    name: "sched.backend_wakeup",
+    path: Path::Net,
+    from: "sched:sched_waking of a backend thread (one that took a tap's packets: QEMU's, a \
+           vhost worker)",
+    to: "sched:sched_switch into it",
+    labels: &["vm", "backend", "tap"],
+    // The tap's receives end the runs its switch-ins start (net.tx.backend_to_wire).
+    events: &[
+        &NET_DEV_START_XMIT,
+        &CONSUME_SKB,
+        &KFREE_SKB,
+        &SCHED_WAKING,
+        &SCHED_SWITCH,
+        &NETIF_RECEIVE_SKB,
+    ],
+    optional: &[&KVM_PIO, &KVM_MMIO, &KVM_USERSPACE_EXIT],
+    optional_adds: "starts net.tx.kick of a backend no function probe sees, QEMU's",
+    opt_in: Some("a program on every wakeup and context switch of the host"),
+    needs: |c| {
+        all_set(
+            &[c.task_pid, c.task_nvcsw],
+            "struct task_struct.pid or .nvcsw not in BTF",
+        )
+    },
+    key_class: None,
+    maps: &[&NET_RX_BATCH, &NET_WOKEN, &NET_TX_RUN],
+};
+
 /// A guest's notify of a transmit queue to the vhost worker starting on it.
 pub static TX_KICK: Stage = Stage {
     id: StageId::NetTxKick,
     name: "net.tx.kick",
     path: Path::Net,
     from: "ioeventfd_write in the vCPU thread (the guest's notify), tied to the queue's work by \
-           vhost_work_queue in the same call",
-    to: "handle_tx_kick of that work in the vhost worker",
+           vhost_work_queue in the same call (QEMU's backend: with sched.backend_wakeup on, the \
+           notify exit, kvm:kvm_pio or kvm:kvm_mmio)",
+    to: "handle_tx_kick of that work in the vhost worker (QEMU's backend: sched:sched_switch \
+         into the backend thread the notify woke)",
     labels: &["vm", "backend"],
     events: &[&IOEVENTFD_WRITE, &VHOST_WORK_QUEUE, &HANDLE_TX_KICK],
-    naming: &[],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&NET_TX_KICK],
@@ -170,7 +234,9 @@ pub static TX_BACKEND_TO_WIRE: Stage = Stage {
     to: "net:netif_receive_skb on the tap in that thread, for each frame of the run",
     labels: &["vm", "backend", "tap"],
     events: &[&HANDLE_TX, &NETIF_RECEIVE_SKB],
-    naming: &[],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&NET_TX_RUN],

@@ -1,0 +1,185 @@
+//! sched.backend_wakeup, and net.tx.kick of a backend no function probe sees: the guest's
+//! notify exit (kvm:kvm_pio, kvm:kvm_mmio: writes), the wakeup of a network backend thread
+//! (sched:sched_waking; the threads are those `NET_RX_BATCH` holds) and its switch in
+//! (sched:sched_switch), which also starts the thread's transmit run for
+//! net.tx.backend_to_wire (`vhost::tap_rx` ends it). Rules: `tracer_common::net::wakeup`.
+//!
+//! Opt-in: sched_waking and sched_switch fire on every wakeup and context switch of the host;
+//! each asks one per-CPU or hash-map question of a thread that is no backend.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use tracer_common::{
+    maps::{Counter, START_ENTRIES},
+    net::{
+        Backend,
+        tx_backend::TxRun,
+        tx_kick::Pending,
+        wakeup::{self, Woken},
+    },
+    stage::StageId::{NetTxBackendToWire, NetTxKick, SchedBackendWakeup},
+};
+
+use crate::{
+    net::NET_RX_BATCH,
+    shared::{config, count, current_tgid_tid, now_ns, on, read_at, record, stages_on},
+    tp::{Site, tracepoint_args},
+    vhost::NET_TX_RUN,
+};
+
+/// The notify exit in progress on each CPU.
+#[map]
+static NET_NOTIFY: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+/// Backend threads woken and not yet running, by thread.
+#[map]
+pub static NET_WOKEN: HashMap<u32, Woken> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+#[inline(always)]
+fn notify_slot() -> Option<&'static mut Pending> {
+    // SAFETY: this CPU's slot; an exit's handler and the wakeup it causes run on one CPU.
+    NET_NOTIFY.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// A write to a port or an MMIO address by the guest, in its vCPU thread.
+#[inline(always)]
+fn notified(write: Result<bool, ()>, _: Site) {
+    if !on(stages_on(), SchedBackendWakeup) || write != Ok(true) {
+        return;
+    }
+    let (tgid, tid) = current_tgid_tid();
+    if let Some(p) = notify_slot() {
+        wakeup::on_notify(p, tid, tgid, now_ns());
+    }
+}
+
+// void trace_kvm_pio(unsigned int rw, unsigned int port, unsigned int size, unsigned int count,
+// const void *data): rw 1 is KVM_PIO_OUT.
+tracepoint_args!(
+    "kvm_pio",
+    kvm_pio_btf,
+    kvm_pio_raw,
+    btf = |arg| Ok(arg(0) as u32 == 1),
+    |arg| Ok(arg(0) as u32 == 1),
+    notified
+);
+
+// void trace_kvm_mmio(int type, int len, u64 gpa, u64 *val): type 2 is KVM_TRACE_MMIO_WRITE,
+// traced before the write reaches the bus (and its ioeventfd).
+tracepoint_args!(
+    "kvm_mmio",
+    kvm_mmio_btf,
+    kvm_mmio_raw,
+    btf = |arg| Ok(arg(0) as u32 == 2),
+    |arg| Ok(arg(0) as u32 == 2),
+    notified
+);
+
+/// kvm:kvm_userspace_exit in the current thread (the caller checked the stage): its notify went
+/// to userspace, no ioeventfd took it.
+#[inline(always)]
+pub fn left_kvm() {
+    if let Some(p) = notify_slot() {
+        wakeup::on_userspace_exit(p, current_tgid_tid().1);
+    }
+}
+
+/// The thread id of a task, with bpf_probe_read_kernel in both programs (a typed load of it in
+/// tp_btf lets LLVM keep the field's address where its value is used, which the verifier
+/// refuses).
+#[inline(always)]
+fn raw_pid(task: u64) -> Result<u32, ()> {
+    unsafe { read_at::<u32>(task, config!(task_pid)) }.map_err(|_| ())
+}
+
+#[inline(always)]
+fn waking(tid: Result<u32, ()>, _: Site) {
+    let mask = stages_on();
+    if !on(mask, SchedBackendWakeup) {
+        return;
+    }
+    let Ok(tid) = tid else {
+        count(SchedBackendWakeup, Counter::ReadError);
+        return;
+    };
+    let now = now_ns();
+    // The waker's notify is consumed by whatever it wakes first.
+    let kick = notify_slot().and_then(|p| wakeup::take_notify(p, current_tgid_tid().1, now));
+    // SAFETY: a map value read whole; only the thread's own events write it.
+    let Some(b) = (unsafe { NET_RX_BATCH.get(tid) }) else {
+        return;
+    };
+    let w = wakeup::on_waking(
+        kick,
+        b.vm,
+        b.tap,
+        Backend::from_u32(b.backend),
+        on(mask, NetTxKick),
+        now,
+    );
+    if NET_WOKEN.insert(tid, w, 0).is_err() {
+        count(SchedBackendWakeup, Counter::StartFull);
+    }
+}
+
+// void trace_sched_waking(struct task_struct *p)
+tracepoint_args!(
+    "sched_waking",
+    sched_waking_btf,
+    sched_waking_raw,
+    btf = |arg| raw_pid(arg(0)),
+    |arg| raw_pid(arg(0)),
+    waking
+);
+
+#[inline(always)]
+fn switched(next: Result<u32, ()>, _: Site) {
+    let mask = stages_on();
+    if !on(mask, SchedBackendWakeup) {
+        return;
+    }
+    let Ok(tid) = next else {
+        count(SchedBackendWakeup, Counter::ReadError);
+        return;
+    };
+    // SAFETY: a map value read whole.
+    let Some(w) = (unsafe { NET_WOKEN.get(tid) }).copied() else {
+        return;
+    };
+    let _ = NET_WOKEN.remove(tid);
+    let now = now_ns();
+    match wakeup::on_switch_in(&w, now) {
+        Ok((wake_ns, kick_ns)) => {
+            record(SchedBackendWakeup, w.backend, w.tap, w.vm, wake_ns);
+            if let Some(ns) = kick_ns {
+                record(NetTxKick, w.backend, 0, w.vm, ns);
+            }
+        }
+        Err(c) => count(SchedBackendWakeup, c),
+    }
+    // The backend starts a run: the frames it hands its tap from now on are this run's
+    // (net.tx.backend_to_wire), unless vhost's handle_tx marks its runs itself.
+    if w.backend == Backend::Qemu as u32 || !on(mask, NetTxBackendToWire) {
+        let run = TxRun {
+            ts_ns: now,
+            vm: w.vm,
+            backend: w.backend,
+        };
+        if NET_TX_RUN.insert(tid, run, 0).is_err() {
+            count(NetTxBackendToWire, Counter::StartFull);
+        }
+    }
+}
+
+// void trace_sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+// unsigned int prev_state)
+tracepoint_args!(
+    "sched_switch",
+    sched_switch_btf,
+    sched_switch_raw,
+    btf = |arg| raw_pid(arg(2)),
+    |arg| raw_pid(arg(2)),
+    switched
+);
