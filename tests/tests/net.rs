@@ -414,8 +414,10 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
                 &gap,
             ],
         );
-        // The VMM's own threads' wakeups of its backend (the priming packet's comes from the
-        // sender), its kicks (writes to port 0x3f8), and the frames on the tap.
+        // The second method, bpftrace: the VMM's own threads' wakeups of its backend (the
+        // priming packet's comes from the sender), its kicks (writes to port 0x3f8), and the
+        // frames on the tap. Not under full emulation, where bpftrace with a program on every
+        // wakeup does not stop within its bound: there the VMM's own counts stand in.
         let pid = vmm.pid();
         let extra = format!(
             "tracepoint:sched:sched_waking /args->comm == \"tx-backend\" && pid == {pid}/ \
@@ -424,13 +426,14 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
              tracepoint:kvm:kvm_pio /pid == {pid} && args->rw == 1 && args->port == 0x3f8/ \
              {{ @kick = count(); }}"
         );
-        let bt = NetCounter::start(&topo.uplink, &topo.tap, &format!("pid == {pid}"), &extra);
+        let filter = format!("pid == {pid}");
+        let bt = (!emulated()).then(|| NetCounter::start(&topo.uplink, &topo.tap, &filter, &extra));
         topo.wait_forwarding();
         // The packet that makes the backend thread one (it takes it off the tap).
         send(&testvmm_bin(), &topo.ns, 1, 0);
         let r = vmm.report();
         sleep(Duration::from_millis(700));
-        let c = bt.counts();
+        let c = bt.map(|b| b.counts());
         let vm = [("vm", name.as_str()), ("backend", "qemu")];
         let vm_tap = [vm[0], vm[1], ("tap", topo.tap.as_str())];
         // (0, NaN) for a series that is not there: the counts below fail with the figures.
@@ -463,40 +466,59 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
              sched.backend_wakeup {wakes} p50 {wake_p50:.1}, net.tx.backend_to_wire {runs} p50 \
              {run_p50:.1}; the VMM's own: exit to awake {own_kick:.1}, awake to write {own_run:.1} \
              and to written {own_written:.1}; bpftrace {:?}; {r}",
-            c.0
+            c.as_ref().map(|c| &c.0)
         );
         // A kick that finds the backend still woken (not yet running: another task held its
         // CPU past the vCPU's sleep) wakes nobody and is no sample: it is in `merged`.
         let merged = r["merged"].as_u64().unwrap();
         assert_eq!(r["kicks"], count, "the guest's kicks");
         assert!(merged <= count as u64 / 50, "{merged} kicks merged");
-        assert_eq!(
-            c.of("kick"),
-            count as u64,
-            "bpftrace's kvm_pio writes to the port"
-        );
-        assert_eq!(
-            kicks,
-            c.of("kick") - merged,
-            "net.tx.kick against bpftrace's kicks"
-        );
-        assert_eq!(
-            kicks,
-            c.of("waking"),
-            "net.tx.kick against bpftrace's wakeups"
-        );
-        // Every wakeup by the vCPU measured; others too, but not those before the backend took
-        // its first packet (iopath did not know it for a backend yet).
-        assert!(
-            (c.of("waking")..=c.of("waking_all")).contains(&wakes),
-            "sched.backend_wakeup's {wakes} against bpftrace's wakeups"
-        );
-        assert_eq!(
-            runs,
-            c.of("tap_rx"),
-            "net.tx.backend_to_wire against bpftrace's"
-        );
+        let woke = r["woke"].as_u64().unwrap();
         assert_eq!(runs, r["written"].as_u64().unwrap(), "frames written");
+        match &c {
+            Some(c) => {
+                assert_eq!(
+                    c.of("kick"),
+                    count as u64,
+                    "bpftrace's kvm_pio writes to the port"
+                );
+                assert_eq!(
+                    kicks,
+                    c.of("kick") - merged,
+                    "net.tx.kick against bpftrace's kicks"
+                );
+                assert_eq!(
+                    kicks,
+                    c.of("waking"),
+                    "net.tx.kick against bpftrace's wakeups"
+                );
+                // Every wakeup by the vCPU measured; others too, but not those before the
+                // backend took its first packet (iopath did not know it for a backend yet).
+                assert!(
+                    (c.of("waking")..=c.of("waking_all")).contains(&wakes),
+                    "sched.backend_wakeup's {wakes} against bpftrace's wakeups"
+                );
+                assert_eq!(
+                    runs,
+                    c.of("tap_rx"),
+                    "net.tx.backend_to_wire against bpftrace's"
+                );
+            }
+            None => {
+                // Under full emulation (6.1 in L1) a few of the backend's wakeups come from
+                // other contexts (bpftrace shows the idle task waking it): those kicks are not
+                // attributed; and a read that found a kick already there (the backend late
+                // past the vCPU's sleep) returned with no wakeup.
+                assert!(
+                    kicks <= wakes && kicks as f64 >= 0.9 * woke as f64,
+                    "net.tx.kick {kicks} against the backend's {woke} reads, {wakes} wakeups"
+                );
+                assert!(
+                    wakes as f64 >= 0.9 * woke as f64,
+                    "sched.backend_wakeup {wakes}, the backend read {woke} times"
+                );
+            }
+        }
         for (what, ours, own) in [
             ("net.tx.kick", kick_p50, own_kick),
             ("sched.backend_wakeup", wake_p50, own_kick),

@@ -17,8 +17,9 @@ use super::{Backend, MAX_AGE_NS, tx_kick::Pending};
 use crate::{assert_size, maps::Counter};
 
 /// How long a notify exit may precede the wakeup it causes: the same exit handler, microseconds
-/// apart even under emulation. An older one is a write no ioeventfd took.
-pub const NOTIFY_MAX_NS: u64 = 1_000_000;
+/// apart, milliseconds under full emulation (an interrupt in between). An older one is a write
+/// no ioeventfd took (a LAPIC register's, say) whose thread woke nobody since.
+pub const NOTIFY_MAX_NS: u64 = 10_000_000;
 
 /// A backend thread woken and not yet running (the value of the map keyed by its thread).
 #[repr(C)]
