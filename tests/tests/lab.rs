@@ -96,7 +96,13 @@ fn interrupt(mut child: Child) -> String {
 
 /// QEMU's signals, counted without iopath: irqfds are learned from the KVM_IRQFD ioctls (fd at
 /// offset 0, flags at 8, DEASSIGN = 1) that QEMU issues when the guest enables its MSI-X
-/// vectors; BEGIN runs once every probe is attached.
+/// vectors; the guest's kicks of its NIC's transmit queue (writes to its notify address, the
+/// lab README's 0x100003004) and the frames QEMU's main loop hands the tap; BEGIN runs once
+/// every probe is attached.
+/// The lab's namespace and tap (lab.sh's names), before iopath starts in it.
+const LAB_NS: &str = "ip netns list | grep -qw labns || ip netns add labns; \
+    ip netns exec labns sh -c 'ip link show tap0 >/dev/null 2>&1 || ip tuntap add dev tap0 mode tap'";
+
 const BPFTRACE_COUNT: &str = r#"
 BEGIN { printf("ready\n"); }
 tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0x4020ae76/ {
@@ -106,6 +112,8 @@ tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0x4020ae76/ {
 }
 tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0x4020aea5/ { @signals = count(); @msi_ioctls = count(); }
 tracepoint:syscalls:sys_enter_write /@irqfd[pid, args->fd]/ { @signals = count(); @irqfd_writes = count(); }
+tracepoint:kvm:kvm_mmio /args->type == 2 && args->gpa == 0x100003004/ { @tx_kicks = count(); }
+tracepoint:net:netif_receive_skb /str(args->name) == "tap0" && comm == "qemu-system-x86"/ { @tap_rx = count(); }
 END { clear(@irqfd); }
 "#;
 
@@ -150,9 +158,23 @@ fn lab_guest_signals_and_halts_are_traced() {
         .spawn()
         .expect("bpftrace");
     let bt_out = lines_of(bt.stdout.take().unwrap());
-    let mut record = Command::new(iopath_bin())
+    // The lab's tap lives in its network namespace: made here as lab.sh would (it keeps what
+    // exists), and iopath runs in it to see the tap in sysfs, with a tracefs of its own mount
+    // namespace (`ip netns exec` remounts /sys).
+    let ns_setup = Command::new("sh")
+        .args(["-c", LAB_NS])
+        .status()
+        .expect("ip netns");
+    assert!(ns_setup.success(), "the lab's namespace and tap");
+    let mut record = Command::new("ip")
+        .args(["netns", "exec", "labns", "sh", "-c"])
+        .arg("mount -t tracefs nodev /sys/kernel/tracing && exec \"$0\" \"$@\"")
+        .arg(iopath_bin())
         .args(["record", "--json", "--duration", "300s", "--stages"])
-        .arg("kvm.signal_to_inject,kvm.halt_wakeup,kvm.userspace_exit")
+        .arg(
+            "kvm.signal_to_inject,kvm.halt_wakeup,kvm.userspace_exit,net.rx.backend_queue,\
+             sched.backend_wakeup",
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -220,5 +242,41 @@ fn lab_guest_signals_and_halts_are_traced() {
     let n: u64 = halts.iter().map(|s| s["count"].as_u64().unwrap()).sum();
     eprintln!("kvm.halt_wakeup vm=lab vcpu=0: {n} wakeups");
     assert!(n > 0, "halt wakeups of vcpu 0: {series:?}");
+
+    // The transmit side through QEMU's userspace backend, traced from tracepoints alone
+    // (sched.backend_wakeup on): each frame QEMU's main loop hands the tap is one
+    // net.tx.backend_to_wire sample, and each run it starts on a transmit kick one net.tx.kick
+    // sample (the guest's kicks that found the main loop awake wake nobody: fewer).
+    let sum = |stage: &str| -> (u64, f64) {
+        let s = of(stage);
+        let n = s.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+        (
+            n,
+            s.first()
+                .map_or(f64::NAN, |s| s["p50_us"].as_f64().unwrap()),
+        )
+    };
+    let (kicks, kick_p50) = sum("net.tx.kick");
+    let (runs, run_p50) = sum("net.tx.backend_to_wire");
+    let (wakes, wake_p50) = sum("sched.backend_wakeup");
+    let (tx_kicks, tap_rx) = (
+        bpftrace_count(&counted, "tx_kicks"),
+        bpftrace_count(&counted, "tap_rx"),
+    );
+    eprintln!(
+        "net.tx.kick {kicks} p50 {kick_p50:.1} us, net.tx.backend_to_wire {runs} p50 \
+         {run_p50:.1} us, sched.backend_wakeup {wakes} p50 {wake_p50:.1} us; bpftrace: \
+         {tx_kicks} transmit kicks, {tap_rx} frames from QEMU to the tap"
+    );
+    assert!(
+        tap_rx >= 20,
+        "the guest's ping replies reached the tap: {counted}"
+    );
+    assert_eq!(runs, tap_rx, "a net.tx.backend_to_wire sample per frame");
+    assert!(
+        kicks <= tx_kicks.min(tap_rx) && kicks as f64 >= 0.9 * tap_rx as f64,
+        "net.tx.kick {kicks} against {tx_kicks} kicks and {tap_rx} frames"
+    );
+    assert!(wakes >= kicks, "a wakeup behind every kick");
     assert!(leftover_programs().is_empty());
 }

@@ -136,6 +136,7 @@ fn tx_run(_: Result<(), ()>, _: Site) {
         ts_ns: now_ns(),
         vm: worker_vm(tgid),
         backend: Backend::Vhost as u32,
+        kick_ns: 0,
     };
     if NET_TX_RUN.insert(tid, run, 0).is_err() {
         count(NetTxBackendToWire, Counter::StartFull);
@@ -151,16 +152,23 @@ function!(
 );
 
 /// net:netif_receive_skb on tap `tap` (the caller checked the stage): a frame of the current
-/// thread's transmit run, if it has one.
+/// thread's transmit run, if it has one; the run's first also ends the kick that started it,
+/// for a backend whose kicks no function probe sees (`wakeup`).
 #[inline(always)]
 pub fn tap_rx(tap: u32) {
     let tid = current_tgid_tid().1;
-    // SAFETY: a map value of this thread's.
-    let Some(run) = (unsafe { NET_TX_RUN.get(tid) }) else {
+    let Some(run) = NET_TX_RUN.get_ptr_mut(tid) else {
         return;
     };
+    // SAFETY: a map value of this thread's; only its own events write it.
+    let run = unsafe { &mut *run };
     match tx_backend::on_tap_rx(run, now_ns()) {
-        Ok(ns) => record(NetTxBackendToWire, run.backend, tap, run.vm, ns),
+        Ok((ns, kick)) => {
+            record(NetTxBackendToWire, run.backend, tap, run.vm, ns);
+            if let Some(kick_ns) = kick {
+                record(NetTxKick, run.backend, 0, run.vm, kick_ns);
+            }
+        }
         Err(c) => count(NetTxBackendToWire, c),
     }
 }

@@ -2,7 +2,8 @@
 //! notify exit (kvm:kvm_pio, kvm:kvm_mmio: writes), the wakeup of a network backend thread
 //! (sched:sched_waking; the threads are those `NET_RX_BATCH` holds) and its switch in
 //! (sched:sched_switch), which also starts the thread's transmit run for
-//! net.tx.backend_to_wire (`vhost::tap_rx` ends it). Rules: `tracer_common::net::wakeup`.
+//! net.tx.backend_to_wire; the run's first frame on the tap records the kick that woke it
+//! (`vhost::tap_rx`). Rules: `tracer_common::net::wakeup`.
 //!
 //! Opt-in: sched_waking and sched_switch fire on every wakeup and context switch of the host;
 //! each asks one per-CPU or hash-map question of a thread that is no backend.
@@ -150,22 +151,25 @@ fn switched(next: Result<u32, ()>, _: Site) {
     };
     let _ = NET_WOKEN.remove(tid);
     let now = now_ns();
-    match wakeup::on_switch_in(&w, now) {
+    let kick_ns = match wakeup::on_switch_in(&w, now) {
         Ok((wake_ns, kick_ns)) => {
             record(SchedBackendWakeup, w.backend, w.tap, w.vm, wake_ns);
-            if let Some(ns) = kick_ns {
-                record(NetTxKick, w.backend, 0, w.vm, ns);
-            }
+            kick_ns.unwrap_or(0)
         }
-        Err(c) => count(SchedBackendWakeup, c),
-    }
+        Err(c) => {
+            count(SchedBackendWakeup, c);
+            0
+        }
+    };
     // The backend starts a run: the frames it hands its tap from now on are this run's
-    // (net.tx.backend_to_wire), unless vhost's handle_tx marks its runs itself.
+    // (net.tx.backend_to_wire), unless vhost's handle_tx marks its runs itself; its first
+    // frame records the kick that woke it (`vhost::tap_rx`).
     if w.backend == Backend::Qemu as u32 || !on(mask, NetTxBackendToWire) {
         let run = TxRun {
             ts_ns: now,
             vm: w.vm,
             backend: w.backend,
+            kick_ns,
         };
         if NET_TX_RUN.insert(tid, run, 0).is_err() {
             count(NetTxBackendToWire, Counter::StartFull);

@@ -20,24 +20,30 @@ pub struct TxRun {
     pub vm: u32,
     /// [`super::Backend`].
     pub backend: u32,
+    /// The latency of the guest's kick that started the run, when no function probe measures
+    /// it (`super::wakeup`), until the run's first frame records it; 0: none.
+    pub kick_ns: u64,
 }
-assert_size!(TxRun, 16);
+assert_size!(TxRun, 24);
 
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)], a u64 and two u32s, size asserted.
 unsafe impl aya::Pod for TxRun {}
 
 /// A frame entering the host stack on a tap in a thread whose latest run is `run`: its latency
-/// from the run's start; `stale` when the run is older than [`MAX_AGE_NS`] (no run since: the
-/// frame is not the run's).
+/// from the run's start, and the kick that started the run if this is its first frame (a kick
+/// counts only when the run it woke transmits: a userspace backend's thread also wakes for its
+/// receive queue's and other devices' kicks); `stale` when the run is older than
+/// [`MAX_AGE_NS`] (no run since: the frame is not the run's).
 #[inline(always)]
-pub fn on_tap_rx(run: &TxRun, now_ns: u64) -> Result<u64, Counter> {
+pub fn on_tap_rx(run: &mut TxRun, now_ns: u64) -> Result<(u64, Option<u64>), Counter> {
     let age = now_ns.saturating_sub(run.ts_ns);
     if age > MAX_AGE_NS {
-        Err(Counter::Stale)
-    } else {
-        Ok(age)
+        return Err(Counter::Stale);
     }
+    let kick = (run.kick_ns != 0).then_some(run.kick_ns);
+    run.kick_ns = 0;
+    Ok((age, kick))
 }
 
 #[cfg(test)]
@@ -46,13 +52,29 @@ mod tests {
 
     #[test]
     fn each_frame_of_a_run_is_measured_from_its_start() {
-        let run = TxRun {
+        let mut run = TxRun {
             ts_ns: 1_000,
             vm: 10,
             backend: 1,
+            kick_ns: 0,
         };
-        assert_eq!(on_tap_rx(&run, 3_000), Ok(2_000));
-        assert_eq!(on_tap_rx(&run, 7_000), Ok(6_000));
-        assert_eq!(on_tap_rx(&run, 1_000 + MAX_AGE_NS + 1), Err(Counter::Stale));
+        assert_eq!(on_tap_rx(&mut run, 3_000), Ok((2_000, None)));
+        assert_eq!(on_tap_rx(&mut run, 7_000), Ok((6_000, None)));
+        assert_eq!(
+            on_tap_rx(&mut run, 1_000 + MAX_AGE_NS + 1),
+            Err(Counter::Stale)
+        );
+    }
+
+    #[test]
+    fn a_kick_is_recorded_with_its_runs_first_frame_only() {
+        let mut run = TxRun {
+            ts_ns: 1_000,
+            vm: 10,
+            backend: 0,
+            kick_ns: 40_000,
+        };
+        assert_eq!(on_tap_rx(&mut run, 3_000), Ok((2_000, Some(40_000))));
+        assert_eq!(on_tap_rx(&mut run, 4_000), Ok((3_000, None)));
     }
 }

@@ -5,7 +5,10 @@
 //! The same two events end the kick of a backend that no function probe sees (QEMU's userspace
 //! one, or vhost where neither fentry nor kprobes work): `net.tx.kick` from the guest's notify
 //! exit (kvm:kvm_pio or kvm:kvm_mmio, a write, in the vCPU thread) to the backend thread that
-//! this vCPU thread then wakes (the notify's ioeventfd, signalled in the same exit) running.
+//! this vCPU thread then wakes (the notify's ioeventfd, signalled in the same exit) running,
+//! recorded when that run hands its tap a frame (`super::tx_backend`): QEMU's main loop also
+//! wakes for its receive queue's kicks and for other devices' (a virtio-blk disk without an
+//! iothread), and those transmit nothing.
 //! The notify in progress is kept per CPU with its thread ([`super::tx_kick::Pending`]); the
 //! thread's next wakeup of anyone consumes it, and its return to userspace
 //! (kvm:kvm_userspace_exit: no ioeventfd took the write) drops it.
