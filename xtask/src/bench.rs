@@ -356,6 +356,23 @@ fn net_flood(vmm: &Path, topo: &Topology) -> anyhow::Result<(f64, u64)> {
     Ok(((n - 1) as f64 / us * 1e6, n))
 }
 
+/// Guest kicks through a userspace backend (`tap-tx`): each wakes the backend, which writes a
+/// frame to the tap.
+fn tx_kicks(vmm: &Path, topo: &Topology) -> anyhow::Result<()> {
+    let args = [
+        "tap-tx", "--tap", &topo.tap, "--count", "2000", "--gap-us", "300",
+    ];
+    let backend = iopath_tests::net::TapBackend::spawn(vmm, "bench", &args);
+    topo.wait_forwarding();
+    iopath_tests::net::send(vmm, &topo.ns, 1, 0);
+    let r = backend.report();
+    anyhow::ensure!(
+        r["written"].as_u64().unwrap_or(0) > 0,
+        "no frame written: {r}"
+    );
+    Ok(())
+}
+
 /// Seconds of each iperf3 run.
 const IPERF_SECONDS: u64 = 3;
 
@@ -683,12 +700,15 @@ pub fn bench(
         // Every device made first: the daemon reads taps and uplinks at start.
         let topo = Topology::new("bench");
         let pair = has_iperf3.then(|| Topology::pair("benchs"));
-        let iopath = Daemon::start_bin(bin, &["--bpf-stats"]);
+        // With the opt-in sched.backend_wakeup too, for its programs' cost (on every wakeup and
+        // context switch of the host), and a run of guest kicks for its notify exits.
+        let iopath = Daemon::start_bin(bin, &["--bpf-stats", "--stages", "+sched.backend_wakeup"]);
         let before = program_stats(&iopath.metrics());
         net_flood(vmm, &topo)?;
         if let Some(pair) = &pair {
             iperf3(vmm, pair)?;
         }
+        tx_kicks(vmm, &topo)?;
         accumulate(&mut net_progs, &before, program_stats(&iopath.metrics()));
         anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
     }
