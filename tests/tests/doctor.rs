@@ -77,7 +77,8 @@ fn one_program_per_event_whatever_the_stages_sharing_it() {
         assert!(leftover_programs().is_empty());
         // Every event attaches here only with the system call stand-ins (no fentry, no kprobes),
         // but the module functions that have no stand-in.
-        let mut args = vec!["--syscall-tracepoints"];
+        // The opt-in stage too: every stage.
+        let mut args = vec!["--syscall-tracepoints", "--stages", "+sched.backend_wakeup"];
         if let Some(f) = families {
             args.extend(["--families", f]);
         }
@@ -151,5 +152,56 @@ fn without_cap_syslog_the_signal_stage_says_why() {
         true,
         "the rest still runs"
     );
+    assert!(leftover_programs().is_empty());
+}
+
+/// An opt-in stage: left out by default and doctor says how to add it; `+NAME` adds it to the
+/// default set (the others stay); and where vhost's functions cannot attach (this kernel: no
+/// kprobes, fentry refused), the transmit stages say what the tracepoints still give.
+#[test]
+fn an_opt_in_stage_is_added_with_plus_and_missing_stages_say_what_is_left() {
+    require_root();
+    let v = report(&iopath(&["doctor", "--json"]));
+    let wake = stage_in(&v, "sched.backend_wakeup");
+    assert_eq!(wake["attached"], false, "{wake}");
+    assert!(
+        wake["skipped"][0]
+            .as_str()
+            .unwrap()
+            .contains("off by default (a program on every wakeup and context switch of the host): --stages +sched.backend_wakeup"),
+        "{wake}"
+    );
+    let v = report(&iopath(&[
+        "doctor",
+        "--json",
+        "--stages",
+        "+sched.backend_wakeup",
+    ]));
+    let wake = stage_in(&v, "sched.backend_wakeup");
+    assert_eq!(wake["attached"], true, "{wake}");
+    // Its optional notify exits, with what they add.
+    assert!(
+        wake["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("kvm_mmio (starts net.tx.kick")),
+        "{wake}"
+    );
+    assert_eq!(
+        stage_in(&v, "blk.device")["attached"],
+        true,
+        "the default set stays"
+    );
+    let kick = stage_in(&v, "net.tx.kick");
+    if kick["attached"] == false {
+        assert!(
+            kick["skipped"].as_array().unwrap().iter().any(|s| s
+                .as_str()
+                .unwrap()
+                .starts_with("without them: kicks of QEMU's backend")),
+            "{kick}"
+        );
+    }
     assert!(leftover_programs().is_empty());
 }

@@ -626,6 +626,8 @@ fn stage_report(
         r.attached = true;
         let names: Vec<_> = families.iter().map(|f| f.name()).collect();
         r.attach = Some(names.join("+"));
+    } else if let Some(left) = stage.without {
+        r.skipped.push(format!("without them: {left}"));
     }
     r
 }
@@ -689,6 +691,25 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn stages_selected_by_name_by_default_and_with_plus() {
+        let names = |v: &[&str]| -> Vec<&str> {
+            let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            select(&v).iter().map(|s| s.name).collect()
+        };
+        let default = names(&[]);
+        assert!(!default.contains(&"sched.backend_wakeup"), "opt-in");
+        assert_eq!(default.len(), STAGES.len() - 1);
+        let plus = names(&["+sched.backend_wakeup"]);
+        assert_eq!(plus.len(), STAGES.len());
+        assert_eq!(names(&["kvm.exit"]), ["kvm.exit"]);
+        assert_eq!(
+            names(&["kvm.exit", "+sched.backend_wakeup"]),
+            ["kvm.exit", "sched.backend_wakeup"]
+        );
+        assert_eq!(names(&["sched.backend_wakeup"]), ["sched.backend_wakeup"]);
+    }
 
     /// Every program the table can ask for is in the object, and the object has no program
     /// the table does not know (the tests' leftover checks rely on the table's names).

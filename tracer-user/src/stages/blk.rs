@@ -100,6 +100,7 @@ pub static DEVICE: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: None,
     needs: |_| Ok(()),
     key_class: Some(request_key),
     maps: &[&BLK_START_SECTOR],

@@ -298,6 +298,9 @@ pub struct Stage {
     /// Why the stage is off unless `--stages` names it (`+NAME` adds it to the default set);
     /// None: on by default.
     pub opt_in: Option<&'static str>,
+    /// What is left of the stage, and with what precision, where its own events cannot
+    /// attach (doctor's note on a missing stage).
+    pub without: Option<&'static str>,
     /// What the stage needs beyond its events' programs (a kernel address, say).
     pub needs: fn(&Config) -> Result<(), &'static str>,
     /// For a stage whose events share state keyed by what their programs read: the class of a

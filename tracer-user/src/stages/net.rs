@@ -71,6 +71,7 @@ pub static RX_HOST_STACK: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
@@ -88,6 +89,7 @@ pub static RX_BACKEND_QUEUE: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
@@ -111,6 +113,7 @@ pub static RX_BACKEND_TO_IRQ: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: None,
     // A batch's thread that blocked delivered it without an interrupt: seen from its count of
     // voluntary context switches.
     needs: |c| all_set(&[c.task_nvcsw], "struct task_struct.nvcsw not in BTF"),
@@ -131,6 +134,7 @@ pub static TX_HOST_STACK: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: None,
     needs: |_| Ok(()),
     key_class: None,
     maps: &[],
@@ -195,6 +199,7 @@ pub static BACKEND_WAKEUP: Stage = Stage {
     optional: &[&KVM_PIO, &KVM_MMIO, &KVM_USERSPACE_EXIT],
     optional_adds: "starts net.tx.kick of a backend no function probe sees, QEMU's",
     opt_in: Some("a program on every wakeup and context switch of the host"),
+    without: None,
     needs: |c| {
         all_set(
             &[c.task_pid, c.task_nvcsw],
@@ -220,6 +225,11 @@ pub static TX_KICK: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: Some(
+        "kicks of QEMU's backend (and vhost's) from tracepoints with --stages \
+         +sched.backend_wakeup: matched by thread rather than by queue, only kicks that wake \
+         their backend, recorded when its run transmits",
+    ),
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&NET_TX_KICK],
@@ -237,6 +247,11 @@ pub static TX_BACKEND_TO_WIRE: Stage = Stage {
     optional: &[],
     optional_adds: "",
     opt_in: None,
+    without: Some(
+        "runs of QEMU's backend (and vhost's) from tracepoints with --stages \
+         +sched.backend_wakeup: from the backend thread's switch-in after a wakeup, not its \
+         transmit handler",
+    ),
     needs: |_| Ok(()),
     key_class: None,
     maps: &[&NET_TX_RUN],
