@@ -447,8 +447,10 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
     const VM: &str = "nested-net";
     const PINGS: u32 = 500;
     const NETEM_MS: f64 = 20.0;
+    // With sched.backend_wakeup: the worker's wakeups, and its tracepoint path must not count
+    // vhost's kicks and runs again where the functions measure them.
     let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq,net.tx.host_stack,\
-                  net.tx.kick,net.tx.backend_to_wire";
+                  net.tx.kick,net.tx.backend_to_wire,sched.backend_wakeup";
     // vhost's functions, counted beside iopath's: the worker's runs on a kicked transmit queue
     // and its transmit runs, and the guest's notifies.
     let vhost_probes = r#"kprobe:handle_tx_kick { @tx_kick = count(); }
@@ -483,6 +485,7 @@ kprobe:ioeventfd_write { @notify = count(); }"#;
         let (tx_n, tx_p50) = d.stage_p50("net.tx.host_stack", &host);
         let (kick_n, kick_p50) = d.stage_p50("net.tx.kick", &vm[..2]);
         let (wire_n, wire_p50) = d.stage_p50("net.tx.backend_to_wire", &vm);
+        let (wake_n, wake_p50) = d.stage_p50("sched.backend_wakeup", &vm);
         let dropped = |stage: &str, reason: &str| {
             d.metrics().value(
                 "iopath_events_dropped_total",
@@ -572,6 +575,12 @@ kprobe:ioeventfd_write { @notify = count(); }"#;
         assert_eq!(
             wire_n, replies,
             "net.tx.backend_to_wire: one per frame the worker put on the tap"
+        );
+        // The worker sleeps between pings 20 ms apart: woken at least once per echo request.
+        eprintln!("sched.backend_wakeup: {wake_n} wakeups of the worker, p50 {wake_p50:.0} us");
+        assert!(
+            wake_n >= PINGS as u64,
+            "sched.backend_wakeup {wake_n} for {PINGS} pings"
         );
         // One notify per reply, each one a kick the worker ran.
         assert!(
