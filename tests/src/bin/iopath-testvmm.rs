@@ -595,7 +595,7 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     let mut tap = open_tap(&a.tap)?;
     let kick = Arc::new(EventFd::new(0).context("eventfd")?);
     vm.vm
-        .register_ioevent(&*kick, &IoEventAddress::Pio(0x3f8), NoDatamatch)
+        .register_ioevent(&kick, &IoEventAddress::Pio(0x3f8), NoDatamatch)
         .context("KVM_IOEVENTFD")?;
     // SAFETY: sysconf has no preconditions.
     let cpu = (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) - 1) as usize;
