@@ -266,6 +266,8 @@ pub fn have_bpftrace(test: &str) -> bool {
 pub struct NetCounter {
     bt: Child,
     lines: std::sync::mpsc::Receiver<String>,
+    /// What bpftrace said on stderr: why, when it printed no counts.
+    errors: std::sync::mpsc::Receiver<String>,
     /// The ids of bpftrace's programs.
     progs: Vec<u64>,
 }
@@ -295,10 +297,19 @@ END {{ clear(@queued); }}
         let mut bt = Command::new("bpftrace")
             .args(["-e", &script])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("bpftrace");
         let out = std::io::BufReader::new(bt.stdout.take().unwrap());
+        let err = std::io::BufReader::new(bt.stderr.take().unwrap());
+        let (etx, errors) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in err.lines().map_while(Result::ok) {
+                if etx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for l in out.lines().map_while(Result::ok) {
@@ -310,6 +321,7 @@ END {{ clear(@queued); }}
         let mut c = NetCounter {
             bt,
             lines,
+            errors,
             progs: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -337,6 +349,10 @@ END {{ clear(@queued); }}
             .filter(|p| self.progs.contains(&p.id))
             .map(|p| p.recursion_misses)
             .sum();
+        if let Ok(Some(status)) = self.bt.try_wait() {
+            let said: Vec<String> = self.errors.try_iter().collect();
+            panic!("bpftrace exited before the window's end ({status}): {said:?}");
+        }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -354,6 +370,11 @@ END {{ clear(@queued); }}
                 Some((name.to_string(), n.trim().parse().ok()?))
             })
             .collect();
+        let said: Vec<String> = self.errors.try_iter().collect();
+        assert!(
+            !counts.is_empty() || said.iter().all(|l| l.contains("RLIMIT_MEMLOCK")),
+            "bpftrace printed no counts and said {said:?}"
+        );
         counts.push(("missed".into(), missed));
         NetCounts(counts)
     }

@@ -247,6 +247,7 @@ fn lab_guest_signals_and_halts_are_traced() {
     // (sched.backend_wakeup on): each frame QEMU's main loop hands the tap is one
     // net.tx.backend_to_wire sample, and each run it starts on a transmit kick one net.tx.kick
     // sample (the guest's kicks that found the main loop awake wake nobody: fewer).
+    // (count, p50) of the stage's series of the lab (one: one tap, one backend).
     let sum = |stage: &str| -> (u64, f64) {
         let s = of(stage);
         let n = s.iter().map(|s| s["count"].as_u64().unwrap()).sum();
@@ -273,10 +274,16 @@ fn lab_guest_signals_and_halts_are_traced() {
         "the guest's ping replies reached the tap: {counted}"
     );
     assert_eq!(runs, tap_rx, "a net.tx.backend_to_wire sample per frame");
+    // A kick that finds the main loop awake (busy with a disk round, say) wakes nobody and is
+    // no sample; at a ping every 100 ms nearly every one finds it asleep.
     assert!(
         kicks <= tx_kicks.min(tap_rx) && kicks as f64 >= 0.9 * tap_rx as f64,
         "net.tx.kick {kicks} against {tx_kicks} kicks and {tap_rx} frames"
     );
-    assert!(wakes >= kicks, "a wakeup behind every kick");
+    // The main loop also wakes for each echo request the host sends it (a packet on the tap).
+    assert!(
+        wakes >= kicks + 20,
+        "sched.backend_wakeup {wakes}, {kicks} kicks"
+    );
     assert!(leftover_programs().is_empty());
 }

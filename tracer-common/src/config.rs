@@ -98,8 +98,12 @@ pub struct Config {
     pub blk_cut: u32,
     /// `struct task_struct`.pid: the thread id of a task the scheduler's tracepoints name.
     pub task_pid: u32,
+    /// `struct task_struct`.on_rq: a task woken while still queued on its CPU keeps running
+    /// (no switch into it follows).
+    pub task_on_rq: u32,
+    pub _pad0: u32,
 }
-assert_size!(Config, 176);
+assert_size!(Config, 184);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -147,6 +151,8 @@ impl Config {
         task_nvcsw: NO_OFFSET,
         blk_cut: crate::blk::cut::WHOLE,
         task_pid: NO_OFFSET,
+        task_on_rq: NO_OFFSET,
+        _pad0: 0,
     };
 }
 

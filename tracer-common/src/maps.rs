@@ -60,10 +60,14 @@ pub enum Counter {
     Dropped = 9,
     /// Packets a backend took and delivered without an interrupt (the guest was polling).
     NoInterrupt = 10,
+    /// A kick that woke a userspace backend whose run then handed its tap no frame before the
+    /// thread's next wakeup: a receive queue's or another device's kick (not a transmit), or a
+    /// run that blocked before its first frame.
+    NoTransmit = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::HistFull,
         Counter::StartFull,
         Counter::ReadError,
@@ -75,6 +79,7 @@ impl Counter {
         Counter::Coalesced,
         Counter::Dropped,
         Counter::NoInterrupt,
+        Counter::NoTransmit,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -91,6 +96,7 @@ impl Counter {
             Counter::Coalesced => "coalesced",
             Counter::Dropped => "dropped",
             Counter::NoInterrupt => "no_interrupt",
+            Counter::NoTransmit => "no_transmit",
         }
     }
 }

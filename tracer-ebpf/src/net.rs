@@ -47,28 +47,35 @@ static NET_SKB: Array<SkbSlot> = Array::with_max_entries(SKB_SLOTS, 0);
 #[map]
 pub static NET_RX_BATCH: HashMap<u32, Batch> = HashMap::with_max_entries(START_ENTRIES, 0);
 
-const ALL: [StageId; 4] = [
+/// The stages every tap transmit and skb free serve (sched.backend_wakeup learns its threads
+/// from the frees).
+const ALL: [StageId; 5] = [
     NetRxHostStack,
     NetRxBackendQueue,
     NetRxBackendToIrq,
     NetTxHostStack,
+    SchedBackendWakeup,
 ];
 /// The stages a receive starts or ends.
-const RECEIVED: [StageId; 3] = [NetRxHostStack, NetTxHostStack, NetTxBackendToWire];
+const RECEIVED: [StageId; 4] = [
+    NetRxHostStack,
+    NetTxHostStack,
+    NetTxBackendToWire,
+    SchedBackendWakeup,
+];
 /// The stages that keep a backend thread's batch.
 const BATCHED: [StageId; 2] = [NetRxBackendToIrq, SchedBackendWakeup];
 /// The stages a transmit to a tap starts (after the receive side's host stack).
 const QUEUED: [StageId; 2] = [NetRxBackendQueue, NetRxBackendToIrq];
 
-/// The bits of `ALL`, folded at compile time, and of sched.backend_wakeup, which learns its
-/// threads from the packets they take.
+/// The bits of `ALL`, folded at compile time.
 const ALL_BITS: u64 = {
     let (mut bits, mut i) = (0, 0);
     while i < ALL.len() {
         bits |= ALL[i].bit();
         i += 1;
     }
-    bits | SchedBackendWakeup.bit()
+    bits
 };
 
 #[inline(always)]

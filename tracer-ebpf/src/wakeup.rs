@@ -25,7 +25,7 @@ use tracer_common::{
 
 use crate::{
     net::NET_RX_BATCH,
-    shared::{config, count, current_tgid_tid, now_ns, on, read_at, record, stages_on},
+    shared::{config, count, current_tgid_tid, in_task, now_ns, on, read_at, record, stages_on},
     tp::{Site, tracepoint_args},
     vhost::NET_TX_RUN,
 };
@@ -95,19 +95,30 @@ fn raw_pid(task: u64) -> Result<u32, ()> {
     unsafe { read_at::<u32>(task, config!(task_pid)) }.map_err(|_| ())
 }
 
+/// The woken task's thread id and whether it is still queued on its CPU (`on_rq`).
 #[inline(always)]
-fn waking(tid: Result<u32, ()>, _: Site) {
+fn woken_task(task: u64) -> Result<(u32, u32), ()> {
+    let queued = unsafe { read_at::<u32>(task, config!(task_on_rq)) }.map_err(|_| ())?;
+    Ok((raw_pid(task)?, queued))
+}
+
+#[inline(always)]
+fn waking(ev: Result<(u32, u32), ()>, site: Site) {
     let mask = stages_on();
     if !on(mask, SchedBackendWakeup) {
         return;
     }
-    let Ok(tid) = tid else {
+    let Ok((tid, queued)) = ev else {
         count(SchedBackendWakeup, Counter::ReadError);
         return;
     };
     let now = now_ns();
-    // The waker's notify is consumed by whatever it wakes first.
-    let kick = notify_slot().and_then(|p| wakeup::take_notify(p, current_tgid_tid().1, now));
+    // The waker's notify is consumed by whatever it wakes first, in its own context: an
+    // interrupt on its CPU (a packet's, a timer's) wakes in the name of the task it interrupted.
+    let kick = match notify_slot() {
+        Some(p) if in_task(site) => wakeup::take_notify(p, current_tgid_tid().1, now),
+        _ => wakeup::NO_KICK,
+    };
     // SAFETY: a map value read whole; only the thread's own events write it.
     let Some(b) = (unsafe { NET_RX_BATCH.get(tid) }) else {
         return;
@@ -120,6 +131,11 @@ fn waking(tid: Result<u32, ()>, _: Site) {
         on(mask, NetTxKick),
         now,
     );
+    // Still queued (woken on its way to sleep): it runs on, no switch into it follows.
+    if queued != 0 {
+        resumed(mask, tid, &w, now);
+        return;
+    }
     if NET_WOKEN.insert(tid, w, 0).is_err() {
         count(SchedBackendWakeup, Counter::StartFull);
     }
@@ -130,8 +146,8 @@ tracepoint_args!(
     "sched_waking",
     sched_waking_btf,
     sched_waking_raw,
-    btf = |arg| raw_pid(arg(0)),
-    |arg| raw_pid(arg(0)),
+    btf = |arg| woken_task(arg(0)),
+    |arg| woken_task(arg(0)),
     waking
 );
 
@@ -150,8 +166,14 @@ fn switched(next: Result<u32, ()>, _: Site) {
         return;
     };
     let _ = NET_WOKEN.remove(tid);
-    let now = now_ns();
-    let kick_ns = match wakeup::on_switch_in(&w, now) {
+    resumed(mask, tid, &w, now_ns());
+}
+
+/// Woken thread `tid` runs (switched in, or woken while still queued): its wakeup's latency,
+/// and the start of its transmit run.
+#[inline(always)]
+fn resumed(mask: u64, tid: u32, w: &Woken, now: u64) {
+    let kick_ns = match wakeup::on_switch_in(w, now) {
         Ok((wake_ns, kick_ns)) => {
             record(SchedBackendWakeup, w.backend, w.tap, w.vm, wake_ns);
             kick_ns.unwrap_or(0)
@@ -165,6 +187,12 @@ fn switched(next: Result<u32, ()>, _: Site) {
     // (net.tx.backend_to_wire), unless vhost's handle_tx marks its runs itself; its first
     // frame records the kick that woke it (`vhost::tap_rx`).
     if w.backend == Backend::Qemu as u32 || !on(mask, NetTxBackendToWire) {
+        // SAFETY: a map value read whole; only this thread's events write it.
+        if let Some(old) = unsafe { NET_TX_RUN.get(tid) }
+            && old.kick_ns != 0
+        {
+            count(NetTxKick, Counter::NoTransmit);
+        }
         let run = TxRun {
             ts_ns: now,
             vm: w.vm,

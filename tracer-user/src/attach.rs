@@ -91,6 +91,8 @@ pub struct StageReport {
     pub skipped: Vec<String>,
     /// The kernel maps it keeps, and how they are collected.
     pub maps: Vec<String>,
+    /// An opt-in stage left out of the default set: off by choice, not unavailable.
+    pub opt_in_off: bool,
 }
 
 /// A link to detach, by program type.
@@ -325,6 +327,7 @@ impl Tracer {
         for stage in left_out {
             let why = stage.opt_in.unwrap_or_default();
             let mut report = StageReport::of(stage);
+            report.opt_in_off = true;
             report
                 .skipped
                 .push(format!("off by default ({why}): --stages +{}", stage.name));
@@ -562,7 +565,6 @@ fn class_to_force(families: &[Option<Family>], class: fn(Family) -> u8) -> Optio
     (classes.len() > 1).then(|| *classes.iter().max().expect("two or more"))
 }
 
-/// A stage's report from its events' outcomes.
 impl StageReport {
     /// A stage not attached (yet), with nothing tried.
     fn of(stage: &'static Stage) -> StageReport {
@@ -580,10 +582,12 @@ impl StageReport {
                 .chain(stage.maps)
                 .map(|m| format!("{}: {}", m.name, m.collected))
                 .collect(),
+            opt_in_off: false,
         }
     }
 }
 
+/// A stage's report from its events' outcomes.
 fn stage_report(
     stage: &'static Stage,
     k: &Kernel,
@@ -700,7 +704,8 @@ mod tests {
         };
         let default = names(&[]);
         assert!(!default.contains(&"sched.backend_wakeup"), "opt-in");
-        assert_eq!(default.len(), STAGES.len() - 1);
+        let opt_in = STAGES.iter().filter(|s| s.opt_in.is_some()).count();
+        assert_eq!(default.len(), STAGES.len() - opt_in);
         let plus = names(&["+sched.backend_wakeup"]);
         assert_eq!(plus.len(), STAGES.len());
         assert_eq!(names(&["kvm.exit"]), ["kvm.exit"]);

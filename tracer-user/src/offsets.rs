@@ -54,6 +54,8 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         netdev_ifindex: member("net_device", "ifindex"),
         task_nvcsw: member("task_struct", "nvcsw"),
         task_pid: member("task_struct", "pid"),
+        task_on_rq: member("task_struct", "on_rq"),
+        _pad0: 0,
         blk_cut: tracer_common::blk::cut::WHOLE,
     }
 }

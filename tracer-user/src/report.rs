@@ -152,7 +152,8 @@ pub fn table(s: &mut Session) -> String {
         );
     }
     for r in s.tracer.report.iter().filter(|r| !r.attached) {
-        let _ = writeln!(out, "unavailable: {}: {}", r.stage, r.skipped.join("; "));
+        let state = if r.opt_in_off { "off" } else { "unavailable" };
+        let _ = writeln!(out, "{state}: {}: {}", r.stage, r.skipped.join("; "));
     }
     for d in dropped(s) {
         let _ = writeln!(

@@ -106,7 +106,7 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let session = Session::start(opts)?;
     for r in &session.tracer.report {
-        if !r.attached {
+        if !r.attached && !r.opt_in_off {
             log::warn!("stage {} unavailable: {}", r.stage, r.skipped.join("; "));
         }
     }

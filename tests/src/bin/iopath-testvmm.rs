@@ -37,8 +37,9 @@
 //!   (an exit to userspace); there the vCPU thread, SCHED_FIFO on the backend's CPU, spins
 //!   `--hold-us` H µs, keeping the woken backend off its CPU, then sleeps `--gap-us` G µs. The
 //!   backend, woken, spins D µs and writes one frame to TAP. The report gives, per kick, the
-//!   time from the vCPU's return to userspace after the kick to the backend awake (an
-//!   independent figure for net.tx.kick), and from awake to the write's call and return.
+//!   time to the backend awake from the vCPU's entry into the KVM_RUN of the kick and from its
+//!   return to userspace after it (they bracket net.tx.kick), and from awake to the write's
+//!   call and return.
 //! - `udp-send --to IP:PORT`: no VM; sends N UDP datagrams G µs apart, each carrying its
 //!   CLOCK_MONOTONIC send time (run in the peer's network namespace).
 //!
@@ -599,13 +600,15 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         .context("KVM_IOEVENTFD")?;
     // SAFETY: sysconf has no preconditions.
     let cpu = (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) - 1) as usize;
-    // The vCPU's return to userspace after its latest kick (CLOCK_MONOTONIC ns).
+    // The vCPU's entry into the KVM_RUN of its latest kick and its return to userspace after
+    // it (CLOCK_MONOTONIC ns): they bracket the guest's notify.
+    let entered = Arc::new(AtomicU64::new(0));
     let exited = Arc::new(AtomicU64::new(0));
     let (primed_tx, primed_rx) = std::sync::mpsc::channel::<()>();
     println!("{}", serde_json::json!({ "ready": true }));
     let (n, spin_us) = (a.count, a.spin_us);
     let backend = {
-        let (kick, exited) = (kick.clone(), exited.clone());
+        let (kick, entered, exited) = (kick.clone(), entered.clone(), exited.clone());
         // Its own name, for a second method to tell it from the vCPU thread.
         thread::Builder::new().name("tx-backend".into()).spawn(move || -> anyhow::Result<serde_json::Value> {
             pin(cpu)?;
@@ -635,6 +638,7 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
             out[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
             let (mut woke, mut merged, mut written) = (0u32, 0u64, 0u32);
             let (mut kick_us, mut call_us, mut work_us) = (Vec::new(), Vec::new(), Vec::new());
+            let mut run_us = Vec::new();
             let mut taken = 0u64;
             while taken < n as u64 {
                 let k = kick.read().context("read ioeventfd")?;
@@ -643,6 +647,7 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
                 taken += k;
                 merged += k - 1;
                 kick_us.push(awake.saturating_sub(exited.load(Ordering::Acquire)) as f64 / 1e3);
+                run_us.push(awake.saturating_sub(entered.load(Ordering::Acquire)) as f64 / 1e3);
                 spin(spin_us);
                 call_us.push((monotonic_ns() - awake) as f64 / 1e3);
                 if tap.write(&out).is_ok() {
@@ -656,7 +661,8 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
             };
             Ok(serde_json::json!({
                 "woke": woke, "merged": merged, "written": written, "cpu": cpu,
-                "exit_to_awake_p50_us": p50(&mut kick_us), "awake_to_write_p50_us": p50(&mut call_us),
+                "exit_to_awake_p50_us": p50(&mut kick_us), "entry_to_awake_p50_us": p50(&mut run_us),
+                "awake_to_write_p50_us": p50(&mut call_us),
                 "awake_to_written_p50_us": p50(&mut work_us),
             }))
         }).context("spawn the backend thread")?
@@ -672,6 +678,7 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     }
     let mut kicks = 0u32;
     loop {
+        entered.store(monotonic_ns(), Ordering::Release);
         match vm.vcpu.run().context("KVM_RUN")? {
             VcpuExit::IoOut(0x3fa, _) => {
                 exited.store(monotonic_ns(), Ordering::Release);

@@ -28,6 +28,9 @@ pub mod tx_host_stack;
 pub mod tx_kick;
 pub mod wakeup;
 
+#[cfg(test)]
+mod replay;
+
 use crate::assert_size;
 
 /// What a network device is to iopath (the `NET_DEVS` map's value, written by the daemon from

@@ -27,7 +27,7 @@ pub struct TxRun {
 assert_size!(TxRun, 24);
 
 #[cfg(feature = "user")]
-// SAFETY: #[repr(C)], a u64 and two u32s, size asserted.
+// SAFETY: #[repr(C)], two u64s and two u32s (a pair), size asserted.
 unsafe impl aya::Pod for TxRun {}
 
 /// A frame entering the host stack on a tap in a thread whose latest run is `run`: its latency

@@ -14,7 +14,9 @@
 //! (kvm:kvm_userspace_exit: no ioeventfd took the write) drops it.
 //!
 //! A kick that finds its backend running or already runnable wakes nobody: it gives no sample
-//! (the backend takes the queue's work in the loop it is in, with no wakeup to wait for).
+//! (the backend takes the queue's work in the loop it is in, with no wakeup to wait for). A
+//! thread woken while still queued on its CPU (about to sleep, not yet switched out) keeps
+//! running: no switch into it follows, so it counts as switched in at its wakeup.
 
 use super::{Backend, MAX_AGE_NS, tx_kick::Pending};
 use crate::{assert_size, maps::Counter};
@@ -63,18 +65,23 @@ pub fn on_userspace_exit(p: &mut Pending, tid: u32) {
     }
 }
 
+/// No notify: what [`take_notify`] gives when the waker had none (a plain pair, not an
+/// Option: LLVM leaves an Option's unused payload uninitialised, which the verifier refuses).
+pub const NO_KICK: (u64, u32) = (0, 0);
+
 /// Thread `waker` wakes someone: the time of its notify in progress on this CPU, if fresh, and
-/// of its VMM; the notify is consumed either way (an ioeventfd wakes one waiter).
+/// its VMM, else [`NO_KICK`]; the notify is consumed either way (an ioeventfd wakes one
+/// waiter).
 #[inline(always)]
-pub fn take_notify(p: &mut Pending, waker: u32, now_ns: u64) -> Option<(u64, u32)> {
+pub fn take_notify(p: &mut Pending, waker: u32, now_ns: u64) -> (u64, u32) {
     if p.tid == 0 || p.tid != waker {
-        return None;
+        return NO_KICK;
     }
     p.tid = 0;
     if now_ns.saturating_sub(p.ts_ns) > NOTIFY_MAX_NS {
-        return None;
+        return NO_KICK;
     }
-    Some((p.ts_ns, p.vm))
+    (p.ts_ns, p.vm)
 }
 
 /// A backend thread of `vm` (taking `tap`'s packets) woken at `now_ns`, by a notify of `kick`
@@ -82,16 +89,18 @@ pub fn take_notify(p: &mut Pending, waker: u32, now_ns: u64) -> Option<(u64, u32
 /// probes do not measure it (`functions_kick`: net.tx.kick's vhost programs are on).
 #[inline(always)]
 pub fn on_waking(
-    kick: Option<(u64, u32)>,
+    kick: (u64, u32),
     vm: u32,
     tap: u32,
     backend: Backend,
     functions_kick: bool,
     now_ns: u64,
 ) -> Woken {
-    let kick_ns = match kick {
-        Some((ts, kvm)) if kvm == vm && !(backend == Backend::Vhost && functions_kick) => ts,
-        _ => 0,
+    let (ts, kvm) = kick;
+    let kick_ns = if ts != 0 && kvm == vm && !(backend == Backend::Vhost && functions_kick) {
+        ts
+    } else {
+        0
     };
     Woken {
         ts_ns: now_ns,
@@ -128,13 +137,13 @@ mod tests {
         let mut p = Pending::default();
         on_notify(&mut p, VCPU, VM, 1_000);
         let kick = take_notify(&mut p, VCPU, 1_400);
-        assert_eq!(kick, Some((1_000, VM)));
+        assert_eq!(kick, (1_000, VM));
         let w = on_waking(kick, VM, 7, Backend::Qemu, true, 1_400);
         assert_eq!((w.kick_ns, w.tap, w.vm), (1_000, 7, VM));
         // Switched in 200 µs later: the wakeup's 200 µs, the kick's 200.4.
         assert_eq!(on_switch_in(&w, 201_400), Ok((200_000, Some(200_400))));
         // Consumed: the same thread's next wakeup is not a kick.
-        assert_eq!(take_notify(&mut p, VCPU, 1_500), None);
+        assert_eq!(take_notify(&mut p, VCPU, 1_500), NO_KICK);
     }
 
     #[test]
@@ -142,11 +151,11 @@ mod tests {
         let mut p = Pending::default();
         // A packet's wakeup of the reader (tun, in another thread).
         on_notify(&mut p, VCPU, VM, 1_000);
-        assert_eq!(take_notify(&mut p, 99, 1_100), None);
-        let w = on_waking(None, VM, 7, Backend::Qemu, false, 1_100);
+        assert_eq!(take_notify(&mut p, 99, 1_100), NO_KICK);
+        let w = on_waking(NO_KICK, VM, 7, Backend::Qemu, false, 1_100);
         assert_eq!(on_switch_in(&w, 2_100), Ok((1_000, None)));
         // The vCPU's notify is still there for its own wakeup.
-        assert_eq!(take_notify(&mut p, VCPU, 1_200), Some((1_000, VM)));
+        assert_eq!(take_notify(&mut p, VCPU, 1_200), (1_000, VM));
     }
 
     #[test]
@@ -154,28 +163,28 @@ mod tests {
         let mut p = Pending::default();
         on_notify(&mut p, VCPU, VM, 1_000);
         on_userspace_exit(&mut p, VCPU);
-        assert_eq!(take_notify(&mut p, VCPU, 1_100), None);
+        assert_eq!(take_notify(&mut p, VCPU, 1_100), NO_KICK);
         on_notify(&mut p, VCPU, VM, 1_000);
-        assert_eq!(take_notify(&mut p, VCPU, 1_001 + NOTIFY_MAX_NS), None);
+        assert_eq!(take_notify(&mut p, VCPU, 1_001 + NOTIFY_MAX_NS), NO_KICK);
         // Another thread's exit leaves this one's notify alone.
         on_notify(&mut p, VCPU, VM, 5_000);
         on_userspace_exit(&mut p, 12);
-        assert_eq!(take_notify(&mut p, VCPU, 5_100), Some((5_000, VM)));
+        assert_eq!(take_notify(&mut p, VCPU, 5_100), (5_000, VM));
     }
 
     #[test]
     fn another_vms_notify_or_a_measured_vhost_kick_is_not_this_kick() {
-        let w = on_waking(Some((1_000, 99)), VM, 7, Backend::Qemu, false, 1_100);
+        let w = on_waking((1_000, 99), VM, 7, Backend::Qemu, false, 1_100);
         assert_eq!(w.kick_ns, 0);
-        let w = on_waking(Some((1_000, VM)), VM, 7, Backend::Vhost, true, 1_100);
+        let w = on_waking((1_000, VM), VM, 7, Backend::Vhost, true, 1_100);
         assert_eq!(w.kick_ns, 0);
-        let w = on_waking(Some((1_000, VM)), VM, 7, Backend::Vhost, false, 1_100);
+        let w = on_waking((1_000, VM), VM, 7, Backend::Vhost, false, 1_100);
         assert_eq!(w.kick_ns, 1_000);
     }
 
     #[test]
     fn a_stale_wakeup_is_counted() {
-        let w = on_waking(None, VM, 7, Backend::Qemu, false, 1_000);
+        let w = on_waking(NO_KICK, VM, 7, Backend::Qemu, false, 1_000);
         assert_eq!(on_switch_in(&w, 1_001 + MAX_AGE_NS), Err(Counter::Stale));
     }
 }

@@ -1,6 +1,6 @@
 //! KVM stages, shared by both paths. A VMM is known from its first KVM event (or its
 //! KVM_CREATE_VM, where a syscall tracepoint is attached), and a vCPU thread from its KVM_RUN
-//! (`kvm_vcpu_run`, a naming event of every stage that labels by vCPU), so a VM is named while it
+//! (`kvm_vcpu_run`, an optional event of every stage that labels by vCPU), so a VM is named while it
 //! exists however short its life.
 //!
 //! The VMM's requests (KVM_RUN, an irqfd signal, KVM_SIGNAL_MSI) come from the KVM functions that

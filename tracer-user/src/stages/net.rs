@@ -160,7 +160,10 @@ pub static HANDLE_TX_KICK: Event = function("handle_tx_kick", &["handle_tx_kick"
 pub static HANDLE_TX: Event = function("handle_tx", &["handle_tx"], none);
 
 fn pid_needs(_: Family, c: &Config) -> Result<(), &'static str> {
-    all_set(&[c.task_pid], "struct task_struct.pid not in BTF")
+    all_set(
+        &[c.task_pid, c.task_on_rq],
+        "struct task_struct.pid or .on_rq not in BTF",
+    )
 }
 
 // void trace_sched_waking(struct task_struct *p): a sleeping task woken, in the waker's context.
