@@ -158,6 +158,12 @@ function!(
 pub fn tap_rx(tap: u32) {
     let tid = current_tgid_tid().1;
     let Some(run) = NET_TX_RUN.get_ptr_mut(tid) else {
+        // A backend's frame outside any run it was woken for (none since it became one): no
+        // start. Another thread's (a tool writing to the tap) is no backend's.
+        // SAFETY: a lookup only.
+        if unsafe { crate::net::NET_RX_BATCH.get(tid) }.is_some() {
+            count(NetTxBackendToWire, Counter::Unmatched);
+        }
         return;
     };
     // SAFETY: a map value of this thread's; only its own events write it.

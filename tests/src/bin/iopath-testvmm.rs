@@ -670,6 +670,9 @@ fn run_tap_tx(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     primed_rx
         .recv_timeout(Duration::from_secs(60))
         .context("the backend took no packet off the tap")?;
+    // Time for the backend to block on the ioeventfd before the first kick (the wakeup is what
+    // is measured).
+    thread::sleep(Duration::from_millis(200));
     pin(cpu)?;
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: plain syscall on this thread.
