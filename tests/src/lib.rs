@@ -454,8 +454,13 @@ impl Daemon {
 impl Daemon {
     /// (count, p50 µs) of `stage`'s series whose labels include `want`, from /quantiles.
     pub fn stage_p50(&self, stage: &str, want: &[(&str, &str)]) -> (u64, f64) {
-        let q = self.quantiles();
-        q["series"]
+        self.find_p50(stage, want)
+            .unwrap_or_else(|| panic!("no {stage} series with {want:?} in {}", self.quantiles()))
+    }
+
+    /// As [`Daemon::stage_p50`], None when there is no such series.
+    pub fn find_p50(&self, stage: &str, want: &[(&str, &str)]) -> Option<(u64, f64)> {
+        self.quantiles()["series"]
             .as_array()
             .unwrap()
             .iter()
@@ -466,7 +471,18 @@ impl Daemon {
                         .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
             })
             .map(|s| (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap()))
-            .unwrap_or_else(|| panic!("no {stage} series with {want:?} in {q}"))
+    }
+
+    /// `iopath_events_dropped_total` of `stage` for `reason`, 0 when never counted.
+    pub fn dropped(&self, stage: &str, reason: &str) -> u64 {
+        self.metrics()
+            .find(
+                "iopath_events_dropped_total",
+                &[("stage", stage), ("reason", reason)],
+            )
+            .iter()
+            .map(|s| s.value as u64)
+            .sum()
     }
 
     /// GET /quantiles as JSON.

@@ -394,16 +394,6 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
     } else {
         (&[200, 1000], 100, 300)
     };
-    let no_transmit_total = |d: &Daemon| -> u64 {
-        d.metrics()
-            .find(
-                "iopath_events_dropped_total",
-                &[("stage", "net.tx.kick"), ("reason", "no_transmit")],
-            )
-            .iter()
-            .map(|s| s.value as u64)
-            .sum()
-    };
     let mut no_transmit_before = 0;
     for &h_us in holds {
         let name = format!("kick-{h_us}");
@@ -456,25 +446,11 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
         let vm = [("vm", name.as_str()), ("backend", "qemu")];
         let vm_tap = [vm[0], vm[1], ("tap", topo.tap.as_str())];
         // (0, NaN) for a series that is not there: the counts below fail with the figures.
-        let q = d.quantiles();
-        let p50 = |stage: &str, want: &[(&str, &str)]| {
-            q["series"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| {
-                    s["stage"] == stage
-                        && want
-                            .iter()
-                            .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
-                })
-                .map_or((0, f64::NAN), |s| {
-                    (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap())
-                })
-        };
+        let p50 =
+            |stage: &str, want: &[(&str, &str)]| d.find_p50(stage, want).unwrap_or((0, f64::NAN));
         let (kicks, kick_p50) = p50("net.tx.kick", &vm);
         // Counted per stage, not per VM: this round's is the difference.
-        let no_transmit = no_transmit_total(&d) - no_transmit_before;
+        let no_transmit = d.dropped("net.tx.kick", "no_transmit") - no_transmit_before;
         no_transmit_before += no_transmit;
         let (wakes, wake_p50) = p50("sched.backend_wakeup", &vm_tap);
         let (runs, run_p50) = p50("net.tx.backend_to_wire", &vm_tap);
@@ -498,15 +474,7 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
         assert_eq!(r["kicks"], count, "the guest's kicks");
         assert!(merged <= count as u64 / 50, "{merged} kicks merged");
         let woke = r["woke"].as_u64().unwrap();
-        let unmatched: u64 = d
-            .metrics()
-            .find(
-                "iopath_events_dropped_total",
-                &[("stage", "net.tx.backend_to_wire"), ("reason", "unmatched")],
-            )
-            .iter()
-            .map(|s| s.value as u64)
-            .sum();
+        let unmatched = d.dropped("net.tx.backend_to_wire", "unmatched");
         assert_eq!(runs, r["written"].as_u64().unwrap(), "frames written");
         assert_eq!(unmatched, 0, "every frame in a run");
         match &c {
