@@ -16,6 +16,7 @@
 mod blk;
 mod kvm;
 mod net;
+mod runs;
 mod shared;
 mod tp;
 mod vhost;

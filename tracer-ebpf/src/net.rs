@@ -124,7 +124,7 @@ fn raw_skb_dev(skb: u64, dev: u64) -> Result<(u64, u32), ()> {
 }
 
 /// net:netif_receive_skb: a packet on an uplink starts the receive side's host stack, one on a
-/// tap (a guest's) the transmit side's, and ends its backend's run (`vhost::tap_rx`).
+/// tap (a guest's) the transmit side's, and ends its backend's run (`runs::tap_rx`).
 #[inline(always)]
 fn received(ev: Result<(u64, u32), ()>, _: Site) {
     let mask = stages_on();
@@ -142,7 +142,7 @@ fn received(ev: Result<(u64, u32), ()>, _: Site) {
     };
     let role = role_of(ifindex);
     if role & role::TAP != 0 && mask & runs != 0 {
-        crate::vhost::tap_rx(ifindex);
+        crate::runs::tap_rx(ifindex);
     }
     let started = if role & role::UPLINK != 0 && on(mask, NetRxHostStack) {
         host_stack::on_uplink_rx(s, skb, now_ns(), ifindex).map_err(|c| (NetRxHostStack, c))

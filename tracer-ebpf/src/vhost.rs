@@ -2,17 +2,17 @@
 //! notify, in its vCPU thread), vhost_work_queue (the queue's work queued in that same call),
 //! handle_tx_kick (the worker running it) and handle_tx (the worker's transmit run), all
 //! module functions (fentry where it loads, kprobe next); the run's frames end on the tap's
-//! net:netif_receive_skb (`net::received`). Rules: `tracer_common::net::{tx_kick, tx_backend}`.
+//! net:netif_receive_skb (`runs`). Rules: `tracer_common::net::tx_kick`.
 
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
 use tracer_common::{
-    maps::{Counter, START_ENTRIES},
+    maps::START_ENTRIES,
     net::{
         Backend,
-        tx_backend::{self, TxRun},
+        tx_backend::TxRun,
         tx_kick::{self, KickStart, Pending},
     },
     stage::StageId::{NetTxBackendToWire, NetTxKick},
@@ -33,10 +33,6 @@ static NET_TX_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0
 /// Queues' work queued by a kick, by the work's address, until the worker runs it.
 #[map]
 pub static NET_TX_KICK: HashMap<u64, KickStart> = HashMap::with_max_entries(START_ENTRIES, 0);
-
-/// Each backend thread's latest transmit run, by thread.
-#[map]
-pub static NET_TX_RUN: HashMap<u32, TxRun> = HashMap::with_max_entries(START_ENTRIES, 0);
 
 /// The VMM a vhost worker serves: before Linux 6.4 a kthread that adopted the VMM's mm, since
 /// then a thread of the VMM.
@@ -138,9 +134,7 @@ fn tx_run(_: Result<(), ()>, _: Site) {
         backend: Backend::Vhost as u32,
         kick_ns: 0,
     };
-    if NET_TX_RUN.insert(tid, run, 0).is_err() {
-        count(NetTxBackendToWire, Counter::StartFull);
-    }
+    crate::runs::start(tid, run);
 }
 
 function!(
@@ -150,31 +144,3 @@ function!(
     |arg| Ok(()),
     tx_run
 );
-
-/// net:netif_receive_skb on tap `tap` (the caller checked the stage): a frame of the current
-/// thread's transmit run, if it has one; the run's first also ends the kick that started it,
-/// for a backend whose kicks no function probe sees (`wakeup`).
-#[inline(always)]
-pub fn tap_rx(tap: u32) {
-    let tid = current_tgid_tid().1;
-    let Some(run) = NET_TX_RUN.get_ptr_mut(tid) else {
-        // A backend's frame outside any run it was woken for (none since it became one): no
-        // start. Another thread's (a tool writing to the tap) is no backend's.
-        // SAFETY: a lookup only.
-        if unsafe { crate::net::NET_RX_BATCH.get(tid) }.is_some() {
-            count(NetTxBackendToWire, Counter::Unmatched);
-        }
-        return;
-    };
-    // SAFETY: a map value of this thread's; only its own events write it.
-    let run = unsafe { &mut *run };
-    match tx_backend::on_tap_rx(run, now_ns()) {
-        Ok((ns, kick)) => {
-            record(NetTxBackendToWire, run.backend, tap, run.vm, ns);
-            if let Some(kick_ns) = kick {
-                record(NetTxKick, run.backend, 0, run.vm, kick_ns);
-            }
-        }
-        Err(c) => count(NetTxBackendToWire, c),
-    }
-}

@@ -3,7 +3,7 @@
 //! (sched:sched_waking; the threads are those `NET_RX_BATCH` holds) and its switch in
 //! (sched:sched_switch), which also starts the thread's transmit run for
 //! net.tx.backend_to_wire; the run's first frame on the tap records the kick that woke it
-//! (`vhost::tap_rx`). Rules: `tracer_common::net::wakeup`.
+//! (`runs::tap_rx`). Rules: `tracer_common::net::wakeup`.
 //!
 //! Opt-in: sched_waking and sched_switch fire on every wakeup and context switch of the host;
 //! each asks one per-CPU or hash-map question of a thread that is no backend.
@@ -27,7 +27,6 @@ use crate::{
     net::NET_RX_BATCH,
     shared::{config, count, current_tgid_tid, in_task, now_ns, on, read_at, record, stages_on},
     tp::{Site, tracepoint_args},
-    vhost::NET_TX_RUN,
 };
 
 /// The notify exit in progress on each CPU.
@@ -185,23 +184,15 @@ fn resumed(mask: u64, tid: u32, w: &Woken, now: u64) {
     };
     // The backend starts a run: the frames it hands its tap from now on are this run's
     // (net.tx.backend_to_wire), unless vhost's handle_tx marks its runs itself; its first
-    // frame records the kick that woke it (`vhost::tap_rx`).
+    // frame records the kick that woke it (`runs::tap_rx`).
     if w.backend == Backend::Qemu as u32 || !on(mask, NetTxBackendToWire) {
-        // SAFETY: a map value read whole; only this thread's events write it.
-        if let Some(old) = unsafe { NET_TX_RUN.get(tid) }
-            && old.kick_ns != 0
-        {
-            count(NetTxKick, Counter::NoTransmit);
-        }
         let run = TxRun {
             ts_ns: now,
             vm: w.vm,
             backend: w.backend,
             kick_ns,
         };
-        if NET_TX_RUN.insert(tid, run, 0).is_err() {
-            count(NetTxBackendToWire, Counter::StartFull);
-        }
+        crate::runs::start(tid, run);
     }
 }
 
