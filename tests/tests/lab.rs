@@ -285,5 +285,18 @@ fn lab_guest_signals_and_halts_are_traced() {
         wakes >= kicks + 20,
         "sched.backend_wakeup {wakes}, {kicks} kicks"
     );
+    // The lab's NIC has one queue pair: tun says queue 0 of every packet either way.
+    for stage in [
+        "net.rx.backend_queue",
+        "net.tx.kick",
+        "net.tx.backend_to_wire",
+        "sched.backend_wakeup",
+    ] {
+        let queues: Vec<_> = of(stage).iter().map(|s| &s["labels"]["queue"]).collect();
+        assert!(
+            !queues.is_empty() && queues.iter().all(|q| *q == "0"),
+            "{stage}: queue labels {queues:?}"
+        );
+    }
     assert!(leftover_programs().is_empty());
 }

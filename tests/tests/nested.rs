@@ -461,7 +461,13 @@ kprobe:ioeventfd_write { @notify = count(); }"#;
     // window: the peer knows the guest's MAC for good (l2.sh), so only pings cross the tap.
     guest.ping(3, "0.2");
     let host = [("tap", "l2tap"), ("uplink", "l2up")];
-    let vm = [("vm", VM), ("backend", "vhost"), ("tap", "l2tap")];
+    // The guest's NIC has one queue pair: tun's queue 0, vhost's one device.
+    let vm = [
+        ("vm", VM),
+        ("backend", "vhost"),
+        ("tap", "l2tap"),
+        ("queue", "0"),
+    ];
     // (host_stack, backend_queue, backend_to_irq, tx host_stack p50 in µs, ping's median in ms,
     // tx kick and backend_to_wire p50 in µs) per window.
     let mut windows = Vec::new();
@@ -483,7 +489,7 @@ kprobe:ioeventfd_write { @notify = count(); }"#;
         let (queue_n, queue_p50) = d.stage_p50("net.rx.backend_queue", &vm);
         let (irq_n, irq_p50) = d.stage_p50("net.rx.backend_to_irq", &vm);
         let (tx_n, tx_p50) = d.stage_p50("net.tx.host_stack", &host);
-        let (kick_n, kick_p50) = d.stage_p50("net.tx.kick", &vm[..2]);
+        let (kick_n, kick_p50) = d.stage_p50("net.tx.kick", &[vm[0], vm[1], vm[3]]);
         let (wire_n, wire_p50) = d.stage_p50("net.tx.backend_to_wire", &vm);
         let (wake_n, wake_p50) = d.stage_p50("sched.backend_wakeup", &vm);
         let dropped = |stage: &str, reason: &str| {
@@ -639,6 +645,79 @@ kprobe:ioeventfd_write { @notify = count(); }"#;
         after.4
     );
     drop(guest);
+}
+
+/// A host whose kernel allows neither fentry nor kprobes (`--families` leaves them out here):
+/// vhost-net's transmit side from tracepoints alone, through `sched.backend_wakeup`: the
+/// guest's notify exit (kvm:kvm_mmio or kvm:kvm_pio) to the worker's wakeup in the vCPU thread
+/// and its switch-in, whose run's frames end on the tap.
+#[test]
+fn vhost_net_transmit_side_from_tracepoints_alone() {
+    const TEST: &str = "vhost_net_transmit_side_from_tracepoints_alone";
+    if !in_vm(TEST) {
+        return;
+    }
+    if !iopath_tests::net::have_bpftrace(TEST) {
+        return;
+    }
+    const VM: &str = "nested-tp";
+    const PINGS: u32 = 200;
+    let guest = L2::start_on(VM, true, "bridge");
+    guest.ping(3, "0.2");
+    let d = Daemon::start(&[
+        "--families",
+        "tp_btf,raw_tp,tracepoint",
+        "--stages",
+        "+sched.backend_wakeup",
+    ]);
+    // The worker's runs on a kicked transmit queue, counted by bpftrace's kprobes (iopath has
+    // none here).
+    let bt = NetCounter::start(
+        "l2up",
+        "l2tap",
+        r#"strncmp(comm, "vhost-", 6) == 0"#,
+        "kprobe:handle_tx_kick { @tx_kick = count(); }",
+    );
+    guest.ping_rtts(PINGS, "0.02");
+    let counts = bt.counts();
+    let m = d.metrics();
+    let attached = m.value("iopath_stage_attached", &[("stage", "net.tx.kick")]);
+    let want = [("vm", VM), ("backend", "vhost"), ("queue", "0")];
+    let (kick_n, kick_p50) = d.find_p50("net.tx.kick", &want).unwrap_or((0, f64::NAN));
+    let (wire_n, wire_p50) = d
+        .find_p50("net.tx.backend_to_wire", &want)
+        .unwrap_or((0, f64::NAN));
+    let unmatched = d.dropped("net.tx.backend_to_wire", "unmatched");
+    let no_transmit = d.dropped("net.tx.kick", "no_transmit");
+    assert!(d.stop().success());
+    drop(guest);
+    let (runs, replies) = (counts.of("tx_kick"), counts.of("tap_rx"));
+    eprintln!(
+        "tracepoints alone: net.tx.kick {kick_n} (p50 {kick_p50:.0} us, {no_transmit} \
+         no_transmit), net.tx.backend_to_wire {wire_n} (p50 {wire_p50:.0} us, {unmatched} \
+         unmatched); bpftrace: {runs} handle_tx_kick, {replies} frames from the worker"
+    );
+    assert_eq!(attached, 0.0, "net.tx.kick's function probes are left out");
+    assert!(
+        (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&replies),
+        "{replies} frames from the guest for {PINGS} replies"
+    );
+    // Every frame is in a run the worker's switch-in started.
+    assert_eq!(
+        wire_n + unmatched,
+        replies,
+        "net.tx.backend_to_wire: one sample per frame, or counted"
+    );
+    assert!(
+        wire_n * 100 >= replies * 99,
+        "backend_to_wire {wire_n} of {replies}"
+    );
+    // A kick is one when it woke the worker (asleep between pings 20 ms apart), never more
+    // than the worker's kicked runs; one that found it awake is no sample.
+    assert!(
+        kick_n <= runs && kick_n * 100 >= replies * 95,
+        "net.tx.kick {kick_n} for {replies} replies and {runs} handle_tx_kick runs"
+    );
 }
 
 #[test]

@@ -59,7 +59,13 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
         );
         let m = d.metrics();
         let tap = topo.tap.as_str();
-        let vm = [("vm", name.as_str()), ("backend", "qemu"), ("tap", tap)];
+        // The test's tap has one queue: tun's queue 0 labels every packet.
+        let vm = [
+            ("vm", name.as_str()),
+            ("backend", "qemu"),
+            ("tap", tap),
+            ("queue", "0"),
+        ];
         for stage in ["net.rx.backend_queue", "net.rx.backend_to_irq"] {
             let mut want = vec![("stage", stage)];
             want.extend_from_slice(&vm);
@@ -443,8 +449,9 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
         let r = vmm.report();
         sleep(Duration::from_millis(700));
         let c = bt.map(|b| b.counts());
-        let vm = [("vm", name.as_str()), ("backend", "qemu")];
-        let vm_tap = [vm[0], vm[1], ("tap", topo.tap.as_str())];
+        // A single-queue tap: every frame and kick is queue 0's.
+        let vm = [("vm", name.as_str()), ("backend", "qemu"), ("queue", "0")];
+        let vm_tap = [vm[0], vm[1], ("tap", topo.tap.as_str()), vm[2]];
         // (0, NaN) for a series that is not there: the counts below fail with the figures.
         let p50 =
             |stage: &str, want: &[(&str, &str)]| d.find_p50(stage, want).unwrap_or((0, f64::NAN));

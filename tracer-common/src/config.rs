@@ -101,7 +101,9 @@ pub struct Config {
     /// `struct task_struct`.on_rq: a task woken while still queued on its CPU keeps running
     /// (no switch into it follows).
     pub task_on_rq: u32,
-    pub _pad0: u32,
+    /// `struct sk_buff`.queue_mapping (u16): the tap queue of a guest's packet, the `queue`
+    /// label ([`crate::net::queue_detail`]); unknown, the label is empty.
+    pub skb_queue_mapping: u32,
 }
 assert_size!(Config, 184);
 
@@ -152,7 +154,7 @@ impl Config {
         blk_cut: crate::blk::cut::WHOLE,
         task_pid: NO_OFFSET,
         task_on_rq: NO_OFFSET,
-        _pad0: 0,
+        skb_queue_mapping: NO_OFFSET,
     };
 }
 

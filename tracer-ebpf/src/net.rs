@@ -14,12 +14,13 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use tracer_common::{
+    config::NO_OFFSET,
     maps::{Counter, START_ENTRIES},
     net::{
         Backend, SKB_SLOTS, SkbSlot, backend_queue,
         backend_to_irq::{self, Batch},
         host_stack::{self, Ended},
-        role, skb_slot, tx_host_stack,
+        queue_detail, role, skb_slot, tx_host_stack,
     },
     stage::StageId::{
         self, NetRxBackendQueue, NetRxBackendToIrq, NetRxHostStack, NetTxBackendToWire,
@@ -96,44 +97,66 @@ fn slot(skb: u64) -> Option<&'static mut SkbSlot> {
         .map(|p| unsafe { &mut *p })
 }
 
-/// An skb and its device's ifindex, read through typed pointers (tp_btf: plain loads the
-/// verifier checks against BTF) or with bpf_probe_read_kernel (raw_tp).
+/// An skb, its device's ifindex and its `queue_mapping` ([`NO_QUEUE`] where BTF has no such
+/// field), read through typed pointers (tp_btf: plain loads the verifier checks against BTF)
+/// or with bpf_probe_read_kernel (raw_tp).
 #[inline(always)]
-fn typed_skb_dev(skb: *const u8, dev: *const u8) -> Result<(u64, u32), ()> {
+fn typed_skb_dev(skb: *const u8, dev: *const u8) -> Result<SkbDev, ()> {
+    let qm = config!(skb_queue_mapping);
     // SAFETY: BTF-typed pointers; a load through a bad or null one reads 0.
-    let ifindex = unsafe {
+    let (ifindex, queue_mapping) = unsafe {
         let dev = if dev.is_null() {
             core::ptr::read_volatile(skb.add(config!(skb_dev) as usize) as *const *const u8)
         } else {
             dev
         };
-        core::ptr::read_volatile(dev.add(config!(netdev_ifindex) as usize) as *const u32)
+        let ifindex =
+            core::ptr::read_volatile(dev.add(config!(netdev_ifindex) as usize) as *const u32);
+        // A constant to the verifier: the load is gone where the offset is unknown.
+        let queue_mapping = if qm == NO_OFFSET {
+            NO_QUEUE
+        } else {
+            core::ptr::read_volatile(skb.add(qm as usize) as *const u16) as u32
+        };
+        (ifindex, queue_mapping)
     };
-    Ok((number(skb).ok_or(())?, ifindex))
+    Ok((number(skb).ok_or(())?, ifindex, queue_mapping))
 }
 
 #[inline(always)]
-fn raw_skb_dev(skb: u64, dev: u64) -> Result<(u64, u32), ()> {
+fn raw_skb_dev(skb: u64, dev: u64) -> Result<SkbDev, ()> {
     let dev = if dev == 0 {
         unsafe { read_at::<u64>(skb, config!(skb_dev)) }.map_err(|_| ())?
     } else {
         dev
     };
     let ifindex = unsafe { read_at::<u32>(dev, config!(netdev_ifindex)) }.map_err(|_| ())?;
-    Ok((skb, ifindex))
+    let qm = config!(skb_queue_mapping);
+    let queue_mapping = if qm == NO_OFFSET {
+        NO_QUEUE
+    } else {
+        unsafe { read_at::<u16>(skb, qm) }.map_err(|_| ())? as u32
+    };
+    Ok((skb, ifindex, queue_mapping))
 }
+
+/// skb address, device ifindex, `queue_mapping`.
+type SkbDev = (u64, u32, u32);
+
+/// `queue_mapping` unknown (no offset): the `queue` label stays empty.
+const NO_QUEUE: u32 = u32::MAX;
 
 /// net:netif_receive_skb: a packet on an uplink starts the receive side's host stack, one on a
 /// tap (a guest's) the transmit side's, and ends its backend's run (`runs::tap_rx`).
 #[inline(always)]
-fn received(ev: Result<(u64, u32), ()>, _: Site) {
+fn received(ev: Result<SkbDev, ()>, _: Site) {
     let mask = stages_on();
     // sched.backend_wakeup times the runs of backends no function probe sees (QEMU's).
     let runs = NetTxBackendToWire.bit() | SchedBackendWakeup.bit();
     if mask & (NetRxHostStack.bit() | NetTxHostStack.bit() | runs) == 0 {
         return;
     }
-    let Ok((skb, ifindex)) = ev else {
+    let Ok((skb, ifindex, queue_mapping)) = ev else {
         count_each(mask, &RECEIVED, Counter::ReadError);
         return;
     };
@@ -142,7 +165,13 @@ fn received(ev: Result<(u64, u32), ()>, _: Site) {
     };
     let role = role_of(ifindex);
     if role & role::TAP != 0 && mask & runs != 0 {
-        crate::runs::tap_rx(ifindex);
+        // tun recorded the queue the frame came in on, plus one (0: none recorded).
+        let queue = if queue_mapping == NO_QUEUE {
+            0
+        } else {
+            queue_mapping
+        };
+        crate::runs::tap_rx(ifindex, queue);
     }
     let started = if role & role::UPLINK != 0 && on(mask, NetRxHostStack) {
         host_stack::on_uplink_rx(s, skb, now_ns(), ifindex).map_err(|c| (NetRxHostStack, c))
@@ -170,12 +199,12 @@ tracepoint_args!(
 /// net:net_dev_start_xmit on a tap: ends the receive side's host stack, starts the backend's
 /// queue; on an uplink: ends the transmit side's host stack.
 #[inline(always)]
-fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
+fn start_xmit(ev: Result<SkbDev, ()>, _: Site) {
     let mask = stages_on();
     if !any_on(mask) {
         return;
     }
-    let Ok((skb, ifindex)) = ev else {
+    let Ok((skb, ifindex, queue_mapping)) = ev else {
         count_each(mask, &ALL, Counter::ReadError);
         return;
     };
@@ -198,7 +227,13 @@ fn start_xmit(ev: Result<(u64, u32), ()>, _: Site) {
     let Some(s) = slot(skb) else {
         return;
     };
-    let (ended, started) = host_stack::on_tap_xmit(s, skb, now_ns(), ifindex);
+    // The queue the stack picked for it (tun hands it to that queue's reader), plus one.
+    let queue = if queue_mapping == NO_QUEUE {
+        0
+    } else {
+        queue_mapping + 1
+    };
+    let (ended, started) = host_stack::on_tap_xmit(s, skb, now_ns(), ifindex, queue);
     if on(mask, NetRxHostStack) {
         match ended {
             Ended::Sample(x) => record(NetRxHostStack, x.uplink, x.tap, 0, x.latency_ns),
@@ -246,12 +281,13 @@ fn freed(skb: u64, dropped: bool) {
             };
             // The tap's reader serves a guest: known from now on, and named while it lives.
             vmm_seen(vm, tid);
+            let detail = queue_detail(backend as u32, x.queue);
             if on(mask, NetRxBackendQueue) {
-                record(NetRxBackendQueue, backend as u32, x.tap, vm, x.latency_ns);
+                record(NetRxBackendQueue, detail, x.tap, vm, x.latency_ns);
             }
             // The thread's batch is also what names it a backend for sched.backend_wakeup.
             if on(mask, NetRxBackendToIrq) || on(mask, SchedBackendWakeup) {
-                taken(mask, tid, vm, now, x.tap, backend as u32);
+                taken(mask, tid, vm, now, x.tap, detail);
             }
         }
         Err(c) => count_each(mask, &QUEUED, c),
@@ -271,7 +307,7 @@ fn nvcsw() -> u64 {
 }
 
 #[inline(always)]
-fn taken(mask: u64, tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
+fn taken(mask: u64, tid: u32, vm: u32, now: u64, tap: u32, detail: u32) {
     let counted = on(mask, NetRxBackendToIrq);
     let b = match NET_RX_BATCH.get_ptr_mut(tid) {
         Some(b) => b,
@@ -295,7 +331,7 @@ fn taken(mask: u64, tid: u32, vm: u32, now: u64, tap: u32, backend: u32) {
     if lost > 0 && counted {
         count_n(NetRxBackendToIrq, Counter::NoInterrupt, lost as u64);
     }
-    if let Err(c) = backend_to_irq::on_taken(b, now, tap, backend, switches)
+    if let Err(c) = backend_to_irq::on_taken(b, now, tap, detail, switches)
         && counted
     {
         count(NetRxBackendToIrq, c);

@@ -6,7 +6,10 @@
 use aya_ebpf::{macros::map, maps::HashMap};
 use tracer_common::{
     maps::{Counter, START_ENTRIES},
-    net::tx_backend::{self, TxRun},
+    net::{
+        queue_detail,
+        tx_backend::{self, TxRun},
+    },
     stage::StageId::{NetTxBackendToWire, NetTxKick},
 };
 
@@ -31,10 +34,11 @@ pub fn start(tid: u32, run: TxRun) {
     }
 }
 
-/// net:netif_receive_skb on tap `tap` (the caller checked the stage): a frame of the current
-/// thread's run, if it has one; the run's first also ends the kick that started it.
+/// net:netif_receive_skb on tap `tap`, from its queue `queue` plus one (0: unknown; the caller
+/// checked the stage): a frame of the current thread's run, if it has one; the run's first
+/// also ends the kick that started it, labelled with the frame's queue.
 #[inline(always)]
-pub fn tap_rx(tap: u32) {
+pub fn tap_rx(tap: u32, queue: u32) {
     let tid = current_tgid_tid().1;
     let Some(run) = NET_TX_RUN.get_ptr_mut(tid) else {
         // A backend's frame outside any run it was woken for (none since it became one): no
@@ -49,9 +53,10 @@ pub fn tap_rx(tap: u32) {
     let run = unsafe { &mut *run };
     match tx_backend::on_tap_rx(run, now_ns()) {
         Ok((ns, kick)) => {
-            record(NetTxBackendToWire, run.backend, tap, run.vm, ns);
+            let detail = queue_detail(run.backend, queue);
+            record(NetTxBackendToWire, detail, tap, run.vm, ns);
             if let Some(kick_ns) = kick {
-                record(NetTxKick, run.backend, 0, run.vm, kick_ns);
+                record(NetTxKick, detail, 0, run.vm, kick_ns);
             }
         }
         Err(c) => count(NetTxBackendToWire, c),

@@ -11,9 +11,9 @@ use aya_ebpf::{
 use tracer_common::{
     maps::START_ENTRIES,
     net::{
-        Backend,
+        Backend, queue_detail,
         tx_backend::TxRun,
-        tx_kick::{self, KickStart, Pending},
+        tx_kick::{self, KickStart, Kicked, Pending},
     },
     stage::StageId::{NetTxBackendToWire, NetTxKick},
 };
@@ -29,6 +29,10 @@ use crate::{
 /// The notify in progress on each CPU.
 #[map]
 static NET_TX_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+/// A worker's kick from handle_tx_kick to the handle_tx it calls, on each CPU.
+#[map]
+static NET_TX_KICKED: PerCpuArray<Kicked> = PerCpuArray::with_max_entries(1, 0);
 
 /// Queues' work queued by a kick, by the work's address, until the worker runs it.
 #[map]
@@ -105,8 +109,24 @@ fn tx_kick(work: Result<u64, ()>, _: Site) {
     };
     match tx_kick::on_tx_kick(&mut KernelStarts(&NET_TX_KICK), work, now_ns()) {
         Ok((ns, vm)) => {
-            vmm_seen(vm, current_tgid_tid().1);
-            record(NetTxKick, Backend::Vhost as u32, 0, vm, ns);
+            let tid = current_tgid_tid().1;
+            vmm_seen(vm, tid);
+            // Recorded by its run's first frame, which says the queue (`runs::tap_rx`).
+            let slot = NET_TX_KICKED.get_ptr_mut(0);
+            if let (true, Some(k)) = (on(stages_on(), NetTxBackendToWire), slot) {
+                // SAFETY: this CPU's slot.
+                if let Some(old) = tx_kick::keep_kick(unsafe { &mut *k }, tid, vm, ns) {
+                    record(
+                        NetTxKick,
+                        queue_detail(Backend::Vhost as u32, 0),
+                        0,
+                        old.vm,
+                        old.ns,
+                    );
+                }
+            } else {
+                record(NetTxKick, queue_detail(Backend::Vhost as u32, 0), 0, vm, ns);
+            }
         }
         Err(c) => count(NetTxKick, c),
     }
@@ -128,11 +148,16 @@ fn tx_run(_: Result<(), ()>, _: Site) {
         return;
     }
     let (tgid, tid) = current_tgid_tid();
+    let kick_ns = match NET_TX_KICKED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        Some(k) => tx_kick::take_kick(unsafe { &mut *k }, tid),
+        None => 0,
+    };
     let run = TxRun {
         ts_ns: now_ns(),
         vm: worker_vm(tgid),
         backend: Backend::Vhost as u32,
-        kick_ns: 0,
+        kick_ns,
     };
     crate::runs::start(tid, run);
 }

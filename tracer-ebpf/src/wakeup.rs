@@ -122,14 +122,7 @@ fn waking(ev: Result<(u32, u32), ()>, site: Site) {
     let Some(b) = (unsafe { NET_RX_BATCH.get(tid) }) else {
         return;
     };
-    let w = wakeup::on_waking(
-        kick,
-        b.vm,
-        b.tap,
-        Backend::from_u32(b.backend),
-        on(mask, NetTxKick),
-        now,
-    );
+    let w = wakeup::on_waking(kick, b.vm, b.tap, b.backend, on(mask, NetTxKick), now);
     // Still queued (woken on its way to sleep): it runs on, no switch into it follows.
     if queued != 0 {
         resumed(mask, tid, &w, now);
@@ -185,11 +178,13 @@ fn resumed(mask: u64, tid: u32, w: &Woken, now: u64) {
     // The backend starts a run: the frames it hands its tap from now on are this run's
     // (net.tx.backend_to_wire), unless vhost's handle_tx marks its runs itself; its first
     // frame records the kick that woke it (`runs::tap_rx`).
-    if w.backend == Backend::Qemu as u32 || !on(mask, NetTxBackendToWire) {
+    let backend = Backend::from_u32(w.backend);
+    if backend == Backend::Qemu || !on(mask, NetTxBackendToWire) {
         let run = TxRun {
             ts_ns: now,
             vm: w.vm,
-            backend: w.backend,
+            // The frames' queues label the run's samples.
+            backend: backend as u32,
             kick_ns,
         };
         crate::runs::start(tid, run);

@@ -16,7 +16,10 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use tracer_common::{net::backend_to_irq::Batch, stage::StageId};
+use tracer_common::{
+    net::{Backend, backend_to_irq::Batch},
+    stage::StageId,
+};
 
 use crate::hist::Snapshot;
 
@@ -46,13 +49,19 @@ pub struct Backends {
     costs: BTreeMap<BackendKey, Cost>,
 }
 
+/// The backend of a [`tracer_common::net::queue_detail`], without its queue.
+fn backend_of(detail: u32) -> u32 {
+    Backend::from_u32(detail) as u32
+}
+
 /// Packets the backend moved, as the histograms counted them so far.
 fn packets(snap: &Snapshot, key: &BackendKey) -> u64 {
     snap.series
         .iter()
         .filter(|(k, _)| match k.stage {
             StageId::NetRxBackendQueue => {
-                k.vm == key.vm && k.detail == key.backend && k.obj == key.tap
+                // Every queue of the tap this backend reads.
+                k.vm == key.vm && backend_of(k.detail) == key.backend && k.obj == key.tap
             }
             StageId::NetTxHostStack => k.obj == key.tap,
             _ => false,
@@ -81,7 +90,7 @@ pub fn threads(ebpf: &Ebpf) -> Vec<(u32, BackendKey)> {
         .map(|(tid, b)| {
             let key = BackendKey {
                 vm: b.vm,
-                backend: b.backend,
+                backend: backend_of(b.backend),
                 tap: b.tap,
             };
             (tid, key)

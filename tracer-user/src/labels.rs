@@ -147,6 +147,11 @@ impl UexitReasons {
     }
 }
 
+/// The `queue` label of a net stage's sample: the tap queue, empty where it is unknown.
+fn queue_name(detail: u32) -> String {
+    tracer_common::net::detail_queue(detail).map_or_else(String::new, |q| q.to_string())
+}
+
 /// vcpu id of a vCPU file descriptor: KVM names it `anon_inode:kvm-vcpu:N`.
 fn vcpu_of_fd(tgid: u32, fd: u32) -> Option<String> {
     if fd == NO_VCPU {
@@ -366,7 +371,8 @@ impl Labeler {
             .clone()
     }
 
-    /// A network backend's labels (`vm`, `backend`, `tap`), as its stages' series have them.
+    /// A network backend's labels (`vm`, `backend`, `tap`), as its stages' series have them
+    /// (without their `queue`: a backend's cost is its threads', whichever queues they read).
     pub fn backend(&mut self, vm: u32, backend: u32, tap: u32) -> Vec<(&'static str, String)> {
         vec![
             ("vm", self.vm(vm)),
@@ -425,7 +431,11 @@ impl Labeler {
             StageId::NetRxHostStack | StageId::NetTxHostStack => {
                 vec![self.netdev(k.obj), self.netdev(k.detail)]
             }
-            StageId::NetTxKick => vec![self.vm(k.vm), Backend::from_u32(k.detail).name().into()],
+            StageId::NetTxKick => vec![
+                self.vm(k.vm),
+                Backend::from_u32(k.detail).name().into(),
+                queue_name(k.detail),
+            ],
             StageId::NetRxBackendQueue
             | StageId::NetRxBackendToIrq
             | StageId::NetTxBackendToWire
@@ -433,6 +443,7 @@ impl Labeler {
                 self.vm(k.vm),
                 Backend::from_u32(k.detail).name().into(),
                 self.netdev(k.obj),
+                queue_name(k.detail),
             ],
         };
         let names = stages::stage(k.stage).labels;

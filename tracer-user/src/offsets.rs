@@ -55,7 +55,7 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         task_nvcsw: member("task_struct", "nvcsw"),
         task_pid: member("task_struct", "pid"),
         task_on_rq: member("task_struct", "on_rq"),
-        _pad0: 0,
+        skb_queue_mapping: member("sk_buff", "queue_mapping"),
         blk_cut: tracer_common::blk::cut::WHOLE,
     }
 }

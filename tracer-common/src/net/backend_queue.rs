@@ -15,8 +15,9 @@ pub fn start(
     now_ns: u64,
     uplink: u32,
     tap: u32,
+    queue: u32,
 ) -> Result<(), Counter> {
-    slot.put(skb, now_ns, uplink, tap, Phase::Queued)
+    slot.put(skb, now_ns, uplink, tap, queue, Phase::Queued)
 }
 
 /// skb:consume_skb (`dropped` false) or skb:kfree_skb (true) of `skb`: ends the stage when the
@@ -49,6 +50,7 @@ pub fn on_free(
         latency_ns: now_ns.saturating_sub(copy.ts_ns),
         uplink: copy.uplink,
         tap: copy.tap,
+        queue: copy.queue,
     }))
 }
 
@@ -59,9 +61,9 @@ mod tests {
     #[test]
     fn the_backend_taking_the_packet_ends_the_stage_once() {
         let mut s = SkbSlot::default();
-        start(&mut s, 0xa0, 100, 3, 4).unwrap();
+        start(&mut s, 0xa0, 100, 3, 4, 2).unwrap();
         let x = on_free(&mut s, 0xa0, 160, false).unwrap().unwrap();
-        assert_eq!((x.latency_ns, x.uplink, x.tap), (60, 3, 4));
+        assert_eq!((x.latency_ns, x.uplink, x.tap, x.queue), (60, 3, 4, 2));
         // the skb is freed: its address reused by a packet nobody follows gives nothing
         assert_eq!(on_free(&mut s, 0xa0, 200, false), Ok(None));
     }
@@ -69,7 +71,7 @@ mod tests {
     #[test]
     fn a_drop_is_counted_not_measured() {
         let mut s = SkbSlot::default();
-        start(&mut s, 0xa0, 100, 3, 4).unwrap();
+        start(&mut s, 0xa0, 100, 3, 4, 1).unwrap();
         assert_eq!(on_free(&mut s, 0xa0, 160, true), Err(Counter::Dropped));
         assert_eq!(s.skb, 0);
     }
@@ -77,7 +79,7 @@ mod tests {
     #[test]
     fn a_start_too_old_to_be_this_packets_is_stale() {
         let mut s = SkbSlot::default();
-        start(&mut s, 0xa0, 100, 3, 4).unwrap();
+        start(&mut s, 0xa0, 100, 3, 4, 1).unwrap();
         let later = 100 + MAX_AGE_NS + 1;
         assert_eq!(on_free(&mut s, 0xa0, later, false), Err(Counter::Stale));
         assert_eq!(s.skb, 0);
@@ -86,7 +88,7 @@ mod tests {
     #[test]
     fn frees_of_other_skbs_and_of_packets_still_in_the_host_stack() {
         let mut s = SkbSlot::default();
-        start(&mut s, 0xa0, 100, 3, 4).unwrap();
+        start(&mut s, 0xa0, 100, 3, 4, 1).unwrap();
         assert_eq!(on_free(&mut s, 0xb0, 150, false), Ok(None));
         assert!(s.holds(0xa0, Phase::Queued));
         // a packet received on the uplink and delivered to the host (never to a tap)

@@ -26,7 +26,8 @@ pub struct Batch {
     pub len: u32,
     /// The tap of the batch's first packet (a thread serves one queue of one tap).
     pub tap: u32,
-    /// [`super::Backend`].
+    /// [`super::Backend`] and the queue of the batch's first packet: a
+    /// [`super::queue_detail`].
     pub backend: u32,
     /// tgid of the VMM the thread serves (what collects the entry when the VMM exits).
     pub vm: u32,

@@ -10,7 +10,7 @@ use crate::maps::Counter;
 /// another packet still in flight is taken over (`start_map_full`).
 #[inline(always)]
 pub fn on_uplink_rx(slot: &mut SkbSlot, skb: u64, now_ns: u64, uplink: u32) -> Result<(), Counter> {
-    slot.put(skb, now_ns, uplink, 0, Phase::Received)
+    slot.put(skb, now_ns, uplink, 0, 0, Phase::Received)
 }
 
 /// A packet received on a device that is no uplink frees a slot that held that skb: its
@@ -33,7 +33,7 @@ pub enum Ended {
     NotFromUplink,
 }
 
-/// net:net_dev_start_xmit of `skb` on tap `tap`: ends this stage when the packet came from an
+/// net:net_dev_start_xmit of `skb` on tap `tap`, to its queue `queue` (plus one): ends this stage when the packet came from an
 /// uplink, and starts `net.rx.backend_queue` either way (a packet the host itself sent to the
 /// guest has no host-stack time, but does wait for the backend).
 #[inline(always)]
@@ -42,6 +42,7 @@ pub fn on_tap_xmit(
     skb: u64,
     now_ns: u64,
     tap: u32,
+    queue: u32,
 ) -> (Ended, Result<(), Counter>) {
     let copy = *slot;
     let age = now_ns.saturating_sub(copy.ts_ns);
@@ -51,6 +52,7 @@ pub fn on_tap_xmit(
             latency_ns: age,
             uplink: copy.uplink,
             tap,
+            queue,
         }),
         false => Ended::NotFromUplink,
     };
@@ -58,7 +60,10 @@ pub fn on_tap_xmit(
         Ended::Sample(s) => s.uplink,
         _ => 0,
     };
-    (ended, backend_queue::start(slot, skb, now_ns, uplink, tap))
+    (
+        ended,
+        backend_queue::start(slot, skb, now_ns, uplink, tap, queue),
+    )
 }
 
 #[cfg(test)]
@@ -69,13 +74,14 @@ mod tests {
     fn uplink_to_tap_is_measured_and_hands_over_to_the_backend_queue() {
         let mut s = SkbSlot::default();
         on_uplink_rx(&mut s, 0xa0, 1_000, 3).unwrap();
-        let (ended, started) = on_tap_xmit(&mut s, 0xa0, 1_750, 4);
+        let (ended, started) = on_tap_xmit(&mut s, 0xa0, 1_750, 4, 0);
         assert_eq!(
             ended,
             Ended::Sample(NetSample {
                 latency_ns: 750,
                 uplink: 3,
-                tap: 4
+                tap: 4,
+                queue: 0
             })
         );
         assert_eq!(started, Ok(()));
@@ -86,7 +92,7 @@ mod tests {
     #[test]
     fn a_packet_the_host_sent_has_no_host_stack_time_but_is_queued() {
         let mut s = SkbSlot::default();
-        let (ended, started) = on_tap_xmit(&mut s, 0xb0, 500, 4);
+        let (ended, started) = on_tap_xmit(&mut s, 0xb0, 500, 4, 0);
         assert_eq!((ended, started), (Ended::NotFromUplink, Ok(())));
         assert!(s.holds(0xb0, Phase::Queued));
         assert_eq!(s.uplink, 0);
@@ -98,7 +104,7 @@ mod tests {
         on_uplink_rx(&mut s, 0xa0, 1, 3).unwrap();
         assert_eq!(on_uplink_rx(&mut s, 0xc0, 2, 3), Err(Counter::StartFull));
         // the evicted packet's transmit finds nothing of its own
-        assert_eq!(on_tap_xmit(&mut s, 0xa0, 3, 4).0, Ended::NotFromUplink);
+        assert_eq!(on_tap_xmit(&mut s, 0xa0, 3, 4, 0).0, Ended::NotFromUplink);
     }
 
     #[test]
@@ -107,7 +113,7 @@ mod tests {
         on_uplink_rx(&mut s, 0xa0, 1_000, 3).unwrap();
         // freed unseen; its address comes back to a tap seconds later
         let later = 1_000 + MAX_AGE_NS + 1;
-        assert_eq!(on_tap_xmit(&mut s, 0xa0, later, 4).0, Ended::Stale);
+        assert_eq!(on_tap_xmit(&mut s, 0xa0, later, 4, 0).0, Ended::Stale);
         // or is received again on a device that is no uplink
         let mut s = SkbSlot::default();
         on_uplink_rx(&mut s, 0xb0, 1_000, 3).unwrap();
@@ -120,6 +126,9 @@ mod tests {
         let mut s = SkbSlot::default();
         on_uplink_rx(&mut s, 0xa0, 1_000, 3).unwrap();
         s.ts_ns = 900; // another CPU's half-written start
-        assert_eq!(on_tap_xmit(&mut s, 0xa0, 2_000, 4).0, Ended::NotFromUplink);
+        assert_eq!(
+            on_tap_xmit(&mut s, 0xa0, 2_000, 4, 0).0,
+            Ended::NotFromUplink
+        );
     }
 }

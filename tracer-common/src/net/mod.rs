@@ -65,8 +65,9 @@ impl Backend {
         }
     }
 
+    /// From a [`Backend`] as u32, or a [`queue_detail`] that holds one.
     pub const fn from_u32(v: u32) -> Backend {
-        if v == Backend::Vhost as u32 {
+        if v & 0xffff == Backend::Vhost as u32 {
             Backend::Vhost
         } else {
             Backend::Qemu
@@ -78,6 +79,24 @@ impl Backend {
             Backend::Qemu => "qemu",
             Backend::Vhost => "vhost",
         }
+    }
+}
+
+/// The `detail` of a backend's net stage sample: its [`Backend`] in the low half, the tap's
+/// queue plus one in the high half (0: unknown). A tap queue is one of the guest NIC's queue
+/// pairs (QEMU opens one per pair; vhost-net has a device and worker per pair); tun has at
+/// most 256. The skb says which: tun picks the queue of a packet to the guest by its
+/// `queue_mapping`, and records the queue a guest's packet came in on in the same field, plus
+/// one (`skb_record_rx_queue`).
+pub const fn queue_detail(backend: u32, queue_plus_one: u32) -> u32 {
+    (backend & 0xffff) | (queue_plus_one & 0xffff) << 16
+}
+
+/// The queue of a [`queue_detail`], None when unknown.
+pub const fn detail_queue(detail: u32) -> Option<u32> {
+    match detail >> 16 {
+        0 => None,
+        q => Some(q - 1),
     }
 }
 
@@ -116,20 +135,28 @@ pub struct SkbSlot {
     pub tap: u32,
     /// [`Phase`].
     pub phase: u32,
-    pub _pad: u32,
+    /// The tap's queue it was sent to, plus one (0: unknown); see [`queue_detail`].
+    pub queue: u32,
     pub check: u64,
 }
 assert_size!(SkbSlot, 40);
 
 impl SkbSlot {
-    pub const fn new(skb: u64, ts_ns: u64, uplink: u32, tap: u32, phase: Phase) -> SkbSlot {
+    pub const fn new(
+        skb: u64,
+        ts_ns: u64,
+        uplink: u32,
+        tap: u32,
+        queue: u32,
+        phase: Phase,
+    ) -> SkbSlot {
         let mut s = SkbSlot {
             skb,
             ts_ns,
             uplink,
             tap,
             phase: phase as u32,
-            _pad: 0,
+            queue,
             check: 0,
         };
         s.check = s.fold();
@@ -137,7 +164,10 @@ impl SkbSlot {
     }
 
     const fn fold(&self) -> u64 {
-        self.skb ^ self.ts_ns ^ ((self.uplink as u64) << 32 | self.tap as u64) ^ self.phase as u64
+        self.skb
+            ^ self.ts_ns
+            ^ ((self.uplink as u64) << 32 | self.tap as u64)
+            ^ ((self.queue as u64) << 32 | self.phase as u64)
     }
 
     /// Writes `skb`'s start over whatever the slot held: another packet still in flight there is
@@ -149,10 +179,11 @@ impl SkbSlot {
         ts_ns: u64,
         uplink: u32,
         tap: u32,
+        queue: u32,
         phase: Phase,
     ) -> Result<(), crate::maps::Counter> {
         let evicted = self.skb != 0 && self.skb != skb;
-        *self = SkbSlot::new(skb, ts_ns, uplink, tap, phase);
+        *self = SkbSlot::new(skb, ts_ns, uplink, tap, queue, phase);
         if evicted {
             Err(crate::maps::Counter::StartFull)
         } else {
@@ -186,6 +217,22 @@ mod tests {
         assert_eq!(Backend::from_comm(&comm(b"vhost")), Backend::Qemu);
         assert_eq!(Backend::from_comm(&comm(b"")), Backend::Qemu);
     }
+
+    #[test]
+    fn a_detail_holds_the_backend_and_the_queue_if_known() {
+        let d = queue_detail(Backend::Vhost as u32, 3);
+        assert_eq!(
+            (Backend::from_u32(d), detail_queue(d)),
+            (Backend::Vhost, Some(2))
+        );
+        let d = queue_detail(Backend::Qemu as u32, 0);
+        assert_eq!(
+            (Backend::from_u32(d), detail_queue(d)),
+            (Backend::Qemu, None)
+        );
+        // tun's largest queue index, 255, plus one
+        assert_eq!(detail_queue(queue_detail(1, 256)), Some(255));
+    }
 }
 
 /// A start older than this is another packet's that was freed where no tracepoint saw it (TCP's
@@ -200,4 +247,6 @@ pub struct NetSample {
     pub latency_ns: u64,
     pub uplink: u32,
     pub tap: u32,
+    /// The tap's queue, plus one (0: unknown).
+    pub queue: u32,
 }

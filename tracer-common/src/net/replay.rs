@@ -77,7 +77,7 @@ impl Replay {
                 "xmit" if e.u("tap") == 1 => {
                     let skb = e.u("skb");
                     let mut s = slot(&mut r, skb);
-                    let (_, started) = host_stack::on_tap_xmit(&mut s, skb, e.ts, TAP);
+                    let (_, started) = host_stack::on_tap_xmit(&mut s, skb, e.ts, TAP, 1);
                     started.unwrap();
                     r.slots.insert(skb_slot(skb), s);
                 }
@@ -142,8 +142,7 @@ impl Replay {
                     let kick = wakeup::take_notify(p, e.tid, e.ts);
                     let tid = e.u("pid") as u32;
                     if let Some(b) = r.batches.get(&tid) {
-                        let backend = Backend::from_u32(b.backend);
-                        let w = wakeup::on_waking(kick, b.vm, b.tap, backend, false, e.ts);
+                        let w = wakeup::on_waking(kick, b.vm, b.tap, b.backend, false, e.ts);
                         r.woken.insert(tid, w);
                     }
                 }

@@ -13,7 +13,7 @@ use crate::maps::Counter;
 /// another packet still in flight is taken over (`start_map_full`).
 #[inline(always)]
 pub fn on_tap_rx(slot: &mut SkbSlot, skb: u64, now_ns: u64, tap: u32) -> Result<(), Counter> {
-    slot.put(skb, now_ns, 0, tap, Phase::Sent)
+    slot.put(skb, now_ns, 0, tap, 0, Phase::Sent)
 }
 
 /// net:net_dev_start_xmit of `skb` on uplink `uplink`: the sample (or `stale`) when the slot
@@ -38,6 +38,7 @@ pub fn on_uplink_xmit(
             latency_ns: age,
             uplink,
             tap: copy.tap,
+            queue: 0,
         })
     })
 }
@@ -56,7 +57,8 @@ mod tests {
             Some(Ok(NetSample {
                 latency_ns: 300,
                 uplink: 3,
-                tap: 4
+                tap: 4,
+                queue: 0
             }))
         );
         assert_eq!(s.skb, 0, "the slot is freed");
@@ -79,7 +81,7 @@ mod tests {
         // guest to guest: the other tap's transmit makes it a queued packet of that guest
         let mut s = SkbSlot::default();
         on_tap_rx(&mut s, 0xa0, 1_000, 4).unwrap();
-        let (ended, _) = host_stack::on_tap_xmit(&mut s, 0xa0, 1_100, 5);
+        let (ended, _) = host_stack::on_tap_xmit(&mut s, 0xa0, 1_100, 5, 1);
         assert_eq!(ended, host_stack::Ended::NotFromUplink);
         assert_eq!(on_uplink_xmit(&mut s, 0xa0, 1_200, 3), None);
         // delivered to the host (consumed) or dropped by the bridge: the free clears the slot

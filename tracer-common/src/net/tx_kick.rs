@@ -12,6 +12,10 @@
 //!
 //! A receive queue's notify queues that queue's work the same way; handle_tx_kick never runs
 //! it, so its start stays (one entry per such queue, put once) until its VM goes.
+//!
+//! The kick is recorded with the first frame of the transmit run it starts (handle_tx, called
+//! by handle_tx_kick), which says the queue (`super::tx_backend`), as a userspace backend's
+//! is; where net.tx.backend_to_wire is off, at handle_tx_kick, with no queue.
 
 use super::MAX_AGE_NS;
 use crate::{assert_size, maps::Counter, rules::Starts};
@@ -44,6 +48,40 @@ pub struct KickStart {
     pub _pad: u32,
 }
 assert_size!(KickStart, 16);
+
+/// A worker's kick measured at handle_tx_kick, until the handle_tx it calls takes it into its
+/// run (a per-CPU array's value: the call is direct, on one CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kicked {
+    /// The kick's latency.
+    pub ns: u64,
+    /// The worker; 0: none.
+    pub tid: u32,
+    pub vm: u32,
+}
+assert_size!(Kicked, 16);
+
+/// handle_tx_kick measured a kick of `ns` in worker `tid`: kept for its run. Returns the kick
+/// the slot still held (its handle_tx never ran here: the worker moved CPUs between the two),
+/// to be recorded at once, unlabelled by queue.
+#[inline(always)]
+pub fn keep_kick(k: &mut Kicked, tid: u32, vm: u32, ns: u64) -> Option<Kicked> {
+    let old = (k.tid != 0).then_some(*k);
+    *k = Kicked { ns, tid, vm };
+    old
+}
+
+/// handle_tx in worker `tid`: the kick its handle_tx_kick kept, 0 when none (a run the socket
+/// woke, not a kick).
+#[inline(always)]
+pub fn take_kick(k: &mut Kicked, tid: u32) -> u64 {
+    if k.tid == 0 || k.tid != tid {
+        return 0;
+    }
+    k.tid = 0;
+    k.ns
+}
 
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)], u32 fields in pairs and u64s, sizes asserted.
@@ -109,6 +147,21 @@ mod tests {
 
     const WORK: u64 = 0xffff_8880_0100_0040;
     const OTHER: u64 = 0xffff_8880_0100_0080;
+
+    #[test]
+    fn a_kick_waits_in_its_cpu_slot_for_the_run_it_starts() {
+        let mut k = Kicked::default();
+        assert_eq!(keep_kick(&mut k, 7, 10, 5_000), None);
+        // another worker's run on this CPU takes nothing
+        assert_eq!(take_kick(&mut k, 8), 0);
+        assert_eq!(take_kick(&mut k, 7), 5_000);
+        // taken once: the worker's next run (the socket woke it) has no kick
+        assert_eq!(take_kick(&mut k, 7), 0);
+        // a kick whose run never came here is handed back when the slot is reused
+        keep_kick(&mut k, 7, 10, 6_000);
+        let old = keep_kick(&mut k, 9, 11, 7_000).unwrap();
+        assert_eq!((old.ns, old.tid, old.vm), (6_000, 7, 10));
+    }
 
     #[test]
     fn a_kick_is_measured_from_the_notify_to_the_worker() {

@@ -37,7 +37,7 @@ pub struct Woken {
     pub vm: u32,
     /// The tap whose packets it takes (its latest).
     pub tap: u32,
-    /// [`Backend`].
+    /// [`Backend`] and queue: a [`super::queue_detail`].
     pub backend: u32,
     pub _pad: u32,
 }
@@ -84,7 +84,8 @@ pub fn take_notify(p: &mut Pending, waker: u32, now_ns: u64) -> (u64, u32) {
     (p.ts_ns, p.vm)
 }
 
-/// A backend thread of `vm` (taking `tap`'s packets) woken at `now_ns`, by a notify of `kick`
+/// A backend thread of `vm` (taking `tap`'s packets; `detail`, its [`super::queue_detail`],
+/// says which backend and queue) woken at `now_ns`, by a notify of `kick`
 /// (from [`take_notify`]) or not. A vhost worker's kick counts here only where the function
 /// probes do not measure it (`functions_kick`: net.tx.kick's vhost programs are on).
 #[inline(always)]
@@ -92,12 +93,13 @@ pub fn on_waking(
     kick: (u64, u32),
     vm: u32,
     tap: u32,
-    backend: Backend,
+    detail: u32,
     functions_kick: bool,
     now_ns: u64,
 ) -> Woken {
     let (ts, kvm) = kick;
-    let kick_ns = if ts != 0 && kvm == vm && !(backend == Backend::Vhost && functions_kick) {
+    let vhost = Backend::from_u32(detail) == Backend::Vhost;
+    let kick_ns = if ts != 0 && kvm == vm && !(vhost && functions_kick) {
         ts
     } else {
         0
@@ -107,7 +109,7 @@ pub fn on_waking(
         kick_ns,
         vm,
         tap,
-        backend: backend as u32,
+        backend: detail,
         _pad: 0,
     }
 }
@@ -138,7 +140,7 @@ mod tests {
         on_notify(&mut p, VCPU, VM, 1_000);
         let kick = take_notify(&mut p, VCPU, 1_400);
         assert_eq!(kick, (1_000, VM));
-        let w = on_waking(kick, VM, 7, Backend::Qemu, true, 1_400);
+        let w = on_waking(kick, VM, 7, Backend::Qemu as u32, true, 1_400);
         assert_eq!((w.kick_ns, w.tap, w.vm), (1_000, 7, VM));
         // Switched in 200 µs later: the wakeup's 200 µs, the kick's 200.4.
         assert_eq!(on_switch_in(&w, 201_400), Ok((200_000, Some(200_400))));
@@ -152,7 +154,7 @@ mod tests {
         // A packet's wakeup of the reader (tun, in another thread).
         on_notify(&mut p, VCPU, VM, 1_000);
         assert_eq!(take_notify(&mut p, 99, 1_100), NO_KICK);
-        let w = on_waking(NO_KICK, VM, 7, Backend::Qemu, false, 1_100);
+        let w = on_waking(NO_KICK, VM, 7, Backend::Qemu as u32, false, 1_100);
         assert_eq!(on_switch_in(&w, 2_100), Ok((1_000, None)));
         // The vCPU's notify is still there for its own wakeup.
         assert_eq!(take_notify(&mut p, VCPU, 1_200), (1_000, VM));
@@ -174,17 +176,17 @@ mod tests {
 
     #[test]
     fn another_vms_notify_or_a_measured_vhost_kick_is_not_this_kick() {
-        let w = on_waking((1_000, 99), VM, 7, Backend::Qemu, false, 1_100);
+        let w = on_waking((1_000, 99), VM, 7, Backend::Qemu as u32, false, 1_100);
         assert_eq!(w.kick_ns, 0);
-        let w = on_waking((1_000, VM), VM, 7, Backend::Vhost, true, 1_100);
+        let w = on_waking((1_000, VM), VM, 7, Backend::Vhost as u32, true, 1_100);
         assert_eq!(w.kick_ns, 0);
-        let w = on_waking((1_000, VM), VM, 7, Backend::Vhost, false, 1_100);
+        let w = on_waking((1_000, VM), VM, 7, Backend::Vhost as u32, false, 1_100);
         assert_eq!(w.kick_ns, 1_000);
     }
 
     #[test]
     fn a_stale_wakeup_is_counted() {
-        let w = on_waking(NO_KICK, VM, 7, Backend::Qemu, false, 1_000);
+        let w = on_waking(NO_KICK, VM, 7, Backend::Qemu as u32, false, 1_000);
         assert_eq!(on_switch_in(&w, 1_001 + MAX_AGE_NS), Err(Counter::Stale));
     }
 }

@@ -84,7 +84,7 @@ pub static RX_BACKEND_QUEUE: Stage = Stage {
     path: Path::Net,
     from: "net:net_dev_start_xmit on a tap",
     to: "skb:consume_skb of that skb in the backend's thread (kfree_skb: dropped)",
-    labels: &["vm", "backend", "tap"],
+    labels: &["vm", "backend", "tap", "queue"],
     events: &[&NET_DEV_START_XMIT, &CONSUME_SKB, &KFREE_SKB],
     optional: &[],
     optional_adds: "",
@@ -103,7 +103,7 @@ pub static RX_BACKEND_TO_IRQ: Stage = Stage {
     from: "skb:consume_skb in the backend's thread",
     to: "the next kvm:kvm_msi_set_irq of that thread, unless it blocked and took another packet \
          first (one interrupt ends the batch it covers)",
-    labels: &["vm", "backend", "tap"],
+    labels: &["vm", "backend", "tap", "queue"],
     events: &[
         &NET_DEV_START_XMIT,
         &CONSUME_SKB,
@@ -189,7 +189,7 @@ pub static BACKEND_WAKEUP: Stage = Stage {
     from: "sched:sched_waking of a backend thread (one that took a tap's packets: QEMU's, a \
            vhost worker)",
     to: "sched:sched_switch into it",
-    labels: &["vm", "backend", "tap"],
+    labels: &["vm", "backend", "tap", "queue"],
     // The tap's receives end the runs its switch-ins start (net.tx.backend_to_wire).
     events: &[
         &NET_DEV_START_XMIT,
@@ -223,7 +223,7 @@ pub static TX_KICK: Stage = Stage {
            notify exit, kvm:kvm_pio or kvm:kvm_mmio)",
     to: "handle_tx_kick of that work in the vhost worker (QEMU's backend: sched:sched_switch \
          into the backend thread the notify woke)",
-    labels: &["vm", "backend"],
+    labels: &["vm", "backend", "queue"],
     events: &[&IOEVENTFD_WRITE, &VHOST_WORK_QUEUE, &HANDLE_TX_KICK],
     optional: &[],
     optional_adds: "",
@@ -245,7 +245,7 @@ pub static TX_BACKEND_TO_WIRE: Stage = Stage {
     path: Path::Net,
     from: "handle_tx in the vhost worker (the run's start)",
     to: "net:netif_receive_skb on the tap in that thread, for each frame of the run",
-    labels: &["vm", "backend", "tap"],
+    labels: &["vm", "backend", "tap", "queue"],
     events: &[&HANDLE_TX, &NETIF_RECEIVE_SKB],
     optional: &[],
     optional_adds: "",
