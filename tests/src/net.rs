@@ -255,47 +255,31 @@ pub fn have_bpftrace(test: &str) -> bool {
     ok
 }
 
-/// The bounding events of the net stages counted by bpftrace (a second method), from start to
-/// [`NetCounter::counts`]: receives on the uplink (`rx`), transmits to the tap (`xmit`), the
-/// consumes and drops of the skbs sent there (`consume`, `dropped`: by address, as bpftrace users
-/// write it), the MSI injections of the threads `msi_filter` (a bpftrace predicate) selects
-/// (`msi`), and the other way receives on the tap (`tap_rx`) and transmits on the uplink
-/// (`up_xmit`); `extra` adds probes of the caller's (vhost's functions, say); `missed`: the runs
-/// of its programs the kernel skipped, nested in another program. Killed on drop: a
-/// failed assertion must not leave it attached.
-pub struct NetCounter {
+/// A bpftrace program started and attached (its `BEGIN` prints `ready`), until
+/// [`Bpftrace::stop`]; killed on drop: a failed assertion must not leave it attached.
+pub struct Bpftrace {
     bt: Child,
     lines: std::sync::mpsc::Receiver<String>,
-    /// What bpftrace said on stderr: why, when it printed no counts.
+    /// What bpftrace said on stderr: why, when it printed nothing.
     errors: std::sync::mpsc::Receiver<String>,
     /// The ids of bpftrace's programs.
     progs: Vec<u64>,
 }
 
-impl NetCounter {
-    pub fn start(uplink: &str, tap: &str, msi_filter: &str, extra: &str) -> NetCounter {
-        let script = format!(
-            r#"BEGIN {{ printf("ready\n"); }}
-tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
-tracepoint:net:netif_receive_skb /str(args->name) == "{tap}"/ {{ @tap_rx = count(); }}
-tracepoint:net:net_dev_start_xmit /str(args->name) == "{uplink}"/ {{ @up_xmit = count(); }}
-tracepoint:net:net_dev_start_xmit /str(args->name) == "{tap}"/ {{
-  @xmit = count(); @queued[args->skbaddr] = 1;
-}}
-tracepoint:skb:consume_skb /@queued[args->skbaddr]/ {{
-  @consume = count(); delete(@queued[args->skbaddr]);
-}}
-tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
-  @dropped = count(); delete(@queued[args->skbaddr]);
-}}
-tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
-{extra}
-END {{ clear(@queued); }}
-"#
-        );
+/// What a [`Bpftrace`] printed, and the runs of its programs the kernel skipped, nested in
+/// another program (`missed`: counted by newer kernels, not by 6.1).
+pub struct Printed {
+    pub lines: Vec<String>,
+    pub errors: Vec<String>,
+    pub missed: u64,
+}
+
+impl Bpftrace {
+    /// Starts `script`, which must print `ready` in its BEGIN block; waits up to 60 s for it.
+    pub fn start(script: &str) -> Bpftrace {
         let known: Vec<u64> = crate::bpf_progs().into_iter().map(|p| p.id).collect();
         let mut bt = Command::new("bpftrace")
-            .args(["-e", &script])
+            .args(["-e", script])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -318,7 +302,7 @@ END {{ clear(@queued); }}
                 }
             }
         });
-        let mut c = NetCounter {
+        let mut b = Bpftrace {
             bt,
             lines,
             errors,
@@ -327,23 +311,25 @@ END {{ clear(@queued); }}
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match c.lines.recv_timeout(left) {
+            match b.lines.recv_timeout(left) {
                 Ok(l) if l.contains("ready") => break,
                 Ok(_) => {}
-                Err(_) => panic!("bpftrace did not attach within 60 s"),
+                Err(_) => {
+                    let said: Vec<String> = b.errors.try_iter().collect();
+                    panic!("bpftrace did not attach within 60 s: {said:?}")
+                }
             }
         }
-        c.progs = crate::bpf_progs()
+        b.progs = crate::bpf_progs()
             .into_iter()
             .map(|p| p.id)
             .filter(|id| !known.contains(id))
             .collect();
-        c
+        b
     }
 
-    /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
-    pub fn counts(mut self) -> NetCounts {
-        // Runs bpftrace's programs skipped, nested in another program: `missed`.
+    /// Stops bpftrace (SIGINT: it prints its maps) and returns what it printed after `ready`.
+    pub fn stop(mut self) -> Printed {
         let missed: u64 = crate::bpf_progs()
             .into_iter()
             .filter(|p| self.progs.contains(&p.id))
@@ -361,8 +347,60 @@ END {{ clear(@queued); }}
         }
         let _ = self.bt.kill();
         let _ = self.bt.wait();
-        // bpftrace is gone: the reader thread forwards what it printed, then its channel closes.
-        let mut counts: Vec<(String, u64)> = self
+        // bpftrace is gone: the reader threads forward what it printed, then their channels
+        // close.
+        Printed {
+            lines: self.lines.iter().collect(),
+            errors: self.errors.iter().collect(),
+            missed,
+        }
+    }
+}
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        let _ = self.bt.kill();
+        let _ = self.bt.wait();
+    }
+}
+
+/// The bounding events of the net stages counted by bpftrace (a second method), from start to
+/// [`NetCounter::counts`]: receives on the uplink (`rx`), transmits to the tap (`xmit`), the
+/// consumes and drops of the skbs sent there (`consume`, `dropped`: by address, as bpftrace users
+/// write it), the MSI injections of the threads `msi_filter` (a bpftrace predicate) selects
+/// (`msi`), and the other way receives on the tap (`tap_rx`) and transmits on the uplink
+/// (`up_xmit`); `extra` adds probes of the caller's (vhost's functions, say); `missed`: the runs
+/// of its programs the kernel skipped, nested in another program.
+pub struct NetCounter(Bpftrace);
+
+impl NetCounter {
+    pub fn start(uplink: &str, tap: &str, msi_filter: &str, extra: &str) -> NetCounter {
+        let script = format!(
+            r#"BEGIN {{ printf("ready\n"); }}
+tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
+tracepoint:net:netif_receive_skb /str(args->name) == "{tap}"/ {{ @tap_rx = count(); }}
+tracepoint:net:net_dev_start_xmit /str(args->name) == "{uplink}"/ {{ @up_xmit = count(); }}
+tracepoint:net:net_dev_start_xmit /str(args->name) == "{tap}"/ {{
+  @xmit = count(); @queued[args->skbaddr] = 1;
+}}
+tracepoint:skb:consume_skb /@queued[args->skbaddr]/ {{
+  @consume = count(); delete(@queued[args->skbaddr]);
+}}
+tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
+  @dropped = count(); delete(@queued[args->skbaddr]);
+}}
+tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
+{extra}
+END {{ clear(@queued); }}
+"#
+        );
+        NetCounter(Bpftrace::start(&script))
+    }
+
+    /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
+    pub fn counts(self) -> NetCounts {
+        let p = self.0.stop();
+        let mut counts: Vec<(String, u64)> = p
             .lines
             .iter()
             .filter_map(|l| {
@@ -370,20 +408,13 @@ END {{ clear(@queued); }}
                 Some((name.to_string(), n.trim().parse().ok()?))
             })
             .collect();
-        let said: Vec<String> = self.errors.try_iter().collect();
         assert!(
-            !counts.is_empty() || said.iter().all(|l| l.contains("RLIMIT_MEMLOCK")),
-            "bpftrace printed no counts and said {said:?}"
+            !counts.is_empty() || p.errors.iter().all(|l| l.contains("RLIMIT_MEMLOCK")),
+            "bpftrace printed no counts and said {:?}",
+            p.errors
         );
-        counts.push(("missed".into(), missed));
+        counts.push(("missed".into(), p.missed));
         NetCounts(counts)
-    }
-}
-
-impl Drop for NetCounter {
-    fn drop(&mut self) {
-        let _ = self.bt.kill();
-        let _ = self.bt.wait();
     }
 }
 

@@ -49,8 +49,10 @@ enum Task {
         /// Run this shell command in the VM instead of the tests (with the tests' environment).
         #[arg(long, conflicts_with = "filter")]
         exec: Option<String>,
-        /// Record tests/fixtures/kvm_exit.events and kvm_inject.events from a nested guest.
-        #[arg(long, conflicts_with_all = ["filter", "exec"])]
+        /// Record tests/fixtures/kvm_exit.events, kvm_inject.events and
+        /// net_nested_vhost.events from a nested guest (with a filter: the tests it names only,
+        /// exits_and_injections or vhost_net_stages).
+        #[arg(long, conflicts_with = "exec")]
         record_fixtures: bool,
     },
     /// Formatting and clippy (-D warnings): the host crates, then the BPF crate on its own.
@@ -222,23 +224,34 @@ fn l1_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<serde_j
 
 /// Records the KVM replay fixtures from a nested guest in the VM (the nested test writes them
 /// to the exchange folder; L1's own writes to the clone would stay in L1).
-fn record(bins: &[(String, PathBuf)], bin: &Path) -> anyhow::Result<()> {
+/// Runs the nested tests that record fixtures (`filter`: some of them) and copies what they
+/// wrote into tests/fixtures.
+fn record(bins: &[(String, PathBuf)], bin: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     let (_, nested) = bins
         .iter()
         .find(|(n, _)| n == "nested")
         .context("no nested test binary")?;
     let cmd = format!(
-        "cd {} && IOPATH_RECORD=/run/iopath/fixtures {} --test-threads=1 --nocapture exits_and_injections",
+        "cd {} && IOPATH_RECORD=/run/iopath/fixtures {} --test-threads=1 --nocapture {}",
         root().join("tests").display(),
-        nested.display()
+        nested.display(),
+        filter.unwrap_or("exits_and_injections vhost_net_stages")
     );
     let (rc, l1) = exec_in_l1(bin, &cmd, std::time::Duration::from_secs(900))?;
     if rc != 0 {
         bail!("the nested test failed: nothing recorded");
     }
-    for f in ["kvm_exit.events", "kvm_inject.events"] {
+    for f in [
+        "kvm_exit.events",
+        "kvm_inject.events",
+        "net_nested_vhost.events",
+    ] {
+        let from = l1.xchg().join("fixtures").join(f);
+        if !from.exists() {
+            continue;
+        }
         let to = root().join("tests/fixtures").join(f);
-        std::fs::copy(l1.xchg().join("fixtures").join(f), &to)?;
+        std::fs::copy(from, &to)?;
         eprintln!("xtask: recorded {}", to.display());
     }
     Ok(())
@@ -420,7 +433,7 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             let bin = build_iopath()?;
             let bins = e2e::build()?;
             if record_fixtures {
-                return record(&bins, &bin);
+                return record(&bins, &bin, filter.as_deref());
             }
             if let Some(cmd) = exec {
                 let (rc, l1) = exec_in_l1(&bin, &cmd, std::time::Duration::from_secs(3600))?;

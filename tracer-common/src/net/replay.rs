@@ -1,8 +1,11 @@
-//! The network stages' rules replayed on a recorded sequence of real events: the guest lab's
-//! QEMU (userspace virtio-net) answering pings (`tests/fixtures/net_lab_qemu.events`, recorded
-//! with `tests/fixtures/record-lab-net.sh`, which also keeps what iopath's programs measured
-//! over the same window). The glue below does what the BPF handlers do around each rule
-//! (`tracer-ebpf/src/net.rs`, `vhost.rs`, `wakeup.rs`), with maps as hash maps.
+//! The network stages' rules replayed on recorded sequences of real events, each of which keeps
+//! what iopath's programs measured over the same window: the guest lab's QEMU (userspace
+//! virtio-net) answering pings on this host's kernel (`tests/fixtures/net_lab_qemu.events`,
+//! recorded with `tests/fixtures/record-lab-net.sh`), and a nested guest on vhost-net, its tap
+//! bridged with an uplink, in the distro-kernel VM (`tests/fixtures/net_nested_vhost.events`,
+//! recorded with `cargo xtask vm --record-fixtures`). The glue below does what the BPF handlers
+//! do around each rule (`tracer-ebpf/src/net.rs`, `vhost.rs`, `runs.rs`, `wakeup.rs`), with
+//! maps as hash maps.
 
 extern crate std;
 use std::{collections::HashMap, string::String, vec::Vec};
@@ -10,19 +13,30 @@ use std::{collections::HashMap, string::String, vec::Vec};
 use super::{
     Backend, SkbSlot, backend_queue,
     backend_to_irq::{self, Batch},
-    host_stack, skb_slot,
+    host_stack::{self, Ended},
+    queue_detail, skb_slot,
     tx_backend::{self, TxRun},
     tx_host_stack,
-    tx_kick::Pending,
+    tx_kick::{self, KickStart, Kicked, Pending},
     wakeup::{self, Woken},
 };
-use crate::rules::testing::{events, measured};
+use crate::rules::testing::{MapStarts, events, measured};
 
-/// The lab's tap, as the replay's ifindex.
+/// The fixture's tap and uplink, as the replay's ifindexes.
 const TAP: u32 = 1;
+const UPLINK: u32 = 2;
 
 #[derive(Default)]
 struct Replay {
+    /// The fixture's devices other than the tap are an uplink (a bridge's port), not the
+    /// host's own.
+    uplink: bool,
+    /// vhost's functions were probed (net.tx.kick's and handle_tx's programs on).
+    functions: bool,
+    /// vhost: the notify in progress per CPU, the kicked work, the kick kept for its run.
+    fn_notify: HashMap<u32, Pending>,
+    kick_starts: Option<MapStarts<u64, KickStart>>,
+    kicked: HashMap<u32, Kicked>,
     slots: HashMap<u32, SkbSlot>,
     batches: HashMap<u32, Batch>,
     /// Each thread's voluntary context switches (sched_switch away from it, blocked).
@@ -34,6 +48,8 @@ struct Replay {
     samples: HashMap<&'static str, Vec<u64>>,
     /// Kicks whose run transmitted nothing (`no_transmit`).
     no_transmit: u64,
+    /// vhost worker runs no kick queued (`unmatched`).
+    kick_unmatched: u64,
 }
 
 impl Replay {
@@ -49,20 +65,33 @@ impl Replay {
     fn resumed(&mut self, tid: u32, w: &Woken, ts: u64) {
         let (wake, kick) = wakeup::on_switch_in(w, ts).unwrap();
         self.sample("sched.backend_wakeup", wake);
+        // vhost's handle_tx marks its own runs where its functions are probed.
+        if Backend::from_u32(w.backend) == Backend::Qemu || !self.functions {
+            let run = TxRun {
+                ts_ns: ts,
+                vm: w.vm,
+                backend: Backend::from_u32(w.backend) as u32,
+                kick_ns: kick.unwrap_or(0),
+            };
+            self.start(tid, run);
+        }
+    }
+
+    /// `runs::start`.
+    fn start(&mut self, tid: u32, run: TxRun) {
         if self.runs.get(&tid).is_some_and(|run| run.kick_ns != 0) {
             self.no_transmit += 1;
         }
-        let run = TxRun {
-            ts_ns: ts,
-            vm: w.vm,
-            backend: w.backend,
-            kick_ns: kick.unwrap_or(0),
-        };
         self.runs.insert(tid, run);
     }
 
-    fn run(text: &str) -> Replay {
-        let mut r = Replay::default();
+    fn run(text: &str, uplink: bool, functions: bool) -> Replay {
+        let mut r = Replay {
+            uplink,
+            functions,
+            kick_starts: Some(MapStarts::new(1024)),
+            ..Replay::default()
+        };
         for e in events(text) {
             // A woken thread seen doing something before any switch into it was still queued
             // when woken (the programs read task_struct.on_rq, which the trace lacks): it ran
@@ -77,9 +106,22 @@ impl Replay {
                 "xmit" if e.u("tap") == 1 => {
                     let skb = e.u("skb");
                     let mut s = slot(&mut r, skb);
-                    let (_, started) = host_stack::on_tap_xmit(&mut s, skb, e.ts, TAP, 1);
+                    let queue = e.u("q") as u32 + 1;
+                    let (ended, started) = host_stack::on_tap_xmit(&mut s, skb, e.ts, TAP, queue);
                     started.unwrap();
                     r.slots.insert(skb_slot(skb), s);
+                    if let Ended::Sample(x) = ended {
+                        r.sample("net.rx.host_stack", x.latency_ns);
+                    }
+                }
+                "xmit" if r.uplink => {
+                    let skb = e.u("skb");
+                    let mut s = slot(&mut r, skb);
+                    let ended = tx_host_stack::on_uplink_xmit(&mut s, skb, e.ts, UPLINK);
+                    r.slots.insert(skb_slot(skb), s);
+                    if let Some(x) = ended {
+                        r.sample("net.tx.host_stack", x.unwrap().latency_ns);
+                    }
                 }
                 "xmit" => {}
                 "rx" => {
@@ -94,6 +136,9 @@ impl Replay {
                             }
                         }
                         tx_host_stack::on_tap_rx(&mut s, skb, e.ts, TAP).unwrap();
+                    } else if r.uplink {
+                        // A slot another packet still held is taken over, as in the kernel.
+                        let _ = host_stack::on_uplink_rx(&mut s, skb, e.ts, UPLINK);
                     } else {
                         host_stack::on_other_rx(&mut s, skb);
                     }
@@ -107,13 +152,18 @@ impl Replay {
                     if let Ok(Some(x)) = freed {
                         r.sample("net.rx.backend_queue", x.latency_ns);
                         let switches = r.nvcsw.get(&e.tid).copied().unwrap_or(0);
-                        let b = r.batches.entry(e.tid).or_insert(Batch {
-                            vm: e.tgid,
-                            ..Batch::EMPTY
-                        });
+                        // A vhost worker's VMM: its mm's owner (the fixture's `vm`).
+                        let vm = match e.u("vm") as u32 {
+                            0 => e.tgid,
+                            vm => vm,
+                        };
+                        let detail = queue_detail(e.u("backend") as u32, x.queue);
+                        let b = r
+                            .batches
+                            .entry(e.tid)
+                            .or_insert(Batch { vm, ..Batch::EMPTY });
                         backend_to_irq::slept(b, switches);
-                        backend_to_irq::on_taken(b, e.ts, TAP, Backend::Qemu as u32, switches)
-                            .unwrap();
+                        backend_to_irq::on_taken(b, e.ts, TAP, detail, switches).unwrap();
                     }
                 }
                 "msi" if e.u("hard") == 0 => {
@@ -142,7 +192,8 @@ impl Replay {
                     let kick = wakeup::take_notify(p, e.tid, e.ts);
                     let tid = e.u("pid") as u32;
                     if let Some(b) = r.batches.get(&tid) {
-                        let w = wakeup::on_waking(kick, b.vm, b.tap, b.backend, false, e.ts);
+                        let functions = r.functions;
+                        let w = wakeup::on_waking(kick, b.vm, b.tap, b.backend, functions, e.ts);
                         r.woken.insert(tid, w);
                     }
                 }
@@ -154,6 +205,39 @@ impl Replay {
                     if let Some(w) = r.woken.remove(&next) {
                         r.resumed(next, &w, e.ts);
                     }
+                }
+                "notify" => {
+                    let p = r.fn_notify.entry(e.cpu).or_default();
+                    tx_kick::on_ioeventfd(p, e.tid, e.tgid, e.ts);
+                }
+                "workq" => {
+                    let p = r.fn_notify.entry(e.cpu).or_default();
+                    let starts = r.kick_starts.as_mut().unwrap();
+                    tx_kick::on_work_queue(p, starts, e.u("work"), e.tid, e.ts).unwrap();
+                }
+                "txkick" => {
+                    let starts = r.kick_starts.as_mut().unwrap();
+                    match tx_kick::on_tx_kick(starts, e.u("work"), e.ts) {
+                        Ok((ns, vm)) => {
+                            let k = r.kicked.entry(e.cpu).or_default();
+                            if let Some(old) = tx_kick::keep_kick(k, e.tid, vm, ns) {
+                                r.sample("net.tx.kick", old.ns);
+                            }
+                        }
+                        Err(_) => r.kick_unmatched += 1,
+                    }
+                }
+                "txrun" => {
+                    let k = r.kicked.entry(e.cpu).or_default();
+                    let kick_ns = tx_kick::take_kick(k, e.tid);
+                    let vm = r.batches.get(&e.tid).map_or(0, |b| b.vm);
+                    let run = TxRun {
+                        ts_ns: e.ts,
+                        vm,
+                        backend: Backend::Vhost as u32,
+                        kick_ns,
+                    };
+                    r.start(e.tid, run);
                 }
                 other => panic!("unknown event {other}"),
             }
@@ -168,16 +252,15 @@ fn p50(v: &[u64]) -> u64 {
     v[v.len() / 2]
 }
 
-#[test]
-fn the_labs_qemu_replays_to_what_iopath_measured() {
-    let text = include_str!("../../../tests/fixtures/net_lab_qemu.events");
-    let want = measured(text);
-    let r = Replay::run(text);
+/// Each stage's samples and p50 in the replay beside what iopath measured, printed.
+fn summary(r: &Replay, want: &std::collections::BTreeMap<String, u64>) -> Vec<String> {
     let summary: Vec<String> = [
+        "net.rx.host_stack",
         "net.rx.backend_queue",
         "net.rx.backend_to_irq",
         "net.tx.kick",
         "net.tx.backend_to_wire",
+        "net.tx.host_stack",
         "sched.backend_wakeup",
     ]
     .iter()
@@ -188,6 +271,15 @@ fn the_labs_qemu_replays_to_what_iopath_measured() {
     })
     .collect();
     std::eprintln!("{}", summary.join("; "));
+    summary
+}
+
+#[test]
+fn the_labs_qemu_replays_to_what_iopath_measured() {
+    let text = include_str!("../../../tests/fixtures/net_lab_qemu.events");
+    let want = measured(text);
+    let r = Replay::run(text, false, false);
+    let summary = summary(&r, &want);
     // The per-packet stages, exactly as the kernel's programs counted them.
     for stage in [
         "net.rx.backend_queue",
@@ -207,4 +299,33 @@ fn the_labs_qemu_replays_to_what_iopath_measured() {
     );
     // Every kick the backend ran transmitted (the pings' replies): no more kicks than frames.
     assert!(r.count("net.tx.kick") <= r.count("net.tx.backend_to_wire"));
+}
+
+#[test]
+fn vhost_net_in_the_distro_kernel_replays_to_what_iopath_measured() {
+    let text = include_str!("../../../tests/fixtures/net_nested_vhost.events");
+    let want = measured(text);
+    let r = Replay::run(text, true, true);
+    let summary = summary(&r, &want);
+    // Every stage of both directions, exactly as the kernel's programs counted them: the
+    // host stacks from the uplink's events, vhost's kicks from its functions and its runs from
+    // handle_tx.
+    for stage in [
+        "net.rx.host_stack",
+        "net.rx.backend_queue",
+        "net.rx.backend_to_irq",
+        "net.tx.kick",
+        "net.tx.backend_to_wire",
+        "net.tx.host_stack",
+    ] {
+        assert_eq!(r.count(stage), want[stage], "{stage}: {summary:?}");
+        assert!(r.count(stage) > 0, "{stage}");
+    }
+    assert_eq!((r.kick_unmatched, r.no_transmit), (0, 0), "{summary:?}");
+    // The worker's wakeups: iopath ran a moment longer than the trace.
+    let wakes = r.count("sched.backend_wakeup");
+    assert!(
+        wakes > 0 && wakes <= want["sched.backend_wakeup"],
+        "{summary:?}"
+    );
 }
