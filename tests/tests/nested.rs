@@ -452,10 +452,17 @@ fn vhost_net_stages_count_every_ping_and_see_netem_in_the_host_stacks() {
     let stages = "net.rx.host_stack,net.rx.backend_queue,net.rx.backend_to_irq,net.tx.host_stack,\
                   net.tx.kick,net.tx.backend_to_wire,sched.backend_wakeup";
     // vhost's functions, counted beside iopath's: the worker's runs on a kicked transmit queue
-    // and its transmit runs, and the guest's notifies.
+    // and its transmit runs, and the guest's notifies; and the worker's time on CPU, from the
+    // scheduler's switches (iopath reads /proc/TID/schedstat).
     let vhost_probes = r#"kprobe:handle_tx_kick { @tx_kick = count(); }
 kprobe:handle_tx { @tx_run = count(); }
-kprobe:ioeventfd_write { @notify = count(); }"#;
+kprobe:ioeventfd_write { @notify = count(); }
+tracepoint:sched:sched_switch /strncmp(args->prev_comm, "vhost-", 6) == 0 && @on[args->prev_pid]/ {
+  @cpu_ns = sum(nsecs - @on[args->prev_pid]); delete(@on[args->prev_pid]);
+}
+tracepoint:sched:sched_switch /strncmp(args->next_comm, "vhost-", 6) == 0/ {
+  @on[args->next_pid] = nsecs;
+}"#;
     let guest = L2::start_on(VM, true, "bridge");
     // The guest's ARP for its gateway and the bridge's learning of the guest's MAC, before any
     // window: the peer knows the guest's MAC for good (l2.sh), so only pings cross the tap.
@@ -516,7 +523,28 @@ kprobe:ioeventfd_write { @notify = count(); }"#;
                 ("reason", "no_interrupt"),
             ],
         ) as u64;
+        let cost = [vm[0], vm[1], vm[2]];
+        let m = d.metrics();
+        let cpu_s = m.value("iopath_backend_cpu_seconds_total", &cost);
+        let cost_packets = m.value("iopath_backend_packets_total", &cost);
         assert!(d.stop().success());
+        // The worker's cost, two ways: iopath's CPU per packet (counted from the read that
+        // first saw the worker, a moment after its first packet) against bpftrace's on-CPU time
+        // over the whole window per packet it moved (taken off the tap, handed to it).
+        let moved = counts.of("consume") + counts.of("tap_rx");
+        let (ours, theirs) = (
+            cpu_s * 1e6 / cost_packets.max(1.0),
+            counts.of("cpu_ns") as f64 / 1e3 / moved.max(1) as f64,
+        );
+        eprintln!(
+            "netem {netem:?}: the worker's CPU per packet: iopath {ours:.1} us ({cost_packets} \
+             packets), bpftrace {theirs:.1} us ({moved} packets)"
+        );
+        assert!(
+            cost_packets >= moved as f64 * 0.9 && (ours - theirs).abs() <= 0.15 * theirs,
+            "the worker's CPU per packet: iopath {ours:.1} us for {cost_packets} packets, \
+             bpftrace {theirs:.1} us for {moved}"
+        );
         eprintln!(
             "netem {netem:?}: bpftrace {counts:?}; iopath host_stack {host_n} (p50 \
              {host_p50:.0} us), backend_queue {queue_n} ({queue_p50:.0} us), backend_to_irq \

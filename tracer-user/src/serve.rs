@@ -44,6 +44,10 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const CONN_LIFETIME: Duration = Duration::from_secs(300);
 /// Pause after a failed accept (EMFILE, ENFILE): the error repeats until a connection closes.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the network backend threads are looked for: a new one's cost counts from the read
+/// that first sees it (`backend`), so from at most this long after its first packet. The look is
+/// one walk of NET_RX_BATCH, which holds only backend threads.
+const BACKENDS_EVERY: Duration = Duration::from_secs(1);
 /// How often what is gone is collected: a quarter of the grace period, between 250 ms and 10 s
 /// (each collection walks every growing map's keys, the histogram's included).
 fn collect_every(grace: Duration) -> Duration {
@@ -127,6 +131,7 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     });
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut collect = tokio::time::interval(collect_every(opts.vm_grace));
+    let mut backends = tokio::time::interval(BACKENDS_EVERY);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -148,6 +153,9 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
                 if let Err(e) = session.collect() {
                     log::warn!("collection: {e}");
                 }
+            }
+            _ = backends.tick() => {
+                let session = &mut state.inner.lock().await.session;
                 if let Err(e) = session.watch_backends() {
                     log::warn!("backend threads: {e}");
                 }
