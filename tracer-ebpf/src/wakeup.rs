@@ -86,6 +86,18 @@ pub fn left_kvm() {
     }
 }
 
+/// kvm:kvm_exit in vCPU thread `tid` of `tgid` (the caller checked the stage): VMX's fast MMIO
+/// notify starts here (`wakeup::notify_exit`).
+#[inline(always)]
+pub fn exited(tgid: u32, tid: u32, reason: u32, isa: u32) {
+    if !wakeup::notify_exit(reason, isa) {
+        return;
+    }
+    if let Some(p) = notify_slot() {
+        wakeup::on_notify(p, tid, tgid, now_ns());
+    }
+}
+
 /// The thread id of a task, with bpf_probe_read_kernel in both programs (a typed load of it in
 /// tp_btf lets LLVM keep the field's address where its value is used, which the verifier
 /// refuses).

@@ -57,6 +57,20 @@ pub fn on_notify(p: &mut Pending, tid: u32, vm: u32, now_ns: u64) {
     };
 }
 
+/// VMX's exit for an EPT misconfiguration: how KVM sees a guest's access to MMIO it emulates,
+/// and the whole of a notify it takes on its fast MMIO path (an ioeventfd registered with no
+/// length: a modern virtio-pci notify), which fires no kvm:kvm_mmio, and kvm:kvm_fast_mmio only
+/// after the ioeventfd woke the backend.
+pub const VMX_EPT_MISCONFIG: u32 = 49;
+
+/// kvm:kvm_exit with `reason` on `isa`: does it start a notify ([`on_notify`])? On VMX an EPT
+/// misconfiguration exit may be a fast MMIO notify; any other MMIO access it is goes on to
+/// kvm_mmio (which starts it again) or to userspace (which drops it).
+#[inline(always)]
+pub const fn notify_exit(reason: u32, isa: u32) -> bool {
+    isa == crate::kvm::ISA_VMX && reason & 0xffff == VMX_EPT_MISCONFIG
+}
+
 /// Thread `tid` left KVM_RUN for userspace: its notify, if any, signalled no ioeventfd.
 #[inline(always)]
 pub fn on_userspace_exit(p: &mut Pending, tid: u32) {
@@ -188,5 +202,22 @@ mod tests {
     fn a_stale_wakeup_is_counted() {
         let w = on_waking(NO_KICK, VM, 7, Backend::Qemu as u32, false, 1_000);
         assert_eq!(on_switch_in(&w, 1_001 + MAX_AGE_NS), Err(Counter::Stale));
+    }
+
+    #[test]
+    fn an_ept_misconfiguration_exit_on_vmx_starts_a_notify() {
+        use crate::kvm::ISA_VMX;
+        assert!(notify_exit(VMX_EPT_MISCONFIG, ISA_VMX));
+        // the reason's upper bits are flags
+        assert!(notify_exit(0x1000_0000 | VMX_EPT_MISCONFIG, ISA_VMX));
+        // SVM's reason 49 is another exit; VMX's other exits are no notify
+        assert!(!notify_exit(VMX_EPT_MISCONFIG, 2));
+        assert!(!notify_exit(48, ISA_VMX));
+        // the fast path's sequence: the exit, then the backend's wakeup in the same thread
+        let mut p = Pending::default();
+        if notify_exit(VMX_EPT_MISCONFIG, ISA_VMX) {
+            on_notify(&mut p, VCPU, VM, 1_000);
+        }
+        assert_eq!(take_notify(&mut p, VCPU, 4_000), (1_000, VM));
     }
 }

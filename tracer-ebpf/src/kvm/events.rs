@@ -30,7 +30,10 @@ use crate::{
 // kvm/kvm_exit: unsigned int exit_reason; ...; u32 isa; ...; unsigned int vcpu_id; ...
 #[aya_ebpf::macros::tracepoint]
 pub fn kvm_exit_tp(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
-    if !on(stages_on(), KvmExit) {
+    let mask = stages_on();
+    // sched.backend_wakeup: VMX's fast MMIO notify has no event of its own but this exit.
+    let (exits, notifies) = (on(mask, KvmExit), on(mask, SchedBackendWakeup));
+    if !exits && !notifies {
         return 0;
     }
     let fields = (
@@ -41,10 +44,16 @@ pub fn kvm_exit_tp(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     match fields {
         (Ok(reason), Ok(isa), Ok(vcpu)) => {
             let (tgid, tid) = current_tgid_tid();
-            vmm_seen(tgid, tid);
-            exit::exit(tgid, tid, reason, isa, vcpu);
+            if notifies {
+                crate::wakeup::exited(tgid, tid, reason, isa);
+            }
+            if exits {
+                vmm_seen(tgid, tid);
+                exit::exit(tgid, tid, reason, isa, vcpu);
+            }
         }
-        _ => count(KvmExit, Counter::ReadError),
+        _ if exits => count(KvmExit, Counter::ReadError),
+        _ => count(SchedBackendWakeup, Counter::ReadError),
     }
     0
 }

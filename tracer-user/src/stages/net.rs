@@ -16,7 +16,7 @@ use tracer_common::{config::Config, stage::StageId};
 
 use super::{
     Event, Family, Path, Stage, all_set, function,
-    kvm::{KVM_MSI_SET_IRQ, KVM_USERSPACE_EXIT},
+    kvm::{KVM_EXIT, KVM_MSI_SET_IRQ, KVM_USERSPACE_EXIT},
     none, tracepoint_args,
 };
 use crate::maps::{NET_RX_BATCH, NET_TX_KICK, NET_TX_RUN, NET_WOKEN};
@@ -199,7 +199,8 @@ pub static BACKEND_WAKEUP: Stage = Stage {
         &SCHED_SWITCH,
         &NETIF_RECEIVE_SKB,
     ],
-    optional: &[&KVM_PIO, &KVM_MMIO, &KVM_USERSPACE_EXIT],
+    // kvm_exit: VMX's fast MMIO notify (a modern virtio-pci's on Intel) fires no kvm_mmio.
+    optional: &[&KVM_PIO, &KVM_MMIO, &KVM_USERSPACE_EXIT, &KVM_EXIT],
     optional_adds: "starts net.tx.kick of a backend no function probe sees, QEMU's",
     opt_in: Some("a program on every wakeup and context switch of the host"),
     without: None,
