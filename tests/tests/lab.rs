@@ -173,6 +173,7 @@ fn lab_guest_signals_and_halts_are_traced() {
         .args(["record", "--json", "--duration", "300s", "--stages"])
         .arg(
             "kvm.signal_to_inject,kvm.halt_wakeup,kvm.userspace_exit,net.rx.backend_queue,\
+             net.rx.backend_to_irq,\
              sched.backend_wakeup",
         )
         .stdout(Stdio::piped())
@@ -288,6 +289,7 @@ fn lab_guest_signals_and_halts_are_traced() {
     // The lab's NIC has one queue pair: tun says queue 0 of every packet either way.
     for stage in [
         "net.rx.backend_queue",
+        "net.rx.backend_to_irq",
         "net.tx.kick",
         "net.tx.backend_to_wire",
         "sched.backend_wakeup",

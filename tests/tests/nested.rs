@@ -540,8 +540,10 @@ tracepoint:sched:sched_switch /strncmp(args->next_comm, "vhost-", 6) == 0/ {
             "netem {netem:?}: the worker's CPU per packet: iopath {ours:.1} us ({cost_packets} \
              packets), bpftrace {theirs:.1} us ({moved} packets)"
         );
+        // iopath's first read of the worker comes up to a second (the daemon's look for new
+        // backend threads) after its first packet, in a window of 10 s: most packets, not all.
         assert!(
-            cost_packets >= moved as f64 * 0.9 && (ours - theirs).abs() <= 0.15 * theirs,
+            cost_packets >= moved as f64 * 0.8 && (ours - theirs).abs() <= 0.15 * theirs,
             "the worker's CPU per packet: iopath {ours:.1} us for {cost_packets} packets, \
              bpftrace {theirs:.1} us for {moved}"
         );
@@ -763,7 +765,7 @@ END {{ clear(@seen); }}
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut out = format!(
         "# Recorded, not hand-written: vhost-net's events of a nested guest (the lab kernel \
-         under kvm_amd, its tap l2tap bridged with the uplink l2up) pinged {PINGS} times from \
+         under {}, its tap l2tap bridged with the uplink l2up) pinged {PINGS} times from \
          its peer, on Linux {} in the distro-kernel VM, by bpftrace.\n\
          # Record again with `cargo xtask vm --record-fixtures` (tests/tests/nested.rs).\n\
          # Format: ts_ns tgid/tid@cpu event fields (ts from the window's first event). rx/xmit: \
@@ -774,6 +776,11 @@ END {{ clear(@seen); }}
          vhost_work_queue (work), handle_tx_kick (work), handle_tx; waking/switch: sched_waking \
          and sched_switch of vhost workers (running=1: prev preempted).\n\
          # iopath measured over this window (iopath serve, --stages {stages}): {}\n",
+        if Path::new("/sys/module/kvm_amd").exists() {
+            "kvm_amd"
+        } else {
+            "kvm_intel"
+        },
         kernel.trim(),
         measured
             .iter()

@@ -135,7 +135,8 @@ fn raw_skb_dev(skb: u64, dev: u64) -> Result<SkbDev, ()> {
     let queue_mapping = if qm == NO_OFFSET {
         NO_QUEUE
     } else {
-        unsafe { read_at::<u16>(skb, qm) }.map_err(|_| ())? as u32
+        // A label lost is no reason to lose the packet.
+        unsafe { read_at::<u16>(skb, qm) }.map_or(NO_QUEUE, |q| q as u32)
     };
     Ok((skb, ifindex, queue_mapping))
 }

@@ -148,16 +148,23 @@ fn tx_run(_: Result<(), ()>, _: Site) {
         return;
     }
     let (tgid, tid) = current_tgid_tid();
-    let kick_ns = match NET_TX_KICKED.get_ptr_mut(0) {
+    let kick = match NET_TX_KICKED.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
         Some(k) => tx_kick::take_kick(unsafe { &mut *k }, tid),
-        None => 0,
+        None => Kicked::default(),
+    };
+    // The kick names the VMM whose vCPU notified; the worker's mm owner is the fallback (a
+    // kernel before 6.4 without mm_struct.owner in BTF has none).
+    let vm = if kick.tid != 0 {
+        kick.vm
+    } else {
+        worker_vm(tgid)
     };
     let run = TxRun {
         ts_ns: now_ns(),
-        vm: worker_vm(tgid),
+        vm,
         backend: Backend::Vhost as u32,
-        kick_ns,
+        kick_ns: kick.ns,
     };
     crate::runs::start(tid, run);
 }

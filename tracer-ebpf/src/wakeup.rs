@@ -1,5 +1,5 @@
 //! sched.backend_wakeup, and net.tx.kick of a backend no function probe sees: the guest's
-//! notify exit (kvm:kvm_pio, kvm:kvm_mmio: writes), the wakeup of a network backend thread
+//! notify exit (kvm:kvm_pio, kvm:kvm_mmio: writes; kvm:kvm_exit for VMX's fast MMIO), the wakeup of a network backend thread
 //! (sched:sched_waking; the threads are those `NET_RX_BATCH` holds) and its switch in
 //! (sched:sched_switch), which also starts the thread's transmit run for
 //! net.tx.backend_to_wire; the run's first frame on the tap records the kick that woke it
@@ -43,15 +43,20 @@ fn notify_slot() -> Option<&'static mut Pending> {
     NET_NOTIFY.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// A write to a port or an MMIO address by the guest, in its vCPU thread.
+/// A write to a port or an MMIO address by the guest, in its vCPU thread; a read ends the
+/// notify a VMX EPT-misconfiguration exit started (`exited`): it was no notify.
 #[inline(always)]
 fn notified(write: Result<bool, ()>, _: Site) {
-    if !on(stages_on(), SchedBackendWakeup) || write != Ok(true) {
+    if !on(stages_on(), SchedBackendWakeup) {
         return;
     }
     let (tgid, tid) = current_tgid_tid();
-    if let Some(p) = notify_slot() {
-        wakeup::on_notify(p, tid, tgid, now_ns());
+    let Some(p) = notify_slot() else {
+        return;
+    };
+    match write {
+        Ok(true) => wakeup::on_notify(p, tid, tgid, now_ns()),
+        _ => wakeup::on_userspace_exit(p, tid),
     }
 }
 

@@ -10,7 +10,7 @@
 //! its tap's `net.tx.host_stack` samples (written to it and sent on an uplink). Both count from
 //! the read that first saw the thread, not before (its CPU time until then went to other work).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     Ebpf,
@@ -46,6 +46,9 @@ pub struct Cost {
 pub struct Backends {
     /// tid -> its backend and its CPU time at the last read.
     threads: BTreeMap<u32, (BackendKey, u64)>,
+    /// Threads NET_RX_BATCH still holds whose CPU time could not be read (gone): known, so
+    /// that their entries do not make every look read the counts again.
+    unreadable: BTreeSet<u32>,
     costs: BTreeMap<BackendKey, Cost>,
 }
 
@@ -108,8 +111,10 @@ impl Backends {
         cpu: impl Fn(u32) -> Option<u64>,
     ) {
         let mut seen = BTreeMap::new();
+        let mut unreadable = BTreeSet::new();
         for (tid, key) in threads {
             let Some(now) = cpu(tid) else {
+                unreadable.insert(tid);
                 continue;
             };
             let cost = self.costs.entry(key).or_insert_with(|| Cost {
@@ -126,6 +131,7 @@ impl Backends {
             seen.insert(tid, (key, now));
         }
         self.threads = seen;
+        self.unreadable = unreadable;
         for (key, cost) in &mut self.costs {
             cost.packets = packets(snap, key).saturating_sub(cost.base);
         }
@@ -134,7 +140,7 @@ impl Backends {
     /// Whether a read has seen thread `tid` (the daemon reads again when a new one appears, so
     /// that its start is close to its first packet).
     pub fn knows(&self, tid: u32) -> bool {
-        self.threads.contains_key(&tid)
+        self.threads.contains_key(&tid) || self.unreadable.contains(&tid)
     }
 
     pub fn costs(&self) -> impl Iterator<Item = (&BackendKey, &Cost)> {
@@ -151,6 +157,8 @@ impl Backends {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracer_common::net::queue_detail;
+
     use crate::hist::{Series, SeriesKey};
 
     fn snap(rx: u64, tx: u64) -> Snapshot {
@@ -168,7 +176,30 @@ mod tests {
                 x,
             );
         };
-        series(StageId::NetRxBackendQueue, 0, 7, 100, rx);
+        // The backend's packets over two queues of its tap (the queue in the detail's high
+        // half), and another backend's on the same tap.
+        let (qemu, vhost) = (Backend::Qemu as u32, Backend::Vhost as u32);
+        series(
+            StageId::NetRxBackendQueue,
+            queue_detail(qemu, 1),
+            7,
+            100,
+            rx / 2,
+        );
+        series(
+            StageId::NetRxBackendQueue,
+            queue_detail(qemu, 2),
+            7,
+            100,
+            rx - rx / 2,
+        );
+        series(
+            StageId::NetRxBackendQueue,
+            queue_detail(vhost, 1),
+            7,
+            100,
+            500,
+        );
         series(StageId::NetTxHostStack, 2, 7, 0, tx);
         // Another tap's: not this backend's.
         series(StageId::NetTxHostStack, 2, 8, 0, 1000);
@@ -205,5 +236,15 @@ mod tests {
         assert_eq!((c.cpu_ns, c.packets), (2_000, 30));
         b.forget(|k| k.vm == 100);
         assert!(b.costs().next().is_none());
+    }
+
+    #[test]
+    fn a_thread_whose_time_cannot_be_read_is_known_until_its_entry_goes() {
+        let mut b = Backends::default();
+        b.update([(42, KEY)], &snap(0, 0), |_| None);
+        // known: the daemon's look for new threads does not read the counts again for it
+        assert!(b.knows(42));
+        b.update([], &snap(0, 0), |_| None);
+        assert!(!b.knows(42));
     }
 }

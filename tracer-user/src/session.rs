@@ -116,13 +116,18 @@ impl Session {
     pub fn sync_netdevs(&mut self) {
         let devs = netdevs::scan(std::path::Path::new("/sys/class/net"));
         netdevs::sync(&mut self.tracer.ebpf, &devs);
-        // The ifindexes series are labelled by: the tap (obj), and host_stack's uplink (detail).
+        // The ifindexes series are labelled by: the tap (obj), and host_stack's uplink (detail;
+        // the backend stages' detail is their backend and queue).
         let in_use = self
             .last
             .series
             .keys()
             .filter(|k| Owner::of_series(k.stage as u16, k.obj, k.vm).netdev != 0)
-            .flat_map(|k| [k.obj, k.detail])
+            .flat_map(|k| {
+                let host = matches!(k.stage, StageId::NetRxHostStack | StageId::NetTxHostStack);
+                [Some(k.obj), host.then_some(k.detail)]
+            })
+            .flatten()
             .collect();
         self.labeler.netdevs(&devs, &in_use);
     }

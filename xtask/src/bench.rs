@@ -656,6 +656,8 @@ pub fn bench(
     let mut net_read = [Vec::new(), Vec::new()];
     let mut net_progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut iperf = [Vec::new(), Vec::new()];
+    // (share, programs' ns, busy CPU ns, bits/s) of the one-run CPU measure below.
+    let mut iperf_share: Option<(f64, f64, f64, f64)> = None;
     let has_iperf3 = Command::new("iperf3")
         .arg("--version")
         .output()
@@ -711,6 +713,23 @@ pub fn bench(
         tx_kicks(vmm, &topo)?;
         accumulate(&mut net_progs, &before, program_stats(&iopath.metrics()));
         anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
+        // The default stages' share of the CPU an iperf3 run keeps busy, in one run: their
+        // programs' run time (bpf_stats) against the host's busy CPU time over the same run
+        // (/proc/stat). Where the path is CPU-bound, as here, this is about what they take from
+        // its throughput, and noise between runs does not move it.
+        if let Some(pair) = &pair {
+            let d = Daemon::start_bin(bin, &["--bpf-stats"]);
+            sleep(Duration::from_secs(2));
+            let before = program_stats(&d.metrics());
+            let busy0 = busy_cpu_ns()?;
+            let bps = iperf3(vmm, pair)?;
+            let busy = busy_cpu_ns()? - busy0;
+            let mut ran = BTreeMap::new();
+            accumulate(&mut ran, &before, program_stats(&d.metrics()));
+            anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
+            let prog_ns: f64 = ran.values().map(|(t, _)| t).sum();
+            iperf_share = Some((prog_ns / busy, prog_ns, busy, bps));
+        }
     }
 
     println!("\nns per event (kernel.bpf_stats, summed over {rounds} runs of {seconds}s):");
@@ -825,6 +844,18 @@ pub fn bench(
             ),
             None => println!("iperf3 not installed (cargo xtask setup installs it): no TCP run"),
         }
+        if let Some((share, prog, busy, bps)) = iperf_share {
+            println!(
+                "  in one iperf3 run ({:.0} Mbit/s) with the default stages, their programs ran \
+                 {:.1} ms of the host's {:.0} ms of busy CPU: {:.1}% (a CPU-bound path's ratio \
+                 of about {:.3})",
+                bps / 1e6,
+                prog / 1e6,
+                busy / 1e6,
+                share * 100.0,
+                1.0 - share
+            );
+        }
         println!("  net programs over one more flood and iperf3 run (kernel.bpf_stats):");
         for (name, (t, c)) in net_progs.iter().filter(|(_, (_, c))| *c > 0.0) {
             println!("  {name:<24} {c:>12.0} {:>10.0}", t / c);
@@ -865,6 +896,9 @@ pub fn bench(
             "iperf3_tcp_bits_per_s_without": iperf[0], "iperf3_tcp_bits_per_s_with_iopath": iperf[1],
             "iperf3_seconds": IPERF_SECONDS,
             "iperf3_ratio": (!iperf[0].is_empty()).then(|| median(&iperf[1]) / median(&iperf[0])),
+            "iperf3_cpu_share": iperf_share.map(|(share, prog, busy, bps)| serde_json::json!({
+                "share": share, "programs_ns": prog, "busy_cpu_ns": busy, "bits_per_s": bps,
+            })),
             "programs": net_progs.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"events": c, "ns_per_event": if *c > 0.0 { t / c } else { 0.0 }}))).collect::<serde_json::Map<_, _>>(),
         },
         "distro_kernel_vm": l1,
@@ -880,6 +914,26 @@ pub fn bench(
         file.strip_prefix(crate::root()).unwrap_or(&file).display()
     );
     Ok(())
+}
+
+/// The CPU time every CPU of the host spent busy so far (/proc/stat: all but idle and iowait),
+/// in ns.
+fn busy_cpu_ns() -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    anyhow::ensure!(ticks.len() >= 5, "/proc/stat: short cpu line");
+    // user nice system idle iowait irq softirq steal (guest time is within user)
+    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy / hz * 1e9)
 }
 
 /// Today (UTC), for the results file's name.

@@ -222,10 +222,9 @@ fn l1_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<serde_j
     Ok(serde_json::from_str(&text)?)
 }
 
-/// Records the KVM replay fixtures from a nested guest in the VM (the nested test writes them
-/// to the exchange folder; L1's own writes to the clone would stay in L1).
-/// Runs the nested tests that record fixtures (`filter`: some of them) and copies what they
-/// wrote into tests/fixtures.
+/// Records the replay fixtures from a nested guest in the VM: runs the nested tests that record
+/// them (`filter`: some of them), which write them to the exchange folder (L1's own writes to
+/// the clone would stay in L1), and copies what they wrote into tests/fixtures.
 fn record(bins: &[(String, PathBuf)], bin: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     let (_, nested) = bins
         .iter()

@@ -29,6 +29,12 @@ pub struct ExitSample {
 
 /// kvm:kvm_exit's `isa` for Intel VMX (2 is AMD SVM).
 pub const ISA_VMX: u32 = 1;
+
+/// VMX's exit for an EPT misconfiguration: how KVM sees a guest's access to MMIO it emulates,
+/// and the whole of a notify it takes on its fast MMIO path (an ioeventfd registered with no
+/// length: a modern virtio-pci notify), which fires no kvm:kvm_mmio, and kvm:kvm_fast_mmio only
+/// after the ioeventfd woke the backend (`crate::net::wakeup::notify_exit`).
+pub const VMX_EPT_MISCONFIG: u32 = 49;
 /// Marks a VMX reason in [`exit_detail`]: SVM exit codes never set bit 16.
 pub const VMX_DETAIL: u32 = 1 << 16;
 

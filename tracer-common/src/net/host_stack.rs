@@ -33,9 +33,10 @@ pub enum Ended {
     NotFromUplink,
 }
 
-/// net:net_dev_start_xmit of `skb` on tap `tap`, to its queue `queue` (plus one): ends this stage when the packet came from an
-/// uplink, and starts `net.rx.backend_queue` either way (a packet the host itself sent to the
-/// guest has no host-stack time, but does wait for the backend).
+/// net:net_dev_start_xmit of `skb` on tap `tap`, to its queue `queue` (plus one): ends this
+/// stage when the packet came from an uplink, and starts `net.rx.backend_queue` either way (a
+/// packet the host itself sent to the guest has no host-stack time, but does wait for the
+/// backend).
 #[inline(always)]
 pub fn on_tap_xmit(
     slot: &mut SkbSlot,

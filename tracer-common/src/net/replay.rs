@@ -13,6 +13,7 @@ use std::{collections::HashMap, string::String, vec::Vec};
 use super::{
     Backend, SkbSlot, backend_queue,
     backend_to_irq::{self, Batch},
+    detail_queue,
     host_stack::{self, Ended},
     queue_detail, skb_slot,
     tx_backend::{self, TxRun},
@@ -50,6 +51,9 @@ struct Replay {
     no_transmit: u64,
     /// vhost worker runs no kick queued (`unmatched`).
     kick_unmatched: u64,
+    /// The `queue` label of each packet to and from the tap, as the programs make it from the
+    /// skb's queue_mapping.
+    queues: std::collections::BTreeSet<Option<u32>>,
 }
 
 impl Replay {
@@ -107,6 +111,7 @@ impl Replay {
                     let skb = e.u("skb");
                     let mut s = slot(&mut r, skb);
                     let queue = e.u("q") as u32 + 1;
+                    r.queues.insert(detail_queue(queue_detail(0, queue)));
                     let (ended, started) = host_stack::on_tap_xmit(&mut s, skb, e.ts, TAP, queue);
                     started.unwrap();
                     r.slots.insert(skb_slot(skb), s);
@@ -128,6 +133,9 @@ impl Replay {
                     let skb = e.u("skb");
                     let mut s = slot(&mut r, skb);
                     if e.u("tap") == 1 {
+                        // tun's queue plus one (0: none recorded).
+                        r.queues
+                            .insert(detail_queue(queue_detail(0, e.u("q") as u32)));
                         if let Some(run) = r.runs.get_mut(&e.tid) {
                             let (ns, kick) = tx_backend::on_tap_rx(run, e.ts).unwrap();
                             r.sample("net.tx.backend_to_wire", ns);
@@ -229,13 +237,13 @@ impl Replay {
                 }
                 "txrun" => {
                     let k = r.kicked.entry(e.cpu).or_default();
-                    let kick_ns = tx_kick::take_kick(k, e.tid);
+                    let kick = tx_kick::take_kick(k, e.tid);
                     let vm = r.batches.get(&e.tid).map_or(0, |b| b.vm);
                     let run = TxRun {
                         ts_ns: e.ts,
-                        vm,
+                        vm: if kick.tid != 0 { kick.vm } else { vm },
                         backend: Backend::Vhost as u32,
-                        kick_ns,
+                        kick_ns: kick.ns,
                     };
                     r.start(e.tid, run);
                 }
@@ -322,6 +330,9 @@ fn vhost_net_in_the_distro_kernel_replays_to_what_iopath_measured() {
         assert!(r.count(stage) > 0, "{stage}");
     }
     assert_eq!((r.kick_unmatched, r.no_transmit), (0, 0), "{summary:?}");
+    // One queue pair: queue 0 both ways, from tun's two conventions (the index as is on the
+    // way to the guest, plus one on the way from it).
+    assert_eq!(r.queues, [Some(0)].into(), "queues");
     // The worker's wakeups: iopath ran a moment longer than the trace.
     let wakes = r.count("sched.backend_wakeup");
     assert!(

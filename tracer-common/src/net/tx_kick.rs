@@ -50,7 +50,8 @@ pub struct KickStart {
 assert_size!(KickStart, 16);
 
 /// A worker's kick measured at handle_tx_kick, until the handle_tx it calls takes it into its
-/// run (a per-CPU array's value: the call is direct, on one CPU).
+/// run (a per-CPU array's value: the call is direct, with no point where a kernel preemptible
+/// only voluntarily, as distributions build it, could move the worker to another CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Kicked {
@@ -72,15 +73,16 @@ pub fn keep_kick(k: &mut Kicked, tid: u32, vm: u32, ns: u64) -> Option<Kicked> {
     old
 }
 
-/// handle_tx in worker `tid`: the kick its handle_tx_kick kept, 0 when none (a run the socket
-/// woke, not a kick).
+/// handle_tx in worker `tid`: the kick its handle_tx_kick kept (with the VMM that kicked), or
+/// one with `tid` 0 when none (a run the socket woke, not a kick).
 #[inline(always)]
-pub fn take_kick(k: &mut Kicked, tid: u32) -> u64 {
+pub fn take_kick(k: &mut Kicked, tid: u32) -> Kicked {
     if k.tid == 0 || k.tid != tid {
-        return 0;
+        return Kicked::default();
     }
+    let kick = *k;
     k.tid = 0;
-    k.ns
+    kick
 }
 
 #[cfg(feature = "user")]
@@ -153,10 +155,11 @@ mod tests {
         let mut k = Kicked::default();
         assert_eq!(keep_kick(&mut k, 7, 10, 5_000), None);
         // another worker's run on this CPU takes nothing
-        assert_eq!(take_kick(&mut k, 8), 0);
-        assert_eq!(take_kick(&mut k, 7), 5_000);
+        assert_eq!(take_kick(&mut k, 8).tid, 0);
+        let kick = take_kick(&mut k, 7);
+        assert_eq!((kick.ns, kick.tid, kick.vm), (5_000, 7, 10));
         // taken once: the worker's next run (the socket woke it) has no kick
-        assert_eq!(take_kick(&mut k, 7), 0);
+        assert_eq!(take_kick(&mut k, 7), Kicked::default());
         // a kick whose run never came here is handed back when the slot is reused
         keep_kick(&mut k, 7, 10, 6_000);
         let old = keep_kick(&mut k, 9, 11, 7_000).unwrap();

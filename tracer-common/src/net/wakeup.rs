@@ -57,21 +57,16 @@ pub fn on_notify(p: &mut Pending, tid: u32, vm: u32, now_ns: u64) {
     };
 }
 
-/// VMX's exit for an EPT misconfiguration: how KVM sees a guest's access to MMIO it emulates,
-/// and the whole of a notify it takes on its fast MMIO path (an ioeventfd registered with no
-/// length: a modern virtio-pci notify), which fires no kvm:kvm_mmio, and kvm:kvm_fast_mmio only
-/// after the ioeventfd woke the backend.
-pub const VMX_EPT_MISCONFIG: u32 = 49;
-
 /// kvm:kvm_exit with `reason` on `isa`: does it start a notify ([`on_notify`])? On VMX an EPT
 /// misconfiguration exit may be a fast MMIO notify; any other MMIO access it is goes on to
-/// kvm_mmio (which starts it again) or to userspace (which drops it).
+/// kvm_mmio (a write starts it again, a read drops it) or to userspace (which drops it).
 #[inline(always)]
 pub const fn notify_exit(reason: u32, isa: u32) -> bool {
-    isa == crate::kvm::ISA_VMX && reason & 0xffff == VMX_EPT_MISCONFIG
+    isa == crate::kvm::ISA_VMX && reason & 0xffff == crate::kvm::VMX_EPT_MISCONFIG
 }
 
-/// Thread `tid` left KVM_RUN for userspace: its notify, if any, signalled no ioeventfd.
+/// Thread `tid` left KVM_RUN for userspace, or its exit was an MMIO or port read: its notify,
+/// if any, signalled no ioeventfd.
 #[inline(always)]
 pub fn on_userspace_exit(p: &mut Pending, tid: u32) {
     if p.tid == tid {
@@ -196,6 +191,13 @@ mod tests {
         assert_eq!(w.kick_ns, 0);
         let w = on_waking((1_000, VM), VM, 7, Backend::Vhost as u32, false, 1_100);
         assert_eq!(w.kick_ns, 1_000);
+        // The batch's queue rides along in the detail and changes nothing of the backend's.
+        let detail = crate::net::queue_detail(Backend::Vhost as u32, 2);
+        let w = on_waking((1_000, VM), VM, 7, detail, true, 1_100);
+        assert_eq!((w.kick_ns, w.backend), (0, detail));
+        let detail = crate::net::queue_detail(Backend::Qemu as u32, 2);
+        let w = on_waking((1_000, VM), VM, 7, detail, true, 1_100);
+        assert_eq!(w.kick_ns, 1_000);
     }
 
     #[test]
@@ -206,7 +208,7 @@ mod tests {
 
     #[test]
     fn an_ept_misconfiguration_exit_on_vmx_starts_a_notify() {
-        use crate::kvm::ISA_VMX;
+        use crate::kvm::{ISA_VMX, VMX_EPT_MISCONFIG};
         assert!(notify_exit(VMX_EPT_MISCONFIG, ISA_VMX));
         // the reason's upper bits are flags
         assert!(notify_exit(0x1000_0000 | VMX_EPT_MISCONFIG, ISA_VMX));

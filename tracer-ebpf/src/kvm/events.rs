@@ -36,24 +36,26 @@ pub fn kvm_exit_tp(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     if !exits && !notifies {
         return 0;
     }
-    let fields = (
+    let (reason, isa) = (
         field::<u32>(&ctx, config!(tp_kvm_exit_reason)),
         field::<u32>(&ctx, config!(tp_kvm_exit_isa)),
-        field::<u32>(&ctx, config!(tp_kvm_exit_vcpu)),
     );
-    match fields {
-        (Ok(reason), Ok(isa), Ok(vcpu)) => {
-            let (tgid, tid) = current_tgid_tid();
-            if notifies {
-                crate::wakeup::exited(tgid, tid, reason, isa);
-            }
-            if exits {
+    let (Ok(reason), Ok(isa)) = (reason, isa) else {
+        count_each(mask, &[KvmExit, SchedBackendWakeup], Counter::ReadError);
+        return 0;
+    };
+    let (tgid, tid) = current_tgid_tid();
+    if notifies {
+        crate::wakeup::exited(tgid, tid, reason, isa);
+    }
+    if exits {
+        match field::<u32>(&ctx, config!(tp_kvm_exit_vcpu)) {
+            Ok(vcpu) => {
                 vmm_seen(tgid, tid);
                 exit::exit(tgid, tid, reason, isa, vcpu);
             }
+            Err(_) => count(KvmExit, Counter::ReadError),
         }
-        _ if exits => count(KvmExit, Counter::ReadError),
-        _ => count(SchedBackendWakeup, Counter::ReadError),
     }
     0
 }
