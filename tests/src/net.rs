@@ -57,7 +57,27 @@ impl Topology {
     /// The peer at 169.254.77.1, which knows the guest's address for good: no ARP crosses the
     /// tap.
     pub fn new(tag: &str) -> Topology {
-        Topology::build(tag, 0, "169.254.77.1", None, Some((GUEST_IP, GUEST_MAC)))
+        Topology::build(
+            tag,
+            0,
+            "169.254.77.1",
+            None,
+            Some((GUEST_IP, GUEST_MAC)),
+            false,
+        )
+    }
+
+    /// As [`Topology::new`], with a multi-queue tap (a guest NIC of several queue pairs: its
+    /// backend opens each queue with [`open_tap_queue`]).
+    pub fn new_multi_queue(tag: &str) -> Topology {
+        Topology::build(
+            tag,
+            0,
+            "169.254.77.1",
+            None,
+            Some((GUEST_IP, GUEST_MAC)),
+            true,
+        )
     }
 
     /// Two topologies whose taps a backend joins (`tap-forward`): the first's peer is
@@ -65,8 +85,8 @@ impl Topology {
     /// bridges, ARP and all.
     pub fn pair(tag: &str) -> (Topology, Topology) {
         (
-            Topology::build(tag, 1, "169.254.77.1", None, None),
-            Topology::build(tag, 2, GUEST_IP, Some(GUEST_MAC), None),
+            Topology::build(tag, 1, "169.254.77.1", None, None, false),
+            Topology::build(tag, 2, GUEST_IP, Some(GUEST_MAC), None, false),
         )
     }
 
@@ -77,6 +97,7 @@ impl Topology {
         peer_ip: &str,
         peer_mac: Option<&str>,
         neigh: Option<(&str, &str)>,
+        multi_queue: bool,
     ) -> Topology {
         let id = std::process::id() % 100_000;
         // Built first: a failed step below leaves what it made to Drop.
@@ -94,7 +115,11 @@ impl Topology {
         ]);
         ip(&["link", "set", &peer, "netns", &t.ns]);
         ip(&["link", "add", &t.bridge, "type", "bridge"]);
-        ip(&["tuntap", "add", "dev", &t.tap, "mode", "tap"]);
+        let mut tap = vec!["tuntap", "add", "dev", &t.tap, "mode", "tap"];
+        if multi_queue {
+            tap.push("multi_queue");
+        }
+        ip(&tap);
         for dev in [&t.bridge, &t.uplink, &t.tap] {
             sysctl_off_ipv6(None, dev);
         }
@@ -221,6 +246,11 @@ impl Drop for TapBackend {
 }
 
 pub fn send(vmm: &Path, ns: &str, count: u32, gap_us: u64) {
+    send_flows(vmm, ns, count, gap_us, 1);
+}
+
+/// As [`send`], from `flows` source ports in turn (flows a multi-queue tap spreads).
+pub fn send_flows(vmm: &Path, ns: &str, count: u32, gap_us: u64, flows: u32) {
     let out = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(vmm)
@@ -232,6 +262,7 @@ pub fn send(vmm: &Path, ns: &str, count: u32, gap_us: u64) {
             &count.to_string(),
         ])
         .args(["--gap-us", &gap_us.to_string()])
+        .args(["--flows", &flows.to_string()])
         .output()
         .expect("udp-send");
     assert!(
@@ -431,6 +462,12 @@ impl NetCounts {
 /// Attaches to tap `name` as its guest's side (a VMM's backend): frames read are what the host
 /// sent the guest, frames written are the guest's.
 pub fn open_tap(name: &str) -> std::io::Result<std::fs::File> {
+    open_tap_queue(name, false)
+}
+
+/// As [`open_tap`]; on a multi-queue tap (`multi_queue`), each call attaches its next queue,
+/// as QEMU does for each queue pair of the guest's NIC.
+pub fn open_tap_queue(name: &str, multi_queue: bool) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let tun = std::fs::OpenOptions::new()
         .read(true)
@@ -444,12 +481,15 @@ pub fn open_tap(name: &str) -> std::io::Result<std::fs::File> {
     }
     let mut req = IfReq {
         name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | if multi_queue { IFF_MULTI_QUEUE } else { 0 })
+            as libc::c_short,
         _pad: [0; 22],
     };
     let n = name.len().min(15);
     req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // linux/if_tun.h
+    const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
     // SAFETY: TUNSETIFF reads an ifreq of the size the kernel expects (40 bytes).
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());

@@ -15,7 +15,7 @@ use std::{
 
 use iopath_tests::{
     Daemon, Why, emulated, kvm_available, leftover_programs,
-    net::{NetCounter, TapBackend, TapWriter, Topology, send},
+    net::{NetCounter, TapBackend, TapWriter, Topology, send, send_flows},
     skip, testvmm_bin,
 };
 
@@ -560,6 +560,67 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
              {own_run:.1} us and to written {own_written:.1} us"
         );
         assert!(kick_p50 >= h_us as f64, "the kick holds at least H");
+    }
+    assert!(d.stop().success());
+}
+
+/// The `queue` label on a multi-queue tap (a guest NIC with two queue pairs): the test VMM
+/// reads both queues, as QEMU does one per pair, and counts the packets of each; the peer sends
+/// from 16 source ports, which tun spreads over the queues by flow hash. Each queue's
+/// `net.rx.backend_queue` and `net.rx.backend_to_irq` samples equal what the backend read off
+/// that queue (tun's queue index, from the skb's queue_mapping at the tap's transmit).
+#[test]
+fn the_queue_label_on_a_multi_queue_tap_counts_each_queues_packets() {
+    const TEST: &str = "the_queue_label_on_a_multi_queue_tap_counts_each_queues_packets";
+    if !kvm_available(TEST) {
+        return;
+    }
+    let topo = Topology::new_multi_queue("mq");
+    let d = Daemon::start(&["--stages", STAGES]);
+    let count = 200u32;
+    let backend = TapBackend::start(
+        &testvmm_bin(),
+        "netmq",
+        &topo.tap,
+        count,
+        0,
+        &["--queues", "2"],
+    );
+    topo.wait_forwarding();
+    send_flows(&testvmm_bin(), &topo.ns, count, 300, 16);
+    let r = backend.report();
+    let per_queue: Vec<u64> = r["per_queue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        per_queue.iter().sum::<u64>(),
+        count as u64,
+        "every datagram read: {r}"
+    );
+    // 16 flows all hashed to one queue: about 2 in 65,536.
+    assert!(
+        per_queue.iter().all(|&n| n > 0),
+        "both queues read packets: {r}"
+    );
+    let m = d.metrics();
+    for (q, &want) in per_queue.iter().enumerate() {
+        let q = q.to_string();
+        for stage in ["net.rx.backend_queue", "net.rx.backend_to_irq"] {
+            let got = m.value(
+                &format!("{LATENCY}_count"),
+                &[
+                    ("stage", stage),
+                    ("vm", "netmq"),
+                    ("tap", topo.tap.as_str()),
+                    ("queue", q.as_str()),
+                ],
+            );
+            eprintln!("{stage} queue {q}: {got} samples, the backend read {want}");
+            assert_eq!(got, want as f64, "{stage} queue {q}: {r}");
+        }
     }
     assert!(d.stop().success());
 }

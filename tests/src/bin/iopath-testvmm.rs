@@ -27,6 +27,8 @@
 //!   time (CLOCK_MONOTONIC): for those, the report gives the time from send to signal, an
 //!   independent figure for the RX stages' sum. Reads end after N packets or `--gap-us` µs
 //!   without one. With `--no-signal` it never signals (a guest that polls with interrupts off).
+//!   With `--queues Q` it reads the Q queues of a multi-queue tap, and reports the packets of
+//!   each (`udp-send --flows F` sends from F ports, which tun spreads over the queues).
 //! - `tap-forward --tap A --tap2 B --hold-ms H`: a backend joining two taps for H ms: each
 //!   frame read off one is written to the other (net.tx.host_stack from there), then the irqfd
 //!   is signalled. The bench's iperf3 runs between two namespaces through it.
@@ -109,6 +111,10 @@ struct Args {
     no_signal: bool,
     /// tap-tx: how long the vCPU thread keeps the woken backend off its CPU.
     hold_us: u64,
+    /// tap-rx: queues of a multi-queue tap to read (1: a single-queue tap).
+    queues: u32,
+    /// udp-send: sockets (source ports, flows) to send from in turn.
+    flows: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -126,6 +132,8 @@ fn parse_args() -> anyhow::Result<Args> {
         to: String::new(),
         no_signal: false,
         hold_us: 0,
+        queues: 1,
+        flows: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -143,6 +151,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--to" => a.to = val()?,
             "--no-signal" => a.no_signal = true,
             "--hold-us" => a.hold_us = val()?.parse()?,
+            "--queues" => a.queues = val()?.parse()?,
+            "--flows" => a.flows = val()?.parse()?,
             m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
             other => bail!("unknown argument {other}"),
         }
@@ -466,9 +476,12 @@ fn run_halt(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
 const STAMP_MAGIC: &[u8; 8] = b"iopathTS";
 
 fn run_udp_send(a: &Args) -> anyhow::Result<serde_json::Value> {
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("UDP socket")?;
+    let socks = (0..a.flows.max(1))
+        .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").context("UDP socket"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut sent = 0u32;
     for seq in 0..a.count {
+        let sock = &socks[seq as usize % socks.len()];
         let mut payload = [0u8; 24];
         payload[..8].copy_from_slice(STAMP_MAGIC);
         payload[16..20].copy_from_slice(&seq.to_le_bytes());
@@ -508,7 +521,13 @@ fn open_tap(name: &str) -> anyhow::Result<std::fs::File> {
 
 fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     use std::{io::Read as _, os::fd::AsRawFd};
-    let mut tap = open_tap(&a.tap)?;
+    // One file per queue of a multi-queue tap, as QEMU opens one per queue pair.
+    let multi = a.queues > 1;
+    let mut taps = (0..a.queues.max(1))
+        .map(|_| iopath_tests::net::open_tap_queue(&a.tap, multi))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("TUNSETIFF {}", a.tap))?;
+    let mut per_queue = vec![0u32; taps.len()];
     set_routes(&vm.vm)?;
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.vm.register_irqfd(&irqfd, MSI_GSI).context("KVM_IRQFD")?;
@@ -523,23 +542,32 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     let mut first = true;
     let (mut first_read, mut last_read) = (0u64, 0u64);
     while packets < a.count {
-        let mut pfd = libc::pollfd {
-            fd: tap.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfds: Vec<libc::pollfd> = taps
+            .iter()
+            .map(|t| libc::pollfd {
+                fd: t.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         // The first packet may take the sender's start-up; then a gap ends the run.
         let wait_ms = if first {
             30_000
         } else {
             (a.gap_us / 1000).max(1) as i32
         };
-        // SAFETY: one pollfd, on the tap this function owns.
-        if unsafe { libc::poll(&mut pfd, 1, wait_ms) } <= 0 {
+        // SAFETY: pollfds of the taps this function owns.
+        if unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait_ms) } <= 0 {
             break;
         }
         first = false;
-        let n = tap.read(&mut frame).context("read tap")?;
+        // One packet of the first queue that has one: one read, one signal per packet.
+        let q = pfds
+            .iter()
+            .position(|p| p.revents & libc::POLLIN != 0)
+            .unwrap_or(0);
+        let n = taps[q].read(&mut frame).context("read tap")?;
+        per_queue[q] += 1;
         let read = monotonic_ns();
         if packets == 0 {
             first_read = read;
@@ -566,7 +594,7 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         v.get(v.len() / 2).copied()
     };
     Ok(serde_json::json!({
-        "packets": packets, "stamped": stamped.len(),
+        "packets": packets, "per_queue": per_queue, "stamped": stamped.len(),
         "first_to_last_us": (last_read - first_read) / 1000,
         "send_to_signal_p50_us": p50(&mut stamped), "read_to_signal_p50_us": p50(&mut held),
         "cpu_per_packet_mean_us": (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64),
