@@ -59,6 +59,17 @@ fn two_hundred_short_lived_vms() {
     let deadline = Instant::now() + Duration::from_secs(300);
     while done.load(Ordering::Relaxed) < VMS {
         assert!(Instant::now() < deadline, "200 VMs did not finish in 300 s");
+        // A worker that failed (a test VMM that did not start or finish) fails the test now,
+        // with its own message, rather than at the deadline.
+        if let Some(i) = workers.iter().position(|w| w.is_finished())
+            && next.load(Ordering::Relaxed) < VMS
+        {
+            let failed = workers.into_iter().nth(i).unwrap();
+            if let Err(panic) = failed.join() {
+                std::panic::resume_unwind(panic);
+            }
+            panic!("a worker ended with VMs left to run");
+        }
         let m = d.metrics();
         seen.extend(m.label_values("iopath_stage_latency_seconds_count", "vm"));
         sleep(Duration::from_millis(250));

@@ -392,9 +392,19 @@ fn run_exits(vm: Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         .collect();
     let (mut io, mut mmio, mut intr) = (0, 0, 0);
     for (t, rx) in threads {
-        let tid = rx
-            .recv_timeout(Duration::from_secs(20))
-            .context("vCPU did not finish")?;
+        let tid = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(tid) => tid,
+            // The thread ended before its halt: say why (an unexpected exit, KVM_RUN's error).
+            Err(_) if t.is_finished() => {
+                let why = match t.join() {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Ok(Ok(_)) => "returned early".into(),
+                    Err(_) => "panicked".into(),
+                };
+                bail!("vCPU did not finish its exits: {why}");
+            }
+            Err(e) => bail!("vCPU did not finish: {e}"),
+        };
         // Signal until the thread returns: a signal that lands before it re-enters KVM_RUN
         // would be taken in userspace.
         while !t.is_finished() {
