@@ -282,6 +282,19 @@ fn summary(r: &Replay, want: &std::collections::BTreeMap<String, u64>) -> Vec<St
     summary
 }
 
+/// Each of `stages` has as many samples in the replay as iopath counted, and some.
+fn assert_as_measured(
+    r: &Replay,
+    want: &std::collections::BTreeMap<String, u64>,
+    stages: &[&str],
+    summary: &[String],
+) {
+    for &stage in stages {
+        assert_eq!(r.count(stage), want[stage], "{stage}: {summary:?}");
+        assert!(r.count(stage) > 0, "{stage}");
+    }
+}
+
 #[test]
 fn the_labs_qemu_replays_to_what_iopath_measured() {
     let text = include_str!("../../../tests/fixtures/net_lab_qemu.events");
@@ -289,15 +302,13 @@ fn the_labs_qemu_replays_to_what_iopath_measured() {
     let r = Replay::run(text, false, false);
     let summary = summary(&r, &want);
     // The per-packet stages, exactly as the kernel's programs counted them.
-    for stage in [
+    let stages = [
         "net.rx.backend_queue",
         "net.rx.backend_to_irq",
         "net.tx.kick",
         "net.tx.backend_to_wire",
-    ] {
-        assert_eq!(r.count(stage), want[stage], "{stage}: {summary:?}");
-        assert!(r.count(stage) > 0, "{stage}");
-    }
+    ];
+    assert_as_measured(&r, &want, &stages, &summary);
     // iopath ran a moment longer than the trace: the main loop's wakeups after the trace (its
     // timers) are its own.
     let wakes = r.count("sched.backend_wakeup");
@@ -318,17 +329,15 @@ fn vhost_net_in_the_distro_kernel_replays_to_what_iopath_measured() {
     // Every stage of both directions, exactly as the kernel's programs counted them: the
     // host stacks from the uplink's events, vhost's kicks from its functions and its runs from
     // handle_tx.
-    for stage in [
+    let stages = [
         "net.rx.host_stack",
         "net.rx.backend_queue",
         "net.rx.backend_to_irq",
         "net.tx.kick",
         "net.tx.backend_to_wire",
         "net.tx.host_stack",
-    ] {
-        assert_eq!(r.count(stage), want[stage], "{stage}: {summary:?}");
-        assert!(r.count(stage) > 0, "{stage}");
-    }
+    ];
+    assert_as_measured(&r, &want, &stages, &summary);
     assert_eq!((r.kick_unmatched, r.no_transmit), (0, 0), "{summary:?}");
     // One queue pair: queue 0 both ways, from tun's two conventions (the index as is on the
     // way to the guest, plus one on the way from it).
