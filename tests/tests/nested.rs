@@ -36,6 +36,11 @@ fn in_vm(test: &str) -> bool {
 struct L2(u32);
 
 fn l2(args: &[&str], env: &[(&str, &str)]) -> String {
+    l2_try(args, env).unwrap_or_else(|text| panic!("l2.sh {args:?}: {text}"))
+}
+
+/// l2.sh's output, or what it said when it failed.
+fn l2_try(args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/l2.sh");
     let out = Command::new(script)
         .args(args)
@@ -44,8 +49,11 @@ fn l2(args: &[&str], env: &[(&str, &str)]) -> String {
         .expect("run l2.sh");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "l2.sh {args:?}: {text}");
-    text
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
 }
 
 impl L2 {
@@ -58,10 +66,20 @@ impl L2 {
         let vhost = if vhost { "on" } else { "off" };
         // A leftover from an interrupted run would hold the namespace.
         l2(&["stop"], &[]);
-        let out = l2(
-            &["start"],
-            &[("L2_NAME", name), ("L2_VHOST", vhost), ("L2_NET", net)],
-        );
+        let env = [("L2_NAME", name), ("L2_VHOST", vhost), ("L2_NET", net)];
+        // The nested guest's QEMU (nested KVM on emulated SVM, under TCG) now and then dies
+        // while the guest boots, its console normal up to there: one more boot, said aloud.
+        let out = match l2_try(&["start"], &env) {
+            Ok(out) => out,
+            Err(text) if text.contains("qemu exited during boot") => {
+                eprintln!(
+                    "l2: the nested guest's QEMU exited during boot; booting it again: {text}"
+                );
+                l2(&["stop"], &[]);
+                l2(&["start"], &env)
+            }
+            Err(text) => panic!("l2.sh [\"start\"]: {text}"),
+        };
         eprintln!("{}", out.trim());
         let pid = out
             .split("qemu pid ")

@@ -56,7 +56,11 @@ fn notified(write: Result<bool, ()>, _: Site) {
     };
     match write {
         Ok(true) => wakeup::on_notify(p, tid, tgid, now_ns()),
-        _ => wakeup::on_userspace_exit(p, tid),
+        Ok(false) => wakeup::on_userspace_exit(p, tid),
+        Err(()) => {
+            wakeup::on_userspace_exit(p, tid);
+            count(SchedBackendWakeup, Counter::ReadError);
+        }
     }
 }
 

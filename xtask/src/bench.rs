@@ -380,6 +380,16 @@ const IPERF_SECONDS: u64 = 3;
 /// (`tap-forward`: every packet crosses a bridge, a tap, the backend, the other tap and bridge,
 /// as between two guests on one host): the bits per second received.
 fn iperf3(vmm: &Path, pair: &(Topology, Topology)) -> anyhow::Result<f64> {
+    iperf3_with(vmm, pair, |_| Ok(()))
+}
+
+/// [`iperf3`], calling `around` with the forwarding VMM's pid just before the client starts
+/// and just after it ends: what it reads there is the traffic's alone, not the set-up's.
+fn iperf3_with(
+    vmm: &Path,
+    pair: &(Topology, Topology),
+    mut around: impl FnMut(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     let (a, b) = pair;
     let hold_ms = ((IPERF_SECONDS + 15) * 1000).to_string();
     let mut child = Command::new(vmm)
@@ -393,6 +403,7 @@ fn iperf3(vmm: &Path, pair: &(Topology, Topology)) -> anyhow::Result<f64> {
         &mut std::io::BufReader::new(child.stdout.take().unwrap()),
         &mut ready,
     )?;
+    let fwd_pid = child.id();
     let _fwd = Proc(child);
     anyhow::ensure!(ready.contains("ready"), "test VMM: {ready:?}");
     a.wait_forwarding();
@@ -415,11 +426,13 @@ fn iperf3(vmm: &Path, pair: &(Topology, Topology)) -> anyhow::Result<f64> {
             .context("iperf3 -s")?,
     );
     sleep(Duration::from_millis(500));
+    around(fwd_pid)?;
     let out = Command::new("ip")
         .args(["netns", "exec", &b.ns, "timeout", "60", "iperf3", "-J"])
         .args(["-c", "169.254.77.1", "-t", &IPERF_SECONDS.to_string()])
         .output()
         .context("iperf3 -c")?;
+    around(fwd_pid)?;
     drop(server);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 -J: {}", String::from_utf8_lossy(&out.stderr)))?;
@@ -656,8 +669,7 @@ pub fn bench(
     let mut net_read = [Vec::new(), Vec::new()];
     let mut net_progs: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut iperf = [Vec::new(), Vec::new()];
-    // (share, programs' ns, busy CPU ns, bits/s) of the one-run CPU measure below.
-    let mut iperf_share: Option<(f64, f64, f64, f64)> = None;
+    let mut iperf_share: Option<CpuShare> = None;
     let has_iperf3 = Command::new("iperf3")
         .arg("--version")
         .output()
@@ -714,21 +726,32 @@ pub fn bench(
         accumulate(&mut net_progs, &before, program_stats(&iopath.metrics()));
         anyhow::ensure!(iopath.stop().success(), "iopath did not exit cleanly");
         // The default stages' share of the CPU an iperf3 run keeps busy, in one run: their
-        // programs' run time (bpf_stats) against the host's busy CPU time over the same run
-        // (/proc/stat). Where the path is CPU-bound, as here, this is about what they take from
-        // its throughput, and noise between runs does not move it.
+        // programs' run time (bpf_stats) against the host's busy CPU time over the client's run
+        // alone (/proc/stat), which noise between runs does not move; and how busy the
+        // forwarding backend was (its threads' CPU time over the run's wall time), since one
+        // TCP stream through it is bound by that one thread rather than by the host.
         if let Some(pair) = &pair {
             let d = Daemon::start_bin(bin, &["--bpf-stats"]);
             sleep(Duration::from_secs(2));
-            let before = program_stats(&d.metrics());
-            let busy0 = busy_cpu_ns()?;
-            let bps = iperf3(vmm, pair)?;
-            let busy = busy_cpu_ns()? - busy0;
-            let mut ran = BTreeMap::new();
-            accumulate(&mut ran, &before, program_stats(&d.metrics()));
+            let mut at = Vec::new();
+            let bps = iperf3_with(vmm, pair, |fwd| {
+                let progs = program_stats(&d.metrics());
+                at.push((progs, busy_cpu_ns()?, process_cpu_ns(fwd)?, Instant::now()));
+                Ok(())
+            })?;
             anyhow::ensure!(d.stop().success(), "iopath did not exit cleanly");
-            let prog_ns: f64 = ran.values().map(|(t, _)| t).sum();
-            iperf_share = Some((prog_ns / busy, prog_ns, busy, bps));
+            let [(p0, busy0, fwd0, t0), (p1, busy1, fwd1, t1)] = <[_; 2]>::try_from(at)
+                .map_err(|_| anyhow::anyhow!("iperf3 did not mark its run"))?;
+            let mut ran = BTreeMap::new();
+            accumulate(&mut ran, &p0, p1);
+            let wall = (t1 - t0).as_secs_f64() * 1e9;
+            iperf_share = Some(CpuShare {
+                programs: ran,
+                busy_ns: busy1 - busy0,
+                backend_ns: fwd1 - fwd0,
+                wall_ns: wall,
+                bits_per_s: bps,
+            });
         }
     }
 
@@ -844,17 +867,21 @@ pub fn bench(
             ),
             None => println!("iperf3 not installed (cargo xtask setup installs it): no TCP run"),
         }
-        if let Some((share, prog, busy, bps)) = iperf_share {
+        if let Some(s) = &iperf_share {
             println!(
-                "  in one iperf3 run ({:.0} Mbit/s) with the default stages, their programs ran \
-                 {:.1} ms of the host's {:.0} ms of busy CPU: {:.1}% (a CPU-bound path's ratio \
-                 of about {:.3})",
-                bps / 1e6,
-                prog / 1e6,
-                busy / 1e6,
-                share * 100.0,
-                1.0 - share
+                "  in one iperf3 run ({:.0} Mbit/s) with the default stages: their programs ran \
+                 {:.1} ms of the host's {:.0} ms of busy CPU ({:.1}%) over the client's {:.2} s; \
+                 the forwarding backend's threads were on CPU {:.0}% of it",
+                s.bits_per_s / 1e6,
+                s.programs_ns() / 1e6,
+                s.busy_ns / 1e6,
+                s.share() * 100.0,
+                s.wall_ns / 1e9,
+                s.backend_ns / s.wall_ns * 100.0
             );
+            for (name, (t, c)) in s.programs.iter().filter(|(_, (_, c))| *c > 0.0) {
+                println!("    {name:<24} {c:>12.0} {:>10.0}", t / c);
+            }
         }
         println!("  net programs over one more flood and iperf3 run (kernel.bpf_stats):");
         for (name, (t, c)) in net_progs.iter().filter(|(_, (_, c))| *c > 0.0) {
@@ -896,8 +923,10 @@ pub fn bench(
             "iperf3_tcp_bits_per_s_without": iperf[0], "iperf3_tcp_bits_per_s_with_iopath": iperf[1],
             "iperf3_seconds": IPERF_SECONDS,
             "iperf3_ratio": (!iperf[0].is_empty()).then(|| median(&iperf[1]) / median(&iperf[0])),
-            "iperf3_cpu_share": iperf_share.map(|(share, prog, busy, bps)| serde_json::json!({
-                "share": share, "programs_ns": prog, "busy_cpu_ns": busy, "bits_per_s": bps,
+            "iperf3_cpu_share": iperf_share.as_ref().map(|s| serde_json::json!({
+                "share": s.share(), "programs_ns": s.programs_ns(), "busy_cpu_ns": s.busy_ns,
+                "wall_ns": s.wall_ns, "backend_cpu_ns": s.backend_ns, "bits_per_s": s.bits_per_s,
+                "programs": s.programs.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"events": c, "ns_per_event": if *c > 0.0 { t / c } else { 0.0 }}))).collect::<serde_json::Map<_, _>>(),
             })),
             "programs": net_progs.iter().map(|(n, (t, c))| (n.clone(), serde_json::json!({"events": c, "ns_per_event": if *c > 0.0 { t / c } else { 0.0 }}))).collect::<serde_json::Map<_, _>>(),
         },
@@ -916,8 +945,44 @@ pub fn bench(
     Ok(())
 }
 
-/// The CPU time every CPU of the host spent busy so far (/proc/stat: all but idle and iowait),
-/// in ns.
+/// What the default stages cost one iperf3 run, from [`iperf3_with`]'s two marks.
+struct CpuShare {
+    /// Run time and runs of each program between the marks.
+    programs: BTreeMap<String, (f64, f64)>,
+    /// The host's busy CPU time between them.
+    busy_ns: f64,
+    /// The forwarding backend's threads' CPU time between them.
+    backend_ns: f64,
+    wall_ns: f64,
+    bits_per_s: f64,
+}
+
+impl CpuShare {
+    fn programs_ns(&self) -> f64 {
+        self.programs.values().map(|(t, _)| t).sum()
+    }
+
+    fn share(&self) -> f64 {
+        self.programs_ns() / self.busy_ns
+    }
+}
+
+/// The CPU time of every thread of process `pid` so far (`/proc/PID/task/*/schedstat`), in ns.
+fn process_cpu_ns(pid: u32) -> anyhow::Result<f64> {
+    let mut ns = 0.0;
+    for t in fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let stat = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+    }
+    Ok(ns)
+}
+
+/// The CPU time every CPU of the host spent busy so far (/proc/stat: user, nice, system, irq
+/// and softirq; not idle, iowait, or steal, the hypervisor's), in ns.
 fn busy_cpu_ns() -> anyhow::Result<f64> {
     let stat = fs::read_to_string("/proc/stat")?;
     let ticks: Vec<f64> = stat
@@ -928,9 +993,9 @@ fn busy_cpu_ns() -> anyhow::Result<f64> {
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(0.0))
         .collect();
-    anyhow::ensure!(ticks.len() >= 5, "/proc/stat: short cpu line");
-    // user nice system idle iowait irq softirq steal (guest time is within user)
-    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4];
+    anyhow::ensure!(ticks.len() >= 7, "/proc/stat: short cpu line");
+    // user nice system idle iowait irq softirq ... (guest time is within user)
+    let busy: f64 = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(busy / hz * 1e9)

@@ -394,8 +394,9 @@ fn run_exits(vm: Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     for (t, rx) in threads {
         let tid = match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(tid) => tid,
-            // The thread ended before its halt: say why (an unexpected exit, KVM_RUN's error).
-            Err(_) if t.is_finished() => {
+            // The thread ended before its halt (its sender dropped): say why (an unexpected
+            // exit, KVM_RUN's error).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let why = match t.join() {
                     Ok(Err(e)) => format!("{e:#}"),
                     Ok(Ok(_)) => "returned early".into(),
@@ -538,6 +539,7 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         .collect::<std::io::Result<Vec<_>>>()
         .with_context(|| format!("TUNSETIFF {}", a.tap))?;
     let mut per_queue = vec![0u32; taps.len()];
+    let mut last_q = taps.len() - 1;
     set_routes(&vm.vm)?;
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     vm.vm.register_irqfd(&irqfd, MSI_GSI).context("KVM_IRQFD")?;
@@ -571,11 +573,16 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
             break;
         }
         first = false;
-        // One packet of the first queue that has one: one read, one signal per packet.
-        let q = pfds
-            .iter()
-            .position(|p| p.revents & libc::POLLIN != 0)
-            .unwrap_or(0);
+        // One packet of a queue that has one, taking the queues in turn from the last one
+        // served: one read, one signal per packet.
+        let ready = (0..pfds.len())
+            .map(|i| (last_q + 1 + i) % pfds.len())
+            .find(|&i| pfds[i].revents & libc::POLLIN != 0);
+        let Some(q) = ready else {
+            let revents: Vec<_> = pfds.iter().map(|p| p.revents).collect();
+            bail!("tap {}: no queue readable ({revents:?})", a.tap);
+        };
+        last_q = q;
         let n = taps[q].read(&mut frame).context("read tap")?;
         per_queue[q] += 1;
         let read = monotonic_ns();
