@@ -117,8 +117,11 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
             (irq_p50 - held).abs() <= tol && irq_p50 >= d_us as f64 * 15.0 / 16.0,
             "backend_to_irq p50 {irq_p50} us for a {d_us} us hold ({held} us read to signal)"
         );
-        // Emulated, the peer's own send path (outside the stages) takes hundreds of µs more.
-        let slack = if emulated() { 1000.0 } else { 0.0 };
+        // The backend's figure starts at the peer's send(), before the uplink receive that
+        // starts the stages: the peer's own send path (its socket, UDP, the veth) is outside
+        // them, 10 to 16 µs here (the gap was the same at D = 50 and 500 µs, so a fixed offset,
+        // which at D = 50 µs alone brushed the 15%), hundreds of µs emulated.
+        let slack = if emulated() { 1000.0 } else { 20.0 };
         assert!(
             (sum - independent).abs() <= 0.15 * independent + slack,
             "RX stages add up to {sum} us, the backend measured {independent} us"

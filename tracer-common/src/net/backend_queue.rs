@@ -17,7 +17,7 @@ pub fn start(
     tap: u32,
     queue: u32,
 ) -> Result<(), Counter> {
-    slot.put(skb, now_ns, uplink, tap, queue, Phase::Queued)
+    slot.put(SkbSlot::new(skb, now_ns, uplink, tap, queue, Phase::Queued))
 }
 
 /// skb:consume_skb (`dropped` false) or skb:kfree_skb (true) of `skb`: ends the stage when the

@@ -10,7 +10,7 @@ use crate::maps::Counter;
 /// another packet still in flight is taken over (`start_map_full`).
 #[inline(always)]
 pub fn on_uplink_rx(slot: &mut SkbSlot, skb: u64, now_ns: u64, uplink: u32) -> Result<(), Counter> {
-    slot.put(skb, now_ns, uplink, 0, 0, Phase::Received)
+    slot.put(SkbSlot::new(skb, now_ns, uplink, 0, 0, Phase::Received))
 }
 
 /// A packet received on a device that is no uplink frees a slot that held that skb: its

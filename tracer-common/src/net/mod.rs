@@ -170,20 +170,12 @@ impl SkbSlot {
             ^ ((self.queue as u64) << 32 | self.phase as u64)
     }
 
-    /// Writes `skb`'s start over whatever the slot held: another packet still in flight there is
-    /// evicted (`start_map_full`).
+    /// Writes a packet's start (a [`SkbSlot::new`]) over whatever the slot held: another packet
+    /// still in flight there is evicted (`start_map_full`).
     #[inline(always)]
-    pub fn put(
-        &mut self,
-        skb: u64,
-        ts_ns: u64,
-        uplink: u32,
-        tap: u32,
-        queue: u32,
-        phase: Phase,
-    ) -> Result<(), crate::maps::Counter> {
-        let evicted = self.skb != 0 && self.skb != skb;
-        *self = SkbSlot::new(skb, ts_ns, uplink, tap, queue, phase);
+    pub fn put(&mut self, start: SkbSlot) -> Result<(), crate::maps::Counter> {
+        let evicted = self.skb != 0 && self.skb != start.skb;
+        *self = start;
         if evicted {
             Err(crate::maps::Counter::StartFull)
         } else {

@@ -282,40 +282,43 @@ fn summary(r: &Replay, want: &std::collections::BTreeMap<String, u64>) -> Vec<St
     summary
 }
 
-/// Each of `stages` has as many samples in the replay as iopath counted, and some.
-fn assert_as_measured(
-    r: &Replay,
-    want: &std::collections::BTreeMap<String, u64>,
+/// A fixture replayed (`uplink`, `functions`: see [`Replay`]) and checked against what iopath
+/// measured over its window: each of `stages` has as many samples, and some; the backend's
+/// wakeups are some and at most iopath's, which ran a moment longer than the trace. Returns the
+/// replay and its summary for the fixture's own checks.
+fn replay_as_measured(
+    text: &str,
+    uplink: bool,
+    functions: bool,
     stages: &[&str],
-    summary: &[String],
-) {
+) -> (Replay, Vec<String>) {
+    let want = measured(text);
+    let r = Replay::run(text, uplink, functions);
+    let summary = summary(&r, &want);
     for &stage in stages {
         assert_eq!(r.count(stage), want[stage], "{stage}: {summary:?}");
         assert!(r.count(stage) > 0, "{stage}");
     }
+    let wakes = r.count("sched.backend_wakeup");
+    assert!(
+        wakes > 0 && wakes <= want["sched.backend_wakeup"],
+        "{summary:?}"
+    );
+    (r, summary)
 }
 
 #[test]
 fn the_labs_qemu_replays_to_what_iopath_measured() {
     let text = include_str!("../../../tests/fixtures/net_lab_qemu.events");
-    let want = measured(text);
-    let r = Replay::run(text, false, false);
-    let summary = summary(&r, &want);
-    // The per-packet stages, exactly as the kernel's programs counted them.
+    // The per-packet stages, exactly as the kernel's programs counted them; the main loop's
+    // wakeups after the trace (its timers) are iopath's alone.
     let stages = [
         "net.rx.backend_queue",
         "net.rx.backend_to_irq",
         "net.tx.kick",
         "net.tx.backend_to_wire",
     ];
-    assert_as_measured(&r, &want, &stages, &summary);
-    // iopath ran a moment longer than the trace: the main loop's wakeups after the trace (its
-    // timers) are its own.
-    let wakes = r.count("sched.backend_wakeup");
-    assert!(
-        wakes > 0 && wakes <= want["sched.backend_wakeup"],
-        "{summary:?}"
-    );
+    let (r, _) = replay_as_measured(text, false, false, &stages);
     // Every kick the backend ran transmitted (the pings' replies): no more kicks than frames.
     assert!(r.count("net.tx.kick") <= r.count("net.tx.backend_to_wire"));
 }
@@ -323,9 +326,6 @@ fn the_labs_qemu_replays_to_what_iopath_measured() {
 #[test]
 fn vhost_net_in_the_distro_kernel_replays_to_what_iopath_measured() {
     let text = include_str!("../../../tests/fixtures/net_nested_vhost.events");
-    let want = measured(text);
-    let r = Replay::run(text, true, true);
-    let summary = summary(&r, &want);
     // Every stage of both directions, exactly as the kernel's programs counted them: the
     // host stacks from the uplink's events, vhost's kicks from its functions and its runs from
     // handle_tx.
@@ -337,15 +337,9 @@ fn vhost_net_in_the_distro_kernel_replays_to_what_iopath_measured() {
         "net.tx.backend_to_wire",
         "net.tx.host_stack",
     ];
-    assert_as_measured(&r, &want, &stages, &summary);
+    let (r, summary) = replay_as_measured(text, true, true, &stages);
     assert_eq!((r.kick_unmatched, r.no_transmit), (0, 0), "{summary:?}");
     // One queue pair: queue 0 both ways, from tun's two conventions (the index as is on the
     // way to the guest, plus one on the way from it).
     assert_eq!(r.queues, [Some(0)].into(), "queues");
-    // The worker's wakeups: iopath ran a moment longer than the trace.
-    let wakes = r.count("sched.backend_wakeup");
-    assert!(
-        wakes > 0 && wakes <= want["sched.backend_wakeup"],
-        "{summary:?}"
-    );
 }

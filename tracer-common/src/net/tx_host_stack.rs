@@ -13,7 +13,7 @@ use crate::maps::Counter;
 /// another packet still in flight is taken over (`start_map_full`).
 #[inline(always)]
 pub fn on_tap_rx(slot: &mut SkbSlot, skb: u64, now_ns: u64, tap: u32) -> Result<(), Counter> {
-    slot.put(skb, now_ns, 0, tap, 0, Phase::Sent)
+    slot.put(SkbSlot::new(skb, now_ns, 0, tap, 0, Phase::Sent))
 }
 
 /// net:net_dev_start_xmit of `skb` on uplink `uplink`: the sample (or `stale`) when the slot
