@@ -527,6 +527,10 @@ tracepoint:sched:sched_switch /strncmp(args->next_comm, "vhost-", 6) == 0/ {
             ) as u64
         };
         let kick_unmatched = dropped("net.tx.kick", "unmatched");
+        // Packets whose slot another skb hashed to took over while they waited (in netem's
+        // qdiscs, 20 ms): counted under the stage of the packet that took it.
+        let evicted = dropped("net.rx.host_stack", "start_map_full")
+            + dropped("net.tx.host_stack", "start_map_full");
         // Every reason: a run that gave no sample is counted under one of them.
         let kick_dropped: u64 = d
             .metrics()
@@ -591,7 +595,11 @@ tracepoint:sched:sched_switch /strncmp(args->next_comm, "vhost-", 6) == 0/ {
             (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&rx),
             "{rx} packets in on the uplink for {PINGS} pings"
         );
-        assert_eq!(host_n, rx, "host_stack: one per receive on the uplink");
+        eprintln!("netem {netem:?}: {evicted} host-stack slots taken over");
+        assert!(
+            host_n <= rx && host_n + evicted >= rx,
+            "host_stack: {host_n} for {rx} receives on the uplink, {evicted} slots taken over"
+        );
         assert_eq!(queue_n, rx, "backend_queue: vhost took every one");
         let xmit = counts.of("xmit");
         assert!(
@@ -615,7 +623,10 @@ tracepoint:sched:sched_switch /strncmp(args->next_comm, "vhost-", 6) == 0/ {
             (PINGS as u64..=PINGS as u64 * 101 / 100).contains(&replies),
             "{replies} packets from the guest for {PINGS} replies"
         );
-        assert_eq!(tx_n, replies, "tx host_stack: one per packet from the tap");
+        assert!(
+            tx_n <= replies && tx_n + evicted >= replies,
+            "tx host_stack: {tx_n} for {replies} packets from the tap, {evicted} slots taken over"
+        );
         // Each reply is one notify of the transmit queue and one worker run on it (vhost had
         // gone idle and the guest's notifications were on: 20 ms between pings); every run is
         // measured or counted.
