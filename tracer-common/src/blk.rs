@@ -1,6 +1,9 @@
-//! Block path: the `blk.device` stage (block_rq_issue to block_rq_complete).
+//! Block path: the `blk.device` stage (block_rq_issue to block_rq_complete), and the request
+//! slots the VMM's stages (`vm`: kick to submit, completion to interrupt) share with it.
 
 use crate::{assert_size, maps::Counter, rules::Starts};
+
+pub mod vm;
 
 /// Operation of a block request, the `op` label.
 #[repr(u32)]
@@ -10,6 +13,9 @@ pub enum Op {
     Write = 1,
     Flush = 2,
     Other = 3,
+    /// A write the device must make durable before it completes (REQ_FUA): with flushes, what
+    /// a guest's synchronous write costs on the host.
+    Fua = 4,
 }
 
 impl Op {
@@ -18,6 +24,7 @@ impl Op {
             0 => Op::Read,
             1 => Op::Write,
             2 => Op::Flush,
+            4 => Op::Fua,
             _ => Op::Other,
         }
     }
@@ -28,14 +35,17 @@ impl Op {
             Op::Write => "write",
             Op::Flush => "flush",
             Op::Other => "other",
+            Op::Fua => "fua",
         }
     }
 
     /// From `struct request`.cmd_flags: the low 8 bits are `enum req_op` (REQ_OP_BITS),
-    /// READ 0, WRITE 1, FLUSH 2 since Linux 4.10.
-    pub const fn from_cmd_flags(cmd_flags: u32) -> Op {
+    /// READ 0, WRITE 1, FLUSH 2 since Linux 4.10; `fua` is REQ_FUA's bit on this kernel
+    /// (`__REQ_FUA` in BTF; 0 when unknown: FUA writes then count as writes).
+    pub const fn from_cmd_flags(cmd_flags: u32, fua: u32) -> Op {
         match cmd_flags & 0xff {
             0 => Op::Read,
+            1 if cmd_flags & fua != 0 => Op::Fua,
             1 => Op::Write,
             2 => Op::Flush,
             _ => Op::Other,
@@ -43,12 +53,15 @@ impl Op {
     }
 
     /// From the tracepoints' `rwbs` string (blk_fill_rwbs): an optional leading 'F' marks a
-    /// preflush, then the op letter: R, W, F (a flush request), D (discard), N (none/other).
+    /// preflush, then the op letter: R, W, F (a flush request), D (discard), N (none/other),
+    /// then 'F' for FUA.
     pub fn from_rwbs(rwbs: &[u8]) -> Op {
-        let (first, second) = (rwbs.first().copied(), rwbs.get(1).copied());
-        match (first, second) {
-            (Some(b'F'), Some(b'R')) | (Some(b'R'), _) => Op::Read,
-            (Some(b'F'), Some(b'W')) | (Some(b'W'), _) => Op::Write,
+        let skip = usize::from(rwbs.first() == Some(&b'F') && rwbs.len() > 1 && rwbs[1] != 0);
+        let (op, after) = (rwbs.get(skip).copied(), rwbs.get(skip + 1).copied());
+        match (op, after) {
+            (Some(b'R'), _) => Op::Read,
+            (Some(b'W'), Some(b'F')) => Op::Fua,
+            (Some(b'W'), _) => Op::Write,
             (Some(b'F'), _) => Op::Flush,
             _ => Op::Other,
         }
@@ -59,12 +72,16 @@ impl Op {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlkStart {
+    /// 0: inserted by a VMM's thread, not yet issued.
     pub ts_ns: u64,
     /// Kernel dev_t: major << 20 | minor.
     pub dev: u32,
     pub op: u32,
+    /// tgid of the VMM whose thread submitted the request (inserted or issued it); 0: the host's.
+    pub vm: u32,
+    pub _pad: u32,
 }
-assert_size!(BlkStart, 16);
+assert_size!(BlkStart, 24);
 
 /// Buckets of [`RqBucket`]: requests in flight keyed by pointer live in an array, in a bucket
 /// hashed from the pointer, so that issue and completion take no lock (a hash map's update
@@ -94,15 +111,15 @@ pub struct RqSlot {
     pub start: BlkStart,
     pub check: u64,
 }
-assert_size!(RqSlot, 32);
+assert_size!(RqSlot, 40);
 
-/// The slots of one bucket: one cache line.
+/// The slots of one bucket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RqBucket {
     pub ways: [RqSlot; RQ_WAYS],
 }
-assert_size!(RqBucket, 64);
+assert_size!(RqBucket, 80);
 
 impl RqSlot {
     pub const fn new(rq: u64, start: BlkStart) -> RqSlot {
@@ -114,7 +131,7 @@ impl RqSlot {
     }
 
     const fn fold(rq: u64, s: BlkStart) -> u64 {
-        rq ^ s.ts_ns ^ ((s.dev as u64) << 32 | s.op as u64)
+        rq ^ s.ts_ns ^ ((s.dev as u64) << 32 | s.op as u64) ^ ((s.vm as u64) << 40)
     }
 
     /// Is this `rq`'s start, written whole?
@@ -129,6 +146,12 @@ impl RqSlot {
 /// request that never completes cannot hold a slot for good, and a removed disk's slots need
 /// no collecting.
 pub fn issue_slot(b: &mut RqBucket, rq: u64, now_ns: u64, dev: u32, op: Op) -> Result<(), Counter> {
+    submit_slot(b, rq, BlkStart::new(now_ns, dev, op, 0))
+}
+
+/// A request's slot: its start (issue) or its submitter alone (`start.ts_ns` 0: inserted by a
+/// VMM's thread). A request issued after such an insert keeps its VMM.
+pub fn submit_slot(b: &mut RqBucket, rq: u64, start: BlkStart) -> Result<(), Counter> {
     // Index loops: the verifier of Linux 6.1 refuses the slice iterators' code.
     let mut pick = RQ_WAYS;
     for w in 0..RQ_WAYS {
@@ -154,19 +177,27 @@ pub fn issue_slot(b: &mut RqBucket, rq: u64, now_ns: u64, dev: u32, op: Op) -> R
             }
         }
     }
-    b.ways[pick] = RqSlot::new(
-        rq,
-        BlkStart {
-            ts_ns: now_ns,
-            dev,
-            op: op as u32,
-        },
-    );
+    let mut start = start;
+    let mine = b.ways[pick];
+    if start.vm == 0 && mine.holds(rq) {
+        start.vm = mine.start.vm;
+    }
+    b.ways[pick] = RqSlot::new(rq, start);
     if evicted {
         Err(Counter::StartFull)
     } else {
         Ok(())
     }
+}
+
+/// Was `rq` inserted by a VMM's thread and not issued yet (its submit already seen)?
+pub fn inserted(b: &RqBucket, rq: u64) -> bool {
+    for w in 0..RQ_WAYS {
+        if b.ways[w].holds(rq) && b.ways[w].start.ts_ns == 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// block_rq_complete from a bucket: the sample, and the slot freed, when a slot holds `rq`.
@@ -177,10 +208,15 @@ pub fn complete_slot(b: &mut RqBucket, rq: u64, now_ns: u64) -> Result<Sample, C
         if copy.holds(rq) {
             b.ways[w].rq = 0;
             let s = copy.start;
+            // Inserted, never issued (ended by an error before a driver took it): no start.
+            if s.ts_ns == 0 {
+                return Err(Counter::Unmatched);
+            }
             return Ok(Sample {
                 latency_ns: now_ns.saturating_sub(s.ts_ns),
                 dev: s.dev,
                 op: Op::from_u32(s.op),
+                vm: s.vm,
             });
         }
     }
@@ -218,7 +254,7 @@ pub struct SectorStart {
     /// 1 once a second request was issued under the key while one was in flight.
     pub ambiguous: u32,
 }
-assert_size!(SectorStart, 24);
+assert_size!(SectorStart, 32);
 
 /// Kernel dev_t (MKDEV) from major and minor.
 pub const fn mkdev(major: u32, minor: u32) -> u32 {
@@ -237,6 +273,20 @@ pub struct Sample {
     pub latency_ns: u64,
     pub dev: u32,
     pub op: Op,
+    /// The VMM that submitted it (0: the host).
+    pub vm: u32,
+}
+
+impl BlkStart {
+    pub const fn new(ts_ns: u64, dev: u32, op: Op, vm: u32) -> BlkStart {
+        BlkStart {
+            ts_ns,
+            dev,
+            op: op as u32,
+            vm,
+            _pad: 0,
+        }
+    }
 }
 
 /// block_rq_issue, classic tracepoint: remember the request under its dev + sector, or mark
@@ -248,13 +298,10 @@ pub fn on_issue_sector<S: Starts<SectorKey, SectorStart>>(
     key: SectorKey,
     now_ns: u64,
     op: Op,
+    vm: u32,
 ) -> Result<(), Counter> {
     let fresh = SectorStart {
-        start: BlkStart {
-            ts_ns: now_ns,
-            dev: key.dev,
-            op: op as u32,
-        },
+        start: BlkStart::new(now_ns, key.dev, op, vm),
         inflight: 1,
         ambiguous: 0,
     };
@@ -299,6 +346,7 @@ pub fn on_complete_sector<S: Starts<SectorKey, SectorStart>>(
             latency_ns: now_ns.saturating_sub(s.start.ts_ns),
             dev: s.start.dev,
             op: Op::from_u32(s.start.op),
+            vm: s.start.vm,
         });
     }
     if s.inflight <= 1 {
@@ -362,7 +410,9 @@ mod tests {
         assert_eq!(Op::from_rwbs(b"R\0"), Op::Read);
         assert_eq!(Op::from_rwbs(b"RA\0"), Op::Read);
         assert_eq!(Op::from_rwbs(b"WS\0"), Op::Write);
-        assert_eq!(Op::from_rwbs(b"FWFS\0"), Op::Write);
+        assert_eq!(Op::from_rwbs(b"FWS\0"), Op::Write);
+        assert_eq!(Op::from_rwbs(b"FWFS\0"), Op::Fua);
+        assert_eq!(Op::from_rwbs(b"WFS\0"), Op::Fua);
         assert_eq!(Op::from_rwbs(b"F\0"), Op::Flush);
         assert_eq!(Op::from_rwbs(b"FF\0"), Op::Flush);
         assert_eq!(Op::from_rwbs(b"D\0"), Op::Other);
@@ -372,11 +422,15 @@ mod tests {
 
     #[test]
     fn cmd_flags_ops() {
-        assert_eq!(Op::from_cmd_flags(0), Op::Read);
+        let fua = 1 << 17;
+        assert_eq!(Op::from_cmd_flags(0, fua), Op::Read);
         // REQ_SYNC | REQ_OP_WRITE, as a direct write issues it
-        assert_eq!(Op::from_cmd_flags((1 << 11) | 1), Op::Write);
-        assert_eq!(Op::from_cmd_flags(2), Op::Flush);
-        assert_eq!(Op::from_cmd_flags(3), Op::Other);
+        assert_eq!(Op::from_cmd_flags((1 << 11) | 1, fua), Op::Write);
+        assert_eq!(Op::from_cmd_flags(fua | (1 << 11) | 1, fua), Op::Fua);
+        assert_eq!(Op::from_cmd_flags(fua | (1 << 11) | 1, 0), Op::Write);
+        assert_eq!(Op::from_cmd_flags(fua, fua), Op::Read);
+        assert_eq!(Op::from_cmd_flags(2, fua), Op::Flush);
+        assert_eq!(Op::from_cmd_flags(3, fua), Op::Other);
     }
 
     #[test]
@@ -396,7 +450,8 @@ mod tests {
             Sample {
                 latency_ns: 50_000,
                 dev: mkdev(7, 0),
-                op: Op::Write
+                op: Op::Write,
+                vm: 0,
             }
         );
         assert_eq!(
@@ -414,9 +469,9 @@ mod tests {
             sector: 0,
         };
         let write = SectorKey { sector: 8, ..flush };
-        on_issue_sector(&mut s, flush, 1_000, Op::Flush).unwrap();
-        on_issue_sector(&mut s, write, 1_500, Op::Write).unwrap();
-        on_issue_sector(&mut s, flush, 2_000, Op::Flush).unwrap();
+        on_issue_sector(&mut s, flush, 1_000, Op::Flush, 0).unwrap();
+        on_issue_sector(&mut s, write, 1_500, Op::Write, 0).unwrap();
+        on_issue_sector(&mut s, flush, 2_000, Op::Flush, 0).unwrap();
         // Either completion could be either flush: neither is measured, both are counted.
         assert_eq!(
             on_complete_sector(&mut s, &flush, 9_000),
@@ -437,13 +492,14 @@ mod tests {
                 .latency_ns,
             2_000
         );
-        on_issue_sector(&mut s, flush, 10_000, Op::Flush).unwrap();
+        on_issue_sector(&mut s, flush, 10_000, Op::Flush, 0).unwrap();
         assert_eq!(
             on_complete_sector(&mut s, &flush, 10_700).unwrap(),
             Sample {
                 latency_ns: 700,
                 dev: mkdev(7, 0),
-                op: Op::Flush
+                op: Op::Flush,
+                vm: 0,
             }
         );
         assert!(s.map.is_empty());
@@ -457,19 +513,19 @@ mod tests {
             _pad: 0,
             sector: 64,
         };
-        on_issue_sector(&mut s, key, 1_000, Op::Write).unwrap();
+        on_issue_sector(&mut s, key, 1_000, Op::Write, 0).unwrap();
         on_requeue_sector(&mut s, &key);
-        on_issue_sector(&mut s, key, 5_000, Op::Write).unwrap();
+        on_issue_sector(&mut s, key, 5_000, Op::Write, 0).unwrap();
         assert_eq!(
             on_complete_sector(&mut s, &key, 6_000).unwrap().latency_ns,
             1_000
         );
         assert!(s.map.is_empty(), "nothing left ambiguous");
         // A requeue while two are in flight leaves the key ambiguous until both complete.
-        on_issue_sector(&mut s, key, 10_000, Op::Write).unwrap();
-        on_issue_sector(&mut s, key, 10_500, Op::Write).unwrap();
+        on_issue_sector(&mut s, key, 10_000, Op::Write, 0).unwrap();
+        on_issue_sector(&mut s, key, 10_500, Op::Write, 0).unwrap();
         on_requeue_sector(&mut s, &key);
-        on_issue_sector(&mut s, key, 11_000, Op::Write).unwrap();
+        on_issue_sector(&mut s, key, 11_000, Op::Write, 0).unwrap();
         for _ in 0..2 {
             assert_eq!(
                 on_complete_sector(&mut s, &key, 20_000),

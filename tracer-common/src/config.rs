@@ -104,8 +104,14 @@ pub struct Config {
     /// `struct sk_buff`.queue_mapping (u16): the tap queue of a guest's packet, the `queue`
     /// label ([`crate::net::queue_detail`]); unknown, the label is empty.
     pub skb_queue_mapping: u32,
+    /// REQ_FUA: `1 << __REQ_FUA` (`enum req_flag_bits` in BTF), the `fua` op; 0 when unknown.
+    pub req_fua: u32,
+    /// kvm:kvm_msi_set_irq address, data (the classic program's: blk.complete_to_irq's vector)
+    pub tp_msi_address: u32,
+    pub tp_msi_data: u32,
+    pub _pad0: u32,
 }
-assert_size!(Config, 184);
+assert_size!(Config, 200);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -155,6 +161,10 @@ impl Config {
         task_pid: NO_OFFSET,
         task_on_rq: NO_OFFSET,
         skb_queue_mapping: NO_OFFSET,
+        req_fua: 0,
+        tp_msi_address: NO_OFFSET,
+        tp_msi_data: NO_OFFSET,
+        _pad0: 0,
     };
 }
 

@@ -64,10 +64,16 @@ pub enum Counter {
     /// thread's next wakeup: a receive queue's or another device's kick (not a transmit), or a
     /// run that blocked before its first frame.
     NoTransmit = 11,
+    /// A VMM's request or completion whose disk's notify or interrupt vector is not known yet
+    /// (learned by pairing in the first requests of a disk: `tracer_common::blk::vm`).
+    Unlearned = 12,
+    /// A request a VMM submitted with no kick of its own pending: one of a batch a kick
+    /// started, or one the guest queued without a notify while the backend was working.
+    NoKick = 13,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 14] = [
         Counter::HistFull,
         Counter::StartFull,
         Counter::ReadError,
@@ -80,6 +86,8 @@ impl Counter {
         Counter::Dropped,
         Counter::NoInterrupt,
         Counter::NoTransmit,
+        Counter::Unlearned,
+        Counter::NoKick,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -97,6 +105,8 @@ impl Counter {
             Counter::Dropped => "dropped",
             Counter::NoInterrupt => "no_interrupt",
             Counter::NoTransmit => "no_transmit",
+            Counter::Unlearned => "unlearned",
+            Counter::NoKick => "no_kick",
         }
     }
 }

@@ -34,10 +34,17 @@ pub enum StageId {
     /// A network backend thread woken (sched:sched_waking) to running (sched:sched_switch into
     /// it); opt-in.
     SchedBackendWakeup = 12,
+    /// A guest's notify of a disk (kvm:kvm_mmio / kvm:kvm_pio in its vCPU thread) to the first
+    /// host request a thread of its VMM submits for that disk (block:block_rq_insert or
+    /// block:block_rq_issue).
+    BlkKickToSubmit = 13,
+    /// block:block_rq_complete of a VMM's request to the VMM's next kvm:kvm_msi_set_irq of that
+    /// disk's vector.
+    BlkCompleteToIrq = 14,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 13] = [
+    pub const ALL: [StageId; 15] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -51,6 +58,8 @@ impl StageId {
         StageId::NetTxKick,
         StageId::NetTxBackendToWire,
         StageId::SchedBackendWakeup,
+        StageId::BlkKickToSubmit,
+        StageId::BlkCompleteToIrq,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -75,6 +84,8 @@ impl StageId {
             10 => Some(StageId::NetTxKick),
             11 => Some(StageId::NetTxBackendToWire),
             12 => Some(StageId::SchedBackendWakeup),
+            13 => Some(StageId::BlkKickToSubmit),
+            14 => Some(StageId::BlkCompleteToIrq),
             _ => None,
         }
     }

@@ -5,23 +5,44 @@
 //! classic tracepoints carry no pointer: they key by dev + sector, and count as `ambiguous` the
 //! requests that share one (concurrent flushes at sector 0). block_rq_requeue takes a request
 //! off the device (it is issued again later): its start goes.
+//!
+//! A request a VMM's thread submits carries the VMM (the `vm` label), and its first insert or
+//! issue ends the disk's kick (`blk_vm`); its completion awaits the disk's interrupt there.
+//! block_rq_insert (pointer programs only) marks the request's slot with its VMM before a
+//! scheduler's issue from another thread.
 
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap},
 };
 use tracer_common::{
-    blk::{self, Op, RQ_BUCKETS, RqBucket, SectorKey, SectorStart, cut, mkdev, rq_bucket},
+    blk::{
+        self, BlkStart, Op, RQ_BUCKETS, RqBucket, SectorKey, SectorStart, cut, mkdev, rq_bucket,
+    },
     maps::{Counter, START_ENTRIES},
-    stage::StageId,
+    stage::StageId::{self, BlkCompleteToIrq, BlkDevice, BlkKickToSubmit},
 };
 
 use crate::{
-    shared::{KernelStarts, config, count, now_ns, number, on, read_at, record, stages_on},
-    tp::{Site, field, function, tracepoint},
+    blk_vm,
+    shared::{
+        KernelStarts, config, count, current_tgid_tid, is_vmm, now_ns, number, on, read_at, record,
+        stages_on,
+    },
+    tp::{Site, field, function, tracepoint, tracepoint_args},
 };
 
 const STAGE: StageId = StageId::BlkDevice;
+
+/// The stages that keep request slots.
+const SLOT_STAGES: u64 = BlkDevice.bit() | BlkKickToSubmit.bit() | BlkCompleteToIrq.bit();
+
+/// The VMM whose thread runs this event, 0 for the host's.
+#[inline(always)]
+fn submitter() -> u32 {
+    let tgid = current_tgid_tid().0;
+    if is_vmm(tgid) { tgid } else { 0 }
+}
 
 /// Requests in flight keyed by pointer, in buckets hashed from it (`blk::rq_bucket`): plain
 /// stores, no lock.
@@ -66,7 +87,7 @@ fn request_dev_op(rq: *const u8) -> Result<(u32, Op), i32> {
             let minor: i32 = read_at(disk, config!(disk_first_minor))?;
             mkdev(major as u32, minor as u32)
         };
-        Ok((dev, Op::from_cmd_flags(cmd_flags)))
+        Ok((dev, Op::from_cmd_flags(cmd_flags, config!(req_fua))))
     }
 }
 
@@ -94,21 +115,35 @@ fn typed_dev_op(rq: *const u8) -> (u32, Op) {
                 load32(disk, config!(disk_first_minor)),
             )
         };
-        (dev, Op::from_cmd_flags(cmd_flags))
+        (dev, Op::from_cmd_flags(cmd_flags, config!(req_fua)))
     }
 }
 
+/// A request's issue, or a VMM's insert (`issued` false: the slot's start stays 0), at `now`
+/// into its slot. A VMM's first of the two ends its disk's kick.
 #[inline(always)]
-fn issue_ptr(p: *const u8, dev_op: Result<(u32, Op), i32>, now: u64) -> Result<(), Counter> {
-    match (dev_op, slot_of(p)) {
-        (Ok((dev, op)), Some((rq, s))) => blk::issue_slot(s, rq, now, dev, op),
-        _ => Err(Counter::ReadError),
+fn submit_ptr(
+    mask: u64,
+    p: *const u8,
+    dev_op: Result<(u32, Op), i32>,
+    issued: bool,
+    now: u64,
+    vm: u32,
+) -> Result<(), Counter> {
+    let (Ok((dev, op)), Some((rq, s))) = (dev_op, slot_of(p)) else {
+        return Err(Counter::ReadError);
+    };
+    if vm != 0 && on(mask, BlkKickToSubmit) && !blk::inserted(s, rq) {
+        blk_vm::submitted(vm, dev, op, now);
     }
+    let ts = if issued { now } else { 0 };
+    blk::submit_slot(s, rq, BlkStart::new(ts, dev, op, vm))
 }
 
 #[inline(always)]
 fn issue(rq: Result<Request, ()>, _: Site) {
-    if !on(stages_on(), STAGE) {
+    let mask = stages_on();
+    if mask & SLOT_STAGES == 0 {
         return;
     }
     // The bench's variants (`blk::cut`); CONFIG is constant to the verifier, which drops the
@@ -122,11 +157,15 @@ fn issue(rq: Result<Request, ()>, _: Site) {
         return;
     }
     // cut::MATCH runs the whole issue: the completion's match then finds its start.
+    let vm = submitter();
     let started = match rq {
-        Ok(Request::Ptr(p)) => issue_ptr(p, request_dev_op(p), now),
-        Ok(Request::Typed(p)) => issue_ptr(p, Ok(typed_dev_op(p)), now),
+        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), true, now, vm),
+        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), true, now, vm),
         Ok(Request::Sector(key, op)) => {
-            blk::on_issue_sector(&mut KernelStarts(&BLK_START_SECTOR), key, now, op)
+            if vm != 0 && on(mask, BlkKickToSubmit) {
+                blk_vm::submitted(vm, key.dev, op, now);
+            }
+            blk::on_issue_sector(&mut KernelStarts(&BLK_START_SECTOR), key, now, op, vm)
         }
         Err(()) => Err(Counter::ReadError),
     };
@@ -135,9 +174,33 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     }
 }
 
+/// block_rq_insert (a scheduler's queue, a plug's flush): a VMM's thread submitted the request,
+/// which another thread may issue.
+#[inline(always)]
+fn insert(rq: Result<Request, ()>, _: Site) {
+    let mask = stages_on();
+    if mask & SLOT_STAGES == 0 {
+        return;
+    }
+    let vm = submitter();
+    if vm == 0 {
+        return;
+    }
+    let now = now_ns();
+    let inserted = match rq {
+        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, vm),
+        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), false, now, vm),
+        _ => Err(Counter::ReadError),
+    };
+    if let Err(c) = inserted {
+        count(STAGE, c);
+    }
+}
+
 #[inline(always)]
 fn complete(rq: Result<Request, ()>, _: Site) {
-    if !on(stages_on(), STAGE) {
+    let mask = stages_on();
+    if mask & SLOT_STAGES == 0 {
         return;
     }
     let cut = config!(blk_cut);
@@ -162,7 +225,14 @@ fn complete(rq: Result<Request, ()>, _: Site) {
         return;
     }
     match done {
-        Ok(s) => record(STAGE, s.op as u32, s.dev, 0, s.latency_ns),
+        Ok(s) => {
+            if on(mask, STAGE) {
+                record(STAGE, s.op as u32, s.dev, s.vm, s.latency_ns);
+            }
+            if s.vm != 0 && on(mask, BlkCompleteToIrq) {
+                blk_vm::completed(s.vm, s.dev, s.op, now);
+            }
+        }
         Err(c) => count(STAGE, c),
     }
 }
@@ -170,7 +240,7 @@ fn complete(rq: Result<Request, ()>, _: Site) {
 /// A requeued request left the device; its next issue starts it again.
 #[inline(always)]
 fn requeue(rq: Result<Request, ()>, _: Site) {
-    if !on(stages_on(), STAGE) {
+    if stages_on() & SLOT_STAGES == 0 {
         return;
     }
     match rq {
@@ -220,6 +290,17 @@ tracepoint!(
         key.map(|k| Request::Sector(k, op))
     },
     issue
+);
+
+// void trace_block_rq_insert(struct request *rq): its classic record cannot tell a request's
+// insert from its issue (dev + sector both), so only the pointer programs.
+tracepoint_args!(
+    "block_rq_insert",
+    blk_rq_insert_btf,
+    blk_rq_insert_raw,
+    btf = |arg| Ok(Request::Typed(arg(0) as *const u8)),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
+    insert
 );
 
 // void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)

@@ -20,12 +20,15 @@ use tracer_common::{
         tx_kick::Pending,
         wakeup::{self, Woken},
     },
-    stage::StageId::{NetTxBackendToWire, NetTxKick, SchedBackendWakeup},
+    stage::StageId::{BlkKickToSubmit, NetTxBackendToWire, NetTxKick, SchedBackendWakeup},
 };
 
 use crate::{
     net::NET_RX_BATCH,
-    shared::{config, count, current_tgid_tid, in_task, now_ns, on, read_at, record, stages_on},
+    shared::{
+        config, count, current_tgid_tid, in_task, now_ns, on, read_at, record, stages_on,
+        vmm_seen,
+    },
     tp::{Site, tracepoint_args},
 };
 
@@ -43,20 +46,29 @@ fn notify_slot() -> Option<&'static mut Pending> {
     NET_NOTIFY.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// A write to a port or an MMIO address by the guest, in its vCPU thread; a read ends the
-/// notify a VMX EPT-misconfiguration exit started (`exited`): it was no notify.
+/// A write to a port or an MMIO address by the guest (with the address), in its vCPU thread;
+/// a read ends the notify a VMX EPT-misconfiguration exit started (`exited`): it was no notify.
+/// A write also starts a disk's kick (blk.kick_to_submit).
 #[inline(always)]
-fn notified(write: Result<bool, ()>, _: Site) {
-    if !on(stages_on(), SchedBackendWakeup) {
+fn notified(access: Result<(bool, u64), ()>, _: Site) {
+    let mask = stages_on();
+    let (tgid, tid) = current_tgid_tid();
+    if on(mask, BlkKickToSubmit) {
+        // Only vCPU threads fire these: their VMM is one (known from here on).
+        vmm_seen(tgid, tid);
+        if let Ok((true, addr)) = access {
+            crate::blk_vm::notified(tgid, addr, now_ns());
+        }
+    }
+    if !on(mask, SchedBackendWakeup) {
         return;
     }
-    let (tgid, tid) = current_tgid_tid();
     let Some(p) = notify_slot() else {
         return;
     };
-    match write {
-        Ok(true) => wakeup::on_notify(p, tid, tgid, now_ns()),
-        Ok(false) => wakeup::on_userspace_exit(p, tid),
+    match access {
+        Ok((true, _)) => wakeup::on_notify(p, tid, tgid, now_ns()),
+        Ok((false, _)) => wakeup::on_userspace_exit(p, tid),
         Err(()) => {
             wakeup::on_userspace_exit(p, tid);
             count(SchedBackendWakeup, Counter::ReadError);
@@ -70,8 +82,8 @@ tracepoint_args!(
     "kvm_pio",
     kvm_pio_btf,
     kvm_pio_raw,
-    btf = |arg| Ok(arg(0) as u32 == 1),
-    |arg| Ok(arg(0) as u32 == 1),
+    btf = |arg| Ok((arg(0) as u32 == 1, arg(1) as u32 as u64)),
+    |arg| Ok((arg(0) as u32 == 1, arg(1) as u32 as u64)),
     notified
 );
 
@@ -81,8 +93,8 @@ tracepoint_args!(
     "kvm_mmio",
     kvm_mmio_btf,
     kvm_mmio_raw,
-    btf = |arg| Ok(arg(0) as u32 == 2),
-    |arg| Ok(arg(0) as u32 == 2),
+    btf = |arg| Ok((arg(0) as u32 == 2, arg(2))),
+    |arg| Ok((arg(0) as u32 == 2, arg(2))),
     notified
 );
 

@@ -147,7 +147,19 @@ fn parse(b: &[u8], base: Option<(u32, &[u8])>) -> Option<(Blob, Vec<u8>)> {
                 }
                 vlen as usize * 12
             }
-            KIND_ENUM | KIND_FUNC_PROTO => vlen as usize * 8,
+            KIND_ENUM => {
+                // Enumerators kept as members: the value in `type_id`.
+                for i in 0..vlen as usize {
+                    let m = p + i * 8;
+                    members.push(Member {
+                        name: name(u32_at(types, m)?),
+                        type_id: u32_at(types, m + 4)?,
+                        bit_offset: 0,
+                    });
+                }
+                vlen as usize * 8
+            }
+            KIND_FUNC_PROTO => vlen as usize * 8,
             KIND_DATASEC | KIND_ENUM64 => vlen as usize * 12,
             _ => 0,
         };
@@ -292,6 +304,17 @@ impl KernelBtf {
             let t = self.type_in(blob, id)?;
             let bits = self.member_bits(blob, t, member)?;
             (bits % 8 == 0).then_some(bits / 8)
+        })
+    }
+
+    /// Value of enumerator `value` of `enum name`.
+    pub fn enum_value(&self, name: &str, value: &str) -> Option<u32> {
+        self.find(KIND_ENUM, name).find_map(|(blob, _, id)| {
+            let t = self.type_in(blob, id)?;
+            t.members
+                .iter()
+                .find(|m| m.name == value)
+                .map(|m| m.type_id)
         })
     }
 

@@ -384,13 +384,14 @@ impl Labeler {
     /// Labels of a series, in the stage table's order, without stage and path.
     pub fn labels(&mut self, k: &SeriesKey) -> Vec<(&'static str, String)> {
         let values: Vec<String> = match k.stage {
-            StageId::BlkDevice => {
+            StageId::BlkDevice | StageId::BlkKickToSubmit | StageId::BlkCompleteToIrq => {
                 let disk = self
                     .disks
                     .entry(k.obj)
                     .or_insert_with(|| disk_name_of(k.obj))
                     .clone();
                 vec![
+                    self.vm(k.vm),
                     format!("{}:{}", dev_major(k.obj), dev_minor(k.obj)),
                     disk,
                     Op::from_u32(k.detail).name().into(),

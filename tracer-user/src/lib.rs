@@ -9,6 +9,7 @@ pub mod export;
 pub mod gc;
 pub mod hist;
 pub mod labels;
+pub mod learn;
 pub mod maps;
 pub mod netdevs;
 pub mod offsets;

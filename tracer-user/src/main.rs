@@ -274,6 +274,7 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
             _ = tick.tick() => {
                 session.collect()?;
                 session.watch_backends()?;
+                session.learn_signals();
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

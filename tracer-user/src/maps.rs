@@ -8,7 +8,10 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap},
 };
 use tracer_common::{
-    blk::{SectorKey, SectorStart},
+    blk::{
+        SectorKey, SectorStart,
+        vm::{DiskKey, Done, Last, Pairing, SignalKey},
+    },
     kvm::{
         ExitStart,
         inject::VcpuKey,
@@ -214,6 +217,49 @@ pub static BLK_START_SECTOR: KernelMap = KernelMap {
     collected: "by device (key)",
     capacity: Capacity::Starts,
     access: &Hash::<SectorKey, SectorStart>(|k, _| Owner::dev(k.dev)),
+};
+
+pub static BLK_KNOWN: KernelMap = KernelMap {
+    name: "BLK_KNOWN",
+    collected: "by VM (key)",
+    capacity: Capacity::Starts,
+    access: &Hash::<SignalKey, u32>(|k, _| Owner::vm(k.vm)),
+};
+
+pub static BLK_PAIRING: KernelMap = KernelMap {
+    name: "BLK_PAIRING",
+    collected: "by VM (key); a decided entry moves to BLK_KNOWN",
+    capacity: Capacity::Starts,
+    access: &Hash::<SignalKey, Pairing>(|k, _| Owner::vm(k.vm)),
+};
+
+pub static BLK_LAST: KernelMap = KernelMap {
+    name: "BLK_LAST",
+    collected: "by VM (key)",
+    capacity: Capacity::Starts,
+    access: &Hash::<SignalKey, Last>(|k, _| Owner::vm(k.vm)),
+};
+
+pub static BLK_KICK: KernelMap = KernelMap {
+    name: "BLK_KICK",
+    collected: "by VM (key), by device (key)",
+    capacity: Capacity::Starts,
+    access: &Hash::<DiskKey, u64>(|k, _| Owner {
+        vm: k.vm,
+        dev: k.dev,
+        netdev: 0,
+    }),
+};
+
+pub static BLK_DONE: KernelMap = KernelMap {
+    name: "BLK_DONE",
+    collected: "by VM (key), by device (key)",
+    capacity: Capacity::Starts,
+    access: &Hash::<DiskKey, Done>(|k, _| Owner {
+        vm: k.vm,
+        dev: k.dev,
+        netdev: 0,
+    }),
 };
 
 pub static KVM_EXIT_START: KernelMap = KernelMap {

@@ -57,6 +57,13 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         task_on_rq: member("task_struct", "on_rq"),
         skb_queue_mapping: member("sk_buff", "queue_mapping"),
         blk_cut: tracer_common::blk::cut::WHOLE,
+        req_fua: btf
+            .and_then(|b| b.enum_value("req_flag_bits", "__REQ_FUA"))
+            .filter(|&bit| bit < 32)
+            .map_or(0, |bit| 1 << bit),
+        tp_msi_address: field("kvm", "kvm_msi_set_irq", "address"),
+        tp_msi_data: field("kvm", "kvm_msi_set_irq", "data"),
+        _pad0: 0,
     }
 }
 

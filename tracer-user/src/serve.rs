@@ -159,6 +159,7 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
                 if let Err(e) = session.watch_backends() {
                     log::warn!("backend threads: {e}");
                 }
+                session.learn_signals();
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

@@ -184,6 +184,14 @@ impl Session {
         Ok(())
     }
 
+    /// Learns which notify addresses and vectors are which disk's (`learn`): every second, so
+    /// that a new disk measures from its first few requests.
+    pub fn learn_signals(&mut self) {
+        for l in crate::learn::learn(&mut self.tracer.ebpf) {
+            log::info!("learned: vm {} {} of disk {:#x}", l.vm, l.kind, l.dev);
+        }
+    }
+
     /// Collects what has been gone for the grace period: kernel entries, series, labels. Runs
     /// on a timer, scraped or not; when something goes, the counts are read afresh first, so
     /// what is kept under its labels is all the kernel counted for it.

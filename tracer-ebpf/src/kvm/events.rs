@@ -133,25 +133,34 @@ fn injection(site: Site) {
     }
 }
 
+/// The MSI's address and data, None where the classic record's fields are unknown.
 #[inline(always)]
-fn msi_set_irq(ev: Result<(), ()>, site: Site) {
-    match ev {
-        Ok(()) => {
-            injection(site);
-            crate::net::irq(site);
+fn msi_set_irq(msi: Result<Option<(u64, u64)>, ()>, site: Site) {
+    let Ok(msi) = msi else {
+        count_each(stages_on(), &INJECTION, Counter::ReadError);
+        return;
+    };
+    injection(site);
+    crate::net::irq(site);
+    if on(stages_on(), BlkCompleteToIrq) {
+        match msi {
+            Some((address, data)) => crate::blk_vm::irq(address, data, site, now_ns()),
+            None => count(BlkCompleteToIrq, Counter::ReadError),
         }
-        Err(()) => count_each(stages_on(), &INJECTION, Counter::ReadError),
     }
 }
 
 // void trace_kvm_msi_set_irq(__u64 address, __u64 data)
+// kvm/kvm_msi_set_irq: __u64 address; __u64 data;
 tracepoint!(
     "kvm_msi_set_irq",
     kvm_msi_set_irq_btf,
     kvm_msi_set_irq_raw,
     kvm_msi_set_irq_tp,
-    |arg| Ok(()),
-    |rec| Ok(()),
+    |arg| Ok(Some((arg(0), arg(1)))),
+    |rec| Ok(field::<u64>(rec, config!(tp_msi_address))
+        .and_then(|a| Ok((a, field::<u64>(rec, config!(tp_msi_data))?)))
+        .ok()),
     msi_set_irq
 );
 

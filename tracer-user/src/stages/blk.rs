@@ -2,8 +2,11 @@
 
 use tracer_common::{config::Config, stage::StageId};
 
-use super::{Event, Family, Path, Stage, all_set, tracepoint_or_function};
-use crate::maps::BLK_START_SECTOR;
+use super::{
+    Event, Family, Path, Stage, all_set, kvm::KVM_MSI_SET_IRQ, net::KVM_MMIO, net::KVM_PIO,
+    tracepoint_args, tracepoint_or_function,
+};
+use crate::maps::{BLK_DONE, BLK_KICK, BLK_KNOWN, BLK_LAST, BLK_PAIRING, BLK_START_SECTOR};
 
 /// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
 /// programs read dev, sector and rwbs from the record.
@@ -68,6 +71,14 @@ pub static BLOCK_RQ_COMPLETE: Event = tracepoint_or_function(
     complete_needs,
 );
 
+// void trace_block_rq_insert(struct request *rq): a request queued for a scheduler or a
+// plug's flush, in the submitting thread; pointer programs only (its classic record cannot tell
+// it from the request's issue).
+pub static BLOCK_RQ_INSERT: Event =
+    tracepoint_args("block", "block_rq_insert", "blk_rq_insert", |_, c| {
+        request_members(c)
+    });
+
 // void trace_block_rq_requeue(struct request *rq), from blk_mq_requeue_request(rq, kick)
 pub static BLOCK_RQ_REQUEUE: Event = tracepoint_or_function(
     "block",
@@ -95,13 +106,63 @@ pub static DEVICE: Stage = Stage {
     path: Path::Block,
     from: "block:block_rq_issue",
     to: "block:block_rq_complete",
-    labels: &["device", "disk", "op"],
+    labels: &["vm", "device", "disk", "op"],
     events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE, &BLOCK_RQ_REQUEUE],
-    optional: &[],
-    optional_adds: "",
+    optional: &[&BLOCK_RQ_INSERT],
+    optional_adds: "names the VM of a request its VMM queued and another thread issued",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
     key_class: Some(request_key),
     maps: &[&BLK_START_SECTOR],
+};
+
+/// A guest's notify of a disk to the host request it starts.
+pub static KICK_TO_SUBMIT: Stage = Stage {
+    id: StageId::BlkKickToSubmit,
+    name: "blk.kick_to_submit",
+    path: Path::Block,
+    from: "the guest's notify of the disk's queue (kvm:kvm_mmio / kvm:kvm_pio write in a vCPU \
+           thread; which address is which disk's learned by pairing)",
+    to: "the first block:block_rq_insert or block:block_rq_issue of a request by a thread of the \
+         same VMM for that disk (QEMU's worker, io_uring's or AIO's submitter)",
+    labels: &["vm", "device", "disk", "op"],
+    events: &[
+        &KVM_MMIO,
+        &BLOCK_RQ_ISSUE,
+        &BLOCK_RQ_COMPLETE,
+        &BLOCK_RQ_REQUEUE,
+    ],
+    optional: &[&KVM_PIO, &BLOCK_RQ_INSERT],
+    optional_adds: "port notifies (legacy virtio), and the submit of requests a scheduler \
+                    issues from another thread",
+    opt_in: None,
+    without: None,
+    needs: |_| Ok(()),
+    key_class: Some(request_key),
+    maps: &[&BLK_KNOWN, &BLK_PAIRING, &BLK_LAST, &BLK_KICK],
+};
+
+/// The host completion of a VMM's request to the VMM's interrupt for that disk.
+pub static COMPLETE_TO_IRQ: Stage = Stage {
+    id: StageId::BlkCompleteToIrq,
+    name: "blk.complete_to_irq",
+    path: Path::Block,
+    from: "block:block_rq_complete of a request a VMM's thread submitted",
+    to: "the VMM's next kvm:kvm_msi_set_irq of that disk's vector (learned by pairing), which \
+         ends every completion of the disk before it",
+    labels: &["vm", "device", "disk", "op"],
+    events: &[
+        &BLOCK_RQ_ISSUE,
+        &BLOCK_RQ_COMPLETE,
+        &BLOCK_RQ_REQUEUE,
+        &KVM_MSI_SET_IRQ,
+    ],
+    optional: &[&BLOCK_RQ_INSERT],
+    optional_adds: "the VMM of requests a scheduler issues from another thread",
+    opt_in: None,
+    without: None,
+    needs: |_| Ok(()),
+    key_class: Some(request_key),
+    maps: &[&BLK_KNOWN, &BLK_PAIRING, &BLK_LAST, &BLK_DONE],
 };

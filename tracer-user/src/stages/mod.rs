@@ -325,6 +325,8 @@ pub static STAGES: &[&Stage] = &[
     &net::TX_KICK,
     &net::TX_BACKEND_TO_WIRE,
     &net::BACKEND_WAKEUP,
+    &blk::KICK_TO_SUBMIT,
+    &blk::COMPLETE_TO_IRQ,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {
