@@ -235,7 +235,8 @@ pub fn loaded_programs() -> Vec<String> {
 /// A loop device over a file (direct I/O), detached and removed on drop.
 pub struct LoopDev {
     pub dev: String,
-    file: PathBuf,
+    /// The backing file, removed on drop when the device made it.
+    file: Option<PathBuf>,
 }
 
 impl LoopDev {
@@ -246,9 +247,22 @@ impl LoopDev {
         ));
         let f = fs::File::create(&file).expect("backing file");
         f.set_len(mib << 20).expect("size backing file");
+        let mut lo = LoopDev::over(&file, true);
+        lo.file = Some(file);
+        lo
+    }
+
+    /// A loop device over an existing file (left as it is on drop); `direct_io`: the loop
+    /// driver's own I/O to the file bypasses the page cache.
+    pub fn over(file: &Path, direct_io: bool) -> LoopDev {
         let out = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(&file)
+            .args(["--find", "--show"])
+            .arg(if direct_io {
+                "--direct-io=on"
+            } else {
+                "--direct-io=off"
+            })
+            .arg(file)
             .output()
             .unwrap();
         assert!(
@@ -262,7 +276,12 @@ impl LoopDev {
             .args(["settle", "--timeout=5"])
             .status();
         sleep(Duration::from_millis(300));
-        LoopDev { dev, file }
+        LoopDev { dev, file: None }
+    }
+
+    /// `n` synchronous 4 KiB O_DIRECT reads spread over the first 4 MiB.
+    pub fn direct_reads(&self, n: u64) {
+        self.direct_io(0, n);
     }
 
     /// "major:minor" as iopath labels it.
@@ -345,7 +364,9 @@ impl LoopDev {
 impl Drop for LoopDev {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-        let _ = fs::remove_file(&self.file);
+        if let Some(f) = &self.file {
+            let _ = fs::remove_file(f);
+        }
     }
 }
 
@@ -673,10 +694,15 @@ pub fn monotonic_ns() -> u64 {
 
 /// The test VMM (src/bin/iopath-testvmm.rs), built beside the test binaries.
 pub fn testvmm_bin() -> PathBuf {
+    test_bin("iopath-testvmm")
+}
+
+/// A binary of this crate (src/bin/), built beside the test binaries.
+pub fn test_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/iopath-testvmm
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("iopath-testvmm");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: run through `cargo xtask test`",
@@ -819,4 +845,54 @@ pub fn hist_keys() -> Vec<tracer_common::maps::HistKey> {
             })
         })
         .collect()
+}
+
+/// A disk with a known service time: `iopath-slowfs` (a FUSE filesystem whose every read
+/// sleeps `read_delay`) mounted on a directory of its own, its file under a loop device.
+/// Unmounted, killed and removed on drop.
+pub struct SlowDisk {
+    pub lo: Option<LoopDev>,
+    fs: Child,
+    dir: PathBuf,
+}
+
+impl SlowDisk {
+    pub fn new(name: &str, mib: u64, read_delay: Duration) -> SlowDisk {
+        let dir = PathBuf::from(format!("/tmp/iopath-slowfs-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mount point");
+        let mut fs = Command::new(test_bin("iopath-slowfs"))
+            .arg(&dir)
+            .arg(mib.to_string())
+            .arg(read_delay.as_micros().to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("iopath-slowfs");
+        let mut line = String::new();
+        std::io::BufReader::new(fs.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("iopath-slowfs output");
+        assert_eq!(line.trim(), "ready", "iopath-slowfs did not mount");
+        // The loop driver's reads go to the file as they come (the filesystem opens it
+        // FOPEN_DIRECT_IO: no page cache), one FUSE read per request.
+        let lo = LoopDev::over(&dir.join("disk"), false);
+        SlowDisk {
+            lo: Some(lo),
+            fs,
+            dir,
+        }
+    }
+
+    pub fn lo(&self) -> &LoopDev {
+        self.lo.as_ref().expect("attached")
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        drop(self.lo.take());
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = self.fs.kill();
+        let _ = self.fs.wait();
+        let _ = fs::remove_dir(&self.dir);
+    }
 }

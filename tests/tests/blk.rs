@@ -189,3 +189,51 @@ fn a_removed_disk_is_collected_after_the_grace_period() {
     assert_eq!(of_dev(), 0, "and its kernel HIST entries");
     assert!(d.stop().success());
 }
+
+/// A disk with a known service time: a loop device over a file of a FUSE filesystem of the
+/// test's own that sleeps D on every read (`iopath-slowfs`; this kernel has no null_blk). The
+/// device stage's median must be D within 10%: the loop driver's FUSE round trip and the
+/// sleep's overshoot are the rest.
+#[test]
+fn blk_device_measures_a_known_device_delay() {
+    require_root();
+    for (delay_ms, reads) in [(2u64, 150u64), (10, 60)] {
+        // A daemon each: the second loop device may take the first one's number, and
+        // /quantiles counts from the daemon's start.
+        let d = Daemon::start(&["--stages", "blk.device"]);
+        let disk = iopath_tests::SlowDisk::new(
+            &format!("d{delay_ms}"),
+            8,
+            std::time::Duration::from_millis(delay_ms),
+        );
+        let dev = disk.lo().majmin();
+        let sel = [
+            ("stage", "blk.device"),
+            ("device", dev.as_str()),
+            ("op", "read"),
+        ];
+        let before = d.metrics();
+        disk.lo().direct_reads(reads);
+        let after = d.metrics();
+        let count = after.value(&format!("{HIST}_count"), &sel)
+            - before.value(&format!("{HIST}_count"), &sel);
+        assert!(
+            count >= reads as f64 && count <= reads as f64 + 2.0,
+            "{count} reads counted for {reads}"
+        );
+        // The median from /quantiles (interpolated within its bucket), and the bucket bound.
+        let (_, p50_us) = d.stage_p50("blk.device", &[("device", dev.as_str()), ("op", "read")]);
+        let bound =
+            quantile_between(&before.buckets(HIST, &sel), &after.buckets(HIST, &sel), 0.5).unwrap();
+        let want_us = (delay_ms * 1000) as f64;
+        eprintln!(
+            "D = {delay_ms} ms: {count} reads, blk.device p50 {p50_us:.0} us (bucket le {:.0} us)",
+            bound * 1e6
+        );
+        assert!(
+            (p50_us - want_us).abs() <= 0.1 * want_us,
+            "blk.device p50 {p50_us:.0} us for a {want_us:.0} us device"
+        );
+        assert!(d.stop().success());
+    }
+}

@@ -446,8 +446,12 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
     const HIST: &str = "iopath_stage_latency_seconds";
     let lab_stage = |stage: &'static str| vec![("stage", stage), ("vm", "lab")];
     let count = |stage: &'static str| {
-        after.metrics.value(&format!("{HIST}_count"), &lab_stage(stage))
-            - before.metrics.value(&format!("{HIST}_count"), &lab_stage(stage))
+        after
+            .metrics
+            .value(&format!("{HIST}_count"), &lab_stage(stage))
+            - before
+                .metrics
+                .value(&format!("{HIST}_count"), &lab_stage(stage))
     };
     let p50_us = |stage: &'static str, op: &'static str| {
         let mut sel = lab_stage(stage);
@@ -460,9 +464,8 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
         .map_or(f64::NAN, |s| s * 1e6)
     };
     let dropped = |stage: &'static str| {
-        let n = |m: &iopath_tests::Metrics| {
-            m.value("iopath_events_dropped_total", &[("stage", stage)])
-        };
+        let n =
+            |m: &iopath_tests::Metrics| m.value("iopath_events_dropped_total", &[("stage", stage)]);
         n(&after.metrics) - n(&before.metrics)
     };
     let delta = |i: usize| after.counted[i] - before.counted[i];
@@ -492,7 +495,11 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
         assert_eq!(dropped(stage), 0.0, "{stage}: events dropped in the window");
     }
     // And each equals the independent count of its bounding events.
-    assert_eq!(count("blk.kick_to_submit"), kicks as f64, "a sample per disk kick");
+    assert_eq!(
+        count("blk.kick_to_submit"),
+        kicks as f64,
+        "a sample per disk kick"
+    );
     assert_eq!(count("blk.device"), issues as f64, "a sample per request");
     assert_eq!(
         count("blk.complete_to_irq"),
@@ -509,7 +516,10 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
             .map(|(.., p50)| *p50)
             .fold(f64::NAN, f64::min);
         eprintln!("{op}: host stages' p50s add up to {host:.0} us; the guest's p50 {guest:.0} us");
-        assert!(host > 0.0 && host < guest, "{op}: host {host} us, guest {guest} us");
+        assert!(
+            host > 0.0 && host < guest,
+            "{op}: host {host} us, guest {guest} us"
+        );
     }
     assert!(d.stop().success());
     assert!(leftover_programs().is_empty());

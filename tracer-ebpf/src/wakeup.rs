@@ -26,8 +26,7 @@ use tracer_common::{
 use crate::{
     net::NET_RX_BATCH,
     shared::{
-        config, count, current_tgid_tid, in_task, now_ns, on, read_at, record, stages_on,
-        vmm_seen,
+        config, count, current_tgid_tid, in_task, now_ns, on, read_at, record, stages_on, vmm_seen,
     },
     tp::{Site, tracepoint_args},
 };
