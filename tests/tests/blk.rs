@@ -237,3 +237,63 @@ fn blk_device_measures_a_known_device_delay() {
         assert!(d.stop().success());
     }
 }
+
+/// The disk backend's cost and the IOPS ceiling it implies: a test VMM's thread does real
+/// direct reads of a loop device, each after a known CPU spin S; the thread's CPU per request
+/// is S plus the system call's own CPU time (which it measures), so iopath's ceiling must be
+/// 1 / (S + that) within 15%.
+#[test]
+fn the_disk_backend_ceiling_is_what_one_thread_can_sustain() {
+    use std::io::BufRead as _;
+    require_root();
+    let lo = LoopDev::new("ceiling", 16);
+    let mut vmm = std::process::Command::new(iopath_tests::testvmm_bin())
+        .args(["-name", "guest=ceiling,debug-threads=on", "blk-backend"])
+        .args(["--dev", &lo.dev, "--count", "3000", "--spin-us", "50"])
+        .args([
+            "--first-us",
+            "2500000",
+            "--gap-us",
+            "2000000",
+            "--hold-ms",
+            "3000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("test VMM");
+    let mut out = std::io::BufReader::new(vmm.stdout.take().unwrap()).lines();
+    let ready = out.next().expect("a line").expect("read");
+    assert!(ready.contains("ready"), "test VMM: {ready}");
+    // Started after the VMM: it finds it by its VM fd.
+    let d = Daemon::start(&["--stages", "blk.device"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&out.next().expect("its report").expect("read")).unwrap();
+    // The daemon reads the counts again when the thread's cost has moved (next look).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let m = d.metrics();
+    let dev = lo.majmin();
+    let sel = [("vm", "ceiling"), ("device", dev.as_str())];
+    let cpu = m.value("iopath_disk_backend_cpu_seconds_total", &sel);
+    let requests = m.value("iopath_disk_backend_requests_total", &sel);
+    let ceiling = requests / cpu;
+    let (spin, syscall) = (
+        report["spin_us"].as_f64().unwrap(),
+        report["syscall_cpu_us"].as_f64().unwrap(),
+    );
+    let want = 1e6 / (spin + syscall);
+    eprintln!(
+        "{requests} requests, {:.1} us of CPU each: ceiling {ceiling:.0} IOPS; the thread: \
+         {spin} us spin + {syscall:.1} us in the system call ({:.1} us CPU, {:.1} us wall per \
+         read) -> {want:.0} IOPS",
+        cpu * 1e6 / requests,
+        report["cpu_per_read_us"].as_f64().unwrap(),
+        report["wall_per_read_us"].as_f64().unwrap(),
+    );
+    assert_eq!(requests, 3000.0, "the measured reads, not the warm-up ones");
+    assert!(
+        (ceiling - want).abs() <= 0.15 * want,
+        "ceiling {ceiling:.0} IOPS against {want:.0}"
+    );
+    let _ = vmm.wait();
+    assert!(d.stop().success());
+}

@@ -133,8 +133,11 @@ fn submit_ptr(
     let (Ok((dev, op)), Some((rq, s))) = (dev_op, slot_of(p)) else {
         return Err(Counter::ReadError);
     };
-    if vm != 0 && on(mask, BlkKickToSubmit) && !blk::inserted(s, rq) {
-        blk_vm::submitted(vm, dev, op, now);
+    if vm != 0 && !blk::inserted(s, rq) {
+        blk_vm::thread_submits(current_tgid_tid().1, vm, dev);
+        if on(mask, BlkKickToSubmit) {
+            blk_vm::submitted(vm, dev, op, now);
+        }
     }
     let ts = if issued { now } else { 0 };
     blk::submit_slot(s, rq, BlkStart::new(ts, dev, op, vm))
@@ -162,8 +165,11 @@ fn issue(rq: Result<Request, ()>, _: Site) {
         Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), true, now, vm),
         Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), true, now, vm),
         Ok(Request::Sector(key, op)) => {
-            if vm != 0 && on(mask, BlkKickToSubmit) {
-                blk_vm::submitted(vm, key.dev, op, now);
+            if vm != 0 {
+                blk_vm::thread_submits(current_tgid_tid().1, vm, key.dev);
+                if on(mask, BlkKickToSubmit) {
+                    blk_vm::submitted(vm, key.dev, op, now);
+                }
             }
             blk::on_issue_sector(&mut KernelStarts(&BLK_START_SECTOR), key, now, op, vm)
         }

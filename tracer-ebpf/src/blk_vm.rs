@@ -41,6 +41,11 @@ static BLK_LAST: HashMap<SignalKey, Last> = HashMap::with_max_entries(START_ENTR
 #[map]
 static BLK_KICK: HashMap<DiskKey, u64> = HashMap::with_max_entries(START_ENTRIES, 0);
 
+/// The VMMs' threads that submit requests, and for which disk: the daemon reads their CPU time
+/// (the disk backend's cost) and removes the ones that are gone.
+#[map]
+static BLK_THREADS: HashMap<u32, DiskKey> = HashMap::with_max_entries(START_ENTRIES, 0);
+
 /// A disk's completions awaiting its interrupt.
 #[map]
 static BLK_DONE: HashMap<DiskKey, Done> = HashMap::with_max_entries(START_ENTRIES, 0);
@@ -102,6 +107,16 @@ pub fn notified(tgid: u32, addr: u64, now: u64) {
             };
             let _ = BLK_LAST.insert(&SignalKey::last(tgid, kind::LAST_NOTIFY), &last, 0);
         }
+    }
+}
+
+/// Thread `tid` of VMM `vm` submitted a request for disk `dev`.
+#[inline(always)]
+pub fn thread_submits(tid: u32, vm: u32, dev: u32) {
+    let disk = DiskKey { vm, dev };
+    // SAFETY: a map value read whole.
+    if unsafe { BLK_THREADS.get(&tid) } != Some(&disk) {
+        let _ = BLK_THREADS.insert(&tid, &disk, 0);
     }
 }
 

@@ -9,6 +9,11 @@
 //! switches. The packets are the key's `net.rx.backend_queue` samples (taken off the tap) and
 //! its tap's `net.tx.host_stack` samples (written to it and sent on an uplink). Both count from
 //! the read that first saw the thread, not before (its CPU time until then went to other work).
+//!
+//! A disk's backend likewise: the threads of a VMM that submit its requests (QEMU's workers, an
+//! iothread, an io_uring or AIO submitter; `BLK_THREADS`) against the requests (`blk.device`
+//! samples of that VM and disk): requests / CPU seconds is the IOPS one such thread could
+//! sustain, the figure behind "the paravirtual path tops out at N IOPS here".
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,6 +22,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
 };
 use tracer_common::{
+    blk::vm::DiskKey,
     net::{Backend, backend_to_irq::Batch},
     stage::StageId,
 };
@@ -31,25 +37,58 @@ pub struct BackendKey {
     pub tap: u32,
 }
 
-/// A backend's CPU time and packets since its first thread was seen.
+/// What a backend did: a network backend's packets, a disk backend's requests.
+pub trait Work: Copy + Ord {
+    /// Its work so far, as the histograms counted it.
+    fn done(&self, snap: &Snapshot) -> u64;
+}
+
+impl Work for BackendKey {
+    fn done(&self, snap: &Snapshot) -> u64 {
+        packets(snap, self)
+    }
+}
+
+impl Work for DiskKey {
+    /// Requests of the VM to the disk: its `blk.device` samples, every op.
+    fn done(&self, snap: &Snapshot) -> u64 {
+        snap.series
+            .iter()
+            .filter(|(k, _)| k.stage == StageId::BlkDevice && k.vm == self.vm && k.obj == self.dev)
+            .map(|(_, s)| s.count())
+            .sum()
+    }
+}
+
+/// A backend's CPU time and work (packets, requests) since its first thread was seen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cost {
     pub cpu_ns: u64,
-    /// Packets moved since then.
-    pub packets: u64,
-    /// The key's packet count when it was first seen.
+    /// Packets moved, or requests served, since then.
+    pub done: u64,
+    /// The key's count when it was first seen.
     base: u64,
 }
 
 /// The backends' threads, and what each backend cost so far.
-#[derive(Debug, Default)]
-pub struct Backends {
+#[derive(Debug)]
+pub struct Backends<K> {
     /// tid -> its backend and its CPU time at the last read.
-    threads: BTreeMap<u32, (BackendKey, u64)>,
-    /// Threads NET_RX_BATCH still holds whose CPU time could not be read (gone): known, so
+    threads: BTreeMap<u32, (K, u64)>,
+    /// Threads the kernel map still holds whose CPU time could not be read (gone): known, so
     /// that their entries do not make every look read the counts again.
     unreadable: BTreeSet<u32>,
-    costs: BTreeMap<BackendKey, Cost>,
+    costs: BTreeMap<K, Cost>,
+}
+
+impl<K> Default for Backends<K> {
+    fn default() -> Self {
+        Backends {
+            threads: BTreeMap::new(),
+            unreadable: BTreeSet::new(),
+            costs: BTreeMap::new(),
+        }
+    }
 }
 
 /// The backend of a [`tracer_common::net::queue_detail`], without its queue.
@@ -101,12 +140,38 @@ pub fn threads(ebpf: &Ebpf) -> Vec<(u32, BackendKey)> {
         .collect()
 }
 
-impl Backends {
+/// The VMMs' threads that submit disk requests now: (tid, its VM and disk).
+pub fn disk_threads(ebpf: &Ebpf) -> Vec<(u32, DiskKey)> {
+    let Some(Ok(map)) = ebpf
+        .map("BLK_THREADS")
+        .map(BpfHashMap::<&MapData, u32, DiskKey>::try_from)
+    else {
+        return Vec::new();
+    };
+    map.iter().flatten().collect()
+}
+
+/// Removes gone threads from `BLK_THREADS` (a VMM's pool recycles its workers).
+pub fn forget_disk_threads(ebpf: &mut Ebpf, gone: &BTreeSet<u32>) {
+    if gone.is_empty() {
+        return;
+    }
+    if let Some(Ok(mut map)) = ebpf
+        .map_mut("BLK_THREADS")
+        .map(BpfHashMap::<&mut MapData, u32, DiskKey>::try_from)
+    {
+        for tid in gone {
+            let _ = map.remove(tid);
+        }
+    }
+}
+
+impl<K: Work> Backends<K> {
     /// One read: `threads` the backend threads now (tid, backend), `snap` the counts read with
     /// them, `cpu` a thread's CPU time.
     pub fn update(
         &mut self,
-        threads: impl IntoIterator<Item = (u32, BackendKey)>,
+        threads: impl IntoIterator<Item = (u32, K)>,
         snap: &Snapshot,
         cpu: impl Fn(u32) -> Option<u64>,
     ) {
@@ -118,7 +183,7 @@ impl Backends {
                 continue;
             };
             let cost = self.costs.entry(key).or_insert_with(|| Cost {
-                base: packets(snap, &key),
+                base: key.done(snap),
                 ..Cost::default()
             });
             // A thread seen before, serving the same backend: its CPU time since. A new one (or
@@ -133,7 +198,7 @@ impl Backends {
         self.threads = seen;
         self.unreadable = unreadable;
         for (key, cost) in &mut self.costs {
-            cost.packets = packets(snap, key).saturating_sub(cost.base);
+            cost.done = key.done(snap).saturating_sub(cost.base);
         }
     }
 
@@ -143,12 +208,17 @@ impl Backends {
         self.threads.contains_key(&tid) || self.unreadable.contains(&tid)
     }
 
-    pub fn costs(&self) -> impl Iterator<Item = (&BackendKey, &Cost)> {
+    /// Threads whose CPU time could not be read at the last update (gone).
+    pub fn unreadable(&self) -> &BTreeSet<u32> {
+        &self.unreadable
+    }
+
+    pub fn costs(&self) -> impl Iterator<Item = (&K, &Cost)> {
         self.costs.iter()
     }
 
-    /// Forgets the backends of a collected VM or tap.
-    pub fn forget(&mut self, gone: impl Fn(&BackendKey) -> bool) {
+    /// Forgets the backends of a collected VM or device.
+    pub fn forget(&mut self, gone: impl Fn(&K) -> bool) {
         self.costs.retain(|k, _| !gone(k));
         self.threads.retain(|_, (k, _)| !gone(k));
     }
@@ -214,18 +284,18 @@ mod tests {
 
     #[test]
     fn cost_counts_from_the_first_read_of_a_thread() {
-        let mut b = Backends::default();
+        let mut b = Backends::<BackendKey>::default();
         // First seen with 10 packets moved and 5 ms on CPU: neither counts.
         b.update([(42, KEY)], &snap(6, 4), |_| Some(5_000_000));
-        assert_eq!(b.costs().next().unwrap().1.packets, 0);
+        assert_eq!(b.costs().next().unwrap().1.done, 0);
         b.update([(42, KEY)], &snap(106, 104), |_| Some(25_000_000));
         let (_, c) = b.costs().next().unwrap();
-        assert_eq!((c.cpu_ns, c.packets), (20_000_000, 200));
+        assert_eq!((c.cpu_ns, c.done), (20_000_000, 200));
     }
 
     #[test]
     fn a_gone_or_reused_thread_adds_nothing_wrong() {
-        let mut b = Backends::default();
+        let mut b = Backends::<BackendKey>::default();
         b.update([(42, KEY)], &snap(0, 0), |_| Some(5_000_000));
         // Gone at this read.
         b.update([(42, KEY)], &snap(10, 0), |_| None);
@@ -233,14 +303,14 @@ mod tests {
         b.update([(42, KEY)], &snap(20, 0), |_| Some(1_000));
         b.update([(42, KEY)], &snap(30, 0), |_| Some(3_000));
         let (_, c) = b.costs().next().unwrap();
-        assert_eq!((c.cpu_ns, c.packets), (2_000, 30));
+        assert_eq!((c.cpu_ns, c.done), (2_000, 30));
         b.forget(|k| k.vm == 100);
         assert!(b.costs().next().is_none());
     }
 
     #[test]
     fn a_thread_whose_time_cannot_be_read_is_known_until_its_entry_goes() {
-        let mut b = Backends::default();
+        let mut b = Backends::<BackendKey>::default();
         b.update([(42, KEY)], &snap(0, 0), |_| None);
         // known: the daemon's look for new threads does not read the counts again for it
         assert!(b.knows(42));

@@ -93,6 +93,8 @@ pub struct Status<'a> {
     pub snapshot_reads: u64,
     /// Network backends (labels) and what their threads cost.
     pub backends: &'a [(Vec<(&'static str, String)>, crate::backend::Cost)],
+    /// Disk backends (labels: vm, device, disk) and what their submitting threads cost.
+    pub disks: &'a [(Vec<(&'static str, String)>, crate::backend::Cost)],
 }
 
 /// Everything one scrape exposes, gathered before encoding.
@@ -111,6 +113,8 @@ pub struct Exposition {
     snapshot_reads: u64,
     backend_cpu: Vec<(Labels, f64)>,
     backend_packets: Vec<(Labels, u64)>,
+    disk_cpu: Vec<(Labels, f64)>,
+    disk_requests: Vec<(Labels, u64)>,
 }
 
 impl Exposition {
@@ -187,7 +191,17 @@ impl Exposition {
             backend_packets: st
                 .backends
                 .iter()
-                .map(|(labels, c)| (backend_labels(labels), c.packets))
+                .map(|(labels, c)| (backend_labels(labels), c.done))
+                .collect(),
+            disk_cpu: st
+                .disks
+                .iter()
+                .map(|(labels, c)| (backend_labels(labels), c.cpu_ns as f64 / 1e9))
+                .collect(),
+            disk_requests: st
+                .disks
+                .iter()
+                .map(|(labels, c)| (backend_labels(labels), c.done))
                 .collect(),
         }
     }
@@ -350,6 +364,24 @@ impl Collector for Exposition {
             None,
             MetricType::Counter,
             &self.backend_packets,
+            counter,
+        )?;
+        family(
+            &mut enc,
+            "iopath_disk_backend_cpu",
+            "On-CPU time of a VM's threads that submit its requests to a host disk (QEMU's workers, an iothread, an io_uring or AIO submitter), from the read that first saw each: rate(requests) / rate(this) is the IOPS one such thread could sustain.",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+            &self.disk_cpu,
+            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
+        )?;
+        family(
+            &mut enc,
+            "iopath_disk_backend_requests",
+            "Requests those threads submitted to the disk over the same time (blk.device samples of the VM and disk).",
+            None,
+            MetricType::Counter,
+            &self.disk_requests,
             counter,
         )?;
         enc.encode_descriptor(

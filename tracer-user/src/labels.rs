@@ -381,15 +381,27 @@ impl Labeler {
         ]
     }
 
+    /// A disk backend's labels (`vm`, `device`, `disk`), as its VM's block series have them.
+    pub fn disk_backend(&mut self, vm: u32, dev: u32) -> Vec<(&'static str, String)> {
+        vec![
+            ("vm", self.vm(vm)),
+            ("device", format!("{}:{}", dev_major(dev), dev_minor(dev))),
+            ("disk", self.disk(dev)),
+        ]
+    }
+
+    fn disk(&mut self, dev: u32) -> String {
+        self.disks
+            .entry(dev)
+            .or_insert_with(|| disk_name_of(dev))
+            .clone()
+    }
+
     /// Labels of a series, in the stage table's order, without stage and path.
     pub fn labels(&mut self, k: &SeriesKey) -> Vec<(&'static str, String)> {
         let values: Vec<String> = match k.stage {
             StageId::BlkDevice | StageId::BlkKickToSubmit | StageId::BlkCompleteToIrq => {
-                let disk = self
-                    .disks
-                    .entry(k.obj)
-                    .or_insert_with(|| disk_name_of(k.obj))
-                    .clone();
+                let disk = self.disk(k.obj);
                 vec![
                     self.vm(k.vm),
                     format!("{}:{}", dev_major(k.obj), dev_minor(k.obj)),

@@ -251,6 +251,17 @@ pub static BLK_KICK: KernelMap = KernelMap {
     }),
 };
 
+pub static BLK_THREADS: KernelMap = KernelMap {
+    name: "BLK_THREADS",
+    collected: "by VM (value), by device (value); a thread that is gone by the daemon (its cost read)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, DiskKey>(|_, v| Owner {
+        vm: v.vm,
+        dev: v.dev,
+        netdev: 0,
+    }),
+};
+
 pub static BLK_DONE: KernelMap = KernelMap {
     name: "BLK_DONE",
     collected: "by VM (key), by device (key)",

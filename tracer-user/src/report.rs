@@ -50,7 +50,7 @@ fn backends(s: &mut Session) -> Vec<serde_json::Value> {
     let costs: Vec<_> = s.backends.costs().map(|(k, c)| (*k, *c)).collect();
     costs
         .into_iter()
-        .filter(|(_, c)| c.packets > 0 && c.cpu_ns > 0)
+        .filter(|(_, c)| c.done > 0 && c.cpu_ns > 0)
         .map(|(k, c)| {
             let labels: serde_json::Map<String, serde_json::Value> = s
                 .labeler
@@ -58,10 +58,33 @@ fn backends(s: &mut Session) -> Vec<serde_json::Value> {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.into()))
                 .collect();
-            let per_packet_us = c.cpu_ns as f64 / 1e3 / c.packets as f64;
+            let per_packet_us = c.cpu_ns as f64 / 1e3 / c.done as f64;
             serde_json::json!({
-                "labels": labels, "packets": c.packets, "cpu_s": c.cpu_ns as f64 / 1e9,
+                "labels": labels, "packets": c.done, "cpu_s": c.cpu_ns as f64 / 1e9,
                 "cpu_per_packet_us": per_packet_us, "ceiling_pps": 1e6 / per_packet_us,
+            })
+        })
+        .collect()
+}
+
+/// What the threads that submit each VM's requests to each disk cost per request, and the IOPS
+/// one such thread could sustain at that cost (`backend`), for the disks that served any.
+fn disk_backends(s: &mut Session) -> Vec<serde_json::Value> {
+    let costs: Vec<_> = s.disks.costs().map(|(k, c)| (*k, *c)).collect();
+    costs
+        .into_iter()
+        .filter(|(_, c)| c.done > 0 && c.cpu_ns > 0)
+        .map(|(k, c)| {
+            let labels: serde_json::Map<String, serde_json::Value> = s
+                .labeler
+                .disk_backend(k.vm, k.dev)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect();
+            let per_request_us = c.cpu_ns as f64 / 1e3 / c.done as f64;
+            serde_json::json!({
+                "labels": labels, "requests": c.done, "cpu_s": c.cpu_ns as f64 / 1e9,
+                "cpu_per_request_us": per_request_us, "ceiling_iops": 1e6 / per_request_us,
             })
         })
         .collect()
@@ -72,6 +95,7 @@ pub fn json(s: &mut Session) -> String {
         "stages": s.tracer.report,
         "series": rows(s),
         "backends": backends(s),
+        "disk_backends": disk_backends(s),
         "dropped": dropped(s),
         // exited VMs and removed disks collected while it ran (their series stay in a record)
         "collected": s.collected,
@@ -149,6 +173,23 @@ pub fn table(s: &mut Session) -> String {
             b["cpu_per_packet_us"].as_f64().unwrap_or(0.0),
             b["packets"],
             b["ceiling_pps"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for b in disk_backends(s) {
+        let labels = b["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let _ = writeln!(
+            out,
+            "disk backend {labels}: {:.1} µs of CPU per request over {} requests: one such \
+             thread could sustain {:.0} IOPS",
+            b["cpu_per_request_us"].as_f64().unwrap_or(0.0),
+            b["requests"],
+            b["ceiling_iops"].as_f64().unwrap_or(0.0)
         );
     }
     for r in s.tracer.report.iter().filter(|r| !r.attached) {

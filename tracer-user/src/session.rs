@@ -11,7 +11,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{maps::Notice, stage::StageId};
+use tracer_common::{blk::vm::DiskKey, maps::Notice, stage::StageId};
 
 use crate::{
     attach::{self, Tracer},
@@ -70,7 +70,9 @@ pub struct Session {
     /// VMs and devices collected so far.
     pub collected: Collections,
     /// What the network backends' threads cost.
-    pub backends: Backends,
+    pub backends: Backends<backend::BackendKey>,
+    /// What the threads that submit each VM's disk requests cost.
+    pub disks: Backends<DiskKey>,
 }
 
 /// How many VMs and devices (block devices and taps) a session has collected.
@@ -107,6 +109,7 @@ impl Session {
             reads: 0,
             collected: Collections::default(),
             backends: Backends::default(),
+            disks: Backends::default(),
         };
         session.sync_netdevs();
         Ok(session)
@@ -170,6 +173,12 @@ impl Session {
             &self.last,
             backend::schedstat_ns,
         );
+        self.disks.update(
+            backend::disk_threads(&self.tracer.ebpf),
+            &self.last,
+            backend::schedstat_ns,
+        );
+        backend::forget_disk_threads(&mut self.tracer.ebpf, self.disks.unreadable());
         self.reads += 1;
         Ok(())
     }
@@ -178,7 +187,10 @@ impl Session {
     /// counts from close to its first packet, scraped or not (`backend`).
     pub fn watch_backends(&mut self) -> Result<(), ReadError> {
         let threads = backend::threads(&self.tracer.ebpf);
-        if threads.iter().any(|(tid, _)| !self.backends.knows(*tid)) {
+        let disk_threads = backend::disk_threads(&self.tracer.ebpf);
+        if threads.iter().any(|(tid, _)| !self.backends.knows(*tid))
+            || disk_threads.iter().any(|(tid, _)| !self.disks.knows(*tid))
+        {
             self.refresh()?;
         }
         Ok(())
@@ -225,6 +237,8 @@ impl Session {
         Collector::remove(&mut self.tracer.ebpf, &mut dead);
         self.backends
             .forget(|k| dead.vms.contains(&k.vm) || dead.netdevs.contains(&k.tap));
+        self.disks
+            .forget(|k| dead.vms.contains(&k.vm) || dead.devices.contains(&k.dev));
         for &vm in &dead.vms {
             self.labeler.forget_vm(vm);
         }
@@ -371,6 +385,11 @@ impl Session {
             .costs()
             .map(|(k, c)| (self.labeler.backend(k.vm, k.backend, k.tap), *c))
             .collect();
+        let disks: Vec<_> = self
+            .disks
+            .costs()
+            .map(|(k, c)| (self.labeler.disk_backend(k.vm, k.dev), *c))
+            .collect();
         Exposition::gather(
             &series,
             &self.layout,
@@ -383,6 +402,7 @@ impl Session {
                 map_entries: &map_entries,
                 snapshot_reads: self.reads,
                 backends: &backends,
+                disks: &disks,
             },
         )
     }

@@ -6,7 +6,9 @@ use super::{
     Event, Family, Path, Stage, all_set, kvm::KVM_MSI_SET_IRQ, net::KVM_MMIO, net::KVM_PIO,
     tracepoint_args, tracepoint_or_function,
 };
-use crate::maps::{BLK_DONE, BLK_KICK, BLK_KNOWN, BLK_LAST, BLK_PAIRING, BLK_START_SECTOR};
+use crate::maps::{
+    BLK_DONE, BLK_KICK, BLK_KNOWN, BLK_LAST, BLK_PAIRING, BLK_START_SECTOR, BLK_THREADS,
+};
 
 /// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
 /// programs read dev, sector and rwbs from the record.
@@ -114,7 +116,8 @@ pub static DEVICE: Stage = Stage {
     without: None,
     needs: |_| Ok(()),
     key_class: Some(request_key),
-    maps: &[&BLK_START_SECTOR],
+    // A VMM's submitting threads, for the disk backend's cost.
+    maps: &[&BLK_START_SECTOR, &BLK_THREADS],
 };
 
 /// A guest's notify of a disk to the host request it starts.
