@@ -42,12 +42,14 @@
 //!   time to the backend awake from the vCPU's entry into the KVM_RUN of the kick and from its
 //!   return to userspace after it (they bracket net.tx.kick), and from awake to the write's
 //!   call and return.
-//! - `blk-backend --dev DEV`: a disk backend's I/O thread, as QEMU's worker does it: prints
-//!   `{"ready":true}`, waits `--first-us` F µs (for a tracer to start and find this VMM), does
-//!   10 warm-up 4 KiB O_DIRECT reads of DEV, waits `--gap-us` G µs (for the tracer to see the
-//!   thread), then N reads, each after a D µs spin. The report gives the thread's CPU time per
-//!   read over the N, split into the spin and the system call's own CPU time
-//!   (CLOCK_THREAD_CPUTIME_ID around it).
+//! - `blk-backend --dev DEV`: a disk backend's I/O thread, as QEMU's worker and main loop do it
+//!   in one: the guest first does two port writes (KVM events: a tracer knows the VMM from
+//!   them), then the VMM prints `{"ready":true}`, waits `--first-us` F µs (for a tracer to
+//!   start), does 10 warm-up 4 KiB O_DIRECT reads of DEV, waits `--gap-us` G µs (for the
+//!   tracer to see the thread), then N reads, each after a D µs spin and followed by a signal
+//!   of an irqfd on the MSI route (the guest's interrupt). The report gives the thread's CPU
+//!   time per read over the N, split into the spin and the system calls' own CPU time (the
+//!   read's and the signal's, CLOCK_THREAD_CPUTIME_ID around them).
 //! - `udp-send --to IP:PORT`: no VM; sends N UDP datagrams G µs apart, each carrying its
 //!   CLOCK_MONOTONIC send time (run in the peer's network namespace).
 //!
@@ -809,8 +811,12 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn run_blk_backend(a: &Args) -> anyhow::Result<serde_json::Value> {
+fn run_blk_backend(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    while !matches!(vm.vcpu.run().context("KVM_RUN")?, VcpuExit::IoOut(0x3f9, _)) {}
+    set_routes(&vm.vm)?;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    vm.vm.register_irqfd(&irqfd, MSI_GSI).context("KVM_IRQFD")?;
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -827,6 +833,7 @@ fn run_blk_backend(a: &Args) -> anyhow::Result<serde_json::Value> {
     for i in 0..10 {
         dev.read_exact_at(buf, (i % blocks) * 4096)
             .context("read")?;
+        irqfd.write(1).context("write irqfd")?;
     }
     thread::sleep(Duration::from_micros(a.gap_us));
     let (cpu0, t0) = (thread_cpu_ns(), Instant::now());
@@ -836,6 +843,7 @@ fn run_blk_backend(a: &Args) -> anyhow::Result<serde_json::Value> {
         let c = thread_cpu_ns();
         dev.read_exact_at(buf, (i % blocks) * 4096)
             .context("read")?;
+        irqfd.write(1).context("write irqfd")?;
         syscall_cpu += thread_cpu_ns() - c;
     }
     let (cpu, wall) = (thread_cpu_ns() - cpu0, t0.elapsed());
@@ -869,6 +877,7 @@ fn real_main() -> anyhow::Result<()> {
         "halt" => create_vm(GUEST_HALT, 0)?,
         "exits" => create_vm(GUEST_EXITS, a.count)?,
         "tap-tx" => create_vm(GUEST_KICKS, a.count)?,
+        "blk-backend" => create_vm(GUEST_PIO, 2)?,
         _ => create_vm(GUEST_PIO, a.count)?,
     };
     let t0 = Instant::now();
@@ -883,7 +892,7 @@ fn real_main() -> anyhow::Result<()> {
         "tap-rx" => run_tap_rx(&vm, &a)?,
         "tap-tx" => run_tap_tx(&mut vm, &a)?,
         "tap-forward" => run_tap_forward(&vm, &a)?,
-        "blk-backend" => run_blk_backend(&a)?,
+        "blk-backend" => run_blk_backend(&mut vm, &a)?,
         m => bail!("unknown mode {m}"),
     };
     let mut out = out;
