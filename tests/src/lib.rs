@@ -1,6 +1,7 @@
 //! Helpers for iopath's end-to-end tests: they load the real programs into this kernel through
 //! the real `iopath` binary (`IOPATH_BIN`, set by `cargo xtask test`) and drive real events.
 
+pub mod blk;
 pub mod net;
 
 use std::{

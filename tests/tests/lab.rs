@@ -15,7 +15,9 @@ use std::{
 };
 
 use iopath_tests::{
-    Why, have, iopath_bin, leftover_programs, quantile_between, require_root, skip,
+    Why,
+    blk::{disk_rounds, wait_round},
+    have, iopath_bin, leftover_programs, quantile_between, require_root, skip,
 };
 
 const ROUNDS: u32 = 3;
@@ -322,30 +324,11 @@ interval:ms:100 { printf("T %llu %llu %llu %llu\n", nsecs, @kicks, @issues, @com
 END { clear(@inflight); }
 "#;
 
-/// The guest's rounds so far: (round, op, n, p50 µs) of each `LAB: disk round=` line.
-fn guest_rounds(console: &Path) -> Vec<(u32, String, u64, f64)> {
-    let text = fs::read_to_string(console).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("LAB: disk round=")? + "LAB: disk round=".len()..];
-            let mut f = rest.split_whitespace();
-            let round = f.next()?.parse().ok()?;
-            let op = f.next()?.to_string();
-            let field = |name: &str| {
-                rest.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))
-                    .and_then(|v| v.parse::<f64>().ok())
-            };
-            Some((round, op, field("n=")? as u64, field("p50=")?))
-        })
-        .collect()
-}
-
 /// iopath's and bpftrace's counts at one instant between two disk rounds.
 struct Cut {
     metrics: iopath_tests::Metrics,
     /// bpftrace's kicks, issues, completions.
-    counted: [u64; 3],
+    counted: Vec<u64>,
 }
 
 #[test]
@@ -375,14 +358,7 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
         script,
         run: PathBuf::from(format!("/tmp/iopath-lab-disk-{}", std::process::id())),
     };
-    let mut bt = Command::new("bpftrace")
-        .args(["-e", BPFTRACE_DISK])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("bpftrace");
-    let bt_out = lines_of(bt.stdout.take().unwrap());
-    wait_for(&bt_out, "ready", "bpftrace");
+    let mut bt = iopath_tests::blk::Ticker::start(BPFTRACE_DISK);
     let d = iopath_tests::Daemon::start(&[
         "--stages",
         "blk.device,blk.kick_to_submit,blk.complete_to_irq",
@@ -400,48 +376,24 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
     );
     assert!(out.status.success(), "lab did not start");
     let console = lab.run.join("run/console.log");
-    // bpftrace's latest line, read on.
-    let mut latest = (0u64, [0u64; 3]);
     let mut cut_after = |round: u32| -> Cut {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !guest_rounds(&console)
-            .iter()
-            .any(|(r, op, ..)| *r == round && op == "read4k")
-        {
-            assert!(Instant::now() < deadline, "disk round {round} did not end");
-            sleep(Duration::from_millis(50));
-        }
+        wait_round(&console, round, Duration::from_secs(120));
         // In the 1.5 s gap: the round's last interrupt is in, the next round not begun.
         sleep(Duration::from_millis(300));
         let metrics = d.metrics();
-        let at = iopath_tests::monotonic_ns();
-        // bpftrace's first line after the scrape (the counts do not move in the gap).
-        while latest.0 < at {
-            let l = bt_out
-                .recv_timeout(Duration::from_secs(5))
-                .expect("bpftrace prints every 100 ms");
-            let f: Vec<u64> = l
-                .strip_prefix("T ")
-                .map(|r| r.split(' ').filter_map(|v| v.parse().ok()).collect())
-                .unwrap_or_default();
-            if f.len() == 4 {
-                latest = (f[0], [f[1], f[2], f[3]]);
-            }
-        }
-        Cut {
-            metrics,
-            counted: latest.1,
-        }
+        // bpftrace's counts just after the scrape (they do not move in the gap).
+        let counted = bt.at(iopath_tests::monotonic_ns());
+        Cut { metrics, counted }
     };
     let before = cut_after(FIRST - 1);
     let after = cut_after(ROUNDS - 1);
     drop(cut_after);
-    interrupt(bt);
-    let rounds = guest_rounds(&console);
+    drop(bt);
+    let rounds = disk_rounds(&console);
     drop(lab);
 
-    let window: Vec<_> = rounds.iter().filter(|(r, ..)| *r >= FIRST).collect();
-    let guest_ios: u64 = window.iter().map(|(_, _, n, _)| n).sum();
+    let window: Vec<_> = rounds.iter().filter(|r| r.round >= FIRST).collect();
+    let guest_ios: u64 = window.iter().map(|r| r.n).sum();
     assert_eq!(guest_ios, u64::from(ROUNDS - FIRST) * 100, "{rounds:?}");
     const HIST: &str = "iopath_stage_latency_seconds";
     let lab_stage = |stage: &'static str| vec![("stage", stage), ("vm", "lab")];
@@ -512,8 +464,8 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
         let host: f64 = stages.iter().map(|s| p50_us(s, op)).sum();
         let guest = window
             .iter()
-            .filter(|(_, o, ..)| o == guest_op)
-            .map(|(.., p50)| *p50)
+            .filter(|r| r.op == guest_op)
+            .map(|r| r.p50_us)
             .fold(f64::NAN, f64::min);
         eprintln!("{op}: host stages' p50s add up to {host:.0} us; the guest's p50 {guest:.0} us");
         assert!(

@@ -63,10 +63,16 @@ impl L2 {
 
     /// `net`: "" (the tap in the guest's namespace) or "bridge" (a host's topology: l2.sh).
     fn start_on(name: &str, vhost: bool, net: &str) -> L2 {
+        L2::start_with(name, vhost, net, &[])
+    }
+
+    /// With more of l2.sh's settings (`extra`: its disk, the guest's disk rounds).
+    fn start_with(name: &str, vhost: bool, net: &str, extra: &[(&str, &str)]) -> L2 {
         let vhost = if vhost { "on" } else { "off" };
         // A leftover from an interrupted run would hold the namespace.
         l2(&["stop"], &[]);
-        let env = [("L2_NAME", name), ("L2_VHOST", vhost), ("L2_NET", net)];
+        let mut env = vec![("L2_NAME", name), ("L2_VHOST", vhost), ("L2_NET", net)];
+        env.extend_from_slice(extra);
         // The nested guest's QEMU (nested KVM on emulated SVM, under TCG) now and then dies
         // while the guest boots, its console normal up to there: one more boot, said aloud.
         let out = match l2_try(&["start"], &env) {
@@ -1025,4 +1031,162 @@ fn fentry_on_a_module_function_is_refused_with_its_reason() {
         !out.status.success(),
         "no stage attached: doctor exits non-zero"
     );
+}
+
+/// The nested guest's disk rounds on a null_blk device with a known completion time (timer
+/// mode): per-stage counts against the guest's own I/O count and bpftrace's count of the
+/// bounding events over the same window (cut between two rounds), `blk.device` against the
+/// device's delay, and the host stages' sum against the guest's own median.
+#[test]
+fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
+    const TEST: &str = "a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw";
+    if !in_vm(TEST) {
+        return;
+    }
+    if !iopath_tests::net::have_bpftrace(TEST) {
+        return;
+    }
+    const VM: &str = "nested-blk";
+    const ROUNDS: u32 = 4;
+    // Round 0 teaches iopath the disk's notify and vector (pairs, then a second's look).
+    const FIRST: u32 = 1;
+    const IOS: u64 = 20;
+    const HIST: &str = "iopath_stage_latency_seconds";
+    let console = Path::new("/tmp/l2/console.log");
+    for (delay_ms, check_sum) in [(2u64, false), (10, true)] {
+        let _ = Command::new("rmmod").arg("null_blk").status();
+        let load = Command::new("modprobe")
+            .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
+            .arg(format!("completion_nsec={}", delay_ms * 1_000_000))
+            .status()
+            .expect("modprobe");
+        assert!(load.success(), "modprobe null_blk");
+        let dev = fs::read_to_string("/sys/block/nullb0/dev")
+            .expect("/dev/nullb0")
+            .trim()
+            .to_string();
+        let (major, minor) = dev.split_once(':').unwrap();
+        // QEMU's workers' requests to nullb0 and their completions (interrupt context).
+        let script = format!(
+            r#"BEGIN {{ @issues = 0; @completes = 0; printf("ready\n"); }}
+tracepoint:block:block_rq_issue /args->dev == ({major} << 20 | {minor}) && comm == "worker"/ {{
+  @issues++; @inflight[args->sector] = 1; }}
+tracepoint:block:block_rq_complete /args->dev == ({major} << 20 | {minor}) && @inflight[args->sector]/ {{
+  @completes++; delete(@inflight[args->sector]); }}
+interval:ms:100 {{ printf("T %llu %llu %llu\n", nsecs, @issues, @completes); }}
+END {{ clear(@inflight); }}"#
+        );
+        let mut bt = iopath_tests::blk::Ticker::start(&script);
+        let d = Daemon::start(&[]);
+        let guest = L2::start_with(
+            VM,
+            true,
+            "",
+            &[
+                ("L2_DISK", "/dev/nullb0"),
+                ("L2_CACHE", "none"),
+                ("L2_ROUNDS", &ROUNDS.to_string()),
+                ("L2_IOS", &IOS.to_string()),
+                ("L2_PERIOD_MS", "2500"),
+            ],
+        );
+        let limit = std::time::Duration::from_secs(300);
+        let mut cut = |round: u32| {
+            iopath_tests::blk::wait_round(console, round, limit);
+            // In the 2.5 s gap: the round's last interrupt is in, the next not begun.
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            let m = d.metrics();
+            (m, bt.at(iopath_tests::monotonic_ns()))
+        };
+        let (m0, c0) = cut(FIRST - 1);
+        let (m1, c1) = cut(ROUNDS - 1);
+        drop(cut);
+        drop(bt);
+        let rounds = iopath_tests::blk::disk_rounds(console);
+        drop(guest);
+        let window: Vec<_> = rounds.iter().filter(|r| r.round >= FIRST).collect();
+        let guest_ios: u64 = window.iter().map(|r| r.n).sum();
+        assert_eq!(guest_ios, u64::from(ROUNDS - FIRST) * 2 * IOS, "{rounds:?}");
+        let count = |stage: &str| {
+            let sel = [("stage", stage), ("vm", VM), ("device", dev.as_str())];
+            m1.value(&format!("{HIST}_count"), &sel) - m0.value(&format!("{HIST}_count"), &sel)
+        };
+        let dropped = |stage: &str| {
+            let n = |m: &Metrics| m.value("iopath_events_dropped_total", &[("stage", stage)]);
+            n(&m1) - n(&m0)
+        };
+        let (issues, completes) = (c1[0] - c0[0], c1[1] - c0[1]);
+        // Medians over the daemon's whole run (/quantiles: its fine buckets), µs.
+        let p50 = |stage: &str, want: &[(&str, &str)]| {
+            d.find_p50(stage, want).map_or(f64::NAN, |(_, p)| p)
+        };
+        let on_disk = [("vm", VM), ("device", dev.as_str())];
+        let stages = ["blk.kick_to_submit", "blk.device", "blk.complete_to_irq"];
+        for stage in stages {
+            eprintln!(
+                "D = {delay_ms} ms: {stage} vm={VM}: {} samples in the window, p50 write {:.0} \
+                 us, read {:.0} us; {} dropped",
+                count(stage),
+                p50(stage, &[on_disk[0], on_disk[1], ("op", "write")]),
+                p50(stage, &[on_disk[0], on_disk[1], ("op", "read")]),
+                dropped(stage)
+            );
+        }
+        let inject = p50("kvm.inject_to_entry", &[("vm", VM)]);
+        eprintln!(
+            "D = {delay_ms} ms: guest {guest_ios} I/Os in rounds {FIRST}..{ROUNDS}; bpftrace \
+             {issues} requests by QEMU's workers, {completes} completed; kvm.inject_to_entry \
+             p50 {inject:.0} us"
+        );
+        for stage in stages {
+            let n = count(stage);
+            assert!(
+                (n - guest_ios as f64).abs() <= 0.01 * guest_ios as f64,
+                "{stage}: {n} samples for {guest_ios} guest I/Os"
+            );
+            assert_eq!(dropped(stage), 0.0, "{stage}: events dropped in the window");
+        }
+        assert_eq!(count("blk.device"), issues as f64, "a sample per request");
+        assert_eq!(
+            count("blk.complete_to_irq"),
+            completes as f64,
+            "a sample per completion"
+        );
+        // The device: null_blk's timer completes each request D after its issue.
+        let want = (delay_ms * 1000) as f64;
+        for op in ["write", "read"] {
+            let got = p50("blk.device", &[on_disk[0], on_disk[1], ("op", op)]);
+            assert!(
+                (got - want).abs() <= 0.1 * want,
+                "blk.device {op} p50 {got:.0} us for a {want:.0} us device"
+            );
+        }
+        if check_sum {
+            // Kick, submit, device, completion, interrupt, entry: what the guest waited for,
+            // less its own work (emulated here: small next to 10 ms).
+            for (op, guest_op) in [("write", "write4k"), ("read", "read4k")] {
+                let host: f64 = stages
+                    .iter()
+                    .map(|s| p50(s, &[on_disk[0], on_disk[1], ("op", op)]))
+                    .sum::<f64>()
+                    + inject;
+                let mut guest: Vec<f64> = window
+                    .iter()
+                    .filter(|r| r.op == guest_op)
+                    .map(|r| r.p50_us)
+                    .collect();
+                guest.sort_by(f64::total_cmp);
+                let guest = guest[guest.len() / 2];
+                eprintln!(
+                    "{op}: host stages' p50s add up to {host:.0} us; the guest's p50 {guest:.0} us"
+                );
+                assert!(
+                    (host - guest).abs() <= 0.15 * guest,
+                    "{op}: host {host:.0} us against the guest's {guest:.0} us"
+                );
+            }
+        }
+        assert!(d.stop().success());
+    }
+    let _ = Command::new("rmmod").arg("null_blk").status();
 }

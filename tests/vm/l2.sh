@@ -7,6 +7,11 @@
 # 169.254.100.1 in l2ns (which knows the guest's MAC: no ARP from that side).
 #   L2_NAME=NAME L2_VHOST=on|off [L2_NET=bridge] l2.sh start
 #                                                 boot it, wait for the guest's READY (<= 120 s)
+#     [L2_DISK=PATH L2_CACHE=MODE]                the disk's backing (default a 64 MiB file in
+#                                                 $L2_RUN; a block device with L2_CACHE=none)
+#     [L2_ROUNDS=R L2_IOS=N L2_PERIOD_MS=P        the guest's disk rounds (lab_guest: N 4 KiB
+#      L2_DELAY_MS=D]                             writes then N reads each, P ms apart, from
+#                                                 D ms after READY; each printed on the console)
 #   l2.sh ping COUNT INTERVAL                     from the namespace (COUNT <= 1000)
 #   l2.sh netem DELAY|off                         netem on the tap's and the uplink's root qdiscs
 #                                                 (bridge only): each direction held DELAY
@@ -33,7 +38,8 @@ cmd_start() {
   running && die "already running (pid $(qpid))"
   [ -e /dev/kvm ] || die "no /dev/kvm"
   STARTING=1   # from here a failure stops what was started
-  mkdir -p $RUN; truncate -s 64M $RUN/disk.img
+  mkdir -p $RUN
+  local disk=${L2_DISK:-$RUN/disk.img}; [ -n "${L2_DISK:-}" ] || truncate -s 64M $disk
   ip netns add $NS || die "cannot create netns $NS"
   local inns="ip netns exec $NS" tap=$TAP
   if [ "${L2_NET:-}" = bridge ]; then
@@ -54,7 +60,9 @@ cmd_start() {
       ip addr add $HOST_IP/24 dev $TAP && ip link set $TAP up" || die "netns setup failed"
   fi
   local append="console=ttyS0 tsc=reliable no_timer_check lpj=5192264 noxsave clearcpuid=$CLEARCPUID panic=-1"
-  append="$append ip=$GUEST_IP::$HOST_IP:255.255.255.0:lab:eth0:off lab_guest.rounds=0"
+  append="$append ip=$GUEST_IP::$HOST_IP:255.255.255.0:lab:eth0:off"
+  append="$append lab_guest.rounds=${L2_ROUNDS:-0} lab_guest.ios=${L2_IOS:-50}"
+  append="$append lab_guest.start_delay_ms=${L2_DELAY_MS:-1000} lab_guest.period_ms=${L2_PERIOD_MS:-1000}"
   rm -f $RUN/console.log $RUN/qemu.pid
   setsid $inns qemu-system-x86_64 -name "${L2_NAME:-l2},debug-threads=on" \
     -enable-kvm -cpu qemu64,-cx16 -m 128 -smp 1 -bios /usr/share/qemu/qboot.rom \
@@ -63,7 +71,7 @@ cmd_start() {
     -monitor unix:$RUN/mon.sock,server=on,wait=off -kernel $KERNEL -append "$append" \
     -netdev tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=${L2_VHOST:-on} \
     -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
-    -drive file=$RUN/disk.img,if=virtio,format=raw,cache=writeback \
+    -drive file=$disk,if=virtio,format=raw,cache=${L2_CACHE:-writeback} \
     </dev/null >$RUN/qemu.err 2>&1 &
   local i
   for i in $(seq 1 240); do
