@@ -59,11 +59,13 @@ pub fn wait_round(console: &Path, round: u32, limit: Duration) {
 
 /// bpftrace running a script that prints `ready` once attached, then `T <nsecs> <count>...`
 /// every 100 ms (nsecs: CLOCK_MONOTONIC), so that a test can read its counts as they were at
-/// an instant of its own. Interrupted on drop.
+/// an instant of its own; and, if it likes, `V <nsecs> <value>` for single events, kept with
+/// their time. Interrupted on drop.
 pub struct Ticker {
     child: Child,
     lines: mpsc::Receiver<String>,
     latest: (u64, Vec<u64>),
+    values: Vec<(u64, u64)>,
 }
 
 impl Ticker {
@@ -97,6 +99,7 @@ impl Ticker {
             child,
             lines,
             latest: (0, Vec::new()),
+            values: Vec::new(),
         }
     }
 
@@ -107,15 +110,28 @@ impl Ticker {
                 .lines
                 .recv_timeout(Duration::from_secs(10))
                 .expect("bpftrace prints every 100 ms");
-            let f: Vec<u64> = l
-                .strip_prefix("T ")
-                .map(|r| r.split(' ').filter_map(|v| v.parse().ok()).collect())
-                .unwrap_or_default();
+            let fields =
+                |r: &str| -> Vec<u64> { r.split(' ').filter_map(|v| v.parse().ok()).collect() };
+            if let Some(v) = l.strip_prefix("V ").map(fields)
+                && v.len() == 2
+            {
+                self.values.push((v[0], v[1]));
+            }
+            let f = l.strip_prefix("T ").map(fields).unwrap_or_default();
             if let Some((&t, counts)) = f.split_first() {
                 self.latest = (t, counts.to_vec());
             }
         }
         self.latest.1.clone()
+    }
+
+    /// The `V` values printed between `from` and `to` (CLOCK_MONOTONIC ns), read so far.
+    pub fn values_between(&self, from: u64, to: u64) -> Vec<u64> {
+        self.values
+            .iter()
+            .filter(|(t, _)| (from..to).contains(t))
+            .map(|(_, v)| *v)
+            .collect()
     }
 }
 

@@ -44,12 +44,29 @@ fn doctor_attaches_blk_device_and_kvm_exit_here() {
     // This kernel has BTF and tp_btf: the preferred implementation is the one chosen.
     assert_eq!(blk["attach"], "tp_btf");
 
+    // The VMM's disk stages attach from tracepoints (kvm_mmio, kvm_msi_set_irq, the block
+    // events), and doctor says how their disks' notifies and vectors are told apart.
+    for name in ["blk.kick_to_submit", "blk.complete_to_irq"] {
+        let s = stage(name);
+        assert_eq!(s["attached"], true, "{s}");
+    }
+    assert!(
+        v["disk_signals"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("observed pairing")),
+        "{v}"
+    );
+
     let table = iopath(&["doctor"]);
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.lines()
             .any(|l| l.starts_with("kvm.exit") && l.contains("attached")),
+        "{text}"
+    );
+    assert!(
+        text.contains("which notify and vector are a disk's: observed pairing"),
         "{text}"
     );
     assert!(

@@ -1053,7 +1053,10 @@ fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
     const IOS: u64 = 20;
     const HIST: &str = "iopath_stage_latency_seconds";
     let console = Path::new("/tmp/l2/console.log");
-    for (delay_ms, check_sum) in [(2u64, false), (10, true)] {
+    // The sum is checked where the device dominates what the guest waits for: this guest's own
+    // work per I/O (a few VM exits, each slow under nested KVM on an emulated CPU) is about
+    // 5 ms here, a third of the guest's wait at D = 10 ms (printed), 11% at 40 ms.
+    for (delay_ms, check_sum) in [(2u64, false), (10, false), (40, true)] {
         let _ = Command::new("rmmod").arg("null_blk").status();
         let load = Command::new("modprobe")
             .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
@@ -1066,15 +1069,20 @@ fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
             .trim()
             .to_string();
         let (major, minor) = dev.split_once(':').unwrap();
-        // QEMU's workers' requests to nullb0 and their completions (interrupt context).
+        // QEMU's workers' requests to nullb0 (issued by a worker, or inserted by one for the
+        // scheduler to issue from kblockd), their completions (interrupt context) and their
+        // time on the device, summed.
         let script = format!(
-            r#"BEGIN {{ @issues = 0; @completes = 0; printf("ready\n"); }}
-tracepoint:block:block_rq_issue /args->dev == ({major} << 20 | {minor}) && comm == "worker"/ {{
-  @issues++; @inflight[args->sector] = 1; }}
+            r#"BEGIN {{ @issues = 0; @completes = 0; @dev_ns = 0; printf("ready\n"); }}
+tracepoint:block:block_rq_insert /args->dev == ({major} << 20 | {minor}) && comm == "worker"/ {{
+  @queued[args->sector] = 1; }}
+tracepoint:block:block_rq_issue /args->dev == ({major} << 20 | {minor}) && (comm == "worker" || @queued[args->sector])/ {{
+  delete(@queued[args->sector]); @issues++; @inflight[args->sector] = nsecs; }}
 tracepoint:block:block_rq_complete /args->dev == ({major} << 20 | {minor}) && @inflight[args->sector]/ {{
-  @completes++; delete(@inflight[args->sector]); }}
-interval:ms:100 {{ printf("T %llu %llu %llu\n", nsecs, @issues, @completes); }}
-END {{ clear(@inflight); }}"#
+  @completes++; @dev_ns += nsecs - @inflight[args->sector];
+  printf("V %llu %llu\n", nsecs, nsecs - @inflight[args->sector]); delete(@inflight[args->sector]); }}
+interval:ms:100 {{ printf("T %llu %llu %llu %llu\n", nsecs, @issues, @completes, @dev_ns); }}
+END {{ clear(@inflight); clear(@queued); }}"#
         );
         let mut bt = iopath_tests::blk::Ticker::start(&script);
         let d = Daemon::start(&[]);
@@ -1096,11 +1104,18 @@ END {{ clear(@inflight); }}"#
             // In the 2.5 s gap: the round's last interrupt is in, the next not begun.
             std::thread::sleep(std::time::Duration::from_millis(800));
             let m = d.metrics();
-            (m, bt.at(iopath_tests::monotonic_ns()))
+            let at = iopath_tests::monotonic_ns();
+            (m, bt.at(at), at)
         };
-        let (m0, c0) = cut(FIRST - 1);
-        let (m1, c1) = cut(ROUNDS - 1);
+        let (m0, c0, t0) = cut(FIRST - 1);
+        let (m1, c1, t1) = cut(ROUNDS - 1);
         drop(cut);
+        // bpftrace's time of each request on the device in the window, its median.
+        let mut on_device = bt.values_between(t0, t1);
+        on_device.sort_unstable();
+        let bt_p50_us = on_device
+            .get(on_device.len() / 2)
+            .map_or(f64::NAN, |&v| v as f64 / 1e3);
         drop(bt);
         let rounds = iopath_tests::blk::disk_rounds(console);
         drop(guest);
@@ -1116,6 +1131,15 @@ END {{ clear(@inflight); }}"#
             n(&m1) - n(&m0)
         };
         let (issues, completes) = (c1[0] - c0[0], c1[1] - c0[1]);
+        // The device's mean time, by bpftrace and by iopath, over the window.
+        let bt_mean_us = (c1[2] - c0[2]) as f64 / completes.max(1) as f64 / 1e3;
+        let sel = [
+            ("stage", "blk.device"),
+            ("vm", VM),
+            ("device", dev.as_str()),
+        ];
+        let sum = m1.value(&format!("{HIST}_sum"), &sel) - m0.value(&format!("{HIST}_sum"), &sel);
+        let mean_us = sum / count("blk.device") * 1e6;
         // Medians over the daemon's whole run (/quantiles: its fine buckets), µs.
         let p50 = |stage: &str, want: &[(&str, &str)]| {
             d.find_p50(stage, want).map_or(f64::NAN, |(_, p)| p)
@@ -1147,39 +1171,66 @@ END {{ clear(@inflight); }}"#
             assert_eq!(dropped(stage), 0.0, "{stage}: events dropped in the window");
         }
         assert_eq!(count("blk.device"), issues as f64, "a sample per request");
-        assert_eq!(
-            count("blk.complete_to_irq"),
-            completes as f64,
-            "a sample per completion"
+        // bpftrace's own count may fall short: its hash map refuses an update from an
+        // interrupt while a program on that CPU holds the map (htab's per-CPU lock), which
+        // iopath's lock-free request slots do not. Never more, and at most 2%.
+        let irqs = count("blk.complete_to_irq");
+        assert!(
+            irqs >= completes as f64 && irqs <= completes as f64 * 1.02,
+            "blk.complete_to_irq {irqs} for {completes} completions bpftrace saw"
         );
-        // The device: null_blk's timer completes each request D after its issue.
+        // The device: null_blk's timer completes each request D after its issue, late by
+        // what the emulated machine adds to a timer (a few hundred µs at the median here, with
+        // a long tail), which bpftrace sees too: iopath's mean is bpftrace's within 5% (the
+        // completions bpftrace misses, above, move its mean), its median within 10% of
+        // bpftrace's median of the same requests.
+        eprintln!(
+            "D = {delay_ms} ms: blk.device mean {mean_us:.0} us by iopath, {bt_mean_us:.0} us by \
+             bpftrace; bpftrace's median {bt_p50_us:.0} us of {} requests",
+            on_device.len()
+        );
+        assert!(
+            (mean_us - bt_mean_us).abs() <= 0.05 * bt_mean_us,
+            "blk.device mean {mean_us:.0} us, bpftrace's {bt_mean_us:.0} us"
+        );
         let want = (delay_ms * 1000) as f64;
+        assert!(
+            bt_mean_us >= want,
+            "null_blk took {bt_mean_us:.0} us for {want:.0}"
+        );
         for op in ["write", "read"] {
             let got = p50("blk.device", &[on_disk[0], on_disk[1], ("op", op)]);
             assert!(
-                (got - want).abs() <= 0.1 * want,
-                "blk.device {op} p50 {got:.0} us for a {want:.0} us device"
+                (got - bt_p50_us).abs() <= 0.1 * bt_p50_us,
+                "blk.device {op} p50 {got:.0} us for a device whose median was {bt_p50_us:.0} us"
             );
-        }
-        if check_sum {
-            // Kick, submit, device, completion, interrupt, entry: what the guest waited for,
-            // less its own work (emulated here: small next to 10 ms).
-            for (op, guest_op) in [("write", "write4k"), ("read", "read4k")] {
-                let host: f64 = stages
-                    .iter()
-                    .map(|s| p50(s, &[on_disk[0], on_disk[1], ("op", op)]))
-                    .sum::<f64>()
-                    + inject;
-                let mut guest: Vec<f64> = window
-                    .iter()
-                    .filter(|r| r.op == guest_op)
-                    .map(|r| r.p50_us)
-                    .collect();
-                guest.sort_by(f64::total_cmp);
-                let guest = guest[guest.len() / 2];
-                eprintln!(
-                    "{op}: host stages' p50s add up to {host:.0} us; the guest's p50 {guest:.0} us"
+            // At 10 ms the emulation's lateness is inside the bound: D itself within 10%.
+            if delay_ms >= 10 {
+                assert!(
+                    (got - want).abs() <= 0.1 * want,
+                    "blk.device {op} p50 {got:.0} us for a {want:.0} us device"
                 );
+            }
+        }
+        // Kick, submit, device, completion, interrupt, entry: what the guest waited for,
+        // less its own work (asserted where that is small next to the device: above).
+        for (op, guest_op) in [("write", "write4k"), ("read", "read4k")] {
+            let host: f64 = stages
+                .iter()
+                .map(|s| p50(s, &[on_disk[0], on_disk[1], ("op", op)]))
+                .sum::<f64>()
+                + inject;
+            let mut guest: Vec<f64> = window
+                .iter()
+                .filter(|r| r.op == guest_op)
+                .map(|r| r.p50_us)
+                .collect();
+            guest.sort_by(f64::total_cmp);
+            let guest = guest[guest.len() / 2];
+            eprintln!(
+                "{op}: host stages' p50s add up to {host:.0} us; the guest's p50 {guest:.0} us"
+            );
+            if check_sum {
                 assert!(
                     (host - guest).abs() <= 0.15 * guest,
                     "{op}: host {host:.0} us against the guest's {guest:.0} us"

@@ -9,8 +9,8 @@ use tracer_common::{
     blk::{
         Op,
         vm::{
-            DONE_MAX, DiskKey, Done, Last, PAIR_WINDOW_NS, Pairing, SignalKey, Submitted, kind,
-            on_submit,
+            DONE_MAX, DiskKey, Done, Last, PAIR_WINDOW_NS, Pairing, STALE_NS, SignalKey, Submitted,
+            kind, on_submit,
         },
     },
     maps::{Counter, START_ENTRIES},
@@ -96,8 +96,10 @@ pub fn notified(tgid: u32, addr: u64, now: u64) {
     match known(&k) {
         Some(0) => {}
         Some(dev) => {
-            // The earliest untaken kick stays: the requests it started began there.
-            let _ = BLK_KICK.insert(&DiskKey { vm: tgid, dev }, &now, BPF_NOEXIST as u64);
+            // The latest kick: one that started no host request (a write the page cache took,
+            // a flush kblockd issues) must not be taken by the next request. Of two kicks
+            // before one submit (a backend slower than its guest), the first goes unmeasured.
+            let _ = BLK_KICK.insert(&DiskKey { vm: tgid, dev }, &now, 0);
         }
         None => {
             learn(&k, true, None);
@@ -172,11 +174,11 @@ pub fn completed(vm: u32, dev: u32, op: Op, now: u64) {
             let _ = d.push(now, op);
             BLK_DONE
                 .insert(&disk, &d, 0)
-                .map_err(|_| Counter::StartFull)
+                .map_err(|_| (Counter::StartFull, 1))
         }
     };
-    if let Err(c) = pushed {
-        count(BlkCompleteToIrq, c);
+    if let Err((c, n)) = pushed {
+        count_n(BlkCompleteToIrq, c, n);
     }
     let last = Last {
         ts_ns: now,
@@ -220,7 +222,11 @@ pub fn irq(address: u64, data: u64, site: Site, now: u64) {
                     break;
                 }
                 let (ns, op) = done.sample(i, now);
-                record(BlkCompleteToIrq, op as u32, dev, vm, ns);
+                if ns > STALE_NS {
+                    count(BlkCompleteToIrq, Counter::Stale);
+                } else {
+                    record(BlkCompleteToIrq, op as u32, dev, vm, ns);
+                }
                 i += 1;
             }
             // SAFETY: a map value read whole.

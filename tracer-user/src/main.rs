@@ -298,6 +298,10 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// How the VMM disk stages tell a disk's notify and vector (`learn`), as doctor says it.
+const DISK_SIGNALS: &str = "observed pairing (a kick with the VMM's next request, a completion \
+    with its next interrupt); the VMM's GSI routing and KVM_IRQFD ioctls are not followed";
+
 fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
     let opts = attach::Options {
         strict: false,
@@ -315,6 +319,7 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
             // left loaded.
             "programs": iopath::stages::all_programs(),
             "maps": iopath::maps::all().iter().map(|m| m.name).collect::<Vec<_>>(),
+            "disk_signals": DISK_SIGNALS,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -347,6 +352,14 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
                     r.skipped.join("; ")
                 );
             }
+        }
+        let vm_disk_stages = ["blk.kick_to_submit", "blk.complete_to_irq"];
+        if tracer
+            .report
+            .iter()
+            .any(|r| r.attached && vm_disk_stages.contains(&r.stage))
+        {
+            println!("\nwhich notify and vector are a disk's: {DISK_SIGNALS}");
         }
     }
     // Dropping the tracer detaches what the check attached.

@@ -148,6 +148,13 @@ assert_size!(Last, 16);
 /// A pairing's events must be this close: a submit 1 s after a notify is not its.
 pub const PAIR_WINDOW_NS: u64 = 1_000_000_000;
 
+/// A kick or a completion older than this ends no stage: counted `stale`. A guest request need
+/// not become a host request (a write QEMU's `cache=writeback` keeps in the page cache, a
+/// flush the block layer issues from kblockd), nor a completion be signalled (a guest that
+/// polls), so a kick or completion left over must not end up measured against a later request
+/// or interrupt.
+pub const STALE_NS: u64 = 1_000_000_000;
+
 /// Most completions of one disk that can await its interrupt: QEMU completes a batch, then
 /// signals once.
 pub const DONE_MAX: usize = 8;
@@ -166,15 +173,22 @@ assert_size!(Done, 80);
 
 impl Done {
     /// One more completion; a full batch keeps its oldest and counts the newest `start_map_full`.
-    pub fn push(&mut self, ts_ns: u64, op: Op) -> Result<(), Counter> {
+    /// A batch older than [`STALE_NS`] is dropped first (`Err(Stale)` with its size): its
+    /// interrupt never came.
+    pub fn push(&mut self, ts_ns: u64, op: Op) -> Result<(), (Counter, u64)> {
+        let mut stale = None;
+        if self.len > 0 && ts_ns.saturating_sub(self.ts_ns[0]) > STALE_NS {
+            stale = Some((Counter::Stale, self.len as u64));
+            self.len = 0;
+        }
         let i = self.len as usize;
         if i >= DONE_MAX {
-            return Err(Counter::StartFull);
+            return Err((Counter::StartFull, 1));
         }
         self.ts_ns[i] = ts_ns;
         self.ops[i] = op as u8;
         self.len += 1;
-        Ok(())
+        stale.map_or(Ok(()), Err)
     }
 
     /// Completion `i`'s latency to an interrupt at `now_ns`, and its op.
@@ -200,7 +214,12 @@ pub enum Submitted {
 
 pub fn on_submit(pending: Option<u64>, last: Option<Last>, known: bool, now_ns: u64) -> Submitted {
     if let Some(ts) = pending {
-        return Submitted::Kicked(now_ns.saturating_sub(ts));
+        let ns = now_ns.saturating_sub(ts);
+        return if ns > STALE_NS {
+            Submitted::Counted(Counter::Stale)
+        } else {
+            Submitted::Kicked(ns)
+        };
     }
     match last {
         Some(l) if !known && now_ns.saturating_sub(l.ts_ns) < PAIR_WINDOW_NS => {
@@ -283,9 +302,15 @@ mod tests {
         for i in 0..DONE_MAX as u64 {
             d.push(100 + i, Op::Write).unwrap();
         }
-        assert_eq!(d.push(999, Op::Read), Err(Counter::StartFull));
+        assert_eq!(d.push(999, Op::Read), Err((Counter::StartFull, 1)));
         assert_eq!(d.sample(0, 1_100), (1_000, Op::Write));
         assert_eq!(d.sample(7, 1_107), (1_000, Op::Write));
+        // A batch whose interrupt never came goes, counted, when the next completion comes.
+        assert_eq!(
+            d.push(200 + STALE_NS, Op::Read),
+            Err((Counter::Stale, DONE_MAX as u64))
+        );
+        assert_eq!((d.len, d.sample(0, 300 + STALE_NS)), (1, (100, Op::Read)));
     }
 
     #[test]
@@ -297,6 +322,11 @@ mod tests {
         assert!(matches!(
             on_submit(Some(400), last, true, 1_000),
             Submitted::Kicked(600)
+        ));
+        // A kick no host request followed (a write the page cache kept) is not the next one's.
+        assert!(matches!(
+            on_submit(Some(400), None, true, 401 + STALE_NS),
+            Submitted::Counted(Counter::Stale)
         ));
         assert!(matches!(
             on_submit(None, last, false, 2_000),
