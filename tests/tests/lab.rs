@@ -387,7 +387,6 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
     };
     let before = cut_after(FIRST - 1);
     let after = cut_after(ROUNDS - 1);
-    drop(cut_after);
     drop(bt);
     let rounds = disk_rounds(&console);
     drop(lab);

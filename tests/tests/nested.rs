@@ -1109,7 +1109,6 @@ END {{ clear(@inflight); clear(@queued); }}"#
         };
         let (m0, c0, t0) = cut(FIRST - 1);
         let (m1, c1, t1) = cut(ROUNDS - 1);
-        drop(cut);
         // bpftrace's time of each request on the device in the window, its median.
         let mut on_device = bt.values_between(t0, t1);
         on_device.sort_unstable();

@@ -179,7 +179,9 @@ pub fn submit_slot(b: &mut RqBucket, rq: u64, start: BlkStart) -> Result<(), Cou
     }
     let mut start = start;
     let mine = b.ways[pick];
-    if start.vm == 0 && mine.holds(rq) {
+    // An insert's (or requeue's) marker names the submitter, whoever issues: a VMM's thread
+    // dispatching others' requests (a plug's flush, a queue run) takes none of them.
+    if mine.holds(rq) && mine.start.ts_ns == 0 {
         start.vm = mine.start.vm;
     }
     b.ways[pick] = RqSlot::new(rq, start);
@@ -223,8 +225,21 @@ pub fn complete_slot(b: &mut RqBucket, rq: u64, now_ns: u64) -> Result<Sample, C
     Err(Counter::Unmatched)
 }
 
-/// block_rq_requeue: the slot holding `rq` is freed.
+/// block_rq_requeue: the request left the device; its slot becomes a marker of its submitter
+/// (`ts_ns` 0), so that its next issue, from kblockd, still names its VMM.
 pub fn requeue_slot(b: &mut RqBucket, rq: u64) {
+    for w in 0..RQ_WAYS {
+        if b.ways[w].holds(rq) {
+            let mut start = b.ways[w].start;
+            start.ts_ns = 0;
+            b.ways[w] = RqSlot::new(rq, start);
+        }
+    }
+}
+
+/// block_rq_merge: the request was merged into another and is freed unissued; its marker goes
+/// (request pointers are reused).
+pub fn forget_slot(b: &mut RqBucket, rq: u64) {
     for w in 0..RQ_WAYS {
         if b.ways[w].holds(rq) {
             b.ways[w].rq = 0;
@@ -537,7 +552,23 @@ mod tests {
         let mut p = RqBucket::default();
         issue_slot(&mut p, 9u64, 1_000, 1, Op::Read).unwrap();
         requeue_slot(&mut p, 9u64);
-        assert_eq!(p.ways[0].rq, 0);
+        assert!(inserted(&p, 9u64), "a marker, not a start");
+        assert_eq!(complete_slot(&mut p, 9u64, 2_000), Err(Counter::Unmatched));
+        // A VMM's request requeued, then issued again by kblockd: still the VMM's.
+        submit_slot(&mut p, 7u64, BlkStart::new(0, 1, Op::Write, 42)).unwrap();
+        issue_slot(&mut p, 7u64, 3_000, 1, Op::Write).unwrap();
+        requeue_slot(&mut p, 7u64);
+        issue_slot(&mut p, 7u64, 5_000, 1, Op::Write).unwrap();
+        let s = complete_slot(&mut p, 7u64, 6_000).unwrap();
+        assert_eq!((s.latency_ns, s.vm), (1_000, 42));
+        // A host's request inserted, dispatched by a VMM's thread: the host's.
+        submit_slot(&mut p, 8u64, BlkStart::new(0, 1, Op::Read, 0)).unwrap();
+        submit_slot(&mut p, 8u64, BlkStart::new(7_000, 1, Op::Read, 42)).unwrap();
+        assert_eq!(complete_slot(&mut p, 8u64, 8_000).unwrap().vm, 0);
+        // A merged request's marker goes.
+        submit_slot(&mut p, 9u64, BlkStart::new(0, 1, Op::Read, 42)).unwrap();
+        forget_slot(&mut p, 9u64);
+        assert!(!inserted(&p, 9u64));
     }
 
     #[test]

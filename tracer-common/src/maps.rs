@@ -46,7 +46,8 @@ pub enum Counter {
     ReadError = 2,
     /// An end event with no recorded start (the start happened before attach, or was dropped).
     Unmatched = 3,
-    /// A start left by another life of the same key (a thread id reused by another VM): dropped.
+    /// A start left by another life of the same key (a thread id reused by another VM), or too
+    /// old to be this end's (net: 1 s; a VMM's disk kick or completion: 1 s): dropped.
     Stale = 4,
     /// Two events in flight under one key that cannot tell them apart: neither is measured.
     Ambiguous = 5,

@@ -180,8 +180,8 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     }
 }
 
-/// block_rq_insert (a scheduler's queue, a plug's flush): a VMM's thread submitted the request,
-/// which another thread may issue.
+/// block_rq_insert (a scheduler's queue, a plug's flush): the submitter's thread queued the
+/// request, which another thread may issue; its marker names the submitter, a VMM or the host.
 #[inline(always)]
 fn insert(rq: Result<Request, ()>, _: Site) {
     let mask = stages_on();
@@ -189,9 +189,6 @@ fn insert(rq: Result<Request, ()>, _: Site) {
         return;
     }
     let vm = submitter();
-    if vm == 0 {
-        return;
-    }
     let now = now_ns();
     let inserted = match rq {
         Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, vm),
@@ -243,6 +240,19 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     }
 }
 
+/// A request merged into another: freed, never issued.
+#[inline(always)]
+fn merged(rq: Result<Request, ()>, _: Site) {
+    if stages_on() & SLOT_STAGES == 0 {
+        return;
+    }
+    if let Ok(Request::Ptr(p) | Request::Typed(p)) = rq
+        && let Some((rq, s)) = slot_of(p)
+    {
+        blk::forget_slot(s, rq);
+    }
+}
+
 /// A requeued request left the device; its next issue starts it again.
 #[inline(always)]
 fn requeue(rq: Result<Request, ()>, _: Site) {
@@ -289,7 +299,8 @@ tracepoint!(
         // The op has no error path of its own: with one, Linux 6.1's verifier lost track of
         // which path held what, and refused the program ("invalid size of register spill").
         // A record's own bytes do not fail to read anyway.
-        let op = match field::<[u8; 2]>(rec, config!(tp_issue_rwbs)) {
+        // Three letters: a preflush, the op, FUA ("FWF").
+        let op = match field::<[u8; 4]>(rec, config!(tp_issue_rwbs)) {
             Ok(rwbs) => Op::from_rwbs(&rwbs),
             Err(()) => Op::Other,
         };
@@ -307,6 +318,17 @@ tracepoint_args!(
     btf = |arg| Ok(Request::Typed(arg(0) as *const u8)),
     |arg| Ok(Request::Ptr(arg(0) as *const u8)),
     insert
+);
+
+// void trace_block_rq_merge(struct request *rq): `rq` merged into another request (attempt_merge)
+// and about to be freed.
+tracepoint_args!(
+    "block_rq_merge",
+    blk_rq_merge_btf,
+    blk_rq_merge_raw,
+    btf = |arg| Ok(Request::Typed(arg(0) as *const u8)),
+    |arg| Ok(Request::Ptr(arg(0) as *const u8)),
+    merged
 );
 
 // void trace_block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)

@@ -14,13 +14,10 @@ use tracer_common::{
         },
     },
     maps::{Counter, START_ENTRIES},
-    stage::StageId::{BlkCompleteToIrq, BlkKickToSubmit},
+    stage::StageId::{self, BlkCompleteToIrq, BlkKickToSubmit},
 };
 
-use crate::{
-    shared::{count, count_n, current_tgid_tid, in_task, is_vmm, mm_owner_vmm, record},
-    tp::Site,
-};
+use crate::shared::{count, count_n, current_tgid_tid, is_vmm, mm_owner_vmm, record};
 
 /// What a VMM's notify address or vector is (a disk's dev_t, 0: another device's), and which
 /// disks' notifies (`kind::DISK_NOTIFY`) and vectors (`kind::DISK_VECTOR`) are known. Written by
@@ -37,7 +34,7 @@ static BLK_PAIRING: HashMap<SignalKey, Pairing> = HashMap::with_max_entries(STAR
 #[map]
 static BLK_LAST: HashMap<SignalKey, Last> = HashMap::with_max_entries(START_ENTRIES, 0);
 
-/// A disk's kick not yet taken by a request: the earliest.
+/// A disk's kick not yet taken by a request: the latest.
 #[map]
 static BLK_KICK: HashMap<DiskKey, u64> = HashMap::with_max_entries(START_ENTRIES, 0);
 
@@ -59,29 +56,29 @@ fn known(k: &SignalKey) -> Option<u32> {
     unsafe { BLK_KNOWN.get(k) }.copied()
 }
 
-/// One more event of unknown signal `k`, paired with disk `dev` when Some.
+/// One more event of unknown signal `k`: counted once the signal has paired (only what pairs
+/// takes an entry: a guest's frame buffer writes to a thousand addresses take none).
 #[inline(always)]
-fn learn(k: &SignalKey, event: bool, dev: Option<u32>) {
-    match BLK_PAIRING.get_ptr_mut(k) {
+fn event(k: &SignalKey) {
+    if let Some(p) = BLK_PAIRING.get_ptr_mut(k) {
         // SAFETY: a map value; racing increments may lose one, which only slows the learning.
-        Some(p) => {
-            let p = unsafe { &mut *p };
-            if event {
-                p.event();
-            }
-            if let Some(d) = dev {
-                p.pair(d);
-            }
-        }
+        unsafe { &mut *p }.event();
+    }
+}
+
+/// Unknown signal `k`'s event paired with disk `dev` (`stage` counts a full map).
+#[inline(always)]
+fn pair(k: &SignalKey, dev: u32, stage: StageId) {
+    match BLK_PAIRING.get_ptr_mut(k) {
+        // SAFETY: as in `event`.
+        Some(p) => unsafe { &mut *p }.pair(dev),
         None => {
             let mut p = Pairing::default();
-            if event {
-                p.event();
+            p.event();
+            p.pair(dev);
+            if BLK_PAIRING.insert(k, p, BPF_NOEXIST as u64).is_err() {
+                count(stage, Counter::StartFull);
             }
-            if let Some(d) = dev {
-                p.pair(d);
-            }
-            let _ = BLK_PAIRING.insert(k, &p, BPF_NOEXIST as u64);
         }
     }
 }
@@ -98,16 +95,24 @@ pub fn notified(tgid: u32, addr: u64, now: u64) {
         Some(dev) => {
             // The latest kick: one that started no host request (a write the page cache took,
             // a flush kblockd issues) must not be taken by the next request. Of two kicks
-            // before one submit (a backend slower than its guest), the first goes unmeasured.
-            let _ = BLK_KICK.insert(&DiskKey { vm: tgid, dev }, &now, 0);
+            // before one submit (a backend slower than its guest), the first is counted
+            // `coalesced`.
+            let disk = DiskKey { vm: tgid, dev };
+            // SAFETY: a map value read whole.
+            if unsafe { BLK_KICK.get(disk) }.is_some() {
+                count(BlkKickToSubmit, Counter::Coalesced);
+            }
+            if BLK_KICK.insert(disk, now, 0).is_err() {
+                count(BlkKickToSubmit, Counter::StartFull);
+            }
         }
         None => {
-            learn(&k, true, None);
+            event(&k);
             let last = Last {
                 ts_ns: now,
                 key: addr,
             };
-            let _ = BLK_LAST.insert(&SignalKey::last(tgid, kind::LAST_NOTIFY), &last, 0);
+            let _ = BLK_LAST.insert(SignalKey::last(tgid, kind::LAST_NOTIFY), last, 0);
         }
     }
 }
@@ -117,23 +122,26 @@ pub fn notified(tgid: u32, addr: u64, now: u64) {
 pub fn thread_submits(tid: u32, vm: u32, dev: u32) {
     let disk = DiskKey { vm, dev };
     // SAFETY: a map value read whole.
-    if unsafe { BLK_THREADS.get(&tid) } != Some(&disk) {
-        let _ = BLK_THREADS.insert(&tid, &disk, 0);
+    if unsafe { BLK_THREADS.get(tid) } != Some(&disk) {
+        let _ = BLK_THREADS.insert(tid, disk, 0);
     }
 }
 
 /// A request (`op`) of VMM `vm` for disk `dev` reached the host block layer (its first insert or
-/// issue) at `now`.
+/// issue) at `now`: it takes the disk's pending kick; with none, it pairs with the VMM's last
+/// notify of an unknown address (a second queue's, say), and is counted.
 #[inline(always)]
 pub fn submitted(vm: u32, dev: u32, op: Op, now: u64) {
     let disk = DiskKey { vm, dev };
     // Plain branches, not one match over the three lookups: LLVM merged their pointers with an
     // OR, which the verifier refuses.
     // SAFETY: a map value read whole.
-    if let Some(ts) = unsafe { BLK_KICK.get(&disk) }.copied() {
-        let _ = BLK_KICK.remove(&disk);
-        if let Submitted::Kicked(ns) = on_submit(Some(ts), None, true, now) {
-            record(BlkKickToSubmit, op as u32, dev, vm, ns);
+    if let Some(ts) = unsafe { BLK_KICK.get(disk) }.copied() {
+        let _ = BLK_KICK.remove(disk);
+        match on_submit(Some(ts), None, true, now) {
+            Submitted::Kicked(ns) => record(BlkKickToSubmit, op as u32, dev, vm, ns),
+            Submitted::Counted(c) => count(BlkKickToSubmit, c),
+            Submitted::Pair(_) => {}
         }
         return;
     }
@@ -142,30 +150,33 @@ pub fn submitted(vm: u32, dev: u32, op: Op, now: u64) {
         kind: kind::DISK_NOTIFY,
         key: dev as u64,
     };
-    if known(&disk_known).is_some() {
-        count(BlkKickToSubmit, Counter::NoKick);
-        return;
-    }
+    let is_known = known(&disk_known).is_some();
     let last_key = SignalKey::last(vm, kind::LAST_NOTIFY);
     // SAFETY: a map value read whole.
-    let last = unsafe { BLK_LAST.get(&last_key) }.copied();
+    let last = unsafe { BLK_LAST.get(last_key) }.copied();
     match on_submit(None, last, false, now) {
         Submitted::Pair(addr) => {
-            let _ = BLK_LAST.remove(&last_key);
-            learn(&SignalKey::notify(vm, addr), false, Some(dev));
-            count(BlkKickToSubmit, Counter::Unlearned);
+            let _ = BLK_LAST.remove(last_key);
+            pair(&SignalKey::notify(vm, addr), dev, BlkKickToSubmit);
         }
-        Submitted::Counted(c) => count(BlkKickToSubmit, c),
-        Submitted::Kicked(_) => {}
+        Submitted::Counted(_) | Submitted::Kicked(_) => {}
     }
+    let c = if is_known {
+        Counter::NoKick
+    } else {
+        Counter::Unlearned
+    };
+    count(BlkKickToSubmit, c);
 }
 
 /// A request VMM `vm` submitted for disk `dev` completed at `now`: it awaits the disk's
-/// interrupt.
-#[inline(always)]
+/// interrupt. A function of its own (a BPF subprogram): inlined into the classic completion
+/// program, LLVM kept a value in a register a helper call clobbers, which the verifier refuses
+/// ("R5 !read_ok").
+#[inline(never)]
 pub fn completed(vm: u32, dev: u32, op: Op, now: u64) {
     let disk = DiskKey { vm, dev };
-    let pushed = match BLK_DONE.get_ptr_mut(&disk) {
+    let pushed = match BLK_DONE.get_ptr_mut(disk) {
         // SAFETY: a map value; the disk's completions and its interrupt may race on two CPUs,
         // which loses or repeats one completion at worst.
         Some(d) => unsafe { &mut *d }.push(now, op),
@@ -173,7 +184,7 @@ pub fn completed(vm: u32, dev: u32, op: Op, now: u64) {
             let mut d = Done::default();
             let _ = d.push(now, op);
             BLK_DONE
-                .insert(&disk, &d, 0)
+                .insert(disk, d, 0)
                 .map_err(|_| (Counter::StartFull, 1))
         }
     };
@@ -184,14 +195,14 @@ pub fn completed(vm: u32, dev: u32, op: Op, now: u64) {
         ts_ns: now,
         key: dev as u64,
     };
-    let _ = BLK_LAST.insert(&SignalKey::last(vm, kind::LAST_DONE), &last, 0);
+    let _ = BLK_LAST.insert(SignalKey::last(vm, kind::LAST_DONE), last, 0);
 }
 
 /// kvm:kvm_msi_set_irq (`address`, `data`) at `now`, in a task: the interrupt of a VMM's disk
-/// ends its completions.
-#[inline(always)]
-pub fn irq(address: u64, data: u64, site: Site, now: u64) {
-    if !in_task(site) {
+/// ends its completions. A BPF subprogram (see `msi_set_irq`).
+#[inline(never)]
+pub fn irq(address: u64, data: u64, in_task: bool, now: u64) {
+    if !in_task {
         return;
     }
     let tgid = current_tgid_tid().0;
@@ -210,10 +221,10 @@ pub fn irq(address: u64, data: u64, site: Site, now: u64) {
         Some(dev) => {
             let disk = DiskKey { vm, dev };
             // SAFETY: a map value copied whole, then removed.
-            let Some(done) = (unsafe { BLK_DONE.get(&disk) }).copied() else {
+            let Some(done) = (unsafe { BLK_DONE.get(disk) }).copied() else {
                 return;
             };
-            let _ = BLK_DONE.remove(&disk);
+            let _ = BLK_DONE.remove(disk);
             // Index loop with a constant bound: the verifier of Linux 6.1 bounds it.
             let n = done.len as usize;
             let mut i = 0;
@@ -230,36 +241,32 @@ pub fn irq(address: u64, data: u64, site: Site, now: u64) {
                 i += 1;
             }
             // SAFETY: a map value read whole.
-            if unsafe { BLK_LAST.get(&last_key) }.is_some_and(|l| l.key == dev as u64) {
-                let _ = BLK_LAST.remove(&last_key);
+            if unsafe { BLK_LAST.get(last_key) }.is_some_and(|l| l.key == dev as u64) {
+                let _ = BLK_LAST.remove(last_key);
             }
         }
         None => {
+            event(&k);
             // SAFETY: a map value read whole.
-            let last = unsafe { BLK_LAST.get(&last_key) }.copied();
-            let paired = match last {
-                Some(l) if now.saturating_sub(l.ts_ns) < PAIR_WINDOW_NS => {
-                    let dev = l.key as u32;
-                    let disk_known = known(&SignalKey {
-                        vm,
-                        kind: kind::DISK_VECTOR,
-                        key: l.key,
-                    })
-                    .is_some();
-                    // A disk whose vector is known pairs with no other.
-                    (!disk_known).then_some(dev)
-                }
-                _ => None,
+            let last = unsafe { BLK_LAST.get(last_key) }.copied();
+            let Some(l) = last.filter(|l| now.saturating_sub(l.ts_ns) < PAIR_WINDOW_NS) else {
+                return;
             };
-            learn(&k, true, paired);
-            if let Some(dev) = paired {
-                let _ = BLK_LAST.remove(&last_key);
-                // The disk's completions so far end unmeasured.
+            let dev = l.key as u32;
+            let _ = BLK_LAST.remove(last_key);
+            pair(&k, dev, BlkCompleteToIrq);
+            // A disk whose vector is not known yet: its completions so far end unmeasured.
+            let disk_known = SignalKey {
+                vm,
+                kind: kind::DISK_VECTOR,
+                key: l.key,
+            };
+            if known(&disk_known).is_none() {
                 let disk = DiskKey { vm, dev };
                 // SAFETY: a map value read whole.
-                if let Some(d) = unsafe { BLK_DONE.get(&disk) } {
+                if let Some(d) = unsafe { BLK_DONE.get(disk) } {
                     count_n(BlkCompleteToIrq, Counter::Unlearned, d.len as u64);
-                    let _ = BLK_DONE.remove(&disk);
+                    let _ = BLK_DONE.remove(disk);
                 }
             }
         }

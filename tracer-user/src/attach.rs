@@ -265,15 +265,15 @@ impl Tracer {
                 }
             }
             // Events whose programs must key alike: re-attach the ones that differ with the
-            // class the others fell back to.
+            // class the others fell back to. Only the request events key (the block ones); the
+            // VMM disk stages' KVM events are left as they attached.
             if let Some(class) = stage.key_class {
-                let families: Vec<Option<Family>> = stage
-                    .events
-                    .iter()
+                let keyed = || stage.events.iter().filter(|e| e.category == "block");
+                let families: Vec<Option<Family>> = keyed()
                     .map(|e| outcomes[&(*e as *const Event)].family)
                     .collect();
                 if let Some(forced) = class_to_force(&families, class) {
-                    for &event in stage.events {
+                    for &event in keyed() {
                         let o = outcomes
                             .get_mut(&(event as *const Event))
                             .expect("attached");

@@ -182,14 +182,16 @@ impl<K: Work> Backends<K> {
                 unreadable.insert(tid);
                 continue;
             };
-            let cost = self.costs.entry(key).or_insert_with(|| Cost {
+            self.costs.entry(key).or_insert_with(|| Cost {
                 base: key.done(snap),
                 ..Cost::default()
             });
-            // A thread seen before, serving the same backend: its CPU time since. A new one (or
-            // a reused thread id) starts from now.
+            // A thread seen before: its CPU time since, to the backend it served then (a pool
+            // thread that moved to another disk of the VM served the first one until it
+            // moved, as far as a read can tell). A new one (or a reused thread id, whose time
+            // starts lower) starts from now.
             if let Some((k, last)) = self.threads.get(&tid)
-                && *k == key
+                && let Some(cost) = self.costs.get_mut(k)
             {
                 cost.cpu_ns += now.saturating_sub(*last);
             }

@@ -42,10 +42,13 @@ pub fn learn(ebpf: &mut Ebpf) -> Vec<Learned> {
         return Vec::new();
     };
     let mut out = Vec::new();
+    let mut moved = Vec::new();
     for (k, dev) in &decided {
+        // A full map: the pairing stays, and is tried again at the next look.
         if known.insert(k, dev, 0).is_err() {
             continue;
         }
+        moved.push(*k);
         if *dev != 0 {
             let disk = SignalKey {
                 vm: k.vm,
@@ -68,7 +71,7 @@ pub fn learn(ebpf: &mut Ebpf) -> Vec<Learned> {
         .map_mut("BLK_PAIRING")
         .map(HashMap::<&mut MapData, SignalKey, Pairing>::try_from)
     {
-        for (k, _) in &decided {
+        for k in &moved {
             let _ = pairing.remove(k);
         }
     }

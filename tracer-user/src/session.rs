@@ -200,7 +200,12 @@ impl Session {
     /// that a new disk measures from its first few requests.
     pub fn learn_signals(&mut self) {
         for l in crate::learn::learn(&mut self.tracer.ebpf) {
-            log::info!("learned: vm {} {} of disk {:#x}", l.vm, l.kind, l.dev);
+            let what = if l.kind == tracer_common::blk::vm::kind::NOTIFY {
+                "a notify address"
+            } else {
+                "a vector"
+            };
+            log::info!("learned: VMM {} has {what} of disk {:#x}", l.vm, l.dev);
         }
     }
 

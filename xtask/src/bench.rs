@@ -318,11 +318,7 @@ fn testvmm(vmm: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     }
     // Its report is its last line (a mode that waits for a tracer says `ready` first).
     let text = String::from_utf8_lossy(&out.stdout);
-    let last = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap_or("");
+    let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     Ok(serde_json::from_str(last)?)
 }
 

@@ -123,12 +123,18 @@ impl Pairing {
 
 /// What the pairings show: `Some(dev)` when at least four in five of the signal's events paired
 /// with that one disk (and [`LEARN_PAIRS`] of them), `Some(0)` when after [`LEARN_EVENTS`] fewer
-/// than one in five paired with any (another device's signal), None while it is not clear.
+/// than one in five paired with any and fewer than [`LEARN_PAIRS`] with its disk (another
+/// device's signal, that paired by chance), None while it is not clear. Events count from the
+/// signal's first pairing. A disk's notify whose kicks mostly make no host request (a page
+/// cache in the way) is never refused, only left unlearned.
 pub fn verdict(p: &Pairing) -> Option<u32> {
     let (events, paired) = (p.events as u64, p.paired as u64);
     if paired >= LEARN_PAIRS as u64 && paired * 5 >= events * 4 {
         Some(p.dev)
-    } else if events >= LEARN_EVENTS as u64 && (paired + p.other as u64) * 5 < events {
+    } else if events >= LEARN_EVENTS as u64
+        && paired < LEARN_PAIRS as u64
+        && (paired + p.other as u64) * 5 < events
+    {
         Some(0)
     } else {
         None
@@ -202,10 +208,11 @@ impl Done {
 }
 
 /// A request a VMM submitted for disk `dev`: the kick that started it, if one is pending for
-/// the disk (`Ok(Some(latency))`). With none, a notify of an unknown address is paired with it
-/// (`pair`, the address), or the request is counted: `unlearned` while the disk's notify is
-/// unknown, `no_kick` when it is known (a request of the batch a kick already started, or one
-/// the guest queued without a notify while the host was still working).
+/// the disk (`Kicked(latency)`, or `Counted(Stale)` past [`STALE_NS`]). With none, the VMM's
+/// last notify of an unknown address pairs with it (`Pair(address)`), or nothing does
+/// (`Counted`); the caller counts such a request `unlearned` while the disk's notify is
+/// unknown, `no_kick` once known (a request of the batch a kick already started, or one the
+/// guest queued without a notify while the host was still working).
 pub enum Submitted {
     Kicked(u64),
     Pair(u64),
@@ -264,6 +271,15 @@ mod tests {
             }
         }
         assert_eq!(verdict(&nic), Some(0));
+        // A signal that paired with the disk often is not refused, however many its events.
+        let mut cached = Pairing::default();
+        for i in 0..200 {
+            cached.event();
+            if i % 10 == 0 {
+                cached.pair(7);
+            }
+        }
+        assert_eq!(verdict(&cached), None);
         // Too few events to say.
         let mut early = Pairing::default();
         for _ in 0..5 {

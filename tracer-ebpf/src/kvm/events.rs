@@ -140,14 +140,16 @@ fn msi_set_irq(msi: Result<Option<(u64, u64)>, ()>, site: Site) {
         count_each(stages_on(), &INJECTION, Counter::ReadError);
         return;
     };
-    injection(site);
-    crate::net::irq(site);
+    // First, and in a function of its own: with the MSI kept across the injection's calls,
+    // LLVM left it in a register they clobber, which the verifier refuses.
     if on(stages_on(), BlkCompleteToIrq) {
         match msi {
-            Some((address, data)) => crate::blk_vm::irq(address, data, site, now_ns()),
+            Some((address, data)) => crate::blk_vm::irq(address, data, in_task(site), now_ns()),
             None => count(BlkCompleteToIrq, Counter::ReadError),
         }
     }
+    injection(site);
+    crate::net::irq(site);
 }
 
 // void trace_kvm_msi_set_irq(__u64 address, __u64 data)

@@ -81,6 +81,11 @@ pub static BLOCK_RQ_INSERT: Event =
         request_members(c)
     });
 
+// void trace_block_rq_merge(struct request *rq): a request merged into another, freed unissued
+// (its insert's marker goes with it; request pointers are reused).
+pub static BLOCK_RQ_MERGE: Event =
+    tracepoint_args("block", "block_rq_merge", "blk_rq_merge", |_, _| Ok(()));
+
 // void trace_block_rq_requeue(struct request *rq), from blk_mq_requeue_request(rq, kick)
 pub static BLOCK_RQ_REQUEUE: Event = tracepoint_or_function(
     "block",
@@ -110,8 +115,9 @@ pub static DEVICE: Stage = Stage {
     to: "block:block_rq_complete",
     labels: &["vm", "device", "disk", "op"],
     events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE, &BLOCK_RQ_REQUEUE],
-    optional: &[&BLOCK_RQ_INSERT],
-    optional_adds: "names the VM of a request its VMM queued and another thread issued",
+    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional_adds: "the submitter of a request queued and issued by another thread (insert), \
+                    and the end of a merged one's mark (merge)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
@@ -136,9 +142,9 @@ pub static KICK_TO_SUBMIT: Stage = Stage {
         &BLOCK_RQ_COMPLETE,
         &BLOCK_RQ_REQUEUE,
     ],
-    optional: &[&KVM_PIO, &BLOCK_RQ_INSERT],
-    optional_adds: "port notifies (legacy virtio), and the submit of requests a scheduler \
-                    issues from another thread",
+    optional: &[&KVM_PIO, &BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional_adds: "port notifies (legacy virtio), the submit of requests a scheduler issues \
+                    from another thread (insert), and the end of a merged one's mark (merge)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
@@ -161,8 +167,9 @@ pub static COMPLETE_TO_IRQ: Stage = Stage {
         &BLOCK_RQ_REQUEUE,
         &KVM_MSI_SET_IRQ,
     ],
-    optional: &[&BLOCK_RQ_INSERT],
-    optional_adds: "the VMM of requests a scheduler issues from another thread",
+    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional_adds: "the VMM of requests a scheduler issues from another thread (insert), and \
+                    the end of a merged one's mark (merge)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
