@@ -857,6 +857,15 @@ pub struct SlowDisk {
     dir: PathBuf,
 }
 
+/// Whether this kernel has FUSE: /dev/fuse, after loading the module where it is one (the
+/// distro-kernel VM).
+pub fn have_fuse() -> bool {
+    if !Path::new("/dev/fuse").exists() {
+        let _ = Command::new("modprobe").arg("fuse").status();
+    }
+    Path::new("/dev/fuse").exists()
+}
+
 impl SlowDisk {
     pub fn new(name: &str, mib: u64, read_delay: Duration) -> SlowDisk {
         let dir = PathBuf::from(format!("/tmp/iopath-slowfs-{name}-{}", std::process::id()));

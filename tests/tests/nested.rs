@@ -1170,28 +1170,32 @@ END {{ clear(@inflight); clear(@queued); }}"#
             assert_eq!(dropped(stage), 0.0, "{stage}: events dropped in the window");
         }
         assert_eq!(count("blk.device"), issues as f64, "a sample per request");
-        // bpftrace's own count may fall short: its hash map refuses an update from an
-        // interrupt while a program on that CPU holds the map (htab's per-CPU lock), which
-        // iopath's lock-free request slots do not. Never more, and at most 2%.
+        // bpftrace's own count may fall short: its hash maps refuse an update from an
+        // interrupt while a program on that CPU holds them (htab's per-CPU lock), which
+        // iopath's lock-free request slots do not. Never more, and at most 5% (0 to 3 of 120
+        // seen).
         let irqs = count("blk.complete_to_irq");
         assert!(
-            irqs >= completes as f64 && irqs <= completes as f64 * 1.02,
+            irqs >= completes as f64 && irqs <= completes as f64 * 1.05,
             "blk.complete_to_irq {irqs} for {completes} completions bpftrace saw"
         );
         // The device: null_blk's timer completes each request D after its issue, late by
         // what the emulated machine adds to a timer (a few hundred µs at the median here, with
-        // a long tail), which bpftrace sees too: iopath's mean is bpftrace's within 5% (the
-        // completions bpftrace misses, above, move its mean), its median within 10% of
-        // bpftrace's median of the same requests.
+        // a long tail), which bpftrace sees too: iopath's median is within 10% of bpftrace's
+        // median of the same requests.
         eprintln!(
             "D = {delay_ms} ms: blk.device mean {mean_us:.0} us by iopath, {bt_mean_us:.0} us by \
              bpftrace; bpftrace's median {bt_p50_us:.0} us of {} requests",
             on_device.len()
         );
-        assert!(
-            (mean_us - bt_mean_us).abs() <= 0.05 * bt_mean_us,
-            "blk.device mean {mean_us:.0} us, bpftrace's {bt_mean_us:.0} us"
-        );
+        // The means agree when bpftrace saw every completion (one it missed may be one of the
+        // emulated timer's long tail, which moves a mean of 120 a lot).
+        if completes == issues {
+            assert!(
+                (mean_us - bt_mean_us).abs() <= 0.05 * bt_mean_us,
+                "blk.device mean {mean_us:.0} us, bpftrace's {bt_mean_us:.0} us"
+            );
+        }
         let want = (delay_ms * 1000) as f64;
         assert!(
             bt_mean_us >= want,
