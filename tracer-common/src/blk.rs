@@ -180,7 +180,7 @@ pub fn submit_slot(b: &mut RqBucket, rq: u64, start: BlkStart) -> Result<(), Cou
     let mut start = start;
     let mine = b.ways[pick];
     // An insert's (or requeue's) marker names the submitter, whoever issues: a VMM's thread
-    // dispatching others' requests (a plug's flush, a queue run) takes none of them.
+    // dispatching another VM's requests (a plug's flush, a queue run) takes none of them.
     if mine.holds(rq) && mine.start.ts_ns == 0 {
         start.vm = mine.start.vm;
     }

@@ -180,8 +180,9 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     }
 }
 
-/// block_rq_insert (a scheduler's queue, a plug's flush): the submitter's thread queued the
-/// request, which another thread may issue; its marker names the submitter, a VMM or the host.
+/// block_rq_insert (a scheduler's queue, a plug's flush): a VMM's thread queued the request,
+/// which another thread may issue; its marker names the VMM. The host's inserts take no slot
+/// (a slot per host insert made buckets evict live requests, and cost every host insert).
 #[inline(always)]
 fn insert(rq: Result<Request, ()>, _: Site) {
     let mask = stages_on();
@@ -189,6 +190,9 @@ fn insert(rq: Result<Request, ()>, _: Site) {
         return;
     }
     let vm = submitter();
+    if vm == 0 {
+        return;
+    }
     let now = now_ns();
     let inserted = match rq {
         Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, vm),
