@@ -44,6 +44,25 @@ fn dropped(s: &Session) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Labels as a JSON object.
+fn labels_json(labels: Vec<(&'static str, String)>) -> serde_json::Map<String, serde_json::Value> {
+    labels
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect()
+}
+
+/// A row's JSON labels as `k="v" ...` for the table.
+fn labels_text(row: &serde_json::Value) -> String {
+    row["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// What each network backend's threads cost per packet, and the packets per second one such
 /// thread could move at that cost (`backend`), for the backends that moved any.
 fn backends(s: &mut Session) -> Vec<serde_json::Value> {
@@ -52,12 +71,7 @@ fn backends(s: &mut Session) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|(_, c)| c.done > 0 && c.cpu_ns > 0)
         .map(|(k, c)| {
-            let labels: serde_json::Map<String, serde_json::Value> = s
-                .labeler
-                .backend(k.vm, k.backend, k.tap)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.into()))
-                .collect();
+            let labels = labels_json(s.labeler.backend(k.vm, k.backend, k.tap));
             let per_packet_us = c.cpu_ns as f64 / 1e3 / c.done as f64;
             serde_json::json!({
                 "labels": labels, "packets": c.done, "cpu_s": c.cpu_ns as f64 / 1e9,
@@ -75,12 +89,7 @@ fn disk_backends(s: &mut Session) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|(_, c)| c.done > 0 && c.cpu_ns > 0)
         .map(|(k, c)| {
-            let labels: serde_json::Map<String, serde_json::Value> = s
-                .labeler
-                .disk_backend(k.vm, k.dev)
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.into()))
-                .collect();
+            let labels = labels_json(s.labeler.disk_backend(k.vm, k.dev));
             let per_request_us = c.cpu_ns as f64 / 1e3 / c.done as f64;
             serde_json::json!({
                 "labels": labels, "requests": c.done, "cpu_s": c.cpu_ns as f64 / 1e9,
@@ -159,13 +168,7 @@ pub fn table(s: &mut Session) -> String {
         );
     }
     for b in backends(s) {
-        let labels = b["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let labels = labels_text(&b);
         let _ = writeln!(
             out,
             "backend {labels}: {:.1} µs of CPU per packet over {} packets: one such thread \
@@ -176,13 +179,7 @@ pub fn table(s: &mut Session) -> String {
         );
     }
     for b in disk_backends(s) {
-        let labels = b["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let labels = labels_text(&b);
         let _ = writeln!(
             out,
             "disk backend {labels}: {:.1} µs of CPU per request over {} requests: one such \
