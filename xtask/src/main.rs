@@ -1,6 +1,5 @@
 //! Project tasks: `setup`, `run`, `test`, `bench`. `cargo xtask <task>`.
 
-mod bench;
 mod e2e;
 mod images;
 mod setup;
@@ -68,25 +67,6 @@ enum Task {
         /// Leave out the syscall tax in the distro-kernel VM.
         #[arg(long)]
         no_vm: bool,
-    },
-    /// The bench's syscall tax alone (what `bench` runs in the distro-kernel VM).
-    #[command(hide = true)]
-    BenchTax {
-        #[arg(long)]
-        bin: PathBuf,
-        #[arg(long)]
-        vmm: Option<PathBuf>,
-        #[arg(long)]
-        rounds: u32,
-        /// System calls per loop.
-        #[arg(long)]
-        calls: u32,
-        /// Exits per exit-rate run.
-        #[arg(long)]
-        exits: u32,
-        /// Where the JSON goes.
-        #[arg(long)]
-        out: PathBuf,
     },
 }
 
@@ -192,10 +172,9 @@ fn exec_in_l1(
 /// The syscall tax in the distro-kernel VM: the bench's loops and exit rate, scaled down for
 /// TCG (a system call there costs microseconds), with L1's function probes in the default mode.
 fn l1_tax(bin: &Path, vmm: Option<&Path>, rounds: u32) -> anyhow::Result<serde_json::Value> {
-    let xtask = std::env::current_exe()?;
     let mut cmd = format!(
-        "{} bench-tax --bin {} --rounds {} --calls 20000 --exits 2000 --out /run/iopath/tax.json",
-        xtask.display(),
+        "{} tax --bin {} --rounds {} --calls 20000 --exits 2000 --out /run/iopath/tax.json",
+        root().join("target/release/iopath-bench").display(),
         bin.display(),
         rounds * 3
     );
@@ -448,14 +427,6 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::BenchTax {
-            bin,
-            vmm,
-            rounds,
-            calls,
-            exits,
-            out,
-        } => bench::tax_only(&bin, vmm.as_deref(), rounds, calls, exits, &out),
         Task::Bench {
             seconds,
             rounds,
@@ -464,15 +435,19 @@ fn task(cmd: Task) -> anyhow::Result<()> {
             require_root("cargo xtask bench");
             setup::setup()?;
             let bin = build_iopath()?;
+            // The bench is a binary of the tests' crate: it links iopath, which only builds
+            // once setup has run.
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "iopath-tests",
+                "--bin",
+                "iopath-testvmm",
+                "--bin",
+                "iopath-bench",
+            ]))?;
             let vmm = if Path::new("/dev/kvm").exists() {
-                run(cargo().args([
-                    "build",
-                    "--release",
-                    "--package",
-                    "iopath-tests",
-                    "--bin",
-                    "iopath-testvmm",
-                ]))?;
                 Some(root().join("target/release/iopath-testvmm"))
             } else {
                 eprintln!("bench: no /dev/kvm, KVM programs not measured");
@@ -482,9 +457,24 @@ fn task(cmd: Task) -> anyhow::Result<()> {
                 None
             } else {
                 vm::catch_signals();
-                Some(l1_tax(&bin, vmm.as_deref(), rounds)?)
+                let l1 = l1_tax(&bin, vmm.as_deref(), rounds)?;
+                let file = root().join("target/bench/l1-tax.json");
+                std::fs::create_dir_all(root().join("target/bench"))?;
+                std::fs::write(&file, serde_json::to_string(&l1)?)?;
+                Some(file)
             };
-            bench::bench(&bin, vmm.as_deref(), seconds, rounds, l1)
+            let mut cmd = Command::new(root().join("target/release/iopath-bench"));
+            cmd.arg("run")
+                .arg("--bin")
+                .arg(&bin)
+                .args(["--seconds", &seconds.to_string(), "--rounds", &rounds.to_string()]);
+            if let Some(v) = &vmm {
+                cmd.arg("--vmm").arg(v);
+            }
+            if let Some(f) = &l1 {
+                cmd.arg("--l1").arg(f);
+            }
+            run(&mut cmd)
         }
     }
 }

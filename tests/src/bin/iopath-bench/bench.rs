@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: what iopath costs, measured in one run on this machine.
+//! What iopath costs, measured in one run on this machine (`cargo xtask bench` builds and runs it).
 //!
 //! Workload: fio, direct 4 KiB random reads and writes (psync, queue depth 1) on a loop device
 //! backed by a file, never the root disk directly, bounded by time. Modes run interleaved
@@ -26,7 +26,7 @@
 //! Syscall tax: loops of system calls of this (non-VMM) process and the test VMM's exit rate,
 //! without iopath, with its default stages and with the stand-ins, alternating; then how many
 //! of iopath's programs ran per call in each mode. The same, scaled down, in the distro-kernel
-//! VM (`bench-tax`, run there by `bench`), where KVM's functions are kprobes.
+//! VM (`iopath-bench tax`, which `cargo xtask bench` runs there), where KVM's functions are kprobes.
 
 use std::{
     collections::BTreeMap,
