@@ -868,12 +868,23 @@ pub fn have_fuse() -> bool {
 
 impl SlowDisk {
     pub fn new(name: &str, mib: u64, read_delay: Duration) -> SlowDisk {
+        Self::with_fsync(name, mib, read_delay, Duration::ZERO)
+    }
+
+    /// Also every fsync of the file (the loop device's cache flush) takes `fsync_delay`.
+    pub fn with_fsync(
+        name: &str,
+        mib: u64,
+        read_delay: Duration,
+        fsync_delay: Duration,
+    ) -> SlowDisk {
         let dir = PathBuf::from(format!("/tmp/iopath-slowfs-{name}-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("mount point");
         let mut fs = Command::new(test_bin("iopath-slowfs"))
             .arg(&dir)
             .arg(mib.to_string())
             .arg(read_delay.as_micros().to_string())
+            .arg(fsync_delay.as_micros().to_string())
             .stdout(Stdio::piped())
             .spawn()
             .expect("iopath-slowfs");

@@ -322,3 +322,142 @@ fn the_disk_backend_ceiling_is_what_one_thread_can_sustain() {
     let _ = vmm.wait();
     assert!(d.stop().success());
 }
+
+/// The synchronous-write view on a disk whose cache flush takes a known time D: a loop device
+/// (which has a write cache and no FUA) over a file of `iopath-slowfs`, whose every fsync takes
+/// D. A test VMM's thread flushes the disk (fdatasync, as QEMU's thread pool flushes a raw
+/// disk: a data-less preflush kblockd issues) and writes it O_DSYNC (as QEMU's
+/// cache=directsync: a FUA write the loop device cannot take, so its data then a postflush; the
+/// kernel then flushes the device once more for O_DSYNC, a data-less preflush), each followed
+/// by the guest's interrupt. Every one must be a blk.sync sample of its VM and op, measured to
+/// the flush sequence's end (D within 10%), and each must await the disk's interrupt from that
+/// end (blk.complete_to_irq, per op): a flush's is short, a FUA write's includes the flush
+/// after it.
+#[test]
+fn a_vmms_flushes_and_fua_writes_are_measured_to_the_flush_sequences_end() {
+    use std::io::BufRead as _;
+    require_root();
+    let name = "a_vmms_flushes_and_fua_writes_are_measured_to_the_flush_sequences_end";
+    if iopath_tests::emulated() {
+        let why = "an emulated CPU's FUSE round trip is not small next to D";
+        iopath_tests::skip(name, Why::Machine, why);
+        return;
+    }
+    if !iopath_tests::have_fuse() {
+        iopath_tests::skip(
+            name,
+            Why::Machine,
+            "no FUSE in this kernel (/dev/fuse, module fuse)",
+        );
+        return;
+    }
+    const D_MS: u64 = 5;
+    const N: u64 = 40;
+    let disk = iopath_tests::SlowDisk::with_fsync(
+        "sync",
+        8,
+        std::time::Duration::ZERO,
+        std::time::Duration::from_millis(D_MS),
+    );
+    let dev = disk.lo().majmin();
+    for op in ["flush", "fua"] {
+        let vm = format!("sync-{op}");
+        let mut vmm = std::process::Command::new(iopath_tests::testvmm_bin())
+            .args([
+                "-name",
+                &format!("guest={vm},debug-threads=on"),
+                "blk-backend",
+            ])
+            .args([
+                "--dev",
+                &disk.lo().dev,
+                "--op",
+                op,
+                "--count",
+                &N.to_string(),
+            ])
+            .args([
+                "--first-us",
+                "4000000",
+                "--gap-us",
+                "2500000",
+                "--hold-ms",
+                "1500",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("test VMM");
+        let mut out = std::io::BufReader::new(vmm.stdout.take().unwrap()).lines();
+        let ready = out.next().expect("a line").expect("read");
+        assert!(ready.contains("ready"), "test VMM: {ready}");
+        // Started after the VMM: it finds it by its VM fd. The warm-up reads teach it the
+        // disk's interrupt (pairing) before the measured requests.
+        let d = Daemon::start(&["--stages", "blk.device,blk.complete_to_irq,blk.sync"]);
+        let report = out.next().expect("its report").expect("read");
+        assert!(report.contains("reads"), "test VMM: {report}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let m = d.metrics();
+        let sel = |stage: &'static str| {
+            [
+                ("stage", stage),
+                ("vm", vm.as_str()),
+                ("device", dev.as_str()),
+                ("op", op),
+            ]
+        };
+        let count = |stage| m.value(&format!("{HIST}_count"), &sel(stage));
+        let (sync, to_irq, data) = (
+            count("blk.sync"),
+            count("blk.complete_to_irq"),
+            count("blk.device"),
+        );
+        let (_, p50_us) = d.stage_p50(
+            "blk.sync",
+            &[("vm", vm.as_str()), ("device", dev.as_str()), ("op", op)],
+        );
+        let (_, irq_us) = d.stage_p50("blk.complete_to_irq", &[("vm", vm.as_str()), ("op", op)]);
+        eprintln!(
+            "{op}: blk.sync {sync} samples, p50 {p50_us:.0} us (D = {D_MS} ms); \
+             blk.complete_to_irq {to_irq}, p50 {irq_us:.0} us; blk.device {data}"
+        );
+        assert_eq!(sync, N as f64, "blk.sync {op} samples for {N} requests");
+        assert_eq!(
+            to_irq, N as f64,
+            "blk.complete_to_irq {op} samples for {N} requests"
+        );
+        let want_us = (D_MS * 1000) as f64;
+        assert!(
+            (p50_us - want_us).abs() <= 0.1 * want_us,
+            "blk.sync p50 {p50_us:.0} us for a {want_us:.0} us flush"
+        );
+        // A flush's interrupt follows the end of its sequence (not a completion D before it).
+        let flush_sel = [("vm", vm.as_str()), ("op", "flush")];
+        let (_, flush_irq_us) = d.stage_p50("blk.complete_to_irq", &flush_sel);
+        assert!(
+            flush_irq_us < want_us / 2.0,
+            "blk.complete_to_irq p50 {flush_irq_us:.0} us for flushes"
+        );
+        if op == "fua" {
+            // The data of each FUA write, issued by the VMM's thread, is a device request of
+            // its own (the postflush is the host's: kblockd issues it).
+            assert_eq!(data, N as f64, "blk.device fua samples for {N} writes");
+            // O_DSYNC's own flush after each write: N flushes of the VM, each D.
+            let flushes = m.value(&format!("{HIST}_count"), &{
+                let mut s = sel("blk.sync");
+                s[3] = ("op", "flush");
+                s
+            });
+            assert_eq!(
+                flushes, N as f64,
+                "blk.sync flushes after {N} O_DSYNC writes"
+            );
+            // So the FUA write's interrupt waits for that flush: D at least.
+            assert!(
+                irq_us >= 0.9 * want_us,
+                "blk.complete_to_irq p50 {irq_us:.0} us for FUA writes followed by a flush"
+            );
+        }
+        let _ = vmm.wait();
+        assert!(d.stop().success());
+    }
+}

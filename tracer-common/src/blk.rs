@@ -376,6 +376,7 @@ pub fn on_complete_sector<S: Starts<SectorKey, SectorStart>>(
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], integer fields, explicit padding, sizes asserted.
+    unsafe impl aya::Pod for super::BlkStart {}
     unsafe impl aya::Pod for super::RqBucket {}
     unsafe impl aya::Pod for super::SectorKey {}
     unsafe impl aya::Pod for super::SectorStart {}

@@ -109,9 +109,20 @@ pub struct Config {
     /// kvm:kvm_msi_set_irq address, data (the classic program's: blk.complete_to_irq's vector)
     pub tp_msi_address: u32,
     pub tp_msi_data: u32,
-    pub _pad0: u32,
+    /// `struct request`.bio and .rq_flags, `struct bio`.bi_opf and .bi_bdev,
+    /// `struct block_device`.bd_dev: a VMM's flush or FUA write (blk.sync) from its bio.
+    pub rq_bio: u32,
+    pub rq_rq_flags: u32,
+    pub bio_opf: u32,
+    pub bio_bdev: u32,
+    pub bdev_dev: u32,
+    /// REQ_PREFLUSH (`1 << __REQ_PREFLUSH`, BTF's `enum req_flag_bits`); 0 when unknown.
+    pub req_preflush: u32,
+    /// RQF_FLUSH_SEQ: a request inside the flush machinery's sequence (`1 << __RQF_FLUSH_SEQ`,
+    /// BTF's `enum rqf_flags`; kernels before that enum define it as `1 << 4`).
+    pub rqf_flush_seq: u32,
 }
-assert_size!(Config, 200);
+assert_size!(Config, 224);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -164,7 +175,13 @@ impl Config {
         req_fua: 0,
         tp_msi_address: NO_OFFSET,
         tp_msi_data: NO_OFFSET,
-        _pad0: 0,
+        rq_bio: NO_OFFSET,
+        rq_rq_flags: NO_OFFSET,
+        bio_opf: NO_OFFSET,
+        bio_bdev: NO_OFFSET,
+        bdev_dev: NO_OFFSET,
+        req_preflush: 0,
+        rqf_flush_seq: 0,
     };
 }
 

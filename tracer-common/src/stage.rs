@@ -41,10 +41,13 @@ pub enum StageId {
     /// block:block_rq_complete of a VMM's request to the VMM's next kvm:kvm_msi_set_irq of that
     /// disk's vector.
     BlkCompleteToIrq = 14,
+    /// A VMM's flush or FUA write: block:block_bio_queue in its thread to the block layer's
+    /// last block:block_rq_complete of that request (its data and every flush it waited on).
+    BlkSync = 15,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 15] = [
+    pub const ALL: [StageId; 16] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -60,6 +63,7 @@ impl StageId {
         StageId::SchedBackendWakeup,
         StageId::BlkKickToSubmit,
         StageId::BlkCompleteToIrq,
+        StageId::BlkSync,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -86,6 +90,7 @@ impl StageId {
             12 => Some(StageId::SchedBackendWakeup),
             13 => Some(StageId::BlkKickToSubmit),
             14 => Some(StageId::BlkCompleteToIrq),
+            15 => Some(StageId::BlkSync),
             _ => None,
         }
     }

@@ -24,7 +24,7 @@ use tracer_common::{
 };
 
 use crate::{
-    blk_vm,
+    blk_sync, blk_vm,
     shared::{
         KernelStarts, config, count, current_tgid_tid, is_vmm, now_ns, number, on, read_at, record,
         stages_on,
@@ -119,6 +119,30 @@ fn typed_dev_op(rq: *const u8) -> (u32, Op) {
     }
 }
 
+/// `struct request`.rq_flags and .bio: whether the flush machinery runs the request (the data
+/// of a flush or FUA write, or the sequence's end), and the bio that names it there.
+#[inline(always)]
+fn request_seq(p: *const u8, typed: bool) -> (u32, u64) {
+    let (flags_off, bio_off) = (config!(rq_rq_flags), config!(rq_bio));
+    if typed {
+        // SAFETY: a BTF-typed pointer; a load through a bad or null one reads 0.
+        unsafe {
+            (
+                core::ptr::read_volatile(p.add(flags_off as usize) as *const u32),
+                core::ptr::read_volatile(p.add(bio_off as usize) as *const u64),
+            )
+        }
+    } else {
+        // SAFETY: bpf_probe_read_kernel of a kernel pointer's members.
+        unsafe {
+            (
+                read_at(p as u64, flags_off).unwrap_or(0),
+                read_at(p as u64, bio_off).unwrap_or(0),
+            )
+        }
+    }
+}
+
 /// A request's issue, or a VMM's insert (`issued` false: the slot's start stays 0), at `now`
 /// into its slot. A VMM's first of the two ends its disk's kick.
 #[inline(always)]
@@ -129,10 +153,16 @@ fn submit_ptr(
     issued: bool,
     now: u64,
     vm: u32,
+    typed: bool,
 ) -> Result<(), Counter> {
-    let (Ok((dev, op)), Some((rq, s))) = (dev_op, slot_of(p)) else {
+    let (Ok((dev, mut op)), Some((rq, s))) = (dev_op, slot_of(p)) else {
         return Err(Counter::ReadError);
     };
+    // A VMM thread's write inside a flush sequence is a FUA write's data (the machinery took
+    // REQ_FUA off, the device having none; a preflushed write's data is issued by kblockd).
+    if vm != 0 && op == Op::Write && request_seq(p, typed).0 & config!(rqf_flush_seq) != 0 {
+        op = Op::Fua;
+    }
     if vm != 0 && !blk::inserted(s, rq) {
         blk_vm::thread_submits(current_tgid_tid().1, vm, dev);
         if on(mask, BlkKickToSubmit) {
@@ -162,8 +192,8 @@ fn issue(rq: Result<Request, ()>, _: Site) {
     // cut::MATCH runs the whole issue: the completion's match then finds its start.
     let vm = submitter();
     let started = match rq {
-        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), true, now, vm),
-        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), true, now, vm),
+        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), true, now, vm, false),
+        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), true, now, vm, true),
         Ok(Request::Sector(key, op)) => {
             if vm != 0 {
                 blk_vm::thread_submits(current_tgid_tid().1, vm, key.dev);
@@ -195,8 +225,8 @@ fn insert(rq: Result<Request, ()>, _: Site) {
     }
     let now = now_ns();
     let inserted = match rq {
-        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, vm),
-        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), false, now, vm),
+        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, vm, false),
+        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), false, now, vm, true),
         _ => Err(Counter::ReadError),
     };
     if let Err(c) = inserted {
@@ -218,6 +248,12 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     if cut == cut::CLOCK {
         return;
     }
+    // The request pointer and whether tp_btf typed it (for blk.sync's reads of it).
+    let ptr = match rq {
+        Ok(Request::Ptr(p)) => Some((p, false)),
+        Ok(Request::Typed(p)) => Some((p, true)),
+        _ => None,
+    };
     let done = match rq {
         Ok(Request::Ptr(p) | Request::Typed(p)) => match slot_of(p) {
             Some((rq, s)) => blk::complete_slot(s, rq, now),
@@ -236,11 +272,37 @@ fn complete(rq: Result<Request, ()>, _: Site) {
             if on(mask, STAGE) {
                 record(STAGE, s.op as u32, s.dev, s.vm, s.latency_ns);
             }
-            if s.vm != 0 && on(mask, BlkCompleteToIrq) {
+            if s.vm == 0 {
+                return;
+            }
+            // A VMM's flush or FUA write: its data's completion inside the flush sequence is
+            // not its end (the sequence completes it again); a FUA write the device took
+            // whole ends here.
+            let mut ended = false;
+            if let Some((p, typed)) = ptr
+                && blk_sync::on_now(mask)
+                && (s.op == Op::Fua || s.op == Op::Flush)
+            {
+                let (flags, bio) = request_seq(p, typed);
+                if flags & config!(rqf_flush_seq) != 0 {
+                    return;
+                }
+                ended = blk_sync::finished(mask, bio, now);
+            }
+            if !ended && on(mask, BlkCompleteToIrq) {
                 blk_vm::completed(s.vm, s.dev, s.op, now);
             }
         }
-        Err(c) => count(STAGE, c),
+        Err(c) => {
+            // No start: the last completion of a VMM's flush or FUA write has none of its own.
+            if let Some((p, typed)) = ptr
+                && blk_sync::on_now(mask)
+                && blk_sync::finished(mask, request_seq(p, typed).1, now)
+            {
+                return;
+            }
+            count(STAGE, c)
+        }
     }
 }
 

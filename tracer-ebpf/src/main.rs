@@ -14,6 +14,7 @@
 #![no_main]
 
 mod blk;
+mod blk_sync;
 mod blk_vm;
 mod kvm;
 mod net;

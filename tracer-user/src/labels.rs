@@ -400,7 +400,10 @@ impl Labeler {
     /// Labels of a series, in the stage table's order, without stage and path.
     pub fn labels(&mut self, k: &SeriesKey) -> Vec<(&'static str, String)> {
         let values: Vec<String> = match k.stage {
-            StageId::BlkDevice | StageId::BlkKickToSubmit | StageId::BlkCompleteToIrq => {
+            StageId::BlkDevice
+            | StageId::BlkKickToSubmit
+            | StageId::BlkCompleteToIrq
+            | StageId::BlkSync => {
                 let disk = self.disk(k.obj);
                 vec![
                     self.vm(k.vm),

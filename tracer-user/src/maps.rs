@@ -9,7 +9,7 @@ use aya::{
 };
 use tracer_common::{
     blk::{
-        SectorKey, SectorStart,
+        BlkStart, SectorKey, SectorStart,
         vm::{DiskKey, Done, Last, Pairing, SignalKey},
     },
     kvm::{
@@ -256,6 +256,18 @@ pub static BLK_THREADS: KernelMap = KernelMap {
     collected: "by VM (value), by device (value); a thread that is gone by the daemon (its cost read)",
     capacity: Capacity::Starts,
     access: &Hash::<u32, DiskKey>(|_, v| Owner {
+        vm: v.vm,
+        dev: v.dev,
+        netdev: 0,
+    }),
+};
+
+/// A VMM's flush and FUA bios in flight (blk.sync), by bio pointer.
+pub static BLK_SYNC: KernelMap = KernelMap {
+    name: "BLK_SYNC",
+    collected: "by VM (value), by device (value)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u64, BlkStart>(|_, v| Owner {
         vm: v.vm,
         dev: v.dev,
         netdev: 0,

@@ -63,7 +63,26 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
             .map_or(0, |bit| 1 << bit),
         tp_msi_address: field("kvm", "kvm_msi_set_irq", "address"),
         tp_msi_data: field("kvm", "kvm_msi_set_irq", "data"),
-        _pad0: 0,
+        rq_bio: member("request", "bio"),
+        rq_rq_flags: member("request", "rq_flags"),
+        bio_opf: member("bio", "bi_opf"),
+        bio_bdev: member("bio", "bi_bdev"),
+        bdev_dev: member("block_device", "bd_dev"),
+        req_preflush: btf
+            .and_then(|b| b.enum_value("req_flag_bits", "__REQ_PREFLUSH"))
+            .filter(|&bit| bit < 32)
+            .map_or(0, |bit| 1 << bit),
+        // Linux 6.8 made the request flags an enum; before it RQF_FLUSH_SEQ was `1 << 4`
+        // (from 4.x on): with BTF but no enum, that value.
+        rqf_flush_seq: btf.map_or(0, |b| {
+            b.enum_value("rqf_flags", "__RQF_FLUSH_SEQ")
+                .or_else(|| {
+                    b.enum_value("rqf_flags", "__RQF_STARTED")
+                        .map_or(Some(4), |_| None)
+                })
+                .filter(|&bit| bit < 32)
+                .map_or(0, |bit| 1 << bit)
+        }),
     }
 }
 

@@ -464,10 +464,12 @@ fn task(cmd: Task) -> anyhow::Result<()> {
                 Some(file)
             };
             let mut cmd = Command::new(root().join("target/release/iopath-bench"));
-            cmd.arg("run")
-                .arg("--bin")
-                .arg(&bin)
-                .args(["--seconds", &seconds.to_string(), "--rounds", &rounds.to_string()]);
+            cmd.arg("run").arg("--bin").arg(&bin).args([
+                "--seconds",
+                &seconds.to_string(),
+                "--rounds",
+                &rounds.to_string(),
+            ]);
             if let Some(v) = &vmm {
                 cmd.arg("--vmm").arg(v);
             }

@@ -5,9 +5,11 @@
 //! open (with FOPEN_DIRECT_IO, so that no read is served from the page cache), read, write,
 //! flush, fsync, release; anything else gets ENOSYS.
 //!
-//! A read is answered READ_DELAY_US after the filesystem took it off /dev/fuse.
+//! A read is answered READ_DELAY_US after the filesystem took it off /dev/fuse, an fsync
+//! FSYNC_DELAY_US after (default 0): the loop driver turns a flush of its device into an fsync
+//! of its file, so that is a disk whose cache flush takes a known time.
 //!
-//! `iopath-slowfs MOUNTPOINT SIZE_MIB READ_DELAY_US` mounts, prints `ready`, and serves until
+//! `iopath-slowfs MOUNTPOINT SIZE_MIB READ_DELAY_US [FSYNC_DELAY_US]` mounts, prints `ready`, and serves until
 //! the filesystem is unmounted (then exits 0) or it is killed.
 
 use std::{
@@ -79,12 +81,16 @@ fn attr(ino: u64, size: u64) -> Vec<u8> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 4 {
-        eprintln!("usage: iopath-slowfs MOUNTPOINT SIZE_MIB READ_DELAY_US");
+    if !(4..=5).contains(&args.len()) {
+        eprintln!("usage: iopath-slowfs MOUNTPOINT SIZE_MIB READ_DELAY_US [FSYNC_DELAY_US]");
         std::process::exit(2);
     }
     let size: u64 = args[2].parse::<u64>().expect("SIZE_MIB") << 20;
     let delay = Duration::from_micros(args[3].parse().expect("READ_DELAY_US"));
+    let fsync_delay = Duration::from_micros(
+        args.get(4)
+            .map_or(0, |a| a.parse().expect("FSYNC_DELAY_US")),
+    );
     let mut data = vec![0u8; size as usize];
     let mut dev = OpenOptions::new()
         .read(true)
@@ -196,7 +202,11 @@ fn main() {
                 o.extend(0u32.to_le_bytes());
                 Ok(o)
             }
-            FUSE_FLUSH | FUSE_FSYNC | FUSE_RELEASE => Ok(Vec::new()),
+            FUSE_FSYNC => {
+                wait_until(arrived + fsync_delay);
+                Ok(Vec::new())
+            }
+            FUSE_FLUSH | FUSE_RELEASE => Ok(Vec::new()),
             // No reply to these.
             FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => continue,
             FUSE_DESTROY => return,

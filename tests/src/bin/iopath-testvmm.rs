@@ -46,7 +46,8 @@
 //!   in one: the guest first does two port writes (KVM events: a tracer knows the VMM from
 //!   them), then the VMM prints `{"ready":true}`, waits `--first-us` F µs (for a tracer to
 //!   start), does 10 warm-up 4 KiB O_DIRECT reads of DEV, waits `--gap-us` G µs (for the
-//!   tracer to see the thread), then N reads, each after a D µs spin and followed by a signal
+//!   tracer to see the thread), then N reads (`--op flush`: fdatasync calls, `--op fua`: O_DSYNC
+//!   writes), each after a D µs spin and followed by a signal
 //!   of an irqfd on the MSI route (the guest's interrupt). The report gives the thread's CPU
 //!   time per read over the N, split into the spin and the system calls' own CPU time (the
 //!   read's and the signal's, CLOCK_THREAD_CPUTIME_ID around them).
@@ -125,6 +126,10 @@ struct Args {
     flows: u32,
     /// blk-backend: the block device to read.
     dev: String,
+    /// blk-backend: what each measured request is: `read`, `flush` (fdatasync of the device,
+    /// as QEMU's thread pool flushes a raw disk) or `fua` (a 4 KiB O_DIRECT|O_DSYNC write, as
+    /// QEMU's cache=directsync writes).
+    op: String,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -145,6 +150,7 @@ fn parse_args() -> anyhow::Result<Args> {
         queues: 1,
         flows: 1,
         dev: String::new(),
+        op: "read".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -165,6 +171,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--queues" => a.queues = val()?.parse()?,
             "--flows" => a.flows = val()?.parse()?,
             "--dev" => a.dev = val()?,
+            "--op" => a.op = val()?,
             m if !m.starts_with('-') && a.mode.is_empty() => a.mode = m.to_string(),
             other => bail!("unknown argument {other}"),
         }
@@ -822,6 +829,18 @@ fn run_blk_backend(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         .custom_flags(libc::O_DIRECT)
         .open(&a.dev)
         .with_context(|| format!("open {} O_DIRECT", a.dev))?;
+    let sync = match a.op.as_str() {
+        "read" => None,
+        "flush" | "fua" => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT | if a.op == "fua" { libc::O_DSYNC } else { 0 })
+                .open(&a.dev)
+                .with_context(|| format!("open {} for writing", a.dev))?,
+        ),
+        other => bail!("--op {other}: read, flush or fua"),
+    };
     let layout = std::alloc::Layout::from_size_align(4096, 4096)?;
     // SAFETY: non-zero size; freed below with the same layout.
     let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -841,8 +860,15 @@ fn run_blk_backend(vm: &mut Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     for i in 0..u64::from(a.count) {
         spin(a.spin_us);
         let c = thread_cpu_ns();
-        dev.read_exact_at(buf, (i % blocks) * 4096)
-            .context("read")?;
+        match (&sync, a.op.as_str()) {
+            (Some(f), "flush") => f.sync_data().context("fdatasync")?,
+            (Some(f), _) => f
+                .write_all_at(buf, (i % blocks) * 4096)
+                .context("O_DSYNC write")?,
+            (None, _) => dev
+                .read_exact_at(buf, (i % blocks) * 4096)
+                .context("read")?,
+        }
         irqfd.write(1).context("write irqfd")?;
         syscall_cpu += thread_cpu_ns() - c;
     }

@@ -7,7 +7,7 @@ use super::{
     tracepoint_args, tracepoint_or_function,
 };
 use crate::maps::{
-    BLK_DONE, BLK_KICK, BLK_KNOWN, BLK_LAST, BLK_PAIRING, BLK_START_SECTOR, BLK_THREADS,
+    BLK_DONE, BLK_KICK, BLK_KNOWN, BLK_LAST, BLK_PAIRING, BLK_START_SECTOR, BLK_SYNC, BLK_THREADS,
 };
 
 /// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
@@ -79,6 +79,21 @@ pub static BLOCK_RQ_COMPLETE: Event = tracepoint_or_function(
 pub static BLOCK_RQ_INSERT: Event =
     tracepoint_args("block", "block_rq_insert", "blk_rq_insert", |_, c| {
         request_members(c)
+    });
+
+// void trace_block_bio_queue(struct bio *bio), in the submitting thread: a VMM's flush or FUA
+// bio (blk.sync); pointer programs only (the bio's pointer names its request at the end).
+pub static BLOCK_BIO_QUEUE: Event =
+    tracepoint_args("block", "block_bio_queue", "blk_bio_queue", |_, c| {
+        request_members(c)?;
+        all_set(
+            &[c.rq_bio, c.rq_rq_flags, c.bio_opf, c.bio_bdev, c.bdev_dev],
+            "struct request/bio/block_device members not found in BTF",
+        )?;
+        if c.req_preflush == 0 || c.req_fua == 0 || c.rqf_flush_seq == 0 {
+            return Err("REQ_PREFLUSH, REQ_FUA or RQF_FLUSH_SEQ not found in BTF");
+        }
+        Ok(())
     });
 
 // void trace_block_rq_merge(struct request *rq): a request merged into another, freed unissued
@@ -175,4 +190,30 @@ pub static COMPLETE_TO_IRQ: Stage = Stage {
     needs: |_| Ok(()),
     key_class: Some(request_key),
     maps: &[&BLK_KNOWN, &BLK_PAIRING, &BLK_LAST, &BLK_DONE],
+};
+
+/// A VMM's flush or FUA write in the host block layer: the host-side part of a guest's
+/// synchronous write that the device and the flush machinery take.
+pub static SYNC: Stage = Stage {
+    id: StageId::BlkSync,
+    name: "blk.sync",
+    path: Path::Block,
+    from: "block:block_bio_queue of a flush (REQ_PREFLUSH) or FUA write in a VMM's thread",
+    to: "the last block:block_rq_complete of its request: its data and every flush it waited on \
+         (the flush machinery completes the request once more at the end)",
+    labels: &["vm", "device", "disk", "op"],
+    events: &[
+        &BLOCK_BIO_QUEUE,
+        &BLOCK_RQ_ISSUE,
+        &BLOCK_RQ_COMPLETE,
+        &BLOCK_RQ_REQUEUE,
+    ],
+    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional_adds: "the VMM of requests a scheduler issues from another thread (insert), and \
+                    the end of a merged one's mark (merge)",
+    opt_in: None,
+    without: None,
+    needs: |_| Ok(()),
+    key_class: Some(request_key),
+    maps: &[&BLK_SYNC],
 };

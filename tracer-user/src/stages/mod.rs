@@ -327,6 +327,7 @@ pub static STAGES: &[&Stage] = &[
     &net::BACKEND_WAKEUP,
     &blk::KICK_TO_SUBMIT,
     &blk::COMPLETE_TO_IRQ,
+    &blk::SYNC,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {
