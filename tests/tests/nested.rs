@@ -1036,7 +1036,9 @@ fn fentry_on_a_module_function_is_refused_with_its_reason() {
 /// The nested guest's disk rounds on a null_blk device with a known completion time (timer
 /// mode): per-stage counts against the guest's own I/O count and bpftrace's count of the
 /// bounding events over the same window (cut between two rounds), `blk.device` against the
-/// device's delay, and the host stages' sum against the guest's own median.
+/// device's delay, and the host stages' sum against the guest's own median. Each delay runs
+/// one of QEMU's three disk backends: its thread pool (`worker` threads), io_uring and Linux
+/// AIO (both submitted from its main loop): the rules match by VMM, not by thread.
 #[test]
 fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
     const TEST: &str = "a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw";
@@ -1056,7 +1058,11 @@ fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
     // The sum is checked where the device dominates what the guest waits for: this guest's own
     // work per I/O (a few VM exits, each slow under nested KVM on an emulated CPU) is about
     // 5 ms here, a third of the guest's wait at D = 10 ms (printed), 11% at 40 ms.
-    for (delay_ms, check_sum) in [(2u64, false), (10, false), (40, true)] {
+    for (delay_ms, check_sum, aio) in [
+        (2u64, false, "threads"),
+        (10, false, "io_uring"),
+        (40, true, "native"),
+    ] {
         let _ = Command::new("rmmod").arg("null_blk").status();
         let load = Command::new("modprobe")
             .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
@@ -1069,20 +1075,21 @@ fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
             .trim()
             .to_string();
         let (major, minor) = dev.split_once(':').unwrap();
-        // QEMU's workers' requests to nullb0 (issued by a worker, or inserted by one for the
-        // scheduler to issue from kblockd), their completions (interrupt context) and their
-        // time on the device, summed.
+        // QEMU's requests to nullb0 (issued by a worker or its main loop, or an io_uring
+        // worker, or inserted by one for the scheduler to issue from kblockd), their
+        // completions (interrupt context) and their time on the device, summed.
         let script = format!(
             r#"BEGIN {{ @issues = 0; @completes = 0; @dev_ns = 0; printf("ready\n"); }}
-tracepoint:block:block_rq_insert /args->dev == ({major} << 20 | {minor}) && comm == "worker"/ {{
+tracepoint:block:block_rq_insert /args->dev == ({major} << 20 | {minor}) && {qemu}/ {{
   @queued[args->sector] = 1; }}
-tracepoint:block:block_rq_issue /args->dev == ({major} << 20 | {minor}) && (comm == "worker" || @queued[args->sector])/ {{
+tracepoint:block:block_rq_issue /args->dev == ({major} << 20 | {minor}) && ({qemu} || @queued[args->sector])/ {{
   delete(@queued[args->sector]); @issues++; @inflight[args->sector] = nsecs; }}
 tracepoint:block:block_rq_complete /args->dev == ({major} << 20 | {minor}) && @inflight[args->sector]/ {{
   @completes++; @dev_ns += nsecs - @inflight[args->sector];
   printf("V %llu %llu\n", nsecs, nsecs - @inflight[args->sector]); delete(@inflight[args->sector]); }}
 interval:ms:100 {{ printf("T %llu %llu %llu %llu\n", nsecs, @issues, @completes, @dev_ns); }}
-END {{ clear(@inflight); clear(@queued); }}"#
+END {{ clear(@inflight); clear(@queued); }}"#,
+            qemu = r#"(comm == "worker" || comm == "qemu-system-x86" || strncmp(comm, "iou-wrk", 7) == 0)"#
         );
         let mut bt = iopath_tests::blk::Ticker::start(&script);
         let d = Daemon::start(&[]);
@@ -1093,6 +1100,7 @@ END {{ clear(@inflight); clear(@queued); }}"#
             &[
                 ("L2_DISK", "/dev/nullb0"),
                 ("L2_CACHE", "none"),
+                ("L2_AIO", aio),
                 ("L2_ROUNDS", &ROUNDS.to_string()),
                 ("L2_IOS", &IOS.to_string()),
                 ("L2_PERIOD_MS", "2500"),
@@ -1157,8 +1165,8 @@ END {{ clear(@inflight); clear(@queued); }}"#
         }
         let inject = p50("kvm.inject_to_entry", &[("vm", VM)]);
         eprintln!(
-            "D = {delay_ms} ms: guest {guest_ios} I/Os in rounds {FIRST}..{ROUNDS}; bpftrace \
-             {issues} requests by QEMU's workers, {completes} completed; kvm.inject_to_entry \
+            "D = {delay_ms} ms, aio={aio}: guest {guest_ios} I/Os in rounds {FIRST}..{ROUNDS}; \
+             bpftrace {issues} requests by QEMU, {completes} completed; kvm.inject_to_entry \
              p50 {inject:.0} us"
         );
         for stage in stages {
@@ -1242,5 +1250,152 @@ END {{ clear(@inflight); clear(@queued); }}"#
         }
         assert!(d.stop().success());
     }
+    let _ = Command::new("rmmod").arg("null_blk").status();
+}
+
+/// The synchronous-write view end to end: the nested guest's disk on a null_blk device with a
+/// volatile write cache (memory-backed, `cache_size`: it takes flushes, each completed D later
+/// by its timer), opened by QEMU with `cache=directsync`: QEMU keeps a guest's write
+/// synchronous by a flush after it (an fdatasync of the device: a data-less preflush kblockd
+/// issues), not by O_DSYNC. Per guest write in the window: one `blk.device{op="write"}` and one
+/// `blk.sync{op="flush"}` sample of the VM, the flush's interrupt, and the write's interrupt
+/// only after the flush (D at least).
+#[test]
+fn a_nested_guests_synchronous_writes_are_split_by_the_sync_view() {
+    const TEST: &str = "a_nested_guests_synchronous_writes_are_split_by_the_sync_view";
+    if !in_vm(TEST) {
+        return;
+    }
+    const VM: &str = "nested-sync";
+    const ROUNDS: u32 = 3;
+    const FIRST: u32 = 1;
+    const IOS: u64 = 20;
+    const D_MS: u64 = 10;
+    const HIST: &str = "iopath_stage_latency_seconds";
+    let console = Path::new("/tmp/l2/console.log");
+    let _ = Command::new("rmmod").arg("null_blk").status();
+    let load = Command::new("modprobe")
+        .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
+        .args(["memory_backed=1", "cache_size=64", "gb=1"])
+        .arg(format!("completion_nsec={}", D_MS * 1_000_000))
+        .status()
+        .expect("modprobe");
+    assert!(load.success(), "modprobe null_blk");
+    let wc = fs::read_to_string("/sys/block/nullb0/queue/write_cache").unwrap_or_default();
+    let fua = fs::read_to_string("/sys/block/nullb0/queue/fua").unwrap_or_default();
+    eprintln!("nullb0: write_cache {}, fua {}", wc.trim(), fua.trim());
+    assert_eq!(
+        wc.trim(),
+        "write back",
+        "null_blk with cache_size has a write cache"
+    );
+    let dev = fs::read_to_string("/sys/block/nullb0/dev")
+        .expect("/dev/nullb0")
+        .trim()
+        .to_string();
+    let d = Daemon::start(&[]);
+    let guest = L2::start_with(
+        VM,
+        true,
+        "",
+        &[
+            ("L2_DISK", "/dev/nullb0"),
+            ("L2_CACHE", "directsync"),
+            ("L2_ROUNDS", &ROUNDS.to_string()),
+            ("L2_IOS", &IOS.to_string()),
+            ("L2_PERIOD_MS", "2500"),
+        ],
+    );
+    let limit = std::time::Duration::from_secs(300);
+    let cut = |round: u32| {
+        iopath_tests::blk::wait_round(console, round, limit);
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        d.metrics()
+    };
+    let m0 = cut(FIRST - 1);
+    let m1 = cut(ROUNDS - 1);
+    let rounds = iopath_tests::blk::disk_rounds(console);
+    drop(guest);
+    let writes: u64 = rounds
+        .iter()
+        .filter(|r| r.round >= FIRST && r.op == "write4k")
+        .map(|r| r.n)
+        .sum();
+    assert_eq!(writes, u64::from(ROUNDS - FIRST) * IOS, "{rounds:?}");
+    let count = |stage: &str, op: &str| {
+        let sel = [
+            ("stage", stage),
+            ("vm", VM),
+            ("device", dev.as_str()),
+            ("op", op),
+        ];
+        m1.value(&format!("{HIST}_count"), &sel) - m0.value(&format!("{HIST}_count"), &sel)
+    };
+    let p50 = |stage: &str, op: &str| {
+        d.find_p50(stage, &[("vm", VM), ("device", dev.as_str()), ("op", op)])
+            .map_or(f64::NAN, |(_, p)| p)
+    };
+    for (stage, op) in [
+        ("blk.kick_to_submit", "write"),
+        ("blk.device", "write"),
+        ("blk.complete_to_irq", "write"),
+        ("blk.sync", "flush"),
+        ("blk.complete_to_irq", "flush"),
+        ("blk.sync", "fua"),
+        ("blk.device", "read"),
+    ] {
+        eprintln!(
+            "{stage} op={op}: {} samples in the window (guest writes {writes}), p50 {:.0} us",
+            count(stage, op),
+            p50(stage, op)
+        );
+    }
+    let n = writes as f64;
+    for (stage, op) in [
+        ("blk.device", "write"),
+        ("blk.kick_to_submit", "write"),
+        ("blk.complete_to_irq", "write"),
+        ("blk.sync", "flush"),
+        ("blk.complete_to_irq", "flush"),
+    ] {
+        let got = count(stage, op);
+        assert!(
+            (got - n).abs() <= 0.01 * n,
+            "{stage} op={op}: {got} samples for {writes} guest writes"
+        );
+    }
+    assert_eq!(count("blk.sync", "fua"), 0.0, "QEMU writes no FUA here");
+    let want = (D_MS * 1000) as f64;
+    // The flush on the device, plus kblockd's dispatch of it (slow on an emulated CPU).
+    let flush = p50("blk.sync", "flush");
+    assert!(
+        flush >= 0.95 * want && flush <= 1.15 * want,
+        "blk.sync flush p50 {flush:.0} us for a {want:.0} us device"
+    );
+    // The write's interrupt waits for the flush after it: D at least.
+    let write_irq = p50("blk.complete_to_irq", "write");
+    assert!(
+        write_irq >= 0.9 * want,
+        "blk.complete_to_irq write p50 {write_irq:.0} us"
+    );
+    // What the guest waited for per write, against the host's parts (printed: this guest's own
+    // work per I/O is several ms under emulation).
+    let host = p50("blk.kick_to_submit", "write")
+        + p50("blk.device", "write")
+        + flush
+        + p50("blk.complete_to_irq", "flush")
+        + d.find_p50("kvm.inject_to_entry", &[("vm", VM)])
+            .map_or(0.0, |(_, p)| p);
+    let mut guest: Vec<f64> = rounds
+        .iter()
+        .filter(|r| r.round >= FIRST && r.op == "write4k")
+        .map(|r| r.p50_us)
+        .collect();
+    guest.sort_by(f64::total_cmp);
+    eprintln!(
+        "synchronous writes: host parts' p50s add up to {host:.0} us; the guest's write p50 {:.0} us",
+        guest[guest.len() / 2]
+    );
+    assert!(d.stop().success());
     let _ = Command::new("rmmod").arg("null_blk").status();
 }

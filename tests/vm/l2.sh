@@ -7,8 +7,9 @@
 # 169.254.100.1 in l2ns (which knows the guest's MAC: no ARP from that side).
 #   L2_NAME=NAME L2_VHOST=on|off [L2_NET=bridge] l2.sh start
 #                                                 boot it, wait for the guest's READY (<= 120 s)
-#     [L2_DISK=PATH L2_CACHE=MODE]                the disk's backing (default a 64 MiB file in
-#                                                 $L2_RUN; a block device with L2_CACHE=none)
+#     [L2_DISK=PATH L2_CACHE=MODE L2_AIO=ENGINE]  the disk's backing (default a 64 MiB file in
+#                                                 $L2_RUN; a block device with L2_CACHE=none),
+#                                                 QEMU's aio= (threads, native, io_uring)
 #     [L2_ROUNDS=R L2_IOS=N L2_PERIOD_MS=P        the guest's disk rounds (lab_guest: N 4 KiB
 #      L2_DELAY_MS=D]                             writes then N reads each, P ms apart, from
 #                                                 D ms after READY; each printed on the console)
@@ -71,7 +72,7 @@ cmd_start() {
     -monitor unix:$RUN/mon.sock,server=on,wait=off -kernel $KERNEL -append "$append" \
     -netdev tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=${L2_VHOST:-on} \
     -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
-    -drive file=$disk,if=virtio,format=raw,cache=${L2_CACHE:-writeback} \
+    -drive file=$disk,if=virtio,format=raw,cache=${L2_CACHE:-writeback},aio=${L2_AIO:-threads} \
     </dev/null >$RUN/qemu.err 2>&1 &
   local i
   for i in $(seq 1 240); do

@@ -333,8 +333,9 @@ fn exit_rate(vmm: &Path, count: u32) -> anyhow::Result<f64> {
 
 /// The KVM workload: exits to userspace, irqfd signals over an MSI and an IOAPIC route,
 /// KVM_SIGNAL_MSI, halts; and a VMM's disk backend on `dev` (direct reads, each signalled to
-/// the guest), for the block programs' cost on a VMM's requests: the submit, the completion
-/// awaiting the interrupt, the interrupt's match.
+/// the guest, then O_DSYNC writes: a FUA write and a flush each), for the block programs' cost
+/// on a VMM's requests: the submit, the completion awaiting the interrupt, the interrupt's
+/// match, a synchronous write's bio and its flush sequence's end (blk.sync).
 fn kvm_workload(vmm: &Path, dev: &str) -> anyhow::Result<()> {
     testvmm(
         vmm,
@@ -344,6 +345,22 @@ fn kvm_workload(vmm: &Path, dev: &str) -> anyhow::Result<()> {
             dev,
             "--count",
             "4000",
+            "--first-us",
+            "0",
+            "--gap-us",
+            "1500000",
+        ],
+    )?;
+    testvmm(
+        vmm,
+        &[
+            "blk-backend",
+            "--dev",
+            dev,
+            "--op",
+            "fua",
+            "--count",
+            "1000",
             "--first-us",
             "0",
             "--gap-us",
