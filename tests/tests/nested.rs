@@ -898,9 +898,12 @@ fn vhost_net_transmit_side_from_tracepoints_alone() {
         "backend_to_wire {wire_n} of {replies}"
     );
     // A kick is one when it woke the worker (asleep between pings 20 ms apart), never more
-    // than the worker's kicked runs; one that found it awake is no sample.
+    // than the worker's kicked runs; one that found it awake (still in the run of the echo
+    // request it received) is no sample. How many do depends on how fast the emulated L1 is
+    // at that moment: 199 of 200 alone, 193 after the test before it, 184 and 188 in two full
+    // suites on one machine; so at least 90% (their frames are all in backend_to_wire, above).
     assert!(
-        kick_n <= runs && kick_n * 100 >= replies * 95,
+        kick_n <= runs && kick_n * 100 >= replies * 90,
         "net.tx.kick {kick_n} for {replies} replies and {runs} handle_tx_kick runs"
     );
 }
