@@ -77,29 +77,38 @@ fn blk_device_counts_every_direct_io_on_a_loop_device() {
 fn record_reports_quantiles_of_the_loop_device() {
     require_root();
     let lo = LoopDev::new("record", 16);
-    let handle = std::thread::spawn(|| {
-        iopath(&[
-            "record",
-            "--duration",
-            if iopath_tests::emulated() {
-                "20s"
-            } else {
-                "4s"
-            },
-            "--json",
-            "--stages",
-            "blk.device",
-        ])
-    });
-    // record attaches within a second (five emulated); then the I/O, well inside its window
-    std::thread::sleep(iopath_tests::patience(1500));
-    let (write_call, _) = lo.direct_io(250, 0);
-    let out = handle.join().unwrap();
+    use std::io::BufRead as _;
+    let mut rec = std::process::Command::new(iopath_tests::iopath_bin())
+        .args(["record", "--duration"])
+        .arg(if iopath_tests::emulated() {
+            "20s"
+        } else {
+            "4s"
+        })
+        .args(["--json", "--stages", "blk.device"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("iopath record");
+    // record says "recording for ..." once its programs are attached: the I/O starts after
+    // it (a fixed wait lost the first write when attaching took longer).
+    let mut stderr = std::io::BufReader::new(rec.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).expect("record's stderr");
+        said += &line;
+        if n == 0 || line.contains("recording for") {
+            break;
+        }
+    }
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        said.contains("recording for"),
+        "record did not start: {said}"
     );
+    let (write_call, _) = lo.direct_io(250, 0);
+    let out = rec.wait_with_output().expect("record's output");
+    assert!(out.status.success(), "record failed: {said}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record --json is JSON");
     let row = v["series"]
         .as_array()
@@ -108,7 +117,11 @@ fn record_reports_quantiles_of_the_loop_device() {
         .find(|r| r["labels"]["disk"] == lo.name().as_str() && r["labels"]["op"] == "write")
         .unwrap_or_else(|| panic!("no write series for {} in {v}", lo.name()));
     let count = row["count"].as_u64().unwrap();
-    assert!((250..=252).contains(&count), "count {count} for 250 writes");
+    assert!(
+        (250..=252).contains(&count),
+        "count {count} for 250 writes; dropped: {}",
+        v["dropped"]
+    );
     let (p50, p99, max) = (
         row["p50_us"].as_f64().unwrap(),
         row["p99_us"].as_f64().unwrap(),
