@@ -274,28 +274,42 @@ fn blk_device_measures_a_known_device_delay() {
 /// direct reads of a loop device, each after a known CPU spin S; the thread's CPU per request
 /// is S plus the system call's own CPU time (which it measures), so iopath's ceiling must be
 /// 1 / (S + that) within 15%.
-#[test]
-fn the_disk_backend_ceiling_is_what_one_thread_can_sustain() {
+/// Starts a test VMM whose stdout is its ready line, then its report: the VMM and the lines
+/// after the ready one.
+fn ready_vmm(
+    cmd: &mut std::process::Command,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
     use std::io::BufRead as _;
-    require_root();
-    let lo = LoopDev::new("ceiling", 16);
-    let mut vmm = std::process::Command::new(iopath_tests::testvmm_bin())
-        .args(["-name", "guest=ceiling,debug-threads=on", "blk-backend"])
-        .args(["--dev", &lo.dev, "--count", "3000", "--spin-us", "50"])
-        .args([
-            "--first-us",
-            "5000000",
-            "--gap-us",
-            "2000000",
-            "--hold-ms",
-            "3000",
-        ])
+    let mut vmm = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("test VMM");
     let mut out = std::io::BufReader::new(vmm.stdout.take().unwrap()).lines();
     let ready = out.next().expect("a line").expect("read");
     assert!(ready.contains("ready"), "test VMM: {ready}");
+    (vmm, out)
+}
+
+#[test]
+fn the_disk_backend_ceiling_is_what_one_thread_can_sustain() {
+    require_root();
+    let lo = LoopDev::new("ceiling", 16);
+    let (mut vmm, mut out) = ready_vmm(
+        std::process::Command::new(iopath_tests::testvmm_bin())
+            .args(["-name", "guest=ceiling,debug-threads=on", "blk-backend"])
+            .args(["--dev", &lo.dev, "--count", "3000", "--spin-us", "50"])
+            .args([
+                "--first-us",
+                "5000000",
+                "--gap-us",
+                "2000000",
+                "--hold-ms",
+                "3000",
+            ]),
+    );
     // Started after the VMM: it finds it by its VM fd.
     let d = Daemon::start(&["--stages", "blk.device"]);
     let report: serde_json::Value =
@@ -348,7 +362,6 @@ fn the_disk_backend_ceiling_is_what_one_thread_can_sustain() {
 /// after it.
 #[test]
 fn a_vmms_flushes_and_fua_writes_are_measured_to_the_flush_sequences_end() {
-    use std::io::BufRead as _;
     require_root();
     let name = "a_vmms_flushes_and_fua_writes_are_measured_to_the_flush_sequences_end";
     if iopath_tests::emulated() {
@@ -375,34 +388,30 @@ fn a_vmms_flushes_and_fua_writes_are_measured_to_the_flush_sequences_end() {
     let dev = disk.lo().majmin();
     for op in ["flush", "fua"] {
         let vm = format!("sync-{op}");
-        let mut vmm = std::process::Command::new(iopath_tests::testvmm_bin())
-            .args([
-                "-name",
-                &format!("guest={vm},debug-threads=on"),
-                "blk-backend",
-            ])
-            .args([
-                "--dev",
-                &disk.lo().dev,
-                "--op",
-                op,
-                "--count",
-                &N.to_string(),
-            ])
-            .args([
-                "--first-us",
-                "4000000",
-                "--gap-us",
-                "2500000",
-                "--hold-ms",
-                "1500",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("test VMM");
-        let mut out = std::io::BufReader::new(vmm.stdout.take().unwrap()).lines();
-        let ready = out.next().expect("a line").expect("read");
-        assert!(ready.contains("ready"), "test VMM: {ready}");
+        let (mut vmm, mut out) = ready_vmm(
+            std::process::Command::new(iopath_tests::testvmm_bin())
+                .args([
+                    "-name",
+                    &format!("guest={vm},debug-threads=on"),
+                    "blk-backend",
+                ])
+                .args([
+                    "--dev",
+                    &disk.lo().dev,
+                    "--op",
+                    op,
+                    "--count",
+                    &N.to_string(),
+                ])
+                .args([
+                    "--first-us",
+                    "4000000",
+                    "--gap-us",
+                    "2500000",
+                    "--hold-ms",
+                    "1500",
+                ]),
+        );
         // Started after the VMM: it finds it by its VM fd. The warm-up reads teach it the
         // disk's interrupt (pairing) before the measured requests.
         let d = Daemon::start(&["--stages", "blk.device,blk.complete_to_irq,blk.sync"]);
