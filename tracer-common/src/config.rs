@@ -110,12 +110,13 @@ pub struct Config {
     pub tp_msi_address: u32,
     pub tp_msi_data: u32,
     /// `struct request`.bio and .rq_flags, `struct bio`.bi_opf and .bi_bdev,
-    /// `struct block_device`.bd_dev: a VMM's flush or FUA write (blk.sync) from its bio.
+    /// `struct block_device`.bd_disk (the whole disk, as the other block stages name it, not a
+    /// partition): a VMM's flush or FUA write (blk.sync) from its bio.
     pub rq_bio: u32,
     pub rq_rq_flags: u32,
     pub bio_opf: u32,
     pub bio_bdev: u32,
-    pub bdev_dev: u32,
+    pub bdev_disk: u32,
     /// REQ_PREFLUSH (`1 << __REQ_PREFLUSH`, BTF's `enum req_flag_bits`); 0 when unknown.
     pub req_preflush: u32,
     /// RQF_FLUSH_SEQ: a request inside the flush machinery's sequence (`1 << __RQF_FLUSH_SEQ`,
@@ -179,7 +180,7 @@ impl Config {
         rq_rq_flags: NO_OFFSET,
         bio_opf: NO_OFFSET,
         bio_bdev: NO_OFFSET,
-        bdev_dev: NO_OFFSET,
+        bdev_disk: NO_OFFSET,
         req_preflush: 0,
         rqf_flush_seq: 0,
     };

@@ -20,7 +20,7 @@ use tracer_common::{
         self, BlkStart, Op, RQ_BUCKETS, RqBucket, SectorKey, SectorStart, cut, mkdev, rq_bucket,
     },
     maps::{Counter, START_ENTRIES},
-    stage::StageId::{self, BlkCompleteToIrq, BlkDevice, BlkKickToSubmit},
+    stage::StageId::{self, BlkCompleteToIrq, BlkDevice, BlkKickToSubmit, BlkSync},
 };
 
 use crate::{
@@ -35,7 +35,8 @@ use crate::{
 const STAGE: StageId = StageId::BlkDevice;
 
 /// The stages that keep request slots.
-const SLOT_STAGES: u64 = BlkDevice.bit() | BlkKickToSubmit.bit() | BlkCompleteToIrq.bit();
+const SLOT_STAGES: u64 =
+    BlkDevice.bit() | BlkKickToSubmit.bit() | BlkCompleteToIrq.bit() | BlkSync.bit();
 
 /// The VMM whose thread runs this event, 0 for the host's.
 #[inline(always)]
@@ -276,18 +277,20 @@ fn complete(rq: Result<Request, ()>, _: Site) {
                 return;
             }
             // A VMM's flush or FUA write: its data's completion inside the flush sequence is
-            // not its end (the sequence completes it again); a FUA write the device took
-            // whole ends here.
+            // not its end (the sequence completes it again), whatever op its slot says (a
+            // request kblockd issued from a VMM's marker keeps the VMM, not the op); a FUA
+            // write the device took whole ends here.
             let mut ended = false;
             if let Some((p, typed)) = ptr
                 && blk_sync::on_now(mask)
-                && (s.op == Op::Fua || s.op == Op::Flush)
             {
                 let (flags, bio) = request_seq(p, typed);
                 if flags & config!(rqf_flush_seq) != 0 {
                     return;
                 }
-                ended = blk_sync::finished(mask, bio, now);
+                if s.op == Op::Fua || s.op == Op::Flush {
+                    ended = blk_sync::finished(mask, bio, now);
+                }
             }
             if !ended && on(mask, BlkCompleteToIrq) {
                 blk_vm::completed(s.vm, s.dev, s.op, now);

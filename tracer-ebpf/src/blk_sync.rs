@@ -11,7 +11,7 @@
 
 use aya_ebpf::{macros::map, maps::HashMap};
 use tracer_common::{
-    blk::{BlkStart, Op},
+    blk::{BlkStart, Op, mkdev, vm::STALE_NS},
     maps::{Counter, START_ENTRIES},
     stage::StageId::{self, BlkCompleteToIrq, BlkKickToSubmit, BlkSync},
 };
@@ -35,29 +35,51 @@ pub enum Bio {
     Typed(*const u8),
 }
 
-/// bi_opf and the device of a bio.
+/// bi_opf and the disk of a bio (`bi_bdev->bd_disk`: a partition's bio names its whole disk,
+/// as the request events do).
 #[inline(always)]
 fn bio_opf_dev(bio: &Bio) -> Result<(u32, u32), i32> {
     match *bio {
+        // SAFETY: bpf_probe_read_kernel of a kernel pointer's members.
         Bio::Ptr(p) => unsafe {
             let opf: u32 = read_at(p, config!(bio_opf))?;
             let bdev: u64 = read_at(p, config!(bio_bdev))?;
-            let dev: u32 = if bdev == 0 {
+            let disk: u64 = if bdev == 0 {
                 0
             } else {
-                read_at(bdev, config!(bdev_dev))?
+                read_at(bdev, config!(bdev_disk))?
+            };
+            let dev = if disk == 0 {
+                0
+            } else {
+                let major: i32 = read_at(disk, config!(disk_major))?;
+                let minor: i32 = read_at(disk, config!(disk_first_minor))?;
+                mkdev(major as u32, minor as u32)
             };
             Ok((opf, dev))
         },
         // SAFETY: BTF-typed pointers; a load through a bad or null one reads 0.
         Bio::Typed(p) => unsafe {
-            let opf = core::ptr::read_volatile(p.add(config!(bio_opf) as usize) as *const u32);
-            let bdev =
-                core::ptr::read_volatile(p.add(config!(bio_bdev) as usize) as *const *const u8);
-            let dev = if bdev.is_null() {
+            let load_ptr = |p: *const u8, off: u32| {
+                core::ptr::read_volatile(p.add(off as usize) as *const *const u8)
+            };
+            let load32 = |p: *const u8, off: u32| {
+                core::ptr::read_volatile(p.add(off as usize) as *const u32)
+            };
+            let opf = load32(p, config!(bio_opf));
+            let bdev = load_ptr(p, config!(bio_bdev));
+            let disk = if bdev.is_null() {
+                core::ptr::null()
+            } else {
+                load_ptr(bdev, config!(bdev_disk))
+            };
+            let dev = if disk.is_null() {
                 0
             } else {
-                core::ptr::read_volatile(bdev.add(config!(bdev_dev) as usize) as *const u32)
+                mkdev(
+                    load32(disk, config!(disk_major)),
+                    load32(disk, config!(disk_first_minor)),
+                )
             };
             Ok((opf, dev))
         },
@@ -126,8 +148,15 @@ pub fn finished(mask: u64, bio: u64, now: u64) -> bool {
         return false;
     };
     let _ = BLK_SYNC.remove(bio);
+    // Older than any flush: an entry whose bio ended without a request of its own (a stacked
+    // device's, an error's), met again through a reused bio address. Not this request's.
+    let ns = now.saturating_sub(s.ts_ns);
+    if ns > STALE_NS {
+        count(STAGE, Counter::Stale);
+        return false;
+    }
     let op = Op::from_u32(s.op);
-    record(STAGE, s.op, s.dev, s.vm, now.saturating_sub(s.ts_ns));
+    record(STAGE, s.op, s.dev, s.vm, ns);
     if on(mask, BlkCompleteToIrq) {
         blk_vm::completed(s.vm, s.dev, op, now);
     }

@@ -87,7 +87,7 @@ pub static BLOCK_BIO_QUEUE: Event =
     tracepoint_args("block", "block_bio_queue", "blk_bio_queue", |_, c| {
         request_members(c)?;
         all_set(
-            &[c.rq_bio, c.rq_rq_flags, c.bio_opf, c.bio_bdev, c.bdev_dev],
+            &[c.rq_bio, c.rq_rq_flags, c.bio_opf, c.bio_bdev, c.bdev_disk],
             "struct request/bio/block_device members not found in BTF",
         )?;
         if c.req_preflush == 0 || c.req_fua == 0 || c.rqf_flush_seq == 0 {
