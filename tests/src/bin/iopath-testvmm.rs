@@ -382,7 +382,7 @@ fn run_exits(vm: Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         .map(|mut vcpu| {
             let n = a.count;
             let (tx, rx) = std::sync::mpsc::channel();
-            let t = thread::spawn(move || -> anyhow::Result<(u32, u32, u32)> {
+            let t = thread::spawn(move || -> anyhow::Result<(u32, u32, u32, VcpuFd)> {
                 let (mut io, mut mmio, mut intr) = (0u32, 0u32, 0u32);
                 let mut told = false;
                 loop {
@@ -398,7 +398,7 @@ fn run_exits(vm: Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
                         Err(e) if e.errno() == libc::EINTR && told => {
                             intr += 1;
                             if intr == 2 {
-                                return Ok((io, mmio, intr));
+                                return Ok((io, mmio, intr, vcpu));
                             }
                         }
                         Err(e) if e.errno() == libc::EINTR => {}
@@ -432,8 +432,11 @@ fn run_exits(vm: Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
             unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
             thread::sleep(Duration::from_millis(2));
         }
-        let (i, m, s) = t.join().expect("vCPU thread")?;
+        let (i, m, s, vcpu) = t.join().expect("vCPU thread")?;
         (io, mmio, intr) = (io + i, mmio + m, intr + s);
+        // A VMM keeps its vCPU fds open for its life, as QEMU does: the tracer names a vCPU
+        // by its fd, and one closed before the hold would leave its exits unnamed.
+        std::mem::forget(vcpu);
     }
     let _keep = vm._mem;
     Ok(serde_json::json!({ "vcpus": a.vcpus, "io": io, "mmio": mmio, "intr": intr }))
