@@ -122,16 +122,23 @@ fn record_reports_quantiles_of_the_loop_device() {
         "count {count} for 250 writes; dropped: {}",
         v["dropped"]
     );
-    let (p50, p99, max) = (
+    let (mean, p50, p99, max) = (
+        row["mean_us"].as_f64().unwrap(),
         row["p50_us"].as_f64().unwrap(),
         row["p99_us"].as_f64().unwrap(),
         row["max_us"].as_f64().unwrap(),
     );
     // The device stage is inside the write system call and most of it (see the test above):
-    // its median sits between 0.3 and 1.2 times the call's mean, in microseconds.
+    // its mean sits between 0.3 and 1.2 times the call's mean. Means against means: one call
+    // stalled on a loaded machine moves both (a median against the call's mean failed in CI
+    // at 193 against 666 us), and the median can only be below the call's mean then.
     let call_us = write_call.as_secs_f64() * 1e6;
     assert!(
-        (0.3 * call_us..=1.2 * call_us).contains(&p50),
+        (0.3 * call_us..=1.2 * call_us).contains(&mean),
+        "mean {mean} us against a {call_us:.1} us system call"
+    );
+    assert!(
+        p50 <= 1.2 * call_us,
         "p50 {p50} us against a {call_us:.1} us system call"
     );
     assert!(

@@ -124,7 +124,19 @@ fn signal_to_inject_counts_every_signal_over_msi_gsi_and_ioctl() {
             ],
         );
         eprintln!("{mode}: {count} samples for {n} signals");
-        assert_eq!(count, n as f64, "{mode}: one sample per signal");
+        if inject == "kworker" {
+            // The kernel merges a signal into an injection still queued (irqfd_wakeup's
+            // schedule_work finds the work pending): one interrupt for two writes, measured
+            // once from the first. Seen for 1 of 300 writes in 1 of 6 runs even at this 2 ms
+            // gap, where bpftrace counted 300 writes, 299 workqueue_queue_work of irqfd_inject
+            // and 299 kvm_set_irq (iopath: 299). At most 1% of the signals.
+            assert!(
+                count <= n as f64 && count >= n as f64 * 0.99,
+                "{mode}: {count} samples for {n} signals"
+            );
+        } else {
+            assert_eq!(count, n as f64, "{mode}: one sample per signal");
+        }
         // and nothing under the other context
         let other = if inject == "inline" {
             "kworker"

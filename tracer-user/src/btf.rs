@@ -318,6 +318,17 @@ impl KernelBtf {
         })
     }
 
+    /// Value of enumerator `value` in any enum of vmlinux, named or anonymous (an enumerator's
+    /// name is unique in C): for constants that moved between enums or into an unnamed one.
+    pub fn enumerator(&self, value: &str) -> Option<u32> {
+        self.base
+            .types
+            .iter()
+            .filter(|t| t.kind == KIND_ENUM)
+            .find_map(|t| t.members.iter().find(|m| m.name == value))
+            .map(|m| m.type_id)
+    }
+
     /// Size in bytes of `struct name` or `union name`.
     pub fn size_of(&self, name: &str) -> Option<u32> {
         [KIND_STRUCT, KIND_UNION].into_iter().find_map(|kind| {
@@ -342,9 +353,10 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/btf")
     }
 
-    /// Builds a tiny BTF blob: struct s { int a; union { long b; }; }, a func and a typedef.
+    /// Builds a tiny BTF blob: struct s { int a; union { long b; }; }, a func, a typedef,
+    /// enum e { X = 3 } and enum { Y = 7 }.
     fn blob() -> Vec<u8> {
-        let strs = b"\0int\0s\0a\0b\0f\0btf_trace_x\0long\0".to_vec();
+        let strs = b"\0int\0s\0a\0b\0f\0btf_trace_x\0long\0e\0X\0Y\0".to_vec();
         let off = |s: &str| {
             let pos = strs
                 .windows(s.len() + 1)
@@ -369,6 +381,8 @@ mod tests {
         ]); // 4: struct s
         push(&[off("f"), KIND_FUNC << 24, 0]); // 5: func f
         push(&[off("btf_trace_x"), KIND_TYPEDEF << 24, 1]); // 6
+        push(&[off("e"), (KIND_ENUM << 24) | 1, 4, off("X"), 3]); // 7: enum e
+        push(&[0, (KIND_ENUM << 24) | 1, 4, off("Y"), 7]); // 8: an anonymous enum
         let mut b = vec![0x9f, 0xeb, 1, 0];
         for v in [24u32, 0, t.len() as u32, t.len() as u32, strs.len() as u32] {
             b.extend_from_slice(&v.to_le_bytes());
@@ -398,6 +412,11 @@ mod tests {
         assert_eq!(btf.func("g"), None);
         assert_eq!(btf.btf_tracepoint("x"), Some(Origin::Vmlinux));
         assert_eq!(btf.btf_tracepoint("y"), None);
+        assert_eq!(btf.enum_value("e", "X"), Some(3));
+        assert_eq!(btf.enum_value("e", "Y"), None, "Y is not e's");
+        assert_eq!(btf.enumerator("Y"), Some(7), "in the anonymous enum");
+        assert_eq!(btf.enumerator("X"), Some(3));
+        assert_eq!(btf.enumerator("Z"), None);
     }
 
     /// Two modules' split BTF on one base (tests/fixtures/btf, made by pahole; see its README):

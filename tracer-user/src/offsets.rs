@@ -72,14 +72,14 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
             .and_then(|b| b.enum_value("req_flag_bits", "__REQ_PREFLUSH"))
             .filter(|&bit| bit < 32)
             .map_or(0, |bit| 1 << bit),
-        // Linux 6.8 made the request flags an enum; before it RQF_FLUSH_SEQ was `1 << 4`
-        // (from 4.x on): with BTF but no enum, that value.
+        // Recent kernels number the request flags in `enum rqf_flags`, some in an anonymous
+        // enum (its enumerator found wherever it is); before that RQF_FLUSH_SEQ was the macro
+        // `1 << 4` (from 4.x on): that value only where no `__RQF_*` enumerator exists at all
+        // (a kernel that has them but not this one gets none rather than a guess).
         rqf_flush_seq: btf.map_or(0, |b| {
             b.enum_value("rqf_flags", "__RQF_FLUSH_SEQ")
-                .or_else(|| {
-                    b.enum_value("rqf_flags", "__RQF_STARTED")
-                        .map_or(Some(4), |_| None)
-                })
+                .or_else(|| b.enumerator("__RQF_FLUSH_SEQ"))
+                .or_else(|| b.enumerator("__RQF_STARTED").map_or(Some(4), |_| None))
                 .filter(|&bit| bit < 32)
                 .map_or(0, |bit| 1 << bit)
         }),
