@@ -10,6 +10,9 @@
 #     [L2_DISK=PATH L2_CACHE=MODE L2_AIO=ENGINE]  the disk's backing (default a 64 MiB file in
 #                                                 $L2_RUN; a block device with L2_CACHE=none),
 #                                                 QEMU's aio= (threads, native, io_uring)
+#     [L2_SCSI=1 L2_DISK=/dev/BLOCKDEV]           the disk through vhost-scsi instead: a LIO
+#                                                 iblock backstore on that device, exported by
+#                                                 vhost (vhost-scsi-pci); the guest's is sda
 #     [L2_ROUNDS=R L2_IOS=N L2_PERIOD_MS=P        the guest's disk rounds (lab_guest: N 4 KiB
 #      L2_DELAY_MS=D]                             writes then N reads each, P ms apart, from
 #                                                 D ms after READY; each printed on the console)
@@ -35,12 +38,37 @@ s.sendall((sys.argv[1]+'\n').encode()); time.sleep(0.3)
 try: print(s.recv(65536).decode(errors='replace'))
 except Exception: pass" "$1"
 }
+# vhost-scsi: LIO's iblock backstore on a block device, exported by a vhost target (configfs).
+LIO=/sys/kernel/config/target; WWPN=naa.5001405000000a01; NEXUS=naa.5001405000000a02
+scsi_up() {
+  modprobe -a target_core_mod target_core_iblock vhost_scsi || return 1
+  mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config || return 1
+  mkdir -p $LIO/core/iblock_0/l2disk && echo "udev_path=$1" > $LIO/core/iblock_0/l2disk/control &&
+  echo 1 > $LIO/core/iblock_0/l2disk/enable && mkdir -p $LIO/vhost/$WWPN/tpgt_1/lun/lun_0 &&
+  ln -s $LIO/core/iblock_0/l2disk $LIO/vhost/$WWPN/tpgt_1/lun/lun_0/l2disk &&
+  echo -n $NEXUS > $LIO/vhost/$WWPN/tpgt_1/nexus
+}
+scsi_down() {
+  local t=$LIO/vhost/$WWPN/tpgt_1
+  [ -d $LIO/vhost/$WWPN ] || [ -d $LIO/core/iblock_0/l2disk ] || return 0
+  rm -f $t/lun/lun_0/l2disk; [ -d $t/lun/lun_0 ] && rmdir $t/lun/lun_0
+  [ -d $t ] && rmdir $t; [ -d $LIO/vhost/$WWPN ] && rmdir $LIO/vhost/$WWPN
+  [ -d $LIO/core/iblock_0/l2disk ] && rmdir $LIO/core/iblock_0/l2disk
+  [ -d $LIO/core/iblock_0 ] && rmdir $LIO/core/iblock_0; return 0
+}
 cmd_start() {
   running && die "already running (pid $(qpid))"
   [ -e /dev/kvm ] || die "no /dev/kvm"
   STARTING=1   # from here a failure stops what was started
   mkdir -p $RUN
   local disk=${L2_DISK:-$RUN/disk.img}; [ -n "${L2_DISK:-}" ] || truncate -s 64M $disk
+  local drive="-drive file=$disk,if=virtio,format=raw,cache=${L2_CACHE:-writeback},aio=${L2_AIO:-threads}"
+  local guest_disk=vda
+  if [ "${L2_SCSI:-}" ]; then
+    [ -b "$disk" ] || die "L2_SCSI needs L2_DISK=a block device"
+    scsi_up "$disk" || die "LIO/vhost-scsi setup failed"
+    drive="-device vhost-scsi-pci,wwpn=$WWPN"; guest_disk=sda
+  fi
   ip netns add $NS || die "cannot create netns $NS"
   local inns="ip netns exec $NS" tap=$TAP
   if [ "${L2_NET:-}" = bridge ]; then
@@ -63,6 +91,7 @@ cmd_start() {
   local append="console=ttyS0 tsc=reliable no_timer_check lpj=5192264 noxsave clearcpuid=$CLEARCPUID panic=-1"
   append="$append ip=$GUEST_IP::$HOST_IP:255.255.255.0:lab:eth0:off"
   append="$append lab_guest.rounds=${L2_ROUNDS:-0} lab_guest.ios=${L2_IOS:-50}"
+  append="$append lab_guest.disk=$guest_disk"
   append="$append lab_guest.start_delay_ms=${L2_DELAY_MS:-1000} lab_guest.period_ms=${L2_PERIOD_MS:-1000}"
   rm -f $RUN/console.log $RUN/qemu.pid
   setsid $inns qemu-system-x86_64 -name "${L2_NAME:-l2},debug-threads=on" \
@@ -72,7 +101,7 @@ cmd_start() {
     -monitor unix:$RUN/mon.sock,server=on,wait=off -kernel $KERNEL -append "$append" \
     -netdev tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=${L2_VHOST:-on} \
     -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
-    -drive file=$disk,if=virtio,format=raw,cache=${L2_CACHE:-writeback},aio=${L2_AIO:-threads} \
+    $drive \
     </dev/null >$RUN/qemu.err 2>&1 &
   local i
   for i in $(seq 1 240); do
@@ -93,6 +122,7 @@ cmd_stop() {
     kill -0 $p 2>/dev/null && { kill -KILL $p; sleep 1; }
   fi
   rm -f $RUN/qemu.pid $RUN/mon.sock
+  scsi_down
   for d in $BR_TAP $UPLINK $BRIDGE; do [ -e /sys/class/net/$d ] && ip link del $d; done
   ip netns list | grep -qw $NS && ip netns del $NS; return 0
 }

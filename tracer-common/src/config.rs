@@ -122,8 +122,12 @@ pub struct Config {
     /// RQF_FLUSH_SEQ: a request inside the flush machinery's sequence (`1 << __RQF_FLUSH_SEQ`,
     /// BTF's `enum rqf_flags`; kernels before that enum define it as `1 << 4`).
     pub rqf_flush_seq: u32,
+    /// `struct bio`.bi_private: LIO's iblock backstore keeps its command there, which names
+    /// the VMM of a request vhost-scsi's target submits from a kworker.
+    pub bio_private: u32,
+    pub _pad0: u32,
 }
-assert_size!(Config, 224);
+assert_size!(Config, 232);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -183,6 +187,8 @@ impl Config {
         bdev_disk: NO_OFFSET,
         req_preflush: 0,
         rqf_flush_seq: 0,
+        bio_private: NO_OFFSET,
+        _pad0: 0,
     };
 }
 

@@ -24,7 +24,7 @@ use tracer_common::{
 };
 
 use crate::{
-    blk_sync, blk_vm,
+    blk_sync, blk_vm, lio,
     shared::{
         KernelStarts, config, count, current_tgid_tid, is_vmm, now_ns, number, on, read_at, record,
         stages_on,
@@ -35,14 +35,42 @@ use crate::{
 const STAGE: StageId = StageId::BlkDevice;
 
 /// The stages that keep request slots.
-const SLOT_STAGES: u64 =
+pub const SLOT_STAGES: u64 =
     BlkDevice.bit() | BlkKickToSubmit.bit() | BlkCompleteToIrq.bit() | BlkSync.bit();
 
-/// The VMM whose thread runs this event, 0 for the host's.
+/// Who submits a request: the VMM whose thread runs this event, or the VMM of the vhost-scsi
+/// command a LIO kworker submits it for, or the host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Submitter {
+    Host,
+    /// A thread of the VMM: its backend, whose CPU time is the disk's cost.
+    Thread(u32),
+    /// A kworker of LIO for the VMM's vhost-scsi command: the VMM's, but the thread is shared.
+    ForVmm(u32),
+}
+
+impl Submitter {
+    #[inline(always)]
+    fn vm(self) -> u32 {
+        match self {
+            Submitter::Host => 0,
+            Submitter::Thread(vm) | Submitter::ForVmm(vm) => vm,
+        }
+    }
+}
+
 #[inline(always)]
-fn submitter() -> u32 {
+fn submitter(rq: &Result<Request, ()>) -> Submitter {
     let tgid = current_tgid_tid().0;
-    if is_vmm(tgid) { tgid } else { 0 }
+    if is_vmm(tgid) {
+        return Submitter::Thread(tgid);
+    }
+    match rq {
+        Ok(Request::Ptr(p) | Request::Typed(p)) => {
+            lio::vm_of_request(*p).map_or(Submitter::Host, Submitter::ForVmm)
+        }
+        _ => Submitter::Host,
+    }
 }
 
 /// Requests in flight keyed by pointer, in buckets hashed from it (`blk::rq_bucket`): plain
@@ -153,19 +181,22 @@ fn submit_ptr(
     dev_op: Result<(u32, Op), i32>,
     issued: bool,
     now: u64,
-    vm: u32,
+    who: Submitter,
     typed: bool,
 ) -> Result<(), Counter> {
     let (Ok((dev, mut op)), Some((rq, s))) = (dev_op, slot_of(p)) else {
         return Err(Counter::ReadError);
     };
+    let vm = who.vm();
     // A VMM thread's write inside a flush sequence is a FUA write's data (the machinery took
     // REQ_FUA off, the device having none; a preflushed write's data is issued by kblockd).
     if vm != 0 && op == Op::Write && request_seq(p, typed).0 & config!(rqf_flush_seq) != 0 {
         op = Op::Fua;
     }
     if vm != 0 && !blk::inserted(s, rq) {
-        blk_vm::thread_submits(current_tgid_tid().1, vm, dev);
+        if let Submitter::Thread(_) = who {
+            blk_vm::thread_submits(current_tgid_tid().1, vm, dev);
+        }
         if on(mask, BlkKickToSubmit) {
             blk_vm::submitted(vm, dev, op, now);
         }
@@ -191,10 +222,11 @@ fn issue(rq: Result<Request, ()>, _: Site) {
         return;
     }
     // cut::MATCH runs the whole issue: the completion's match then finds its start.
-    let vm = submitter();
+    let who = submitter(&rq);
+    let vm = who.vm();
     let started = match rq {
-        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), true, now, vm, false),
-        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), true, now, vm, true),
+        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), true, now, who, false),
+        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), true, now, who, true),
         Ok(Request::Sector(key, op)) => {
             if vm != 0 {
                 blk_vm::thread_submits(current_tgid_tid().1, vm, key.dev);
@@ -220,14 +252,14 @@ fn insert(rq: Result<Request, ()>, _: Site) {
     if mask & SLOT_STAGES == 0 {
         return;
     }
-    let vm = submitter();
-    if vm == 0 {
+    let who = submitter(&rq);
+    if who == Submitter::Host {
         return;
     }
     let now = now_ns();
     let inserted = match rq {
-        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, vm, false),
-        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), false, now, vm, true),
+        Ok(Request::Ptr(p)) => submit_ptr(mask, p, request_dev_op(p), false, now, who, false),
+        Ok(Request::Typed(p)) => submit_ptr(mask, p, Ok(typed_dev_op(p)), false, now, who, true),
         _ => Err(Counter::ReadError),
     };
     if let Err(c) = inserted {

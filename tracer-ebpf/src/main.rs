@@ -17,6 +17,7 @@ mod blk;
 mod blk_sync;
 mod blk_vm;
 mod kvm;
+mod lio;
 mod net;
 mod runs;
 mod shared;

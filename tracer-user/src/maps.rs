@@ -263,6 +263,13 @@ pub static BLK_THREADS: KernelMap = KernelMap {
 };
 
 /// A VMM's flush and FUA bios in flight (blk.sync), by bio pointer.
+pub static LIO_CMDS: KernelMap = KernelMap {
+    name: "LIO_CMDS",
+    collected: "by VM (value); an LRU map: a command never submitted is evicted",
+    capacity: Capacity::Starts,
+    access: &Hash::<u64, u32>(|_, vm| Owner::vm(*vm)),
+};
+
 pub static BLK_SYNC: KernelMap = KernelMap {
     name: "BLK_SYNC",
     collected: "by VM (value), by device (value)",
@@ -395,6 +402,7 @@ mod tests {
                     m.map_type(),
                     t if t == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_HASH as u32
                         || t == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_PERCPU_HASH as u32
+                        || t == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32
                 )
             })
             .map(|(name, _)| name.clone())

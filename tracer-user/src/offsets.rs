@@ -67,6 +67,8 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         rq_rq_flags: member("request", "rq_flags"),
         bio_opf: member("bio", "bi_opf"),
         bio_bdev: member("bio", "bi_bdev"),
+        bio_private: member("bio", "bi_private"),
+        _pad0: 0,
         bdev_disk: member("block_device", "bd_disk"),
         req_preflush: btf
             .and_then(|b| b.enum_value("req_flag_bits", "__REQ_PREFLUSH"))

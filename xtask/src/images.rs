@@ -4,9 +4,10 @@
 //! - `kernel-HASH/`: Debian's kernel package (the one `linux-image-amd64` depends on) unpacked,
 //!   with its modules' index; HASH is the package's SHA256 from the apt index.
 //! - `initramfs-HASH.cpio.gz`: busybox, the modules that mount the root, `xtask/vm/init`.
-//! - `l2-HASH/vmlinux`: the nested guests' kernel (the lab kernel with the e1000e and NVMe
-//!   drivers): `../shared/lab/vmlinux-lab-vfio.xz` when present, else built from Debian's
-//!   linux-source with the config and patch in `xtask/vm/l2/` (about 6 minutes on 2 cores).
+//! - `l2-HASH/vmlinux`: the nested guests' kernel (the lab kernel with the e1000e, NVMe and
+//!   virtio-scsi drivers), built from Debian's linux-source with the config, patch and guest
+//!   driver in `xtask/vm/l2/` (about 6 minutes on 2 cores); `../shared/lab/vmlinux-lab-vfio.xz`
+//!   instead where its sources are the same as ours.
 
 use std::{
     fs,
@@ -249,11 +250,19 @@ fn initramfs(modules: &Path, kver: &str) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// The prebuilt lab kernel of the team's shared folder, when this machine has it and
-/// `IOPATH_L2_FROM_SOURCE` is not set (which builds it as a machine without it would).
+/// The prebuilt lab kernel of the team's shared folder, when this machine has it, it was built
+/// from the same config and guest driver as ours (`../shared/lab/src`), and
+/// `IOPATH_L2_FROM_SOURCE` is not set (which builds it as a machine without it would). Ours adds
+/// virtio-scsi and the guest driver's `disk=`, so it is built here (once, cached).
 fn shared_l2() -> Option<PathBuf> {
     let p = root().join("../shared/lab/vmlinux-lab-vfio.xz");
-    (p.exists() && std::env::var_os("IOPATH_L2_FROM_SOURCE").is_none()).then_some(p)
+    let same = ["config-lab", "config-lab-vfio.delta", "lab_guest.c"]
+        .iter()
+        .all(|f| {
+            let ours = fs::read(root().join("xtask/vm/l2").join(f)).ok();
+            ours.is_some() && ours == fs::read(root().join("../shared/lab/src").join(f)).ok()
+        });
+    (same && p.exists() && std::env::var_os("IOPATH_L2_FROM_SOURCE").is_none()).then_some(p)
 }
 
 fn l2_kernel() -> anyhow::Result<PathBuf> {

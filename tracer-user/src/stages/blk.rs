@@ -8,6 +8,7 @@ use super::{
 };
 use crate::maps::{
     BLK_DONE, BLK_KICK, BLK_KNOWN, BLK_LAST, BLK_PAIRING, BLK_START_SECTOR, BLK_SYNC, BLK_THREADS,
+    LIO_CMDS,
 };
 
 /// tp_btf and raw_tp read dev and op through the request pointer (BTF offsets); the classic
@@ -96,6 +97,21 @@ pub static BLOCK_BIO_QUEUE: Event =
         Ok(())
     });
 
+// void trace_target_sequencer_start(struct se_cmd *cmd) (target_core_mod): a LIO command
+// prepared by its fabric (vhost-scsi's worker, in the VMM's memory), whose requests LIO's
+// kworkers submit; fired by target_cmd_init_cdb(cmd, cdb, gfp). A module's tracepoint: tp_btf
+// needs its BTF (refused with the reason), then raw_tp, then the function.
+pub static LIO_CMD: Event = Event {
+    functions: &["target_cmd_init_cdb"],
+    families: &[Family::TpBtf, Family::RawTp, Family::FEntry, Family::KProbe],
+    ..tracepoint_args("target", "target_sequencer_start", "lio_cmd", |_, c| {
+        all_set(
+            &[c.rq_bio, c.bio_private],
+            "struct request.bio or struct bio.bi_private not found in BTF",
+        )
+    })
+};
+
 // void trace_block_rq_merge(struct request *rq): a request merged into another, freed unissued
 // (its insert's marker goes with it; request pointers are reused).
 pub static BLOCK_RQ_MERGE: Event =
@@ -130,15 +146,17 @@ pub static DEVICE: Stage = Stage {
     to: "block:block_rq_complete",
     labels: &["vm", "device", "disk", "op"],
     events: &[&BLOCK_RQ_ISSUE, &BLOCK_RQ_COMPLETE, &BLOCK_RQ_REQUEUE],
-    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE, &LIO_CMD],
     optional_adds: "the submitter of a request queued and issued by another thread (insert), \
-                    and the end of a merged one's mark (merge)",
+                    the end of a merged one's mark (merge), and the VMM of vhost-scsi's \
+                    requests, which LIO's kworkers submit (iblock backstore; lio: \
+                    target_sequencer_start names the command's VMM)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
     key_class: Some(request_key),
-    // A VMM's submitting threads, for the disk backend's cost.
-    maps: &[&BLK_START_SECTOR, &BLK_THREADS],
+    // A VMM's submitting threads, for the disk backend's cost; vhost-scsi's commands.
+    maps: &[&BLK_START_SECTOR, &BLK_THREADS, &LIO_CMDS],
 };
 
 /// A guest's notify of a disk to the host request it starts.
@@ -157,9 +175,11 @@ pub static KICK_TO_SUBMIT: Stage = Stage {
         &BLOCK_RQ_COMPLETE,
         &BLOCK_RQ_REQUEUE,
     ],
-    optional: &[&KVM_PIO, &BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional: &[&KVM_PIO, &BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE, &LIO_CMD],
     optional_adds: "port notifies (legacy virtio), the submit of requests a scheduler issues \
-                    from another thread (insert), and the end of a merged one's mark (merge)",
+                    from another thread (insert), the end of a merged one's mark (merge), and \
+                    the submit of vhost-scsi's requests, which LIO's kworkers make (iblock \
+                    backstore; target_sequencer_start names the command's VMM)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
@@ -182,9 +202,11 @@ pub static COMPLETE_TO_IRQ: Stage = Stage {
         &BLOCK_RQ_REQUEUE,
         &KVM_MSI_SET_IRQ,
     ],
-    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
-    optional_adds: "the VMM of requests a scheduler issues from another thread (insert), and \
-                    the end of a merged one's mark (merge)",
+    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE, &LIO_CMD],
+    optional_adds: "the VMM of requests a scheduler issues from another thread (insert), the \
+                    end of a merged one's mark (merge), and the VMM of vhost-scsi's requests, \
+                    which LIO's kworkers submit (iblock backstore; target_sequencer_start \
+                    names the command's VMM)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
