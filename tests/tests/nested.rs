@@ -1544,7 +1544,10 @@ END {{ clear(@inflight); }}"#
             "{stage}: {n} samples for {guest_ios} guest I/Os"
         );
     }
-    assert_eq!(issues, guest_ios, "bpftrace: one kworker request per guest I/O");
+    assert_eq!(
+        issues, guest_ios,
+        "bpftrace: one kworker request per guest I/O"
+    );
     assert_eq!(count("blk.device"), issues as f64, "a sample per request");
     assert!(
         completes + 1 >= issues,

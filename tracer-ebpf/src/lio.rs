@@ -72,7 +72,7 @@ pub fn vm_of_request(p: *const u8) -> Option<u32> {
     // SAFETY: as above.
     let private: u64 = unsafe { read_at(bio, bio_private) }.ok()?;
     // SAFETY: a map value read whole.
-    unsafe { LIO_CMDS.get(&private) }.copied()
+    unsafe { LIO_CMDS.get(private) }.copied()
 }
 
 // void trace_target_sequencer_start(struct se_cmd *cmd) (target_core_mod), from
