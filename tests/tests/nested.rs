@@ -1518,6 +1518,19 @@ END {{ clear(@inflight); }}"#
     let runs = m1.value("iopath_program_run_count_total", &sel)
         - m0.value("iopath_program_run_count_total", &sel);
     eprintln!("vhost-scsi: lio_cmd_raw ran {runs} times in the window");
+    // The disk's backend is the vhost worker that prepared its commands (LIO's kworkers are
+    // shared and not counted): its CPU time per request, read from the daemon's whole run.
+    let sel = [("vm", VM), ("device", dev.as_str())];
+    let cpu = m1.value("iopath_disk_backend_cpu_seconds_total", &sel);
+    let requests = m1.value("iopath_disk_backend_requests_total", &sel);
+    eprintln!(
+        "vhost-scsi: disk backend (the vhost worker) {requests} requests, {:.0} us of CPU each",
+        cpu / requests.max(1.0) * 1e6
+    );
+    assert!(
+        requests >= guest_ios as f64 && cpu > 0.0,
+        "the vhost worker is the disk's backend: {requests} requests, {cpu} s"
+    );
     // What the host stages add up to against the guest's own median (printed: this guest's
     // own work per I/O is a large part of its wait under emulation, see the null_blk test).
     let inject = d

@@ -45,8 +45,9 @@ enum Submitter {
     Host,
     /// A thread of the VMM: its backend, whose CPU time is the disk's cost.
     Thread(u32),
-    /// A kworker of LIO for the VMM's vhost-scsi command: the VMM's, but the thread is shared.
-    ForVmm(u32),
+    /// A kworker of LIO for the VMM's vhost-scsi command (the kworker is shared; the vhost
+    /// worker that prepared the command is the disk's backend thread).
+    ForVmm(u32, u32),
 }
 
 impl Submitter {
@@ -54,7 +55,7 @@ impl Submitter {
     fn vm(self) -> u32 {
         match self {
             Submitter::Host => 0,
-            Submitter::Thread(vm) | Submitter::ForVmm(vm) => vm,
+            Submitter::Thread(vm) | Submitter::ForVmm(vm, _) => vm,
         }
     }
 }
@@ -67,7 +68,7 @@ fn submitter(rq: &Result<Request, ()>) -> Submitter {
     }
     match rq {
         Ok(Request::Ptr(p) | Request::Typed(p)) => {
-            lio::vm_of_request(*p).map_or(Submitter::Host, Submitter::ForVmm)
+            lio::cmd_of_request(*p).map_or(Submitter::Host, |c| Submitter::ForVmm(c.vm, c.worker))
         }
         _ => Submitter::Host,
     }
@@ -194,9 +195,11 @@ fn submit_ptr(
         op = Op::Fua;
     }
     if vm != 0 && !blk::inserted(s, rq) {
-        if let Submitter::Thread(_) = who {
-            blk_vm::thread_submits(current_tgid_tid().1, vm, dev);
-        }
+        let thread = match who {
+            Submitter::ForVmm(_, worker) => worker,
+            _ => current_tgid_tid().1,
+        };
+        blk_vm::thread_submits(thread, vm, dev);
         if on(mask, BlkKickToSubmit) {
             blk_vm::submitted(vm, dev, op, now);
         }

@@ -11,18 +11,19 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap},
 };
-use tracer_common::{config::NO_OFFSET, maps::START_ENTRIES};
+use tracer_common::{blk::vm::LioCmd, config::NO_OFFSET, maps::START_ENTRIES};
 
 use crate::{
     shared::{config, current_tgid_tid, is_vmm, mm_owner_vmm, read_at, stages_on},
     tp::{Site, function, tracepoint_args},
 };
 
-/// Commands prepared in a VMM's memory, by the command's address: the VMM's tgid. An LRU map:
+/// Commands prepared in a VMM's memory, by the command's address: the VMM and the preparing
+/// thread. An LRU map:
 /// a command's entry is replaced when its memory is reused for another, and one never
 /// submitted is evicted, never counted full.
 #[map]
-static LIO_CMDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(START_ENTRIES, 0);
+static LIO_CMDS: LruHashMap<u64, LioCmd> = LruHashMap::with_max_entries(START_ENTRIES, 0);
 
 /// Set once a command was seen: until then a host request costs one array read here, not the
 /// two reads and a lookup of [`vm_of_request`].
@@ -37,7 +38,7 @@ fn prepared(cmd: Result<u64, ()>, _: Site) {
         return;
     }
     let Ok(cmd) = cmd else { return };
-    let tgid = current_tgid_tid().0;
+    let (tgid, tid) = current_tgid_tid();
     let vm = if is_vmm(tgid) {
         tgid
     } else {
@@ -46,17 +47,17 @@ fn prepared(cmd: Result<u64, ()>, _: Site) {
             None => return,
         }
     };
-    let _ = LIO_CMDS.insert(cmd, vm, 0);
+    let _ = LIO_CMDS.insert(cmd, LioCmd { vm, worker: tid }, 0);
     if let Some(seen) = LIO_SEEN.get_ptr_mut(0) {
         // SAFETY: a map value; every writer stores the same 1.
         unsafe { *seen = 1 };
     }
 }
 
-/// The VMM of request `p` that no VMM's thread submitted: the VMM of the LIO command its first
-/// bio carries, if any.
+/// The LIO command of request `p` that no VMM's thread submitted (its first bio carries it),
+/// if one was prepared for a VMM.
 #[inline(always)]
-pub fn vm_of_request(p: *const u8) -> Option<u32> {
+pub fn cmd_of_request(p: *const u8) -> Option<LioCmd> {
     if LIO_SEEN.get(0).copied() != Some(1) {
         return None;
     }

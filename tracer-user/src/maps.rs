@@ -10,7 +10,7 @@ use aya::{
 use tracer_common::{
     blk::{
         BlkStart, SectorKey, SectorStart,
-        vm::{DiskKey, Done, Last, Pairing, SignalKey},
+        vm::{DiskKey, Done, Last, LioCmd, Pairing, SignalKey},
     },
     kvm::{
         ExitStart,
@@ -267,7 +267,7 @@ pub static LIO_CMDS: KernelMap = KernelMap {
     name: "LIO_CMDS",
     collected: "by VM (value); an LRU map: a command never submitted is evicted",
     capacity: Capacity::Starts,
-    access: &Hash::<u64, u32>(|_, vm| Owner::vm(*vm)),
+    access: &Hash::<u64, LioCmd>(|_, c| Owner::vm(c.vm)),
 };
 
 pub static BLK_SYNC: KernelMap = KernelMap {

@@ -24,6 +24,16 @@ pub struct DiskKey {
 }
 assert_size!(DiskKey, 8);
 
+/// A LIO command prepared for a VMM (vhost-scsi), by the command's address: the VMM, and the
+/// thread that prepared it (the vhost worker: the disk's backend, whose CPU time is its cost).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LioCmd {
+    pub vm: u32,
+    pub worker: u32,
+}
+assert_size!(LioCmd, 8);
+
 /// What a signal key is.
 pub mod kind {
     /// A guest's notify: the MMIO address or port written (kvm:kvm_mmio, kvm:kvm_pio).
@@ -245,6 +255,7 @@ mod user {
     unsafe impl aya::Pod for super::Pairing {}
     unsafe impl aya::Pod for super::Last {}
     unsafe impl aya::Pod for super::Done {}
+    unsafe impl aya::Pod for super::LioCmd {}
 }
 
 #[cfg(test)]
