@@ -13,6 +13,7 @@ pub mod maps;
 pub mod net;
 pub mod rules;
 pub mod stage;
+pub mod vfio;
 
 /// Checks at compile time that a type shared with the kernel has exactly the size both sides
 /// assume (and so no implicit padding a compiler could lay out differently).

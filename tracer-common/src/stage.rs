@@ -44,10 +44,13 @@ pub enum StageId {
     /// A VMM's flush or FUA write: block:block_bio_queue in its thread to the block layer's
     /// last block:block_rq_complete of that request (its data and every flush it waited on).
     BlkSync = 15,
+    /// irq:irq_handler_entry to irq:irq_handler_exit of an IRQ a VFIO device raised (its name
+    /// `vfio-msix[N](BDF)`, `vfio-msi[N](BDF)`, `vfio-intx(BDF)`).
+    VfioHandler = 16,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 16] = [
+    pub const ALL: [StageId; 17] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -64,6 +67,7 @@ impl StageId {
         StageId::BlkKickToSubmit,
         StageId::BlkCompleteToIrq,
         StageId::BlkSync,
+        StageId::VfioHandler,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -91,6 +95,7 @@ impl StageId {
             13 => Some(StageId::BlkKickToSubmit),
             14 => Some(StageId::BlkCompleteToIrq),
             15 => Some(StageId::BlkSync),
+            16 => Some(StageId::VfioHandler),
             _ => None,
         }
     }

@@ -22,6 +22,7 @@ mod net;
 mod runs;
 mod shared;
 mod tp;
+mod vfio;
 mod vhost;
 mod wakeup;
 

@@ -167,6 +167,17 @@ fn vcpu_of_fd(tgid: u32, fd: u32) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A PCI address (`tracer_common::vfio::pci_key`) as Linux writes it: 0000:00:06.0.
+pub fn pci_name(key: u32) -> String {
+    format!(
+        "{:04x}:{:02x}:{:02x}.{}",
+        key >> 16,
+        (key >> 8) & 0xff,
+        (key >> 3) & 0x1f,
+        key & 7
+    )
+}
+
 /// Label values are capped: a tenant chooses its VM's name.
 const MAX_LABEL: usize = 128;
 
@@ -461,6 +472,7 @@ impl Labeler {
                 self.netdev(k.obj),
                 queue_name(k.detail),
             ],
+            StageId::VfioHandler => vec![self.vm(k.vm), pci_name(k.obj), k.detail.to_string()],
         };
         let names = stages::stage(k.stage).labels;
         debug_assert_eq!(names.len(), values.len());

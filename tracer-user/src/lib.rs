@@ -20,3 +20,4 @@ pub mod session;
 pub mod stages;
 pub mod sys;
 pub mod tracefs;
+pub mod vfio_irqs;

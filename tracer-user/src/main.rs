@@ -65,6 +65,11 @@ struct Common {
     /// 4 or 8 (8: the kernel's own resolution). /quantiles and record always use all.
     #[arg(long, default_value = "2", value_parser = parse_layout, global = true)]
     buckets: Layout,
+    /// vfio.handler: also follow the IRQs whose handler's name starts with one of these,
+    /// comma separated (a VFIO device's, vfio-msix[N](BDF) and the like, are always followed;
+    /// e.g. virtio1-req to time a host device's own handler).
+    #[arg(long = "vfio-irqs", value_delimiter = ',', global = true)]
+    vfio_irqs: Vec<String>,
 }
 
 fn parse_family(s: &str) -> Result<Family, String> {
@@ -175,6 +180,7 @@ impl Common {
             vm_grace: self.vm_grace,
             layout: self.buckets.clone(),
             keep_collected,
+            vfio_irqs: &self.vfio_irqs,
         }
     }
 }
@@ -275,6 +281,7 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
                 session.collect()?;
                 session.watch_backends()?;
                 session.learn_signals();
+                session.watch_vfio_irqs();
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

@@ -21,6 +21,7 @@ use tracer_common::{
     maps::{HistKey, HistVal},
     net::{backend_to_irq::Batch, tx_backend::TxRun, tx_kick::KickStart, wakeup::Woken},
     stage::StageId,
+    vfio::VfioIrq,
 };
 
 use crate::stages::STAGES;
@@ -263,6 +264,13 @@ pub static BLK_THREADS: KernelMap = KernelMap {
 };
 
 /// A VMM's flush and FUA bios in flight (blk.sync), by bio pointer.
+pub static VFIO_IRQS: KernelMap = KernelMap {
+    name: "VFIO_IRQS",
+    collected: "by VM (value); written by the daemon from the IRQs' names",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, VfioIrq>(|_, v| Owner::vm(v.vm)),
+};
+
 pub static LIO_CMDS: KernelMap = KernelMap {
     name: "LIO_CMDS",
     collected: "by VM (value); an LRU map: a command never submitted is evicted",

@@ -160,6 +160,7 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
                     log::warn!("backend threads: {e}");
                 }
                 session.learn_signals();
+                session.watch_vfio_irqs();
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

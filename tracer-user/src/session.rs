@@ -35,6 +35,8 @@ pub struct Options<'a> {
     pub layout: Layout,
     /// Keep what is collected in the report (`record`: a VM that exited early is still in it).
     pub keep_collected: bool,
+    /// Name prefixes of IRQs `vfio.handler` follows besides vfio-pci's (`--vfio-irqs`).
+    pub vfio_irqs: &'a [String],
 }
 
 /// Label names and values of a series, in the stage table's order.
@@ -73,6 +75,8 @@ pub struct Session {
     pub backends: Backends<backend::BackendKey>,
     /// What the threads that submit each VM's disk requests cost.
     pub disks: Backends<DiskKey>,
+    /// The IRQs `vfio.handler` follows.
+    vfio: crate::vfio_irqs::Watch,
 }
 
 /// How many VMs and devices (block devices and taps) a session has collected.
@@ -110,8 +114,10 @@ impl Session {
             collected: Collections::default(),
             backends: Backends::default(),
             disks: Backends::default(),
+            vfio: crate::vfio_irqs::Watch::new(opts.vfio_irqs.to_vec()),
         };
         session.sync_netdevs();
+        session.watch_vfio_irqs();
         Ok(session)
     }
 
@@ -206,6 +212,19 @@ impl Session {
                 "a vector"
             };
             log::info!("learned: VMM {} has {what} of disk {:#x}", l.vm, l.dev);
+        }
+    }
+
+    /// Follows the IRQs of VFIO devices (and those `--vfio-irqs` names) as they come and go:
+    /// every second, with the learning.
+    pub fn watch_vfio_irqs(&mut self) {
+        let on = self
+            .tracer
+            .report
+            .iter()
+            .any(|r| r.attached && r.stage == crate::stages::vfio_handler_name());
+        if on {
+            self.vfio.update(&mut self.tracer.ebpf);
         }
     }
 

@@ -1,6 +1,6 @@
 //! The table of stages: what each one measures, between which kernel events, with which labels,
-//! which kernel maps it keeps and how they are collected. One file per path (`blk`, `kvm`; `net`
-//! and `vfio` next). `attach` walks this table; nothing else decides what to attach.
+//! which kernel maps it keeps and how they are collected. One file per path (`blk`, `kvm`, `net`,
+//! `vfio`). `attach` walks this table; nothing else decides what to attach.
 //!
 //! A stage names its events; an event names its candidate program families in order of
 //! preference (tp_btf, raw tracepoint, classic tracepoint, fentry, kprobe). The plan attaches one
@@ -10,6 +10,7 @@
 mod blk;
 mod kvm;
 mod net;
+mod vfio;
 
 use tracer_common::{config::Config, config::NO_OFFSET, stage::StageId};
 
@@ -264,6 +265,8 @@ pub enum Path {
     Kvm,
     /// Paravirtual network (virtio-net: vhost-net or QEMU's backend).
     Net,
+    /// Passthrough (VFIO): a device's interrupts in the host.
+    Vfio,
 }
 
 impl Path {
@@ -272,6 +275,7 @@ impl Path {
             Path::Block => "block",
             Path::Kvm => "kvm",
             Path::Net => "net",
+            Path::Vfio => "vfio",
         }
     }
 }
@@ -311,6 +315,11 @@ pub struct Stage {
     pub maps: &'static [&'static KernelMap],
 }
 
+/// `vfio.handler`'s name, for the daemon's IRQ watch.
+pub const fn vfio_handler_name() -> &'static str {
+    vfio::HANDLER.name
+}
+
 pub static STAGES: &[&Stage] = &[
     &blk::DEVICE,
     &kvm::EXIT,
@@ -328,6 +337,7 @@ pub static STAGES: &[&Stage] = &[
     &blk::KICK_TO_SUBMIT,
     &blk::COMPLETE_TO_IRQ,
     &blk::SYNC,
+    &vfio::HANDLER,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {

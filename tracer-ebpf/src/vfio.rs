@@ -1,0 +1,91 @@
+//! vfio.handler: irq:irq_handler_entry to irq:irq_handler_exit of the IRQs the daemon follows
+//! (`VFIO_IRQS`: a VFIO device's, or those `--vfio-irqs` names). Rules and layout:
+//! `tracer_common::vfio`. Every hardirq on the host runs these two programs: an IRQ not
+//! followed costs one hash lookup at entry and one per-CPU read at exit.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use tracer_common::{
+    maps::START_ENTRIES,
+    stage::StageId::VfioHandler,
+    vfio::{self, HandlerStart, VfioIrq},
+};
+
+use crate::{
+    shared::{count, now_ns, on, record, stages_on},
+    tp::{Site, tracepoint_args},
+};
+
+/// The IRQs followed, by number: their device, vector and VMM. Written by the daemon.
+#[map]
+static VFIO_IRQS: HashMap<u32, VfioIrq> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// The followed handler running on each CPU.
+#[map]
+static VFIO_RUNNING: PerCpuArray<HandlerStart> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn entry(irq: Result<u32, ()>, _: Site) {
+    if !on(stages_on(), VfioHandler) {
+        return;
+    }
+    let Ok(irq) = irq else { return };
+    // SAFETY: a map value read whole.
+    let followed = unsafe { VFIO_IRQS.get(irq) }.is_some();
+    let Some(start) = vfio::on_entry(irq, followed, now_ns()) else {
+        return;
+    };
+    if let Some(slot) = VFIO_RUNNING.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; a hardirq handler is not interrupted by another.
+        unsafe { *slot = start };
+    }
+}
+
+#[inline(always)]
+fn exit(irq: Result<u32, ()>, _: Site) {
+    if !on(stages_on(), VfioHandler) {
+        return;
+    }
+    let Ok(irq) = irq else { return };
+    let Some(slot) = VFIO_RUNNING.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, as at entry.
+    let slot = unsafe { &mut *slot };
+    // SAFETY: a map value read whole.
+    let followed = unsafe { VFIO_IRQS.get(irq) }.copied();
+    match followed {
+        // Another IRQ's exit: only a start left over (its exit missed) concerns it.
+        None if slot.irq1 == 0 => {}
+        None => {
+            slot.irq1 = 0;
+            count(VfioHandler, tracer_common::maps::Counter::Unmatched);
+        }
+        Some(v) => match vfio::on_exit(slot, irq, now_ns()) {
+            Ok(ns) => record(VfioHandler, v.vector, v.dev, v.vm, ns),
+            Err(c) => count(VfioHandler, c),
+        },
+    }
+}
+
+// void trace_irq_handler_entry(int irq, struct irqaction *action)
+tracepoint_args!(
+    "irq_handler_entry",
+    irq_entry_btf,
+    irq_entry_raw,
+    btf = |arg| Ok(arg(0) as u32),
+    |arg| Ok(arg(0) as u32),
+    entry
+);
+
+// void trace_irq_handler_exit(int irq, struct irqaction *action, int ret)
+tracepoint_args!(
+    "irq_handler_exit",
+    irq_exit_btf,
+    irq_exit_raw,
+    btf = |arg| Ok(arg(0) as u32),
+    |arg| Ok(arg(0) as u32),
+    exit
+);

@@ -1,0 +1,33 @@
+//! Passthrough (VFIO) stages: a VFIO device's interrupts in the host.
+
+use tracer_common::stage::StageId;
+
+use super::{Event, Path, Stage, tracepoint_args};
+use crate::maps::VFIO_IRQS;
+
+// void trace_irq_handler_entry(int irq, struct irqaction *action)
+pub static IRQ_HANDLER_ENTRY: Event =
+    tracepoint_args("irq", "irq_handler_entry", "irq_entry", |_, _| Ok(()));
+// void trace_irq_handler_exit(int irq, struct irqaction *action, int ret)
+pub static IRQ_HANDLER_EXIT: Event =
+    tracepoint_args("irq", "irq_handler_exit", "irq_exit", |_, _| Ok(()));
+
+/// The host's handler of a VFIO device's IRQ (vfio_msihandler, or vfio_intx_handler): which
+/// IRQs are whose comes from their names (`crate::vfio_irqs`).
+pub static HANDLER: Stage = Stage {
+    id: StageId::VfioHandler,
+    name: "vfio.handler",
+    path: Path::Vfio,
+    from: "irq:irq_handler_entry of an IRQ named vfio-msix[N](BDF), vfio-msi[N](BDF) or \
+           vfio-intx(BDF) (or what --vfio-irqs names)",
+    to: "irq:irq_handler_exit of that IRQ on the same CPU",
+    labels: &["vm", "device", "vector"],
+    events: &[&IRQ_HANDLER_ENTRY, &IRQ_HANDLER_EXIT],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
+    without: None,
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[&VFIO_IRQS],
+};

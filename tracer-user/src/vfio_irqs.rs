@@ -1,0 +1,258 @@
+//! Which IRQs `vfio.handler` follows, and whose they are. vfio-pci names a device's IRQs
+//! `vfio-msix[N](BDF)`, `vfio-msi[N](BDF)` and `vfio-intx(BDF)` (`/sys/kernel/irq/IRQ/actions`);
+//! the device's IOMMU group is `/sys/bus/pci/devices/BDF/iommu_group`, and its VMM the process
+//! that holds `/dev/vfio/GROUP` open. `--vfio-irqs` adds name prefixes of other IRQs (the host's
+//! own devices, to check the stage on a machine without VFIO): their device is the PCI function
+//! whose `msi_irqs` lists the IRQ, their vector its place there. The IRQs come and go with the
+//! guest's driver (vfio-pci requests them when the guest enables MSI-X), so this runs every
+//! second.
+
+use std::{collections::BTreeMap, fs, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+};
+use tracer_common::vfio::{VfioIrq, pci_key};
+
+/// `vfio-msix[3](0000:00:06.0)` → (3, "0000:00:06.0"); `vfio-intx(…)` has vector 0.
+pub fn parse_vfio_name(name: &str) -> Option<(u32, &str)> {
+    let rest = name.strip_prefix("vfio-")?;
+    let (kind, rest) = rest.split_at(rest.find(['[', '('])?);
+    if !matches!(kind, "msix" | "msi" | "intx") {
+        return None;
+    }
+    let (vector, rest) = match rest.strip_prefix('[') {
+        Some(r) => {
+            let (n, r) = r.split_once(']')?;
+            (n.parse().ok()?, r)
+        }
+        None => (0, rest),
+    };
+    let bdf = rest.strip_prefix('(')?.strip_suffix(')')?;
+    Some((vector, bdf))
+}
+
+/// "0000:00:06.0" as one number (`pci_key`).
+pub fn parse_bdf(s: &str) -> Option<u32> {
+    let (domain, rest) = s.split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    let hex = |v: &str| u32::from_str_radix(v, 16).ok();
+    Some(pci_key(hex(domain)?, hex(bus)?, hex(dev)?, hex(func)?))
+}
+
+/// The IRQs to follow under `root` (a sysfs, `/sys` on a host): each IRQ whose handler is
+/// named by vfio-pci or starts with one of `prefixes`, with its device and vector; `vm` 0 (the
+/// caller names the VMM).
+pub fn scan(root: &Path, prefixes: &[String]) -> BTreeMap<u32, (VfioIrq, Option<String>)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = fs::read_dir(root.join("kernel/irq")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(irq) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let actions = fs::read_to_string(e.path().join("actions")).unwrap_or_default();
+        for name in actions.trim().split(',').filter(|n| !n.is_empty()) {
+            if let Some((vector, bdf)) = parse_vfio_name(name) {
+                if let Some(dev) = parse_bdf(bdf) {
+                    let v = VfioIrq {
+                        dev,
+                        vm: 0,
+                        vector,
+                        _pad: 0,
+                    };
+                    out.insert(irq, (v, Some(bdf.to_string())));
+                    break;
+                }
+            } else if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+                let (dev, vector) = msi_owner(root, irq).unwrap_or((0, 0));
+                out.insert(
+                    irq,
+                    (
+                        VfioIrq {
+                            dev,
+                            vm: 0,
+                            vector,
+                            _pad: 0,
+                        },
+                        None,
+                    ),
+                );
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The PCI function whose `msi_irqs` lists `irq`, and the IRQ's place among them.
+fn msi_owner(root: &Path, irq: u32) -> Option<(u32, u32)> {
+    for d in fs::read_dir(root.join("bus/pci/devices")).ok()?.flatten() {
+        let Ok(list) = fs::read_dir(d.path().join("msi_irqs")) else {
+            continue;
+        };
+        let mut irqs: Vec<u32> = list
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        irqs.sort_unstable();
+        if let Some(i) = irqs.iter().position(|&n| n == irq) {
+            return Some((parse_bdf(d.file_name().to_str()?)?, i as u32));
+        }
+    }
+    None
+}
+
+/// The VMM that holds VFIO device `bdf`: the process with its group's `/dev/vfio/GROUP` open.
+fn holder(bdf: &str) -> Option<u32> {
+    let group = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group")).ok()?;
+    let want = Path::new("/dev/vfio").join(group.file_name()?);
+    for p in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == want))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// What the daemon wrote into `VFIO_IRQS`, kept to write only what changed.
+#[derive(Default)]
+pub struct Watch {
+    pub prefixes: Vec<String>,
+    written: BTreeMap<u32, VfioIrq>,
+    /// VMM of each VFIO device, found once per device while its IRQs exist.
+    holders: BTreeMap<String, u32>,
+}
+
+impl Watch {
+    pub fn new(prefixes: Vec<String>) -> Watch {
+        Watch {
+            prefixes,
+            ..Watch::default()
+        }
+    }
+
+    /// Scans the IRQs and brings the kernel map to them; returns how many are followed.
+    pub fn update(&mut self, ebpf: &mut Ebpf) -> usize {
+        let mut found = scan(Path::new("/sys"), &self.prefixes);
+        self.holders
+            .retain(|bdf, _| found.values().any(|(_, b)| b.as_deref() == Some(bdf)));
+        for (v, bdf) in found.values_mut() {
+            if let Some(bdf) = bdf {
+                let vm = match self.holders.get(bdf.as_str()) {
+                    Some(&vm) => vm,
+                    None => {
+                        let vm = holder(bdf).unwrap_or(0);
+                        if vm != 0 {
+                            self.holders.insert(bdf.clone(), vm);
+                        }
+                        vm
+                    }
+                };
+                v.vm = vm;
+            }
+        }
+        let Some(Ok(mut map)) = ebpf
+            .map_mut("VFIO_IRQS")
+            .map(HashMap::<&mut MapData, u32, VfioIrq>::try_from)
+        else {
+            return 0;
+        };
+        for (irq, (v, _)) in &found {
+            if self.written.get(irq) != Some(v) && map.insert(irq, v, 0).is_ok() {
+                self.written.insert(*irq, *v);
+            }
+        }
+        let gone: Vec<u32> = self
+            .written
+            .keys()
+            .filter(|irq| !found.contains_key(irq))
+            .copied()
+            .collect();
+        for irq in gone {
+            let _ = map.remove(&irq);
+            self.written.remove(&irq);
+        }
+        self.written.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vfio_pcis_irq_names_give_vector_and_device() {
+        assert_eq!(
+            parse_vfio_name("vfio-msix[3](0000:00:06.0)"),
+            Some((3, "0000:00:06.0"))
+        );
+        assert_eq!(
+            parse_vfio_name("vfio-msi[0](0000:3b:00.1)"),
+            Some((0, "0000:3b:00.1"))
+        );
+        assert_eq!(
+            parse_vfio_name("vfio-intx(0000:00:06.0)"),
+            Some((0, "0000:00:06.0"))
+        );
+        assert_eq!(parse_vfio_name("virtio1-req.0"), None);
+        assert_eq!(parse_vfio_name("vfio-err(0000:00:06.0)"), None);
+        assert_eq!(parse_bdf("0000:00:06.0"), Some(0x30));
+        assert_eq!(parse_bdf("0000:3b:1f.7"), Some(0x3bff));
+        assert_eq!(parse_bdf("zz"), None);
+        assert_eq!(
+            crate::labels::pci_name(parse_bdf("0001:3b:1f.7").unwrap()),
+            "0001:3b:1f.7"
+        );
+    }
+
+    /// This machine's own IRQs, named by a prefix: each one found with its PCI function and
+    /// its place among that function's vectors, as /proc/interrupts shows them.
+    #[test]
+    fn the_hosts_own_irqs_are_found_by_prefix() {
+        let all = scan(Path::new("/sys"), &["virtio".into()]);
+        let proc = fs::read_to_string("/proc/interrupts").unwrap_or_default();
+        let want: Vec<u32> = proc
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .last()
+                    .is_some_and(|n| n.starts_with("virtio"))
+            })
+            .filter_map(|l| l.split(':').next()?.trim().parse().ok())
+            .collect();
+        assert_eq!(all.keys().copied().collect::<Vec<_>>(), want);
+        for (irq, (v, bdf)) in &all {
+            assert_eq!(*bdf, None, "not a VFIO name");
+            let line = proc
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{irq}:")))
+                .unwrap();
+            // "PCI-MSIX-0000:00:01.0   3-edge": the function and the vector
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let Some(i) = words.iter().position(|w| w.starts_with("PCI-MSI")) {
+                let bdf = words[i].rsplit('-').next().unwrap();
+                assert_eq!(crate::labels::pci_name(v.dev), bdf, "IRQ {irq}");
+                let hwirq = words[i + 1].split('-').next().unwrap();
+                assert_eq!(v.vector.to_string(), hwirq, "IRQ {irq}'s vector");
+            }
+        }
+        assert!(
+            scan(Path::new("/sys"), &[])
+                .values()
+                .all(|(_, b)| b.is_some())
+        );
+    }
+}
