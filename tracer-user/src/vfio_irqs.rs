@@ -106,11 +106,12 @@ fn msi_owner(root: &Path, irq: u32) -> Option<(u32, u32)> {
     None
 }
 
-/// The VMM that holds VFIO device `bdf`: the process with its group's `/dev/vfio/GROUP` open.
-fn holder(bdf: &str) -> Option<u32> {
-    let group = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group")).ok()?;
+/// The VMM that holds VFIO device `bdf`: the process (under `proc`) with its group's
+/// `/dev/vfio/GROUP` open (the group named by `sys`).
+fn holder(sys: &Path, proc: &Path, bdf: &str) -> Option<u32> {
+    let group = fs::read_link(sys.join("bus/pci/devices").join(bdf).join("iommu_group")).ok()?;
     let want = Path::new("/dev/vfio").join(group.file_name()?);
-    for p in fs::read_dir("/proc").ok()?.flatten() {
+    for p in fs::read_dir(proc).ok()?.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
@@ -154,7 +155,7 @@ impl Watch {
                 let vm = match self.holders.get(bdf.as_str()) {
                     Some(&vm) => vm,
                     None => {
-                        let vm = holder(bdf).unwrap_or(0);
+                        let vm = holder(Path::new("/sys"), Path::new("/proc"), bdf).unwrap_or(0);
                         if vm != 0 {
                             self.holders.insert(bdf.clone(), vm);
                         }
@@ -216,6 +217,55 @@ mod tests {
             crate::labels::pci_name(parse_bdf("0001:3b:1f.7").unwrap()),
             "0001:3b:1f.7"
         );
+    }
+
+    /// A VFIO device's IRQs and its VMM, on a tree written by hand in the shape of sysfs and
+    /// procfs (this machine has no VFIO device): `kernel/irq/N/actions`, the device's
+    /// `iommu_group` link, and a process holding `/dev/vfio/GROUP` open.
+    #[test]
+    fn a_vfio_devices_irqs_name_its_vector_and_its_vmm() {
+        let root = std::env::temp_dir().join(format!("iopath-vfio-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (sys, proc) = (root.join("sys"), root.join("proc"));
+        let irq = |n: u32, actions: &str| {
+            let d = sys.join(format!("kernel/irq/{n}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("actions"), format!("{actions}\n")).unwrap();
+        };
+        irq(40, "vfio-msix[0](0000:00:06.0)");
+        irq(41, "vfio-msix[1](0000:00:06.0)");
+        irq(42, "vfio-intx(0000:00:07.0)");
+        irq(43, "virtio1-req.0");
+        irq(44, "");
+        let dev = sys.join("bus/pci/devices/0000:00:06.0");
+        fs::create_dir_all(&dev).unwrap();
+        std::os::unix::fs::symlink("../../../kernel/iommu_groups/4", dev.join("iommu_group"))
+            .unwrap();
+        for (pid, target) in [
+            (100, "/dev/null"),
+            (200, "/dev/vfio/4"),
+            (300, "/dev/vfio/vfio"),
+        ] {
+            let fd = proc.join(format!("{pid}/fd"));
+            fs::create_dir_all(&fd).unwrap();
+            std::os::unix::fs::symlink(target, fd.join("7")).unwrap();
+        }
+        let found = scan(&sys, &[]);
+        let got: Vec<(u32, u32, u32)> = found
+            .iter()
+            .map(|(irq, (v, _))| (*irq, v.dev, v.vector))
+            .collect();
+        assert_eq!(got, [(40, 0x30, 0), (41, 0x30, 1), (42, 0x38, 0)]);
+        assert_eq!(found[&40].1.as_deref(), Some("0000:00:06.0"));
+        // The process holding group 4, not the container or another file.
+        assert_eq!(holder(&sys, &proc, "0000:00:06.0"), Some(200));
+        // A device with no group link (not bound to vfio-pci): no VMM.
+        assert_eq!(holder(&sys, &proc, "0000:00:07.0"), None);
+        // A prefix adds a host IRQ, with no device where no PCI function lists it.
+        let with = scan(&sys, &["virtio1-req".into()]);
+        assert_eq!(with[&43].0.dev, 0);
+        assert_eq!(with[&43].1, None);
+        let _ = fs::remove_dir_all(&root);
     }
 
     /// This machine's own IRQs, named by a prefix: each one found with its PCI function and
