@@ -1575,5 +1575,10 @@ END {{ clear(@inflight); }}"#
         );
     }
     assert!(d.stop().success());
-    let _ = Command::new("rmmod").arg("null_blk").status();
+    // The LIO target is gone with the guest (l2.sh stop): nothing holds the device.
+    let unloaded = Command::new("rmmod").arg("null_blk").status();
+    assert!(
+        unloaded.is_ok_and(|s| s.success()),
+        "null_blk still held: l2.sh left the LIO backstore behind"
+    );
 }

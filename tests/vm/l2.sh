@@ -48,13 +48,12 @@ scsi_up() {
   ln -s $LIO/core/iblock_0/l2disk $LIO/vhost/$WWPN/tpgt_1/lun/lun_0/l2disk &&
   echo -n $NEXUS > $LIO/vhost/$WWPN/tpgt_1/nexus
 }
-scsi_down() {
-  local t=$LIO/vhost/$WWPN/tpgt_1
-  [ -d $LIO/vhost/$WWPN ] || [ -d $LIO/core/iblock_0/l2disk ] || return 0
-  rm -f $t/lun/lun_0/l2disk; [ -d $t/lun/lun_0 ] && rmdir $t/lun/lun_0
-  [ -d $t ] && rmdir $t; [ -d $LIO/vhost/$WWPN ] && rmdir $LIO/vhost/$WWPN
-  [ -d $LIO/core/iblock_0/l2disk ] && rmdir $LIO/core/iblock_0/l2disk
-  [ -d $LIO/core/iblock_0 ] && rmdir $LIO/core/iblock_0; return 0
+scsi_down() {   # whatever scsi_up made, in reverse; says what it could not remove
+  local t=$LIO/vhost/$WWPN/tpgt_1 d
+  rm -f $t/lun/lun_0/l2disk 2>/dev/null
+  for d in $t/lun/lun_0 $t $LIO/vhost/$WWPN $LIO/core/iblock_0/l2disk $LIO/core/iblock_0; do
+    [ -d $d ] && ! rmdir $d && echo "l2: LIO left behind: $d" >&2
+  done; return 0
 }
 cmd_start() {
   running && die "already running (pid $(qpid))"

@@ -7,7 +7,8 @@
 //! off the device (it is issued again later): its start goes.
 //!
 //! A request a VMM's thread submits carries the VMM (the `vm` label), and its first insert or
-//! issue ends the disk's kick (`blk_vm`); its completion awaits the disk's interrupt there.
+//! issue ends the disk's kick (`blk_vm`); its completion awaits the disk's interrupt there. So
+//! does a request LIO's kworker submits for a vhost-scsi command of the VMM (`lio`).
 //! block_rq_insert (pointer programs only) marks the request's slot with its VMM before a
 //! scheduler's issue from another thread.
 
@@ -47,7 +48,10 @@ enum Submitter {
     Thread(u32),
     /// A kworker of LIO for the VMM's vhost-scsi command (the kworker is shared; the vhost
     /// worker that prepared the command is the disk's backend thread).
-    ForVmm(u32, u32),
+    ForVmm {
+        vm: u32,
+        worker: u32,
+    },
 }
 
 impl Submitter {
@@ -55,7 +59,7 @@ impl Submitter {
     fn vm(self) -> u32 {
         match self {
             Submitter::Host => 0,
-            Submitter::Thread(vm) | Submitter::ForVmm(vm, _) => vm,
+            Submitter::Thread(vm) | Submitter::ForVmm { vm, .. } => vm,
         }
     }
 }
@@ -68,7 +72,10 @@ fn submitter(rq: &Result<Request, ()>) -> Submitter {
     }
     match rq {
         Ok(Request::Ptr(p) | Request::Typed(p)) => {
-            lio::cmd_of_request(*p).map_or(Submitter::Host, |c| Submitter::ForVmm(c.vm, c.worker))
+            lio::cmd_of_request(*p).map_or(Submitter::Host, |c| Submitter::ForVmm {
+                vm: c.vm,
+                worker: c.worker,
+            })
         }
         _ => Submitter::Host,
     }
@@ -189,14 +196,15 @@ fn submit_ptr(
         return Err(Counter::ReadError);
     };
     let vm = who.vm();
-    // A VMM thread's write inside a flush sequence is a FUA write's data (the machinery took
-    // REQ_FUA off, the device having none; a preflushed write's data is issued by kblockd).
+    // A VMM's write inside a flush sequence (submitted by its thread, or by LIO's kworker for
+    // vhost-scsi) is a FUA write's data (the machinery took REQ_FUA off, the device having
+    // none; a preflushed write's data is issued by kblockd).
     if vm != 0 && op == Op::Write && request_seq(p, typed).0 & config!(rqf_flush_seq) != 0 {
         op = Op::Fua;
     }
     if vm != 0 && !blk::inserted(s, rq) {
         let thread = match who {
-            Submitter::ForVmm(_, worker) => worker,
+            Submitter::ForVmm { worker, .. } => worker,
             _ => current_tgid_tid().1,
         };
         blk_vm::thread_submits(thread, vm, dev);

@@ -17,7 +17,7 @@ use tracer_common::{
 };
 
 use crate::{
-    blk_vm,
+    blk_vm, lio,
     shared::{config, count, current_tgid_tid, is_vmm, now_ns, on, read_at, record, stages_on},
     tp::{Site, tracepoint_args},
 };
@@ -108,11 +108,22 @@ fn queued(bio: Result<Bio, ()>, _: Site) {
         return;
     }
     let (tgid, tid) = current_tgid_tid();
-    if !is_vmm(tgid) {
-        return;
-    }
     let Ok(bio) = bio else {
         return count(STAGE, Counter::ReadError);
+    };
+    let key = match bio {
+        Bio::Ptr(p) => p,
+        Bio::Typed(p) => p as u64,
+    };
+    // A VMM's thread, or LIO's kworker for a vhost-scsi command (its VMM, and the vhost worker
+    // as the submitting thread).
+    let (vm, thread) = if is_vmm(tgid) {
+        (tgid, tid)
+    } else {
+        match lio::cmd_of_bio(key) {
+            Some(c) => (c.vm, c.worker),
+            None => return,
+        }
     };
     let Ok((opf, dev)) = bio_opf_dev(&bio) else {
         return count(STAGE, Counter::ReadError);
@@ -120,21 +131,17 @@ fn queued(bio: Result<Bio, ()>, _: Site) {
     let Some(op) = sync_op(opf) else {
         return;
     };
-    let key = match bio {
-        Bio::Ptr(p) => p,
-        Bio::Typed(p) => p as u64,
-    };
     let now = now_ns();
     if BLK_SYNC
-        .insert(key, BlkStart::new(now, dev, op, tgid), 0)
+        .insert(key, BlkStart::new(now, dev, op, vm), 0)
         .is_err()
     {
         count(STAGE, Counter::StartFull);
     }
     if op == Op::Flush {
-        blk_vm::thread_submits(tid, tgid, dev);
+        blk_vm::thread_submits(thread, vm, dev);
         if on(mask, BlkKickToSubmit) {
-            blk_vm::submitted(tgid, dev, op, now);
+            blk_vm::submitted(vm, dev, op, now);
         }
     }
 }

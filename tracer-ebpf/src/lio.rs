@@ -19,14 +19,14 @@ use crate::{
 };
 
 /// Commands prepared in a VMM's memory, by the command's address: the VMM and the preparing
-/// thread. An LRU map:
-/// a command's entry is replaced when its memory is reused for another, and one never
-/// submitted is evicted, never counted full.
+/// thread. An LRU map: a command's entry is replaced when its memory is reused for another
+/// (removed when another fabric's takes it), and one never submitted is evicted, never counted
+/// full.
 #[map]
 static LIO_CMDS: LruHashMap<u64, LioCmd> = LruHashMap::with_max_entries(START_ENTRIES, 0);
 
 /// Set once a command was seen: until then a host request costs one array read here, not the
-/// two reads and a lookup of [`vm_of_request`].
+/// two reads and a lookup of [`cmd_of_request`].
 #[map]
 static LIO_SEEN: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -44,7 +44,12 @@ fn prepared(cmd: Result<u64, ()>, _: Site) {
     } else {
         match mm_owner_vmm() {
             Some(v) => v,
-            None => return,
+            None => {
+                // Another fabric's command (iSCSI, loopback) at an address a VMM's once had:
+                // its requests are the host's.
+                let _ = LIO_CMDS.remove(cmd);
+                return;
+            }
         }
     };
     let _ = LIO_CMDS.insert(cmd, LioCmd { vm, worker: tid }, 0);
@@ -67,13 +72,33 @@ pub fn cmd_of_request(p: *const u8) -> Option<LioCmd> {
     }
     // SAFETY: bpf_probe_read_kernel; a null or stale pointer fails the read.
     let bio: u64 = unsafe { read_at(p as u64, rq_bio) }.ok()?;
+    cmd_of(bio, bio_private)
+}
+
+/// The LIO command bio `bio` carries, if one was prepared for a VMM (blk.sync's flushes).
+#[inline(always)]
+pub fn cmd_of_bio(bio: u64) -> Option<LioCmd> {
+    if LIO_SEEN.get(0).copied() != Some(1) {
+        return None;
+    }
+    let bio_private = config!(bio_private);
+    if bio_private == NO_OFFSET {
+        return None;
+    }
+    cmd_of(bio, bio_private)
+}
+
+#[inline(always)]
+fn cmd_of(bio: u64, bio_private: u32) -> Option<LioCmd> {
     if bio == 0 {
         return None;
     }
-    // SAFETY: as above.
+    // SAFETY: bpf_probe_read_kernel; a null or stale pointer fails the read.
     let private: u64 = unsafe { read_at(bio, bio_private) }.ok()?;
     // SAFETY: a map value read whole.
-    unsafe { LIO_CMDS.get(private) }.copied()
+    let c = unsafe { LIO_CMDS.get(private) }.copied()?;
+    // A VMM that is gone (its entries wait for the daemon's collection) names nothing.
+    is_vmm(c.vm).then_some(c)
 }
 
 // void trace_target_sequencer_start(struct se_cmd *cmd) (target_core_mod), from

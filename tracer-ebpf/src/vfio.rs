@@ -1,7 +1,7 @@
 //! vfio.handler: irq:irq_handler_entry to irq:irq_handler_exit of the IRQs the daemon follows
 //! (`VFIO_IRQS`: a VFIO device's, or those `--vfio-irqs` names). Rules and layout:
 //! `tracer_common::vfio`. Every hardirq on the host runs these two programs: an IRQ not
-//! followed costs one hash lookup at entry and one per-CPU read at exit.
+//! followed costs one hash lookup at entry, and a per-CPU read and a hash lookup at exit.
 
 use aya_ebpf::{
     macros::map,

@@ -263,7 +263,6 @@ pub static BLK_THREADS: KernelMap = KernelMap {
     }),
 };
 
-/// A VMM's flush and FUA bios in flight (blk.sync), by bio pointer.
 pub static VFIO_IRQS: KernelMap = KernelMap {
     name: "VFIO_IRQS",
     collected: "by VM (value); written by the daemon from the IRQs' names",
@@ -278,6 +277,7 @@ pub static LIO_CMDS: KernelMap = KernelMap {
     access: &Hash::<u64, LioCmd>(|_, c| Owner::vm(c.vm)),
 };
 
+/// A VMM's flush and FUA bios in flight (blk.sync), by bio pointer.
 pub static BLK_SYNC: KernelMap = KernelMap {
     name: "BLK_SYNC",
     collected: "by VM (value), by device (value)",

@@ -76,8 +76,9 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
             .map_or(0, |bit| 1 << bit),
         // Recent kernels number the request flags in `enum rqf_flags`, some in an anonymous
         // enum (its enumerator found wherever it is); before that RQF_FLUSH_SEQ was the macro
-        // `1 << 4` (from 4.x on): that value only where no `__RQF_*` enumerator exists at all
-        // (a kernel that has them but not this one gets none rather than a guess).
+        // `1 << 4` (from 4.x on): that value only where `__RQF_STARTED`, present wherever the
+        // flags are enumerators, is not one (a kernel that has them but not this one gets none
+        // rather than a guess).
         rqf_flush_seq: btf.map_or(0, |b| {
             b.enum_value("rqf_flags", "__RQF_FLUSH_SEQ")
                 .or_else(|| b.enumerator("__RQF_FLUSH_SEQ"))

@@ -6,7 +6,7 @@
 //! - `initramfs-HASH.cpio.gz`: busybox, the modules that mount the root, `xtask/vm/init`.
 //! - `l2-HASH/vmlinux`: the nested guests' kernel (the lab kernel with the e1000e, NVMe and
 //!   virtio-scsi drivers), built from Debian's linux-source with the config, patch and guest
-//!   driver in `xtask/vm/l2/` (about 6 minutes on 2 cores); `../shared/lab/vmlinux-lab-vfio.xz`
+//!   driver in `xtask/vm/l2/` (4 to 6 minutes on 2 cores); `../shared/lab/vmlinux-lab-vfio.xz`
 //!   instead where its sources are the same as ours.
 
 use std::{
@@ -256,12 +256,17 @@ fn initramfs(modules: &Path, kver: &str) -> anyhow::Result<PathBuf> {
 /// virtio-scsi and the guest driver's `disk=`, so it is built here (once, cached).
 fn shared_l2() -> Option<PathBuf> {
     let p = root().join("../shared/lab/vmlinux-lab-vfio.xz");
-    let same = ["config-lab", "config-lab-vfio.delta", "lab_guest.c"]
-        .iter()
-        .all(|f| {
-            let ours = fs::read(root().join("xtask/vm/l2").join(f)).ok();
-            ours.is_some() && ours == fs::read(root().join("../shared/lab/src").join(f)).ok()
-        });
+    let same = [
+        "config-lab",
+        "config-lab-vfio.delta",
+        "guest-kernel.patch",
+        "lab_guest.c",
+    ]
+    .iter()
+    .all(|f| {
+        let ours = fs::read(root().join("xtask/vm/l2").join(f)).ok();
+        ours.is_some() && ours == fs::read(root().join("../shared/lab/src").join(f)).ok()
+    });
     (same && p.exists() && std::env::var_os("IOPATH_L2_FROM_SOURCE").is_none()).then_some(p)
 }
 

@@ -230,9 +230,10 @@ pub static SYNC: Stage = Stage {
         &BLOCK_RQ_COMPLETE,
         &BLOCK_RQ_REQUEUE,
     ],
-    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE],
+    optional: &[&BLOCK_RQ_INSERT, &BLOCK_RQ_MERGE, &LIO_CMD],
     optional_adds: "the VMM of requests a scheduler issues from another thread (insert), and \
-                    the end of a merged one's mark (merge)",
+                    the end of a merged one's mark (merge); vhost-scsi's flushes and FUA writes, which LIO's kworkers submit \
+                    (target_sequencer_start names the command's VMM)",
     opt_in: None,
     without: None,
     needs: |_| Ok(()),
