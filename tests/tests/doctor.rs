@@ -212,13 +212,21 @@ fn an_opt_in_stage_is_added_with_plus_and_missing_stages_say_what_is_left() {
     ]));
     let wake = stage_in(&v, "sched.backend_wakeup");
     assert_eq!(wake["attached"], true, "{wake}");
-    // Its optional notify exits, with what they add.
+    // Its optional notify exits, with what they add (said once, after them).
+    let points: Vec<&str> = wake["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
     assert!(
-        wake["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p.as_str().unwrap().contains("kvm_mmio (starts net.tx.kick")),
+        points.iter().any(|p| p.ends_with("kvm_mmio (optional)")),
+        "{wake}"
+    );
+    assert!(
+        points
+            .last()
+            .is_some_and(|p| p.starts_with("optional events add: starts net.tx.kick")),
         "{wake}"
     );
     assert_eq!(

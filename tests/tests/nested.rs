@@ -1036,6 +1036,33 @@ fn fentry_on_a_module_function_is_refused_with_its_reason() {
     );
 }
 
+/// Loads null_blk afresh as one device completing each request `delay_ms` after its issue
+/// (timer mode), with `extra` module parameters; returns its dev_t as "major:minor".
+fn null_blk(delay_ms: u64, extra: &[&str]) -> String {
+    let _ = Command::new("rmmod")
+        .arg("null_blk")
+        .stderr(std::process::Stdio::null())
+        .status();
+    let load = Command::new("modprobe")
+        .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
+        .args(extra)
+        .arg(format!("completion_nsec={}", delay_ms * 1_000_000))
+        .status()
+        .expect("modprobe");
+    assert!(load.success(), "modprobe null_blk");
+    fs::read_to_string("/sys/block/nullb0/dev")
+        .expect("/dev/nullb0")
+        .trim()
+        .to_string()
+}
+
+/// Waits for the nested guest's disk round `round` to end, then for the gap after it (its last
+/// interrupt is in, the next round not begun: rounds are 2.5 s apart): the moment to read.
+fn after_round(console: &Path, round: u32) {
+    iopath_tests::blk::wait_round(console, round, std::time::Duration::from_secs(300));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+}
+
 /// The nested guest's disk rounds on a null_blk device with a known completion time (timer
 /// mode): per-stage counts against the guest's own I/O count and bpftrace's count of the
 /// bounding events over the same window (cut between two rounds), `blk.device` against the
@@ -1066,17 +1093,7 @@ fn a_nested_guests_disk_rounds_on_null_blk_add_up_to_what_the_guest_saw() {
         (10, false, "io_uring"),
         (40, true, "native"),
     ] {
-        let _ = Command::new("rmmod").arg("null_blk").status();
-        let load = Command::new("modprobe")
-            .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
-            .arg(format!("completion_nsec={}", delay_ms * 1_000_000))
-            .status()
-            .expect("modprobe");
-        assert!(load.success(), "modprobe null_blk");
-        let dev = fs::read_to_string("/sys/block/nullb0/dev")
-            .expect("/dev/nullb0")
-            .trim()
-            .to_string();
+        let dev = null_blk(delay_ms, &[]);
         let (major, minor) = dev.split_once(':').unwrap();
         // QEMU's requests to nullb0 (issued by a worker or its main loop, or an io_uring
         // worker, or inserted by one for the scheduler to issue from kblockd), their
@@ -1109,11 +1126,8 @@ END {{ clear(@inflight); clear(@queued); }}"#,
                 ("L2_PERIOD_MS", "2500"),
             ],
         );
-        let limit = std::time::Duration::from_secs(300);
         let mut cut = |round: u32| {
-            iopath_tests::blk::wait_round(console, round, limit);
-            // In the 2.5 s gap: the round's last interrupt is in, the next not begun.
-            std::thread::sleep(std::time::Duration::from_millis(800));
+            after_round(console, round);
             let m = d.metrics();
             let at = iopath_tests::monotonic_ns();
             (m, bt.at(at), at)
@@ -1276,14 +1290,7 @@ fn a_nested_guests_synchronous_writes_are_split_by_the_sync_view() {
     const D_MS: u64 = 10;
     const HIST: &str = "iopath_stage_latency_seconds";
     let console = Path::new("/tmp/l2/console.log");
-    let _ = Command::new("rmmod").arg("null_blk").status();
-    let load = Command::new("modprobe")
-        .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
-        .args(["memory_backed=1", "cache_size=64", "gb=1"])
-        .arg(format!("completion_nsec={}", D_MS * 1_000_000))
-        .status()
-        .expect("modprobe");
-    assert!(load.success(), "modprobe null_blk");
+    let dev = null_blk(D_MS, &["memory_backed=1", "cache_size=64", "gb=1"]);
     let wc = fs::read_to_string("/sys/block/nullb0/queue/write_cache").unwrap_or_default();
     let fua = fs::read_to_string("/sys/block/nullb0/queue/fua").unwrap_or_default();
     eprintln!("nullb0: write_cache {}, fua {}", wc.trim(), fua.trim());
@@ -1292,10 +1299,6 @@ fn a_nested_guests_synchronous_writes_are_split_by_the_sync_view() {
         "write back",
         "null_blk with cache_size has a write cache"
     );
-    let dev = fs::read_to_string("/sys/block/nullb0/dev")
-        .expect("/dev/nullb0")
-        .trim()
-        .to_string();
     let d = Daemon::start(&[]);
     let guest = L2::start_with(
         VM,
@@ -1309,10 +1312,8 @@ fn a_nested_guests_synchronous_writes_are_split_by_the_sync_view() {
             ("L2_PERIOD_MS", "2500"),
         ],
     );
-    let limit = std::time::Duration::from_secs(300);
     let cut = |round: u32| {
-        iopath_tests::blk::wait_round(console, round, limit);
-        std::thread::sleep(std::time::Duration::from_millis(800));
+        after_round(console, round);
         d.metrics()
     };
     let m0 = cut(FIRST - 1);
@@ -1428,23 +1429,13 @@ fn a_nested_guests_vhost_scsi_disk_is_measured_per_request() {
     const D_MS: u64 = 10;
     const HIST: &str = "iopath_stage_latency_seconds";
     let console = Path::new("/tmp/l2/console.log");
-    let _ = Command::new("rmmod").arg("null_blk").status();
-    let load = Command::new("modprobe")
-        .args(["null_blk", "nr_devices=1", "queue_mode=2", "irqmode=2"])
-        .arg(format!("completion_nsec={}", D_MS * 1_000_000))
-        .status()
-        .expect("modprobe");
-    assert!(load.success(), "modprobe null_blk");
+    let dev = null_blk(D_MS, &[]);
     // LIO's modules before the daemon: its tracepoint is attached at start.
     let lio = Command::new("modprobe")
         .args(["-a", "target_core_mod", "target_core_iblock", "vhost_scsi"])
         .status()
         .expect("modprobe");
     assert!(lio.success(), "modprobe LIO and vhost-scsi");
-    let dev = fs::read_to_string("/sys/block/nullb0/dev")
-        .expect("/dev/nullb0")
-        .trim()
-        .to_string();
     let (major, minor) = dev.split_once(':').unwrap();
     // LIO's kworkers' requests to nullb0 and their completions.
     let script = format!(
@@ -1470,11 +1461,8 @@ END {{ clear(@inflight); }}"#
             ("L2_PERIOD_MS", "2500"),
         ],
     );
-    let limit = std::time::Duration::from_secs(300);
     let mut cut = |round: u32| {
-        iopath_tests::blk::wait_round(console, round, limit);
-        // In the 2.5 s gap: the round's last interrupt is in, the next not begun.
-        std::thread::sleep(std::time::Duration::from_millis(800));
+        after_round(console, round);
         let m = d.metrics();
         let at = iopath_tests::monotonic_ns();
         (m, bt.at(at))

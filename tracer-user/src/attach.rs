@@ -611,20 +611,23 @@ fn stage_report(
             None => all = false,
         }
     }
-    // Optional events: the stage runs without them.
-    let adds = stage.optional_adds;
+    // Optional events: the stage runs without them. What they add is said once, after them.
+    let mut any_optional = false;
     for e in stage.optional {
         let Some(o) = outcomes.get(&(*e as *const Event)) else {
             continue;
         };
+        any_optional = true;
         match o.family {
-            Some(f) => r.points.push(format!("{} ({adds})", k.point(e, f))),
-            None => r.skipped.extend(
-                o.skipped
-                    .iter()
-                    .map(|s| format!("{s} (would have: {adds})")),
-            ),
+            Some(f) => r.points.push(format!("{} (optional)", k.point(e, f))),
+            None => r
+                .skipped
+                .extend(o.skipped.iter().map(|s| format!("{s} (optional)"))),
         }
+    }
+    if any_optional {
+        r.points
+            .push(format!("optional events add: {}", stage.optional_adds));
     }
     if all {
         r.attached = true;
