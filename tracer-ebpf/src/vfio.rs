@@ -1,7 +1,7 @@
 //! vfio.handler: irq:irq_handler_entry to irq:irq_handler_exit of the IRQs the daemon follows
 //! (`VFIO_IRQS`: a VFIO device's, or those `--vfio-irqs` names). Rules and layout:
 //! `tracer_common::vfio`. Every hardirq on the host runs these two programs: an IRQ not
-//! followed costs one hash lookup at entry, and a per-CPU read and a hash lookup at exit.
+//! followed costs one hash lookup at entry and one per-CPU read at exit.
 
 use aya_ebpf::{
     macros::map,
@@ -54,11 +54,16 @@ fn exit(irq: Result<u32, ()>, _: Site) {
     };
     // SAFETY: this CPU's slot, as at entry.
     let slot = unsafe { &mut *slot };
+    // No followed handler running here: nothing to end (an exit whose entry came before the
+    // daemon followed its IRQ is the only one missed). Every hardirq of the host takes this
+    // path: no map lookup on it.
+    if slot.irq1 == 0 {
+        return;
+    }
     // SAFETY: a map value read whole.
     let followed = unsafe { VFIO_IRQS.get(irq) }.copied();
     match followed {
-        // Another IRQ's exit: only a start left over (its exit missed) concerns it.
-        None if slot.irq1 == 0 => {}
+        // Another IRQ's exit while a start is left over (its exit missed).
         None => {
             slot.irq1 = 0;
             count(VfioHandler, tracer_common::maps::Counter::Unmatched);
