@@ -1570,3 +1570,212 @@ END {{ clear(@inflight); }}"#
         "null_blk still held: l2.sh left the LIO backstore behind"
     );
 }
+
+/// L1's interrupts of PCI device `bdf` by vector, summed over CPUs, from /proc/interrupts: the
+/// IRQs vfio-pci names `vfio-msix[N](BDF)`, `vfio-msi[N](BDF)` or `vfio-intx(BDF)`.
+fn vfio_interrupts(bdf: &str) -> BTreeMap<String, u64> {
+    let text = fs::read_to_string("/proc/interrupts").unwrap();
+    let cpus = text.lines().next().unwrap().split_whitespace().count();
+    let mut by = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let name = line.split_whitespace().last().unwrap_or_default();
+        let Some(kind) = name.strip_suffix(&format!("({bdf})")) else {
+            continue;
+        };
+        let vector = kind
+            .split_once('[')
+            .map_or("0", |(_, v)| v.trim_end_matches(']'))
+            .to_string();
+        let n: u64 = line
+            .split_whitespace()
+            .skip(1)
+            .take(cpus)
+            .filter_map(|c| c.parse::<u64>().ok())
+            .sum();
+        *by.entry(vector).or_default() += n;
+    }
+    by
+}
+
+/// The passthrough path in the distro-kernel VM: a nested guest with a vhost-net virtio NIC,
+/// L1's e1000e and NVMe passed through (vfio-pci, an emulated Intel IOMMU with interrupt
+/// remapping: xtask/src/vm.rs, tests/vm/l2.sh). Pinged on both NICs while it does disk rounds
+/// on the NVMe, over a window bounded by pausing the guest: `vfio.handler` per device against
+/// L1's /proc/interrupts, `vfio.handler_to_inject` against bpftrace's count of
+/// kvm_msi_set_irq inside a vfio handler, the VM and device labels, and the VM of
+/// `kvm.inject_to_entry`'s injections from those handlers.
+#[test]
+fn a_nested_guests_passed_through_nic_and_nvme_interrupts_are_measured() {
+    const TEST: &str = "a_nested_guests_passed_through_nic_and_nvme_interrupts_are_measured";
+    if !in_vm(TEST) {
+        return;
+    }
+    if !iopath_tests::net::have_bpftrace(TEST) {
+        return;
+    }
+    const VM: &str = "nested-vfio";
+    const PINGS: u32 = 500;
+    const NIC: &str = "0000:00:06.0";
+    const NVME: &str = "0000:00:07.0";
+    const ROUNDS: u32 = 2;
+    const IOS: u64 = 20;
+    let console = Path::new("/tmp/l2/console.log");
+    // Injections inside a vfio handler, on the same CPU, counted without iopath.
+    let mut bt = iopath_tests::blk::Ticker::start(
+        r#"BEGIN { @entries = 0; @inj = 0; printf("ready\n"); }
+tracepoint:irq:irq_handler_entry /strncmp(str(args->name), "vfio-", 5) == 0/ {
+  @in[cpu] = 1; @entries++; }
+tracepoint:irq:irq_handler_exit /@in[cpu]/ { delete(@in[cpu]); }
+tracepoint:kvm:kvm_msi_set_irq /@in[cpu]/ { @inj++; }
+interval:ms:100 { printf("T %llu %llu %llu\n", nsecs, @entries, @inj); }
+END { clear(@in); }"#,
+    );
+    let d = Daemon::start(&[
+        "--stages",
+        "vfio.handler,vfio.handler_to_inject,kvm.inject_to_entry",
+    ]);
+    let guest = L2::start_with(
+        VM,
+        true,
+        "",
+        &[
+            ("L2_VFIO_NIC", "1"),
+            ("L2_VFIO_NVME", "1"),
+            ("L2_ROUNDS", &ROUNDS.to_string()),
+            ("L2_IOS", &IOS.to_string()),
+            ("L2_DELAY_MS", "8000"),
+            ("L2_PERIOD_MS", "2000"),
+        ],
+    );
+    let text = fs::read_to_string(console).unwrap_or_default();
+    for want in ["LAB: nic eth1 (e1000e) 169.254.101.2/24 err=0", "LAB: disk nvme0n1"] {
+        assert!(text.contains(want), "guest console lacks {want:?}: {text}");
+    }
+    // The daemon follows new VFIO IRQs within a second; the disk rounds start 8 s after READY.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // A cut: the guest paused (no device work, no interrupt), then each side read.
+    let cut = |bt: &mut iopath_tests::blk::Ticker| {
+        guest.pause(true);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let irqs = [vfio_interrupts(NIC), vfio_interrupts(NVME)];
+        let m = d.metrics();
+        let counted = bt.at(iopath_tests::monotonic_ns());
+        guest.pause(false);
+        (irqs, m, counted)
+    };
+    let (irq0, m0, c0) = cut(&mut bt);
+    let pings = std::thread::scope(|s| {
+        let pv = s.spawn(|| guest.ping_rtts(PINGS, "0.05"));
+        let out = l2(
+            &["ping", &PINGS.to_string(), "0.05", "169.254.101.2"],
+            &[],
+        );
+        let pv = pv.join().unwrap().len();
+        let pf = out.lines().filter(|l| l.contains("time=")).count();
+        (pv, pf)
+    });
+    iopath_tests::blk::wait_round(console, ROUNDS - 1, std::time::Duration::from_secs(300));
+    let (irq1, m1, c1) = cut(&mut bt);
+    drop(bt);
+    drop(guest);
+    eprintln!(
+        "vfio: {} of {PINGS} replies through vhost-net, {} of {PINGS} through the e1000e",
+        pings.0, pings.1
+    );
+    let rounds = iopath_tests::blk::disk_rounds(console);
+    let guest_ios: u64 = rounds.iter().map(|r| r.n).sum();
+    let delta = |i: usize| -> BTreeMap<String, u64> {
+        irq1[i]
+            .iter()
+            .map(|(k, v)| (k.clone(), v - irq0[i].get(k).copied().unwrap_or(0)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    };
+    let handler = |dev: &str| -> BTreeMap<String, u64> {
+        let of = |m: &Metrics| {
+            let mut by = BTreeMap::new();
+            for s in m.find(
+                &format!("{LATENCY}_count"),
+                &[("stage", "vfio.handler"), ("device", dev)],
+            ) {
+                let vm = s.labels.get("vm").cloned().unwrap_or_default();
+                let v = s.labels.get("vector").cloned().unwrap_or_default();
+                *by.entry(format!("{vm}/{v}")).or_default() += s.value;
+            }
+            by
+        };
+        diff(&of(&m1), &of(&m0))
+    };
+    let (entries, injections) = (c1[0] - c0[0], c1[1] - c0[1]);
+    let to_inject = |m: &Metrics| -> f64 {
+        m.find(
+            &format!("{LATENCY}_count"),
+            &[("stage", "vfio.handler_to_inject")],
+        )
+        .iter()
+        .map(|s| s.value)
+        .sum()
+    };
+    let to_inject = (to_inject(&m1) - to_inject(&m0)) as u64;
+    let inject_vm = counts_by(&m1, "kvm.inject_to_entry", VM, "vcpu").values().sum::<f64>()
+        - counts_by(&m0, "kvm.inject_to_entry", VM, "vcpu").values().sum::<f64>();
+    let p50 = |stage: &str, dev: &str| {
+        d.find_p50(stage, &[("vm", VM), ("device", dev)])
+            .map_or(f64::NAN, |(_, p)| p)
+    };
+    for (what, bdf, i) in [("e1000e", NIC, 0), ("NVMe", NVME, 1)] {
+        eprintln!(
+            "vfio: {what} {bdf}: L1's interrupts {:?}, vfio.handler {:?} (vm/vector), p50 \
+             handler {:.1} us, handler_to_inject {:.1} us",
+            delta(i),
+            handler(bdf),
+            p50("vfio.handler", bdf),
+            p50("vfio.handler_to_inject", bdf)
+        );
+    }
+    eprintln!(
+        "vfio: bpftrace {entries} vfio handler entries, {injections} injections inside them; \
+         iopath vfio.handler_to_inject {to_inject}; kvm.inject_to_entry vm={VM} {inject_vm}; \
+         guest {guest_ios} NVMe I/Os"
+    );
+    assert_eq!(pings.0 as u32, PINGS, "pings through vhost-net");
+    assert_eq!(pings.1 as u32, PINGS, "pings through the passed-through e1000e");
+    assert_eq!(guest_ios, u64::from(ROUNDS) * 2 * IOS, "{rounds:?}");
+    for (bdf, i, least) in [(NIC, 0, u64::from(PINGS)), (NVME, 1, guest_ios)] {
+        let irqs: u64 = delta(i).values().sum();
+        let by = handler(bdf);
+        let mine: u64 = by
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{VM}/")))
+            .map(|(_, v)| v)
+            .sum();
+        let total: u64 = by.values().sum();
+        assert!(irqs >= least, "{bdf}: {irqs} interrupts for {least} pings or I/Os");
+        assert_eq!(mine, total, "{bdf}: every sample labelled vm={VM}: {by:?}");
+        assert!(
+            mine.abs_diff(irqs) as f64 <= 0.02 * irqs as f64,
+            "{bdf}: vfio.handler {mine} samples for {irqs} interrupts in L1"
+        );
+        // each vector its own series
+        for v in delta(i).keys() {
+            assert!(
+                by.contains_key(&format!("{VM}/{v}")),
+                "{bdf}: vector {v} has no series: {by:?}"
+            );
+        }
+    }
+    assert!(injections > 0, "bpftrace saw no injection inside a vfio handler");
+    assert_eq!(
+        to_inject, injections,
+        "vfio.handler_to_inject against bpftrace's injections inside vfio handlers"
+    );
+    // kvm.inject_to_entry names the VM of both NICs' injections: vhost-net's two per ping
+    // (from its worker) and the handlers' (in interrupt context, named by the device; without
+    // that they would be unknown_vm and this would be about 2 * PINGS).
+    let want = injections + 2 * u64::from(PINGS);
+    assert!(
+        inject_vm >= 0.9 * want as f64,
+        "kvm.inject_to_entry names {VM} for {inject_vm} of about {want} injections"
+    );
+    assert!(d.stop().success());
+}

@@ -13,10 +13,17 @@
 #     [L2_SCSI=1 L2_DISK=/dev/BLOCKDEV]           the disk through vhost-scsi instead: a LIO
 #                                                 iblock backstore on that device, exported by
 #                                                 vhost (vhost-scsi-pci); the guest's is sda
+#     [L2_VFIO_NIC=1]                             L1's e1000e (00:06.0) passed through (vfio-pci,
+#                                                 SeaBIOS): the guest's eth1, 169.254.101.2;
+#                                                 L1's virtio-net NIC on the same QEMU hub
+#                                                 (00:05.0) is 169.254.101.1 in l2ns
+#     [L2_VFIO_NVME=1]                            L1's NVMe (00:07.0) passed through: the
+#                                                 guest's disk rounds go to nvme0n1
 #     [L2_ROUNDS=R L2_IOS=N L2_PERIOD_MS=P        the guest's disk rounds (lab_guest: N 4 KiB
 #      L2_DELAY_MS=D]                             writes then N reads each, P ms apart, from
 #                                                 D ms after READY; each printed on the console)
-#   l2.sh ping COUNT INTERVAL                     from the namespace (COUNT <= 1000)
+#   l2.sh ping COUNT INTERVAL [ADDR]              from the namespace (COUNT <= 1000), to the
+#                                                 guest's virtio-net address or ADDR
 #   l2.sh netem DELAY|off                         netem on the tap's and the uplink's root qdiscs
 #                                                 (bridge only): each direction held DELAY
 #   l2.sh monitor 'HMP command'                   QEMU's monitor (stop, cont, ...)
@@ -24,6 +31,9 @@
 set -u
 RUN=${L2_RUN:-/tmp/l2}; NS=l2ns; TAP=tap0; HOST_IP=169.254.100.1; GUEST_IP=169.254.100.2
 BR_TAP=l2tap; BRIDGE=l2br; UPLINK=l2up; PEER=l2peer; GUEST_MAC=02:00:00:00:64:02
+# L1's devices for passthrough (xtask/src/vm.rs): the e1000e, the NVMe, and the virtio-net NIC
+# that shares the e1000e's QEMU hub; the passed-through NIC's subnet.
+E1000E=0000:00:06.0; NVME=0000:00:07.0; HUB_NIC=0000:00:05.0; VF_HOST=169.254.101.1; VF_GUEST=169.254.101.2
 KERNEL=${IOPATH_L2_KERNEL:?set by cargo xtask vm}
 # The lab kernel must not use what nested SVM under TCG does not emulate.
 CLEARCPUID=smap,fsgsbase,invpcid,pcid,rdrand,rdseed,rdpid,popcnt,clflushopt,clwb,xsave,xsaveopt,xsavec,xsaves,avx,avx2,avx512f,pku,ospke,umip
@@ -55,6 +65,21 @@ scsi_down() {   # whatever scsi_up made, in reverse; says what it could not remo
     [ -d $d ] && ! rmdir $d && echo "l2: LIO left behind: $d" >&2
   done; return 0
 }
+# A PCI device of L1 to vfio-pci (from whatever driver it had), for QEMU's vfio-pci.
+vfio_bind() {
+  local d=/sys/bus/pci/devices/$1
+  [ -e $d ] || { echo "l2: no PCI device $1 in L1" >&2; return 1; }
+  modprobe vfio-pci || return 1
+  [ "$(basename "$(readlink $d/driver 2>/dev/null)")" = vfio-pci ] && return 0
+  [ -e $d/driver ] && echo $1 > $d/driver/unbind
+  echo vfio-pci > $d/driver_override && echo $1 > /sys/bus/pci/drivers_probe &&
+    [ -e /dev/vfio/$(basename "$(readlink $d/iommu_group)") ]
+}
+vfio_unbind() {   # back to no driver (L1 binds none by itself)
+  local d=/sys/bus/pci/devices/$1
+  [ -e $d/driver ] && echo $1 > $d/driver/unbind
+  [ -e $d/driver_override ] && echo > $d/driver_override; return 0
+}
 cmd_start() {
   running && die "already running (pid $(qpid))"
   [ -e /dev/kvm ] || die "no /dev/kvm"
@@ -68,6 +93,17 @@ cmd_start() {
     scsi_up "$disk" || die "LIO/vhost-scsi setup failed"
     drive="-device vhost-scsi-pci,wwpn=$WWPN"; guest_disk=sda
   fi
+  local vfio= bios="-bios /usr/share/qemu/qboot.rom" ip2=
+  if [ "${L2_VFIO_NIC:-}" ]; then
+    vfio_bind $E1000E || die "cannot give $E1000E to vfio-pci"
+    vfio="$vfio -device vfio-pci,host=$E1000E,rombar=0"; ip2="lab_guest.ip2=$VF_GUEST"
+  fi
+  if [ "${L2_VFIO_NVME:-}" ]; then
+    vfio_bind $NVME || die "cannot give $NVME to vfio-pci"
+    vfio="$vfio -device vfio-pci,host=$NVME,rombar=0"; guest_disk=nvme0n1
+  fi
+  # qboot hangs with a vfio-pci device (BARs left unassigned): SeaBIOS, QEMU's default.
+  [ -n "$vfio" ] && bios=
   ip netns add $NS || die "cannot create netns $NS"
   local inns="ip netns exec $NS" tap=$TAP
   if [ "${L2_NET:-}" = bridge ]; then
@@ -87,20 +123,27 @@ cmd_start() {
       sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 &&
       ip addr add $HOST_IP/24 dev $TAP && ip link set $TAP up" || die "netns setup failed"
   fi
+  if [ "${L2_VFIO_NIC:-}" ]; then
+    modprobe virtio_net || die "no virtio_net in L1"
+    local nic; nic=$(ls /sys/bus/pci/devices/$HUB_NIC/virtio*/net/ 2>/dev/null | head -1)
+    [ -n "$nic" ] && ip link set "$nic" netns $NS &&
+      ip netns exec $NS sh -c "ip addr add $VF_HOST/24 dev $nic && ip link set $nic up" ||
+      die "cannot put L1's NIC $HUB_NIC into $NS"
+  fi
   local append="console=ttyS0 tsc=reliable no_timer_check lpj=5192264 noxsave clearcpuid=$CLEARCPUID panic=-1"
   append="$append ip=$GUEST_IP::$HOST_IP:255.255.255.0:lab:eth0:off"
   append="$append lab_guest.rounds=${L2_ROUNDS:-0} lab_guest.ios=${L2_IOS:-50}"
-  append="$append lab_guest.disk=$guest_disk"
+  append="$append lab_guest.disk=$guest_disk $ip2"
   append="$append lab_guest.start_delay_ms=${L2_DELAY_MS:-1000} lab_guest.period_ms=${L2_PERIOD_MS:-1000}"
   rm -f $RUN/console.log $RUN/qemu.pid
   setsid $inns qemu-system-x86_64 -name "${L2_NAME:-l2},debug-threads=on" \
-    -enable-kvm -cpu qemu64,-cx16 -m 128 -smp 1 -bios /usr/share/qemu/qboot.rom \
+    -enable-kvm -cpu qemu64,-cx16 -m 128 -smp 1 $bios \
     -display none -no-reboot -pidfile $RUN/qemu.pid \
     -chardev file,id=ser0,path=$RUN/console.log -serial chardev:ser0 \
     -monitor unix:$RUN/mon.sock,server=on,wait=off -kernel $KERNEL -append "$append" \
     -netdev tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=${L2_VHOST:-on} \
     -device virtio-net-pci,netdev=n0,mac=$GUEST_MAC,romfile= \
-    $drive \
+    $drive $vfio \
     </dev/null >$RUN/qemu.err 2>&1 &
   local i
   for i in $(seq 1 240); do
@@ -112,7 +155,7 @@ cmd_start() {
   echo "l2: ready, qemu pid $(qpid), vhost=${L2_VHOST:-on}"
 }
 cmd_ping() { local n=${1:-10} iv=${2:-0.2}; [ "$n" -le 1000 ] || die "count capped at 1000"
-  ip netns exec $NS timeout 300 ping -c "$n" -i "$iv" -W 5 -w 290 $GUEST_IP; }
+  ip netns exec $NS timeout 300 ping -c "$n" -i "$iv" -W 5 -w 290 ${3:-$GUEST_IP}; }
 cmd_stop() {
   local p i
   if running; then p=$(qpid)
@@ -122,6 +165,11 @@ cmd_stop() {
   fi
   rm -f $RUN/qemu.pid $RUN/mon.sock
   scsi_down
+  # (L1's NIC goes back to the root namespace with the namespace; it keeps no address there)
+  for d in $E1000E $NVME; do
+    [ "$(basename "$(readlink /sys/bus/pci/devices/$d/driver 2>/dev/null)")" = vfio-pci ] &&
+      vfio_unbind $d
+  done
   for d in $BR_TAP $UPLINK $BRIDGE; do [ -e /sys/class/net/$d ] && ip link del $d; done
   ip netns list | grep -qw $NS && ip netns del $NS; return 0
 }
@@ -132,4 +180,4 @@ cmd_netem() { [ -e /sys/class/net/$BR_TAP ] || die "netem needs L2_NET=bridge"
     else tc qdisc replace dev $d root netem delay "${1:?DELAY}" || die "netem on $d"; fi
   done; }
 c=${1:-}; shift || true
-case $c in start|ping|stop|netem) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,14p "$0"; exit 2;; esac
+case $c in start|ping|stop|netem) cmd_$c "$@";; monitor) monitor "$1";; *) sed -n 2,30p "$0"; exit 2;; esac

@@ -47,10 +47,13 @@ pub enum StageId {
     /// irq:irq_handler_entry to irq:irq_handler_exit of an IRQ a VFIO device raised (its name
     /// `vfio-msix[N](BDF)`, `vfio-msi[N](BDF)`, `vfio-intx(BDF)`).
     VfioHandler = 16,
+    /// irq:irq_handler_entry of a VFIO device's IRQ to each kvm:kvm_msi_set_irq its handler
+    /// makes on that CPU (vfio's eventfd_signal runs KVM's irqfd_wakeup inline).
+    VfioHandlerToInject = 17,
 }
 
 impl StageId {
-    pub const ALL: [StageId; 17] = [
+    pub const ALL: [StageId; 18] = [
         StageId::BlkDevice,
         StageId::KvmExit,
         StageId::KvmSignalToInject,
@@ -68,6 +71,7 @@ impl StageId {
         StageId::BlkCompleteToIrq,
         StageId::BlkSync,
         StageId::VfioHandler,
+        StageId::VfioHandlerToInject,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -96,6 +100,7 @@ impl StageId {
             14 => Some(StageId::BlkCompleteToIrq),
             15 => Some(StageId::BlkSync),
             16 => Some(StageId::VfioHandler),
+            17 => Some(StageId::VfioHandlerToInject),
             _ => None,
         }
     }

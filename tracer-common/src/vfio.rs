@@ -60,6 +60,15 @@ pub fn on_exit(start: &mut HandlerStart, irq: u32, now_ns: u64) -> Result<u64, C
     Ok(now_ns.saturating_sub(ts))
 }
 
+/// kvm:kvm_msi_set_irq in interrupt context on a CPU, with the CPU's start: inside a followed
+/// handler (vfio_msihandler's eventfd_signal runs KVM's irqfd_wakeup, which injects inline),
+/// that handler's IRQ and the time from its entry. Each injection is one sample; the start
+/// stays for its exit.
+pub fn on_inject(start: &HandlerStart, now_ns: u64) -> Option<(u32, u64)> {
+    let irq = start.irq1.checked_sub(1)?;
+    Some((irq, now_ns.saturating_sub(start.ts_ns)))
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: #[repr(C)], integer fields, explicit padding, sizes asserted.
@@ -93,6 +102,21 @@ mod tests {
             on_exit(&mut HandlerStart::default(), 0, 30),
             Err(Counter::Unmatched)
         );
+    }
+
+    #[test]
+    fn an_injection_inside_a_followed_handler_is_timed_from_its_entry() {
+        let mut s = on_entry(36, true, 1_000).unwrap();
+        assert_eq!(on_inject(&s, 1_800), Some((36, 800)));
+        // a second one in the same handler is a sample too, and the exit still matches
+        assert_eq!(on_inject(&s, 2_000), Some((36, 1_000)));
+        assert_eq!(on_exit(&mut s, 36, 2_500), Ok(1_500));
+        // after the exit, or with no handler followed, an injection is not the handler's
+        assert_eq!(on_inject(&s, 3_000), None);
+        assert_eq!(on_inject(&HandlerStart::default(), 3_000), None);
+        // IRQ 0 included
+        let z = on_entry(0, true, 10).unwrap();
+        assert_eq!(on_inject(&z, 30), Some((0, 20)));
     }
 
     #[test]

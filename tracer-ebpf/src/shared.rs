@@ -351,7 +351,9 @@ pub fn now_ns() -> u64 {
 
 /// True when the event fired in task context: its argument array lies on the current task's
 /// kernel stack, as the kernel's object_is_on_stack() asks. Hard and soft interrupts run on the
-/// per-CPU IRQ stack (x86-64, arm64), where `current` is only the task they interrupted.
+/// per-CPU IRQ stack (x86-64, arm64), where `current` is only the task they interrupted;
+/// except that x86-64 runs a hardirq that interrupted user mode on the task's own, then empty,
+/// stack: task context here (the VFIO handler's bracket covers its own injections).
 /// (The program's own frame would not do: since Linux 6.13 a program with a deep stack runs on
 /// a private per-CPU one.) A classic tracepoint's record, or offsets unknown: task context is
 /// assumed. BPF_PROG_TEST_RUN passes a heap copy of the arguments: never task context.

@@ -1,6 +1,7 @@
 //! vfio.handler: irq:irq_handler_entry to irq:irq_handler_exit of the IRQs the daemon follows
-//! (`VFIO_IRQS`: a VFIO device's, or those `--vfio-irqs` names). Rules and layout:
-//! `tracer_common::vfio`. Every hardirq on the host runs these two programs: an IRQ not
+//! (`VFIO_IRQS`: a VFIO device's, or those `--vfio-irqs` names); vfio.handler_to_inject: that
+//! entry to each kvm:kvm_msi_set_irq the handler makes. Rules and layout:
+//! `tracer_common::vfio`. Every hardirq on the host runs the first two programs: an IRQ not
 //! followed costs one hash lookup at entry and one per-CPU read at exit.
 
 use aya_ebpf::{
@@ -9,7 +10,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     maps::START_ENTRIES,
-    stage::StageId::VfioHandler,
+    stage::StageId::{VfioHandler, VfioHandlerToInject},
     vfio::{self, HandlerStart, VfioIrq},
 };
 
@@ -26,9 +27,15 @@ static VFIO_IRQS: HashMap<u32, VfioIrq> = HashMap::with_max_entries(START_ENTRIE
 #[map]
 static VFIO_RUNNING: PerCpuArray<HandlerStart> = PerCpuArray::with_max_entries(1, 0);
 
+/// Either stage needs the handler's start (and its end, which clears it).
+#[inline(always)]
+fn any_on() -> bool {
+    stages_on() & (VfioHandler.bit() | VfioHandlerToInject.bit()) != 0
+}
+
 #[inline(always)]
 fn entry(irq: Result<u32, ()>, _: Site) {
-    if !on(stages_on(), VfioHandler) {
+    if !any_on() {
         return;
     }
     let Ok(irq) = irq else { return };
@@ -45,7 +52,7 @@ fn entry(irq: Result<u32, ()>, _: Site) {
 
 #[inline(always)]
 fn exit(irq: Result<u32, ()>, _: Site) {
-    if !on(stages_on(), VfioHandler) {
+    if !any_on() {
         return;
     }
     let Ok(irq) = irq else { return };
@@ -69,9 +76,50 @@ fn exit(irq: Result<u32, ()>, _: Site) {
             count(VfioHandler, tracer_common::maps::Counter::Unmatched);
         }
         Some(v) => match vfio::on_exit(slot, irq, now_ns()) {
-            Ok(ns) => record(VfioHandler, v.vector, v.dev, v.vm, ns),
+            Ok(ns) if on(stages_on(), VfioHandler) => {
+                record(VfioHandler, v.vector, v.dev, v.vm, ns)
+            }
+            Ok(_) => {}
             Err(c) => count(VfioHandler, c),
         },
+    }
+}
+
+/// The followed IRQ whose handler runs on this CPU, with its start, if any.
+#[inline(always)]
+fn running() -> Option<(VfioIrq, HandlerStart)> {
+    let slot = VFIO_RUNNING.get_ptr(0)?;
+    // SAFETY: this CPU's slot, read whole.
+    let start = unsafe { *slot };
+    let irq = start.irq1.checked_sub(1)?;
+    // SAFETY: a map value read whole.
+    let v = unsafe { VFIO_IRQS.get(irq) }.copied()?;
+    Some((v, start))
+}
+
+/// The VM of the passthrough device whose handler runs on this CPU: an injection in interrupt
+/// context is that device's (kvm.inject_to_entry's VM).
+#[inline(always)]
+pub fn running_vm() -> Option<u32> {
+    if !any_on() {
+        return None;
+    }
+    running().map(|(v, _)| v.vm).filter(|&vm| vm != 0)
+}
+
+/// kvm:kvm_msi_set_irq at `now`: inside a followed handler on this CPU, one sample of
+/// vfio.handler_to_inject. The handler's entry and exit bracket it (a hardirq runs with
+/// interrupts off): no stack check, which a hardirq that interrupted user mode would fail (it
+/// runs on the task's stack).
+#[inline(always)]
+pub fn injected(now: u64) {
+    if !on(stages_on(), VfioHandlerToInject) {
+        return;
+    }
+    if let Some((v, start)) = running()
+        && let Some((_, ns)) = vfio::on_inject(&start, now)
+    {
+        record(VfioHandlerToInject, v.vector, v.dev, v.vm, ns);
     }
 }
 

@@ -222,7 +222,7 @@ impl Session {
             .tracer
             .report
             .iter()
-            .any(|r| r.attached && r.stage == crate::stages::vfio_handler_name());
+            .any(|r| r.attached && crate::stages::vfio_stage_names().contains(&r.stage));
         if on {
             self.vfio.update(&mut self.tracer.ebpf);
         }

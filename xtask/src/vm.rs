@@ -62,6 +62,12 @@ const HANG: Duration = Duration::from_secs(60);
 const MEMORY: &str = "3G";
 const BOOT_BUDGET: Duration = Duration::from_secs(180);
 
+/// PCI slots of L1's devices for the passthrough tests (L1 sees them at 0000:00:SLOT.0; the
+/// tests name them so, see tests/vm/l2.sh).
+const L1_NIC: &str = "0x5";
+const L1_E1000E: &str = "0x6";
+const L1_NVME: &str = "0x7";
+
 impl L1 {
     pub fn boot(img: &Images) -> anyhow::Result<L1> {
         let agent = root().join("xtask/vm/agent.sh");
@@ -78,8 +84,13 @@ impl L1 {
         // A real disk for /var/tmp in L1: loop devices with direct I/O need one.
         let scratch = dir.join("scratch.img");
         fs::File::create(&scratch)?.set_len(4 << 30)?;
+        // A 64 MiB disk for the NVMe that L1 passes through to a nested guest.
+        let nvme = dir.join("nvme.img");
+        fs::File::create(&nvme)?.set_len(64 << 20)?;
+        // The IOMMU on, identity-mapped for L1's own devices (the 9p shares stay fast).
         let append = format!(
-            "console=ttyS0 panic=-1 mitigations=off iopath.agent={} iopath.modules={}",
+            "console=ttyS0 panic=-1 mitigations=off intel_iommu=on iommu=pt \
+             iopath.agent={} iopath.modules={}",
             agent.display(),
             img.modules.display()
         );
@@ -92,8 +103,18 @@ impl L1 {
             "-no-reboot",
         ])
         .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+            "-machine",
+            "q35,kernel-irqchip=split",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
         ])
+        // First, before the PCI devices it translates: VFIO in L1 needs an IOMMU with
+        // interrupt remapping.
+        .args(["-device", "intel-iommu,intremap=on,caching-mode=on"])
         .args(["-m", MEMORY, "-display", "none"])
         .args(["-bios", "/usr/share/qemu/qboot.rom"])
         .arg("-serial")
@@ -121,6 +142,29 @@ impl L1 {
             "file={},if=virtio,format=raw,cache=unsafe",
             scratch.display()
         ))
+        // For the passthrough tests (tests/vm/l2.sh L2_VFIO): an e1000e and an NVMe that L1
+        // leaves unbound (no udev there) until a test gives them to vfio-pci, and a virtio-net
+        // NIC on the same QEMU-internal hub as the e1000e, which reaches no host network:
+        // L1's end of the passed-through NIC's link.
+        .args([
+            "-netdev",
+            "hubport,id=hpa,hubid=0",
+            "-device",
+            &format!("virtio-net-pci,netdev=hpa,mac=52:54:00:00:01:01,addr={L1_NIC}"),
+            "-netdev",
+            "hubport,id=hpb,hubid=0",
+            "-device",
+            &format!("e1000e,netdev=hpb,mac=52:54:00:00:01:02,addr={L1_E1000E}"),
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=nv,format=raw,cache=unsafe",
+            nvme.display()
+        ))
+        .args([
+            "-device",
+            &format!("nvme,drive=nv,serial=iopath1,addr={L1_NVME}"),
+        ])
         .stdin(Stdio::null())
         .stdout(fs::File::create(dir.join("qemu.out"))?)
         .stderr(fs::File::create(dir.join("qemu.err"))?)

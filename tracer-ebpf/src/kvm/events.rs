@@ -128,7 +128,7 @@ fn injection(site: Site) {
         signal::injected(tgid, tid, start, in_task, now);
     }
     if on(mask, KvmInjectToEntry) {
-        let vm = injection_vm(live.map(|s| s.vm), in_task, vmm);
+        let vm = injection_vm(live.map(|s| s.vm), in_task, vmm, crate::vfio::running_vm());
         inject::injected(tid, vm, in_task, now);
     }
 }
@@ -148,6 +148,7 @@ fn msi_set_irq(msi: Result<Option<(u64, u64)>, ()>, site: Site) {
             None => count(BlkCompleteToIrq, Counter::ReadError),
         }
     }
+    crate::vfio::injected(now_ns());
     injection(site);
     crate::net::irq(site);
 }

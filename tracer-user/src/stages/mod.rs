@@ -315,9 +315,9 @@ pub struct Stage {
     pub maps: &'static [&'static KernelMap],
 }
 
-/// `vfio.handler`'s name, for the daemon's IRQ watch.
-pub const fn vfio_handler_name() -> &'static str {
-    vfio::HANDLER.name
+/// The stages that follow VFIO devices' IRQs, for the daemon's IRQ watch.
+pub const fn vfio_stage_names() -> [&'static str; 2] {
+    [vfio::HANDLER.name, vfio::HANDLER_TO_INJECT.name]
 }
 
 pub static STAGES: &[&Stage] = &[
@@ -338,6 +338,7 @@ pub static STAGES: &[&Stage] = &[
     &blk::COMPLETE_TO_IRQ,
     &blk::SYNC,
     &vfio::HANDLER,
+    &vfio::HANDLER_TO_INJECT,
 ];
 
 pub fn stage(id: StageId) -> &'static Stage {

@@ -2,7 +2,7 @@
 
 use tracer_common::stage::StageId;
 
-use super::{Event, Path, Stage, tracepoint_args};
+use super::{Event, Path, Stage, kvm::KVM_MSI_SET_IRQ, tracepoint_args};
 use crate::maps::VFIO_IRQS;
 
 // void trace_irq_handler_entry(int irq, struct irqaction *action)
@@ -23,6 +23,26 @@ pub static HANDLER: Stage = Stage {
     to: "irq:irq_handler_exit of that IRQ on the same CPU",
     labels: &["vm", "device", "vector"],
     events: &[&IRQ_HANDLER_ENTRY, &IRQ_HANDLER_EXIT],
+    optional: &[],
+    optional_adds: "",
+    opt_in: None,
+    without: None,
+    needs: |_| Ok(()),
+    key_class: None,
+    maps: &[&VFIO_IRQS],
+};
+
+/// From that handler's start to the injection it makes: vfio_msihandler signals the device's
+/// eventfd, whose KVM irqfd injects inline (irqfd_wakeup, kvm_arch_set_irq_inatomic). An
+/// injection KVM defers to a kworker (no inline path for that interrupt) is not in it.
+pub static HANDLER_TO_INJECT: Stage = Stage {
+    id: StageId::VfioHandlerToInject,
+    name: "vfio.handler_to_inject",
+    path: Path::Vfio,
+    from: "irq:irq_handler_entry of a VFIO device's IRQ (as vfio.handler)",
+    to: "each kvm:kvm_msi_set_irq in that handler, on the same CPU",
+    labels: &["vm", "device", "vector"],
+    events: &[&IRQ_HANDLER_ENTRY, &IRQ_HANDLER_EXIT, &KVM_MSI_SET_IRQ],
     optional: &[],
     optional_adds: "",
     opt_in: None,
