@@ -1648,7 +1648,10 @@ END { clear(@in); }"#,
         ],
     );
     let text = fs::read_to_string(console).unwrap_or_default();
-    for want in ["LAB: nic eth1 (e1000e) 169.254.101.2/24 err=0", "LAB: disk nvme0n1"] {
+    for want in [
+        "LAB: nic eth1 (e1000e) 169.254.101.2/24 err=0",
+        "LAB: disk nvme0n1",
+    ] {
         assert!(text.contains(want), "guest console lacks {want:?}: {text}");
     }
     // The daemon follows new VFIO IRQs within a second; the disk rounds start 8 s after READY.
@@ -1666,10 +1669,7 @@ END { clear(@in); }"#,
     let (irq0, m0, c0) = cut(&mut bt);
     let pings = std::thread::scope(|s| {
         let pv = s.spawn(|| guest.ping_rtts(PINGS, "0.05"));
-        let out = l2(
-            &["ping", &PINGS.to_string(), "0.05", "169.254.101.2"],
-            &[],
-        );
+        let out = l2(&["ping", &PINGS.to_string(), "0.05", "169.254.101.2"], &[]);
         let pv = pv.join().unwrap().len();
         let pf = out.lines().filter(|l| l.contains("time=")).count();
         (pv, pf)
@@ -1717,8 +1717,12 @@ END { clear(@in); }"#,
         .sum()
     };
     let to_inject = (to_inject(&m1) - to_inject(&m0)) as u64;
-    let inject_vm = counts_by(&m1, "kvm.inject_to_entry", VM, "vcpu").values().sum::<f64>()
-        - counts_by(&m0, "kvm.inject_to_entry", VM, "vcpu").values().sum::<f64>();
+    let inject_vm = counts_by(&m1, "kvm.inject_to_entry", VM, "vcpu")
+        .values()
+        .sum::<f64>()
+        - counts_by(&m0, "kvm.inject_to_entry", VM, "vcpu")
+            .values()
+            .sum::<f64>();
     let p50 = |stage: &str, dev: &str| {
         d.find_p50(stage, &[("vm", VM), ("device", dev)])
             .map_or(f64::NAN, |(_, p)| p)
@@ -1739,7 +1743,10 @@ END { clear(@in); }"#,
          guest {guest_ios} NVMe I/Os"
     );
     assert_eq!(pings.0 as u32, PINGS, "pings through vhost-net");
-    assert_eq!(pings.1 as u32, PINGS, "pings through the passed-through e1000e");
+    assert_eq!(
+        pings.1 as u32, PINGS,
+        "pings through the passed-through e1000e"
+    );
     assert_eq!(guest_ios, u64::from(ROUNDS) * 2 * IOS, "{rounds:?}");
     for (bdf, i, least) in [(NIC, 0, u64::from(PINGS)), (NVME, 1, guest_ios)] {
         let irqs: u64 = delta(i).values().sum();
@@ -1750,7 +1757,10 @@ END { clear(@in); }"#,
             .map(|(_, v)| v)
             .sum();
         let total: u64 = by.values().sum();
-        assert!(irqs >= least, "{bdf}: {irqs} interrupts for {least} pings or I/Os");
+        assert!(
+            irqs >= least,
+            "{bdf}: {irqs} interrupts for {least} pings or I/Os"
+        );
         assert_eq!(mine, total, "{bdf}: every sample labelled vm={VM}: {by:?}");
         assert!(
             mine.abs_diff(irqs) as f64 <= 0.02 * irqs as f64,
@@ -1764,7 +1774,10 @@ END { clear(@in); }"#,
             );
         }
     }
-    assert!(injections > 0, "bpftrace saw no injection inside a vfio handler");
+    assert!(
+        injections > 0,
+        "bpftrace saw no injection inside a vfio handler"
+    );
     assert_eq!(
         to_inject, injections,
         "vfio.handler_to_inject against bpftrace's injections inside vfio handlers"

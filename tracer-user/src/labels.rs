@@ -472,7 +472,9 @@ impl Labeler {
                 self.netdev(k.obj),
                 queue_name(k.detail),
             ],
-            StageId::VfioHandler | StageId::VfioHandlerToInject => vec![self.vm(k.vm), pci_name(k.obj), k.detail.to_string()],
+            StageId::VfioHandler | StageId::VfioHandlerToInject => {
+                vec![self.vm(k.vm), pci_name(k.obj), k.detail.to_string()]
+            }
         };
         let names = stages::stage(k.stage).labels;
         debug_assert_eq!(names.len(), values.len());
