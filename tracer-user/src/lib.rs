@@ -13,6 +13,7 @@ pub mod learn;
 pub mod maps;
 pub mod netdevs;
 pub mod offsets;
+pub mod posted;
 pub mod privs;
 pub mod report;
 pub mod serve;

@@ -327,6 +327,7 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
             "programs": iopath::stages::all_programs(),
             "maps": iopath::maps::all().iter().map(|m| m.name).collect::<Vec<_>>(),
             "disk_signals": DISK_SIGNALS,
+            "posted_interrupts": iopath::posted::this_host(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -368,6 +369,12 @@ fn doctor(json: bool, common: &Common) -> anyhow::Result<ExitCode> {
         {
             println!("\nwhich notify and vector are a disk's: {DISK_SIGNALS}");
         }
+        let posted = iopath::posted::this_host();
+        println!(
+            "\nposted interrupts for assigned devices: {} ({})",
+            if posted.posted { "yes" } else { "no" },
+            posted.why
+        );
     }
     // Dropping the tracer detaches what the check attached.
     Ok(if tracer.any_attached() {
