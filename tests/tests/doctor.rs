@@ -276,18 +276,21 @@ fn doctor_says_whether_assigned_devices_interrupts_are_posted() {
             .ok()
             .map(|s| s.trim().to_string())
     };
-    match (
-        param("kvm_intel", "enable_apicv"),
-        param("kvm_amd", "avic"),
-    ) {
+    match (param("kvm_intel", "enable_apicv"), param("kvm_amd", "avic")) {
         (None, None) => assert_eq!(why, "neither kvm_intel nor kvm_amd is loaded"),
         (None, Some(avic)) if avic == "N" || avic == "0" => {
             assert_eq!(why, format!("kvm_amd avic={avic}"))
         }
         (None, Some(avic)) => {
             // AVIC on: QEMU's emulated IOMMU is an Intel one, no AMD IOMMU to post
-            assert!(why.starts_with(&format!("kvm_amd avic={avic}, but")), "{why}");
+            assert!(
+                why.starts_with(&format!("kvm_amd avic={avic}, but")),
+                "{why}"
+            );
         }
-        (Some(apicv), _) => assert!(why.starts_with(&format!("kvm_intel enable_apicv={apicv}")), "{why}"),
+        (Some(apicv), _) => assert!(
+            why.starts_with(&format!("kvm_intel enable_apicv={apicv}")),
+            "{why}"
+        ),
     }
 }

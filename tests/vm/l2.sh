@@ -75,9 +75,9 @@ vfio_bind() {
   echo vfio-pci > $d/driver_override && echo $1 > /sys/bus/pci/drivers_probe &&
     [ -e /dev/vfio/$(basename "$(readlink $d/iommu_group)") ]
 }
-vfio_unbind() {   # back to no driver (L1 binds none by itself)
+vfio_unbind() {   # back to no driver (L1 binds none by itself), override cleared
   local d=/sys/bus/pci/devices/$1
-  [ -e $d/driver ] && echo $1 > $d/driver/unbind
+  [ "$(basename "$(readlink $d/driver 2>/dev/null)")" = vfio-pci ] && echo $1 > $d/driver/unbind
   [ -e $d/driver_override ] && echo > $d/driver_override; return 0
 }
 cmd_start() {
@@ -165,11 +165,13 @@ cmd_stop() {
   fi
   rm -f $RUN/qemu.pid $RUN/mon.sock
   scsi_down
-  # (L1's NIC goes back to the root namespace with the namespace; it keeps no address there)
-  for d in $E1000E $NVME; do
-    [ "$(basename "$(readlink /sys/bus/pci/devices/$d/driver 2>/dev/null)")" = vfio-pci ] &&
-      vfio_unbind $d
-  done
+  for d in $E1000E $NVME; do vfio_unbind $d; done
+  # L1's hub NIC back to the root namespace now (a namespace's devices go back only once it is
+  # freed); it keeps no address there
+  local nic
+  ip netns list | grep -qw $NS &&
+    nic=$(ip netns exec $NS sh -c "ls /sys/bus/pci/devices/$HUB_NIC/virtio*/net/" 2>/dev/null | head -1) &&
+    [ -n "$nic" ] && ip -n $NS link set "$nic" netns 1
   for d in $BR_TAP $UPLINK $BRIDGE; do [ -e /sys/class/net/$d ] && ip link del $d; done
   ip netns list | grep -qw $NS && ip netns del $NS; return 0
 }

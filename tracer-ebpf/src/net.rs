@@ -30,8 +30,8 @@ use tracer_common::{
 
 use crate::{
     shared::{
-        config, count, count_each, count_n, current_tgid_tid, in_task, mm_owner_tgid, now_ns,
-        number, on, read_at, record, stages_on, vmm_seen,
+        config, count, count_each, count_n, current_tgid_tid, mm_owner_tgid, now_ns, number, on,
+        read_at, record, stages_on, vmm_seen,
     },
     tp::{Site, tracepoint_args},
 };
@@ -375,11 +375,11 @@ tracepoint_args!(
     dropped
 );
 
-/// kvm:kvm_msi_set_irq in a task (the caller checked the stage): the thread's batch ends at
+/// kvm:kvm_msi_set_irq in a task (the caller says which context): the thread's batch ends at
 /// this interrupt.
 #[inline(always)]
-pub fn irq(site: Site) {
-    if !on(stages_on(), NetRxBackendToIrq) || !in_task(site) {
+pub fn irq(in_task: bool) {
+    if !on(stages_on(), NetRxBackendToIrq) || !in_task {
         return;
     }
     let tid = current_tgid_tid().1;

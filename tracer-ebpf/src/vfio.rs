@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     maps::START_ENTRIES,
-    stage::StageId::{VfioHandler, VfioHandlerToInject},
+    stage::StageId::{self, VfioHandler, VfioHandlerToInject},
     vfio::{self, HandlerStart, VfioIrq},
 };
 
@@ -31,6 +31,16 @@ static VFIO_RUNNING: PerCpuArray<HandlerStart> = PerCpuArray::with_max_entries(1
 #[inline(always)]
 fn any_on() -> bool {
     stages_on() & (VfioHandler.bit() | VfioHandlerToInject.bit()) != 0
+}
+
+/// The stage a handler's lost start or end counts under: vfio.handler when it is on.
+#[inline(always)]
+fn counted() -> StageId {
+    if on(stages_on(), VfioHandler) {
+        VfioHandler
+    } else {
+        VfioHandlerToInject
+    }
 }
 
 #[inline(always)]
@@ -73,14 +83,14 @@ fn exit(irq: Result<u32, ()>, _: Site) {
         // Another IRQ's exit while a start is left over (its exit missed).
         None => {
             slot.irq1 = 0;
-            count(VfioHandler, tracer_common::maps::Counter::Unmatched);
+            count(counted(), tracer_common::maps::Counter::Unmatched);
         }
         Some(v) => match vfio::on_exit(slot, irq, now_ns()) {
             Ok(ns) if on(stages_on(), VfioHandler) => {
                 record(VfioHandler, v.vector, v.dev, v.vm, ns)
             }
             Ok(_) => {}
-            Err(c) => count(VfioHandler, c),
+            Err(c) => count(counted(), c),
         },
     }
 }
@@ -97,14 +107,34 @@ fn running() -> Option<(VfioIrq, HandlerStart)> {
     Some((v, start))
 }
 
-/// The VM of the passthrough device whose handler runs on this CPU: an injection in interrupt
-/// context is that device's (kvm.inject_to_entry's VM).
+/// True while a followed handler runs on this CPU. Its events are in interrupt context even
+/// when the stack test says task: x86-64 runs a hardirq that interrupted user mode on the
+/// task's own stack. (Only with a vfio stage on: nothing is followed otherwise.)
 #[inline(always)]
-pub fn running_vm() -> Option<u32> {
+pub fn in_handler() -> bool {
+    if !any_on() {
+        return false;
+    }
+    // SAFETY: this CPU's slot, read whole.
+    VFIO_RUNNING
+        .get_ptr(0)
+        .is_some_and(|slot| unsafe { (*slot).irq1 } != 0)
+}
+
+/// Task context by the stack test (`shared::in_task`), but not inside a followed handler.
+#[inline(always)]
+pub fn task_context(site: Site) -> bool {
+    crate::shared::in_task(site) && !in_handler()
+}
+
+/// The VMM of the passthrough device whose handler runs on this CPU (0 while not known yet):
+/// an injection in interrupt context is that device's (kvm.inject_to_entry's VM).
+#[inline(always)]
+pub fn handler_vm() -> Option<u32> {
     if !any_on() {
         return None;
     }
-    running().map(|(v, _)| v.vm).filter(|&vm| vm != 0)
+    running().map(|(v, _)| v.vm)
 }
 
 /// kvm:kvm_msi_set_irq at `now`: inside a followed handler on this CPU, one sample of

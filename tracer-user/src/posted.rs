@@ -44,9 +44,14 @@ fn iommus(sys: &Path, vendor: &str, file: &str) -> Vec<(String, Option<u64>)> {
 }
 
 fn param(sys: &Path, module: &str, name: &str) -> Option<String> {
-    fs::read_to_string(sys.join("module").join(module).join("parameters").join(name))
-        .ok()
-        .map(|v| v.trim().to_string())
+    fs::read_to_string(
+        sys.join("module")
+            .join(module)
+            .join("parameters")
+            .join(name),
+    )
+    .ok()
+    .map(|v| v.trim().to_string())
 }
 
 fn yes(v: &str) -> bool {
@@ -95,13 +100,21 @@ pub fn check(sys: &Path, cmdline: &str) -> Posted {
         return no(kvm);
     }
     if words.contains(&"nointremap") || opt("intremap=").contains(&"off") {
-        return no(format!("{kvm}, but interrupt remapping is off on the command line"));
+        return no(format!(
+            "{kvm}, but interrupt remapping is off on the command line"
+        ));
     }
     if vendor == "intel-iommu" && opt("intremap=").contains(&"nopost") {
         return no(format!("{kvm}, but intremap=nopost on the command line"));
     }
-    if vendor == "amd-iommu" && opt("amd_iommu_intr=").iter().any(|v| v.starts_with("legacy")) {
-        return no(format!("{kvm}, but amd_iommu_intr=legacy on the command line"));
+    if vendor == "amd-iommu"
+        && opt("amd_iommu_intr=")
+            .iter()
+            .any(|v| v.starts_with("legacy"))
+    {
+        return no(format!(
+            "{kvm}, but amd_iommu_intr=legacy on the command line"
+        ));
     }
     let found = iommus(sys, vendor, file);
     if found.is_empty() {
@@ -113,7 +126,10 @@ pub fn check(sys: &Path, cmdline: &str) -> Posted {
         .map(|(n, _)| n.as_str())
         .collect();
     if !lacking.is_empty() {
-        return no(format!("{kvm}, but {} lacks {reg_name}", lacking.join(", ")));
+        return no(format!(
+            "{kvm}, but {} lacks {reg_name}",
+            lacking.join(", ")
+        ));
     }
     let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
     Posted {
@@ -138,8 +154,13 @@ mod tests {
 
     /// A tree written by hand in the shape of /sys: KVM's module parameter and the IOMMUs'
     /// registers.
-    fn tree(name: &str, module: (&str, &str, &str), iommus: &[(&str, &str, &str, &str)]) -> std::path::PathBuf {
-        let root = std::env::temp_dir().join(format!("iopath-posted-{name}-{}", std::process::id()));
+    fn tree(
+        name: &str,
+        module: (&str, &str, &str),
+        iommus: &[(&str, &str, &str, &str)],
+    ) -> std::path::PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("iopath-posted-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let p = root.join("module").join(module.0).join("parameters");
         fs::create_dir_all(&p).unwrap();
@@ -183,7 +204,10 @@ mod tests {
             &[("dmar0", "intel-iommu", "cap", "12008c22260286")],
         );
         let p = check(&t, "");
-        assert!(!p.posted && p.why.contains("dmar0 lacks posted-interrupt"), "{p:?}");
+        assert!(
+            !p.posted && p.why.contains("dmar0 lacks posted-interrupt"),
+            "{p:?}"
+        );
         let _ = fs::remove_dir_all(t);
         let t = tree(
             "noapicv",

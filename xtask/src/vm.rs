@@ -103,14 +103,7 @@ impl L1 {
             "-no-reboot",
         ])
         .args([
-            "-machine",
-            "q35,kernel-irqchip=split",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
         ])
         // First, before the PCI devices it translates: VFIO in L1 needs an IOMMU with
         // interrupt remapping.

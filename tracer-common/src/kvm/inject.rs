@@ -46,24 +46,23 @@ pub struct InjectSample {
     pub vcpu: u32,
 }
 
-/// The VM an injection is for. Inside a passthrough device's interrupt handler (`irq_vm`, from
-/// the IRQ whose handler runs on this CPU), that device's VM: the handler is what injects,
-/// whatever the stack says (a hardirq that interrupted user mode runs on the task's stack).
-/// Else its signal's VM when the injecting task signalled it (the kworker of a deferred signal
-/// included), else the injecting task's VMM. In interrupt context the task is whatever was
-/// interrupted, and a task of no known VMM (a kworker nobody signalled, a vhost kernel thread
-/// before Linux 6.4) names no VM: 0, unknown.
+/// The VM an injection is for: its signal's VM when the injecting task signalled it (the
+/// kworker of a deferred signal included), else the injecting task's VMM. In interrupt context
+/// the task is whatever was interrupted: the VM is that of the passthrough device whose
+/// handler runs on this CPU (`irq_vm`: its VMM, 0 while not yet known), else unknown (0). A
+/// task of no known VMM (a kworker nobody signalled, a vhost kernel thread before Linux 6.4)
+/// names no VM: 0, unknown.
 pub const fn injection_vm(
     signal_vm: Option<u32>,
     in_task: bool,
     vmm: Option<u32>,
     irq_vm: Option<u32>,
 ) -> u32 {
-    if let Some(vm) = irq_vm {
-        return vm;
-    }
     if !in_task {
-        return 0;
+        return match irq_vm {
+            Some(vm) => vm,
+            None => 0,
+        };
     }
     match (signal_vm, vmm) {
         (Some(vm), _) | (None, Some(vm)) => vm,
@@ -281,7 +280,8 @@ mod tests {
         assert_eq!(injection_vm(Some(700), false, Some(700), None), 0);
         // inside a passthrough device's handler: the device's VM, whatever was interrupted
         assert_eq!(injection_vm(Some(700), false, Some(700), Some(800)), 800);
-        // and so when the handler interrupted user mode (on the task's stack: "in a task")
-        assert_eq!(injection_vm(None, true, Some(700), Some(800)), 800);
+        // (the caller tells interrupt context inside such a handler, whatever the stack says)
+        assert_eq!(injection_vm(None, true, Some(700), None), 700);
+        assert_eq!(injection_vm(None, false, Some(700), Some(0)), 0);
     }
 }

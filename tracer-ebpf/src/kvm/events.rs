@@ -12,6 +12,8 @@ use tracer_common::{
     stage::StageId::{self, *},
 };
 
+use crate::vfio::task_context;
+
 use super::{
     exit, inject,
     signal::{self, Hop},
@@ -19,8 +21,8 @@ use super::{
 };
 use crate::{
     shared::{
-        config, count, count_each, current_tgid_tid, in_task, is_vmm, mm_owner_vmm, now_ns, on,
-        read_at, stages_on, vmm_seen,
+        config, count, count_each, current_tgid_tid, is_vmm, mm_owner_vmm, now_ns, on, read_at,
+        stages_on, vmm_seen,
     },
     tp::{Site, field, function, tracepoint},
 };
@@ -103,13 +105,21 @@ const INJECTION: [StageId; 2] = [KvmSignalToInject, KvmInjectToEntry];
 
 /// An injection by KVM (kvm_msi_set_irq, or kvm_set_irq raising a line) in the current task:
 /// ends the task's signal and marks the CPU for the accepts that follow. Which VM it is for
-/// comes from the task's signal or the task's VMM, and only in task context.
+/// comes from the task's signal or the task's VMM in task context, from the device whose
+/// handler runs in interrupt context.
 #[inline(always)]
-fn injection(site: Site) {
+fn injection(in_task: bool) {
     let mask = stages_on();
     if mask & (KvmSignalToInject.bit() | KvmInjectToEntry.bit()) == 0 {
         return;
     }
+    // First, before the values below are live: LLVM kept one of them in a register this
+    // lookup's helper calls clobber, which the verifier refused.
+    let irq_vm = if in_task {
+        None
+    } else {
+        crate::vfio::handler_vm()
+    };
     let (tgid, tid) = current_tgid_tid();
     let now = now_ns();
     let start = signal::pending(tid);
@@ -123,12 +133,11 @@ fn injection(site: Site) {
     };
     // The mark records the context even when no VM is named: its accept, in the same context,
     // is then known for that injection's (counted once, as unknown_vm).
-    let in_task = in_task(site);
     if on(mask, KvmSignalToInject) {
         signal::injected(tgid, tid, start, in_task, now);
     }
     if on(mask, KvmInjectToEntry) {
-        let vm = injection_vm(live.map(|s| s.vm), in_task, vmm, crate::vfio::running_vm());
+        let vm = injection_vm(live.map(|s| s.vm), in_task, vmm, irq_vm);
         inject::injected(tid, vm, in_task, now);
     }
 }
@@ -144,13 +153,16 @@ fn msi_set_irq(msi: Result<Option<(u64, u64)>, ()>, site: Site) {
     // LLVM left it in a register they clobber, which the verifier refuses.
     if on(stages_on(), BlkCompleteToIrq) {
         match msi {
-            Some((address, data)) => crate::blk_vm::irq(address, data, in_task(site), now_ns()),
+            Some((address, data)) => {
+                crate::blk_vm::irq(address, data, task_context(site), now_ns())
+            }
             None => count(BlkCompleteToIrq, Counter::ReadError),
         }
     }
     crate::vfio::injected(now_ns());
-    injection(site);
-    crate::net::irq(site);
+    let in_task = task_context(site);
+    injection(in_task);
+    crate::net::irq(in_task);
 }
 
 // void trace_kvm_msi_set_irq(__u64 address, __u64 data)
@@ -171,7 +183,7 @@ tracepoint!(
 #[inline(always)]
 fn set_irq(level: Result<i32, ()>, site: Site) {
     match level {
-        Ok(1) => injection(site),
+        Ok(1) => injection(task_context(site)),
         Ok(_) => {}
         Err(()) => count_each(stages_on(), &INJECTION, Counter::ReadError),
     }
@@ -195,7 +207,7 @@ fn accept(apicid: Result<u32, ()>, site: Site) {
         return;
     }
     match apicid {
-        Ok(apicid) => inject::accepted(current_tgid_tid().1, apicid, in_task(site)),
+        Ok(apicid) => inject::accepted(current_tgid_tid().1, apicid, task_context(site)),
         Err(()) => count(KvmInjectToEntry, Counter::ReadError),
     }
 }

@@ -90,7 +90,8 @@ fn irqfd_wakeup(key: Result<u64, ()>, site: Site) {
     // A VMM that has not run a vCPU yet is known here: its own thread owns its memory (a
     // vhost kthread that adopted it does not).
     let (tgid, tid) = current_tgid_tid();
-    if !in_task(site) {
+    // (a VFIO handler's signal interrupted a task: not that task's write)
+    if !crate::vfio::task_context(site) {
         return;
     }
     if !is_vmm(tgid) {
