@@ -296,10 +296,19 @@ fn entries_after_device_interrupts(trace: &str) -> (u64, u64) {
 }
 
 fn counts_by(m: &Metrics, stage: &str, vm: &str, label: &str) -> BTreeMap<String, f64> {
+    counts_by_labels(m, &[("stage", stage), ("vm", vm)], &[label])
+}
+
+/// A stage's sample counts over the series `sel` selects, by the values of `keys` joined with
+/// '/' ("vm/vector").
+fn counts_by_labels(m: &Metrics, sel: &[(&str, &str)], keys: &[&str]) -> BTreeMap<String, f64> {
     let mut by = BTreeMap::new();
-    for s in m.find(&format!("{LATENCY}_count"), &[("stage", stage), ("vm", vm)]) {
-        *by.entry(s.labels.get(label).cloned().unwrap_or_default())
-            .or_default() += s.value;
+    for s in m.find(&format!("{LATENCY}_count"), sel) {
+        let key: Vec<String> = keys
+            .iter()
+            .map(|k| s.labels.get(*k).cloned().unwrap_or_default())
+            .collect();
+        *by.entry(key.join("/")).or_default() += s.value;
     }
     by
 }
@@ -1709,34 +1718,14 @@ END { clear(@in); }"#,
             .collect()
     };
     let handler = |dev: &str| -> BTreeMap<String, u64> {
-        let of = |m: &Metrics| {
-            let mut by = BTreeMap::new();
-            for s in m.find(
-                &format!("{LATENCY}_count"),
-                &[("stage", "vfio.handler"), ("device", dev)],
-            ) {
-                let vm = s.labels.get("vm").cloned().unwrap_or_default();
-                let v = s.labels.get("vector").cloned().unwrap_or_default();
-                *by.entry(format!("{vm}/{v}")).or_default() += s.value;
-            }
-            by
-        };
+        let sel = [("stage", "vfio.handler"), ("device", dev)];
+        let of = |m: &Metrics| counts_by_labels(m, &sel, &["vm", "vector"]);
         diff(&of(&m1), &of(&m0))
     };
     let (entries, injections) = (c1[0] - c0[0], c1[1] - c0[1]);
     // vfio.handler_to_inject by vm/device
-    let to_inject = |m: &Metrics| -> BTreeMap<String, f64> {
-        let mut by = BTreeMap::new();
-        for s in m.find(
-            &format!("{LATENCY}_count"),
-            &[("stage", "vfio.handler_to_inject")],
-        ) {
-            let vm = s.labels.get("vm").cloned().unwrap_or_default();
-            let dev = s.labels.get("device").cloned().unwrap_or_default();
-            *by.entry(format!("{vm}/{dev}")).or_default() += s.value;
-        }
-        by
-    };
+    let sel = [("stage", "vfio.handler_to_inject")];
+    let to_inject = |m: &Metrics| counts_by_labels(m, &sel, &["vm", "device"]);
     let to_inject_by = diff(&to_inject(&m1), &to_inject(&m0));
     let to_inject: u64 = to_inject_by.values().sum();
     let unknown = |m: &Metrics| {

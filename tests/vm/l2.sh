@@ -80,6 +80,9 @@ vfio_unbind() {   # back to no driver (L1 binds none by itself), override cleare
   [ "$(basename "$(readlink $d/driver 2>/dev/null)")" = vfio-pci ] && echo $1 > $d/driver/unbind
   [ -e $d/driver_override ] && echo > $d/driver_override; return 0
 }
+hub_nic() {   # L1's hub NIC's name, as the namespace given (or the root one) sees sysfs
+  ${1:+ip netns exec $1} sh -c "ls /sys/bus/pci/devices/$HUB_NIC/virtio*/net/" 2>/dev/null | head -1
+}
 cmd_start() {
   running && die "already running (pid $(qpid))"
   [ -e /dev/kvm ] || die "no /dev/kvm"
@@ -125,7 +128,7 @@ cmd_start() {
   fi
   if [ "${L2_VFIO_NIC:-}" ]; then
     modprobe virtio_net || die "no virtio_net in L1"
-    local nic; nic=$(ls /sys/bus/pci/devices/$HUB_NIC/virtio*/net/ 2>/dev/null | head -1)
+    local nic; nic=$(hub_nic)
     [ -n "$nic" ] && ip link set "$nic" netns $NS &&
       ip netns exec $NS sh -c "ip addr add $VF_HOST/24 dev $nic && ip link set $nic up" ||
       die "cannot put L1's NIC $HUB_NIC into $NS"
@@ -169,9 +172,8 @@ cmd_stop() {
   # L1's hub NIC back to the root namespace now (a namespace's devices go back only once it is
   # freed); it keeps no address there
   local nic
-  ip netns list | grep -qw $NS &&
-    nic=$(ip netns exec $NS sh -c "ls /sys/bus/pci/devices/$HUB_NIC/virtio*/net/" 2>/dev/null | head -1) &&
-    [ -n "$nic" ] && ip -n $NS link set "$nic" netns 1
+  ip netns list | grep -qw $NS && nic=$(hub_nic $NS) && [ -n "$nic" ] &&
+    ip -n $NS link set "$nic" netns 1
   for d in $BR_TAP $UPLINK $BRIDGE; do [ -e /sys/class/net/$d ] && ip link del $d; done
   ip netns list | grep -qw $NS && ip netns del $NS; return 0
 }

@@ -95,58 +95,56 @@ fn exit(irq: Result<u32, ()>, _: Site) {
     }
 }
 
-/// The followed IRQ whose handler runs on this CPU, with its start, if any.
+/// Where a KVM event fired, read once per event: task or interrupt context, and inside a
+/// followed handler on this CPU, that handler's start and IRQ (None when the daemon no longer
+/// follows it).
+#[derive(Clone, Copy)]
+pub struct Context {
+    pub in_task: bool,
+    handler: Option<(HandlerStart, Option<VfioIrq>)>,
+}
+
+impl Context {
+    /// Task context is the stack test's (`shared::in_task`), except inside a followed handler:
+    /// x86-64 runs a hardirq that interrupted user mode on the task's own stack, and the
+    /// handler's entry and exit bracket it (a hardirq runs with interrupts off). Only with a
+    /// vfio stage on: nothing is followed otherwise.
+    #[inline(always)]
+    pub fn of(site: Site) -> Context {
+        let handler = if any_on() { running() } else { None };
+        Context {
+            in_task: handler.is_none() && crate::shared::in_task(site),
+            handler,
+        }
+    }
+
+    /// Inside a followed handler, its device's VMM (0 while not known yet): an injection there
+    /// is that device's (kvm.inject_to_entry's VM).
+    #[inline(always)]
+    pub fn handler_vm(&self) -> Option<u32> {
+        self.handler.map(|(_, v)| v.map_or(0, |v| v.vm))
+    }
+}
+
+/// The handler running on this CPU, if any, with its IRQ's entry.
 #[inline(always)]
-fn running() -> Option<(VfioIrq, HandlerStart)> {
+fn running() -> Option<(HandlerStart, Option<VfioIrq>)> {
     let slot = VFIO_RUNNING.get_ptr(0)?;
     // SAFETY: this CPU's slot, read whole.
     let start = unsafe { *slot };
     let irq = start.irq1.checked_sub(1)?;
     // SAFETY: a map value read whole.
-    let v = unsafe { VFIO_IRQS.get(irq) }.copied()?;
-    Some((v, start))
+    Some((start, unsafe { VFIO_IRQS.get(irq) }.copied()))
 }
 
-/// True while a followed handler runs on this CPU. Its events are in interrupt context even
-/// when the stack test says task: x86-64 runs a hardirq that interrupted user mode on the
-/// task's own stack. (Only with a vfio stage on: nothing is followed otherwise.)
+/// kvm:kvm_msi_set_irq at `now` in `ctx`: inside a followed handler, one sample of
+/// vfio.handler_to_inject.
 #[inline(always)]
-pub fn in_handler() -> bool {
-    if !any_on() {
-        return false;
-    }
-    // SAFETY: this CPU's slot, read whole.
-    VFIO_RUNNING
-        .get_ptr(0)
-        .is_some_and(|slot| unsafe { (*slot).irq1 } != 0)
-}
-
-/// Task context by the stack test (`shared::in_task`), but not inside a followed handler.
-#[inline(always)]
-pub fn task_context(site: Site) -> bool {
-    crate::shared::in_task(site) && !in_handler()
-}
-
-/// The VMM of the passthrough device whose handler runs on this CPU (0 while not known yet):
-/// an injection in interrupt context is that device's (kvm.inject_to_entry's VM).
-#[inline(always)]
-pub fn handler_vm() -> Option<u32> {
-    if !any_on() {
-        return None;
-    }
-    running().map(|(v, _)| v.vm)
-}
-
-/// kvm:kvm_msi_set_irq at `now`: inside a followed handler on this CPU, one sample of
-/// vfio.handler_to_inject. The handler's entry and exit bracket it (a hardirq runs with
-/// interrupts off): no stack check, which a hardirq that interrupted user mode would fail (it
-/// runs on the task's stack).
-#[inline(always)]
-pub fn injected(now: u64) {
+pub fn injected(ctx: &Context, now: u64) {
     if !on(stages_on(), VfioHandlerToInject) {
         return;
     }
-    if let Some((v, start)) = running()
+    if let Some((start, Some(v))) = ctx.handler
         && let Some((_, ns)) = vfio::on_inject(&start, now)
     {
         record(VfioHandlerToInject, v.vector, v.dev, v.vm, ns);

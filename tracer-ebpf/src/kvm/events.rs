@@ -12,7 +12,7 @@ use tracer_common::{
     stage::StageId::{self, *},
 };
 
-use crate::vfio::task_context;
+use crate::vfio::Context;
 
 use super::{
     exit, inject,
@@ -108,18 +108,12 @@ const INJECTION: [StageId; 2] = [KvmSignalToInject, KvmInjectToEntry];
 /// comes from the task's signal or the task's VMM in task context, from the device whose
 /// handler runs in interrupt context.
 #[inline(always)]
-fn injection(in_task: bool) {
+fn injection(ctx: &Context) {
     let mask = stages_on();
     if mask & (KvmSignalToInject.bit() | KvmInjectToEntry.bit()) == 0 {
         return;
     }
-    // First, before the values below are live: LLVM kept one of them in a register this
-    // lookup's helper calls clobber, which the verifier refused.
-    let irq_vm = if in_task {
-        None
-    } else {
-        crate::vfio::handler_vm()
-    };
+    let (in_task, irq_vm) = (ctx.in_task, ctx.handler_vm());
     let (tgid, tid) = current_tgid_tid();
     let now = now_ns();
     let start = signal::pending(tid);
@@ -149,20 +143,18 @@ fn msi_set_irq(msi: Result<Option<(u64, u64)>, ()>, site: Site) {
         count_each(stages_on(), &INJECTION, Counter::ReadError);
         return;
     };
+    let ctx = Context::of(site);
     // First, and in a function of its own: with the MSI kept across the injection's calls,
     // LLVM left it in a register they clobber, which the verifier refuses.
     if on(stages_on(), BlkCompleteToIrq) {
         match msi {
-            Some((address, data)) => {
-                crate::blk_vm::irq(address, data, task_context(site), now_ns())
-            }
+            Some((address, data)) => crate::blk_vm::irq(address, data, ctx.in_task, now_ns()),
             None => count(BlkCompleteToIrq, Counter::ReadError),
         }
     }
-    crate::vfio::injected(now_ns());
-    let in_task = task_context(site);
-    injection(in_task);
-    crate::net::irq(in_task);
+    crate::vfio::injected(&ctx, now_ns());
+    injection(&ctx);
+    crate::net::irq(ctx.in_task);
 }
 
 // void trace_kvm_msi_set_irq(__u64 address, __u64 data)
@@ -183,7 +175,7 @@ tracepoint!(
 #[inline(always)]
 fn set_irq(level: Result<i32, ()>, site: Site) {
     match level {
-        Ok(1) => injection(task_context(site)),
+        Ok(1) => injection(&Context::of(site)),
         Ok(_) => {}
         Err(()) => count_each(stages_on(), &INJECTION, Counter::ReadError),
     }
@@ -207,7 +199,7 @@ fn accept(apicid: Result<u32, ()>, site: Site) {
         return;
     }
     match apicid {
-        Ok(apicid) => inject::accepted(current_tgid_tid().1, apicid, task_context(site)),
+        Ok(apicid) => inject::accepted(current_tgid_tid().1, apicid, Context::of(site).in_task),
         Err(()) => count(KvmInjectToEntry, Counter::ReadError),
     }
 }

@@ -91,7 +91,7 @@ fn irqfd_wakeup(key: Result<u64, ()>, site: Site) {
     // vhost kthread that adopted it does not).
     let (tgid, tid) = current_tgid_tid();
     // (a VFIO handler's signal interrupted a task: not that task's write)
-    if !crate::vfio::task_context(site) {
+    if !crate::vfio::Context::of(site).in_task {
         return;
     }
     if !is_vmm(tgid) {
