@@ -28,7 +28,24 @@ fn blk_device_counts_every_direct_io_on_a_loop_device() {
         // Tolerance: a stray udev or blkid probe of the device may add a few reads.
         assert!(
             count >= n as f64 && count <= n as f64 * 1.02 + 2.0,
-            "{op}: {count} requests counted for {n} issued"
+            "{op}: {count} requests counted for {n} issued; blk.device's drops in the window: \
+             {:?}",
+            after
+                .find("iopath_events_dropped_total", &[("stage", "blk.device")])
+                .iter()
+                .map(|s| (
+                    s.labels["reason"].clone(),
+                    s.value
+                        - before.value(
+                            "iopath_events_dropped_total",
+                            &[
+                                ("stage", "blk.device"),
+                                ("reason", s.labels["reason"].as_str())
+                            ]
+                        )
+                ))
+                .filter(|(_, v)| *v != 0.0)
+                .collect::<Vec<_>>()
         );
         let p50 = quantile_between(
             &before.buckets(HIST, &sel(op)),
