@@ -73,9 +73,20 @@ impl Ticker {
         let mut child = Command::new("bpftrace")
             .args(["-e", script])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("bpftrace");
+        // What bpftrace says on stderr: why, when it does not attach.
+        let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let to = said.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut t = to.lock().unwrap();
+                t.push_str(&l);
+                t.push('\n');
+            }
+        });
         let (tx, lines) = mpsc::channel();
         let out = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -92,7 +103,10 @@ impl Ticker {
             match lines.recv_timeout(left) {
                 Ok(l) if l.contains("ready") => break,
                 Ok(_) => {}
-                Err(_) => panic!("bpftrace did not attach within 120 s"),
+                Err(_) => panic!(
+                    "bpftrace did not attach within 120 s: {}",
+                    said.lock().unwrap()
+                ),
             }
         }
         Ticker {

@@ -917,3 +917,55 @@ impl Drop for SlowDisk {
         let _ = fs::remove_dir(&self.dir);
     }
 }
+
+/// `iopath record --json` running in the background until [`Recording::stop`] (SIGINT): a
+/// capture of a window a test chooses, for `iopath compare --input`. Killed on drop.
+pub struct Recording(Option<Child>);
+
+impl Recording {
+    /// Starts `iopath record --json` with `args` and waits until its programs are attached.
+    pub fn start(args: &[&str]) -> Recording {
+        use std::io::BufRead as _;
+        let mut rec = Command::new(iopath_bin())
+            .args(["record", "--json", "--duration", "1h"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("iopath record");
+        let mut stderr = std::io::BufReader::new(rec.stderr.take().unwrap());
+        let mut said = String::new();
+        loop {
+            let mut line = String::new();
+            let n = stderr.read_line(&mut line).expect("record's stderr");
+            said += &line;
+            if n == 0 || line.contains("recording for") {
+                break;
+            }
+        }
+        assert!(
+            said.contains("recording for"),
+            "record did not start: {said}"
+        );
+        Recording(Some(rec))
+    }
+
+    /// Ends the recording (SIGINT) and returns its capture.
+    pub fn stop(mut self) -> String {
+        let rec = self.0.take().expect("running");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(rec.id() as i32, libc::SIGINT) };
+        let out = rec.wait_with_output().expect("record's output");
+        assert!(out.status.success(), "record failed: {out:?}");
+        String::from_utf8(out.stdout).expect("record --json is UTF-8")
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.0.take() {
+            let _ = rec.kill();
+            let _ = rec.wait();
+        }
+    }
+}

@@ -372,11 +372,22 @@ impl Bpftrace {
         }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Under emulation, detaching and printing once took more than 30 s (CI: a round's
+        // counts came back empty, with nothing said): wait longer, and say so if it never ends.
+        let waited = Instant::now();
+        let deadline = waited + Duration::from_secs(120);
         while self.bt.try_wait().unwrap().is_none() && Instant::now() < deadline {
             sleep(Duration::from_millis(50));
         }
-        let _ = self.bt.kill();
+        if self.bt.try_wait().unwrap().is_none() {
+            let _ = self.bt.kill();
+            let _ = self.bt.wait();
+            let said: Vec<String> = self.errors.try_iter().collect();
+            panic!(
+                "bpftrace did not exit within {:?} of SIGINT, so its counts are lost: {said:?}",
+                waited.elapsed()
+            );
+        }
         let _ = self.bt.wait();
         // bpftrace is gone: the reader threads forward what it printed, then their channels
         // close.

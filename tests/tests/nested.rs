@@ -1631,6 +1631,10 @@ fn a_nested_guests_passed_through_nic_and_nvme_interrupts_are_measured() {
     let console = Path::new("/tmp/l2/console.log");
     // Injections inside vfio-pci's MSI handler, counted without iopath and from other events
     // than its (the function's entry and return, not the IRQ tracepoints); its module first.
+    // fentry (kvm_set_msi_irq: kvm_msi_set_irq's function), not kprobes or the classic
+    // tracepoint: those programs are skipped when the interrupt lands while another BPF
+    // program runs on that CPU (one or two of 1,098 were, with `record` beside the daemon),
+    // and 6.1 counts no such miss; fentry's are skipped only inside themselves.
     let vfio = Command::new("modprobe")
         .arg("vfio-pci")
         .status()
@@ -1638,9 +1642,9 @@ fn a_nested_guests_passed_through_nic_and_nvme_interrupts_are_measured() {
     assert!(vfio.success(), "modprobe vfio-pci");
     let mut bt = iopath_tests::blk::Ticker::start(
         r#"BEGIN { @entries = 0; @inj = 0; printf("ready\n"); }
-kprobe:vfio_msihandler { @in[cpu] = 1; @entries++; }
-kretprobe:vfio_msihandler { delete(@in[cpu]); }
-tracepoint:kvm:kvm_msi_set_irq /@in[cpu]/ { @inj++; }
+kfunc:vfio_pci_core:vfio_msihandler { @in[cpu] = 1; @entries++; }
+kretfunc:vfio_pci_core:vfio_msihandler { delete(@in[cpu]); }
+kfunc:kvm:kvm_set_msi_irq /@in[cpu]/ { @inj++; }
 interval:ms:100 { printf("T %llu %llu %llu\n", nsecs, @entries, @inj); }
 END { clear(@in); }"#,
     );
@@ -1648,10 +1652,15 @@ END { clear(@in); }"#,
         "--stages",
         "vfio.handler,vfio.handler_to_inject,kvm.inject_to_entry",
     ]);
+    // A capture for `iopath compare`, all default stages, over the pings and the disk rounds
+    // (started first: under emulation attaching takes seconds, and the rounds do not wait).
+    let rec = iopath_tests::Recording::start(&[]);
+    // The vhost-net NIC's tap on a bridge in L1's own namespace (a host's topology): iopath
+    // follows the taps of its own network namespace.
     let guest = L2::start_with(
         VM,
         true,
-        "",
+        "bridge",
         &[
             ("L2_VFIO_NIC", "1"),
             ("L2_VFIO_NVME", "1"),
@@ -1696,6 +1705,7 @@ END { clear(@in); }"#,
     });
     iopath_tests::blk::wait_round(console, ROUNDS - 1, std::time::Duration::from_secs(300));
     let (irq1, m1, c1) = cut(&mut bt);
+    let capture = rec.stop();
     drop(bt);
     drop(guest);
     eprintln!(
@@ -1825,4 +1835,161 @@ END { clear(@in); }"#,
         "kvm.inject_to_entry names {VM} for {inject_vm} of about {want} injections"
     );
     assert!(d.stop().success());
+    // The capture's window holds the cut's: at least as many handler injections of the NIC.
+    let nic_injections = to_inject_by[&format!("{VM}/{NIC}")];
+    compare_holds(&capture, VM, PINGS, (NIC, nic_injections), NVME);
+}
+
+/// `iopath compare` on a capture of vm `vm` with a vhost-net NIC that answered `pings` pings,
+/// a passed-through NIC (`nic.0`, at least `nic.1` handler injections in the capture) and a
+/// passed-through NVMe: both columns of the network, the NVMe under disk, and every figure
+/// checked against the capture's own series.
+fn compare_holds(capture: &str, vm: &str, pings: u32, nic: (&str, u64), nvme: &str) {
+    let dir = std::env::temp_dir().join("iopath-compare");
+    fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("capture.json");
+    fs::write(&file, capture).unwrap();
+    let run = |json: bool| {
+        let mut args = vec!["compare", "--vm", vm, "--input", file.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        let out = iopath_tests::iopath(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "iopath compare: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let table = run(false);
+    eprintln!("{table}");
+    let c: serde_json::Value = serde_json::from_str(&run(true)).expect("compare --json");
+    let cap: serde_json::Value = serde_json::from_str(capture).expect("record --json");
+    let series = cap["series"].as_array().unwrap();
+    let kind = |k: &str| {
+        c["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["kind"] == k)
+            .unwrap_or_else(|| panic!("compare has no {k}: {c}"))
+            .clone()
+    };
+    let (net, disk) = (kind("network"), kind("disk"));
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    // Each path: a part is the capture's series of its stage merged (count and mean exact,
+    // quantiles between the series' own), the path the sum of its parts.
+    let check = |p: &serde_json::Value| {
+        let devices: Vec<&str> = p["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect();
+        let mut sums = [0.0; 4];
+        for part in p["parts"].as_array().unwrap() {
+            let stage = part["stage"].as_str().unwrap();
+            let mine: Vec<&serde_json::Value> = series
+                .iter()
+                .filter(|r| r["stage"] == stage)
+                .filter(|r| {
+                    if stage.ends_with("host_stack") {
+                        devices.iter().any(|d| r["labels"]["tap"] == *d)
+                    } else {
+                        r["labels"]["vm"] == vm
+                            && (p["path"] != "passthrough"
+                                || devices.iter().any(|d| r["labels"]["device"] == *d))
+                    }
+                })
+                .collect();
+            let count: u64 = mine.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+            let sum_ns: u64 = mine.iter().map(|r| r["sum_ns"].as_u64().unwrap()).sum();
+            assert_eq!(part["series"], mine.len(), "{stage}: series merged");
+            assert_eq!(part["count"], count, "{stage}: events");
+            let mean = sum_ns as f64 / count as f64 / 1e3;
+            assert!(
+                (f(part, "mean_us") - mean).abs() <= 1e-6 * mean,
+                "{stage}: mean {} against the series' {mean}",
+                part["mean_us"]
+            );
+            for q in ["p50_us", "p99_us", "p999_us"] {
+                let each: Vec<f64> = mine.iter().map(|r| f(r, q)).collect();
+                let (lo, hi) = (
+                    each.iter().copied().fold(f64::INFINITY, f64::min),
+                    each.iter().copied().fold(0.0, f64::max),
+                );
+                assert!(
+                    f(part, q) >= lo - 1e-9 && f(part, q) <= hi + 1e-9,
+                    "{stage}: {q} {} outside its series' [{lo}, {hi}]",
+                    part[q]
+                );
+            }
+            for (i, q) in ["mean_us", "p50_us", "p99_us", "p999_us"]
+                .iter()
+                .enumerate()
+            {
+                sums[i] += f(part, q);
+            }
+        }
+        for (i, q) in ["mean_us", "p50_us", "p99_us", "p999_us"]
+            .iter()
+            .enumerate()
+        {
+            assert!(
+                (f(p, q) - sums[i]).abs() <= 1e-6 * sums[i],
+                "{} {}: {q} {} is not its parts' sum {}",
+                p["path"],
+                p["direction"],
+                p[q],
+                sums[i]
+            );
+            assert!(f(p, q) > 0.0, "{} {}: {q} empty", p["path"], p["direction"]);
+        }
+    };
+    let dirs: Vec<&str> = net["paravirtual"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["direction"].as_str().unwrap())
+        .collect();
+    assert_eq!(dirs, ["receive", "transmit"], "network, paravirtual: {net}");
+    for p in net["paravirtual"].as_array().unwrap() {
+        check(p);
+        assert!(f(p, "cpu_per_io_us") > 0.0, "vhost's CPU per packet: {p}");
+    }
+    // the pings' replies, each through every receive stage
+    for part in net["paravirtual"][0]["parts"].as_array().unwrap() {
+        assert!(
+            part["count"].as_u64().unwrap() >= u64::from(pings),
+            "receive: {} has {} events for {pings} pings",
+            part["stage"],
+            part["count"]
+        );
+    }
+    let pt = &net["passthrough"][0];
+    assert_eq!(pt["devices"], serde_json::json!([nic.0]), "{net}");
+    check(pt);
+    assert!(
+        pt["parts"][0]["count"].as_u64().unwrap() >= nic.1,
+        "passthrough NIC: {} injections in the capture, {} in the cut inside it",
+        pt["parts"][0]["count"],
+        nic.1
+    );
+    assert!(f(pt, "cpu_per_io_us") > 0.0, "vfio.handler's mean: {pt}");
+    assert_eq!(net["saves_at_most"].as_array().unwrap().len(), 2, "{net}");
+    let pt = &disk["passthrough"][0];
+    assert_eq!(pt["devices"], serde_json::json!([nvme]), "{disk}");
+    check(pt);
+    for want in [
+        "paravirtual receive",
+        "paravirtual transmit",
+        "passthrough interrupt",
+        "passthrough could save at most, receive",
+        "what passthrough costs:",
+    ] {
+        let squeezed = table.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(squeezed.contains(want), "compare's table lacks {want:?}");
+    }
 }

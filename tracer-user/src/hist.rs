@@ -70,6 +70,30 @@ impl Series {
         self.sum_ns += other.sum_ns;
     }
 
+    /// The non-empty buckets as (lower bound in ns, events): how a capture (`record --json`)
+    /// keeps a series, so that a later reader can merge series exactly.
+    pub fn sparse(&self) -> Vec<(u64, u64)> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (lower_bound_ns(i as u16), *n))
+            .collect()
+    }
+
+    /// The series [`Series::sparse`] wrote; None if a lower bound is not one of this layout's.
+    pub fn from_sparse(buckets: &[(u64, u64)], sum_ns: u64) -> Option<Series> {
+        let mut s = Series {
+            sum_ns,
+            ..Series::default()
+        };
+        for &(lo, n) in buckets {
+            let i = (0..BUCKETS as u16).find(|&i| lower_bound_ns(i) == lo)?;
+            s.buckets[i as usize] += n;
+        }
+        Some(s)
+    }
+
     /// Quantile `q` in ns: the bucket holding the q-th event, interpolated linearly inside it
     /// (as Prometheus' histogram_quantile does), so within one bucket's width (1/8 of its
     /// lower bound) of the truth. The overflow bucket gives its lower bound. None when empty.

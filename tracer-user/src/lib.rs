@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod backend;
 pub mod btf;
+pub mod compare;
 pub mod export;
 pub mod gc;
 pub mod hist;

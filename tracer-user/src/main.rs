@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use iopath::{attach, hist::Layout, privs, report, serve, session, stages::Family};
 
@@ -128,6 +129,25 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Put one VM's paravirtual and passthrough paths side by side, per kind of I/O: host-side
+    /// time (p50, p99, p99.9), host CPU per I/O, what passthrough could save and what it costs.
+    Compare {
+        /// The VM (its name as the `vm` label has it).
+        #[arg(long)]
+        vm: String,
+        /// A capture of `iopath record --json` to compare (no privileges needed); without it,
+        /// iopath records for --duration first.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// How long to record when there is no --input, e.g. 30s.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show which stages can attach on this kernel, and how, or why not.
     Doctor {
         /// JSON instead of a table.
@@ -232,6 +252,20 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Cmd::Compare {
+        vm,
+        input: Some(input),
+        json,
+        ..
+    } = &cli.cmd
+    {
+        // A capture needs no privileges.
+        let text = std::fs::read_to_string(input)
+            .with_context(|| format!("reading {}", input.display()))?;
+        let capture: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", input.display()))?;
+        return compare(&capture, vm, *json);
+    }
     privs::check()?;
     match cli.cmd {
         Cmd::Serve { listen, common } => {
@@ -252,11 +286,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
             .block_on(record(duration, json, &common)),
+        Cmd::Compare {
+            vm,
+            duration,
+            json,
+            common,
+            ..
+        } => {
+            let capture = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut session = trace_for(duration, &common).await?;
+                    anyhow::Ok(report::json(&mut session))
+                })?;
+            compare(&serde_json::from_str(&capture)?, &vm, json)
+        }
         Cmd::Doctor { json, common } => doctor(json, &common),
     }
 }
 
+fn compare(capture: &serde_json::Value, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let c = iopath::compare::compare(capture, vm)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", iopath::compare::table(&c));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Result<ExitCode> {
+    let mut session = trace_for(duration, common).await?;
+    print!(
+        "{}",
+        if json {
+            report::json(&mut session)
+        } else {
+            report::table(&mut session)
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A session that traced for `duration` (or until SIGINT or SIGTERM), its counts read last.
+async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<session::Session> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut session = session::Session::start(&common.options(true))?;
     if !session.tracer.any_attached() {
@@ -294,15 +368,7 @@ async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Resu
         }
     }
     session.refresh()?;
-    print!(
-        "{}",
-        if json {
-            report::json(&mut session)
-        } else {
-            report::table(&mut session)
-        }
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(session)
 }
 
 /// How the VMM disk stages tell a disk's notify and vector (`learn`), as doctor says it.

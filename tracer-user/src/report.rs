@@ -15,6 +15,10 @@ struct Row {
     labels: serde_json::Map<String, serde_json::Value>,
     #[serde(flatten)]
     summary: Summary,
+    sum_ns: u64,
+    /// Non-empty kernel buckets as [lower bound in ns, events]: a reader of the capture
+    /// (`iopath compare`) merges series exactly from them.
+    buckets: Vec<(u64, u64)>,
 }
 
 fn rows(s: &mut Session) -> Vec<Row> {
@@ -23,6 +27,8 @@ fn rows(s: &mut Session) -> Vec<Row> {
         .map(|(l, summary)| Row {
             stage: l.stage.name,
             path: l.stage.path.name(),
+            sum_ns: l.series.sum_ns,
+            buckets: l.series.sparse(),
             labels: l
                 .labels
                 .into_iter()
@@ -138,9 +144,51 @@ fn sync_writes(rows: &[Row]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The PCI devices the vfio stages saw, with their class (`/sys/bus/pci/devices/BDF/class`)
+/// and the kind of I/O it stands for: what `iopath compare` puts each device under.
+fn vfio_devices(rows: &[Row]) -> Vec<serde_json::Value> {
+    let devices: std::collections::BTreeSet<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.path == "vfio")
+        .filter_map(|r| {
+            Some((
+                r.labels.get("device")?.as_str()?,
+                r.labels.get("vm")?.as_str()?,
+            ))
+        })
+        .collect();
+    devices
+        .into_iter()
+        .map(|(device, vm)| {
+            let class = std::fs::read_to_string(format!("/sys/bus/pci/devices/{device}/class"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default();
+            serde_json::json!({
+                "device": device, "vm": vm, "class": class, "kind": pci_kind(&class),
+            })
+        })
+        .collect()
+}
+
+/// The kind of I/O of a PCI class code (`0x020000`): its base class, network (0x02) or
+/// storage (0x01); anything else is `other`.
+pub fn pci_kind(class: &str) -> &'static str {
+    let base = class
+        .strip_prefix("0x")
+        .and_then(|c| u32::from_str_radix(c, 16).ok())
+        .map(|c| c >> 16);
+    match base {
+        Some(0x01) => "disk",
+        Some(0x02) => "network",
+        _ => "other",
+    }
+}
+
 pub fn json(s: &mut Session) -> String {
     let series = rows(s);
     let out = serde_json::json!({
+        "vfio_devices": vfio_devices(&series),
+        "posted_interrupts": crate::posted::this_host(),
         "stages": s.tracer.report,
         "sync_writes": sync_writes(&series),
         "series": series,
@@ -297,6 +345,8 @@ mod tests {
                 p999_us: 2.0 * mean_us,
                 max_us: 2.0 * mean_us,
             },
+            sum_ns: (count as f64 * mean_us * 1e3) as u64,
+            buckets: Vec::new(),
         }
     }
 

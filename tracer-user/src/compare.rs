@@ -1,0 +1,603 @@
+//! `iopath compare`: one VM's paravirtual and passthrough paths side by side, per kind of I/O
+//! (network, disk), from a capture (`iopath record --json`) or a recording of its own.
+//!
+//! A path's host-side time is the sum of its stages. Means add exactly; a quantile of the sum
+//! is given as the sum of the stages' quantiles, which is the path's quantile when a slow I/O is
+//! slow in every stage and an upper estimate otherwise (the capture has no per-I/O timelines to
+//! do better). Each stage merges the VM's series first (all queues, vectors, ops), bucket by
+//! bucket, so its quantiles are exact to the kernel's resolution.
+
+use std::{collections::BTreeSet, fmt::Write as _};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::hist::{Series, Summary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not a capture of `iopath record --json` (no \"series\")")]
+    NotACapture,
+    #[error("no series of vm {vm:?} in the capture (vms in it: {seen})")]
+    NoSuchVm { vm: String, seen: String },
+    #[error("a {stage} series has buckets of another layout (a capture of another iopath?)")]
+    Buckets { stage: String },
+}
+
+/// One stage of a path: the VM's series of it, merged.
+#[derive(Clone, Debug, Serialize)]
+pub struct Part {
+    pub stage: &'static str,
+    /// The series merged (queues, vectors, ops, devices).
+    pub series: usize,
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+/// Host-side time of one direction of one path: the sum of its stages.
+#[derive(Debug, Serialize)]
+pub struct PathSum {
+    /// `paravirtual` or `passthrough`.
+    pub path: &'static str,
+    /// `receive`, `transmit` (network), `request` (disk), `interrupt` (passthrough).
+    pub direction: &'static str,
+    /// Taps, disks or PCI addresses the parts' series name.
+    pub devices: Vec<String>,
+    pub parts: Vec<Part>,
+    /// Stages of the path with no series of the VM: the sums lack them.
+    pub not_measured: Vec<&'static str>,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// Host CPU per I/O in µs, and whose (`cpu_of`); None where nothing measured it.
+    pub cpu_per_io_us: Option<f64>,
+    pub cpu_of: &'static str,
+}
+
+/// The most a move to passthrough could take off one paravirtual direction's host-side time.
+#[derive(Debug, Serialize)]
+pub struct Saving {
+    pub direction: &'static str,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub why: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Kind {
+    /// `network` or `disk`.
+    pub kind: &'static str,
+    pub paravirtual: Vec<PathSum>,
+    pub passthrough: Vec<PathSum>,
+    pub saves_at_most: Vec<Saving>,
+    /// Measured beside the paths but in neither sum (the host's own block device: a
+    /// passed-through disk is another device, whose time the host never sees).
+    pub beside: Vec<Part>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub vm: String,
+    pub kinds: Vec<Kind>,
+    /// In both paths' delivery and in neither sum (kvm.inject_to_entry).
+    pub common: Vec<Part>,
+    /// Whether this host posts assigned devices' interrupts, as the capture says.
+    pub posted: Option<String>,
+    pub costs: Vec<&'static str>,
+}
+
+/// What passthrough costs, in plain words.
+pub const COSTS: [&str; 4] = [
+    "live migration: a VM holding an assigned device cannot be live-migrated (unless the \
+     device has a VFIO migration driver)",
+    "host-side storage and network features: a passed-through disk bypasses the VMM's block \
+     layer (no image snapshots, backing files or I/O throttling), a passed-through NIC the \
+     host's bridge and firewall",
+    "memory: all guest memory is pinned for the device's DMA: no overcommit, ballooning, KSM \
+     or swap for this VM",
+    "one device (or SR-IOV virtual function) per VM: the hardware is not shared",
+];
+
+const RX: [&str; 3] = [
+    "net.rx.host_stack",
+    "net.rx.backend_queue",
+    "net.rx.backend_to_irq",
+];
+const TX: [&str; 3] = ["net.tx.kick", "net.tx.backend_to_wire", "net.tx.host_stack"];
+const DISK: [&str; 2] = ["blk.kick_to_submit", "blk.complete_to_irq"];
+const PT: [&str; 1] = ["vfio.handler_to_inject"];
+
+/// One series of the capture.
+struct Row<'a> {
+    stage: &'a str,
+    labels: &'a serde_json::Map<String, Value>,
+    series: Series,
+}
+
+impl Row<'_> {
+    fn label(&self, k: &str) -> Option<&str> {
+        self.labels.get(k)?.as_str()
+    }
+}
+
+fn rows(capture: &Value) -> Result<Vec<Row<'_>>, Error> {
+    let series = capture["series"].as_array().ok_or(Error::NotACapture)?;
+    series
+        .iter()
+        .map(|r| {
+            let stage = r["stage"].as_str().unwrap_or_default();
+            let buckets: Vec<(u64, u64)> = r["buckets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| Some((b[0].as_u64()?, b[1].as_u64()?)))
+                .collect();
+            let series = Series::from_sparse(&buckets, r["sum_ns"].as_u64().unwrap_or(0))
+                .ok_or_else(|| Error::Buckets {
+                    stage: stage.into(),
+                })?;
+            static EMPTY: std::sync::LazyLock<serde_json::Map<String, Value>> =
+                std::sync::LazyLock::new(serde_json::Map::new);
+            Ok(Row {
+                stage,
+                labels: r["labels"].as_object().unwrap_or(&EMPTY),
+                series,
+            })
+        })
+        .collect()
+}
+
+/// The stage `stage` of the rows `keep` selects, merged; None when there are none.
+fn part(rows: &[Row], stage: &'static str, keep: impl Fn(&Row) -> bool) -> Option<Part> {
+    let mut merged = Series::default();
+    let mut n = 0;
+    for r in rows.iter().filter(|r| r.stage == stage && keep(r)) {
+        merged.add(&r.series);
+        n += 1;
+    }
+    (n > 0 && merged.count() > 0).then(|| Part {
+        stage,
+        series: n,
+        summary: merged.summary(),
+    })
+}
+
+fn path_sum(
+    path: &'static str,
+    direction: &'static str,
+    devices: Vec<String>,
+    stages: &[&'static str],
+    parts: impl Fn(&'static str) -> Option<Part>,
+    cpu: (Option<f64>, &'static str),
+) -> Option<PathSum> {
+    let parts: Vec<Part> = stages.iter().filter_map(|s| parts(s)).collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let not_measured = stages
+        .iter()
+        .filter(|s| !parts.iter().any(|p| p.stage == **s))
+        .copied()
+        .collect();
+    let sum = |f: fn(&Summary) -> f64| parts.iter().map(|p| f(&p.summary)).sum();
+    Some(PathSum {
+        path,
+        direction,
+        devices,
+        not_measured,
+        mean_us: sum(|s| s.mean_us),
+        p50_us: sum(|s| s.p50_us),
+        p99_us: sum(|s| s.p99_us),
+        p999_us: sum(|s| s.p999_us),
+        parts,
+        cpu_per_io_us: cpu.0,
+        cpu_of: cpu.1,
+    })
+}
+
+/// CPU per I/O of the VM's backends from a capture's `backends` or `disk_backends`.
+fn backend_cpu(capture: &Value, section: &str, count: &str, vm: &str) -> Option<f64> {
+    let (mut cpu_s, mut n) = (0.0, 0u64);
+    for b in capture[section].as_array().into_iter().flatten() {
+        if b["labels"]["vm"].as_str() == Some(vm) {
+            cpu_s += b["cpu_s"].as_f64().unwrap_or(0.0);
+            n += b[count].as_u64().unwrap_or(0);
+        }
+    }
+    (n > 0).then(|| cpu_s * 1e6 / n as f64)
+}
+
+fn saving(direction: &'static str, pv: &PathSum, pt: Option<&PathSum>) -> Saving {
+    let (why, base) = match pt {
+        Some(pt) if direction != "transmit" => (
+            "its sum less the passthrough interrupt's; the devices' own work is in neither",
+            [pt.p50_us, pt.p99_us, pt.p999_us],
+        ),
+        _ => (
+            "all of it: a passed-through device's doorbell is the guest's write to it, with no \
+             host event",
+            [0.0; 3],
+        ),
+    };
+    Saving {
+        direction,
+        p50_us: (pv.p50_us - base[0]).max(0.0),
+        p99_us: (pv.p99_us - base[1]).max(0.0),
+        p999_us: (pv.p999_us - base[2]).max(0.0),
+        why,
+    }
+}
+
+/// The comparison for `vm` from a capture.
+pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
+    let rows = rows(capture)?;
+    let of_vm = |r: &Row| r.label("vm") == Some(vm);
+    if !rows.iter().any(of_vm) {
+        let seen: BTreeSet<&str> = rows
+            .iter()
+            .filter_map(|r| r.label("vm"))
+            .filter(|v| !v.is_empty())
+            .collect();
+        return Err(Error::NoSuchVm {
+            vm: vm.into(),
+            seen: if seen.is_empty() {
+                "none".into()
+            } else {
+                seen.into_iter().collect::<Vec<_>>().join(", ")
+            },
+        });
+    }
+    let names = |stages: &[&str], label: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| stages.contains(&r.stage) && of_vm(r))
+            .filter_map(|r| r.label(label).map(str::to_string))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    // The host stacks' series name taps, not VMs: the VM's taps are those its backend
+    // series name.
+    let taps = names(&[&RX[1..], &TX[..2]].concat(), "tap");
+    let net_part = |stage: &'static str| {
+        part(&rows, stage, |r| {
+            if stage.ends_with("host_stack") {
+                r.label("tap").is_some_and(|t| taps.iter().any(|v| v == t))
+            } else {
+                of_vm(r)
+            }
+        })
+    };
+    let net_cpu = (
+        backend_cpu(capture, "backends", "packets", vm),
+        "the backend's threads (vhost worker or VMM), per packet either way",
+    );
+    let kind_of = |device: &str| {
+        capture["vfio_devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["device"].as_str() == Some(device))
+            .and_then(|d| d["kind"].as_str())
+            .unwrap_or("other")
+            .to_string()
+    };
+    let passthrough = |kind: &str| -> Option<PathSum> {
+        let devices: Vec<String> = names(&["vfio.handler", PT[0]], "device")
+            .into_iter()
+            .filter(|d| kind_of(d) == kind)
+            .collect();
+        if devices.is_empty() {
+            return None;
+        }
+        let mine = |r: &Row| {
+            of_vm(r)
+                && r.label("device")
+                    .is_some_and(|d| devices.iter().any(|v| v == d))
+        };
+        let handler = part(&rows, "vfio.handler", mine);
+        path_sum(
+            "passthrough",
+            "interrupt",
+            devices.clone(),
+            &PT,
+            |s| part(&rows, s, mine),
+            (
+                handler.map(|h| h.summary.mean_us),
+                "the host's interrupt handler (vfio.handler's mean), per interrupt",
+            ),
+        )
+    };
+    let mut kinds = Vec::new();
+    // network
+    let pv: Vec<PathSum> = [("receive", &RX), ("transmit", &TX)]
+        .into_iter()
+        .filter_map(|(dir, stages)| {
+            path_sum("paravirtual", dir, taps.clone(), stages, net_part, net_cpu)
+        })
+        .collect();
+    let pt: Vec<PathSum> = passthrough("network").into_iter().collect();
+    if !pv.is_empty() || !pt.is_empty() {
+        kinds.push(Kind {
+            kind: "network",
+            saves_at_most: if pt.is_empty() {
+                Vec::new()
+            } else {
+                pv.iter()
+                    .map(|p| saving(p.direction, p, pt.first()))
+                    .collect()
+            },
+            paravirtual: pv,
+            passthrough: pt,
+            beside: Vec::new(),
+        });
+    }
+    // disk
+    let disk_cpu = (
+        backend_cpu(capture, "disk_backends", "requests", vm),
+        "the threads that submit the VM's requests, per request",
+    );
+    let pv: Vec<PathSum> = path_sum(
+        "paravirtual",
+        "request",
+        names(&DISK, "disk"),
+        &DISK,
+        |s| part(&rows, s, of_vm),
+        disk_cpu,
+    )
+    .into_iter()
+    .collect();
+    let pt: Vec<PathSum> = passthrough("disk").into_iter().collect();
+    if !pv.is_empty() || !pt.is_empty() {
+        kinds.push(Kind {
+            kind: "disk",
+            saves_at_most: if pt.is_empty() {
+                Vec::new()
+            } else {
+                pv.iter()
+                    .map(|p| saving(p.direction, p, pt.first()))
+                    .collect()
+            },
+            beside: part(&rows, "blk.device", of_vm).into_iter().collect(),
+            paravirtual: pv,
+            passthrough: pt,
+        });
+    }
+    Ok(Comparison {
+        vm: vm.into(),
+        kinds,
+        common: part(&rows, "kvm.inject_to_entry", of_vm)
+            .into_iter()
+            .collect(),
+        posted: capture["posted_interrupts"].as_object().map(|p| {
+            let yes = p.get("posted").and_then(Value::as_bool) == Some(true);
+            let why = p.get("why").and_then(Value::as_str).unwrap_or_default();
+            format!("{} ({why})", if yes { "yes" } else { "no" })
+        }),
+        costs: COSTS.to_vec(),
+    })
+}
+
+/// A latency for the table: µs with one decimal below 10 ms, then ms.
+fn us(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1}ms", v / 1e3)
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+pub fn table(c: &Comparison) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "vm {:?}: host-side time per I/O, paravirtual against passthrough (µs unless marked ms; \
+         a path's quantile is the sum of its stages')",
+        c.vm
+    );
+    if c.kinds.is_empty() {
+        out.push_str("(no network or disk path of this VM was measured)\n");
+    }
+    for k in &c.kinds {
+        let _ = writeln!(
+            out,
+            "\n{}\n  {:<11} {:<9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  DEVICES / STAGES",
+            k.kind, "PATH", "DIRECTION", "COUNT", "MEAN", "P50", "P99", "P99.9", "CPU/IO"
+        );
+        for p in k.paravirtual.iter().chain(&k.passthrough) {
+            let _ = writeln!(
+                out,
+                "  {:<11} {:<9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  {}: {}{}",
+                p.path,
+                p.direction,
+                p.parts.first().map_or(0, |f| f.summary.count),
+                us(p.mean_us),
+                us(p.p50_us),
+                us(p.p99_us),
+                us(p.p999_us),
+                p.cpu_per_io_us.map_or("-".into(), us),
+                p.devices.join(","),
+                p.parts
+                    .iter()
+                    .map(|p| p.stage)
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                if p.not_measured.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not measured: {})", p.not_measured.join(", "))
+                }
+            );
+        }
+        if k.paravirtual.is_empty() {
+            let _ = writeln!(out, "  (no paravirtual {} path measured)", k.kind);
+        }
+        if k.passthrough.is_empty() {
+            let _ = writeln!(out, "  (no passed-through {} device measured)", k.kind);
+        }
+        for s in &k.saves_at_most {
+            let _ = writeln!(
+                out,
+                "  passthrough could save at most, {}: p50 {} p99 {} p99.9 {} ({})",
+                s.direction,
+                us(s.p50_us),
+                us(s.p99_us),
+                us(s.p999_us),
+                s.why
+            );
+        }
+        for b in &k.beside {
+            let _ = writeln!(
+                out,
+                "  beside the sums: {} p50 {} p99 {} over {} requests (the host's own device)",
+                b.stage,
+                us(b.summary.p50_us),
+                us(b.summary.p99_us),
+                b.summary.count
+            );
+        }
+    }
+    for p in &c.common {
+        let _ = writeln!(
+            out,
+            "\ncommon to both paths, in neither sum: {} p50 {} p99 {} over {} injections",
+            p.stage,
+            us(p.summary.p50_us),
+            us(p.summary.p99_us),
+            p.summary.count
+        );
+    }
+    if c.kinds.iter().any(|k| !k.passthrough.is_empty()) {
+        let _ = writeln!(
+            out,
+            "interrupts posted to a running vCPU have no host event and are in no figure; this \
+             host posts assigned devices' interrupts: {}",
+            c.posted
+                .as_deref()
+                .unwrap_or("unknown (not in the capture)")
+        );
+    }
+    out.push_str("\nwhat passthrough costs:\n");
+    for c in &c.costs {
+        let _ = writeln!(out, "  - {c}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A capture written by hand: VM "db" with a vhost-net tap, a disk and an assigned NIC and
+    // NVMe; another VM's tap that must stay out.
+    fn row(stage: &str, labels: Value, buckets: &[(u64, u64)]) -> Value {
+        let sum: u64 = buckets.iter().map(|(lo, n)| lo * n).sum();
+        serde_json::json!({"stage": stage, "labels": labels, "sum_ns": sum, "buckets": buckets})
+    }
+
+    fn capture() -> Value {
+        use serde_json::json;
+        // Lower bounds of the kernel's buckets: 2^k ns are all bounds.
+        let us8 = 8192; // 8.192 µs
+        let us16 = 16384;
+        let us32 = 32768;
+        let us64 = 65536;
+        let vm = |extra: Value| {
+            let mut l = json!({"vm": "db", "backend": "vhost", "tap": "tap0", "queue": "0"});
+            l.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            l
+        };
+        json!({
+            "series": [
+                row("net.rx.host_stack", json!({"tap": "tap0", "uplink": "eth0"}), &[(us8, 10)]),
+                row("net.rx.host_stack", json!({"tap": "tap9", "uplink": "eth0"}), &[(us64, 10)]),
+                row("net.rx.backend_queue", vm(json!({})), &[(us16, 5)]),
+                row("net.rx.backend_queue", vm(json!({"queue": "1"})), &[(us16, 5)]),
+                row("net.rx.backend_to_irq", vm(json!({})), &[(us8, 10)]),
+                row("net.tx.kick", vm(json!({})), &[(us8, 10)]),
+                row("net.tx.backend_to_wire", vm(json!({})), &[(us16, 10)]),
+                row("vfio.handler", json!({"vm": "db", "device": "0000:01:00.0", "vector": "0"}), &[(us32, 10)]),
+                row("vfio.handler_to_inject", json!({"vm": "db", "device": "0000:01:00.0", "vector": "0"}), &[(us8, 10)]),
+                row("vfio.handler_to_inject", json!({"vm": "db", "device": "0000:02:00.0", "vector": "0"}), &[(us16, 4)]),
+                row("blk.kick_to_submit", json!({"vm": "db", "device": "7:0", "disk": "loop0", "op": "read"}), &[(us32, 4)]),
+                row("blk.complete_to_irq", json!({"vm": "db", "device": "7:0", "disk": "loop0", "op": "read"}), &[(us16, 4)]),
+                row("blk.device", json!({"vm": "db", "device": "7:0", "disk": "loop0", "op": "read"}), &[(us64, 4)]),
+                row("kvm.inject_to_entry", json!({"vm": "db", "vcpu": "0"}), &[(us8, 30)]),
+                row("kvm.inject_to_entry", json!({"vm": "web", "vcpu": "0"}), &[(us8, 30)]),
+            ],
+            "backends": [{"labels": {"vm": "db", "backend": "vhost", "tap": "tap0"}, "packets": 20, "cpu_s": 0.0001}],
+            "disk_backends": [],
+            "vfio_devices": [
+                {"device": "0000:01:00.0", "vm": "db", "class": "0x020000", "kind": "network"},
+                {"device": "0000:02:00.0", "vm": "db", "class": "0x010802", "kind": "disk"},
+            ],
+            "posted_interrupts": {"posted": false, "why": "kvm_amd avic=N"},
+        })
+    }
+
+    fn one_bucket(lo_ns: u64, n: u64) -> Summary {
+        Series::from_sparse(&[(lo_ns, n)], lo_ns * n)
+            .unwrap()
+            .summary()
+    }
+
+    #[test]
+    fn sums_each_direction_of_the_vms_own_series() {
+        let c = compare(&capture(), "db").unwrap();
+        assert_eq!(c.kinds.len(), 2);
+        let net = &c.kinds[0];
+        assert_eq!(net.kind, "network");
+        let rx = &net.paravirtual[0];
+        assert_eq!(rx.direction, "receive");
+        assert_eq!(rx.devices, ["tap0"]);
+        // tap9 is another VM's: only tap0's 10 packets.
+        assert_eq!(rx.parts[0].summary.count, 10);
+        assert_eq!(rx.parts[1].series, 2);
+        assert_eq!(rx.parts[1].summary.count, 10);
+        let (a, b) = (one_bucket(8192, 10), one_bucket(16384, 10));
+        assert_eq!(rx.p50_us, a.p50_us + b.p50_us + a.p50_us);
+        assert_eq!(rx.p99_us, a.p99_us + b.p99_us + a.p99_us);
+        assert!((rx.mean_us - (8.192 + 16.384 + 8.192)).abs() < 1e-9);
+        assert_eq!(rx.cpu_per_io_us, Some(5.0));
+        let tx = &net.paravirtual[1];
+        assert_eq!(tx.not_measured, ["net.tx.host_stack"]);
+        let pt = &net.passthrough[0];
+        assert_eq!(pt.devices, ["0000:01:00.0"]);
+        assert_eq!(pt.p50_us, a.p50_us);
+        assert_eq!(pt.cpu_per_io_us, Some(32.768));
+        // receive saves its sum less the interrupt's; transmit all of its sum
+        assert_eq!(net.saves_at_most[0].p50_us, rx.p50_us - pt.p50_us);
+        assert_eq!(net.saves_at_most[1].p50_us, tx.p50_us);
+        let disk = &c.kinds[1];
+        assert_eq!(disk.paravirtual[0].devices, ["loop0"]);
+        assert_eq!(disk.passthrough[0].devices, ["0000:02:00.0"]);
+        assert_eq!(disk.beside[0].stage, "blk.device");
+        assert_eq!(c.common[0].summary.count, 30);
+        let t = table(&c);
+        assert!(t.contains("passthrough could save at most, receive"), "{t}");
+        assert!(
+            t.contains("this host posts assigned devices' interrupts: no"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_vm_names_the_vms_of_the_capture() {
+        let e = compare(&capture(), "nope").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "no series of vm \"nope\" in the capture (vms in it: db, web)"
+        );
+        let e = compare(&serde_json::json!({}), "db").unwrap_err();
+        assert!(matches!(e, Error::NotACapture));
+    }
+
+    #[test]
+    fn a_series_of_another_layout_is_refused() {
+        let c = serde_json::json!({"series": [row("vfio.handler", serde_json::json!({"vm": "db"}), &[(1000, 1)])]});
+        assert!(matches!(compare(&c, "db"), Err(Error::Buckets { .. })));
+    }
+}
