@@ -209,3 +209,60 @@ fn xtask_test_refuses_to_run_without_root() {
     let out = as_nobody(&xtask, &[&["test"]]).remove(0);
     one_line_error(&out, 1, "run it as root");
 }
+
+/// `compare` on a capture needs no privileges; what is not a capture, or a VM not in it, is one
+/// line and exit 1. The capture is written by hand: one VM with a paravirtual receive stage
+/// and a passed-through NIC's interrupts.
+#[test]
+fn compare_reads_a_capture_without_privileges_and_refuses_bad_ones() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("iopath-compare-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let capture = serde_json::json!({
+        "series": [
+            {"stage": "net.rx.backend_queue",
+             "labels": {"vm": "db", "backend": "vhost", "tap": "tap0", "queue": "0"},
+             "sum_ns": 20 * 65536, "buckets": [[65536, 20]]},
+            {"stage": "vfio.handler_to_inject",
+             "labels": {"vm": "db", "device": "0000:01:00.0", "vector": "0"},
+             "sum_ns": 10 * 16384, "buckets": [[16384, 10]]},
+        ],
+        "vfio_devices": [{"device": "0000:01:00.0", "vm": "db", "class": "0x020000",
+                          "kind": "network", "posted_vectors": [], "remapped_vectors": ["0"]}],
+    });
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let good = file("run.json", &capture.to_string());
+    let not_json = file("bad.json", "STAGE LABELS\n");
+    let not_capture = file("other.json", "{\"stages\": []}");
+    let runs: [&[&str]; 5] = [
+        &["compare", "--vm", "db", "--input", &good],
+        &["compare", "--vm", "web", "--input", &good],
+        &["compare", "--vm", "db", "--input", &not_json],
+        &["compare", "--vm", "db", "--input", &not_capture],
+        &["compare", "--vm", "db", "--input", "/nonexistent/run.json"],
+    ];
+    let outs = as_nobody(&iopath_bin(), &runs);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let table = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(outs[0].status.success(), "{:?}", outs[0]);
+    // 10 interrupts in [16.384, 18.432) µs: p50 halfway, 17.4
+    assert!(
+        table.contains("passthrough interrupt") && table.contains("17.4"),
+        "{table}"
+    );
+    assert!(table.contains("paravirtual receive"), "{table}");
+    one_line_error(
+        &outs[1],
+        1,
+        "no series of vm \"web\" in the capture (vms in it: db)",
+    );
+    one_line_error(&outs[2], 1, "bad.json is not JSON");
+    one_line_error(&outs[3], 1, "not a capture of `iopath record --json`");
+    one_line_error(&outs[4], 1, "reading /nonexistent/run.json");
+}

@@ -125,9 +125,16 @@ pub struct Config {
     /// `struct bio`.bi_private: LIO's iblock backstore keeps its command there, which names
     /// the VMM of a request vhost-scsi's target submits from a kworker.
     pub bio_private: u32,
+    /// kvm:kvm_pi_irte_update host_irq, vcpu_id, gvec (u32) and set (bool): its classic
+    /// record, whose fields are the same on kernels whose arguments differ (6.1 passes a vCPU
+    /// id and the descriptor's address, later kernels the vCPU).
+    pub tp_irte_host_irq: u32,
+    pub tp_irte_vcpu: u32,
+    pub tp_irte_gvec: u32,
+    pub tp_irte_set: u32,
     pub _pad0: u32,
 }
-assert_size!(Config, 232);
+assert_size!(Config, 248);
 
 impl Config {
     /// Every offset unknown: what the BPF object holds until the daemon sets it.
@@ -188,6 +195,10 @@ impl Config {
         req_preflush: 0,
         rqf_flush_seq: 0,
         bio_private: NO_OFFSET,
+        tp_irte_host_irq: NO_OFFSET,
+        tp_irte_vcpu: NO_OFFSET,
+        tp_irte_gvec: NO_OFFSET,
+        tp_irte_set: NO_OFFSET,
         _pad0: 0,
     };
 }

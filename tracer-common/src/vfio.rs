@@ -31,6 +31,45 @@ pub struct HandlerStart {
 }
 assert_size!(HandlerStart, 16);
 
+/// What kvm:kvm_pi_irte_update last said of one host IRQ (`POSTED_IRTES`, by host IRQ): KVM
+/// points the IRQ's interrupt-remapping entry at a vCPU's posted-interrupt descriptor (`set`)
+/// or back to the host's remapped delivery. While posted, the device's interrupts reach a
+/// running vCPU with no host event at all: the host's handler, and /proc/interrupts, see none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostedIrte {
+    /// tgid of the task that made the update (the VMM, in its KVM_IRQFD or routing ioctl).
+    pub vm: u32,
+    pub vcpu: u32,
+    /// The guest's vector.
+    pub gvec: u32,
+    /// 1: posted; 0: remapped (the host's handler runs).
+    pub set: u32,
+    /// Updates seen for this IRQ: a count that moves tells a mode switched (or re-aimed at
+    /// another vCPU) between two reads.
+    pub updates: u32,
+    pub _pad: u32,
+}
+assert_size!(PostedIrte, 24);
+
+/// kvm:kvm_pi_irte_update of an IRQ whose last state was `last`, from task `tgid`.
+pub fn on_irte_update(
+    last: Option<PostedIrte>,
+    tgid: u32,
+    vcpu: u32,
+    gvec: u32,
+    set: bool,
+) -> PostedIrte {
+    PostedIrte {
+        vm: tgid,
+        vcpu,
+        gvec,
+        set: set as u32,
+        updates: last.map_or(0, |l| l.updates).wrapping_add(1),
+        _pad: 0,
+    }
+}
+
 /// A PCI address as one number: domain, bus, device, function (16, 8, 5 and 3 bits).
 pub const fn pci_key(domain: u32, bus: u32, dev: u32, func: u32) -> u32 {
     (domain & 0xffff) << 16 | (bus & 0xff) << 8 | (dev & 0x1f) << 3 | (func & 0x7)
@@ -74,6 +113,7 @@ mod user {
     // SAFETY: #[repr(C)], integer fields, explicit padding, sizes asserted.
     unsafe impl aya::Pod for super::VfioIrq {}
     unsafe impl aya::Pod for super::HandlerStart {}
+    unsafe impl aya::Pod for super::PostedIrte {}
 }
 
 #[cfg(test)]
@@ -117,6 +157,20 @@ mod tests {
         // IRQ 0 included
         let z = on_entry(0, true, 10).unwrap();
         assert_eq!(on_inject(&z, 30), Some((0, 20)));
+    }
+
+    #[test]
+    fn irte_updates_keep_the_last_mode_and_count_the_switches() {
+        let a = on_irte_update(None, 700, 1, 0x41, true);
+        assert_eq!(
+            (a.vm, a.vcpu, a.gvec, a.set, a.updates),
+            (700, 1, 0x41, 1, 1)
+        );
+        // back to remapped, then posted to another vCPU
+        let b = on_irte_update(Some(a), 700, 1, 0x41, false);
+        assert_eq!((b.set, b.updates), (0, 2));
+        let c = on_irte_update(Some(b), 700, 0, 0x41, true);
+        assert_eq!((c.vcpu, c.set, c.updates), (0, 1, 3));
     }
 
     #[test]

@@ -9,19 +9,24 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use tracer_common::{
-    maps::START_ENTRIES,
+    maps::{Counter, START_ENTRIES},
     stage::StageId::{self, VfioHandler, VfioHandlerToInject},
-    vfio::{self, HandlerStart, VfioIrq},
+    vfio::{self, HandlerStart, PostedIrte, VfioIrq},
 };
 
 use crate::{
-    shared::{count, now_ns, on, record, stages_on},
-    tp::{Site, tracepoint_args},
+    shared::{config, count, current_tgid_tid, now_ns, on, record, stages_on},
+    tp::{Site, field, tracepoint_args},
 };
 
 /// The IRQs followed, by number: their device, vector and VMM. Written by the daemon.
 #[map]
 static VFIO_IRQS: HashMap<u32, VfioIrq> = HashMap::with_max_entries(START_ENTRIES, 0);
+
+/// kvm:kvm_pi_irte_update's last word on each host IRQ: posted to a vCPU or remapped. Read by
+/// the daemon, which removes an IRQ's entry with its VMM.
+#[map]
+static POSTED_IRTES: HashMap<u32, PostedIrte> = HashMap::with_max_entries(START_ENTRIES, 0);
 
 /// The followed handler running on each CPU.
 #[map]
@@ -83,7 +88,7 @@ fn exit(irq: Result<u32, ()>, _: Site) {
         // Another IRQ's exit while a start is left over (its exit missed).
         None => {
             slot.irq1 = 0;
-            count(counted(), tracer_common::maps::Counter::Unmatched);
+            count(counted(), Counter::Unmatched);
         }
         Some(v) => match vfio::on_exit(slot, irq, now_ns()) {
             Ok(ns) if on(stages_on(), VfioHandler) => {
@@ -170,3 +175,37 @@ tracepoint_args!(
     |arg| Ok(arg(0) as u32),
     exit
 );
+
+/// kvm:kvm_pi_irte_update (rare: a VMM's irqfd or routing change, a vCPU's block or
+/// migration): the IRQ's new mode, for vfio.handler's note of which IRQs bypass the host.
+#[inline(always)]
+fn irte_update(rec: &aya_ebpf::programs::TracePointContext) -> Result<(), Counter> {
+    let read = || -> Result<(u32, i32, u32, u8), ()> {
+        Ok((
+            field(rec, config!(tp_irte_host_irq))?,
+            field(rec, config!(tp_irte_vcpu))?,
+            field(rec, config!(tp_irte_gvec))?,
+            field(rec, config!(tp_irte_set))?,
+        ))
+    };
+    let (irq, vcpu, gvec, set) = read().map_err(|()| Counter::ReadError)?;
+    // SAFETY: a map value read whole.
+    let last = unsafe { POSTED_IRTES.get(irq) }.copied();
+    let v = vfio::on_irte_update(last, current_tgid_tid().0, vcpu as u32, gvec, set != 0);
+    POSTED_IRTES
+        .insert(irq, v, 0)
+        .map_err(|_| Counter::StartFull)
+}
+
+// kvm/kvm_pi_irte_update: unsigned int host_irq; int vcpu_id; unsigned int gsi;
+// unsigned int gvec; bool set (6.1 adds u64 pi_desc_addr). The classic record only: the
+// arguments differ between kernels, its fields do not.
+#[aya_ebpf::macros::tracepoint]
+pub fn kvm_pi_irte_update_tp(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    if on(stages_on(), VfioHandler)
+        && let Err(c) = irte_update(&ctx)
+    {
+        count(VfioHandler, c);
+    }
+    0
+}

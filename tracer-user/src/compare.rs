@@ -75,6 +75,15 @@ pub struct Kind {
     /// Measured beside the paths but in neither sum (the host's own block device: a
     /// passed-through disk is another device, whose time the host never sees).
     pub beside: Vec<Part>,
+    /// The VM's devices of this kind with vectors KVM posts to a vCPU: their interrupts to a
+    /// running vCPU bypass the host (no event: neither counted nor timed, never 0 µs).
+    pub posted: Vec<PostedDevice>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PostedDevice {
+    pub device: String,
+    pub vectors: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +94,9 @@ pub struct Comparison {
     pub common: Vec<Part>,
     /// Whether this host posts assigned devices' interrupts, as the capture says.
     pub posted: Option<String>,
+    /// This host's posted-interrupt events over the capture (/proc/interrupts' PIN as
+    /// `notification`, PIW as `wakeup`: a halted vCPU woken by a posted interrupt), host-wide.
+    pub posted_host_events: serde_json::Map<String, Value>,
     pub costs: Vec<&'static str>,
 }
 
@@ -211,13 +223,18 @@ fn backend_cpu(capture: &Value, section: &str, count: &str, vm: &str) -> Option<
 
 fn saving(direction: &'static str, pv: &PathSum, pt: Option<&PathSum>) -> Saving {
     let (why, base) = match pt {
-        Some(pt) if direction != "transmit" => (
+        _ if direction == "transmit" => (
+            "all of it: a passed-through device's doorbell is the guest's write to it, with no \
+             host event",
+            [0.0; 3],
+        ),
+        Some(pt) => (
             "its sum less the passthrough interrupt's; the devices' own work is in neither",
             [pt.p50_us, pt.p99_us, pt.p999_us],
         ),
-        _ => (
-            "all of it: a passed-through device's doorbell is the guest's write to it, with no \
-             host event",
+        None => (
+            "all of it: the passed-through device's interrupts are posted, with no host-side \
+             time while its vCPU runs",
             [0.0; 3],
         ),
     };
@@ -283,6 +300,25 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
             .unwrap_or("other")
             .to_string()
     };
+    let posted = |kind: &str| -> Vec<PostedDevice> {
+        capture["vfio_devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["vm"].as_str() == Some(vm) && d["kind"].as_str() == Some(kind))
+            .filter_map(|d| {
+                let vectors: Vec<String> = d["posted_vectors"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                (!vectors.is_empty()).then(|| PostedDevice {
+                    device: d["device"].as_str().unwrap_or_default().to_string(),
+                    vectors,
+                })
+            })
+            .collect()
+    };
     let passthrough = |kind: &str| -> Option<PathSum> {
         let devices: Vec<String> = names(&["vfio.handler", PT[0]], "device")
             .into_iter()
@@ -318,19 +354,15 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
         })
         .collect();
     let pt: Vec<PathSum> = passthrough("network").into_iter().collect();
-    if !pv.is_empty() || !pt.is_empty() {
+    let net_posted = posted("network");
+    if !pv.is_empty() || !pt.is_empty() || !net_posted.is_empty() {
         kinds.push(Kind {
             kind: "network",
-            saves_at_most: if pt.is_empty() {
-                Vec::new()
-            } else {
-                pv.iter()
-                    .map(|p| saving(p.direction, p, pt.first()))
-                    .collect()
-            },
+            saves_at_most: savings(&pv, &pt, &net_posted),
             paravirtual: pv,
             passthrough: pt,
             beside: Vec::new(),
+            posted: net_posted,
         });
     }
     // disk
@@ -349,19 +381,15 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
     .into_iter()
     .collect();
     let pt: Vec<PathSum> = passthrough("disk").into_iter().collect();
-    if !pv.is_empty() || !pt.is_empty() {
+    let disk_posted = posted("disk");
+    if !pv.is_empty() || !pt.is_empty() || !disk_posted.is_empty() {
         kinds.push(Kind {
             kind: "disk",
-            saves_at_most: if pt.is_empty() {
-                Vec::new()
-            } else {
-                pv.iter()
-                    .map(|p| saving(p.direction, p, pt.first()))
-                    .collect()
-            },
+            saves_at_most: savings(&pv, &pt, &disk_posted),
             beside: part(&rows, "blk.device", of_vm).into_iter().collect(),
             paravirtual: pv,
             passthrough: pt,
+            posted: disk_posted,
         });
     }
     Ok(Comparison {
@@ -375,8 +403,23 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
             let why = p.get("why").and_then(Value::as_str).unwrap_or_default();
             format!("{} ({why})", if yes { "yes" } else { "no" })
         }),
+        posted_host_events: capture["posted_host_events"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         costs: COSTS.to_vec(),
     })
+}
+
+/// What a move could save per paravirtual direction, when the VM has a passthrough side:
+/// measured interrupts (remapped), or posted ones alone (no host-side time).
+fn savings(pv: &[PathSum], pt: &[PathSum], posted: &[PostedDevice]) -> Vec<Saving> {
+    if pt.is_empty() && posted.is_empty() {
+        return Vec::new();
+    }
+    pv.iter()
+        .map(|p| saving(p.direction, p, pt.first()))
+        .collect()
 }
 
 /// A latency for the table: µs with one decimal below 10 ms, then ms.
@@ -433,8 +476,32 @@ pub fn table(c: &Comparison) -> String {
         if k.paravirtual.is_empty() {
             let _ = writeln!(out, "  (no paravirtual {} path measured)", k.kind);
         }
-        if k.passthrough.is_empty() {
+        if k.passthrough.is_empty() && k.posted.is_empty() {
             let _ = writeln!(out, "  (no passed-through {} device measured)", k.kind);
+        }
+        for p in &k.posted {
+            let _ = writeln!(
+                out,
+                "  passthrough posted    {}: vectors {} posted to a vCPU: their interrupts to a \
+                 running vCPU bypass the host (no host event: neither counted nor timed)",
+                p.device,
+                p.vectors.join(",")
+            );
+        }
+        if !k.posted.is_empty() {
+            let n = |kind: &str| c.posted_host_events.get(kind).and_then(Value::as_u64);
+            let _ = writeln!(
+                out,
+                "  the host's posted-interrupt events over the capture (all devices): {}",
+                match (n("notification"), n("wakeup")) {
+                    (None, None) => "none this kernel counts (AMD AVIC: the IOMMU's GA log)".into(),
+                    (a, b) => format!(
+                        "{} notifications to a vCPU out of guest mode, {} wakeups of a halted vCPU",
+                        a.unwrap_or(0),
+                        b.unwrap_or(0)
+                    ),
+                }
+            );
         }
         for s in &k.saves_at_most {
             let _ = writeln!(
@@ -599,5 +666,211 @@ mod tests {
     fn a_series_of_another_layout_is_refused() {
         let c = serde_json::json!({"series": [row("vfio.handler", serde_json::json!({"vm": "db"}), &[(1000, 1)])]});
         assert!(matches!(compare(&c, "db"), Err(Error::Buckets { .. })));
+    }
+}
+
+/// Posted mode on sequences written by hand: the emulated host has no AVIC and this machine no
+/// VT-d, so no kernel here posts an interrupt. Each sequence is what the kernel would show:
+/// kvm:kvm_pi_irte_update events (through the BPF program's rule into the map's state), the
+/// host handler's samples of the remapped vectors, and /proc/interrupts' PIN and PIW rows
+/// before and after. The capture is built from them by the same code `record --json` uses to
+/// join IRQs and IRTE states, and the comparison checked against figures worked out by hand.
+#[cfg(test)]
+mod posted_sequences {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+    use tracer_common::vfio::{PostedIrte, VfioIrq, on_irte_update, pci_key};
+
+    use super::*;
+    use crate::vfio_irqs::{joined, posted_host_events};
+
+    const NIC: &str = "0000:01:00.0";
+    /// Host IRQs 40 and 41: the NIC's MSI-X vectors 0 and 1, held by the VMM (tgid 700).
+    fn followed() -> BTreeMap<u32, VfioIrq> {
+        (0..2)
+            .map(|v| {
+                let irq = VfioIrq {
+                    dev: pci_key(0, 1, 0, 0),
+                    vm: 700,
+                    vector: v,
+                    _pad: 0,
+                };
+                (40 + v, irq)
+            })
+            .collect()
+    }
+
+    /// (host_irq, vcpu, set) in order, as the BPF program folds them.
+    fn irtes(updates: &[(u32, u32, bool)]) -> BTreeMap<u32, PostedIrte> {
+        let mut m = BTreeMap::new();
+        for &(irq, vcpu, set) in updates {
+            let last = m.get(&irq).copied();
+            m.insert(irq, on_irte_update(last, 700, vcpu, 0x41, set));
+        }
+        m
+    }
+
+    fn proc_interrupts(pin: u64, piw: u64) -> String {
+        format!(
+            "           CPU0       CPU1\n 40:  5  5  IR-PCI-MSIX  vfio-msix[0](0000:01:00.0)\n\
+             PIN:  {}  {}   Posted-interrupt notification event\n\
+             PIW:  {}  {}   Posted-interrupt wakeup event\n",
+            pin / 2,
+            pin - pin / 2,
+            piw,
+            0
+        )
+    }
+
+    /// The capture of a window: the VM's paravirtual receive (one stage, 20 packets of 64 µs)
+    /// and its NIC's handler samples per remapped vector (`samples`: vector, count of 16 µs).
+    fn capture(
+        updates: &[(u32, u32, bool)],
+        samples: &[(u32, u64)],
+        pi: ((u64, u64), (u64, u64)),
+    ) -> Value {
+        let posted: Vec<(Vec<(&'static str, String)>, bool)> = joined(&followed(), &irtes(updates))
+            .into_iter()
+            .map(|(v, p)| {
+                let l = vec![
+                    ("vm", "db".to_string()),
+                    ("device", crate::labels::pci_name(v.dev)),
+                    ("vector", v.vector.to_string()),
+                ];
+                (l, p.set != 0)
+            })
+            .collect();
+        let vectors = |want: bool| -> Vec<String> {
+            posted
+                .iter()
+                .filter(|(_, p)| *p == want)
+                .map(|(l, _)| l[2].1.clone())
+                .collect()
+        };
+        let before = posted_host_events(&proc_interrupts(pi.0.0, pi.0.1));
+        let after = posted_host_events(&proc_interrupts(pi.1.0, pi.1.1));
+        let events: serde_json::Map<String, Value> = after
+            .iter()
+            .zip(&before)
+            .map(|((k, a), (_, b))| (k.to_string(), (a - b).into()))
+            .collect();
+        let mut series = vec![json!({
+            "stage": "net.rx.backend_queue",
+            "labels": {"vm": "db", "backend": "vhost", "tap": "tap0", "queue": "0"},
+            "sum_ns": 20 * 65536, "buckets": [[65536, 20]],
+        })];
+        for &(vector, n) in samples {
+            series.push(json!({
+                "stage": "vfio.handler_to_inject",
+                "labels": {"vm": "db", "device": NIC, "vector": vector.to_string()},
+                "sum_ns": n * 16384, "buckets": [[16384, n]],
+            }));
+        }
+        json!({
+            "series": series,
+            "vfio_devices": [{
+                "device": NIC, "vm": "db", "class": "0x020000", "kind": "network",
+                "posted_vectors": vectors(true), "remapped_vectors": vectors(false),
+            }],
+            "posted_interrupts": {"posted": true, "why": "kvm_intel enable_apicv=Y, every VT-d unit has PI"},
+            "posted_host_events": events,
+        })
+    }
+
+    // One bucket [lo, lo + lo/8) holding all of a series' n events: its p50 is at rank n/2,
+    // lo + (lo/8) * 0.5, and the merged series of two such equal buckets likewise.
+    const RX_P50: f64 = 65.536 + 8.192 * 0.5;
+    const PT_P50: f64 = 16.384 + 2.048 * 0.5;
+
+    fn net(c: &Comparison) -> &Kind {
+        c.kinds.iter().find(|k| k.kind == "network").unwrap()
+    }
+
+    #[test]
+    fn remapped_vectors_are_timed_and_none_is_posted() {
+        let cap = capture(
+            &[(40, 0, false), (41, 1, false)],
+            &[(0, 10), (1, 10)],
+            ((0, 0), (0, 0)),
+        );
+        let c = compare(&cap, "db").unwrap();
+        let k = net(&c);
+        assert!(k.posted.is_empty());
+        let pt = &k.passthrough[0];
+        assert_eq!(pt.parts[0].summary.count, 20);
+        assert!((pt.p50_us - PT_P50).abs() < 1e-9, "{}", pt.p50_us);
+        assert!((k.saves_at_most[0].p50_us - (RX_P50 - PT_P50)).abs() < 1e-9);
+        assert_eq!(c.posted_host_events["wakeup"], 0);
+    }
+
+    #[test]
+    fn posted_to_a_running_vcpu_bypasses_the_host_with_no_sample() {
+        // Both vectors posted; the guest took interrupts, the host saw none (no PIN, no PIW).
+        let cap = capture(&[(40, 0, true), (41, 1, true)], &[], ((7, 3), (7, 3)));
+        let c = compare(&cap, "db").unwrap();
+        let k = net(&c);
+        assert!(
+            k.passthrough.is_empty(),
+            "no 0 µs samples: {:?}",
+            k.passthrough
+        );
+        assert_eq!(
+            k.posted,
+            [PostedDevice {
+                device: NIC.into(),
+                vectors: vec!["0".into(), "1".into()]
+            }]
+        );
+        // nothing on the host to take off: the paravirtual sum is all a move could save
+        assert!((k.saves_at_most[0].p50_us - RX_P50).abs() < 1e-9);
+        assert_eq!(c.posted_host_events["notification"], 0);
+        assert_eq!(c.posted_host_events["wakeup"], 0);
+        let t = table(&c);
+        assert!(t.contains("vectors 0,1 posted to a vCPU"), "{t}");
+        assert!(
+            t.contains("0 notifications to a vCPU out of guest mode, 0 wakeups"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn posted_to_a_halted_vcpu_shows_as_the_hosts_wakeups() {
+        // The vCPU halted between packets: each posted interrupt woke it through PIW (25 on
+        // CPU0), and 4 notifications arrived while it was out of guest mode.
+        let cap = capture(&[(40, 0, true), (41, 0, true)], &[], ((10, 100), (14, 125)));
+        let c = compare(&cap, "db").unwrap();
+        assert_eq!(c.posted_host_events["notification"], 4);
+        assert_eq!(c.posted_host_events["wakeup"], 25);
+        let t = table(&c);
+        assert!(
+            t.contains("4 notifications to a vCPU out of guest mode, 25 wakeups"),
+            "{t}"
+        );
+        assert!(net(&c).passthrough.is_empty());
+    }
+
+    #[test]
+    fn an_irte_switched_mid_run_times_what_stayed_remapped() {
+        // Vector 0 went remapped -> posted during the window (its 6 samples came before);
+        // vector 1 stayed remapped (10 samples): the figures are those 16 host-seen
+        // interrupts, and vector 0 is listed as posted now.
+        let updates = [(40, 0, false), (41, 1, false), (40, 0, true)];
+        let state = irtes(&updates);
+        assert_eq!((state[&40].set, state[&40].updates), (1, 2));
+        let cap = capture(&updates, &[(0, 6), (1, 10)], ((0, 0), (0, 0)));
+        let c = compare(&cap, "db").unwrap();
+        let k = net(&c);
+        assert_eq!(k.posted[0].vectors, ["0"]);
+        let pt = &k.passthrough[0];
+        assert_eq!((pt.parts[0].series, pt.parts[0].summary.count), (2, 16));
+        // 16 in one bucket: rank 8 of 16 -> halfway through it, as above
+        assert!((pt.p50_us - PT_P50).abs() < 1e-9);
+        assert!((k.saves_at_most[0].p50_us - (RX_P50 - PT_P50)).abs() < 1e-9);
+        let t = table(&c);
+        assert!(
+            t.contains("passthrough interrupt") && t.contains("vectors 0 posted"),
+            "{t}"
+        );
     }
 }

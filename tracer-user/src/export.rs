@@ -19,6 +19,8 @@
 //! - `iopath_series`, `iopath_vms` gauges: label sets exported and distinct VMs among them.
 //! - `iopath_snapshot_reads_total` counter: reads of the kernel maps (shared by scrapes).
 //! - `iopath_kernel_map_entries{map}` gauge: entries of the kernel maps that grow.
+//! - `iopath_vfio_irq_posted{vm,device,vector}` gauge: 1 while KVM posts the IRQ to a vCPU.
+//! - `iopath_posted_interrupt_host_events_total{kind}` counter: PIN and PIW of /proc/interrupts.
 
 use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
 
@@ -95,6 +97,10 @@ pub struct Status<'a> {
     pub backends: &'a [(Vec<(&'static str, String)>, crate::backend::Cost)],
     /// Disk backends (labels: vm, device, disk) and what their submitting threads cost.
     pub disks: &'a [(Vec<(&'static str, String)>, crate::backend::Cost)],
+    /// VFIO IRQs (labels: vm, device, vector) KVM spoke of, and whether each is posted.
+    pub posted: &'a [(Vec<(&'static str, String)>, bool)],
+    /// This host's posted-interrupt events by kind (/proc/interrupts' PIN and PIW rows).
+    pub posted_host_events: &'a [(&'static str, u64)],
 }
 
 /// Everything one scrape exposes, gathered before encoding.
@@ -115,6 +121,8 @@ pub struct Exposition {
     backend_packets: Vec<(Labels, u64)>,
     disk_cpu: Vec<(Labels, f64)>,
     disk_requests: Vec<(Labels, u64)>,
+    vfio_posted: Vec<(Labels, i64)>,
+    posted_host_events: Vec<(Labels, u64)>,
 }
 
 impl Exposition {
@@ -202,6 +210,16 @@ impl Exposition {
                 .disks
                 .iter()
                 .map(|(labels, c)| (backend_labels(labels), c.done))
+                .collect(),
+            vfio_posted: st
+                .posted
+                .iter()
+                .map(|(labels, p)| (backend_labels(labels), *p as i64))
+                .collect(),
+            posted_host_events: st
+                .posted_host_events
+                .iter()
+                .map(|(kind, n)| (l(&[("kind", kind)]), *n))
                 .collect(),
         }
     }
@@ -382,6 +400,24 @@ impl Collector for Exposition {
             None,
             MetricType::Counter,
             &self.disk_requests,
+            counter,
+        )?;
+        family(
+            &mut enc,
+            "iopath_vfio_irq_posted",
+            "1 while KVM posts the VFIO IRQ to a vCPU (kvm:kvm_pi_irte_update): its interrupts reach a running guest with no host event, so vfio.handler has no sample of them; 0 when remapped (the host's handler runs).",
+            None,
+            MetricType::Gauge,
+            &self.vfio_posted,
+            |e, v| e.encode_gauge(v),
+        )?;
+        family(
+            &mut enc,
+            "iopath_posted_interrupt_host_events",
+            "This host's posted-interrupt events from /proc/interrupts: notification (PIN: the vCPU was not in guest mode) and wakeup (PIW: a halted vCPU woken). A posted interrupt to a running vCPU has none.",
+            None,
+            MetricType::Counter,
+            &self.posted_host_events,
             counter,
         )?;
         enc.encode_descriptor(

@@ -21,7 +21,7 @@ use tracer_common::{
     maps::{HistKey, HistVal},
     net::{backend_to_irq::Batch, tx_backend::TxRun, tx_kick::KickStart, wakeup::Woken},
     stage::StageId,
-    vfio::VfioIrq,
+    vfio::{PostedIrte, VfioIrq},
 };
 
 use crate::stages::STAGES;
@@ -268,6 +268,13 @@ pub static VFIO_IRQS: KernelMap = KernelMap {
     collected: "by VM (value); written by the daemon from the IRQs' names",
     capacity: Capacity::Starts,
     access: &Hash::<u32, VfioIrq>(|_, v| Owner::vm(v.vm)),
+};
+
+pub static POSTED_IRTES: KernelMap = KernelMap {
+    name: "POSTED_IRTES",
+    collected: "by VM (value: the VMM that made the update)",
+    capacity: Capacity::Starts,
+    access: &Hash::<u32, PostedIrte>(|_, v| Owner::vm(v.vm)),
 };
 
 pub static LIO_CMDS: KernelMap = KernelMap {

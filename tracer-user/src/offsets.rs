@@ -68,6 +68,10 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         bio_opf: member("bio", "bi_opf"),
         bio_bdev: member("bio", "bi_bdev"),
         bio_private: member("bio", "bi_private"),
+        tp_irte_host_irq: field("kvm", "kvm_pi_irte_update", "host_irq"),
+        tp_irte_vcpu: field("kvm", "kvm_pi_irte_update", "vcpu_id"),
+        tp_irte_gvec: field("kvm", "kvm_pi_irte_update", "gvec"),
+        tp_irte_set: field("kvm", "kvm_pi_irte_update", "set"),
         _pad0: 0,
         bdev_disk: member("block_device", "bd_disk"),
         req_preflush: btf

@@ -144,27 +144,51 @@ fn sync_writes(rows: &[Row]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The PCI devices the vfio stages saw, with their class (`/sys/bus/pci/devices/BDF/class`)
-/// and the kind of I/O it stands for: what `iopath compare` puts each device under.
-fn vfio_devices(rows: &[Row]) -> Vec<serde_json::Value> {
-    let devices: std::collections::BTreeSet<(&str, &str)> = rows
+/// The PCI devices the vfio stages saw or KVM posts interrupts of (`posted`: labels and
+/// whether posted now), with their class (`/sys/bus/pci/devices/BDF/class`), the kind of I/O
+/// it stands for (what `iopath compare` puts each device under) and the vectors KVM posts to
+/// a vCPU or keeps remapped, as kvm:kvm_pi_irte_update last said.
+fn vfio_devices(
+    rows: &[Row],
+    posted: &[(Vec<(&'static str, String)>, bool)],
+) -> Vec<serde_json::Value> {
+    let label = |l: &[(&'static str, String)], k: &str| {
+        l.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut devices: std::collections::BTreeSet<(String, String)> = rows
         .iter()
         .filter(|r| r.path == "vfio")
         .filter_map(|r| {
             Some((
-                r.labels.get("device")?.as_str()?,
-                r.labels.get("vm")?.as_str()?,
+                r.labels.get("device")?.as_str()?.to_string(),
+                r.labels.get("vm")?.as_str()?.to_string(),
             ))
         })
         .collect();
+    devices.extend(
+        posted
+            .iter()
+            .map(|(l, _)| (label(l, "device"), label(l, "vm"))),
+    );
     devices
         .into_iter()
         .map(|(device, vm)| {
             let class = std::fs::read_to_string(format!("/sys/bus/pci/devices/{device}/class"))
                 .map(|c| c.trim().to_string())
                 .unwrap_or_default();
+            let vectors = |want: bool| -> Vec<String> {
+                posted
+                    .iter()
+                    .filter(|(l, p)| *p == want && label(l, "device") == device)
+                    .map(|(l, _)| label(l, "vector"))
+                    .collect()
+            };
             serde_json::json!({
                 "device": device, "vm": vm, "class": class, "kind": pci_kind(&class),
+                "posted_vectors": vectors(true), "remapped_vectors": vectors(false),
             })
         })
         .collect()
@@ -184,11 +208,29 @@ pub fn pci_kind(class: &str) -> &'static str {
     }
 }
 
+/// This host's posted-interrupt events (PIN, PIW) since the session started, by kind.
+fn posted_host_events(s: &Session) -> serde_json::Map<String, serde_json::Value> {
+    let now = crate::vfio_irqs::posted_host_events(
+        &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
+    );
+    now.into_iter()
+        .map(|(kind, n)| {
+            let base = s
+                .posted_events_base
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(0, |b| b.1);
+            (kind.to_string(), n.saturating_sub(base).into())
+        })
+        .collect()
+}
+
 pub fn json(s: &mut Session) -> String {
     let series = rows(s);
     let out = serde_json::json!({
-        "vfio_devices": vfio_devices(&series),
+        "vfio_devices": vfio_devices(&series, &s.posted_irqs()),
         "posted_interrupts": crate::posted::this_host(),
+        "posted_host_events": posted_host_events(s),
         "stages": s.tracer.report,
         "sync_writes": sync_writes(&series),
         "series": series,

@@ -77,6 +77,8 @@ pub struct Session {
     pub disks: Backends<DiskKey>,
     /// The IRQs `vfio.handler` follows.
     vfio: crate::vfio_irqs::Watch,
+    /// /proc/interrupts' posted-interrupt events when the session started.
+    pub posted_events_base: Vec<(&'static str, u64)>,
 }
 
 /// How many VMs and devices (block devices and taps) a session has collected.
@@ -115,6 +117,9 @@ impl Session {
             backends: Backends::default(),
             disks: Backends::default(),
             vfio: crate::vfio_irqs::Watch::new(opts.vfio_irqs.to_vec()),
+            posted_events_base: crate::vfio_irqs::posted_host_events(
+                &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
+            ),
         };
         session.sync_netdevs();
         session.watch_vfio_irqs();
@@ -226,6 +231,23 @@ impl Session {
         if on {
             self.vfio.update(&mut self.tracer.ebpf);
         }
+    }
+
+    /// Each followed VFIO IRQ that KVM spoke of (kvm:kvm_pi_irte_update), as labels (vm,
+    /// device, vector) and whether it is posted now.
+    pub fn posted_irqs(&mut self) -> Vec<(Vec<(&'static str, String)>, bool)> {
+        self.vfio
+            .posted(&self.tracer.ebpf)
+            .into_iter()
+            .map(|(v, p)| {
+                let labels = vec![
+                    ("vm", self.labeler.vm(v.vm)),
+                    ("device", crate::labels::pci_name(v.dev)),
+                    ("vector", v.vector.to_string()),
+                ];
+                (labels, p.set != 0)
+            })
+            .collect()
     }
 
     /// Collects what has been gone for the grace period: kernel entries, series, labels. Runs
@@ -414,6 +436,10 @@ impl Session {
             .costs()
             .map(|(k, c)| (self.labeler.disk_backend(k.vm, k.dev), *c))
             .collect();
+        let posted = self.posted_irqs();
+        let pi_events = crate::vfio_irqs::posted_host_events(
+            &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
+        );
         Exposition::gather(
             &series,
             &self.layout,
@@ -427,6 +453,8 @@ impl Session {
                 snapshot_reads: self.reads,
                 backends: &backends,
                 disks: &disks,
+                posted: &posted,
+                posted_host_events: &pi_events,
             },
         )
     }

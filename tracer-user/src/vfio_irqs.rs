@@ -13,7 +13,7 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData},
 };
-use tracer_common::vfio::{VfioIrq, pci_key};
+use tracer_common::vfio::{PostedIrte, VfioIrq, pci_key};
 
 /// `vfio-msix[3](0000:00:06.0)` → (3, "0000:00:06.0"); `vfio-intx(…)` has vector 0.
 pub fn parse_vfio_name(name: &str) -> Option<(u32, &str)> {
@@ -188,6 +188,51 @@ impl Watch {
         }
         self.written.len()
     }
+
+    /// The followed IRQs kvm:kvm_pi_irte_update has spoken of, with what it last said
+    /// (`POSTED_IRTES`; empty where that event is not attached).
+    pub fn posted(&self, ebpf: &Ebpf) -> Vec<(VfioIrq, PostedIrte)> {
+        let Some(Ok(map)) = ebpf
+            .map("POSTED_IRTES")
+            .map(HashMap::<&MapData, u32, PostedIrte>::try_from)
+        else {
+            return Vec::new();
+        };
+        let irtes: BTreeMap<u32, PostedIrte> = map.iter().flatten().collect();
+        joined(&self.written, &irtes)
+    }
+}
+
+/// Each followed IRQ (`followed`, by host IRQ) that has an IRTE state, with it.
+pub fn joined(
+    followed: &BTreeMap<u32, VfioIrq>,
+    irtes: &BTreeMap<u32, PostedIrte>,
+) -> Vec<(VfioIrq, PostedIrte)> {
+    followed
+        .iter()
+        .filter_map(|(irq, v)| Some((*v, *irtes.get(irq)?)))
+        .collect()
+}
+
+/// The host-wide posted-interrupt events in /proc/interrupts (`text`): Intel's notification
+/// (PIN: a posted interrupt's notice that reached the host, the vCPU not in guest mode) and
+/// wakeup (PIW: a halted vCPU woken by a posted interrupt) rows, summed over CPUs. None of a
+/// row the kernel does not print (AMD's AVIC uses the IOMMU's GA log instead).
+pub fn posted_host_events(text: &str) -> Vec<(&'static str, u64)> {
+    [("PIN", "notification"), ("PIW", "wakeup")]
+        .into_iter()
+        .filter_map(|(row, kind)| {
+            let line = text
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{row}:")))?;
+            let counts = line.split_once(':')?.1;
+            let n = counts
+                .split_whitespace()
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum();
+            Some((kind, n))
+        })
+        .collect()
 }
 
 #[cfg(test)]
