@@ -920,7 +920,7 @@ impl Drop for SlowDisk {
 
 /// `iopath record --json` running in the background until [`Recording::stop`] (SIGINT): a
 /// capture of a window a test chooses, for `iopath compare --input`. Killed on drop.
-pub struct Recording(Option<Child>);
+pub struct Recording(Option<Child>, std::sync::Arc<std::sync::Mutex<String>>);
 
 impl Recording {
     /// Starts `iopath record --json` with `args` and waits until its programs are attached.
@@ -947,7 +947,17 @@ impl Recording {
             said.contains("recording for"),
             "record did not start: {said}"
         );
-        Recording(Some(rec))
+        // Keep reading its stderr: a closed pipe would make its next line fail.
+        let more = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let to = more.clone();
+        std::thread::spawn(move || {
+            for l in stderr.lines().map_while(Result::ok) {
+                let mut t = to.lock().unwrap();
+                t.push_str(&l);
+                t.push('\n');
+            }
+        });
+        Recording(Some(rec), more)
     }
 
     /// Ends the recording (SIGINT) and returns its capture.
@@ -956,7 +966,12 @@ impl Recording {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(rec.id() as i32, libc::SIGINT) };
         let out = rec.wait_with_output().expect("record's output");
-        assert!(out.status.success(), "record failed: {out:?}");
+        assert!(
+            out.status.success(),
+            "record failed ({}): {}",
+            out.status,
+            self.1.lock().unwrap()
+        );
         String::from_utf8(out.stdout).expect("record --json is UTF-8")
     }
 }

@@ -32,7 +32,11 @@ use iopath_tests::{Why, monotonic_ns, require_root, skip};
 use kvm_bindings::{KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry};
 use kvm_ioctls::Kvm;
 use tracer_common::{
-    kvm::{ExitStart, ISA_VMX, exit_detail, inject::VcpuKey, signal::SignalStart},
+    kvm::{
+        ExitStart, ISA_VMX, exit_detail,
+        inject::{PendingInject, VcpuKey},
+        signal::SignalStart,
+    },
     stage::StageId,
 };
 use vmm_sys_util::eventfd::EventFd;
@@ -181,7 +185,7 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
         1,
         "one signal"
     );
-    let pending: BpfHashMap<&MapData, VcpuKey, u64> =
+    let pending: BpfHashMap<&MapData, VcpuKey, PendingInject> =
         BpfHashMap::try_from(t.ebpf.map("INJ_PENDING").unwrap()).unwrap();
     let keys: Vec<VcpuKey> = pending.keys().flatten().collect();
     let v0 = VcpuKey { vm: me, vcpu: 0 };
@@ -198,10 +202,17 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
             .unwrap_or(0)
     };
     assert_eq!(unmatched(&snap) - unmatched(&before), 1, "another context");
-    // What a task-context accept of it would have left, for the entry below to end.
-    let mut pending: BpfHashMap<&mut MapData, VcpuKey, u64> =
+    // What an accept of it would have left, for the entry below to end: as if it had been
+    // injected in the handler of the passthrough device 0000:00:06.0 (its label at entry).
+    let mut pending: BpfHashMap<&mut MapData, VcpuKey, PendingInject> =
         BpfHashMap::try_from(t.ebpf.map_mut("INJ_PENDING").unwrap()).unwrap();
-    pending.insert(vn, monotonic_ns() - 3_000, 0).unwrap();
+    let nic = tracer_common::vfio::pci_key(0, 0, 6, 0);
+    let p = PendingInject {
+        ts_ns: monotonic_ns() - 3_000,
+        device: nic,
+        _pad: 0,
+    };
+    pending.insert(vn, p, 0).unwrap();
 
     // 2. kvm_entry of vCPU `first_note_word` in this thread: ends the exit started below and
     // the pending interrupt.
@@ -223,7 +234,7 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
         first_note_word,
         me,
     );
-    let inject = series(StageId::KvmInjectToEntry, 0, first_note_word, me);
+    let inject = series(StageId::KvmInjectToEntry, nic, first_note_word, me);
     assert_eq!(samples(&snap2, exit), 1, "the exit ended at the entry");
     assert!(
         snap2.series[&exit].sum_ns >= 5_000,
@@ -235,7 +246,7 @@ fn raw_tp_programs_of_kvm_events_fill_their_maps() {
         1,
         "the pending interrupt ended at the entry"
     );
-    let pending: BpfHashMap<&MapData, VcpuKey, u64> =
+    let pending: BpfHashMap<&MapData, VcpuKey, PendingInject> =
         BpfHashMap::try_from(t.ebpf.map("INJ_PENDING").unwrap()).unwrap();
     assert!(pending.get(&vn, 0).is_err(), "consumed");
 
@@ -358,9 +369,14 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
     // An interrupt pending for the vCPU kvm_entry will name: were kvm.inject_to_entry's work
     // done, the entry would take it.
     let key = VcpuKey { vm: me, vcpu };
-    let mut pending: BpfHashMap<&mut MapData, VcpuKey, u64> =
+    let mut pending: BpfHashMap<&mut MapData, VcpuKey, PendingInject> =
         BpfHashMap::try_from(t.ebpf.map_mut("INJ_PENDING").unwrap()).unwrap();
-    pending.insert(key, monotonic_ns(), 0).unwrap();
+    let p = PendingInject {
+        ts_ns: monotonic_ns(),
+        device: 0,
+        _pad: 0,
+    };
+    pending.insert(key, p, 0).unwrap();
     let mut exits: BpfHashMap<&mut MapData, u32, ExitStart> =
         BpfHashMap::try_from(t.ebpf.map_mut("KVM_EXIT_START").unwrap()).unwrap();
     let start = ExitStart {
@@ -377,7 +393,7 @@ fn a_stage_that_is_off_does_no_work_in_a_shared_program() {
     assert_eq!(samples(&snap, exit), 1, "kvm.exit did its work");
     let inject = series(StageId::KvmInjectToEntry, 0, vcpu, me);
     assert_eq!(samples(&snap, inject), 0, "kvm.inject_to_entry did not");
-    let pending: BpfHashMap<&MapData, VcpuKey, u64> =
+    let pending: BpfHashMap<&MapData, VcpuKey, PendingInject> =
         BpfHashMap::try_from(t.ebpf.map("INJ_PENDING").unwrap()).unwrap();
     assert!(
         pending.get(&key, 0).is_ok(),

@@ -129,6 +129,16 @@ impl Context {
     pub fn handler_vm(&self) -> Option<u32> {
         self.handler.map(|(_, v)| v.map_or(0, |v| v.vm))
     }
+
+    /// Inside a followed handler, its device (`pci_key`); 0 elsewhere (kvm.inject_to_entry's
+    /// `device`).
+    #[inline(always)]
+    pub fn handler_device(&self) -> u32 {
+        match self.handler {
+            Some((_, Some(v))) => v.dev,
+            _ => 0,
+        }
+    }
 }
 
 /// The handler running on this CPU, if any, with its IRQ's entry.
@@ -176,8 +186,10 @@ tracepoint_args!(
     exit
 );
 
-/// kvm:kvm_pi_irte_update (rare: a VMM's irqfd or routing change, a vCPU's block or
-/// migration): the IRQ's new mode, for vfio.handler's note of which IRQs bypass the host.
+/// kvm:kvm_pi_irte_update (rare: an irqfd's producer added or removed, a routing change): the
+/// IRQ's mode as KVM last set it, for vfio.handler's note of which IRQs bypass the host. A
+/// vCPU's blocking or migration changes its descriptor, not the IRTE, and fires nothing; a
+/// mode KVM changes without the tracepoint (an MSI it cannot post, AVIC inhibited) is not seen.
 #[inline(always)]
 fn irte_update(rec: &aya_ebpf::programs::TracePointContext) -> Result<(), Counter> {
     let read = || -> Result<(u32, i32, u32, u8), ()> {
@@ -198,8 +210,8 @@ fn irte_update(rec: &aya_ebpf::programs::TracePointContext) -> Result<(), Counte
 }
 
 // kvm/kvm_pi_irte_update: unsigned int host_irq; int vcpu_id; unsigned int gsi;
-// unsigned int gvec; bool set (6.1 adds u64 pi_desc_addr). The classic record only: the
-// arguments differ between kernels, its fields do not.
+// unsigned int gvec; bool set (6.1 also has u64 pi_desc_addr, later kernels dropped it). The
+// classic record only: the arguments differ between kernels, these fields do not.
 #[aya_ebpf::macros::tracepoint]
 pub fn kvm_pi_irte_update_tp(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     if on(stages_on(), VfioHandler)

@@ -444,7 +444,16 @@ impl Labeler {
                     .into(),
                 ]
             }
-            StageId::KvmInjectToEntry => vec![self.vm(k.vm), k.obj.to_string()],
+            // device: the passthrough device whose handler injected (none: empty)
+            StageId::KvmInjectToEntry => vec![
+                self.vm(k.vm),
+                k.obj.to_string(),
+                if k.detail == 0 {
+                    String::new()
+                } else {
+                    pci_name(k.detail)
+                },
+            ],
             StageId::KvmHaltWakeup => vec![
                 self.vm(k.vm),
                 self.vcpu_fd(k.vm, k.obj),

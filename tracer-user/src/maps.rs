@@ -14,7 +14,7 @@ use tracer_common::{
     },
     kvm::{
         ExitStart,
-        inject::VcpuKey,
+        inject::{PendingInject, VcpuKey},
         signal::SignalStart,
         uexit::{UexitStart, VcpuThread},
     },
@@ -272,7 +272,7 @@ pub static VFIO_IRQS: KernelMap = KernelMap {
 
 pub static POSTED_IRTES: KernelMap = KernelMap {
     name: "POSTED_IRTES",
-    collected: "by VM (value: the VMM that made the update)",
+    collected: "by IRQ: the daemon removes an IRQ's entry once the IRQ is gone; by VM (value: the task that made the update)",
     capacity: Capacity::Starts,
     access: &Hash::<u32, PostedIrte>(|_, v| Owner::vm(v.vm)),
 };
@@ -332,7 +332,7 @@ pub static INJ_PENDING: KernelMap = KernelMap {
     name: "INJ_PENDING",
     collected: "by VM (key)",
     capacity: Capacity::Starts,
-    access: &Hash::<VcpuKey, u64>(|k, _| Owner::vm(k.vm)),
+    access: &Hash::<VcpuKey, PendingInject>(|k, _| Owner::vm(k.vm)),
 };
 
 pub static UEXIT_START: KernelMap = KernelMap {

@@ -147,18 +147,12 @@ fn sync_writes(rows: &[Row]) -> Vec<serde_json::Value> {
 /// The PCI devices the vfio stages saw or KVM posts interrupts of (`posted`: labels and
 /// whether posted now), with their class (`/sys/bus/pci/devices/BDF/class`), the kind of I/O
 /// it stands for (what `iopath compare` puts each device under) and the vectors KVM posts to
-/// a vCPU or keeps remapped, as kvm:kvm_pi_irte_update last said.
+/// a vCPU or keeps remapped, as the last kvm:kvm_pi_irte_update iopath saw said.
 fn vfio_devices(
     rows: &[Row],
     posted: &[(Vec<(&'static str, String)>, bool)],
 ) -> Vec<serde_json::Value> {
-    let label = |l: &[(&'static str, String)], k: &str| {
-        l.iter()
-            .find(|(n, _)| *n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    let mut devices: std::collections::BTreeSet<(String, String)> = rows
+    let seen = rows
         .iter()
         .filter(|r| r.path == "vfio")
         .filter_map(|r| {
@@ -168,6 +162,26 @@ fn vfio_devices(
             ))
         })
         .collect();
+    vfio_devices_of(seen, posted, |device| {
+        std::fs::read_to_string(format!("/sys/bus/pci/devices/{device}/class"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// [`vfio_devices`] from the (device, vm) pairs the series name, the IRQs' posted states and
+/// each device's PCI class.
+pub(crate) fn vfio_devices_of(
+    mut devices: std::collections::BTreeSet<(String, String)>,
+    posted: &[(Vec<(&'static str, String)>, bool)],
+    class_of: impl Fn(&str) -> String,
+) -> Vec<serde_json::Value> {
+    let label = |l: &[(&'static str, String)], k: &str| {
+        l.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     devices.extend(
         posted
             .iter()
@@ -176,9 +190,7 @@ fn vfio_devices(
     devices
         .into_iter()
         .map(|(device, vm)| {
-            let class = std::fs::read_to_string(format!("/sys/bus/pci/devices/{device}/class"))
-                .map(|c| c.trim().to_string())
-                .unwrap_or_default();
+            let class = class_of(&device);
             let vectors = |want: bool| -> Vec<String> {
                 posted
                     .iter()
@@ -213,14 +225,18 @@ fn posted_host_events(s: &Session) -> serde_json::Map<String, serde_json::Value>
     let now = crate::vfio_irqs::posted_host_events(
         &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
     );
-    now.into_iter()
+    events_since(&s.posted_events_base, &now)
+}
+
+/// Events by kind between two readings (a kind the first lacks counts from 0).
+pub(crate) fn events_since(
+    base: &[(&'static str, u64)],
+    now: &[(&'static str, u64)],
+) -> serde_json::Map<String, serde_json::Value> {
+    now.iter()
         .map(|(kind, n)| {
-            let base = s
-                .posted_events_base
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .map_or(0, |b| b.1);
-            (kind.to_string(), n.saturating_sub(base).into())
+            let b = base.iter().find(|(k, _)| k == kind).map_or(0, |b| b.1);
+            (kind.to_string(), n.saturating_sub(b).into())
         })
         .collect()
 }

@@ -186,6 +186,22 @@ impl Watch {
             let _ = map.remove(&irq);
             self.written.remove(&irq);
         }
+        // An IRQ's posted state goes with the IRQ: a number reused by another device must not
+        // inherit it (the update that set it may also have come from a kworker that never
+        // exits, which gc would keep for good).
+        if let Some(Ok(mut irtes)) = ebpf
+            .map_mut("POSTED_IRTES")
+            .map(HashMap::<&mut MapData, u32, PostedIrte>::try_from)
+        {
+            let stale: Vec<u32> = irtes
+                .keys()
+                .flatten()
+                .filter(|irq| !found.contains_key(irq))
+                .collect();
+            for irq in stale {
+                let _ = irtes.remove(&irq);
+            }
+        }
         self.written.len()
     }
 
@@ -214,10 +230,11 @@ pub fn joined(
         .collect()
 }
 
-/// The host-wide posted-interrupt events in /proc/interrupts (`text`): Intel's notification
-/// (PIN: a posted interrupt's notice that reached the host, the vCPU not in guest mode) and
-/// wakeup (PIW: a halted vCPU woken by a posted interrupt) rows, summed over CPUs. None of a
-/// row the kernel does not print (AMD's AVIC uses the IOMMU's GA log instead).
+/// The host-wide posted-interrupt events in /proc/interrupts (`text`): the notification (PIN:
+/// a posted interrupt's notice that reached the host, the vCPU out of guest mode) and wakeup
+/// (PIW: a halted vCPU woken) rows, summed over CPUs, from every source (devices, KVM's own
+/// posted injections, IPIs). x86 kernels with KVM print them whatever the vendor; AMD's AVIC
+/// wakes a halted vCPU through the IOMMU's GA log instead, in neither row.
 pub fn posted_host_events(text: &str) -> Vec<(&'static str, u64)> {
     [("PIN", "notification"), ("PIW", "wakeup")]
         .into_iter()

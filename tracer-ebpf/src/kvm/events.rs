@@ -132,7 +132,7 @@ fn injection(ctx: &Context) {
     }
     if on(mask, KvmInjectToEntry) {
         let vm = injection_vm(live.map(|s| s.vm), in_task, vmm, irq_vm);
-        inject::injected(tid, vm, in_task, now);
+        inject::injected(tid, vm, ctx.handler_device(), in_task, now);
     }
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use tracer_common::{
-    kvm::inject::{self, InjectMark, VcpuKey},
+    kvm::inject::{self, InjectMark, PendingInject, VcpuKey},
     maps::START_ENTRIES,
     stage::StageId,
 };
@@ -21,11 +21,12 @@ static INJ_MARK: PerCpuArray<InjectMark> = PerCpuArray::with_max_entries(1, 0);
 
 /// Injected interrupts not yet seen by their vCPU, by VM and vCPU (only known VMs).
 #[map]
-static INJ_PENDING: HashMap<VcpuKey, u64> = HashMap::with_max_entries(START_ENTRIES, 0);
+static INJ_PENDING: HashMap<VcpuKey, PendingInject> = HashMap::with_max_entries(START_ENTRIES, 0);
 
 #[inline(always)]
-pub fn injected(tid: u32, vm: u32, in_task: bool, now: u64) {
-    if let Err(c) = inject::on_inject(&mut CpuSlot(&INJ_MARK), 0, tid, vm, in_task, now) {
+pub fn injected(tid: u32, vm: u32, device: u32, in_task: bool, now: u64) {
+    let mark = &mut CpuSlot(&INJ_MARK);
+    if let Err(c) = inject::on_inject(mark, 0, tid, vm, device, in_task, now) {
         count(STAGE, c);
     }
 }
@@ -48,6 +49,6 @@ pub fn entered(tid: u32) {
 #[inline(always)]
 pub fn entry(tgid: u32, vcpu: u32, now: u64) {
     if let Some(s) = inject::on_entry(&mut KernelStarts(&INJ_PENDING), tgid, vcpu, now) {
-        record(STAGE, 0, s.vcpu, s.vm, s.latency_ns);
+        record(STAGE, s.device, s.vcpu, s.vm, s.latency_ns);
     }
 }

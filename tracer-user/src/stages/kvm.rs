@@ -267,7 +267,7 @@ pub static INJECT_TO_ENTRY: Stage = Stage {
     path: Path::Kvm,
     from: "kvm:kvm_msi_set_irq / kvm:kvm_set_irq (+ kvm:kvm_apic_accept_irq: destination)",
     to: "kvm:kvm_entry of the destination vCPU",
-    labels: &["vm", "vcpu"],
+    labels: &["vm", "vcpu", "device"],
     events: &[
         &KVM_MSI_SET_IRQ,
         &KVM_SET_IRQ,
