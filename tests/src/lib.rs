@@ -420,9 +420,23 @@ impl Daemon {
 
     /// `bin serve` with `extra` arguments (the benchmark passes its own build).
     pub fn start_bin(bin: &Path, extra: &[&str]) -> Daemon {
+        Self::start_under(&[], bin, extra)
+    }
+
+    /// `iopath serve` run by `wrapper` (a command and its arguments before the binary's path:
+    /// setpriv with a capability set, say); empty: the binary itself.
+    pub fn start_under(wrapper: &[&str], bin: &Path, extra: &[&str]) -> Daemon {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(bin)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["serve", "--listen", &listen])
             .args(extra)
             .stderr(Stdio::piped())
