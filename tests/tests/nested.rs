@@ -1845,8 +1845,9 @@ END { clear(@in); }"#,
     for bdf in [NIC, NVME] {
         let injected = to_inject_by[&format!("{VM}/{bdf}")];
         let n = entry_by.get(bdf).copied().unwrap_or(0);
+        // (+1: an injection just before the first cut whose VM entry came after it)
         assert!(
-            n <= injected && n as f64 >= 0.8 * injected as f64,
+            n <= injected + 1 && n as f64 >= 0.8 * injected as f64,
             "kvm.inject_to_entry device={bdf}: {n} samples for {injected} injections in its \
              handler: {entry_by:?}"
         );

@@ -13,7 +13,9 @@ pub struct HistKey {
     pub stage: u16,
     pub bucket: u16,
     /// blk: [`crate::blk::Op`]; kvm.exit: exit reason; kvm.signal_to_inject: signal and
-    /// injection context; kvm.halt_wakeup: blocked or polled; kvm.userspace_exit: exit reason.
+    /// injection context; kvm.halt_wakeup: blocked or polled; kvm.userspace_exit: exit reason;
+    /// kvm.inject_to_entry: the passed-through device whose handler injected
+    /// (`vfio::pci_key`), 0 for any other.
     pub detail: u32,
     /// blk: kernel dev_t; kvm.exit, kvm.inject_to_entry: vcpu_id; kvm.halt_wakeup,
     /// kvm.userspace_exit: the vCPU's file descriptor in the VMM; kvm.signal_to_inject: 0.

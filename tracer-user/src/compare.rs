@@ -93,7 +93,8 @@ pub struct PostedDevice {
 
 #[derive(Debug, Serialize)]
 pub struct Common {
-    /// `passthrough` (injections made in a passed-through device's handler) or `other`.
+    /// `passthrough` (injections made in a passed-through device's handler), `other`, or `all`
+    /// (a capture without the device label).
     pub of: &'static str,
     #[serde(flatten)]
     pub part: Part,
@@ -104,8 +105,9 @@ pub struct Comparison {
     pub vm: String,
     pub kinds: Vec<Kind>,
     /// In both paths' delivery and in neither sum: kvm.inject_to_entry of the passthrough
-    /// devices' interrupts (its `device` label) and of all the VM's others (paravirtual
-    /// devices, timers, IPIs).
+    /// devices' interrupts (its `device` label) and of all the VM's other injections
+    /// (paravirtual devices', and a passthrough device's that KVM deferred to a kworker or made
+    /// while the vfio stages were off); `all` for a capture without the label.
     pub common: Vec<Common>,
     /// Whether this host posts assigned devices' interrupts, as the capture says.
     pub posted: Option<String>,
@@ -429,18 +431,29 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
     Ok(Comparison {
         vm: vm.into(),
         kinds,
-        common: [("passthrough", true), ("other", false)]
-            .into_iter()
-            .filter_map(|(of, device)| {
-                let mine = |r: &Row| {
-                    of_vm(r) && r.label("device").is_some_and(|d| !d.is_empty()) == device
-                };
-                Some(Common {
-                    of,
-                    part: part(&rows, "kvm.inject_to_entry", mine)?,
+        common: if rows
+            .iter()
+            .any(|r| r.stage == "kvm.inject_to_entry" && of_vm(r) && r.label("device").is_none())
+        {
+            // a capture of an iopath before the label: the injections cannot be split
+            part(&rows, "kvm.inject_to_entry", of_vm)
+                .map(|part| Common { of: "all", part })
+                .into_iter()
+                .collect()
+        } else {
+            [("passthrough", true), ("other", false)]
+                .into_iter()
+                .filter_map(|(of, device)| {
+                    let mine = |r: &Row| {
+                        of_vm(r) && r.label("device").is_some_and(|d| !d.is_empty()) == device
+                    };
+                    Some(Common {
+                        of,
+                        part: part(&rows, "kvm.inject_to_entry", mine)?,
+                    })
                 })
-            })
-            .collect(),
+                .collect()
+        },
         posted: capture["posted_interrupts"].as_object().map(|p| {
             let yes = p.get("posted").and_then(Value::as_bool) == Some(true);
             let why = p.get("why").and_then(Value::as_str).unwrap_or_default();
@@ -603,8 +616,11 @@ pub fn table(c: &Comparison) -> String {
             p.summary.count,
             if c.of == "passthrough" {
                 "the passed-through devices' interrupts"
+            } else if c.of == "all" {
+                "all of the VM's: this capture has no device label"
             } else {
-                "the VM's other interrupts: paravirtual devices, timers, IPIs"
+                "the VM's other injections: paravirtual devices', and passthrough ones KVM \
+                 deferred or made with the vfio stages off"
             }
         );
     }
@@ -732,6 +748,24 @@ mod tests {
             t.contains("this host posts assigned devices' interrupts: no"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_capture_without_the_device_label_keeps_the_injections_together() {
+        let mut c = capture();
+        for r in c["series"].as_array_mut().unwrap() {
+            if r["stage"] == "kvm.inject_to_entry" {
+                r["labels"].as_object_mut().unwrap().remove("device");
+            }
+        }
+        let c = compare(&c, "db").unwrap();
+        let common: Vec<_> = c
+            .common
+            .iter()
+            .map(|x| (x.of, x.part.summary.count))
+            .collect();
+        assert_eq!(common, [("all", 42)]);
+        assert!(table(&c).contains("this capture has no device label"));
     }
 
     #[test]

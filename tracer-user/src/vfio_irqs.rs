@@ -182,13 +182,14 @@ impl Watch {
             .filter(|irq| !found.contains_key(irq))
             .copied()
             .collect();
-        for irq in gone {
-            let _ = map.remove(&irq);
-            self.written.remove(&irq);
+        for irq in &gone {
+            let _ = map.remove(irq);
+            self.written.remove(irq);
         }
         // An IRQ's posted state goes with the IRQ: a number reused by another device must not
         // inherit it (the update that set it may also have come from a kworker that never
-        // exits, which gc would keep for good).
+        // exits, which gc would keep for good). Only IRQs known gone: one requested since the
+        // scan above may already have its update.
         if let Some(Ok(mut irtes)) = ebpf
             .map_mut("POSTED_IRTES")
             .map(HashMap::<&mut MapData, u32, PostedIrte>::try_from)
@@ -196,7 +197,9 @@ impl Watch {
             let stale: Vec<u32> = irtes
                 .keys()
                 .flatten()
-                .filter(|irq| !found.contains_key(irq))
+                .filter(|irq| {
+                    gone.contains(irq) || !Path::new(&format!("/sys/kernel/irq/{irq}")).exists()
+                })
                 .collect();
             for irq in stale {
                 let _ = irtes.remove(&irq);
