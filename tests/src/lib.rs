@@ -939,9 +939,14 @@ pub struct Recording(Option<Child>, std::sync::Arc<std::sync::Mutex<String>>);
 impl Recording {
     /// Starts `iopath record --json` with `args` and waits until its programs are attached.
     pub fn start(args: &[&str]) -> Recording {
+        Self::start_for("1h", args)
+    }
+
+    /// As [`Recording::start`], recording for `duration` at most ([`Recording::wait`]).
+    pub fn start_for(duration: &str, args: &[&str]) -> Recording {
         use std::io::BufRead as _;
         let mut rec = Command::new(iopath_bin())
-            .args(["record", "--json", "--duration", "1h"])
+            .args(["record", "--json", "--duration", duration])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -975,10 +980,15 @@ impl Recording {
     }
 
     /// Ends the recording (SIGINT) and returns its capture.
-    pub fn stop(mut self) -> String {
-        let rec = self.0.take().expect("running");
+    pub fn stop(self) -> String {
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(rec.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.0.as_ref().expect("running").id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for the recording's end (its duration) and returns its capture.
+    pub fn wait(mut self) -> String {
+        let rec = self.0.take().expect("running");
         let out = rec.wait_with_output().expect("record's output");
         assert!(
             out.status.success(),

@@ -94,39 +94,17 @@ fn blk_device_counts_every_direct_io_on_a_loop_device() {
 fn record_reports_quantiles_of_the_loop_device() {
     require_root();
     let lo = LoopDev::new("record", 16);
-    use std::io::BufRead as _;
-    let mut rec = std::process::Command::new(iopath_tests::iopath_bin())
-        .args(["record", "--duration"])
-        .arg(if iopath_tests::emulated() {
-            "20s"
-        } else {
-            "4s"
-        })
-        .args(["--json", "--stages", "blk.device"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("iopath record");
     // record says "recording for ..." once its programs are attached: the I/O starts after
     // it (a fixed wait lost the first write when attaching took longer).
-    let mut stderr = std::io::BufReader::new(rec.stderr.take().unwrap());
-    let mut said = String::new();
-    loop {
-        let mut line = String::new();
-        let n = stderr.read_line(&mut line).expect("record's stderr");
-        said += &line;
-        if n == 0 || line.contains("recording for") {
-            break;
-        }
-    }
-    assert!(
-        said.contains("recording for"),
-        "record did not start: {said}"
-    );
+    let duration = if iopath_tests::emulated() {
+        "20s"
+    } else {
+        "4s"
+    };
+    let rec = iopath_tests::Recording::start_for(duration, &["--stages", "blk.device"]);
     let (write_call, _) = lo.direct_io(250, 0);
-    let out = rec.wait_with_output().expect("record's output");
-    assert!(out.status.success(), "record failed: {said}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record --json is JSON");
+    let out = rec.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("record --json is JSON");
     let row = v["series"]
         .as_array()
         .unwrap()

@@ -367,32 +367,31 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
             ),
         )
     };
-    let mut kinds = Vec::new();
-    // network
-    let pv: Vec<PathSum> = [("receive", &RX), ("transmit", &TX)]
+    // Per kind: its paravirtual directions, what is measured beside them, and the VM's
+    // passed-through devices of that kind (timed, or posted); a kind with none is left out.
+    let kind = |kind: &'static str, paravirtual: Vec<PathSum>, beside: Vec<Part>| {
+        let passthrough: Vec<PathSum> = passthrough(kind).into_iter().collect();
+        let posted = posted(kind);
+        (!paravirtual.is_empty() || !passthrough.is_empty() || !posted.is_empty()).then(|| Kind {
+            kind,
+            could_save: savings(&paravirtual, &passthrough, &posted),
+            paravirtual,
+            passthrough,
+            beside,
+            posted,
+        })
+    };
+    let network: Vec<PathSum> = [("receive", &RX), ("transmit", &TX)]
         .into_iter()
         .filter_map(|(dir, stages)| {
             path_sum("paravirtual", dir, taps.clone(), stages, net_part, net_cpu)
         })
         .collect();
-    let pt: Vec<PathSum> = passthrough("network").into_iter().collect();
-    let net_posted = posted("network");
-    if !pv.is_empty() || !pt.is_empty() || !net_posted.is_empty() {
-        kinds.push(Kind {
-            kind: "network",
-            could_save: savings(&pv, &pt, &net_posted),
-            paravirtual: pv,
-            passthrough: pt,
-            beside: Vec::new(),
-            posted: net_posted,
-        });
-    }
-    // disk
     let disk_cpu = (
         backend_cpu(capture, "disk_backends", "requests", vm),
         "the threads that submit the VM's requests, per request",
     );
-    let pv: Vec<PathSum> = path_sum(
+    let disk: Vec<PathSum> = path_sum(
         "paravirtual",
         "request",
         names(&DISK, "disk"),
@@ -402,32 +401,20 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
     )
     .into_iter()
     .collect();
-    let pt: Vec<PathSum> = passthrough("disk").into_iter().collect();
-    let disk_posted = posted("disk");
-    if !pv.is_empty() || !pt.is_empty() || !disk_posted.is_empty() {
-        kinds.push(Kind {
-            kind: "disk",
-            could_save: savings(&pv, &pt, &disk_posted),
-            beside: part(&rows, "blk.device", of_vm).into_iter().collect(),
-            paravirtual: pv,
-            passthrough: pt,
-            posted: disk_posted,
-        });
-    }
-    // Passed-through devices of another class (or with no class in the capture): shown, with
-    // nothing paravirtual to set beside them.
-    let pt: Vec<PathSum> = passthrough("other").into_iter().collect();
-    let other_posted = posted("other");
-    if !pt.is_empty() || !other_posted.is_empty() {
-        kinds.push(Kind {
-            kind: "other",
-            could_save: Vec::new(),
-            beside: Vec::new(),
-            paravirtual: Vec::new(),
-            passthrough: pt,
-            posted: other_posted,
-        });
-    }
+    let kinds: Vec<Kind> = [
+        kind("network", network, Vec::new()),
+        kind(
+            "disk",
+            disk,
+            part(&rows, "blk.device", of_vm).into_iter().collect(),
+        ),
+        // passed-through devices of another class (or none in the capture): nothing
+        // paravirtual to set beside them
+        kind("other", Vec::new(), Vec::new()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     Ok(Comparison {
         vm: vm.into(),
         kinds,
