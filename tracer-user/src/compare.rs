@@ -14,7 +14,10 @@ use std::{collections::BTreeSet, fmt::Write as _};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::hist::{Series, Summary};
+use crate::{
+    hist::{Series, Summary},
+    report::us,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -463,15 +466,6 @@ fn savings(pv: &[PathSum], pt: &[PathSum], posted: &[PostedDevice]) -> Vec<Savin
     pv.iter()
         .map(|p| saving(p.direction, p, pt.first()))
         .collect()
-}
-
-/// A latency for the table: µs with one decimal below 10 ms, then ms.
-fn us(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.1}ms", v / 1e3)
-    } else {
-        format!("{v:.1}")
-    }
 }
 
 pub fn table(c: &Comparison) -> String {

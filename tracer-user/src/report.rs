@@ -260,7 +260,7 @@ pub fn json(s: &mut Session) -> String {
 }
 
 /// A latency in µs for the table: µs with one decimal below 10 ms, then ms with a unit.
-fn us(v: f64) -> String {
+pub(crate) fn us(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.1}ms", v / 1e3)
     } else {
