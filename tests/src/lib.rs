@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod net;
+pub mod prom;
 
 use std::{
     alloc::{Layout, alloc_zeroed, dealloc},
@@ -437,7 +438,7 @@ impl Daemon {
             None => Command::new(bin),
         };
         let child = cmd
-            .args(["serve", "--listen", &listen])
+            .args(["serve", "--web.listen-address", &listen])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()

@@ -176,6 +176,59 @@ fn not_root() {
     nothing_left();
 }
 
+/// A web config that cannot be used stops serve before anything is attached: a missing file,
+/// a password that is no bcrypt hash, a key the reader does not know, a certificate that is not
+/// there, a key that is not the certificate's.
+#[test]
+fn bad_web_config_files() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("iopath-badweb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["a", "b"] {
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=iopath-test", "-keyout"])
+            .arg(dir.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(dir.join(format!("{name}.crt")))
+            .output()
+            .expect("openssl (cargo xtask setup)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let cases = [
+        ("", "No such file or directory"),
+        ("basic_auth_users:\n  prom: hunter2\n", "not a bcrypt hash"),
+        ("http_server_config:\n  http2: false\n", "unknown field `http_server_config`"),
+        (
+            "tls_server_config:\n  cert_file: none.crt\n  key_file: a.key\n",
+            "none.crt",
+        ),
+        (
+            "tls_server_config:\n  cert_file: a.crt\n  key_file: b.key\n",
+            "cert_file",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let web = dir.join(format!("web{i}.yml"));
+        if !text.is_empty() {
+            std::fs::write(&web, text).unwrap();
+        }
+        let out = iopath(&[
+            "serve",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--web.config.file",
+            web.to_str().unwrap(),
+        ]);
+        one_line_error(&out, 1, needle);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("web config {}", web.display())), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    nothing_left();
+}
+
 #[test]
 fn sigterm_detaches_everything() {
     require_root();

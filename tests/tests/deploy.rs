@@ -84,7 +84,7 @@ fn the_systemd_unit_verifies_and_its_capabilities_attach_what_root_does() {
     let wrapper = ["setpriv", &bound, "--"];
     let extra: Vec<&str> = args[1..]
         .chunks(2)
-        .filter(|kv| kv[0] != "--listen")
+        .filter(|kv| kv[0] != "--web.listen-address")
         .flatten()
         .copied()
         .collect();
@@ -193,7 +193,7 @@ fn the_daemonset_parses_and_passes_flags_the_binary_accepts() {
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         assert!(help.contains(flag), "serve has no {flag}: {help}");
     }
-    let port = args[args.iter().position(|a| *a == "--listen").unwrap() + 1]
+    let port = args[args.iter().position(|a| *a == "--web.listen-address").unwrap() + 1]
         .rsplit(':')
         .next()
         .unwrap()

@@ -1762,6 +1762,15 @@ END { clear(@in); }"#,
         )
     };
     let unknown = unknown(&m1) - unknown(&m0);
+    // Injections for a vCPU that had one pending: measured from the earliest, no sample of
+    // their own (the nested guest is L1's only VM).
+    let coalesced = |m: &Metrics| {
+        m.value(
+            "iopath_events_dropped_total",
+            &[("stage", "kvm.inject_to_entry"), ("reason", "coalesced")],
+        )
+    };
+    let coalesced = (coalesced(&m1) - coalesced(&m0)) as u64;
     let inject_vm = counts_by(&m1, "kvm.inject_to_entry", VM, "vcpu")
         .values()
         .sum::<f64>()
@@ -1789,8 +1798,8 @@ END { clear(@in); }"#,
     eprintln!(
         "vfio: bpftrace {entries} vfio handler entries, {injections} injections inside them; \
          iopath vfio.handler_to_inject {to_inject} {to_inject_by:?}; kvm.inject_to_entry \
-         vm={VM} {inject_vm} {entry_by:?} (by device), unknown_vm {unknown}; guest {guest_ios} \
-         NVMe I/Os"
+         vm={VM} {inject_vm} {entry_by:?} (by device), unknown_vm {unknown}, coalesced \
+         {coalesced}; guest {guest_ios} NVMe I/Os"
     );
     assert_eq!(pings.0 as u32, PINGS, "pings through vhost-net");
     assert_eq!(
@@ -1851,24 +1860,36 @@ END { clear(@in); }"#,
         unknown <= 0.01 * injections as f64,
         "kvm.inject_to_entry: {unknown} unknown_vm for {injections} handler injections"
     );
+    // Each injection is a sample under the VM or coalesced into a pending one: how many are
+    // coalesced depends on how the emulated machine bunches the interrupts (2,516 injections:
+    // 373 coalesced in one CI run, about 60 in others).
     let want = injections + 2 * u64::from(PINGS);
     assert!(
-        inject_vm >= 0.9 * want as f64,
-        "kvm.inject_to_entry names {VM} for {inject_vm} of about {want} injections"
+        inject_vm + coalesced as f64 >= 0.9 * want as f64,
+        "kvm.inject_to_entry names {VM} for {inject_vm} ({coalesced} coalesced) of about {want} \
+         injections"
     );
     // Each device's injections under its `device`, at most one sample each (one pending
-    // interrupt per vCPU: an injection while another waits is coalesced into it), most of
-    // them; vhost-net's under no device, about two per ping.
+    // interrupt per vCPU: an injection while another waits is coalesced into it), the ones
+    // missing no more than were coalesced; vhost-net's under no device, about two per ping.
+    let mut missing = 0;
     for bdf in [NIC, NVME] {
         let injected = to_inject_by[&format!("{VM}/{bdf}")];
         let n = entry_by.get(bdf).copied().unwrap_or(0);
         // (+1: an injection just before the first cut whose VM entry came after it)
         assert!(
-            n <= injected + 1 && n as f64 >= 0.8 * injected as f64,
+            n <= injected + 1 && n * 2 >= injected,
             "kvm.inject_to_entry device={bdf}: {n} samples for {injected} injections in its \
              handler: {entry_by:?}"
         );
+        missing += injected.saturating_sub(n);
     }
+    // (+2: an injection at each cut, counted on one side and entered on the other)
+    assert!(
+        missing <= coalesced + 2,
+        "kvm.inject_to_entry: {missing} of the handlers' injections have no sample, {coalesced} \
+         were coalesced: {entry_by:?}"
+    );
     let others = entry_by.get("").copied().unwrap_or(0);
     assert!(
         others as f64 >= 0.8 * f64::from(2 * PINGS),

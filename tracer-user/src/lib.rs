@@ -23,3 +23,4 @@ pub mod stages;
 pub mod sys;
 pub mod tracefs;
 pub mod vfio_irqs;
+pub mod webconfig;

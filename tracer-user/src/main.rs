@@ -5,7 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use iopath::{attach, hist::Layout, privs, report, serve, session, stages::Family};
+use iopath::{
+    attach, hist::Layout, privs, report, serve, session, stages::Family, webconfig::WebConfig,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -112,9 +114,18 @@ fn parse_layout(s: &str) -> Result<Layout, String> {
 enum Cmd {
     /// Run the daemon: export per-stage histograms on /metrics.
     Serve {
-        /// Address to listen on (loopback by default).
-        #[arg(long, default_value = "127.0.0.1:9464")]
+        /// Address to listen on (loopback by default; `--listen` is an older name of it).
+        #[arg(
+            long = "web.listen-address",
+            visible_alias = "listen",
+            value_name = "ADDR",
+            default_value = "127.0.0.1:9464"
+        )]
         listen: SocketAddr,
+        /// TLS and basic auth, in the web configuration file format of Prometheus' exporters
+        /// (tls_server_config, basic_auth_users with bcrypt hashes).
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -266,16 +277,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("{} is not JSON", input.display()))?;
         return compare(&capture, vm, *json);
     }
+    // Bad settings are refused before the privilege check and before anything is attached.
+    let web = match &cli.cmd {
+        Cmd::Serve {
+            web_config: Some(path),
+            ..
+        } => Some(WebConfig::load(path)?),
+        _ => None,
+    };
     privs::check()?;
     match cli.cmd {
-        Cmd::Serve { listen, common } => {
+        Cmd::Serve { listen, common, .. } => {
             // Two workers: while one reads the kernel's counts, the other takes the scrapes
             // that arrive meanwhile, which then share the next read.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(serve::run(listen, &common.options(false)))?;
+            rt.block_on(serve::run(listen, web, &common.options(false)))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Record {

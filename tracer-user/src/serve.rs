@@ -21,7 +21,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
     sync::{Mutex, OwnedSemaphorePermit, Semaphore},
@@ -30,6 +30,7 @@ use tokio::{
 use crate::{
     export, report,
     session::{Options, Session},
+    webconfig::{Loaded, Users, WebConfig},
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -102,7 +103,13 @@ impl State {
     }
 }
 
-pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
+/// Serves until SIGINT or SIGTERM; `web` (checked by the caller before anything was attached)
+/// adds TLS and basic auth.
+pub async fn run(
+    listen: SocketAddr,
+    web: Option<WebConfig>,
+    opts: &Options<'_>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -118,8 +125,13 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
         anyhow::bail!("no stage can attach on this kernel (see `iopath doctor`)");
     }
     let notices = session.notice_waiter().context("notice ring buffer")?;
+    let scheme = if web.as_ref().is_some_and(|w| w.tls()) {
+        "https"
+    } else {
+        "http"
+    };
     eprintln!(
-        "iopath: serving http://{}/metrics ({})",
+        "iopath: serving {scheme}://{}/metrics ({})",
         listener.local_addr()?,
         session.tracer.attached_stages()
     );
@@ -135,14 +147,19 @@ pub async fn run(listen: SocketAddr, opts: &Options<'_>) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match conns.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        tokio::spawn(connection(stream, state.clone(), permit));
+                Ok((stream, _)) => {
+                    let settings = web.as_ref().map(|w| w.current());
+                    match conns.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(accepted_connection(stream, state.clone(), settings, permit));
+                        }
+                        // A TLS client could not read a plain 503: it gets the close alone.
+                        Err(_) if settings.as_ref().is_some_and(|s| s.tls.is_some()) => {}
+                        Err(_) => {
+                            tokio::spawn(busy(stream));
+                        }
                     }
-                    Err(_) => {
-                        tokio::spawn(busy(stream));
-                    }
-                },
+                }
                 Err(e) => {
                     log::warn!("accept: {e}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -190,10 +207,36 @@ async fn busy(mut stream: TcpStream) {
     .await;
 }
 
-async fn connection(stream: TcpStream, state: Arc<State>, _permit: OwnedSemaphorePermit) {
+/// A connection under the web config's settings: its TLS handshake first (bounded like a
+/// request head), then HTTP.
+async fn accepted_connection(
+    stream: TcpStream,
+    state: Arc<State>,
+    settings: Option<Arc<Loaded>>,
+    permit: OwnedSemaphorePermit,
+) {
+    let users = settings
+        .as_ref()
+        .map_or_else(|| Arc::new(Users::none()), |s| s.users.clone());
+    match settings.as_ref().and_then(|s| s.tls.clone()) {
+        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await
+        {
+            Ok(Ok(tls)) => connection(tls, state, users, permit).await,
+            Ok(Err(e)) => log::debug!("TLS handshake: {e}"),
+            Err(_) => log::debug!("TLS handshake: timed out"),
+        },
+        None => connection(stream, state, users, permit).await,
+    }
+}
+
+async fn connection<S>(stream: S, state: Arc<State>, users: Arc<Users>, _permit: OwnedSemaphorePermit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(respond(req, &state).await) }
+        let users = users.clone();
+        async move { Ok::<_, Infallible>(respond(req, &state, users).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -212,8 +255,26 @@ fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Fu
         .expect("a static header is valid")
 }
 
-async fn respond(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+async fn respond(req: Request<Incoming>, state: &State, users: Arc<Users>) -> Response<Full<Bytes>> {
     let asked = Instant::now();
+    if users.required() {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec());
+        // bcrypt takes milliseconds: off the runtime's workers.
+        let allowed = tokio::task::spawn_blocking(move || users.allows(auth.as_deref()))
+            .await
+            .unwrap_or(false);
+        if !allowed {
+            let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", "unauthorized\n");
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"iopath\""),
+            );
+            return r;
+        }
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
         r.headers_mut()

@@ -11,7 +11,8 @@ use crate::{is_root, root, run};
 /// fio and iperf3 drive the benchmark, bpftool lists programs left behind, losetup makes loop devices;
 /// the guest-lab test boots a real QEMU guest (qemu-system-x86, ping, xz, bc), and bpftrace
 /// gives the independent counts the tests and the benchmark compare with; python3-yaml and
-/// systemd check the deployment files (`deploy/`). A test that skips for
+/// systemd check the deployment files (`deploy/`); openssl, curl and python3 (its bcrypt)
+/// make and use the web config test's certificates and password. A test that skips for
 /// one of these fails `cargo xtask test`. The distro-kernel VM boots with QEMU and runs its
 /// nested guests with the same packages (L1 sees this machine's `/`).
 const PACKAGES: &[&str] = &[
@@ -30,6 +31,9 @@ const PACKAGES: &[&str] = &[
     // the deployment files' tests: the DaemonSet parsed, the unit checked by systemd-analyze
     "python3-yaml",
     "systemd",
+    // --web.config.file's test: certificates, a bcrypt hash (python3's crypt), an HTTPS client
+    "openssl",
+    "curl",
     // the distro-kernel VM (cargo xtask vm): its initramfs, its kernel package's module index,
     // the ext4 scratch disk it formats
     "busybox-static",
