@@ -194,12 +194,19 @@ fn bad_web_config_files() {
             .arg(dir.join(format!("{name}.crt")))
             .output()
             .expect("openssl (cargo xtask setup)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let cases = [
         ("", "No such file or directory"),
         ("basic_auth_users:\n  prom: hunter2\n", "not a bcrypt hash"),
-        ("http_server_config:\n  http2: false\n", "unknown field `http_server_config`"),
+        (
+            "http_server_config:\n  http2: false\n",
+            "unknown field `http_server_config`",
+        ),
         (
             "tls_server_config:\n  cert_file: none.crt\n  key_file: a.key\n",
             "none.crt",
@@ -223,7 +230,10 @@ fn bad_web_config_files() {
         ]);
         one_line_error(&out, 1, needle);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&format!("web config {}", web.display())), "{err}");
+        assert!(
+            err.contains(&format!("web config {}", web.display())),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
     nothing_left();

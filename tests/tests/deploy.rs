@@ -193,11 +193,15 @@ fn the_daemonset_parses_and_passes_flags_the_binary_accepts() {
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         assert!(help.contains(flag), "serve has no {flag}: {help}");
     }
-    let port = args[args.iter().position(|a| *a == "--web.listen-address").unwrap() + 1]
-        .rsplit(':')
-        .next()
+    let port = args[args
+        .iter()
+        .position(|a| *a == "--web.listen-address")
         .unwrap()
-        .to_string();
+        + 1]
+    .rsplit(':')
+    .next()
+    .unwrap()
+    .to_string();
     assert_eq!(c["ports"][0]["containerPort"].to_string(), port);
     let mounts: BTreeSet<&str> = c["volumeMounts"]
         .as_array()

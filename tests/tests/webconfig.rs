@@ -144,7 +144,10 @@ fn prometheus_scrapes_over_tls_with_the_right_password_and_gets_401_with_a_wrong
     let quantiles = format!("https://127.0.0.1:{}/quantiles", d.port);
     assert_eq!(curl(&quantiles, &["--cacert", &ca]).0, "401");
     // No plain HTTP on a TLS port, and no TLS without the server's certificate trusted.
-    assert_eq!(curl(&url.replace("https", "http"), &["-u", &right]).0, "000");
+    assert_eq!(
+        curl(&url.replace("https", "http"), &["-u", &right]).0,
+        "000"
+    );
     assert_eq!(curl(&url, &["-u", &right]).0, "000");
 
     // Prometheus itself, two jobs on the same target: the right password and a wrong one.
@@ -247,8 +250,22 @@ fn client_certificates_are_required_when_the_file_says_so() {
     run(
         &dir.0,
         &[
-            "openssl", "x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "client.ext", "-out", "client.crt",
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "client.crt",
         ],
     );
     let web = dir.path("web.yml");

@@ -219,8 +219,7 @@ async fn accepted_connection(
         .as_ref()
         .map_or_else(|| Arc::new(Users::none()), |s| s.users.clone());
     match settings.as_ref().and_then(|s| s.tls.clone()) {
-        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await
-        {
+        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => connection(tls, state, users, permit).await,
             Ok(Err(e)) => log::debug!("TLS handshake: {e}"),
             Err(_) => log::debug!("TLS handshake: timed out"),
@@ -229,8 +228,12 @@ async fn accepted_connection(
     }
 }
 
-async fn connection<S>(stream: S, state: Arc<State>, users: Arc<Users>, _permit: OwnedSemaphorePermit)
-where
+async fn connection<S>(
+    stream: S,
+    state: Arc<State>,
+    users: Arc<Users>,
+    _permit: OwnedSemaphorePermit,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
@@ -255,7 +258,11 @@ fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Fu
         .expect("a static header is valid")
 }
 
-async fn respond(req: Request<Incoming>, state: &State, users: Arc<Users>) -> Response<Full<Bytes>> {
+async fn respond(
+    req: Request<Incoming>,
+    state: &State,
+    users: Arc<Users>,
+) -> Response<Full<Bytes>> {
     let asked = Instant::now();
     if users.required() {
         let auth = req

@@ -98,7 +98,13 @@ impl Users {
             },
         };
         let digest = self.keys.hash_one((&user, hash, &password));
-        if known && self.checked.lock().expect("no panic holds it").contains(&digest) {
+        if known
+            && self
+                .checked
+                .lock()
+                .expect("no panic holds it")
+                .contains(&digest)
+        {
             return true;
         }
         let ok = bcrypt::verify(&password, hash).unwrap_or(false) && known;
@@ -139,7 +145,12 @@ type Stamp = (PathBuf, Option<SystemTime>);
 fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
     paths
         .iter()
-        .map(|p| (p.clone(), std::fs::metadata(p).and_then(|m| m.modified()).ok()))
+        .map(|p| {
+            (
+                p.clone(),
+                std::fs::metadata(p).and_then(|m| m.modified()).ok(),
+            )
+        })
         .collect()
 }
 
@@ -155,7 +166,12 @@ impl WebConfig {
 
     /// Whether connections are TLS.
     pub fn tls(&self) -> bool {
-        self.current.lock().expect("no panic holds it").0.tls.is_some()
+        self.current
+            .lock()
+            .expect("no panic holds it")
+            .0
+            .tls
+            .is_some()
     }
 
     /// The settings for a new connection, read again first if a file changed since.
@@ -274,9 +290,11 @@ fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Serve
             );
         }
         (None | Some("NoClientCert"), Some(_)) => {
-            return Err("tls_server_config: client_ca_file without client_auth_type \
+            return Err(
+                "tls_server_config: client_ca_file without client_auth_type \
                         RequireAndVerifyClientCert"
-                .into());
+                    .into(),
+            );
         }
         (Some(other), _) => {
             return Err(format!(
@@ -338,7 +356,10 @@ mod tests {
             assert!(e.contains(what), "{text:?}: {e}");
             assert!(!e.contains('\n'), "one line: {e}");
         };
-        refused("basic_auth_users:\n  prom: plaintext\n", "not a bcrypt hash");
+        refused(
+            "basic_auth_users:\n  prom: plaintext\n",
+            "not a bcrypt hash",
+        );
         refused("http_server_config:\n  http2: false\n", "unknown field");
         refused("basic_auth_users: [\n", "web config");
         refused(
