@@ -874,17 +874,28 @@ fn vhost_net_transmit_side_from_tracepoints_alone() {
         r#"kprobe:handle_tx_kick { @tx_kick = count(); }
 tracepoint:sched:sched_waking /strncmp(args->comm, "vhost-", 6) == 0 && strncmp(comm, "CPU ", 4) == 0/ { @vcpu_wakeups = count(); }"#,
     );
+    // iopath's counts over bpftrace's window: from after it started to after it stopped.
+    let m0 = d.metrics();
     guest.ping_rtts(PINGS, "0.02");
     let counts = bt.counts();
-    let m = d.metrics();
-    let attached = m.value("iopath_stage_attached", &[("stage", "net.tx.kick")]);
+    let m1 = d.metrics();
+    let attached = m1.value("iopath_stage_attached", &[("stage", "net.tx.kick")]);
     let want = [("vm", VM), ("backend", "vhost"), ("queue", "0")];
-    let (kick_n, kick_p50) = d.find_p50("net.tx.kick", &want).unwrap_or((0, f64::NAN));
-    let (wire_n, wire_p50) = d
-        .find_p50("net.tx.backend_to_wire", &want)
-        .unwrap_or((0, f64::NAN));
-    let unmatched = d.dropped("net.tx.backend_to_wire", "unmatched");
-    let no_transmit = d.dropped("net.tx.kick", "no_transmit");
+    let n = |stage: &str| {
+        let sel = [[("stage", stage)].as_slice(), &want].concat();
+        let of = |m: &Metrics| m.value("iopath_stage_latency_seconds_count", &sel);
+        (of(&m1) - of(&m0)) as u64
+    };
+    let dropped = |stage: &str, reason: &str| {
+        let sel = [("stage", stage), ("reason", reason)];
+        let of = |m: &Metrics| m.value("iopath_events_dropped_total", &sel);
+        (of(&m1) - of(&m0)) as u64
+    };
+    let (kick_n, wire_n) = (n("net.tx.kick"), n("net.tx.backend_to_wire"));
+    let p50 = |stage: &str| d.find_p50(stage, &want).map_or(f64::NAN, |(_, p)| p);
+    let (kick_p50, wire_p50) = (p50("net.tx.kick"), p50("net.tx.backend_to_wire"));
+    let unmatched = dropped("net.tx.backend_to_wire", "unmatched");
+    let no_transmit = dropped("net.tx.kick", "no_transmit");
     assert!(d.stop().success());
     drop(guest);
     let (runs, replies) = (counts.of("tx_kick"), counts.of("tap_rx"));

@@ -160,21 +160,34 @@ fn prometheus_scrapes_over_tls_with_the_right_password_and_gets_401_with_a_wrong
         )
     };
     let config = format!(
-        "# written by the test\nglobal:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+        "# written by the test\nglobal:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n\
          scrape_configs:\n{}{}",
         job("right", PASSWORD),
         job("wrong", "wrong")
     );
     let p = Prometheus::start(&config, &[]);
-    let targets = p.scraped_targets(Duration::from_secs(60));
-    let of = |name: &str| {
-        targets
-            .iter()
-            .find(|t| t["labels"]["job"] == name)
-            .unwrap_or_else(|| panic!("no {name} target in {targets:?}"))
-            .clone()
+    // Until the right job is up and the wrong one was refused (a first scrape on a busy
+    // machine may time out: its TLS handshake and bcrypt are the slow ones).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (ok, refused) = loop {
+        let targets = p.scraped_targets(Duration::from_secs(60));
+        let of = |name: &str| {
+            targets
+                .iter()
+                .find(|t| t["labels"]["job"] == name)
+                .unwrap_or_else(|| panic!("no {name} target in {targets:?}"))
+                .clone()
+        };
+        let (ok, refused) = (of("right"), of("wrong"));
+        let settled = ok["health"] == "up"
+            && refused["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("401"));
+        if settled || std::time::Instant::now() > deadline {
+            break (ok, refused);
+        }
+        std::thread::sleep(Duration::from_millis(500));
     };
-    let (ok, refused) = (of("right"), of("wrong"));
     eprintln!(
         "right password: {}, {:?}; wrong: {}, {:?}",
         ok["health"], ok["lastError"], refused["health"], refused["lastError"]

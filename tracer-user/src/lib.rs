@@ -21,6 +21,8 @@ pub mod serve;
 pub mod session;
 pub mod stages;
 pub mod sys;
+pub mod top;
 pub mod tracefs;
+pub mod tui;
 pub mod vfio_irqs;
 pub mod webconfig;

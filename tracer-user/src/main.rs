@@ -1,12 +1,12 @@
 //! iopath: eBPF host I/O latency tracer for KVM hosts. The command line; the rest is the
 //! library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use iopath::{
-    attach, hist::Layout, privs, report, serve, session, stages::Family, webconfig::WebConfig,
+    attach, hist::Layout, privs, report, serve, session, stages::Family, tui, webconfig::WebConfig,
 };
 
 #[derive(Parser, Debug)]
@@ -159,6 +159,15 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// A live view in the terminal: one row per VM and stage, p50, p99, max and rate, sortable,
+    /// filtered by VM or path, with each row's p99 trend (q quits).
+    Top {
+        /// How often to read and redraw, e.g. 1s, 500ms.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show which stages can attach on this kernel, and how, or why not.
     Doctor {
         /// JSON instead of a table.
@@ -285,6 +294,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => Some(WebConfig::load(path)?),
         _ => None,
     };
+    // Before the privilege check and before anything is attached.
+    if matches!(cli.cmd, Cmd::Top { .. }) && !std::io::stdout().is_terminal() {
+        anyhow::bail!("iopath top needs a terminal (for a report, use iopath record)");
+    }
     privs::check()?;
     match cli.cmd {
         Cmd::Serve { listen, common, .. } => {
@@ -322,6 +335,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             compare(&serde_json::from_str(&capture)?, &vm, json)
         }
         Cmd::Doctor { json, common } => doctor(json, &common),
+        Cmd::Top { interval, common } => {
+            let mut session = session::Session::start(&common.options(false))?;
+            if !session.tracer.any_attached() {
+                anyhow::bail!("no stage can attach on this kernel (see `iopath doctor`)");
+            }
+            tui::run(&mut session, interval.max(Duration::from_millis(100)))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::{
 use crate::{
     export, report,
     session::{Options, Session},
-    webconfig::{Loaded, Users, WebConfig},
+    webconfig::WebConfig,
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -125,6 +125,7 @@ pub async fn run(
         anyhow::bail!("no stage can attach on this kernel (see `iopath doctor`)");
     }
     let notices = session.notice_waiter().context("notice ring buffer")?;
+    let web = web.map(Arc::new);
     let scheme = if web.as_ref().is_some_and(|w| w.tls()) {
         "https"
     } else {
@@ -148,13 +149,13 @@ pub async fn run(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let settings = web.as_ref().map(|w| w.current());
+                    let tls = web.as_ref().and_then(|w| w.current().tls.clone());
                     match conns.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            tokio::spawn(accepted_connection(stream, state.clone(), settings, permit));
+                            tokio::spawn(accepted_connection(stream, state.clone(), web.clone(), tls, permit));
                         }
                         // A TLS client could not read a plain 503: it gets the close alone.
-                        Err(_) if settings.as_ref().is_some_and(|s| s.tls.is_some()) => {}
+                        Err(_) if tls.is_some() => {}
                         Err(_) => {
                             tokio::spawn(busy(stream));
                         }
@@ -207,39 +208,37 @@ async fn busy(mut stream: TcpStream) {
     .await;
 }
 
-/// A connection under the web config's settings: its TLS handshake first (bounded like a
-/// request head), then HTTP.
+/// A connection: its TLS handshake first (bounded like a request head), then HTTP; the web
+/// config's users are read again for each request (a password removed is refused at once).
 async fn accepted_connection(
     stream: TcpStream,
     state: Arc<State>,
-    settings: Option<Arc<Loaded>>,
+    web: Option<Arc<WebConfig>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     permit: OwnedSemaphorePermit,
 ) {
-    let users = settings
-        .as_ref()
-        .map_or_else(|| Arc::new(Users::none()), |s| s.users.clone());
-    match settings.as_ref().and_then(|s| s.tls.clone()) {
+    match tls {
         Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => connection(tls, state, users, permit).await,
+            Ok(Ok(tls)) => connection(tls, state, web, permit).await,
             Ok(Err(e)) => log::debug!("TLS handshake: {e}"),
             Err(_) => log::debug!("TLS handshake: timed out"),
         },
-        None => connection(stream, state, users, permit).await,
+        None => connection(stream, state, web, permit).await,
     }
 }
 
 async fn connection<S>(
     stream: S,
     state: Arc<State>,
-    users: Arc<Users>,
+    web: Option<Arc<WebConfig>>,
     _permit: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let state = state.clone();
-        let users = users.clone();
-        async move { Ok::<_, Infallible>(respond(req, &state, users).await) }
+        let web = web.clone();
+        async move { Ok::<_, Infallible>(respond(req, &state, web).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -261,10 +260,12 @@ fn reply(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Fu
 async fn respond(
     req: Request<Incoming>,
     state: &State,
-    users: Arc<Users>,
+    web: Option<Arc<WebConfig>>,
 ) -> Response<Full<Bytes>> {
     let asked = Instant::now();
-    if users.required() {
+    if let Some(users) = web.map(|w| w.current().users.clone())
+        && users.required()
+    {
         let auth = req
             .headers()
             .get(header::AUTHORIZATION)

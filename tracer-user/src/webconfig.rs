@@ -6,14 +6,15 @@
 //!
 //! The file and the files it names are read again when any of them changes (checked on each
 //! new connection), so a rotated certificate is served without a restart; a change that does
-//! not load is logged and the previous settings stay.
+//! not load, or that would turn TLS or the password check on or off (a file caught half
+//! written, say), is logged and the previous settings stay: that takes a restart.
 
 use std::{
     collections::{BTreeMap, HashSet},
     hash::{BuildHasher, RandomState},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::SystemTime,
 };
 
 use base64::Engine as _;
@@ -61,6 +62,12 @@ pub struct Loaded {
 /// The users allowed in (none: no authentication), and the passwords already checked.
 pub struct Users {
     hashes: BTreeMap<String, String>,
+    /// What an unknown user's password is checked against: the costliest hash, so that no
+    /// answer comes sooner for a name that is not there.
+    decoy: Option<String>,
+    /// One bcrypt at a time: wrong passwords, which are never cached, cannot take every CPU
+    /// of the host from its VMs.
+    one_at_a_time: Mutex<()>,
     /// Keyed digests of (user, hash, password) that matched: bcrypt costs tens of
     /// milliseconds by design, too much for every scrape. The keys are this process's own.
     checked: Mutex<HashSet<u64>>,
@@ -74,6 +81,8 @@ impl Users {
     pub fn none() -> Users {
         Users {
             hashes: BTreeMap::new(),
+            decoy: None,
+            one_at_a_time: Mutex::new(()),
             checked: Mutex::new(HashSet::new()),
             keys: RandomState::new(),
         }
@@ -84,18 +93,16 @@ impl Users {
     }
 
     /// Whether an `Authorization` header value names a user and its password. Blocking: a
-    /// password not seen before costs one bcrypt; an unknown user costs the same, so a reply's
-    /// time does not tell which users exist.
+    /// password not seen before costs one bcrypt, one at a time; an unknown user costs the
+    /// costliest user's, so a reply's time does not tell which users exist.
     pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
         let Some((user, password)) = authorization.and_then(basic_credentials) else {
             return false;
         };
-        let (hash, known) = match self.hashes.get(&user) {
-            Some(h) => (h, true),
-            None => match self.hashes.values().next() {
-                Some(h) => (h, false),
-                None => return false,
-            },
+        let (hash, known) = match (self.hashes.get(&user), &self.decoy) {
+            (Some(h), _) => (h, true),
+            (None, Some(h)) => (h, false),
+            (None, None) => return false,
         };
         let digest = self.keys.hash_one((&user, hash, &password));
         if known
@@ -107,7 +114,10 @@ impl Users {
         {
             return true;
         }
-        let ok = bcrypt::verify(&password, hash).unwrap_or(false) && known;
+        let ok = {
+            let _one = self.one_at_a_time.lock().expect("no panic holds it");
+            bcrypt::verify(&password, hash).unwrap_or(false)
+        } && known;
         if ok {
             let mut checked = self.checked.lock().expect("no panic holds it");
             if checked.len() >= CHECKED_MAX {
@@ -140,16 +150,27 @@ pub struct WebConfig {
     current: Mutex<(Arc<Loaded>, Vec<Stamp>)>,
 }
 
-type Stamp = (PathBuf, Option<SystemTime>);
+/// A file and what says it changed: inode, size, modification and change times (a file
+/// rewritten within one timestamp tick still changes ctime or size, a renamed-over one inode).
+type Stamp = (PathBuf, Option<(u64, u64, i64, i64, i64, i64)>);
 
 fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
     paths
         .iter()
         .map(|p| {
-            (
-                p.clone(),
-                std::fs::metadata(p).and_then(|m| m.modified()).ok(),
-            )
+            let m = std::fs::metadata(p).ok();
+            let id = m.map(|m| {
+                let (ino, len) = (m.ino(), m.len());
+                (
+                    ino,
+                    len,
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+            });
+            (p.clone(), id)
         })
         .collect()
 }
@@ -157,10 +178,10 @@ fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
 impl WebConfig {
     /// Reads and checks the file and everything it names (certificates, key, hashes).
     pub fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
-        let (loaded, files) = load(path)?;
+        let (loaded, files) = load(path);
         Ok(WebConfig {
             path: path.to_path_buf(),
-            current: Mutex::new((Arc::new(loaded), stamps(&files))),
+            current: Mutex::new((Arc::new(loaded?), stamps(&files))),
         })
     }
 
@@ -178,25 +199,56 @@ impl WebConfig {
     pub fn current(&self) -> Arc<Loaded> {
         let mut cur = self.current.lock().expect("no panic holds it");
         let now = stamps(&cur.1.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
-        if now != cur.1 {
-            match load(&self.path) {
-                Ok((loaded, files)) => {
-                    log::info!("web config {}: reloaded", self.path.display());
-                    *cur = (Arc::new(loaded), stamps(&files));
-                }
-                Err(e) => {
-                    // Kept until the files change again: one warning per change.
-                    log::warn!("{e}; the previous settings stay");
-                    cur.1 = now;
-                }
+        if now == cur.1 {
+            return cur.0.clone();
+        }
+        // The files as they were before this read: a change made while it reads them is seen
+        // on the next connection.
+        let before = now;
+        let (loaded, files) = load(&self.path);
+        let refused = match loaded {
+            Ok(l) if l.tls.is_some() != cur.0.tls.is_some() => {
+                Some("turning TLS on or off takes a restart".to_string())
+            }
+            Ok(l) if l.users.required() != cur.0.users.required() => {
+                Some("turning basic auth on or off takes a restart".to_string())
+            }
+            Ok(l) => {
+                log::info!("web config {}: reloaded", self.path.display());
+                cur.0 = Arc::new(l);
+                None
+            }
+            Err(e) => Some(e.what),
+        };
+        if let Some(why) = refused {
+            // One warning per change: kept until the files change again.
+            log::warn!(
+                "web config {}: {why}; the previous settings stay",
+                self.path.display()
+            );
+        }
+        // Watched from now on: the old files and those this load read or looked for (a
+        // certificate the new file names but that is not there yet reloads when it comes).
+        let mut watched: Vec<Stamp> = before;
+        for f in stamps(&files) {
+            if !watched.iter().any(|w| w.0 == f.0) {
+                watched.push(f);
             }
         }
+        cur.1 = watched;
         cur.0.clone()
     }
 }
 
-/// Loads the file: its settings and every file they came from.
-fn load(path: &Path) -> Result<(Loaded, Vec<PathBuf>), WebConfigError> {
+/// Loads the file: its settings, and every file it read or looked for (whether it loaded or
+/// not).
+fn load(path: &Path) -> (Result<Loaded, WebConfigError>, Vec<PathBuf>) {
+    let mut files = vec![path.to_path_buf()];
+    let loaded = load_into(path, &mut files);
+    (loaded, files)
+}
+
+fn load_into(path: &Path, files: &mut Vec<PathBuf>) -> Result<Loaded, WebConfigError> {
     let err = |what: String| WebConfigError {
         path: path.to_path_buf(),
         what,
@@ -209,30 +261,46 @@ fn load(path: &Path) -> Result<(Loaded, Vec<PathBuf>), WebConfigError> {
         serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut files = vec![path.to_path_buf()];
     let tls = match &file.tls_server_config {
         Some(t) => {
-            let config = tls_config(t, dir, &mut files).map_err(err)?;
+            let config = tls_config(t, dir, files).map_err(err)?;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
         }
         None => None,
     };
+    let mut decoy: Option<(u32, &String)> = None;
     for (user, hash) in &file.basic_auth_users {
-        if hash.parse::<bcrypt::HashParts>().is_err() {
-            return Err(err(format!(
-                "basic_auth_users: {user}'s password is not a bcrypt hash ($2b$, $2y$ or $2a$)"
-            )));
+        let cost = bcrypt_cost(hash).ok_or_else(|| {
+            err(format!(
+                "basic_auth_users: {user}'s password is not a bcrypt hash ($2b$, $2y$ or $2a$, \
+                 cost 4 to 31)"
+            ))
+        })?;
+        if decoy.is_none_or(|(c, _)| cost > c) {
+            decoy = Some((cost, hash));
         }
     }
     let users = Users {
+        decoy: decoy.map(|(_, h)| h.clone()),
         hashes: file.basic_auth_users,
         ..Users::none()
     };
-    let loaded = Loaded {
+    Ok(Loaded {
         tls,
         users: Arc::new(users),
-    };
-    Ok((loaded, files))
+    })
+}
+
+/// The cost of a well-formed bcrypt hash: `$2b$` (or 2a, 2y), a cost of 4 to 31, 22
+/// characters of salt and 31 of hash in bcrypt's base64 alphabet.
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    let rest = ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .find_map(|p| hash.strip_prefix(p))?;
+    let (cost, body) = rest.split_once('$')?;
+    let cost: u32 = cost.parse().ok().filter(|c| (4..=31).contains(c))?;
+    let alphabet = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '/';
+    (body.len() == 53 && body.chars().all(alphabet)).then_some(cost)
 }
 
 fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<ServerConfig, String> {
@@ -262,7 +330,7 @@ fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Serve
     files.extend([cert_file.clone(), key_file]);
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("tls_server_config: {e}"))?;
     let builder = match (t.client_auth_type.as_deref(), &t.client_ca_file) {
         (None | Some("NoClientCert"), None) => builder.with_no_client_auth(),
         (Some("RequireAndVerifyClientCert"), Some(ca)) => {
@@ -359,6 +427,12 @@ mod tests {
         refused(
             "basic_auth_users:\n  prom: plaintext\n",
             "not a bcrypt hash",
+        );
+        let good = bcrypt::hash("x", 4).unwrap();
+        let cost_99 = good.replacen("$04$", "$99$", 1);
+        refused(
+            &format!("basic_auth_users:\n  prom: '{cost_99}'\n"),
+            "cost 4 to 31",
         );
         refused("http_server_config:\n  http2: false\n", "unknown field");
         refused("basic_auth_users: [\n", "web config");

@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     // --web.config.file's test: certificates, a bcrypt hash (python3's crypt), an HTTPS client
     "openssl",
     "curl",
+    // iopath top's test: a real terminal of 80x24
+    "tmux",
     // the distro-kernel VM (cargo xtask vm): its initramfs, its kernel package's module index,
     // the ext4 scratch disk it formats
     "busybox-static",
