@@ -194,7 +194,7 @@ fn shipped_queries() -> Vec<(String, String)> {
 }
 
 /// `expr` as Grafana would send it with every variable at All and a one-minute rate window;
-/// a variable's `label_values(m, l)` as the series of `m`; an alert's comparison dropped (what
+/// a variable's `label_values(m, l)` as the series of `m` that carry `l`, counted by it; an alert's comparison dropped (what
 /// it compares must have data; whether it fires is the host's business).
 fn evaluable(expr: &str) -> String {
     let mut e = expr
@@ -206,7 +206,14 @@ fn evaluable(expr: &str) -> String {
     if let Some(inner) = e.strip_prefix("label_values(") {
         let (metric, label) = inner.rsplit_once(',').unwrap();
         let label = label.trim().trim_end_matches(')');
-        e = format!("count by ({label}) ({})", metric.trim());
+        // only series that carry the label: a count of none would still be one {} series
+        let metric = metric.trim();
+        let has = format!("{label}!=\"\"");
+        let selector = match metric.strip_suffix('}') {
+            Some(open) => format!("{open}, {has}}}"),
+            None => format!("{metric}{{{has}}}"),
+        };
+        e = format!("count by ({label}) ({selector})");
     }
     for cmp in [" == 0", " > 0"] {
         if let Some(lhs) = e.strip_suffix(cmp) {

@@ -209,7 +209,15 @@ fn prometheus_scrapes_over_tls_with_the_right_password_and_gets_401_with_a_wrong
     std::fs::rename(dir.path("next.crt"), dir.path("rotated.crt")).unwrap();
     std::fs::copy(dir.path("rotated.crt"), dir.path("server.crt")).unwrap();
     let rotated = dir.path("rotated.crt");
-    let (code, body) = curl(&url, &["--cacert", &rotated, "-u", &right]);
+    // (the files are looked at once a second at most)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (code, body) = loop {
+        let (code, body) = curl(&url, &["--cacert", &rotated, "-u", &right]);
+        if code == "200" || std::time::Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!(code, "200", "after rotation: {body}");
     assert!(d.stop().success());
 }

@@ -3,9 +3,15 @@
 //! tick. Quantiles and the maximum are over the last [`WINDOW`] ticks, the rate over the last
 //! tick, and the trend is each tick's p99. No terminal here: `tui` draws it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, VecDeque},
+};
 
-use crate::{hist::Series, session::Labelled};
+use crate::{
+    hist::Series,
+    session::{Labelled, Labels},
+};
 
 /// Ticks the quantiles cover: at one a second, ten seconds (fewer events than that make a
 /// p99 that jumps from tick to tick).
@@ -73,18 +79,23 @@ impl SortBy {
 }
 
 struct History {
-    /// Cumulative series at each of the last WINDOW + 1 ticks, newest last.
-    cumulative: VecDeque<Series>,
+    /// Each of the last WINDOW ticks' events, newest last.
+    ticks: VecDeque<Series>,
     trend: VecDeque<f64>,
-    /// Events in the last tick.
+    /// Events in the last tick, and how long it was.
     last: u64,
+    last_secs: f64,
 }
 
 pub struct Top {
     rows: BTreeMap<RowKey, History>,
+    /// Each series' cumulative counts at the last tick, by stage and labels: a row's tick is
+    /// the sum of its series' differences (a series that goes takes nothing from the row).
+    previous: BTreeMap<(&'static str, Labels), Series>,
+    updates: u64,
     tick_secs: f64,
     pub sort: SortBy,
-    /// Largest first (names: A first) unless reversed.
+    /// Largest first (names: A first) unless reversed; rows with no events stay last.
     pub reversed: bool,
     /// Shown VM (None: all), chosen among the VMs seen.
     pub vm: Option<String>,
@@ -96,6 +107,8 @@ impl Top {
     pub fn new(tick_secs: f64) -> Top {
         Top {
             rows: BTreeMap::new(),
+            previous: BTreeMap::new(),
+            updates: 0,
             tick_secs,
             sort: SortBy::P99,
             reversed: false,
@@ -104,9 +117,11 @@ impl Top {
         }
     }
 
-    /// One tick: the session's series since it started (cumulative), labelled.
-    pub fn update(&mut self, series: &[Labelled]) {
-        let mut now: BTreeMap<RowKey, Series> = BTreeMap::new();
+    /// One tick, `elapsed` after the last: the session's series since it started
+    /// (cumulative), labelled.
+    pub fn update(&mut self, series: &[Labelled], elapsed: f64) {
+        let mut ticks: BTreeMap<RowKey, Series> = BTreeMap::new();
+        let mut previous = BTreeMap::new();
         for l in series {
             let vm = l
                 .labels
@@ -120,32 +135,53 @@ impl Top {
                 path: l.stage.path.name(),
                 stage: l.stage.name,
             };
-            now.entry(key).or_default().add(&l.series);
+            let id = (l.stage.name, l.labels.clone());
+            // At the first tick, what the series had is no one tick's; a series that appears
+            // later had nothing at the tick before.
+            let delta = match self.previous.get(&id) {
+                Some(p) => l.series.since(Some(p)),
+                None if self.updates == 0 => Series::default(),
+                None => l.series.clone(),
+            };
+            ticks.entry(key).or_default().add(&delta);
+            previous.insert(id, l.series.clone());
         }
-        // A row whose series went (its VM exited and was collected) leaves with them.
-        self.rows.retain(|k, _| now.contains_key(k));
-        for (key, cum) in now {
+        self.previous = previous;
+        // A row whose series all went (its VM exited and was collected) leaves with them.
+        self.rows.retain(|k, _| ticks.contains_key(k));
+        for (key, tick) in ticks {
+            let new = !self.rows.contains_key(&key);
             let h = self.rows.entry(key).or_insert_with(|| History {
-                cumulative: VecDeque::new(),
+                ticks: VecDeque::new(),
                 trend: VecDeque::new(),
                 last: 0,
+                last_secs: elapsed,
             });
-            let delta = cum.since(h.cumulative.back());
-            // A first sight has no tick before it: what it had is no one tick's.
-            let first = h.cumulative.is_empty();
-            h.last = if first { 0 } else { delta.count() };
-            h.trend.push_back(if first {
+            h.last = tick.count();
+            h.last_secs = elapsed;
+            h.trend.push_back(if new {
                 0.0
             } else {
-                delta.quantile(0.99).unwrap_or(0.0)
+                tick.quantile(0.99).unwrap_or(0.0)
             });
-            h.cumulative.push_back(cum);
-            while h.cumulative.len() > WINDOW + 1 {
-                h.cumulative.pop_front();
+            h.ticks.push_back(tick);
+            while h.ticks.len() > WINDOW {
+                h.ticks.pop_front();
             }
             while h.trend.len() > TREND {
                 h.trend.pop_front();
             }
+        }
+        self.updates += 1;
+        // A filter on a VM or path no longer seen shows all again.
+        if self.vm.as_ref().is_some_and(|v| !self.vms().contains(v)) {
+            self.vm = None;
+        }
+        if self
+            .path
+            .is_some_and(|p| !self.rows.keys().any(|k| k.path == p))
+        {
+            self.path = None;
         }
     }
 
@@ -201,15 +237,13 @@ impl Top {
             .filter(|(k, _)| self.vm.as_ref().is_none_or(|v| *v == k.vm))
             .filter(|(k, _)| self.path.is_none_or(|p| p == k.path))
             .map(|(k, h)| {
-                let window = match (h.cumulative.back(), h.cumulative.front()) {
-                    (Some(newest), Some(oldest)) if h.cumulative.len() > 1 => {
-                        newest.since(Some(oldest))
-                    }
-                    _ => Series::default(),
-                };
+                let mut window = Series::default();
+                for t in &h.ticks {
+                    window.add(t);
+                }
                 Row {
                     key: k.clone(),
-                    rate: h.last as f64 / self.tick_secs,
+                    rate: h.last as f64 / h.last_secs.max(1e-3),
                     p50_ns: window.quantile(0.5),
                     p99_ns: window.quantile(0.99),
                     max_ns: window.max_bound(),
@@ -217,22 +251,26 @@ impl Top {
                 }
             })
             .collect();
-        let num = |v: Option<f64>| v.unwrap_or(-1.0);
+        let turn = |o: Ordering| if self.reversed { o.reverse() } else { o };
+        // largest first; a row with no events in the window last either way
+        let num = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => turn(y.total_cmp(&x)),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        };
         rows.sort_by(|a, b| {
             let by = match self.sort {
-                SortBy::P99 => num(b.p99_ns).total_cmp(&num(a.p99_ns)),
-                SortBy::P50 => num(b.p50_ns).total_cmp(&num(a.p50_ns)),
-                SortBy::Max => num(b.max_ns).total_cmp(&num(a.max_ns)),
-                SortBy::Rate => b.rate.total_cmp(&a.rate),
-                SortBy::Vm => a.key.vm.cmp(&b.key.vm),
-                SortBy::Stage => a.key.stage.cmp(b.key.stage),
+                SortBy::P99 => num(a.p99_ns, b.p99_ns),
+                SortBy::P50 => num(a.p50_ns, b.p50_ns),
+                SortBy::Max => num(a.max_ns, b.max_ns),
+                SortBy::Rate => turn(b.rate.total_cmp(&a.rate)),
+                SortBy::Vm => turn(a.key.vm.cmp(&b.key.vm)),
+                SortBy::Stage => turn(a.key.stage.cmp(b.key.stage)),
             };
             // ties in the key's order, so rows do not swap places from tick to tick
             by.then_with(|| a.key.cmp(&b.key))
         });
-        if self.reversed {
-            rows.reverse();
-        }
         rows
     }
 }
@@ -288,7 +326,7 @@ mod tests {
         top.update(&[
             labelled(exit, "db", "0", &a0),
             labelled(exit, "db", "1", &a1),
-        ]);
+        ], 1.0);
         let r = &top.rows()[0];
         assert_eq!((r.key.vm.as_str(), r.rate), ("db", 0.0));
         assert_eq!(r.p99_ns, None, "no tick yet");
@@ -298,7 +336,7 @@ mod tests {
         top.update(&[
             labelled(exit, "db", "0", &a0),
             labelled(exit, "db", "1", &a1),
-        ]);
+        ], 1.0);
         let rows = top.rows();
         assert_eq!(rows.len(), 1, "one row per VM and stage");
         assert_eq!(rows[0].rate, 40.0);
@@ -313,7 +351,7 @@ mod tests {
             top.update(&[
                 labelled(exit, "db", "0", &a0),
                 labelled(exit, "db", "1", &a1),
-            ]);
+            ], 1.0);
             let r = &top.rows()[0];
             assert_eq!(r.rate, 0.0);
             assert_eq!(r.p99_ns.is_some(), i + 1 < WINDOW, "tick {i}");
@@ -342,7 +380,7 @@ mod tests {
             if with_web {
                 v.push(labelled(exit, "web", "0", &events(100 * k, 20_000)));
             }
-            top.update(&v);
+            top.update(&v, 1.0);
         };
         tick(&mut top, 1, true);
         tick(&mut top, 2, true);

@@ -2,7 +2,10 @@
 //! is put back as it was (main screen, cooked mode, cursor) on every way out: `q`, Esc,
 //! Ctrl-C, an error, a panic (ratatui's hook).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicBool, Ordering as AtomicOrdering},
+    time::{Duration, Instant},
+};
 
 use ratatui::{
     DefaultTerminal, Frame,
@@ -19,17 +22,36 @@ use crate::{
     top::{self, Top},
 };
 
-/// How often the kernel's notices of new VMs are read between ticks.
+/// How often what is gone is collected, at most.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+/// How often the kernel's notices of new VMs are read between ticks (and a signal noticed).
 const NOTICES_EVERY: Duration = Duration::from_millis(20);
-/// Fixed columns: VM, STAGE, RATE/s, P50, P99, MAX; the trend takes the rest.
-const WIDTHS: [u16; 6] = [12, 22, 7, 8, 8, 8];
+/// Fixed columns: VM, STAGE (the longest name), RATE/s, P50, P99, MAX (wide enough for
+/// "17179.9ms", the overflow bucket); the trend takes the rest (7 at 80 columns).
+const WIDTHS: [u16; 6] = [11, 22, 7, 9, 9, 9];
 
 /// Runs until the user quits; the session is read every `tick`.
 pub fn run(session: &mut Session, tick: Duration) -> anyhow::Result<()> {
+    // SIGTERM, SIGHUP (the SSH session gone) and a SIGINT sent by kill end it like `q`: raw
+    // mode and the alternate screen are undone below, not left to the next shell.
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    // Log lines on stderr would scribble over the screen; warnings go unseen meanwhile.
+    let level = log::max_level();
+    log::set_max_level(log::LevelFilter::Off);
     let mut terminal = ratatui::init();
     let result = run_loop(&mut terminal, session, tick);
     ratatui::restore();
+    log::set_max_level(level);
     result
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, AtomicOrdering::Relaxed);
 }
 
 fn run_loop(
@@ -39,17 +61,26 @@ fn run_loop(
 ) -> anyhow::Result<()> {
     let mut top = Top::new(tick.as_secs_f64());
     let mut next = Instant::now();
+    let (mut updated, mut collected) = (Instant::now(), Instant::now());
     // drawn on a tick, a key or a resize only
     let mut dirty = true;
     loop {
+        if SIGNALLED.load(AtomicOrdering::Relaxed) {
+            return Ok(());
+        }
         if Instant::now() >= next {
             session.drain_notices();
-            session.collect()?;
+            // collection walks every growing map: once a second at most, as the daemon
+            if collected.elapsed() >= COLLECT_EVERY {
+                session.collect()?;
+                collected = Instant::now();
+            }
             session.watch_backends()?;
             session.learn_signals();
             session.watch_vfio_irqs();
             session.refresh()?;
-            top.update(&session.labelled(true));
+            top.update(&session.labelled(true), updated.elapsed().as_secs_f64());
+            updated = Instant::now();
             next += tick;
             // a machine that fell behind (suspended, say) starts afresh rather than catch up
             if next < Instant::now() {
@@ -120,7 +151,7 @@ fn draw(f: &mut Frame, top: &Top) {
     let lat = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |ns| us(ns / 1e3));
     let table_rows = rows.iter().map(|r| {
         Row::new([
-            Cell::from(r.key.vm.clone()),
+            Cell::from(fit(&r.key.vm, WIDTHS[0] as usize)),
             Cell::from(r.key.stage),
             Cell::from(Line::from(format!("{:.0}", r.rate)).right_aligned()),
             Cell::from(Line::from(lat(r.p50_ns)).right_aligned()),
@@ -136,7 +167,7 @@ fn draw(f: &mut Frame, top: &Top) {
         "P50 us",
         "P99 us",
         "MAX us",
-        "P99 TREND",
+        "TREND",
     ])
     .style(Style::new().add_modifier(Modifier::REVERSED));
     let mut widths: Vec<Constraint> = WIDTHS.iter().map(|w| Constraint::Length(*w)).collect();
@@ -144,9 +175,20 @@ fn draw(f: &mut Frame, top: &Top) {
     f.render_widget(Table::new(table_rows, widths).header(header), body);
     f.render_widget(
         Line::from(format!(
-            "q quit  s sort  r reverse  v vm  p path   quantiles over {} s",
+            "q quit  s sort  r reverse  v vm  p path  {} s window  trend: p99",
             top.window_secs()
         )),
         foot,
     );
+}
+
+/// `name` in at most `width` characters: cut with an ellipsis, so two long names that differ
+/// at the end do not look the same without saying they were cut.
+fn fit(name: &str, width: usize) -> String {
+    if name.chars().count() <= width {
+        return name.to_string();
+    }
+    let mut cut: String = name.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }

@@ -15,6 +15,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use base64::Engine as _;
@@ -62,8 +63,8 @@ pub struct Loaded {
 /// The users allowed in (none: no authentication), and the passwords already checked.
 pub struct Users {
     hashes: BTreeMap<String, String>,
-    /// What an unknown user's password is checked against: the costliest hash, so that no
-    /// answer comes sooner for a name that is not there.
+    /// What an unknown user's password is checked against: the costliest hash, so that an
+    /// answer for a name that is not there comes no sooner than the slowest user's.
     decoy: Option<String>,
     /// One bcrypt at a time: wrong passwords, which are never cached, cannot take every CPU
     /// of the host from its VMs.
@@ -94,7 +95,8 @@ impl Users {
 
     /// Whether an `Authorization` header value names a user and its password. Blocking: a
     /// password not seen before costs one bcrypt, one at a time; an unknown user costs the
-    /// costliest user's, so a reply's time does not tell which users exist.
+    /// costliest user's (users of one cost, the usual case, then answer in one time whether
+    /// they exist or not).
     pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
         let Some((user, password)) = authorization.and_then(basic_credentials) else {
             return false;
@@ -147,8 +149,19 @@ fn basic_credentials(value: &[u8]) -> Option<(String, String)> {
 /// from with their modification times.
 pub struct WebConfig {
     path: PathBuf,
-    current: Mutex<(Arc<Loaded>, Vec<Stamp>)>,
+    current: Mutex<Current>,
 }
+
+struct Current {
+    loaded: Arc<Loaded>,
+    watched: Vec<Stamp>,
+    /// When the files were last looked at: at most every [`CHECK_EVERY`], so a busy
+    /// endpoint does not stat them on every request.
+    checked: Instant,
+}
+
+/// How often the files are looked at for changes, at most.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A file and what says it changed: inode, size, modification and change times (a file
 /// rewritten within one timestamp tick still changes ctime or size, a renamed-over one inode).
@@ -181,7 +194,11 @@ impl WebConfig {
         let (loaded, files) = load(path);
         Ok(WebConfig {
             path: path.to_path_buf(),
-            current: Mutex::new((Arc::new(loaded?), stamps(&files))),
+            current: Mutex::new(Current {
+                loaded: Arc::new(loaded?),
+                watched: stamps(&files),
+                checked: Instant::now(),
+            }),
         })
     }
 
@@ -190,7 +207,7 @@ impl WebConfig {
         self.current
             .lock()
             .expect("no panic holds it")
-            .0
+            .loaded
             .tls
             .is_some()
     }
@@ -198,45 +215,63 @@ impl WebConfig {
     /// The settings for a new connection, read again first if a file changed since.
     pub fn current(&self) -> Arc<Loaded> {
         let mut cur = self.current.lock().expect("no panic holds it");
-        let now = stamps(&cur.1.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
-        if now == cur.1 {
-            return cur.0.clone();
+        if cur.checked.elapsed() < CHECK_EVERY {
+            return cur.loaded.clone();
+        }
+        cur.checked = Instant::now();
+        let now = stamps(&cur.watched.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
+        if now == cur.watched {
+            return cur.loaded.clone();
         }
         // The files as they were before this read: a change made while it reads them is seen
-        // on the next connection.
+        // at the next look.
         let before = now;
         let (loaded, files) = load(&self.path);
         let refused = match loaded {
-            Ok(l) if l.tls.is_some() != cur.0.tls.is_some() => {
+            Ok(l) if l.tls.is_some() != cur.loaded.tls.is_some() => {
                 Some("turning TLS on or off takes a restart".to_string())
             }
-            Ok(l) if l.users.required() != cur.0.users.required() => {
+            Ok(l) if l.users.required() != cur.loaded.users.required() => {
                 Some("turning basic auth on or off takes a restart".to_string())
             }
-            Ok(l) => {
+            Ok(mut l) => {
+                // The same users keep the passwords already checked (a certificate rotated).
+                if l.users.hashes == cur.loaded.users.hashes {
+                    l.users = cur.loaded.users.clone();
+                }
                 log::info!("web config {}: reloaded", self.path.display());
-                cur.0 = Arc::new(l);
+                cur.loaded = Arc::new(l);
                 None
             }
             Err(e) => Some(e.what),
         };
-        if let Some(why) = refused {
-            // One warning per change: kept until the files change again.
-            log::warn!(
-                "web config {}: {why}; the previous settings stay",
-                self.path.display()
-            );
-        }
-        // Watched from now on: the old files and those this load read or looked for (a
-        // certificate the new file names but that is not there yet reloads when it comes).
-        let mut watched: Vec<Stamp> = before;
-        for f in stamps(&files) {
-            if !watched.iter().any(|w| w.0 == f.0) {
-                watched.push(f);
+        let stamp_of = |f: &PathBuf| {
+            before
+                .iter()
+                .find(|w| w.0 == *f)
+                .cloned()
+                .unwrap_or_else(|| stamps(std::slice::from_ref(f)).remove(0))
+        };
+        match refused {
+            // Watched from now on: the files this load read or looked for.
+            None => cur.watched = files.iter().map(stamp_of).collect(),
+            Some(why) => {
+                // One warning per change: kept until the files change again. The old files
+                // and those this load looked for (a certificate not there yet) are watched.
+                log::warn!(
+                    "web config {}: {why}; the previous settings stay",
+                    self.path.display()
+                );
+                let mut watched = before.clone();
+                for f in &files {
+                    if !watched.iter().any(|w| w.0 == *f) {
+                        watched.push(stamp_of(f));
+                    }
+                }
+                cur.watched = watched;
             }
         }
-        cur.1 = watched;
-        cur.0.clone()
+        cur.loaded.clone()
     }
 }
 
@@ -316,6 +351,8 @@ fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Serve
     };
     let cert_file = dir.join(&t.cert_file);
     let key_file = dir.join(&t.key_file);
+    // watched before they are read: one that is not there yet is loaded when it comes
+    files.extend([cert_file.clone(), key_file.clone()]);
     let certs = CertificateDer::pem_file_iter(&cert_file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("cert_file {}: {e}", cert_file.display()))?;
@@ -327,7 +364,6 @@ fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Serve
     }
     let key = PrivateKeyDer::from_pem_file(&key_file)
         .map_err(|e| format!("key_file {}: {e}", key_file.display()))?;
-    files.extend([cert_file.clone(), key_file]);
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .map_err(|e| format!("tls_server_config: {e}"))?;
@@ -335,6 +371,7 @@ fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Serve
         (None | Some("NoClientCert"), None) => builder.with_no_client_auth(),
         (Some("RequireAndVerifyClientCert"), Some(ca)) => {
             let ca = dir.join(ca);
+            files.push(ca.clone());
             let mut roots = rustls::RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(&ca)
                 .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?
@@ -344,7 +381,6 @@ fn tls_config(t: &TlsFile, dir: &Path, files: &mut Vec<PathBuf>) -> Result<Serve
                     .add(c)
                     .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?;
             }
-            files.push(ca.clone());
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?;
