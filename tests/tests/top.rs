@@ -113,13 +113,7 @@ fn top_shows_live_rows_at_80x24_and_q_leaves_the_terminal_as_it_was() {
     }
     eprintln!("{screen}");
     for col in [
-        "VM",
-        "STAGE",
-        "RATE/s",
-        "P50 us",
-        "P99 us",
-        "MAX us",
-        "TREND",
+        "VM", "STAGE", "RATE/s", "P50 us", "P99 us", "MAX us", "TREND",
     ] {
         assert!(screen.contains(col), "no {col} column:\n{screen}");
     }

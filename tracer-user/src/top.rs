@@ -323,20 +323,26 @@ mod tests {
         let exit = StageId::KvmUserspaceExit;
         // tick 0: first sight, 100 events from before (no tick's)
         let (mut a0, mut a1) = (events(50, 1_000), events(50, 1_000));
-        top.update(&[
-            labelled(exit, "db", "0", &a0),
-            labelled(exit, "db", "1", &a1),
-        ], 1.0);
+        top.update(
+            &[
+                labelled(exit, "db", "0", &a0),
+                labelled(exit, "db", "1", &a1),
+            ],
+            1.0,
+        );
         let r = &top.rows()[0];
         assert_eq!((r.key.vm.as_str(), r.rate), ("db", 0.0));
         assert_eq!(r.p99_ns, None, "no tick yet");
         // tick 1: 30 slow events on vCPU 1, 10 fast on vCPU 0
         a0.add(&events(10, 1_000));
         a1.add(&events(30, 100_000));
-        top.update(&[
-            labelled(exit, "db", "0", &a0),
-            labelled(exit, "db", "1", &a1),
-        ], 1.0);
+        top.update(
+            &[
+                labelled(exit, "db", "0", &a0),
+                labelled(exit, "db", "1", &a1),
+            ],
+            1.0,
+        );
         let rows = top.rows();
         assert_eq!(rows.len(), 1, "one row per VM and stage");
         assert_eq!(rows[0].rate, 40.0);
@@ -348,10 +354,13 @@ mod tests {
         }
         // quiet ticks: the rate drops at once, the window keeps the slow events for WINDOW ticks
         for i in 0..WINDOW {
-            top.update(&[
-                labelled(exit, "db", "0", &a0),
-                labelled(exit, "db", "1", &a1),
-            ], 1.0);
+            top.update(
+                &[
+                    labelled(exit, "db", "0", &a0),
+                    labelled(exit, "db", "1", &a1),
+                ],
+                1.0,
+            );
             let r = &top.rows()[0];
             assert_eq!(r.rate, 0.0);
             assert_eq!(r.p99_ns.is_some(), i + 1 < WINDOW, "tick {i}");

@@ -161,13 +161,7 @@ fn draw(f: &mut Frame, top: &Top) {
         ])
     });
     let header = Row::new([
-        "VM",
-        "STAGE",
-        "RATE/s",
-        "P50 us",
-        "P99 us",
-        "MAX us",
-        "TREND",
+        "VM", "STAGE", "RATE/s", "P50 us", "P99 us", "MAX us", "TREND",
     ])
     .style(Style::new().add_modifier(Modifier::REVERSED));
     let mut widths: Vec<Constraint> = WIDTHS.iter().map(|w| Constraint::Length(*w)).collect();
