@@ -150,7 +150,6 @@ impl Top {
         // A row whose series all went (its VM exited and was collected) leaves with them.
         self.rows.retain(|k, _| ticks.contains_key(k));
         for (key, tick) in ticks {
-            let new = !self.rows.contains_key(&key);
             let h = self.rows.entry(key).or_insert_with(|| History {
                 ticks: VecDeque::new(),
                 trend: VecDeque::new(),
@@ -159,11 +158,7 @@ impl Top {
             });
             h.last = tick.count();
             h.last_secs = elapsed;
-            h.trend.push_back(if new {
-                0.0
-            } else {
-                tick.quantile(0.99).unwrap_or(0.0)
-            });
+            h.trend.push_back(tick.quantile(0.99).unwrap_or(0.0));
             h.ticks.push_back(tick);
             while h.ticks.len() > WINDOW {
                 h.ticks.pop_front();
