@@ -1009,3 +1009,23 @@ impl Drop for Recording {
         }
     }
 }
+
+/// A YAML file parsed by PyYAML (python3-yaml, which `cargo xtask setup` installs), as JSON;
+/// fails the test if it does not parse.
+pub fn yaml(path: &Path) -> serde_json::Value {
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(path)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{} does not parse: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -15,7 +15,7 @@ use iopath_tests::{
     Daemon, LoopDev, Vmm, kvm_available,
     net::{TapBackend, Topology, send},
     prom::Prometheus,
-    testvmm_bin,
+    testvmm_bin, yaml,
 };
 
 fn dashboards() -> &'static Path {
@@ -356,25 +356,6 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
     drop(p);
     assert!(d.stop().success());
     assert!(failed.is_empty(), "queries with no data: {failed:?}");
-}
-
-/// A YAML file parsed by PyYAML (python3-yaml, which `cargo xtask setup` installs), as JSON.
-fn yaml(path: &Path) -> serde_json::Value {
-    let out = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-        ])
-        .arg(path)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "{} does not parse: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Grafana's provisioning files: version 1, a Prometheus data source (the dashboard picks

@@ -138,21 +138,7 @@ fn the_systemd_unit_verifies_and_its_capabilities_attach_what_root_does() {
 #[test]
 fn the_daemonset_parses_and_passes_flags_the_binary_accepts() {
     let path = deploy().join("iopath-daemonset.yaml");
-    // Parsed by PyYAML (python3-yaml, which `cargo xtask setup` installs), to JSON.
-    let out = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-        ])
-        .arg(&path)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "the manifest does not parse: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ds = iopath_tests::yaml(&path);
     assert_eq!(ds["kind"], "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostPID"], true, "VMs are named from the host's /proc");

@@ -300,47 +300,25 @@ fn client_certificates_are_required_when_the_file_says_so() {
     let d = Daemon::start(&["--web.config.file", &web]);
     let url = format!("https://127.0.0.1:{}/metrics", d.port);
     let ca = dir.path("server.crt");
-    let (code, body) = curl(
-        &url,
-        &[
-            "--cacert",
-            &ca,
-            "--cert",
-            &dir.path("client.crt"),
-            "--key",
-            &dir.path("client.key"),
-        ],
-    );
+    // curl trusting the server, presenting `name`.crt and .key, with `more` arguments
+    let with_cert = |name: &str, more: &[&str]| {
+        let (cert, key) = (
+            dir.path(&format!("{name}.crt")),
+            dir.path(&format!("{name}.key")),
+        );
+        let mut args = vec!["--cacert", &ca, "--cert", &cert, "--key", &key];
+        args.extend(more);
+        curl(&url, &args)
+    };
+    let (code, body) = with_cert("client", &[]);
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("iopath_stage_attached"));
     // Without a client certificate, or with one the CA did not sign: no HTTP at all.
     assert_eq!(curl(&url, &["--cacert", &ca]).0, "000");
-    let (code, _) = curl(
-        &url,
-        &[
-            "--cacert",
-            &ca,
-            "--cert",
-            &dir.path("server.crt"),
-            "--key",
-            &dir.path("server.key"),
-        ],
-    );
+    let (code, _) = with_cert("server", &[]);
     assert_eq!(code, "000", "a certificate the CA did not sign");
     // min_version TLS13: a TLS 1.2 client is refused.
-    let (code, _) = curl(
-        &url,
-        &[
-            "--cacert",
-            &ca,
-            "--cert",
-            &dir.path("client.crt"),
-            "--key",
-            &dir.path("client.key"),
-            "--tls-max",
-            "1.2",
-        ],
-    );
+    let (code, _) = with_cert("client", &["--tls-max", "1.2"]);
     assert_eq!(code, "000", "TLS 1.2 against min_version TLS13");
     assert!(d.stop().success());
 }
