@@ -1029,3 +1029,24 @@ pub fn yaml(path: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// A self-signed certificate for 127.0.0.1 named `cn`, by openssl (which `cargo xtask setup`
+/// installs): `name.crt` and `name.key` in `dir`. Also a CA, which can sign others.
+pub fn self_signed_cert(dir: &Path, name: &str, cn: &str) {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={cn}")])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.crt")))
+        .output()
+        .expect("openssl (cargo xtask setup)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

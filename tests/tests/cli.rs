@@ -185,20 +185,7 @@ fn bad_web_config_files() {
     let dir = std::env::temp_dir().join(format!("iopath-badweb-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["a", "b"] {
-        let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-            .args(["-subj", "/CN=iopath-test", "-keyout"])
-            .arg(dir.join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.join(format!("{name}.crt")))
-            .output()
-            .expect("openssl (cargo xtask setup)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        iopath_tests::self_signed_cert(&dir, name, "iopath-test");
     }
     let cases = [
         ("", "No such file or directory"),

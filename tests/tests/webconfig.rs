@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use iopath_tests::{Daemon, prom::Prometheus, require_root};
+use iopath_tests::{Daemon, prom::Prometheus, require_root, self_signed_cert};
 
 const USER: &str = "prom";
 const PASSWORD: &str = "correct horse battery staple";
@@ -50,33 +50,6 @@ impl Drop for Dir {
     }
 }
 
-/// A self-signed certificate for 127.0.0.1 named `cn`: `name.crt`, `name.key` in `dir`.
-fn self_signed(dir: &Path, name: &str, cn: &str) {
-    run(
-        dir,
-        &[
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    );
-}
-
 /// The bcrypt hash of `password` at cost 10, as htpasswd -B would write it.
 fn bcrypt(password: &str) -> String {
     let out = Command::new("/usr/bin/python3")
@@ -112,7 +85,7 @@ fn curl(url: &str, args: &[&str]) -> (String, String) {
 fn prometheus_scrapes_over_tls_with_the_right_password_and_gets_401_with_a_wrong_one() {
     require_root();
     let dir = Dir::new("webconfig");
-    self_signed(&dir.0, "server", "iopath-test");
+    self_signed_cert(&dir.0, "server", "iopath-test");
     let web = dir.path("web.yml");
     std::fs::write(
         &web,
@@ -204,7 +177,7 @@ fn prometheus_scrapes_over_tls_with_the_right_password_and_gets_401_with_a_wrong
     drop(p);
 
     // A rotated certificate is served on the next connection, without a restart.
-    self_signed(&dir.0, "next", "iopath-test-rotated");
+    self_signed_cert(&dir.0, "next", "iopath-test-rotated");
     std::fs::rename(dir.path("next.key"), dir.path("server.key")).unwrap();
     std::fs::rename(dir.path("next.crt"), dir.path("rotated.crt")).unwrap();
     std::fs::copy(dir.path("rotated.crt"), dir.path("server.crt")).unwrap();
@@ -226,29 +199,9 @@ fn prometheus_scrapes_over_tls_with_the_right_password_and_gets_401_with_a_wrong
 fn client_certificates_are_required_when_the_file_says_so() {
     require_root();
     let dir = Dir::new("webconfig-mtls");
-    self_signed(&dir.0, "server", "iopath-test");
+    self_signed_cert(&dir.0, "server", "iopath-test");
     // A CA and a client certificate it signed (clientAuth, a v3 certificate as webpki wants).
-    run(
-        &dir.0,
-        &[
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=iopath-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    );
+    self_signed_cert(&dir.0, "ca", "iopath-test-ca");
     run(
         &dir.0,
         &[

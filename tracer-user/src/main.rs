@@ -393,9 +393,7 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
             // collect() reads the counts itself when something goes; the report reads them last.
             _ = tick.tick() => {
                 session.collect()?;
-                session.watch_backends()?;
-                session.learn_signals();
-                session.watch_vfio_irqs();
+                session.watch()?;
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

@@ -174,11 +174,9 @@ pub async fn run(
             }
             _ = backends.tick() => {
                 let session = &mut state.inner.lock().await.session;
-                if let Err(e) = session.watch_backends() {
+                if let Err(e) = session.watch() {
                     log::warn!("backend threads: {e}");
                 }
-                session.learn_signals();
-                session.watch_vfio_irqs();
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {

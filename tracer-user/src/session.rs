@@ -194,6 +194,15 @@ impl Session {
         Ok(())
     }
 
+    /// What every reader does once a second: new backend threads (the error is theirs),
+    /// the disks' notify addresses and vectors, the VFIO IRQs.
+    pub fn watch(&mut self) -> Result<(), ReadError> {
+        let backends = self.watch_backends();
+        self.learn_signals();
+        self.watch_vfio_irqs();
+        backends
+    }
+
     /// Reads the counts when a backend thread appeared since the last read, so that its cost
     /// counts from close to its first packet, scraped or not (`backend`).
     pub fn watch_backends(&mut self) -> Result<(), ReadError> {

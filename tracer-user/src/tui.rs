@@ -75,9 +75,7 @@ fn run_loop(
                 session.collect()?;
                 collected = Instant::now();
             }
-            session.watch_backends()?;
-            session.learn_signals();
-            session.watch_vfio_irqs();
+            session.watch()?;
             session.refresh()?;
             top.update(&session.labelled(true), updated.elapsed().as_secs_f64());
             updated = Instant::now();
