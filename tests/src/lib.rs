@@ -935,7 +935,11 @@ impl Drop for SlowDisk {
 
 /// `iopath record --json` running in the background until [`Recording::stop`] (SIGINT): a
 /// capture of a window a test chooses, for `iopath compare --input`. Killed on drop.
-pub struct Recording(Option<Child>, std::sync::Arc<std::sync::Mutex<String>>);
+pub struct Recording(
+    Option<Child>,
+    std::sync::Arc<std::sync::Mutex<String>>,
+    Option<std::thread::JoinHandle<()>>,
+);
 
 impl Recording {
     /// Starts `iopath record --json` with `args` and waits until its programs are attached.
@@ -970,14 +974,14 @@ impl Recording {
         // Keep reading its stderr: a closed pipe would make its next line fail.
         let more = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let to = more.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for l in stderr.lines().map_while(Result::ok) {
                 let mut t = to.lock().unwrap();
                 t.push_str(&l);
                 t.push('\n');
             }
         });
-        Recording(Some(rec), more)
+        Recording(Some(rec), more, Some(reader))
     }
 
     /// Ends the recording (SIGINT) and returns its capture.
@@ -988,7 +992,12 @@ impl Recording {
     }
 
     /// Waits for the recording's end (its duration) and returns its capture.
-    pub fn wait(mut self) -> String {
+    pub fn wait(self) -> String {
+        self.wait_said().0
+    }
+
+    /// As [`Recording::wait`], with what it said on stderr after it started recording.
+    pub fn wait_said(mut self) -> (String, String) {
         let rec = self.0.take().expect("running");
         let out = rec.wait_with_output().expect("record's output");
         assert!(
@@ -997,7 +1006,15 @@ impl Recording {
             out.status,
             self.1.lock().unwrap()
         );
-        String::from_utf8(out.stdout).expect("record --json is UTF-8")
+        // its stderr's reader ends with the pipe
+        if let Some(reader) = self.2.take() {
+            let _ = reader.join();
+        }
+        let said = self.1.lock().unwrap().clone();
+        (
+            String::from_utf8(out.stdout).expect("record --json is UTF-8"),
+            said,
+        )
     }
 }
 

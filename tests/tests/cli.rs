@@ -260,11 +260,11 @@ fn xtask_test_refuses_to_run_without_root() {
     one_line_error(&out, 1, "run it as root");
 }
 
-/// `compare` on a capture needs no privileges; what is not a capture, or a VM not in it, is one
-/// line and exit 1. The capture is written by hand: one VM with a paravirtual receive stage
-/// and a passed-through NIC's interrupts.
+/// `compare` and `report` on a capture need no privileges; what is not a capture, or a VM not
+/// in it, or a page that cannot be written, is one line and exit 1. The capture is written by
+/// hand: one VM with a paravirtual receive stage and a passed-through NIC's interrupts.
 #[test]
-fn compare_reads_a_capture_without_privileges_and_refuses_bad_ones() {
+fn compare_and_report_read_a_capture_without_privileges_and_refuse_bad_ones() {
     require_root();
     let dir = std::env::temp_dir().join(format!("iopath-compare-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -290,14 +290,30 @@ fn compare_reads_a_capture_without_privileges_and_refuses_bad_ones() {
     let good = file("run.json", &capture.to_string());
     let not_json = file("bad.json", "STAGE LABELS\n");
     let not_capture = file("other.json", "{\"stages\": []}");
-    let runs: [&[&str]; 5] = [
+    // /tmp is writable by nobody (sticky), the capture's directory is not
+    let page = std::env::temp_dir().join(format!("iopath-report-cli-{}.html", std::process::id()));
+    let page = page.to_str().unwrap();
+    let unwritable = dir.join("report.html");
+    let runs: [&[&str]; 11] = [
         &["compare", "--vm", "db", "--input", &good],
         &["compare", "--vm", "web", "--input", &good],
         &["compare", "--vm", "db", "--input", &not_json],
         &["compare", "--vm", "db", "--input", &not_capture],
         &["compare", "--vm", "db", "--input", "/nonexistent/run.json"],
+        &["report", &good],
+        &["report", &good, "--html", page],
+        &["report", &good, "--vm", "web"],
+        &["report", &not_capture],
+        &["report", &good, "--html", unwritable.to_str().unwrap()],
+        &["report", "/nonexistent/run.json"],
     ];
     let outs = as_nobody(&iopath_bin(), &runs);
+    let html = std::fs::read_to_string(page);
+    let _ = std::fs::remove_file(page);
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     std::fs::remove_dir_all(&dir).unwrap();
     let table = String::from_utf8_lossy(&outs[0].stdout);
     assert!(outs[0].status.success(), "{:?}", outs[0]);
@@ -315,4 +331,56 @@ fn compare_reads_a_capture_without_privileges_and_refuses_bad_ones() {
     one_line_error(&outs[2], 1, "bad.json is not JSON");
     one_line_error(&outs[3], 1, "not a capture of `iopath record --json`");
     one_line_error(&outs[4], 1, "reading /nonexistent/run.json");
+    // report: the passthrough interrupt's waterfall (its stage alone: no kvm.inject_to_entry
+    // in the capture), the receive one, and the page
+    let table = String::from_utf8_lossy(&outs[5].stdout);
+    assert!(outs[5].status.success(), "{:?}", outs[5]);
+    for want in [
+        "passthrough interrupt (VFIO)",
+        "network receive (paravirtual)",
+        "not measured: net.rx.host_stack, net.rx.backend_to_irq, kvm.inject_to_entry",
+        "an older iopath",
+    ] {
+        assert!(table.contains(want), "report lacks {want:?}: {table}");
+    }
+    assert!(outs[6].status.success(), "{:?}", outs[6]);
+    let html = html.expect("report --html wrote its page");
+    assert!(
+        html.contains("id=\"waterfall-passthrough-interrupt\"")
+            && html.contains("id=\"hist-vfio-handler-to-inject\""),
+        "{html}"
+    );
+    one_line_error(
+        &outs[7],
+        1,
+        "no series of vm \"web\" in the capture (vms in it: db)",
+    );
+    one_line_error(&outs[8], 1, "not a capture of `iopath record --json`");
+    one_line_error(&outs[9], 1, "report.html");
+    one_line_error(&outs[10], 1, "reading /nonexistent/run.json");
+    // a refused page leaves nothing beside the capture (no half-written or temporary file)
+    assert_eq!(left.len(), 3, "files left: {left:?}");
+}
+
+/// `record --output` into a directory that is not there is refused before anything attaches.
+#[test]
+fn record_output_that_cannot_be_written_is_refused_before_attaching() {
+    require_root();
+    one_line_error(
+        &iopath(&[
+            "record",
+            "--duration",
+            "1s",
+            "--output",
+            "/nonexistent/dir/run.json",
+        ]),
+        1,
+        "cannot write /nonexistent/dir/run.json: /nonexistent/dir is not a writable directory",
+    );
+    one_line_error(
+        &iopath(&["record", "--duration", "1s", "--output", "/tmp"]),
+        1,
+        "/tmp is a directory",
+    );
+    nothing_left();
 }

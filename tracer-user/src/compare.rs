@@ -15,20 +15,17 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    hist::{Series, Summary},
+    capture::{self, Row},
+    hist::Summary,
     report::us,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("not a capture of `iopath record --json` (no \"series\")")]
-    NotACapture,
+    #[error(transparent)]
+    Capture(#[from] capture::Error),
     #[error("no series of vm {vm:?} in the capture (vms in it: {seen})")]
     NoSuchVm { vm: String, seen: String },
-    #[error(
-        "a {stage} series has no buckets of this iopath's layout (a capture of another version?)"
-    )]
-    Buckets { stage: String },
 }
 
 /// One stage of a path: the VM's series of it, merged.
@@ -141,61 +138,11 @@ const TX: [&str; 3] = ["net.tx.kick", "net.tx.backend_to_wire", "net.tx.host_sta
 const DISK: [&str; 2] = ["blk.kick_to_submit", "blk.complete_to_irq"];
 const PT: [&str; 1] = ["vfio.handler_to_inject"];
 
-/// One series of the capture.
-struct Row<'a> {
-    stage: &'a str,
-    labels: &'a serde_json::Map<String, Value>,
-    series: Series,
-}
-
-impl Row<'_> {
-    fn label(&self, k: &str) -> Option<&str> {
-        self.labels.get(k)?.as_str()
-    }
-}
-
-fn rows(capture: &Value) -> Result<Vec<Row<'_>>, Error> {
-    let series = capture["series"].as_array().ok_or(Error::NotACapture)?;
-    series
-        .iter()
-        .map(|r| {
-            let stage = r["stage"].as_str().unwrap_or_default();
-            let bad = || Error::Buckets {
-                stage: stage.into(),
-            };
-            // A series without its buckets and sum (an older capture) is refused, not read as
-            // empty.
-            let buckets = r["buckets"]
-                .as_array()
-                .ok_or_else(bad)?
-                .iter()
-                .map(|b| Some((b.get(0)?.as_u64()?, b.get(1)?.as_u64()?)))
-                .collect::<Option<Vec<(u64, u64)>>>()
-                .ok_or_else(bad)?;
-            let sum_ns = r["sum_ns"].as_u64().ok_or_else(bad)?;
-            let series = Series::from_sparse(&buckets, sum_ns).ok_or_else(bad)?;
-            static EMPTY: std::sync::LazyLock<serde_json::Map<String, Value>> =
-                std::sync::LazyLock::new(serde_json::Map::new);
-            Ok(Row {
-                stage,
-                labels: r["labels"].as_object().unwrap_or(&EMPTY),
-                series,
-            })
-        })
-        .collect()
-}
-
 /// The stage `stage` of the rows `keep` selects, merged; None when there are none.
 fn part(rows: &[Row], stage: &'static str, keep: impl Fn(&Row) -> bool) -> Option<Part> {
-    let mut merged = Series::default();
-    let mut n = 0;
-    for r in rows.iter().filter(|r| r.stage == stage && keep(r)) {
-        merged.add(&r.series);
-        n += 1;
-    }
-    (n > 0 && merged.count() > 0).then(|| Part {
+    capture::merged(rows, stage, keep).map(|(series, merged)| Part {
         stage,
-        series: n,
+        series,
         summary: merged.summary(),
     })
 }
@@ -274,21 +221,12 @@ fn saving(direction: &'static str, pv: &PathSum, pt: Option<&PathSum>) -> Saving
 
 /// The comparison for `vm` from a capture.
 pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
-    let rows = rows(capture)?;
+    let rows = capture::rows(capture)?;
     let of_vm = |r: &Row| r.label("vm") == Some(vm);
     if !rows.iter().any(of_vm) {
-        let seen: BTreeSet<&str> = rows
-            .iter()
-            .filter_map(|r| r.label("vm"))
-            .filter(|v| !v.is_empty())
-            .collect();
         return Err(Error::NoSuchVm {
             vm: vm.into(),
-            seen: if seen.is_empty() {
-                "none".into()
-            } else {
-                seen.into_iter().collect::<Vec<_>>().join(", ")
-            },
+            seen: capture::vms(&rows),
         });
     }
     let names = |stages: &[&str], label: &str| -> Vec<String> {
@@ -625,6 +563,7 @@ pub fn table(c: &Comparison) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hist::Series;
 
     // A capture written by hand: VM "db" with a vhost-net tap, a disk and an assigned NIC and
     // NVMe; another VM's tap that must stay out.
@@ -757,13 +696,16 @@ mod tests {
             "no series of vm \"nope\" in the capture (vms in it: db, web)"
         );
         let e = compare(&serde_json::json!({}), "db").unwrap_err();
-        assert!(matches!(e, Error::NotACapture));
+        assert!(matches!(e, Error::Capture(capture::Error::NotACapture)));
     }
 
     #[test]
     fn a_series_of_another_layout_is_refused() {
         let c = serde_json::json!({"series": [row("vfio.handler", serde_json::json!({"vm": "db"}), &[(1000, 1)])]});
-        assert!(matches!(compare(&c, "db"), Err(Error::Buckets { .. })));
+        assert!(matches!(
+            compare(&c, "db"),
+            Err(Error::Capture(capture::Error::Buckets { .. }))
+        ));
     }
 }
 

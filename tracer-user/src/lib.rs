@@ -5,10 +5,12 @@
 pub mod attach;
 pub mod backend;
 pub mod btf;
+pub mod capture;
 pub mod compare;
 pub mod export;
 pub mod gc;
 pub mod hist;
+pub mod html;
 pub mod labels;
 pub mod learn;
 pub mod maps;
@@ -25,4 +27,5 @@ pub mod top;
 pub mod tracefs;
 pub mod tui;
 pub mod vfio_irqs;
+pub mod waterfall;
 pub mod webconfig;

@@ -1,7 +1,13 @@
 //! iopath: eBPF host I/O latency tracer for KVM hosts. The command line; the rest is the
 //! library.
 
-use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -137,8 +143,23 @@ enum Cmd {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also write the capture (the JSON) to FILE, for `iopath report` or `compare --input`.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
+    },
+    /// Show a capture (`record --output`): each path's stage waterfall (p50 and p99 bars that
+    /// add up) and each stage's histogram, as tables or a self-contained HTML page.
+    Report {
+        /// The capture, written by `iopath record --output FILE` (or `--json`).
+        input: PathBuf,
+        /// Write a self-contained HTML page (SVG plots, nothing fetched) to FILE instead.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Only this VM's series (and the host stacks of its taps).
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Put one VM's paravirtual and passthrough paths side by side, per kind of I/O: host-side
     /// time (p50, p99, p99.9), host CPU per I/O, what passthrough could save and what it costs.
@@ -280,13 +301,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } = &cli.cmd
     {
         // A capture needs no privileges.
-        let text = std::fs::read_to_string(input)
-            .with_context(|| format!("reading {}", input.display()))?;
-        let capture: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", input.display()))?;
-        return compare(&capture, vm, *json);
+        return compare(&read_capture(input)?, vm, *json);
+    }
+    if let Cmd::Report { input, html, vm } = &cli.cmd {
+        // A capture needs no privileges either.
+        let capture = read_capture(input)?;
+        let r = iopath::waterfall::report(&capture, vm.as_deref())?;
+        match html {
+            Some(path) => {
+                write_atomically(path, iopath::html::page(&r).as_bytes())?;
+                eprintln!("iopath: wrote {}", path.display());
+            }
+            None => print!("{}", iopath::waterfall::table(&r)),
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     // Bad settings are refused before the privilege check and before anything is attached.
+    if let Cmd::Record {
+        output: Some(path), ..
+    } = &cli.cmd
+    {
+        writable(path)?;
+    }
     let web = match &cli.cmd {
         Cmd::Serve {
             web_config: Some(path),
@@ -313,11 +349,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Record {
             duration,
             json,
+            output,
             common,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(record(duration, json, &common)),
+            .block_on(record(duration, json, output.as_deref(), &common)),
+        Cmd::Report { .. } => unreachable!("answered before the privilege check"),
         Cmd::Compare {
             vm,
             duration,
@@ -356,16 +394,68 @@ fn compare(capture: &serde_json::Value, vm: &str, json: bool) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-async fn record(duration: Duration, json: bool, common: &Common) -> anyhow::Result<ExitCode> {
+fn read_capture(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// Whether `path` can be written (a file in a writable directory), asked before a recording
+/// starts rather than found out after it.
+fn writable(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    if path.is_dir() {
+        anyhow::bail!("{} is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: access(2) on a NUL-terminated path.
+    if !dir.is_dir() || unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        anyhow::bail!(
+            "cannot write {}: {} is not a writable directory",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `data` to a temporary file beside `path`, then renames it there: a reader never sees
+/// half a file, and a failed write leaves any old one whole.
+fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+async fn record(
+    duration: Duration,
+    json: bool,
+    output: Option<&Path>,
+    common: &Common,
+) -> anyhow::Result<ExitCode> {
     let mut session = trace_for(duration, common).await?;
-    print!(
-        "{}",
-        if json {
-            report::json(&mut session)
-        } else {
-            report::table(&mut session)
-        }
-    );
+    let capture = (json || output.is_some()).then(|| report::json(&mut session));
+    if let (Some(path), Some(capture)) = (output, &capture) {
+        write_atomically(path, capture.as_bytes())?;
+        eprintln!(
+            "iopath: wrote the capture to {} (iopath report {0} [--html FILE])",
+            path.display()
+        );
+    }
+    match capture {
+        Some(capture) if json => print!("{capture}"),
+        _ => print!("{}", report::table(&mut session)),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -385,8 +475,10 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
     // New VMs are named as soon as the kernel tells of them, so a VM that exits before the
     // report keeps its name.
     let notices = session.notice_waiter()?;
-    let deadline = tokio::time::Instant::now() + duration;
+    let started = tokio::time::Instant::now();
+    let deadline = started + duration;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut progress = Progress::new(duration);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
@@ -394,6 +486,11 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
             _ = tick.tick() => {
                 session.collect()?;
                 session.watch()?;
+                let elapsed = started.elapsed();
+                if progress.due(elapsed) {
+                    session.refresh()?;
+                    progress.show(elapsed, session.events_since_start());
+                }
             }
             ready = async { notices.as_ref().expect("guarded").readable().await }, if notices.is_some() => {
                 if let Ok(mut guard) = ready {
@@ -405,8 +502,58 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
             _ = int.recv() => break,
         }
     }
+    progress.done();
     session.refresh()?;
     Ok(session)
+}
+
+/// A long recording's progress on stderr: a line redrawn every second on a terminal, a line
+/// every 10 s otherwise (a log); nothing for a recording shorter than that.
+struct Progress {
+    total: Duration,
+    tty: bool,
+    shown: Option<Duration>,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(total: Duration) -> Progress {
+        Progress {
+            total,
+            tty: std::io::stderr().is_terminal(),
+            shown: None,
+        }
+    }
+
+    fn due(&self, elapsed: Duration) -> bool {
+        if self.tty {
+            return self.total >= Duration::from_secs(3);
+        }
+        self.total > Self::EVERY
+            && elapsed < self.total
+            && elapsed >= self.shown.unwrap_or_default() + Self::EVERY
+    }
+
+    fn show(&mut self, elapsed: Duration, events: u64) {
+        let line = format!(
+            "iopath: recorded {:.0} s of {:.0} s, {events} events so far",
+            elapsed.as_secs_f64(),
+            self.total.as_secs_f64()
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+        self.shown = Some(elapsed);
+    }
+
+    fn done(&self) {
+        if self.tty && self.shown.is_some() {
+            eprint!("\r\x1b[K");
+        }
+    }
 }
 
 /// How the VMM disk stages tell a disk's notify and vector (`learn`), as doctor says it.

@@ -241,9 +241,30 @@ pub(crate) fn events_since(
         .collect()
 }
 
+/// What the capture is of: when, how long, where, by which iopath (`iopath report`'s header).
+fn meta(s: &Session) -> serde_json::Value {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    serde_json::json!({
+        "iopath": env!("CARGO_PKG_VERSION"),
+        "host": read("/proc/sys/kernel/hostname"),
+        "kernel": read("/proc/sys/kernel/osrelease"),
+        "started_unix": unix(s.started),
+        "duration_s": unix(std::time::SystemTime::now()) - unix(s.started),
+    })
+}
+
 pub fn json(s: &mut Session) -> String {
     let series = rows(s);
     let out = serde_json::json!({
+        "meta": meta(s),
         "vfio_devices": vfio_devices(&series, &s.posted_irqs()),
         "posted_interrupts": crate::posted::this_host(),
         "posted_host_events": posted_host_events(s),

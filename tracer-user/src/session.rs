@@ -79,6 +79,8 @@ pub struct Session {
     vfio: crate::vfio_irqs::Watch,
     /// /proc/interrupts' posted-interrupt events when the session started.
     pub posted_events_base: Vec<(&'static str, u64)>,
+    /// When its base counts were read: a report's window starts there.
+    pub started: std::time::SystemTime,
 }
 
 /// How many VMs and devices (block devices and taps) a session has collected.
@@ -101,7 +103,9 @@ impl Session {
             .take_map("VM_NOTICES")
             .and_then(|m| RingBuf::try_from(m).ok());
         let base = Snapshot::read(&tracer.ebpf)?;
+        let started = std::time::SystemTime::now();
         let mut session = Session {
+            started,
             tracer,
             labeler,
             layout: opts.layout.clone(),
@@ -354,6 +358,24 @@ impl Session {
                 series,
             })
             .collect()
+    }
+
+    /// Events of every stage since the session started, as of the last read (a recording's
+    /// progress).
+    pub fn events_since_start(&self) -> u64 {
+        let live: u64 = self
+            .last
+            .since(&self.base)
+            .series
+            .values()
+            .map(Series::count)
+            .sum();
+        let retired: u64 = self
+            .retired
+            .values()
+            .map(|(total, at_start)| total.since(Some(at_start)).count())
+            .sum();
+        live + retired
     }
 
     /// Quantiles of what happened since the session started, one row per label set.

@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     // iopath top's test: a real terminal of 80x24
     "tmux",
+    // iopath report's test: the HTML page opened headless (its DOM, console and a screenshot)
+    "chromium",
     // the distro-kernel VM (cargo xtask vm): its initramfs, its kernel package's module index,
     // the ext4 scratch disk it formats
     "busybox-static",

@@ -1,0 +1,327 @@
+//! `iopath record --output` then `iopath report`: a real capture of loop-device I/O, a test
+//! VMM's disk backend (its requests and their interrupts), its exits and datagrams through a
+//! tap, shown as terminal tables and as an HTML page that Debian's headless Chromium opens.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use iopath_tests::{
+    LoopDev, Recording, Vmm, iopath, kvm_available,
+    net::{TapBackend, Topology, send},
+    testvmm_bin,
+};
+
+const VM: &str = "report-disk";
+
+/// The attributes of every element `<tag ... class="class" ...>` of `html`, in order.
+fn elements(html: &str, tag: &str, class: &str) -> Vec<BTreeMap<String, String>> {
+    let open = format!("<{tag} ");
+    html.match_indices(&open)
+        .map(|(at, _)| {
+            let rest = &html[at + open.len()..];
+            let head = &rest[..rest.find('>').expect("a closed tag")];
+            let mut attrs = BTreeMap::new();
+            let mut s = head.trim();
+            while let Some(eq) = s.find("=\"") {
+                let name = s[..eq].trim().to_string();
+                let value_end = s[eq + 2..].find('"').expect("a closed value");
+                attrs.insert(name, s[eq + 2..eq + 2 + value_end].to_string());
+                s = s[eq + 2 + value_end + 1..].trim();
+            }
+            attrs
+        })
+        .filter(|a| a.get("class").is_some_and(|c| c == class))
+        .collect()
+}
+
+fn num(e: &BTreeMap<String, String>, k: &str) -> f64 {
+    e.get(k)
+        .unwrap_or_else(|| panic!("no {k} in {e:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// The capture's series of `stage` that `keep` selects.
+fn series<'a>(
+    capture: &'a serde_json::Value,
+    stage: &str,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<&'a serde_json::Value> {
+    capture["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["stage"] == stage && keep(&s["labels"]))
+        .collect()
+}
+
+/// Headless Chromium on `page`: its DOM once loaded, and its console messages (Chromium logs
+/// each as a `CONSOLE` line on stderr).
+fn chromium(page: &Path, profile: &Path, extra: &[&str]) -> (String, Vec<String>) {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("chromium (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let console = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .map(str::to_string)
+        .collect();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), console)
+}
+
+#[test]
+fn a_recordings_report_adds_up_in_the_terminal_and_in_chromium() {
+    const TEST: &str = "a_recordings_report_adds_up_in_the_terminal_and_in_chromium";
+    if !kvm_available(TEST) {
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let capture_path = dir.join("run.json");
+    let lo = LoopDev::new("report", 16);
+    let topo = Topology::new("rpt");
+    // A disk backend: its reads after 3 s, each followed by its irqfd's signal (the guest's
+    // interrupt), so the capture holds the VM's blk.device and blk.complete_to_irq.
+    let mut vmm = Command::new(testvmm_bin())
+        .args([
+            "-name",
+            &format!("guest={VM},debug-threads=on"),
+            "blk-backend",
+        ])
+        .args(["--dev", &lo.dev, "--count", "300", "--spin-us", "20"])
+        .args(["--first-us", "3000000", "--gap-us", "1500000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("test VMM");
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(vmm.stdout.take().unwrap()));
+    let ready = out.next().expect("a line").expect("read");
+    assert!(ready.contains("ready"), "test VMM: {ready}");
+    // 12 s: long enough for record's progress line (every 10 s when not on a terminal).
+    let rec = Recording::start_for(
+        "12s",
+        &[
+            "--output",
+            capture_path.to_str().unwrap(),
+            "--syscall-tracepoints",
+        ],
+    );
+    let start = Instant::now();
+    for round in 0..100 {
+        if start.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        lo.direct_io(20, 20);
+        Vmm::run("report-exits", &["pio", "--count", "20"], 0).wait();
+        let backend = TapBackend::start(&testvmm_bin(), "report-net", &topo.tap, 20, 50, &[]);
+        if round == 0 {
+            topo.wait_forwarding();
+        }
+        send(&testvmm_bin(), &topo.ns, 20, 300);
+        backend.report();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let vmm_report = out.next().expect("its report").expect("read");
+    assert!(vmm_report.contains("reads"), "test VMM: {vmm_report}");
+    let _ = vmm.wait();
+    let (stdout, said) = rec.wait_said();
+    assert!(
+        said.contains("iopath: recorded 10 s of 12 s,") && said.contains("events so far"),
+        "record showed no progress: {said}"
+    );
+    let written = std::fs::read_to_string(&capture_path).expect("record --output wrote it");
+    assert_eq!(written, stdout, "--output holds the capture --json prints");
+    let capture: serde_json::Value = serde_json::from_str(&written).unwrap();
+    assert!(
+        capture["meta"]["duration_s"].as_f64().unwrap() >= 11.5,
+        "{}",
+        capture["meta"]
+    );
+
+    // The terminal tables.
+    let text = iopath(&["report", capture_path.to_str().unwrap()]);
+    assert!(text.status.success(), "{text:?}");
+    let text = String::from_utf8_lossy(&text.stdout);
+    eprintln!("{text}");
+    for want in [
+        "disk request (paravirtual)",
+        "network receive (paravirtual)",
+        "Stages, each merged over its series",
+        "blk.complete_to_irq",
+        "kvm.userspace_exit",
+    ] {
+        assert!(text.contains(want), "report lacks {want:?}");
+    }
+
+    // The page.
+    let page = dir.join("report.html");
+    let r = iopath(&[
+        "report",
+        capture_path.to_str().unwrap(),
+        "--html",
+        page.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    let html = std::fs::read_to_string(&page).unwrap();
+
+    // The disk waterfall: each bar starts where the previous one ends, the total is their
+    // sum, and each stage's bar is the capture's own figure for the VM's series.
+    let figure = elements(&html, "figure", "waterfall");
+    let disk = figure
+        .iter()
+        .find(|f| f["id"] == "waterfall-disk-request")
+        .expect("a disk waterfall");
+    let bars = elements(&html, "rect", "bar");
+    for (row, total) in [("p50", "data-p50-total-us"), ("p99", "data-p99-total-us")] {
+        let steps: Vec<_> = bars
+            .iter()
+            .filter(|b| b["data-row"] == row)
+            .take_while(|b| {
+                b["data-stage"].starts_with("blk.") || b["data-stage"] == "kvm.inject_to_entry"
+            })
+            .collect();
+        let stages: Vec<&str> = steps.iter().map(|b| b["data-stage"].as_str()).collect();
+        assert!(
+            stages.contains(&"blk.device") && stages.contains(&"blk.complete_to_irq"),
+            "disk {row} bars: {stages:?}"
+        );
+        let mut at = 0.0;
+        for b in &steps {
+            assert!(
+                (num(b, "data-start-us") - at).abs() < 0.01,
+                "{row} {b:?} after {at}"
+            );
+            at += num(b, "data-us");
+        }
+        assert!(
+            (num(disk, total) - at).abs() < 0.01,
+            "{row}: total {} against {at}",
+            disk[total]
+        );
+    }
+    let of_vm = |l: &serde_json::Value| l["vm"] == VM;
+    for stage in ["blk.device", "blk.complete_to_irq"] {
+        let s = series(&capture, stage, of_vm);
+        if s.len() != 1 {
+            continue; // merged from several: checked by the unit tests
+        }
+        let bar = bars
+            .iter()
+            .find(|b| b["data-row"] == "p50" && b["data-stage"] == stage)
+            .unwrap();
+        let want = s[0]["p50_us"].as_f64().unwrap();
+        assert!(
+            (num(bar, "data-us") - want).abs() < 0.01,
+            "{stage}: bar {} against the capture's p50 {want}",
+            bar["data-us"]
+        );
+        eprintln!(
+            "{stage}: {} events of {VM}, p50 {want:.1} us",
+            s[0]["count"]
+        );
+    }
+    // The histograms: each stage's events are its series' sum, and its buckets add up to it.
+    let hists = elements(&html, "figure", "histogram");
+    let buckets_at = |stage_id: &str| {
+        let at = html.find(&format!("id=\"hist-{stage_id}\"")).unwrap();
+        let end = at + html[at..].find("</figure>").unwrap();
+        elements(&html[at..end], "rect", "bucket")
+            .iter()
+            .map(|b| num(b, "data-events"))
+            .sum::<f64>()
+    };
+    for (stage, id) in [
+        ("blk.device", "blk-device"),
+        ("kvm.userspace_exit", "kvm-userspace-exit"),
+    ] {
+        let h = hists
+            .iter()
+            .find(|h| h["data-stage"] == stage)
+            .unwrap_or_else(|| panic!("no {stage} histogram"));
+        let want: u64 = series(&capture, stage, |_| true)
+            .iter()
+            .map(|s| s["count"].as_u64().unwrap())
+            .sum();
+        assert!(want > 0, "{stage}: no events captured");
+        assert_eq!(num(h, "data-events") as u64, want, "{stage} events");
+        assert_eq!(buckets_at(id) as u64, want, "{stage}: its buckets");
+    }
+
+    // Chromium: the sections are in its DOM, nothing went to its console, and a copy of the
+    // page that refers to something outside it does (the check can fail).
+    let profile = dir.join("chromium-profile");
+    let (dom, console) = chromium(&page, &profile, &["--dump-dom"]);
+    for id in [
+        "meta",
+        "waterfalls",
+        "waterfall-disk-request",
+        "waterfall-net-receive",
+        "path-block",
+        "path-kvm",
+        "path-net",
+        "hist-blk-device",
+        "coverage",
+        "dropped",
+    ] {
+        assert!(
+            dom.contains(&format!("id=\"{id}\"")),
+            "Chromium's DOM lacks #{id}"
+        );
+    }
+    assert!(
+        dom.matches("<rect class=\"bar\"").count() >= 4,
+        "waterfall bars in the DOM"
+    );
+    assert!(console.is_empty(), "console messages: {console:?}");
+    let bad = dir.join("outside.html");
+    std::fs::write(
+        &bad,
+        html.replace("</body>", "<img src=\"http://169.254.1.1/x.png\"></body>"),
+    )
+    .unwrap();
+    let (_, console) = chromium(&bad, &profile, &["--dump-dom"]);
+    assert!(
+        console
+            .iter()
+            .any(|l| l.contains("Content Security Policy")),
+        "a fetch from the page was not reported: {console:?}"
+    );
+    let shot = dir.join("report.png");
+    chromium(
+        &page,
+        &profile,
+        &[
+            "--window-size=1000,2400",
+            &format!("--screenshot={}", shot.display()),
+        ],
+    );
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+    eprintln!("screenshot of the report: {}", shot.display());
+    let _ = std::fs::remove_dir_all(&profile);
+    lo.remove();
+}

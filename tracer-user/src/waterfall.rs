@@ -1,0 +1,576 @@
+//! `iopath report`: a capture's paths as waterfalls, each stage's p50 and p99 laid end to end
+//! so that the bars add up to their sum, and each stage's histogram merged over its series.
+//! The terminal tables are here; the HTML page is `html`.
+//!
+//! A waterfall's total is a sum of per-stage quantiles, not the path's own quantile: the
+//! capture has no per-I/O timelines, and a stage counts its own events (a kick can carry
+//! several packets, an interrupt several completions). It is what each stage adds at that
+//! quantile, which is the question the page answers.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    capture::{self, Row},
+    hist::{Series, Summary},
+    report::us,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Capture(#[from] capture::Error),
+    #[error("no series of vm {vm:?} in the capture (vms in it: {seen})")]
+    NoSuchVm { vm: String, seen: String },
+}
+
+/// Stages that follow one another for one I/O, in order. kvm.inject_to_entry ends the
+/// sequences whose I/O completes with an interrupt: its series of injections made inside a
+/// passed-through device's handler (a `device` label) end the passthrough one, the others the
+/// paravirtual ones.
+pub struct Sequence {
+    pub id: &'static str,
+    pub title: &'static str,
+    /// The path whose section shows it.
+    pub path: &'static str,
+    pub stages: &'static [&'static str],
+    pub passthrough: bool,
+}
+
+pub const SEQUENCES: [Sequence; 4] = [
+    Sequence {
+        id: "disk-request",
+        title: "disk request (paravirtual)",
+        path: "block",
+        stages: &[
+            "blk.kick_to_submit",
+            "blk.device",
+            "blk.complete_to_irq",
+            "kvm.inject_to_entry",
+        ],
+        passthrough: false,
+    },
+    Sequence {
+        id: "net-receive",
+        title: "network receive (paravirtual)",
+        path: "net",
+        stages: &[
+            "net.rx.host_stack",
+            "net.rx.backend_queue",
+            "net.rx.backend_to_irq",
+            "kvm.inject_to_entry",
+        ],
+        passthrough: false,
+    },
+    Sequence {
+        id: "net-transmit",
+        title: "network transmit (paravirtual)",
+        path: "net",
+        stages: &["net.tx.kick", "net.tx.backend_to_wire", "net.tx.host_stack"],
+        passthrough: false,
+    },
+    Sequence {
+        id: "passthrough-interrupt",
+        title: "passthrough interrupt (VFIO)",
+        path: "vfio",
+        stages: &["vfio.handler_to_inject", "kvm.inject_to_entry"],
+        passthrough: true,
+    },
+];
+
+/// The order of the page's path sections: the I/O paths, then KVM's own stages.
+pub const PATHS: [&str; 4] = ["block", "net", "vfio", "kvm"];
+
+/// One stage of a waterfall: its merged quantiles and where its bars start.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub stage: &'static str,
+    pub series: usize,
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub p50_start_us: f64,
+    pub p99_start_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Waterfall {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub path: &'static str,
+    pub steps: Vec<Step>,
+    /// Stages of the sequence with no events in the capture: the sums lack them.
+    pub not_measured: Vec<&'static str>,
+    pub p50_total_us: f64,
+    pub p99_total_us: f64,
+}
+
+/// One bucket of the kernel's layout: (lower, upper] in ns (upper None: the overflow).
+#[derive(Debug, Serialize)]
+pub struct Bucket {
+    pub lo_ns: u64,
+    pub hi_ns: Option<u64>,
+    pub events: u64,
+}
+
+/// One stage merged over its series: its quantiles and its non-empty buckets.
+#[derive(Debug, Serialize)]
+pub struct StageHist {
+    pub stage: String,
+    pub series: usize,
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub buckets: Vec<Bucket>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PathStages {
+    pub path: String,
+    pub stages: Vec<StageHist>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The capture's `meta` (absent from captures of an older iopath: null).
+    pub meta: Value,
+    pub vm: Option<String>,
+    pub waterfalls: Vec<Waterfall>,
+    pub paths: Vec<PathStages>,
+    /// (stage, why) of the stages that did not attach or were off.
+    pub unavailable: Vec<(String, String)>,
+    /// (stage, reason, events) dropped while recording.
+    pub dropped: Vec<(String, String, u64)>,
+    /// Lines on the backends' CPU per I/O and the rate one thread could sustain.
+    pub ceilings: Vec<String>,
+}
+
+fn buckets(s: &Series) -> Vec<Bucket> {
+    use tracer_common::hist::{lower_bound_ns, upper_bound_ns};
+    s.buckets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| Bucket {
+            lo_ns: lower_bound_ns(i as u16),
+            hi_ns: upper_bound_ns(i as u16),
+            events: *n,
+        })
+        .collect()
+}
+
+fn waterfall(seq: &Sequence, rows: &[Row]) -> Option<Waterfall> {
+    let keep = |stage: &str, r: &Row| match stage {
+        // the VMs' requests: the host's own I/O is in no guest's path
+        "blk.device" if !seq.passthrough => r.label("vm").is_some_and(|v| !v.is_empty()),
+        "kvm.inject_to_entry" => {
+            r.label("device").is_some_and(|d| !d.is_empty()) == seq.passthrough
+        }
+        _ => true,
+    };
+    let (mut p50, mut p99) = (0.0, 0.0);
+    let mut steps = Vec::new();
+    let mut not_measured = Vec::new();
+    for &stage in seq.stages {
+        let Some((series, merged)) = capture::merged(rows, stage, |r| keep(stage, r)) else {
+            not_measured.push(stage);
+            continue;
+        };
+        let summary = merged.summary();
+        steps.push(Step {
+            stage,
+            series,
+            p50_start_us: p50,
+            p99_start_us: p99,
+            summary: summary.clone(),
+        });
+        p50 += summary.p50_us;
+        p99 += summary.p99_us;
+    }
+    // A sequence with no stage of its own (kvm.inject_to_entry alone) is no path's.
+    let own = steps.iter().any(|s| s.stage != "kvm.inject_to_entry");
+    own.then_some(Waterfall {
+        id: seq.id,
+        title: seq.title,
+        path: seq.path,
+        steps,
+        not_measured,
+        p50_total_us: p50,
+        p99_total_us: p99,
+    })
+}
+
+/// The rows of `vm`: its own series and the host stacks of the taps its backend series name.
+fn of_vm<'a>(rows: Vec<Row<'a>>, vm: &str) -> Vec<Row<'a>> {
+    let taps: Vec<String> = rows
+        .iter()
+        .filter(|r| r.label("vm") == Some(vm))
+        .filter_map(|r| r.label("tap").map(str::to_string))
+        .collect();
+    rows.into_iter()
+        .filter(|r| {
+            r.label("vm") == Some(vm)
+                || (r.stage.ends_with("host_stack")
+                    && r.label("tap").is_some_and(|t| taps.iter().any(|v| v == t)))
+        })
+        .collect()
+}
+
+/// The report of a capture, of one VM's series when `vm` is given.
+pub fn report(capture: &Value, vm: Option<&str>) -> Result<Report, Error> {
+    let mut rows = capture::rows(capture)?;
+    if let Some(vm) = vm {
+        if !rows.iter().any(|r| r.label("vm") == Some(vm)) {
+            return Err(Error::NoSuchVm {
+                vm: vm.into(),
+                seen: capture::vms(&rows),
+            });
+        }
+        rows = of_vm(rows, vm);
+    }
+    let waterfalls = SEQUENCES
+        .iter()
+        .filter_map(|s| waterfall(s, &rows))
+        .collect();
+    // Stages in the table's order, then any the table does not know (a newer capture).
+    let mut order: Vec<(&str, &str)> = crate::stages::STAGES
+        .iter()
+        .map(|s| (s.path.name(), s.name))
+        .collect();
+    for r in &rows {
+        if !order.iter().any(|(_, s)| *s == r.stage) {
+            order.push((r.path, r.stage));
+        }
+    }
+    let mut paths: Vec<PathStages> = Vec::new();
+    let known_paths = PATHS.iter().copied();
+    let other_paths = order.iter().map(|(p, _)| *p).filter(|p| !PATHS.contains(p));
+    for path in known_paths.chain(other_paths) {
+        if paths.iter().any(|p| p.path == path) {
+            continue;
+        }
+        let stages: Vec<StageHist> = order
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .filter_map(|(_, stage)| {
+                let (series, merged) = capture::merged(&rows, stage, |_| true)?;
+                Some(StageHist {
+                    stage: stage.to_string(),
+                    series,
+                    summary: merged.summary(),
+                    buckets: buckets(&merged),
+                })
+            })
+            .collect();
+        if !stages.is_empty() {
+            paths.push(PathStages {
+                path: path.to_string(),
+                stages,
+            });
+        }
+    }
+    let unavailable = capture["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["attached"].as_bool() == Some(false))
+        .map(|s| {
+            let why = s["skipped"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let state = if s["opt_in_off"].as_bool() == Some(true) {
+                "off"
+            } else {
+                "unavailable"
+            };
+            (
+                s["stage"].as_str().unwrap_or_default().to_string(),
+                format!("{state}: {why}"),
+            )
+        })
+        .collect();
+    let dropped = capture["dropped"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            (
+                d["stage"].as_str().unwrap_or_default().to_string(),
+                d["reason"].as_str().unwrap_or_default().to_string(),
+                d["events"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    Ok(Report {
+        meta: capture["meta"].clone(),
+        vm: vm.map(str::to_string),
+        waterfalls,
+        paths,
+        unavailable,
+        dropped,
+        ceilings: ceilings(capture, vm),
+    })
+}
+
+/// The capture's backend costs as sentences, of `vm`'s backends only when given.
+fn ceilings(capture: &Value, vm: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (section, what, unit, rate) in [
+        ("backends", "network backend", "packet", "packets/s"),
+        ("disk_backends", "disk backend", "request", "IOPS"),
+    ] {
+        for b in capture[section].as_array().into_iter().flatten() {
+            let labels = &b["labels"];
+            if vm.is_some_and(|vm| labels["vm"].as_str() != Some(vm)) {
+                continue;
+            }
+            let names = labels
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some(format!("{k}={}", v.as_str()?)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let per = b[format!("cpu_per_{unit}_us")].as_f64().unwrap_or(0.0);
+            let ceiling = if unit == "packet" {
+                b["ceiling_pps"].as_f64()
+            } else {
+                b["ceiling_iops"].as_f64()
+            };
+            out.push(format!(
+                "{what} {names}: {per:.1} µs of CPU per {unit}: one such thread could sustain \
+                 {:.0} {rate}",
+                ceiling.unwrap_or(0.0)
+            ));
+        }
+    }
+    out
+}
+
+/// One line on what the capture is of, from its `meta`.
+pub fn describe(meta: &Value) -> String {
+    let Some(m) = meta.as_object() else {
+        return "a capture without its recording's details (an older iopath)".into();
+    };
+    let started = m
+        .get("started_unix")
+        .and_then(Value::as_f64)
+        .map(|t| utc(t as i64))
+        .unwrap_or_default();
+    format!(
+        "{:.1} s recorded from {started} on host {:?} (Linux {}) by iopath {}",
+        m.get("duration_s").and_then(Value::as_f64).unwrap_or(0.0),
+        m.get("host").and_then(Value::as_str).unwrap_or_default(),
+        m.get("kernel").and_then(Value::as_str).unwrap_or_default(),
+        m.get("iopath").and_then(Value::as_str).unwrap_or_default(),
+    )
+}
+
+/// `secs` since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (days to a civil date: H. Hinnant's
+/// algorithm; no time zone database needed).
+fn utc(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The report as terminal tables.
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", describe(&r.meta));
+    if let Some(vm) = &r.vm {
+        let _ = writeln!(out, "vm {vm:?} only");
+    }
+    let _ = writeln!(
+        out,
+        "\nWaterfalls: each stage's p50 and p99 from where the previous one's ends (µs unless \
+         marked ms). A total is a sum of stage quantiles, not the path's own quantile."
+    );
+    if r.waterfalls.is_empty() {
+        out.push_str("(no VM's path had events; the host's own I/O is in the stages below)\n");
+    }
+    for w in &r.waterfalls {
+        let _ = writeln!(
+            out,
+            "\n{}\n  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            w.title, "STAGE", "EVENTS", "P50 FROM", "P50", "P99 FROM", "P99"
+        );
+        for s in &w.steps {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                s.stage,
+                s.summary.count,
+                us(s.p50_start_us),
+                us(s.summary.p50_us),
+                us(s.p99_start_us),
+                us(s.summary.p99_us),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "total",
+            "",
+            "",
+            us(w.p50_total_us),
+            "",
+            us(w.p99_total_us)
+        );
+        if !w.not_measured.is_empty() {
+            let _ = writeln!(out, "  not measured: {}", w.not_measured.join(", "));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nStages, each merged over its series (µs unless marked ms; MAX is the upper bound of \
+         the highest bucket)\n  {:<6} {:<22} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "PATH", "STAGE", "SERIES", "EVENTS", "MEAN", "P50", "P99", "P99.9", "MAX"
+    );
+    for p in &r.paths {
+        for s in &p.stages {
+            let m = &s.summary;
+            let _ = writeln!(
+                out,
+                "  {:<6} {:<22} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                p.path,
+                s.stage,
+                s.series,
+                m.count,
+                us(m.mean_us),
+                us(m.p50_us),
+                us(m.p99_us),
+                us(m.p999_us),
+                us(m.max_us)
+            );
+        }
+    }
+    if r.paths.is_empty() {
+        out.push_str("  (no events)\n");
+    }
+    for c in &r.ceilings {
+        let _ = writeln!(out, "{c}");
+    }
+    for (stage, why) in &r.unavailable {
+        let _ = writeln!(out, "{stage}: {why}");
+    }
+    for (stage, reason, n) in &r.dropped {
+        let _ = writeln!(out, "dropped: {stage} {reason} {n}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracer_common::hist::{bucket_index, lower_bound_ns};
+
+    /// A capture written by hand: `n` events of `ns` each per series.
+    fn series(stage: &str, path: &str, labels: Value, n: u64, ns: u64) -> Value {
+        let lo = lower_bound_ns(bucket_index(ns));
+        serde_json::json!({
+            "stage": stage, "path": path, "labels": labels,
+            "buckets": [[lo, n]], "sum_ns": n * ns,
+        })
+    }
+
+    fn capture() -> Value {
+        let vm = |vm: &str| serde_json::json!({"vm": vm, "device": "", "op": "read"});
+        serde_json::json!({"series": [
+            series("blk.kick_to_submit", "block", vm("db"), 10, 20_000),
+            series("blk.device", "block", vm("db"), 10, 1_000_000),
+            series("blk.device", "block", vm(""), 90, 50_000),
+            series("blk.complete_to_irq", "block", vm("db"), 10, 30_000),
+            series("kvm.inject_to_entry", "kvm", serde_json::json!({"vm": "db", "device": ""}), 10, 5_000),
+            series("kvm.inject_to_entry", "kvm", serde_json::json!({"vm": "db", "device": "0000:00:06.0"}), 4, 9_000_000),
+            series("kvm.exit", "kvm", serde_json::json!({"vm": "web"}), 3, 2_000),
+        ]})
+    }
+
+    #[test]
+    fn a_waterfall_lays_each_stage_where_the_previous_ends() {
+        let r = report(&capture(), None).unwrap();
+        assert_eq!(r.waterfalls.len(), 1, "{r:?}");
+        let w = &r.waterfalls[0];
+        assert_eq!(w.id, "disk-request");
+        let stages: Vec<&str> = w.steps.iter().map(|s| s.stage).collect();
+        assert_eq!(
+            stages,
+            [
+                "blk.kick_to_submit",
+                "blk.device",
+                "blk.complete_to_irq",
+                "kvm.inject_to_entry"
+            ]
+        );
+        // the host's own blk.device (90 events) is not the VM's path; the passthrough
+        // device's injections are not the paravirtual one's
+        assert_eq!(w.steps[1].summary.count, 10);
+        assert_eq!(w.steps[3].summary.count, 10);
+        for i in 1..w.steps.len() {
+            let (a, b) = (&w.steps[i - 1], &w.steps[i]);
+            assert_eq!(b.p50_start_us, a.p50_start_us + a.summary.p50_us);
+            assert_eq!(b.p99_start_us, a.p99_start_us + a.summary.p99_us);
+        }
+        let last = w.steps.last().unwrap();
+        assert_eq!(w.p50_total_us, last.p50_start_us + last.summary.p50_us);
+        // each bucket is within 1/8 of its value: the sum of 20 + 1000 + 30 + 5 µs
+        assert!(
+            (w.p50_total_us - 1055.0).abs() < 1055.0 / 8.0,
+            "{}",
+            w.p50_total_us
+        );
+        assert!(w.not_measured.is_empty());
+    }
+
+    #[test]
+    fn stage_sections_merge_every_series_in_path_order() {
+        let r = report(&capture(), None).unwrap();
+        let paths: Vec<&str> = r.paths.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["block", "kvm"]);
+        let device = &r.paths[0].stages[0];
+        assert_eq!(device.stage, "blk.device");
+        assert_eq!((device.series, device.summary.count), (2, 100));
+        assert_eq!(device.buckets.iter().map(|b| b.events).sum::<u64>(), 100);
+        let text = table(&r);
+        assert!(text.contains("disk request (paravirtual)"), "{text}");
+        assert!(text.contains("an older iopath"), "{text}");
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_950_245), "2026-11-29 11:04:05 UTC");
+    }
+
+    #[test]
+    fn one_vm_keeps_its_series_and_an_unknown_one_is_refused() {
+        let r = report(&capture(), Some("web")).unwrap();
+        assert!(r.waterfalls.is_empty());
+        assert_eq!(r.paths.len(), 1);
+        assert_eq!(r.paths[0].stages[0].stage, "kvm.exit");
+        let e = report(&capture(), Some("nope")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "no series of vm \"nope\" in the capture (vms in it: db, web)"
+        );
+    }
+}
