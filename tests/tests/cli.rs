@@ -294,7 +294,10 @@ fn compare_and_report_read_a_capture_without_privileges_and_refuse_bad_ones() {
     let page = std::env::temp_dir().join(format!("iopath-report-cli-{}.html", std::process::id()));
     let page = page.to_str().unwrap();
     let unwritable = dir.join("report.html");
-    let runs: [&[&str]; 11] = [
+    // a page over a directory: the temporary file is written beside it, the rename fails
+    let over = format!("{page}.d");
+    std::fs::create_dir_all(format!("{over}/x")).unwrap();
+    let runs: [&[&str]; 12] = [
         &["compare", "--vm", "db", "--input", &good],
         &["compare", "--vm", "web", "--input", &good],
         &["compare", "--vm", "db", "--input", &not_json],
@@ -306,10 +309,17 @@ fn compare_and_report_read_a_capture_without_privileges_and_refuse_bad_ones() {
         &["report", &not_capture],
         &["report", &good, "--html", unwritable.to_str().unwrap()],
         &["report", "/nonexistent/run.json"],
+        &["report", &good, "--html", &over],
     ];
     let outs = as_nobody(&iopath_bin(), &runs);
     let html = std::fs::read_to_string(page);
     let _ = std::fs::remove_file(page);
+    let _ = std::fs::remove_dir_all(&over);
+    let tmp_left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("iopath-report-cli-{}.html", std::process::id())))
+        .collect();
     let left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -358,8 +368,13 @@ fn compare_and_report_read_a_capture_without_privileges_and_refuse_bad_ones() {
     one_line_error(&outs[8], 1, "not a capture of `iopath record --json`");
     one_line_error(&outs[9], 1, "report.html");
     one_line_error(&outs[10], 1, "reading /nonexistent/run.json");
-    // a refused page leaves nothing beside the capture (no half-written or temporary file)
+    // a refused page leaves nothing behind: no half-written or temporary file
     assert_eq!(left.len(), 3, "files left: {left:?}");
+    one_line_error(&outs[11], 1, &format!("writing {over}"));
+    assert!(
+        tmp_left.is_empty(),
+        "left in the temporary directory: {tmp_left:?}"
+    );
 }
 
 /// `record --output` into a directory that is not there is refused before anything attaches.

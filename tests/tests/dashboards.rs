@@ -89,6 +89,7 @@ fn dashboard_queries_use_exported_metrics_and_labels() {
         return;
     }
     let lo = LoopDev::new("dash", 16);
+    let topo = Topology::new("dq");
     // Every stage, the opt-in ones too: the dashboards show them all.
     let d = Daemon::start(&["--bpf-stats", "--syscall-tracepoints"]);
     lo.direct_io(20, 20);
@@ -102,6 +103,11 @@ fn dashboard_queries_use_exported_metrics_and_labels() {
     ] {
         Vmm::run(name, args, 300).wait();
     }
+    // the tap's series (the direction rules map a tap to its VM)
+    let backend = TapBackend::start(&testvmm_bin(), "dash-net", &topo.tap, 20, 50, &[]);
+    topo.wait_forwarding();
+    send(&testvmm_bin(), &topo.ns, 20, 300);
+    backend.report();
     let scrape = d.metrics();
     assert!(d.stop().success());
     // metric -> the labels its series carry (Prometheus adds the target's)
@@ -299,6 +305,38 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
         }
         send(&testvmm_bin(), &topo.ns, 20, 300);
         backend.report();
+        // a backend's frames out of the tap (net.tx.host_stack, the transmit direction) and a
+        // disk backend's requests and interrupts (the request direction)
+        TapBackend::spawn(
+            &testvmm_bin(),
+            "promq-net",
+            &[
+                "tap-tx",
+                "--tap",
+                &topo.tap,
+                "--count",
+                "20",
+                "--spin-us",
+                "20",
+                "--gap-us",
+                "300",
+            ],
+        )
+        .report();
+        Vmm::run(
+            "promq-disk",
+            &[
+                "blk-backend",
+                "--dev",
+                &lo.dev,
+                "--count",
+                "20",
+                "--first-us",
+                "1000",
+            ],
+            0,
+        )
+        .wait();
     }
     // The rules are evaluated every second; their first values with the load in them may lag.
     let deadline = Instant::now() + Duration::from_secs(30);

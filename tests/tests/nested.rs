@@ -1910,7 +1910,7 @@ END { clear(@in); }"#,
     assert!(d.stop().success());
     // The capture's window holds the cut's: at least as many handler injections of the NIC.
     let nic_injections = to_inject_by[&format!("{VM}/{NIC}")];
-    compare_holds(&capture, VM, PINGS, (NIC, nic_injections), NVME);
+    compare_holds(&capture, VM, PINGS, (NIC, nic_injections), NVME, injections);
 }
 
 /// `iopath compare` on a capture of vm `vm` with a vhost-net NIC that answered `pings` pings,
@@ -1918,8 +1918,17 @@ END { clear(@in); }"#,
 /// passed-through NVMe: both columns of the network, the NVMe under disk, and each figure
 /// checked against the capture's own series and backends (the VM's taps, each stage's events,
 /// mean and quantile range, each path's sums, CPU per I/O, what a move could save, the
-/// injections after both paths).
-fn compare_holds(capture: &str, vm: &str, pings: u32, nic: (&str, u64), nvme: &str) {
+/// injections after both paths), and against the kernel's own count: the passthrough
+/// columns hold at least the `kernel_injections` bpftrace counted inside vfio_msihandler over
+/// the cut, which the capture's window contains.
+fn compare_holds(
+    capture: &str,
+    vm: &str,
+    pings: u32,
+    nic: (&str, u64),
+    nvme: &str,
+    kernel_injections: u64,
+) {
     let dir = std::env::temp_dir().join(format!("iopath-compare-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let file = dir.join("capture.json");
@@ -2134,6 +2143,13 @@ fn compare_holds(capture: &str, vm: &str, pings: u32, nic: (&str, u64), nvme: &s
     let pt = &disk["passthrough"][0];
     assert_eq!(pt["devices"], serde_json::json!([nvme]), "{disk}");
     check(pt);
+    let columns = net["passthrough"][0]["parts"][0]["count"].as_u64().unwrap()
+        + pt["parts"][0]["count"].as_u64().unwrap();
+    assert!(
+        columns >= kernel_injections,
+        "compare's passthrough columns: {columns} injections; bpftrace counted \
+         {kernel_injections} in the cut inside the capture"
+    );
     assert!(
         close(f(pt, "cpu_per_io_us"), handler_mean(nvme)),
         "vfio.handler's mean: {pt}"

@@ -32,11 +32,12 @@ fn id(s: &str) -> String {
         .collect()
 }
 
-/// A stage's colour: the same in every waterfall.
+/// A stage's colour: one per stage of the table, the same in every figure.
 fn colour(stage: &str) -> &'static str {
-    const PALETTE: [&str; 10] = [
-        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-        "#9c755f", "#bab0ac",
+    const PALETTE: [&str; 20] = [
+        "#4e79a7", "#a0cbe8", "#f28e2b", "#ffbe7d", "#59a14f", "#8cd17d", "#b6992d", "#f1ce63",
+        "#499894", "#86bcb6", "#e15759", "#ff9d9a", "#79706e", "#bab0ac", "#d37295", "#fabfd2",
+        "#b07aa1", "#d4a6c8", "#9d7660", "#d7b5a6",
     ];
     let i = crate::stages::STAGES
         .iter()
@@ -207,10 +208,14 @@ fn waterfall(out: &mut String, w: &Waterfall) {
     for s in &w.steps {
         let _ = write!(
             out,
-            "<tr><td><span class=\"swatch\" style=\"background:{}\"></span>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><span class=\"swatch\" style=\"background:{}\"></span>{}{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             colour(s.stage),
             s.stage,
+            s.note.map_or(String::new(), |n| format!(
+                " <small class=\"note\">({})</small>",
+                esc(n)
+            )),
             s.summary.count,
             us(s.p50_start_us),
             us(s.summary.p50_us),
@@ -230,6 +235,9 @@ fn waterfall(out: &mut String, w: &Waterfall) {
             "<p class=\"note\">Not measured (not in the sums): {}</p>",
             w.not_measured.join(", ")
         );
+    }
+    for n in &w.notes {
+        let _ = write!(out, "<p class=\"note posted\">{}</p>", esc(n));
     }
     out.push_str("</figure>");
 }
@@ -358,21 +366,38 @@ mod tests {
 
     #[test]
     fn the_page_forbids_fetches_and_holds_each_section() {
-        let capture = serde_json::json!({"series": [{
-            "stage": "blk.device", "path": "block", "labels": {"vm": "<b>db</b>", "op": "read"},
-            "buckets": [[tracer_common::hist::lower_bound_ns(tracer_common::hist::bucket_index(50_000)), 7]],
-            "sum_ns": 350_000,
-        }]});
-        let r = crate::waterfall::report(&capture, None).unwrap();
+        let lo = tracer_common::hist::lower_bound_ns(tracer_common::hist::bucket_index(50_000));
+        let vm = "<b>db</b>";
+        let capture = serde_json::json!({
+            "series": [{
+                "stage": "blk.device", "path": "block", "labels": {"vm": vm, "op": "read"},
+                "buckets": [[lo, 7]], "sum_ns": 350_000,
+            }],
+            "disk_backends": [{"labels": {"vm": vm, "disk": "<i>vdb</i>"},
+                "cpu_per_request_us": 10.0, "ceiling_iops": 1e5}],
+            "meta": {"host": "<script>h</script>", "kernel": "6.1", "iopath": "0.1.0",
+                "started_unix": 0.0, "duration_s": 1.0},
+        });
+        let r = crate::waterfall::report(&capture, Some(vm)).unwrap();
         let p = page(&r);
         assert!(p.contains("default-src 'none'"));
         assert!(p.contains("id=\"waterfall-disk-request\""), "{p}");
-        assert!(p.contains("id=\"hist-blk-device\" class=\"histogram\" data-stage=\"blk.device\" data-events=\"7\""), "{p}");
-        assert!(p.contains("id=\"path-block\""));
-        assert!(!p.contains("<b>db</b>"), "a label went in unescaped");
         assert!(
-            !p.contains("http:") || !p.contains("src="),
-            "nothing to fetch"
+            p.contains(
+                "id=\"hist-blk-device\" class=\"histogram\" data-stage=\"blk.device\" \
+                 data-events=\"7\""
+            ),
+            "{p}"
         );
+        assert!(p.contains("id=\"path-block\""));
+        // the VM's name in the title and the ceilings, the host in the header: all escaped
+        assert!(
+            p.contains("<title>iopath report: vm &lt;b&gt;db&lt;/b&gt;</title>"),
+            "{p}"
+        );
+        assert!(p.contains("disk=&lt;i&gt;vdb&lt;/i&gt;"), "{p}");
+        for raw in ["<b>", "<i>", "<script>"] {
+            assert!(!p.contains(raw), "{raw} went in unescaped: {p}");
+        }
     }
 }

@@ -446,7 +446,11 @@ async fn record(
     let mut session = trace_for(duration, common).await?;
     let capture = (json || output.is_some()).then(|| report::json(&mut session));
     if let (Some(path), Some(capture)) = (output, &capture) {
-        write_atomically(path, capture.as_bytes())?;
+        if let Err(e) = write_atomically(path, capture.as_bytes()) {
+            // The recording is not lost: the capture goes to stdout instead.
+            print!("{capture}");
+            return Err(e.context("the capture went to stdout instead"));
+        }
         eprintln!(
             "iopath: wrote the capture to {} (iopath report {0} [--html FILE])",
             path.display()
@@ -502,13 +506,13 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
             _ = int.recv() => break,
         }
     }
-    progress.done();
+    drop(progress);
     session.refresh()?;
     Ok(session)
 }
 
-/// A long recording's progress on stderr: a line redrawn every second on a terminal, a line
-/// every 10 s otherwise (a log); nothing for a recording shorter than that.
+/// A long recording's progress on stderr (one longer than 10 s): a line redrawn every second
+/// when stderr is a terminal, a line every 10 s otherwise (a log).
 struct Progress {
     total: Duration,
     tty: bool,
@@ -527,12 +531,14 @@ impl Progress {
     }
 
     fn due(&self, elapsed: Duration) -> bool {
-        if self.tty {
-            return self.total >= Duration::from_secs(3);
-        }
+        let every = if self.tty {
+            Duration::from_secs(1)
+        } else {
+            Self::EVERY
+        };
         self.total > Self::EVERY
             && elapsed < self.total
-            && elapsed >= self.shown.unwrap_or_default() + Self::EVERY
+            && elapsed >= self.shown.unwrap_or_default() + every
     }
 
     fn show(&mut self, elapsed: Duration, events: u64) {
@@ -548,8 +554,11 @@ impl Progress {
         }
         self.shown = Some(elapsed);
     }
+}
 
-    fn done(&self) {
+impl Drop for Progress {
+    /// Clears a redrawn line, however the recording ended (an error's line starts clean).
+    fn drop(&mut self) {
         if self.tty && self.shown.is_some() {
             eprint!("\r\x1b[K");
         }

@@ -1,7 +1,8 @@
 //! Which IRQs `vfio.handler` follows, and whose they are. vfio-pci names a device's IRQs
 //! `vfio-msix[N](BDF)`, `vfio-msi[N](BDF)` and `vfio-intx(BDF)` (`/sys/kernel/irq/IRQ/actions`);
 //! the device's IOMMU group is `/sys/bus/pci/devices/BDF/iommu_group`, and its VMM the process
-//! that holds `/dev/vfio/GROUP` open. `--vfio-irqs` adds name prefixes of other IRQs (the host's
+//! that holds `/dev/vfio/GROUP` open, or the device's own character device
+//! (`/dev/vfio/devices/vfioN`, named by `BDF/vfio-dev/vfioN`) that a VMM using iommufd opens. `--vfio-irqs` adds name prefixes of other IRQs (the host's
 //! own devices, to check the stage on a machine without VFIO): their device is the PCI function
 //! whose `msi_irqs` lists the IRQ, their vector its place there. The IRQs come and go with the
 //! guest's driver (vfio-pci requests them when the guest enables MSI-X), so this runs every
@@ -107,10 +108,27 @@ fn msi_owner(root: &Path, irq: u32) -> Option<(u32, u32)> {
 }
 
 /// The VMM that holds VFIO device `bdf`: the process (under `proc`) with its group's
-/// `/dev/vfio/GROUP` open (the group named by `sys`).
+/// `/dev/vfio/GROUP` open (the group named by `sys`), or the device's cdev
+/// `/dev/vfio/devices/vfioN` (iommufd: QEMU's `-object iommufd`, which opens no group).
 fn holder(sys: &Path, proc: &Path, bdf: &str) -> Option<u32> {
-    let group = fs::read_link(sys.join("bus/pci/devices").join(bdf).join("iommu_group")).ok()?;
-    let want = Path::new("/dev/vfio").join(group.file_name()?);
+    let dev = sys.join("bus/pci/devices").join(bdf);
+    let mut want = Vec::new();
+    if let Some(group) = fs::read_link(dev.join("iommu_group"))
+        .ok()
+        .and_then(|g| g.file_name().map(|n| n.to_owned()))
+    {
+        want.push(Path::new("/dev/vfio").join(group));
+    }
+    for cdev in fs::read_dir(dev.join("vfio-dev"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        want.push(Path::new("/dev/vfio/devices").join(cdev.file_name()));
+    }
+    if want.is_empty() {
+        return None;
+    }
     for p in fs::read_dir(proc).ok()?.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
@@ -120,7 +138,7 @@ fn holder(sys: &Path, proc: &Path, bdf: &str) -> Option<u32> {
         };
         if fds
             .flatten()
-            .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == want))
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| want.contains(&l)))
         {
             return Some(pid);
         }
@@ -326,6 +344,16 @@ mod tests {
         assert_eq!(holder(&sys, &proc, "0000:00:06.0"), Some(200));
         // A device with no group link (not bound to vfio-pci): no VMM.
         assert_eq!(holder(&sys, &proc, "0000:00:07.0"), None);
+        // A device a VMM opened through iommufd: its cdev, not its group, is held.
+        let cdev = sys.join("bus/pci/devices/0000:00:08.0");
+        fs::create_dir_all(cdev.join("vfio-dev/vfio2")).unwrap();
+        std::os::unix::fs::symlink("../../../kernel/iommu_groups/9", cdev.join("iommu_group"))
+            .unwrap();
+        let fd = proc.join("400/fd");
+        fs::create_dir_all(&fd).unwrap();
+        std::os::unix::fs::symlink("/dev/vfio/devices/vfio2", fd.join("12")).unwrap();
+        std::os::unix::fs::symlink("/dev/iommu", fd.join("11")).unwrap();
+        assert_eq!(holder(&sys, &proc, "0000:00:08.0"), Some(400));
         // A prefix adds a host IRQ, with no device where no PCI function lists it.
         let with = scan(&sys, &["virtio1-req".into()]);
         assert_eq!(with[&43].0.dev, 0);

@@ -92,6 +92,8 @@ pub struct Step {
     pub summary: Summary,
     pub p50_start_us: f64,
     pub p99_start_us: f64,
+    /// What the stage's series hold beyond this path's own I/O, if anything.
+    pub note: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +106,8 @@ pub struct Waterfall {
     pub not_measured: Vec<&'static str>,
     pub p50_total_us: f64,
     pub p99_total_us: f64,
+    /// What the figures leave out (posted vectors, whose interrupts have no host event).
+    pub notes: Vec<String>,
 }
 
 /// One bucket of the kernel's layout: (lower, upper] in ns (upper None: the overflow).
@@ -159,10 +163,24 @@ fn buckets(s: &Series) -> Vec<Bucket> {
         .collect()
 }
 
-fn waterfall(seq: &Sequence, rows: &[Row]) -> Option<Waterfall> {
+/// What kvm.inject_to_entry holds in a sequence: it ends every injection of the VM, not one
+/// path's, and only the `device` label tells a passed-through device's from the others.
+const SHARED_PARAVIRTUAL: &str = "shared: every injection of these VMs that no passed-through \
+    device's handler made (network and disk alike), not this path's alone";
+const SHARED_UNLABELLED: &str = "shared: every injection of these VMs (a capture without the \
+    device label cannot tell a passed-through device's apart)";
+const SHARED_PASSTHROUGH: &str = "the injections made in the passed-through devices' handlers";
+
+fn waterfall(seq: &Sequence, rows: &[Row], capture: &Value) -> Option<Waterfall> {
+    // A capture of an iopath before kvm.inject_to_entry's device label: its injections cannot
+    // be split, and go to the paravirtual sequences (marked), none to the passthrough one.
+    let unlabelled = rows
+        .iter()
+        .any(|r| r.stage == "kvm.inject_to_entry" && r.label("device").is_none());
     let keep = |stage: &str, r: &Row| match stage {
         // the VMs' requests: the host's own I/O is in no guest's path
         "blk.device" if !seq.passthrough => r.label("vm").is_some_and(|v| !v.is_empty()),
+        "kvm.inject_to_entry" if unlabelled => !seq.passthrough,
         "kvm.inject_to_entry" => {
             r.label("device").is_some_and(|d| !d.is_empty()) == seq.passthrough
         }
@@ -177,15 +195,48 @@ fn waterfall(seq: &Sequence, rows: &[Row]) -> Option<Waterfall> {
             continue;
         };
         let summary = merged.summary();
+        let note = (stage == "kvm.inject_to_entry").then_some(match () {
+            () if seq.passthrough => SHARED_PASSTHROUGH,
+            () if unlabelled => SHARED_UNLABELLED,
+            () => SHARED_PARAVIRTUAL,
+        });
         steps.push(Step {
             stage,
             series,
             p50_start_us: p50,
             p99_start_us: p99,
             summary: summary.clone(),
+            note,
         });
         p50 += summary.p50_us;
         p99 += summary.p99_us;
+    }
+    // Posted vectors: their interrupts reach a running vCPU with no host event at all.
+    let mut notes = Vec::new();
+    if seq.passthrough {
+        let vms: Vec<&str> = rows.iter().filter_map(|r| r.label("vm")).collect();
+        for d in capture["vfio_devices"].as_array().into_iter().flatten() {
+            let vectors: Vec<&str> = d["posted_vectors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if vectors.is_empty() || !vms.contains(&d["vm"].as_str().unwrap_or_default()) {
+                continue;
+            }
+            notes.push(format!(
+                "device {} (vm {}): vectors {} are posted to the vCPU, with no host event while \
+                 it runs: not in these figures",
+                printable(d["device"].as_str().unwrap_or_default()),
+                printable(d["vm"].as_str().unwrap_or_default()),
+                vectors
+                    .iter()
+                    .map(|v| printable(v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
     // A sequence with no stage of its own (kvm.inject_to_entry alone) is no path's.
     let own = steps.iter().any(|s| s.stage != "kvm.inject_to_entry");
@@ -197,7 +248,23 @@ fn waterfall(seq: &Sequence, rows: &[Row]) -> Option<Waterfall> {
         not_measured,
         p50_total_us: p50,
         p99_total_us: p99,
+        notes,
     })
+}
+
+/// `s` with control characters escaped: capture strings (VM names come from VMM command
+/// lines) must not carry terminal escapes to the operator's terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
 }
 
 /// The rows of `vm`: its own series and the host stacks of the taps its backend series name.
@@ -230,13 +297,20 @@ pub fn report(capture: &Value, vm: Option<&str>) -> Result<Report, Error> {
     }
     let waterfalls = SEQUENCES
         .iter()
-        .filter_map(|s| waterfall(s, &rows))
+        .filter_map(|s| waterfall(s, &rows, capture))
         .collect();
-    // Stages in the table's order, then any the table does not know (a newer capture).
-    let mut order: Vec<(&str, &str)> = crate::stages::STAGES
-        .iter()
-        .map(|s| (s.path.name(), s.name))
-        .collect();
+    // Stages in the order an I/O crosses them (the sequences), then the table's, then any the
+    // table does not know (a newer capture).
+    let mut order: Vec<(&str, &str)> = Vec::new();
+    let in_sequences = SEQUENCES.iter().flat_map(|q| q.stages.iter().copied());
+    let table = crate::stages::STAGES.iter().map(|s| s.name);
+    for name in in_sequences.chain(table) {
+        if let Some(s) = crate::stages::STAGES.iter().find(|s| s.name == name)
+            && !order.iter().any(|(_, o)| *o == name)
+        {
+            order.push((s.path.name(), s.name));
+        }
+    }
     for r in &rows {
         if !order.iter().any(|(_, s)| *s == r.stage) {
             order.push((r.path, r.stage));
@@ -332,7 +406,7 @@ fn ceilings(capture: &Value, vm: Option<&str>) -> Vec<String> {
                 .as_object()
                 .into_iter()
                 .flatten()
-                .filter_map(|(k, v)| Some(format!("{k}={}", v.as_str()?)))
+                .filter_map(|(k, v)| Some(format!("{}={}", printable(k), printable(v.as_str()?))))
                 .collect::<Vec<_>>()
                 .join(" ");
             let per = b[format!("cpu_per_{unit}_us")].as_f64().unwrap_or(0.0);
@@ -394,7 +468,7 @@ fn utc(secs: i64) -> String {
 /// The report as terminal tables.
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{}", describe(&r.meta));
+    let _ = writeln!(out, "{}", printable(&describe(&r.meta)));
     if let Some(vm) = &r.vm {
         let _ = writeln!(out, "vm {vm:?} only");
     }
@@ -415,13 +489,14 @@ pub fn table(r: &Report) -> String {
         for s in &w.steps {
             let _ = writeln!(
                 out,
-                "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9}{}",
                 s.stage,
                 s.summary.count,
                 us(s.p50_start_us),
                 us(s.summary.p50_us),
                 us(s.p99_start_us),
                 us(s.summary.p99_us),
+                s.note.map_or(String::new(), |n| format!("  ({n})")),
             );
         }
         let _ = writeln!(
@@ -437,6 +512,9 @@ pub fn table(r: &Report) -> String {
         if !w.not_measured.is_empty() {
             let _ = writeln!(out, "  not measured: {}", w.not_measured.join(", "));
         }
+        for n in &w.notes {
+            let _ = writeln!(out, "  {n}");
+        }
     }
     let _ = writeln!(
         out,
@@ -450,8 +528,8 @@ pub fn table(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "  {:<6} {:<22} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                p.path,
-                s.stage,
+                printable(&p.path),
+                printable(&s.stage),
                 s.series,
                 m.count,
                 us(m.mean_us),
@@ -469,10 +547,15 @@ pub fn table(r: &Report) -> String {
         let _ = writeln!(out, "{c}");
     }
     for (stage, why) in &r.unavailable {
-        let _ = writeln!(out, "{stage}: {why}");
+        let _ = writeln!(out, "{}: {}", printable(stage), printable(why));
     }
     for (stage, reason, n) in &r.dropped {
-        let _ = writeln!(out, "dropped: {stage} {reason} {n}");
+        let _ = writeln!(
+            out,
+            "dropped: {} {} {n}",
+            printable(stage),
+            printable(reason)
+        );
     }
     out
 }
@@ -545,13 +628,75 @@ mod tests {
         let r = report(&capture(), None).unwrap();
         let paths: Vec<&str> = r.paths.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(paths, ["block", "kvm"]);
-        let device = &r.paths[0].stages[0];
-        assert_eq!(device.stage, "blk.device");
+        // in the order an I/O crosses them
+        let block: Vec<&str> = r.paths[0].stages.iter().map(|s| s.stage.as_str()).collect();
+        assert_eq!(
+            block,
+            ["blk.kick_to_submit", "blk.device", "blk.complete_to_irq"]
+        );
+        let device = &r.paths[0].stages[1];
         assert_eq!((device.series, device.summary.count), (2, 100));
         assert_eq!(device.buckets.iter().map(|b| b.events).sum::<u64>(), 100);
         let text = table(&r);
         assert!(text.contains("disk request (paravirtual)"), "{text}");
         assert!(text.contains("an older iopath"), "{text}");
+    }
+
+    #[test]
+    fn the_injections_bar_says_it_is_shared_and_posted_vectors_are_named() {
+        let mut c = capture();
+        c["vfio_devices"] = serde_json::json!([
+            {"device": "0000:00:06.0", "vm": "db", "posted_vectors": ["0", "1"]},
+            {"device": "0000:00:07.0", "vm": "db", "posted_vectors": []},
+        ]);
+        c["series"].as_array_mut().unwrap().push(series(
+            "vfio.handler_to_inject",
+            "vfio",
+            serde_json::json!({"vm": "db", "device": "0000:00:06.0", "vector": "2"}),
+            4,
+            30_000,
+        ));
+        let r = report(&c, None).unwrap();
+        let disk = &r.waterfalls[0];
+        assert_eq!(disk.steps[3].note, Some(SHARED_PARAVIRTUAL));
+        let pt = r
+            .waterfalls
+            .iter()
+            .find(|w| w.id == "passthrough-interrupt")
+            .unwrap();
+        assert_eq!(pt.steps[1].summary.count, 4);
+        assert_eq!(pt.steps[1].note, Some(SHARED_PASSTHROUGH));
+        assert_eq!(pt.notes.len(), 1, "{:?}", pt.notes);
+        assert!(pt.notes[0].starts_with("device 0000:00:06.0 (vm db): vectors 0, 1 are posted"));
+        // a capture without the label: every injection goes to the paravirtual bar, marked
+        for s in c["series"].as_array_mut().unwrap() {
+            if s["stage"] == "kvm.inject_to_entry" {
+                s["labels"].as_object_mut().unwrap().remove("device");
+            }
+        }
+        let r = report(&c, None).unwrap();
+        assert_eq!(r.waterfalls[0].steps[3].summary.count, 14);
+        assert_eq!(r.waterfalls[0].steps[3].note, Some(SHARED_UNLABELLED));
+        let pt = r
+            .waterfalls
+            .iter()
+            .find(|w| w.id == "passthrough-interrupt")
+            .unwrap();
+        assert_eq!(pt.not_measured, ["kvm.inject_to_entry"]);
+    }
+
+    #[test]
+    fn terminal_text_carries_no_control_characters() {
+        assert_eq!(printable("db\x1b[2J"), "db\\u{1b}[2J");
+        let mut c = capture();
+        c["disk_backends"] = serde_json::json!([{"labels": {"vm": "a\x1b]0;x\x07"},
+            "cpu_per_request_us": 10.0, "ceiling_iops": 1e5}]);
+        let text = table(&report(&c, None).unwrap());
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");
+        assert!(
+            text.contains("one such thread could sustain 100000 IOPS"),
+            "{text}"
+        );
     }
 
     #[test]
