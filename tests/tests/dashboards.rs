@@ -280,9 +280,30 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
     let p = Prometheus::start(&config, &["--enable-feature=native-histograms"]);
     // Its first scrape comes seconds after it is ready: the load starts after it.
     p.scraped_targets(Duration::from_secs(60));
+    // A disk backend's requests and their interrupts all along (the request direction): its
+    // warm-up reads, then 1.5 s for the daemon to learn its disk's vector, then a read every
+    // 5 ms or so for 15 s.
+    let disk = TapBackend::spawn(
+        &testvmm_bin(),
+        "promq-disk",
+        &[
+            "blk-backend",
+            "--dev",
+            &lo.dev,
+            "--count",
+            "3000",
+            "--spin-us",
+            "5000",
+            "--first-us",
+            "1000",
+            "--gap-us",
+            "1500000",
+        ],
+    );
     // Load for 20 s (bounded in rounds too): block I/O, the test VMM's exits, irqfd
     // injections and halts, and datagrams through a tap to a userspace backend.
     let start = Instant::now();
+    let mut peer = [0u8; 6];
     for round in 0..200 {
         if start.elapsed() > Duration::from_secs(20) {
             break;
@@ -302,42 +323,15 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
         let backend = TapBackend::start(&testvmm_bin(), "promq-net", &topo.tap, 20, 50, &[]);
         if round == 0 {
             topo.wait_forwarding();
+            peer = topo.peer_mac();
         }
         send(&testvmm_bin(), &topo.ns, 20, 300);
         backend.report();
-        // a backend's frames out of the tap (net.tx.host_stack, the transmit direction) and a
-        // disk backend's requests and interrupts (the request direction)
-        TapBackend::spawn(
-            &testvmm_bin(),
-            "promq-net",
-            &[
-                "tap-tx",
-                "--tap",
-                &topo.tap,
-                "--count",
-                "20",
-                "--spin-us",
-                "20",
-                "--gap-us",
-                "300",
-            ],
-        )
-        .report();
-        Vmm::run(
-            "promq-disk",
-            &[
-                "blk-backend",
-                "--dev",
-                &lo.dev,
-                "--count",
-                "20",
-                "--first-us",
-                "1000",
-            ],
-            0,
-        )
-        .wait();
+        // frames out of the tap to the peer (net.tx.host_stack: the transmit direction, its
+        // tap the receive backend's), with the tap free between backends
+        iopath_tests::net::TapWriter::open(&topo.tap).send_udp(peer, 20, 300);
     }
+    disk.report();
     // The rules are evaluated every second; their first values with the load in them may lag.
     let deadline = Instant::now() + Duration::from_secs(30);
     let finite = |r: &[serde_json::Value]| {

@@ -83,10 +83,16 @@ fn wait_for(rx: &mpsc::Receiver<String>, what: &str, who: &str) {
 
 /// Stops a child with SIGINT (bpftrace prints its maps, iopath record its report) and returns
 /// its stdout.
-fn interrupt(mut child: Child) -> String {
+fn interrupt(child: Child) -> String {
+    interrupt_status(child).0
+}
+
+/// As [`interrupt`], with how it ended (killed when SIGINT did not end it within 60 s: a
+/// bpftrace killed so prints no maps).
+fn interrupt_status(mut child: Child) -> (String, std::process::ExitStatus) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if child.try_wait().unwrap().is_some() {
             break;
@@ -95,7 +101,10 @@ fn interrupt(mut child: Child) -> String {
     }
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
 }
 
 /// QEMU's signals, counted without iopath: irqfds are learned from the KVM_IRQFD ioctls (fd at
@@ -158,10 +167,12 @@ fn lab_guest_signals_and_halts_are_traced() {
     let mut bt = Command::new("bpftrace")
         .args(["-e", BPFTRACE_COUNT])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("bpftrace");
     let bt_out = lines_of(bt.stdout.take().unwrap());
+    // what bpftrace says (lost events, errors), for a count that comes out empty
+    let bt_err = lines_of(bt.stderr.take().unwrap());
     // The lab's tap lives in its network namespace: made here as lab.sh would (it keeps what
     // exists), and iopath runs in it to see the tap in sysfs, with a tracefs of its own mount
     // namespace (`ip netns exec` remounts /sys).
@@ -207,8 +218,9 @@ fn lab_guest_signals_and_halts_are_traced() {
     // Quiet guest: no signal between the two tracers' ends.
     sleep(Duration::from_secs(2));
     let report = interrupt(record);
-    interrupt(bt);
+    let (_, bt_status) = interrupt_status(bt);
     let counted: String = bt_out.iter().collect::<Vec<_>>().join("\n");
+    let bt_said: String = bt_err.iter().collect::<Vec<_>>().join("\n");
     drop(lab);
 
     let signals = bpftrace_count(&counted, "signals");
@@ -235,7 +247,11 @@ fn lab_guest_signals_and_halts_are_traced() {
             s["labels"]["signal"], s["labels"]["inject"], s["count"], s["p50_us"], s["p99_us"]
         );
     }
-    assert!(signals > 0, "QEMU signalled interrupts: {counted}");
+    assert!(
+        signals > 0,
+        "QEMU signalled interrupts: bpftrace printed {counted:?}, said {bt_said:?}, ended \
+         {bt_status}"
+    );
     assert_eq!(
         traced, signals,
         "every QEMU signal is one sample, vm=\"lab\""
