@@ -397,5 +397,44 @@ fn record_output_that_cannot_be_written_is_refused_before_attaching() {
         1,
         "/tmp is a directory",
     );
+    // A directory that goes while recording: the capture is not lost, it goes to stdout.
+    let dir = std::env::temp_dir().join(format!("iopath-gone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("run.json");
+    let mut rec = std::process::Command::new(iopath_bin())
+        .args([
+            "record",
+            "--duration",
+            "2s",
+            "--stages",
+            "blk.device",
+            "--output",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(rec.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("recording for") {
+        use std::io::BufRead as _;
+        let n = err.read_line(&mut said).unwrap();
+        assert!(n > 0, "record ended before recording: {said}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let done = rec.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(1), "{rest}");
+    assert!(
+        rest.trim_end()
+            .ends_with("the capture went to stdout instead")
+            || rest.contains("the capture went to stdout instead"),
+        "{rest}"
+    );
+    let capture: serde_json::Value =
+        serde_json::from_slice(&done.stdout).expect("the capture on stdout");
+    assert!(capture["series"].is_array(), "{capture}");
     nothing_left();
 }

@@ -280,9 +280,9 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
     let p = Prometheus::start(&config, &["--enable-feature=native-histograms"]);
     // Its first scrape comes seconds after it is ready: the load starts after it.
     p.scraped_targets(Duration::from_secs(60));
-    // A disk backend's requests and their interrupts all along (the request direction): its
-    // warm-up reads, then 1.5 s for the daemon to learn its disk's vector, then a read every
-    // 5 ms or so for 15 s.
+    // A disk backend's requests and their interrupts (the request direction): its warm-up
+    // reads, 1.5 s for the daemon to learn its disk's vector, then 300 reads; the rules' 5 m
+    // windows keep them for the whole test.
     let disk = TapBackend::spawn(
         &testvmm_bin(),
         "promq-disk",
@@ -291,9 +291,9 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
             "--dev",
             &lo.dev,
             "--count",
-            "3000",
+            "300",
             "--spin-us",
-            "5000",
+            "100",
             "--first-us",
             "1000",
             "--gap-us",

@@ -471,12 +471,19 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
         "a sample per disk kick"
     );
     // A sample per request the window saw end (bpftrace's completions; its issues are
-    // printed: one still in flight at a cut is in one count and not the other).
-    assert_eq!(
-        count("blk.device"),
-        completes as f64,
-        "a sample per completed request"
-    );
+    // printed: one still in flight at a cut is in one count and not the other). bpftrace can
+    // miss one, never see one too many (seen in CI: 399 issued and completed, iopath 400 = the
+    // guest's 400; cause not established, most likely its start map's update refused when an
+    // issue in an interrupt, a completion running the queue, meets its other program on that
+    // CPU).
+    // So iopath has at least bpftrace's count, and at most 1% more.
+    let bpftrace_bound = |n: f64, what: &str| {
+        assert!(
+            n >= completes as f64 && n - completes as f64 <= (0.01 * guest_ios as f64).max(1.0),
+            "{what}: {n} samples, bpftrace {completes} completions"
+        );
+    };
+    bpftrace_bound(count("blk.device"), "a sample per completed request");
     // bpftrace's issues and completions of QEMU's requests agree within 1%: seen once in CI,
     // 400 issued and 398 completed (cause not found; requeues are now printed), with iopath's
     // counts equal to bpftrace's completions.
@@ -484,11 +491,7 @@ fn lab_guest_disk_requests_are_measured_from_kick_to_interrupt() {
         issues.abs_diff(completes) as f64 <= (0.01 * guest_ios as f64).max(1.0),
         "{issues} issued, {completes} completed"
     );
-    assert_eq!(
-        count("blk.complete_to_irq"),
-        completes as f64,
-        "a sample per completion"
-    );
+    bpftrace_bound(count("blk.complete_to_irq"), "a sample per completion");
     // The host's part of each I/O is inside what the guest measured (its clock runs on the
     // emulator here: its times are far longer, see the lab README).
     for (op, guest_op) in [("write", "write4k"), ("read", "read4k")] {

@@ -13,6 +13,9 @@ pub enum Error {
         "a {stage} series has no buckets of this iopath's layout (a capture of another version?)"
     )]
     Buckets { stage: String },
+    /// (`seen` is printable: the VMs' names come from the VMMs' command lines)
+    #[error("no series of vm {vm:?} in the capture (vms in it: {seen})")]
+    NoSuchVm { vm: String, seen: String },
 }
 
 /// One series of a capture.
@@ -73,16 +76,48 @@ pub fn merged(rows: &[Row], stage: &str, keep: impl Fn(&Row) -> bool) -> Option<
     (merged.count() > 0).then_some((n, merged))
 }
 
-/// The VM names the capture's series carry, sorted, or "none".
-pub fn vms(rows: &[Row]) -> String {
+/// Fails, naming the VMs there are, unless some series is `vm`'s.
+pub fn has_vm(rows: &[Row], vm: &str) -> Result<(), Error> {
+    if rows.iter().any(|r| r.label("vm") == Some(vm)) {
+        return Ok(());
+    }
     let seen: std::collections::BTreeSet<&str> = rows
         .iter()
         .filter_map(|r| r.label("vm"))
         .filter(|v| !v.is_empty())
         .collect();
-    if seen.is_empty() {
-        "none".into()
-    } else {
-        seen.into_iter().collect::<Vec<_>>().join(", ")
-    }
+    Err(Error::NoSuchVm {
+        vm: vm.into(),
+        seen: if seen.is_empty() {
+            "none".into()
+        } else {
+            printable(&seen.into_iter().collect::<Vec<_>>().join(", "))
+        },
+    })
+}
+
+/// The taps `vm`'s backend series name, sorted: the host stacks' series name taps, not VMs,
+/// and these are the VM's.
+pub fn taps_of(rows: &[Row], vm: &str) -> Vec<String> {
+    rows.iter()
+        .filter(|r| r.label("vm") == Some(vm))
+        .filter_map(|r| r.label("tap").map(str::to_string))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// `s` with control characters escaped: capture strings (VM names come from VMM command
+/// lines) must not carry terminal escapes to the operator's terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
 }

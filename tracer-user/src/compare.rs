@@ -20,14 +20,6 @@ use crate::{
     report::us,
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Capture(#[from] capture::Error),
-    #[error("no series of vm {vm:?} in the capture (vms in it: {seen})")]
-    NoSuchVm { vm: String, seen: String },
-}
-
 /// One stage of a path: the VM's series of it, merged.
 #[derive(Clone, Debug, Serialize)]
 pub struct Part {
@@ -220,15 +212,10 @@ fn saving(direction: &'static str, pv: &PathSum, pt: Option<&PathSum>) -> Saving
 }
 
 /// The comparison for `vm` from a capture.
-pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
+pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, capture::Error> {
     let rows = capture::rows(capture)?;
     let of_vm = |r: &Row| r.label("vm") == Some(vm);
-    if !rows.iter().any(of_vm) {
-        return Err(Error::NoSuchVm {
-            vm: vm.into(),
-            seen: capture::vms(&rows),
-        });
-    }
+    capture::has_vm(&rows, vm)?;
     let names = |stages: &[&str], label: &str| -> Vec<String> {
         rows.iter()
             .filter(|r| stages.contains(&r.stage) && of_vm(r))
@@ -237,9 +224,7 @@ pub fn compare(capture: &Value, vm: &str) -> Result<Comparison, Error> {
             .into_iter()
             .collect()
     };
-    // The host stacks' series name taps, not VMs: the VM's taps are those its backend
-    // series name.
-    let taps = names(&[&RX[1..], &TX[..2]].concat(), "tap");
+    let taps = capture::taps_of(&rows, vm);
     let net_part = |stage: &'static str| {
         part(&rows, stage, |r| {
             if stage.ends_with("host_stack") {
@@ -434,7 +419,7 @@ pub fn table(c: &Comparison) -> String {
                 us(p.p99_us),
                 us(p.p999_us),
                 p.cpu_per_io_us.map_or("-".into(), us),
-                p.devices.join(","),
+                crate::capture::printable(&p.devices.join(",")),
                 p.parts
                     .iter()
                     .map(|p| format!("{} ({})", p.stage, p.summary.count))
@@ -475,8 +460,8 @@ pub fn table(c: &Comparison) -> String {
                 out,
                 "  passthrough posted    {}: vectors {} posted to a vCPU: their interrupts to a \
                  running vCPU bypass the host (no host event: neither counted nor timed)",
-                p.device,
-                p.vectors.join(",")
+                crate::capture::printable(&p.device),
+                crate::capture::printable(&p.vectors.join(","))
             );
         }
         if !k.posted.is_empty() {
@@ -696,7 +681,7 @@ mod tests {
             "no series of vm \"nope\" in the capture (vms in it: db, web)"
         );
         let e = compare(&serde_json::json!({}), "db").unwrap_err();
-        assert!(matches!(e, Error::Capture(capture::Error::NotACapture)));
+        assert!(matches!(e, capture::Error::NotACapture));
     }
 
     #[test]
@@ -704,7 +689,7 @@ mod tests {
         let c = serde_json::json!({"series": [row("vfio.handler", serde_json::json!({"vm": "db"}), &[(1000, 1)])]});
         assert!(matches!(
             compare(&c, "db"),
-            Err(Error::Capture(capture::Error::Buckets { .. }))
+            Err(capture::Error::Buckets { .. })
         ));
     }
 }

@@ -395,7 +395,10 @@ mod tests {
             p.contains("<title>iopath report: vm &lt;x-vm&gt;db&lt;/x-vm&gt;</title>"),
             "{p}"
         );
-        assert!(p.contains("disk=&lt;x-disk&gt;vdb&lt;/x-disk&gt;"), "{p}");
+        assert!(
+            p.contains("disk=&quot;&lt;x-disk&gt;vdb&lt;/x-disk&gt;&quot;"),
+            "{p}"
+        );
         for raw in ["<x-vm>", "<x-disk>", "<script>"] {
             assert!(!p.contains(raw), "{raw} went in unescaped: {p}");
         }

@@ -516,29 +516,35 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
 struct Progress {
     total: Duration,
     tty: bool,
-    shown: Option<Duration>,
+    /// When the next line is due: on whole periods from the start, so a late tick does not
+    /// push the later ones back.
+    next: Duration,
+    shown: bool,
 }
 
 impl Progress {
     const EVERY: Duration = Duration::from_secs(10);
 
     fn new(total: Duration) -> Progress {
+        let tty = std::io::stderr().is_terminal();
         Progress {
             total,
-            tty: std::io::stderr().is_terminal(),
-            shown: None,
+            tty,
+            next: Self::every(tty),
+            shown: false,
+        }
+    }
+
+    fn every(tty: bool) -> Duration {
+        if tty {
+            Duration::from_secs(1)
+        } else {
+            Self::EVERY
         }
     }
 
     fn due(&self, elapsed: Duration) -> bool {
-        let every = if self.tty {
-            Duration::from_secs(1)
-        } else {
-            Self::EVERY
-        };
-        self.total > Self::EVERY
-            && elapsed < self.total
-            && elapsed >= self.shown.unwrap_or_default() + every
+        self.total > Self::EVERY && elapsed < self.total && elapsed >= self.next
     }
 
     fn show(&mut self, elapsed: Duration, events: u64) {
@@ -552,14 +558,16 @@ impl Progress {
         } else {
             eprintln!("{line}");
         }
-        self.shown = Some(elapsed);
+        self.shown = true;
+        let every = Self::every(self.tty);
+        self.next = every * (elapsed.as_millis() / every.as_millis() + 1) as u32;
     }
 }
 
 impl Drop for Progress {
     /// Clears a redrawn line, however the recording ended (an error's line starts clean).
     fn drop(&mut self) {
-        if self.tty && self.shown.is_some() {
+        if self.tty && self.shown {
             eprint!("\r\x1b[K");
         }
     }

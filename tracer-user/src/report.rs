@@ -64,9 +64,33 @@ fn labels_text(row: &serde_json::Value) -> String {
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| format!("{}={v}", crate::capture::printable(k)))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// One backend's cost as a sentence, from its entry in a capture's `backends` (network) or
+/// `disk_backends` (`disk`); label values are printed as JSON strings (control characters
+/// escaped).
+pub(crate) fn ceiling_line(disk: bool, b: &serde_json::Value) -> String {
+    let labels = labels_text(b);
+    if disk {
+        format!(
+            "disk backend {labels}: {:.1} µs of CPU per request over {} requests: one such \
+             thread could sustain {:.0} IOPS",
+            b["cpu_per_request_us"].as_f64().unwrap_or(0.0),
+            b["requests"],
+            b["ceiling_iops"].as_f64().unwrap_or(0.0)
+        )
+    } else {
+        format!(
+            "backend {labels}: {:.1} µs of CPU per packet over {} packets: one such thread \
+             could move {:.0} packets/s",
+            b["cpu_per_packet_us"].as_f64().unwrap_or(0.0),
+            b["packets"],
+            b["ceiling_pps"].as_f64().unwrap_or(0.0)
+        )
+    }
 }
 
 /// What each network backend's threads cost per packet, and the packets per second one such
@@ -336,26 +360,10 @@ pub fn table(s: &mut Session) -> String {
         );
     }
     for b in backends(s) {
-        let labels = labels_text(&b);
-        let _ = writeln!(
-            out,
-            "backend {labels}: {:.1} µs of CPU per packet over {} packets: one such thread \
-             could move {:.0} packets/s",
-            b["cpu_per_packet_us"].as_f64().unwrap_or(0.0),
-            b["packets"],
-            b["ceiling_pps"].as_f64().unwrap_or(0.0)
-        );
+        let _ = writeln!(out, "{}", ceiling_line(false, &b));
     }
     for b in disk_backends(s) {
-        let labels = labels_text(&b);
-        let _ = writeln!(
-            out,
-            "disk backend {labels}: {:.1} µs of CPU per request over {} requests: one such \
-             thread could sustain {:.0} IOPS",
-            b["cpu_per_request_us"].as_f64().unwrap_or(0.0),
-            b["requests"],
-            b["ceiling_iops"].as_f64().unwrap_or(0.0)
-        );
+        let _ = writeln!(out, "{}", ceiling_line(true, &b));
     }
     for w in sync_writes(&rows) {
         let pct = |k: &str| 100.0 * w[k].as_f64().unwrap_or(0.0);

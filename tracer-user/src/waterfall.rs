@@ -13,18 +13,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    capture::{self, Row},
+    capture::{self, Row, printable},
     hist::{Series, Summary},
     report::us,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Capture(#[from] capture::Error),
-    #[error("no series of vm {vm:?} in the capture (vms in it: {seen})")]
-    NoSuchVm { vm: String, seen: String },
-}
 
 /// Stages that follow one another for one I/O, in order. kvm.inject_to_entry ends the
 /// sequences whose I/O completes with an interrupt: its series of injections made inside a
@@ -252,28 +244,9 @@ fn waterfall(seq: &Sequence, rows: &[Row], capture: &Value) -> Option<Waterfall>
     })
 }
 
-/// `s` with control characters escaped: capture strings (VM names come from VMM command
-/// lines) must not carry terminal escapes to the operator's terminal.
-pub fn printable(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let esc: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            esc
-        })
-        .collect()
-}
-
-/// The rows of `vm`: its own series and the host stacks of the taps its backend series name.
+/// The rows of `vm`: its own series and the host stacks of its taps.
 fn of_vm<'a>(rows: Vec<Row<'a>>, vm: &str) -> Vec<Row<'a>> {
-    let taps: Vec<String> = rows
-        .iter()
-        .filter(|r| r.label("vm") == Some(vm))
-        .filter_map(|r| r.label("tap").map(str::to_string))
-        .collect();
+    let taps = capture::taps_of(&rows, vm);
     rows.into_iter()
         .filter(|r| {
             r.label("vm") == Some(vm)
@@ -284,15 +257,10 @@ fn of_vm<'a>(rows: Vec<Row<'a>>, vm: &str) -> Vec<Row<'a>> {
 }
 
 /// The report of a capture, of one VM's series when `vm` is given.
-pub fn report(capture: &Value, vm: Option<&str>) -> Result<Report, Error> {
+pub fn report(capture: &Value, vm: Option<&str>) -> Result<Report, capture::Error> {
     let mut rows = capture::rows(capture)?;
     if let Some(vm) = vm {
-        if !rows.iter().any(|r| r.label("vm") == Some(vm)) {
-            return Err(Error::NoSuchVm {
-                vm: vm.into(),
-                seen: capture::vms(&rows),
-            });
-        }
+        capture::has_vm(&rows, vm)?;
         rows = of_vm(rows, vm);
     }
     let waterfalls = SEQUENCES
@@ -390,39 +358,19 @@ pub fn report(capture: &Value, vm: Option<&str>) -> Result<Report, Error> {
     })
 }
 
-/// The capture's backend costs as sentences, of `vm`'s backends only when given.
+/// The capture's backend costs as sentences (`record`'s), of `vm`'s backends only when given.
 fn ceilings(capture: &Value, vm: Option<&str>) -> Vec<String> {
-    let mut out = Vec::new();
-    for (section, what, unit, rate) in [
-        ("backends", "network backend", "packet", "packets/s"),
-        ("disk_backends", "disk backend", "request", "IOPS"),
-    ] {
-        for b in capture[section].as_array().into_iter().flatten() {
-            let labels = &b["labels"];
-            if vm.is_some_and(|vm| labels["vm"].as_str() != Some(vm)) {
-                continue;
-            }
-            let names = labels
-                .as_object()
+    [("backends", false), ("disk_backends", true)]
+        .into_iter()
+        .flat_map(|(section, disk)| {
+            capture[section]
+                .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|(k, v)| Some(format!("{}={}", printable(k), printable(v.as_str()?))))
-                .collect::<Vec<_>>()
-                .join(" ");
-            let per = b[format!("cpu_per_{unit}_us")].as_f64().unwrap_or(0.0);
-            let ceiling = if unit == "packet" {
-                b["ceiling_pps"].as_f64()
-            } else {
-                b["ceiling_iops"].as_f64()
-            };
-            out.push(format!(
-                "{what} {names}: {per:.1} µs of CPU per {unit}: one such thread could sustain \
-                 {:.0} {rate}",
-                ceiling.unwrap_or(0.0)
-            ));
-        }
-    }
-    out
+                .filter(move |b| vm.is_none_or(|vm| b["labels"]["vm"].as_str() == Some(vm)))
+                .map(move |b| crate::report::ceiling_line(disk, b))
+        })
+        .collect()
 }
 
 /// One line on what the capture is of, from its `meta`.
@@ -690,7 +638,7 @@ mod tests {
         assert_eq!(printable("db\x1b[2J"), "db\\u{1b}[2J");
         let mut c = capture();
         c["disk_backends"] = serde_json::json!([{"labels": {"vm": "a\x1b]0;x\x07"},
-            "cpu_per_request_us": 10.0, "ceiling_iops": 1e5}]);
+            "requests": 5, "cpu_per_request_us": 10.0, "ceiling_iops": 1e5}]);
         let text = table(&report(&c, None).unwrap());
         assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");
         assert!(
