@@ -280,9 +280,10 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
     let p = Prometheus::start(&config, &["--enable-feature=native-histograms"]);
     // Its first scrape comes seconds after it is ready: the load starts after it.
     p.scraped_targets(Duration::from_secs(60));
-    // A disk backend's requests and their interrupts (the request direction): its warm-up
-    // reads, 1.5 s for the daemon to learn its disk's vector, then 300 reads; the rules' 5 m
-    // windows keep them for the whole test.
+    // A disk backend's requests and their interrupts (the request direction): 1.5 s for the
+    // daemon to know the VMM, its warm-up reads, 1.5 s to learn its disk's vector from them,
+    // then 200 reads over 4 s (a read every 20 ms of spin): Prometheus counts a new series'
+    // increase only from its second scrape, so they must span several.
     let disk = TapBackend::spawn(
         &testvmm_bin(),
         "promq-disk",
@@ -291,11 +292,11 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
             "--dev",
             &lo.dev,
             "--count",
-            "300",
+            "200",
             "--spin-us",
-            "100",
+            "20000",
             "--first-us",
-            "1000",
+            "1500000",
             "--gap-us",
             "1500000",
         ],
