@@ -83,6 +83,36 @@ fn names_in(expr: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     (metrics, labels)
 }
 
+/// One round of the KVM load both daemon tests drive: the test VMM's exits, irqfd injections
+/// and halts (VMs `{prefix}-exits`, `-irqfd`, `-halt`), each VM kept `hold_ms` after its work.
+fn kvm_load(prefix: &str, hold_ms: u64) {
+    for (kind, args) in [
+        ("exits", &["pio", "--count", "20"][..]),
+        ("irqfd", &["irqfd-gsi", "--count", "20", "--gap-us", "300"]),
+        ("halt", &["halt", "--count", "5", "--spin-us", "500"]),
+    ] {
+        Vmm::run(&format!("{prefix}-{kind}"), args, hold_ms).wait();
+    }
+}
+
+/// 20 datagrams from the peer through `topo`'s tap to a userspace backend (VM
+/// `{prefix}-net`); `first` waits for the bridge to forward first.
+fn tap_receive(prefix: &str, topo: &Topology, first: bool) {
+    let backend = TapBackend::start(
+        &testvmm_bin(),
+        &format!("{prefix}-net"),
+        &topo.tap,
+        20,
+        50,
+        &[],
+    );
+    if first {
+        topo.wait_forwarding();
+    }
+    send(&testvmm_bin(), &topo.ns, 20, 300);
+    backend.report();
+}
+
 #[test]
 fn dashboard_queries_use_exported_metrics_and_labels() {
     if !kvm_available("dashboard_queries_use_exported_metrics_and_labels") {
@@ -93,21 +123,9 @@ fn dashboard_queries_use_exported_metrics_and_labels() {
     // Every stage, the opt-in ones too: the dashboards show them all.
     let d = Daemon::start(&["--bpf-stats", "--syscall-tracepoints"]);
     lo.direct_io(20, 20);
-    for (name, args) in [
-        ("dash-exits", &["pio", "--count", "20"][..]),
-        (
-            "dash-irqfd",
-            &["irqfd-gsi", "--count", "20", "--gap-us", "300"],
-        ),
-        ("dash-halt", &["halt", "--count", "5", "--spin-us", "500"]),
-    ] {
-        Vmm::run(name, args, 300).wait();
-    }
+    kvm_load("dash", 300);
     // the tap's series (the direction rules map a tap to its VM)
-    let backend = TapBackend::start(&testvmm_bin(), "dash-net", &topo.tap, 20, 50, &[]);
-    topo.wait_forwarding();
-    send(&testvmm_bin(), &topo.ns, 20, 300);
-    backend.report();
+    tap_receive("dash", &topo, true);
     let scrape = d.metrics();
     assert!(d.stop().success());
     // metric -> the labels its series carry (Prometheus adds the target's)
@@ -311,23 +329,11 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
         }
         std::thread::sleep(Duration::from_millis(100));
         lo.direct_io(20, 20);
-        for (name, args) in [
-            ("promq-exits", &["pio", "--count", "20"][..]),
-            (
-                "promq-irqfd",
-                &["irqfd-gsi", "--count", "20", "--gap-us", "300"],
-            ),
-            ("promq-halt", &["halt", "--count", "5", "--spin-us", "500"]),
-        ] {
-            Vmm::run(name, args, 0).wait();
-        }
-        let backend = TapBackend::start(&testvmm_bin(), "promq-net", &topo.tap, 20, 50, &[]);
+        kvm_load("promq", 0);
+        tap_receive("promq", &topo, round == 0);
         if round == 0 {
-            topo.wait_forwarding();
             peer = topo.peer_mac();
         }
-        send(&testvmm_bin(), &topo.ns, 20, 300);
-        backend.report();
         // frames out of the tap to the peer (net.tx.host_stack: the transmit direction, its
         // tap the receive backend's), with the tap free between backends
         iopath_tests::net::TapWriter::open(&topo.tap).send_udp(peer, 20, 300);
