@@ -1,10 +1,11 @@
 //! The shipped Prometheus and Grafana files: valid for promtool, every metric and label they
 //! query is one a live iopath exports, read from a scrape of a daemon that saw block I/O and
 //! every kind of KVM event the test VMM makes, and every query of every panel and rule returns
-//! data from Debian's Prometheus scraping a daemon under that load.
+//! data from Debian's Prometheus scraping a daemon under that load, whose native histograms
+//! agree with the classic ones and with /quantiles.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::Write as _,
     path::Path,
     process::Command,
@@ -17,6 +18,7 @@ use iopath_tests::{
     prom::Prometheus,
     testvmm_bin, yaml,
 };
+use tracer_common::hist::bucket_index;
 
 fn dashboards() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards"))
@@ -392,9 +394,89 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
             failed.push(what.clone());
         }
     }
+    native_histograms_agree(&p, &d);
     drop(p);
     assert!(d.stop().success());
     assert!(failed.is_empty(), "queries with no data: {failed:?}");
+}
+
+/// Prometheus scraped the protobuf exposition (it asks for it first with native histograms on),
+/// which carries `iopath_stage_latency_native_seconds`, the kernel's own buckets as schema 3.
+/// Each native series' count is its classic series' count at the same scrape, and its median
+/// by histogram_quantile is within one bucket of the daemon's own from /quantiles (for a
+/// series with no event since that scrape).
+fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
+    let by_labels = |r: &[serde_json::Value]| -> BTreeMap<String, f64> {
+        r.iter()
+            .map(|s| {
+                let mut m = s["metric"].as_object().unwrap().clone();
+                m.remove("__name__");
+                let v = s["value"][1].as_str().unwrap().parse().unwrap();
+                (serde_json::Value::Object(m).to_string(), v)
+            })
+            .collect()
+    };
+    // Two scrape intervals: the load's last events in Prometheus too.
+    std::thread::sleep(Duration::from_secs(3));
+    let native = by_labels(&p.query("histogram_count(iopath_stage_latency_native_seconds)"));
+    let classic = by_labels(&p.query("iopath_stage_latency_seconds_count"));
+    assert!(native.len() >= 5, "native series: {native:?}");
+    assert_eq!(native, classic, "native and classic counts of one scrape");
+    let medians = p.query("histogram_quantile(0.5, iopath_stage_latency_native_seconds)");
+    let q = d.quantiles();
+    let mut compared = 0;
+    for r in &medians {
+        let m = r["metric"].as_object().unwrap();
+        let prom: f64 = r["value"][1].as_str().unwrap().parse().unwrap();
+        // the daemon's series with the same stage and labels (Prometheus drops empty ones)
+        let ours = q["series"].as_array().unwrap().iter().find(|s| {
+            s["stage"] == m["stage"]
+                && s["labels"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| m.get(k) == Some(v) || (v == "" && !m.contains_key(k)))
+        });
+        let Some(ours) = ours else {
+            panic!("no /quantiles series for {m:?}");
+        };
+        // A series that gained events since the scrape (the host's own disk, written by
+        // Prometheus itself) is not the same data: left out, and counted below.
+        let key = {
+            let mut k = m.clone();
+            k.remove("__name__");
+            serde_json::Value::Object(k).to_string()
+        };
+        if ours["count"].as_f64() != native.get(&key).copied() {
+            eprintln!(
+                "native p50: {} changed since the scrape ({} events, then {}), not compared",
+                m["stage"], native[&key], ours["count"]
+            );
+            continue;
+        }
+        let ours_ns = ours["p50_us"].as_f64().unwrap() * 1e3;
+        let (a, b) = (
+            bucket_index((prom * 1e9).round() as u64),
+            bucket_index(ours_ns.round() as u64),
+        );
+        eprintln!(
+            "native p50 {:>10.3} µs, /quantiles {:>10.3} µs, buckets {a} {b}: {}",
+            prom * 1e6,
+            ours_ns / 1e3,
+            m["stage"]
+        );
+        assert!(
+            a.abs_diff(b) <= 1,
+            "{m:?}: histogram_quantile {prom} s against /quantiles {ours_ns} ns"
+        );
+        compared += 1;
+    }
+    // all but those of the host's own disk, at most a few
+    assert!(
+        compared + 4 >= native.len(),
+        "{compared} series compared of {}",
+        native.len()
+    );
 }
 
 /// Grafana's provisioning files: version 1, a Prometheus data source (the dashboard picks

@@ -1,5 +1,5 @@
 //! /metrics under hostile names and at fleet scale: every label value escaped, no label set
-//! repeated, and a series costs the exported layout's buckets, not the kernel's 210.
+//! repeated, and a series costs the exported layout's buckets, not the kernel's 256.
 
 use std::{thread::sleep, time::Duration};
 
@@ -108,10 +108,10 @@ fn one_vm_of_4_vcpus_and_3_exit_reasons_costs_a_quarter_of_the_lines() {
         .collect();
     assert_eq!(kinds, want, "4 vCPUs x 3 reasons, every exit counted once");
     let lines = text.lines().filter(|l| l.contains("vm=\"quad\"")).count();
-    // Each series: 49 finite bounds + +Inf + _sum + _count. Every kernel bucket (209 finite
-    // bounds), as before this layout, would be 212 lines a series.
+    // Each series: 49 finite bounds + +Inf + _sum + _count. Every kernel bucket (255 finite
+    // bounds) would be 258 lines a series.
     assert_eq!(lines, 12 * 52);
-    // What every kernel bucket cost (210 buckets, +Inf included, + _sum + _count a series).
+    // What every kernel bucket would cost (256 buckets, +Inf included, + _sum + _count a series).
     let every_kernel_bucket = 12 * (tracer_common::hist::BUCKETS + 2);
     assert!(lines * 4 < every_kernel_bucket, "{lines} lines");
     eprintln!(

@@ -31,11 +31,12 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let b = m.buckets("iopath_stage_latency_seconds", &want);
-            // The default layout: 2 bounds per power of two, 2^10 ns to 2^34 ns, then +Inf.
+            // The default layout: 2 bounds per power of two, 2^-20 s to 2^4 s (bounds of the
+            // native schema 3), then +Inf.
             assert_eq!(b.len(), 50, "the default bucket layout");
-            assert_eq!(b[0].0, 1024e-9);
-            assert_eq!(b[1].0, 1536e-9);
-            assert_eq!(b[48].0, (1u64 << 34) as f64 / 1e9);
+            assert_eq!(b[0].0, 2f64.powi(-20));
+            assert_eq!(b[1].0, 2f64.powi(-20) * std::f64::consts::SQRT_2);
+            assert_eq!(b[48].0, 16.0);
             assert!(
                 b.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0),
                 "buckets cumulative: {:?}",

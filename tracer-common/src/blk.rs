@@ -615,9 +615,13 @@ pub mod cut {
     /// Then the whole issue (the request's loads, the slot's store); at completion the
     /// bucket's match and the slot's clearing, without the histogram.
     pub const MATCH: u32 = 3;
-    /// The variants in the order the bench reports them, with what each adds: the last one
-    /// differs from the one before only in the completion's histogram update.
-    pub const STEPS: [(u32, &str); 4] = [
+    /// The whole program, its histogram buckets picked as before schema 3
+    /// ([`crate::hist::loglinear`]): against WHOLE, what the schema-3 search costs.
+    pub const LOGLINEAR: u32 = 4;
+    /// The variants in the order the bench reports them, with what each adds: WHOLE differs
+    /// from the one before only in the completion's histogram update, and LOGLINEAR from
+    /// WHOLE only in how that update picks its bucket.
+    pub const STEPS: [(u32, &str); 5] = [
         (ENTRY, "entry and stage switch"),
         (CLOCK, "clock read"),
         (
@@ -625,5 +629,9 @@ pub mod cut {
             "issue: request loads and slot store; completion: bucket match and clear",
         ),
         (WHOLE, "completion: histogram update (issue unchanged)"),
+        (
+            LOGLINEAR,
+            "(instead of the last) its bucket picked log-linearly, as before schema 3",
+        ),
     ];
 }

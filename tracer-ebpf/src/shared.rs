@@ -121,9 +121,16 @@ fn add(key: &HistKey, ns: u64) -> bool {
 /// Counts one latency sample of `stage` into the histogram.
 #[inline(always)]
 pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
+    // The bench's variant (`blk::cut::LOGLINEAR`) times the previous pick; CONFIG is constant
+    // to the verifier, which drops the branch everywhere else.
+    let bucket = if config!(blk_cut) == tracer_common::blk::cut::LOGLINEAR {
+        tracer_common::hist::loglinear::bucket_index(ns)
+    } else {
+        bucket_index(ns)
+    };
     let key = HistKey {
         stage: stage as u16,
-        bucket: bucket_index(ns),
+        bucket,
         detail,
         obj,
         vm,

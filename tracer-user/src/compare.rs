@@ -559,11 +559,11 @@ mod tests {
 
     fn capture() -> Value {
         use serde_json::json;
-        // Lower bounds of the kernel's buckets: 2^k ns are all bounds.
-        let us8 = 8192; // 8.192 µs
-        let us16 = 16384;
-        let us32 = 32768;
-        let us64 = 65536;
+        // Lower bounds of the kernel's buckets: floor(1e9 * 2^(k/8)) ns, here 2^-17 s .. 2^-14 s.
+        let us8 = 7629; // 7.629 µs
+        let us16 = 15258;
+        let us32 = 30517;
+        let us64 = 61035;
         let vm = |extra: Value| {
             let mut l = json!({"vm": "db", "backend": "vhost", "tap": "tap0", "queue": "0"});
             l.as_object_mut()
@@ -619,17 +619,17 @@ mod tests {
         assert_eq!(rx.parts[0].summary.count, 10);
         assert_eq!(rx.parts[1].series, 2);
         assert_eq!(rx.parts[1].summary.count, 10);
-        let (a, b) = (one_bucket(8192, 10), one_bucket(16384, 10));
+        let (a, b) = (one_bucket(7629, 10), one_bucket(15258, 10));
         assert_eq!(rx.p50_us, a.p50_us + b.p50_us + a.p50_us);
         assert_eq!(rx.p99_us, a.p99_us + b.p99_us + a.p99_us);
-        assert!((rx.mean_us - (8.192 + 16.384 + 8.192)).abs() < 1e-9);
+        assert!((rx.mean_us - (7.629 + 15.258 + 7.629)).abs() < 1e-9);
         assert_eq!(rx.cpu_per_io_us, Some(5.0));
         let tx = &net.paravirtual[1];
         assert_eq!(tx.not_measured, ["net.tx.host_stack"]);
         let pt = &net.passthrough[0];
         assert_eq!(pt.devices, ["0000:01:00.0"]);
         assert_eq!(pt.p50_us, a.p50_us);
-        assert_eq!(pt.cpu_per_io_us, Some(32.768));
+        assert_eq!(pt.cpu_per_io_us, Some(30.517));
         // receive saves its sum less the interrupt's; transmit all of its sum
         assert_eq!(net.could_save[0].p50_us, rx.p50_us - pt.p50_us);
         assert_eq!(net.could_save[1].p50_us, tx.p50_us);
@@ -686,7 +686,8 @@ mod tests {
 
     #[test]
     fn a_series_of_another_layout_is_refused() {
-        let c = serde_json::json!({"series": [row("vfio.handler", serde_json::json!({"vm": "db"}), &[(1000, 1)])]});
+        // 2^16 ns, a lower bound of the layout before schema 3
+        let c = serde_json::json!({"series": [row("vfio.handler", serde_json::json!({"vm": "db"}), &[(65536, 1)])]});
         assert!(matches!(
             compare(&c, "db"),
             Err(capture::Error::Buckets { .. })
@@ -781,13 +782,13 @@ mod posted_sequences {
         let mut series = vec![json!({
             "stage": "net.rx.backend_queue",
             "labels": {"vm": "db", "backend": "vhost", "tap": "tap0", "queue": "0"},
-            "sum_ns": 20 * 65536, "buckets": [[65536, 20]],
+            "sum_ns": 20 * 61035, "buckets": [[61035, 20]],
         })];
         for &(vector, n) in samples {
             series.push(json!({
                 "stage": "vfio.handler_to_inject",
                 "labels": {"vm": "db", "device": NIC, "vector": vector.to_string()},
-                "sum_ns": n * 16384, "buckets": [[16384, n]],
+                "sum_ns": n * 15258, "buckets": [[15258, n]],
             }));
         }
         json!({
@@ -798,10 +799,10 @@ mod posted_sequences {
         })
     }
 
-    // One bucket [lo, lo + lo/8) holding all of a series' n events: its p50 is at rank n/2,
-    // lo + (lo/8) * 0.5, and the merged series of two such equal buckets likewise.
-    const RX_P50: f64 = 65.536 + 8.192 * 0.5;
-    const PT_P50: f64 = 16.384 + 2.048 * 0.5;
+    // One bucket (lo, hi] holding all of a series' n events: its p50 is at rank n/2,
+    // lo + (hi - lo) * 0.5, and the merged series of two such equal buckets likewise.
+    const RX_P50: f64 = 61.035 + (66.559 - 61.035) * 0.5;
+    const PT_P50: f64 = 15.258 + (16.639 - 15.258) * 0.5;
 
     fn net(c: &Comparison) -> &Kind {
         c.kinds.iter().find(|k| k.kind == "network").unwrap()

@@ -1,6 +1,7 @@
 //! Prometheus exposition (OpenMetrics text, by prometheus-client; Prometheus text 0.0.4 derived
-//! from it). The histograms are counted in the kernel, so they go through a custom collector
-//! that encodes the summed buckets as they are, in the exported bucket layout.
+//! from it; the protobuf form, from the same families, in `protobuf`). The histograms are
+//! counted in the kernel, so they go through a custom collector that encodes the summed buckets
+//! as they are, in the exported bucket layout.
 //!
 //! Every label value is escaped (`\`, `"`, newline): VM names are chosen by tenants, and one bad
 //! name must not make the host's whole scrape unparseable. Series whose labels come out equal
@@ -10,6 +11,8 @@
 //! Families:
 //! - `iopath_stage_latency_seconds{stage,path,<stage labels>}` histogram, one series per stage
 //!   and label set; `le` bounds are a subset of the kernel's bucket bounds (`--buckets`).
+//! - `iopath_stage_latency_native_seconds`, the same series as native histograms of the kernel's
+//!   own buckets: in the protobuf exposition only (`protobuf`).
 //! - `iopath_stage_attached{stage,path,attach}` gauge: 1 attached (attach = families), 0 not.
 //! - `iopath_events_dropped_total{stage,reason}` counter: events that gave no sample.
 //! - `iopath_map_full_total{map}` counter: inserts refused by a full shared map.
@@ -22,7 +25,7 @@
 //! - `iopath_vfio_irq_posted{vm,device,vector}` gauge: 1 while KVM posts the IRQ to a vCPU.
 //! - `iopath_posted_interrupt_host_events_total{kind}` counter: PIN and PIW of /proc/interrupts.
 
-use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
+use std::{collections::BTreeSet, fmt::Write as _, sync::Arc, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
@@ -31,7 +34,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{attach::StageReport, hist::Layout, session::Labelled};
+use crate::{
+    attach::StageReport,
+    hist::{Layout, Series},
+    session::Labelled,
+};
 
 /// A label value, escaped as both text formats require.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,7 +58,7 @@ impl EncodeLabelValue for Value {
     }
 }
 
-type Labels = Vec<(&'static str, Value)>;
+pub(crate) type Labels = Vec<(&'static str, Value)>;
 
 fn l(pairs: &[(&'static str, &str)]) -> Labels {
     pairs
@@ -64,11 +71,14 @@ fn backend_labels(labels: &[(&'static str, String)]) -> Labels {
     labels.iter().map(|(k, v)| (*k, Value(v.clone()))).collect()
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct HistogramSeries {
     labels: Labels,
+    /// The kernel's buckets, for the native histogram.
+    series: Series,
     sum_seconds: f64,
     count: u64,
+    /// The exported classic layout's.
     buckets: Vec<(f64, u64)>,
 }
 
@@ -104,7 +114,7 @@ pub struct Status<'a> {
 }
 
 /// Everything one scrape exposes, gathered before encoding.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Exposition {
     histograms: Vec<HistogramSeries>,
     attached: Vec<(Labels, i64)>,
@@ -140,6 +150,7 @@ impl Exposition {
                 }
                 HistogramSeries {
                     labels,
+                    series: s.series.clone(),
                     sum_seconds: s.series.sum_ns as f64 / 1e9,
                     count: s.series.count(),
                     buckets: layout.buckets(&s.series),
@@ -224,10 +235,15 @@ impl Exposition {
         }
     }
 
-    /// Encodes as OpenMetrics text.
+    /// Encodes as OpenMetrics text (the classic histograms only: text has no native ones).
     pub fn encode(self) -> String {
+        Self::openmetrics(&Arc::new(self))
+    }
+
+    /// The same, of a shared exposition (a scrape's, which the protobuf form may read later).
+    pub fn openmetrics(this: &Arc<Exposition>) -> String {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(self));
+        registry.register_collector(Box::new(Shared(this.clone())));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
@@ -287,11 +303,171 @@ fn counter(e: &mut prometheus_client::encoding::MetricEncoder, v: &u64) -> std::
     e.encode_counter::<NoLabelSet, _, u64>(v, None)
 }
 
+/// A family's values: what both encoders (text and protobuf) walk.
+pub(crate) enum Rows {
+    Gauge(Vec<(Labels, i64)>),
+    Counter(Vec<(Labels, u64)>),
+    /// A counter of seconds.
+    Seconds(Vec<(Labels, f64)>),
+}
+
+/// One family besides the latency histograms: its name before the unit and `_total`.
+pub(crate) struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub seconds: bool,
+    pub rows: Rows,
+}
+
+/// Name and help of the latency histograms (the classic family; the native one adds
+/// `_native` before the unit).
+pub(crate) const LATENCY: (&str, &str) = (
+    "iopath_stage_latency",
+    "Latency of one stage of an I/O path, between the two kernel events that bound it.",
+);
+
+impl Exposition {
+    /// Each histogram series: labels, the kernel's buckets, sum in seconds, the classic
+    /// layout's buckets (as [`Layout::buckets`] gives them).
+    pub(crate) fn histograms(
+        &self,
+    ) -> impl Iterator<Item = (&Labels, &Series, f64, &[(f64, u64)])> {
+        self.histograms
+            .iter()
+            .map(|h| (&h.labels, &h.series, h.sum_seconds, h.buckets.as_slice()))
+    }
+
+    /// Every family but the histograms, in exposition order.
+    pub(crate) fn families(&self) -> Vec<Family> {
+        let f = |name, help, seconds, rows| Family {
+            name,
+            help,
+            seconds,
+            rows,
+        };
+        let one = |v: i64| vec![(Labels::new(), v)];
+        vec![
+            f(
+                "iopath_stage_attached",
+                "1 when the stage's probes are attached on this kernel (attach = program families), 0 when unavailable.",
+                false,
+                Rows::Gauge(self.attached.clone()),
+            ),
+            f(
+                "iopath_events_dropped",
+                "Events that gave no sample, by stage and reason (map full, read error, no start, stale or ambiguous start, unknown VM, ...).",
+                false,
+                Rows::Counter(self.dropped.clone()),
+            ),
+            f(
+                "iopath_map_full",
+                "Inserts refused by a full kernel map that every KVM stage shares.",
+                false,
+                Rows::Counter(self.map_full.clone()),
+            ),
+            f(
+                "iopath_program_run_time",
+                "CPU time spent in each attached BPF program (kernel.bpf_stats).",
+                true,
+                Rows::Seconds(self.run_time.clone()),
+            ),
+            f(
+                "iopath_program_run_count",
+                "Runs of each attached BPF program (kernel.bpf_stats).",
+                false,
+                Rows::Counter(self.run_count.clone()),
+            ),
+            f(
+                "iopath_program_recursion_misses",
+                "Runs of each attached BPF program the kernel skipped because it was already running on that CPU: events lost to it.",
+                false,
+                Rows::Counter(self.recursion_misses.clone()),
+            ),
+            f(
+                "iopath_kernel_map_entries",
+                "Entries in the kernel maps that grow with VMs, threads, devices and requests (those of exited VMs and removed devices are collected after the grace period).",
+                false,
+                Rows::Gauge(self.map_entries.clone()),
+            ),
+            f(
+                "iopath_backend_cpu",
+                "On-CPU time of the threads that take a tap's packets (QEMU's, a vhost worker), from the read that first saw each: rate(packets) / rate(this) is the packets per second one such thread could move.",
+                true,
+                Rows::Seconds(self.backend_cpu.clone()),
+            ),
+            f(
+                "iopath_backend_packets",
+                "Packets a backend moved over the same time: taken off its tap (net.rx.backend_queue) and written to it and sent on an uplink (net.tx.host_stack).",
+                false,
+                Rows::Counter(self.backend_packets.clone()),
+            ),
+            f(
+                "iopath_disk_backend_cpu",
+                "On-CPU time of a VM's threads that submit its requests to a host disk (QEMU's workers, an iothread, an io_uring or AIO submitter), from the read that first saw each: rate(requests) / rate(this) is the IOPS one such thread could sustain.",
+                true,
+                Rows::Seconds(self.disk_cpu.clone()),
+            ),
+            f(
+                "iopath_disk_backend_requests",
+                "Requests those threads submitted to the disk over the same time (blk.device samples of the VM and disk).",
+                false,
+                Rows::Counter(self.disk_requests.clone()),
+            ),
+            f(
+                "iopath_vfio_irq_posted",
+                "1 while KVM posts the VFIO IRQ to a vCPU (kvm:kvm_pi_irte_update): its interrupts reach a running guest with no host event, so vfio.handler has no sample of them; 0 when remapped (the host's handler runs).",
+                false,
+                Rows::Gauge(self.vfio_posted.clone()),
+            ),
+            f(
+                "iopath_posted_interrupt_host_events",
+                "This host's posted-interrupt events from /proc/interrupts: notification (PIN: the vCPU was not in guest mode) and wakeup (PIW: a halted vCPU woken). A posted interrupt to a running vCPU has none.",
+                false,
+                Rows::Counter(self.posted_host_events.clone()),
+            ),
+            f(
+                "iopath_snapshot_reads",
+                "Reads of the kernel's counts: scrapes that arrive while one is read share it.",
+                false,
+                Rows::Counter(vec![(Labels::new(), self.snapshot_reads)]),
+            ),
+            f(
+                "iopath_bpf_stats_enabled",
+                "1 when kernel.bpf_stats_enabled is on (program run time is measured).",
+                false,
+                Rows::Gauge(one(self.bpf_stats_enabled)),
+            ),
+            f(
+                "iopath_series",
+                "Histogram label sets exported.",
+                false,
+                Rows::Gauge(one(self.histograms.len() as i64)),
+            ),
+            f(
+                "iopath_vms",
+                "Distinct VMs among the exported series.",
+                false,
+                Rows::Gauge(one(self.vms)),
+            ),
+        ]
+    }
+}
+
+/// The registry takes a collector it owns.
+#[derive(Debug)]
+struct Shared(Arc<Exposition>);
+
+impl Collector for Shared {
+    fn encode(&self, enc: DescriptorEncoder) -> std::fmt::Result {
+        Collector::encode(&*self.0, enc)
+    }
+}
+
 impl Collector for Exposition {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let mut m = enc.encode_descriptor(
-            "iopath_stage_latency",
-            "Latency of one stage of an I/O path, between the two kernel events that bound it.",
+            LATENCY.0,
+            LATENCY.1,
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;
@@ -303,149 +479,37 @@ impl Collector for Exposition {
                 None,
             )?;
         }
-        family(
-            &mut enc,
-            "iopath_stage_attached",
-            "1 when the stage's probes are attached on this kernel (attach = program families), 0 when unavailable.",
-            None,
-            MetricType::Gauge,
-            &self.attached,
-            |e, v| e.encode_gauge(v),
-        )?;
-        family(
-            &mut enc,
-            "iopath_events_dropped",
-            "Events that gave no sample, by stage and reason (map full, read error, no start, stale or ambiguous start, unknown VM, ...).",
-            None,
-            MetricType::Counter,
-            &self.dropped,
-            counter,
-        )?;
-        family(
-            &mut enc,
-            "iopath_map_full",
-            "Inserts refused by a full kernel map that every KVM stage shares.",
-            None,
-            MetricType::Counter,
-            &self.map_full,
-            counter,
-        )?;
-        family(
-            &mut enc,
-            "iopath_program_run_time",
-            "CPU time spent in each attached BPF program (kernel.bpf_stats).",
-            Some(&Unit::Seconds),
-            MetricType::Counter,
-            &self.run_time,
-            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
-        )?;
-        family(
-            &mut enc,
-            "iopath_program_run_count",
-            "Runs of each attached BPF program (kernel.bpf_stats).",
-            None,
-            MetricType::Counter,
-            &self.run_count,
-            counter,
-        )?;
-        family(
-            &mut enc,
-            "iopath_program_recursion_misses",
-            "Runs of each attached BPF program the kernel skipped because it was already running on that CPU: events lost to it.",
-            None,
-            MetricType::Counter,
-            &self.recursion_misses,
-            counter,
-        )?;
-        family(
-            &mut enc,
-            "iopath_kernel_map_entries",
-            "Entries in the kernel maps that grow with VMs, threads, devices and requests (those of exited VMs and removed devices are collected after the grace period).",
-            None,
-            MetricType::Gauge,
-            &self.map_entries,
-            |e, v| e.encode_gauge(v),
-        )?;
-        family(
-            &mut enc,
-            "iopath_backend_cpu",
-            "On-CPU time of the threads that take a tap's packets (QEMU's, a vhost worker), from the read that first saw each: rate(packets) / rate(this) is the packets per second one such thread could move.",
-            Some(&Unit::Seconds),
-            MetricType::Counter,
-            &self.backend_cpu,
-            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
-        )?;
-        family(
-            &mut enc,
-            "iopath_backend_packets",
-            "Packets a backend moved over the same time: taken off its tap (net.rx.backend_queue) and written to it and sent on an uplink (net.tx.host_stack).",
-            None,
-            MetricType::Counter,
-            &self.backend_packets,
-            counter,
-        )?;
-        family(
-            &mut enc,
-            "iopath_disk_backend_cpu",
-            "On-CPU time of a VM's threads that submit its requests to a host disk (QEMU's workers, an iothread, an io_uring or AIO submitter), from the read that first saw each: rate(requests) / rate(this) is the IOPS one such thread could sustain.",
-            Some(&Unit::Seconds),
-            MetricType::Counter,
-            &self.disk_cpu,
-            |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
-        )?;
-        family(
-            &mut enc,
-            "iopath_disk_backend_requests",
-            "Requests those threads submitted to the disk over the same time (blk.device samples of the VM and disk).",
-            None,
-            MetricType::Counter,
-            &self.disk_requests,
-            counter,
-        )?;
-        family(
-            &mut enc,
-            "iopath_vfio_irq_posted",
-            "1 while KVM posts the VFIO IRQ to a vCPU (kvm:kvm_pi_irte_update): its interrupts reach a running guest with no host event, so vfio.handler has no sample of them; 0 when remapped (the host's handler runs).",
-            None,
-            MetricType::Gauge,
-            &self.vfio_posted,
-            |e, v| e.encode_gauge(v),
-        )?;
-        family(
-            &mut enc,
-            "iopath_posted_interrupt_host_events",
-            "This host's posted-interrupt events from /proc/interrupts: notification (PIN: the vCPU was not in guest mode) and wakeup (PIW: a halted vCPU woken). A posted interrupt to a running vCPU has none.",
-            None,
-            MetricType::Counter,
-            &self.posted_host_events,
-            counter,
-        )?;
-        enc.encode_descriptor(
-            "iopath_snapshot_reads",
-            "Reads of the kernel's counts: scrapes that arrive while one is read share it.",
-            None,
-            MetricType::Counter,
-        )?
-        .encode_counter::<NoLabelSet, _, u64>(&self.snapshot_reads, None)?;
-        for (name, help, v) in [
-            (
-                "iopath_bpf_stats_enabled",
-                "1 when kernel.bpf_stats_enabled is on (program run time is measured).",
-                self.bpf_stats_enabled,
-            ),
-            (
-                "iopath_series",
-                "Histogram label sets exported.",
-                self.histograms.len() as i64,
-            ),
-            (
-                "iopath_vms",
-                "Distinct VMs among the exported series.",
-                self.vms,
-            ),
-        ] {
-            enc.encode_descriptor(name, help, None, MetricType::Gauge)?
-                .encode_gauge(&v)?;
+        for f in self.families() {
+            let unit = f.seconds.then_some(&Unit::Seconds);
+            match &f.rows {
+                Rows::Gauge(rows) => family(
+                    &mut enc,
+                    f.name,
+                    f.help,
+                    unit,
+                    MetricType::Gauge,
+                    rows,
+                    |e, v| e.encode_gauge(v),
+                )?,
+                Rows::Counter(rows) => family(
+                    &mut enc,
+                    f.name,
+                    f.help,
+                    unit,
+                    MetricType::Counter,
+                    rows,
+                    counter,
+                )?,
+                Rows::Seconds(rows) => family(
+                    &mut enc,
+                    f.name,
+                    f.help,
+                    unit,
+                    MetricType::Counter,
+                    rows,
+                    |e, v| e.encode_counter::<NoLabelSet, _, u64>(v, None),
+                )?,
+            }
         }
         Ok(())
     }

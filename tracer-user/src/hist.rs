@@ -11,7 +11,7 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::{
-    hist::{BUCKETS, MAX_EXP, MIN_EXP, OVERFLOW, SUBS, lower_bound_ns, upper_bound_ns},
+    hist::{BUCKETS, FINITE_BUCKETS, ZERO_K, lower_bound_ns, native_index, upper_bound_ns},
     maps::{COUNTERS_LEN, Counter, HistKey, HistVal, MapCounter, counter_index, map_counter_index},
     stage::StageId,
 };
@@ -95,7 +95,7 @@ impl Series {
     }
 
     /// Quantile `q` in ns: the bucket holding the q-th event, interpolated linearly inside it
-    /// (as Prometheus' histogram_quantile does), so within one bucket's width (1/8 of its
+    /// (as Prometheus' histogram_quantile does), so within one bucket's width (9.05% of its
     /// lower bound) of the truth. The overflow bucket gives its lower bound. None when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.count();
@@ -156,32 +156,30 @@ pub struct Summary {
 }
 
 /// The `le` bounds the classic exposition exports: a subset of the kernel's bucket bounds, so
-/// each exported bucket is an exact sum of kernel buckets.
+/// each exported bucket is an exact sum of kernel buckets (and of native buckets).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// Kernel bucket indices whose upper bounds are exported, ascending; +Inf follows.
     bounds: Vec<u16>,
 }
 
-/// Exported bounds start at 2^10 ns (1.024 µs) and end at the kernel's last, 2^34 ns (17.2 s).
-const LAYOUT_MIN_EXP: u32 = 10;
+/// Exported bounds run from 2^-20 s (954 ns) to 2^4 s (16 s), whole octaves of schema 3.
+const LAYOUT_FIRST_K: i32 = -160;
+const LAYOUT_LAST_K: i32 = 32;
 
 impl Layout {
-    /// `per_octave` bounds per power of two (1, 2, 4 or 8) from 1.024 µs to 17.2 s; 8 is the
-    /// kernel's own resolution over that range.
+    /// `per_octave` bounds per power of two (1, 2, 4 or 8) from 954 ns to 16 s; 8 is the
+    /// kernel's own resolution (every schema-3 bound) over that range.
     pub fn per_octave(per_octave: u32) -> Option<Layout> {
         if !matches!(per_octave, 1 | 2 | 4 | 8) {
             return None;
         }
-        let step = SUBS / per_octave;
-        // Bucket index of the bound 2^g * (1 + (s+1)/SUBS) is 1 + (g - MIN_EXP)*SUBS + s; the
-        // first exported bound, 2^LAYOUT_MIN_EXP, closes octave LAYOUT_MIN_EXP - 1.
-        let first = 1 + ((LAYOUT_MIN_EXP - 1 - MIN_EXP) * SUBS + SUBS - 1) as u16;
-        let bounds = (first..OVERFLOW)
-            .filter(|&i| (i as u32 - first as u32).is_multiple_of(step))
+        let step = 8 / per_octave as i32;
+        let bounds = (LAYOUT_FIRST_K..=LAYOUT_LAST_K)
+            .step_by(step as usize)
+            .map(|k| (k - ZERO_K) as u16)
             .collect::<Vec<_>>();
-        debug_assert_eq!(upper_bound_ns(first), Some(1 << LAYOUT_MIN_EXP));
-        debug_assert_eq!(upper_bound_ns(*bounds.last()?), Some(1 << MAX_EXP));
+        debug_assert!(bounds.iter().all(|&i| native_index(i) >= LAYOUT_FIRST_K));
         Some(Layout { bounds })
     }
 
@@ -192,17 +190,57 @@ impl Layout {
 
     /// (upper bound in seconds, events) per exported bucket, overflow last with `f64::MAX`:
     /// the form prometheus-client's encoder takes (it accumulates, and writes `f64::MAX` as
-    /// `+Inf`). Each count is the exact sum of the kernel buckets it covers.
+    /// `+Inf`). Each count is the exact sum of the kernel buckets it covers; each bound is
+    /// 2^(k/8) s, the native bound it coincides with.
     pub fn buckets(&self, s: &Series) -> Vec<(f64, u64)> {
         let mut out = Vec::with_capacity(self.bounds.len() + 1);
         let mut from = 0usize;
         for &b in &self.bounds {
             let n = s.buckets[from..=b as usize].iter().sum();
-            out.push((upper_bound_ns(b).expect("finite") as f64 / 1e9, n));
+            out.push((native_bound_seconds(native_index(b)), n));
             from = b as usize + 1;
         }
         out.push((f64::MAX, s.buckets[from..].iter().sum()));
         out
+    }
+}
+
+/// Exact upper bound of native bucket `k` in seconds, 2^(k/8), as Prometheus computes it.
+pub fn native_bound_seconds(k: i32) -> f64 {
+    (k as f64 / 8.0).exp2()
+}
+
+/// A series as a native histogram of schema 3: the zero bucket's count, and the finite
+/// buckets' counts as (first native index, consecutive counts) spans, empty buckets between
+/// spans left out. The overflow bucket, if it has events, is given to native bucket
+/// `MAX_K + 1` (its lower bound is the only bound the kernel knows).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Native {
+    pub zero_count: u64,
+    pub spans: Vec<(i32, Vec<u64>)>,
+}
+
+impl Series {
+    pub fn native(&self) -> Native {
+        let mut spans: Vec<(i32, Vec<u64>)> = Vec::new();
+        let mut next = None;
+        for i in 1..BUCKETS {
+            let n = self.buckets[i];
+            if n == 0 {
+                continue;
+            }
+            let k = native_index(i as u16);
+            match spans.last_mut() {
+                Some((_, counts)) if next == Some(k) => counts.push(n),
+                _ => spans.push((k, vec![n])),
+            }
+            next = Some(k + 1);
+        }
+        debug_assert_eq!(BUCKETS, FINITE_BUCKETS + 1);
+        Native {
+            zero_count: self.buckets[0],
+            spans,
+        }
     }
 }
 
@@ -335,16 +373,16 @@ mod tests {
     }
 
     #[test]
-    fn default_layout_is_two_bounds_per_octave_from_1us_to_17s() {
+    fn default_layout_is_two_bounds_per_octave_from_1us_to_16s() {
         let l = Layout::default();
         let b = l.buckets(&Series::default());
-        // 24 octaves (2^10..2^34) x 2, plus 2^10 itself, plus +Inf
+        // 24 octaves (2^-20 s .. 2^4 s) x 2, plus 2^-20 s itself, plus +Inf
         assert_eq!(l.bounds(), 49);
         assert_eq!(b.len(), 50);
-        assert_eq!(b[0].0, 1024e-9);
-        assert_eq!(b[1].0, 1536e-9);
-        assert_eq!(b[2].0, 2048e-9);
-        assert_eq!(b[l.bounds() - 1].0, (1u64 << 34) as f64 / 1e9);
+        assert_eq!(b[0].0, 2f64.powi(-20));
+        assert_eq!(b[1].0, 2f64.powi(-20) * std::f64::consts::SQRT_2);
+        assert_eq!(b[2].0, 2f64.powi(-19));
+        assert_eq!(b[l.bounds() - 1].0, 16.0);
         assert!(b.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(Layout::per_octave(1).unwrap().bounds(), 25);
         assert_eq!(Layout::per_octave(8).unwrap().bounds(), 193);
@@ -352,15 +390,49 @@ mod tests {
     }
 
     #[test]
+    fn native_spans_skip_empty_buckets_and_keep_the_zero_bucket() {
+        let s = series(&[
+            100,
+            238,
+            239,
+            1_000_000_000,
+            1_000_000_001,
+            1_100_000_000,
+            5_000,
+        ]);
+        let n = s.native();
+        assert_eq!(n.zero_count, 2);
+        let k = |ns| native_index(bucket_index(ns));
+        assert_eq!(k(239), ZERO_K + 1);
+        assert_eq!(k(1_000_000_000), 0);
+        assert_eq!(k(1_000_000_001), 1);
+        assert_eq!(k(1_100_000_000), 2);
+        assert_eq!(
+            n.spans,
+            vec![
+                (ZERO_K + 1, vec![1]),
+                (k(5_000), vec![1]),
+                (0, vec![1, 1, 1])
+            ]
+        );
+        assert_eq!(
+            n.zero_count + n.spans.iter().flat_map(|(_, c)| c).sum::<u64>(),
+            s.count()
+        );
+    }
+
+    #[test]
     fn coarse_buckets_are_exact_sums_of_kernel_buckets() {
         let values = [
             100,
+            953,
+            954,
             1_000,
-            1_024,
-            1_025,
-            1_536,
-            1_537,
+            1_348,
+            1_349,
             3_000,
+            1_000_000_000,
+            1_000_000_001,
             50_000,
             2_000_000,
             20_000_000_000,
@@ -376,7 +448,7 @@ mod tests {
                 cum += n;
                 let want = values
                     .iter()
-                    .filter(|&&v| *le == f64::MAX || v as f64 <= le * 1e9 + 0.5)
+                    .filter(|&&v| *le == f64::MAX || v <= (le * 1e9).floor() as u64)
                     .count() as u64;
                 assert_eq!(cum, want, "le {le} with {per} per octave");
             }
@@ -387,11 +459,11 @@ mod tests {
     fn quantiles_interpolate_inside_a_bucket() {
         let s = series(&[45_000; 95]);
         let p50 = s.quantile(0.5).unwrap();
-        assert!((p50 - 45_000.0).abs() <= 45_000.0 / 8.0, "{p50}");
+        assert!((p50 - 45_000.0).abs() <= 45_000.0 / 10.0, "{p50}");
         let s = series(&[200_000; 100]);
         let sum = s.summary();
         assert_eq!(sum.count, 100);
-        assert!((sum.p50_us - 200.0).abs() <= 200.0 / 8.0, "{}", sum.p50_us);
+        assert!((sum.p50_us - 200.0).abs() <= 200.0 / 10.0, "{}", sum.p50_us);
         assert!((sum.mean_us - 200.0).abs() < 1e-9);
         assert!(sum.p50_us <= sum.p99_us && sum.p99_us <= sum.max_us);
         assert!(sum.max_us >= 200.0);
@@ -404,8 +476,8 @@ mod tests {
         assert_eq!(Series::default().quantile(0.5), None);
         // beyond the last finite bound: the overflow's lower bound
         assert_eq!(
-            series(&[20_000_000_000]).quantile(0.5),
-            Some((1u64 << 34) as f64)
+            series(&[900_000_000_000]).quantile(0.5),
+            Some(861_077_929_219.0)
         );
     }
 

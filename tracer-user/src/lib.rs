@@ -18,6 +18,7 @@ pub mod netdevs;
 pub mod offsets;
 pub mod posted;
 pub mod privs;
+pub mod protobuf;
 pub mod report;
 pub mod serve;
 pub mod session;

@@ -70,7 +70,7 @@ struct Common {
     /// diagnosis, and to compare families on one kernel.
     #[arg(long = "event-family", value_delimiter = ',', value_parser = parse_event_family, global = true)]
     event_families: Vec<(String, Family)>,
-    /// Histogram buckets exported on /metrics per power of two, from 1.024 µs to 17.2 s: 1, 2,
+    /// Histogram buckets exported on /metrics per power of two, from 954 ns to 16 s: 1, 2,
     /// 4 or 8 (8: the kernel's own resolution). /quantiles and record always use all.
     #[arg(long, default_value = "2", value_parser = parse_layout, global = true)]
     buckets: Layout,

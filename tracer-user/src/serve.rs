@@ -28,7 +28,7 @@ use tokio::{
 };
 
 use crate::{
-    export, report,
+    export, protobuf, report,
     session::{Options, Session},
     webconfig::WebConfig,
 };
@@ -55,12 +55,51 @@ fn collect_every(grace: Duration) -> Duration {
     (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
 }
 
-/// A scrape's worth of text, shared by every scrape that asked for it.
+/// A scrape's worth of exposition, shared by every scrape that asked for it; the text and
+/// protobuf forms are made the first time one is asked for.
 struct Rendered {
     /// When the read behind it started.
     at: Instant,
+    exposition: Arc<export::Exposition>,
     openmetrics: Bytes,
     text: OnceLock<Bytes>,
+    protobuf: OnceLock<Bytes>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Format {
+    Protobuf,
+    OpenMetrics,
+    Text,
+}
+
+/// The format an Accept header prefers, by its q values (the first listed wins a tie);
+/// Prometheus' text format when it names none iopath writes.
+fn negotiate(accept: &str) -> Format {
+    let mut best: Option<(f64, Format)> = None;
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let (mut q, mut proto, mut delimited) = (1.0, false, false);
+        for p in parts {
+            match p.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("q", v)) => q = v.parse().unwrap_or(0.0),
+                Some(("proto", "io.prometheus.client.MetricFamily")) => proto = true,
+                Some(("encoding", "delimited")) => delimited = true,
+                _ => {}
+            }
+        }
+        let format = match media.as_str() {
+            "application/vnd.google.protobuf" if proto && delimited => Format::Protobuf,
+            "application/openmetrics-text" => Format::OpenMetrics,
+            "text/plain" | "*/*" | "text/*" => Format::Text,
+            _ => continue,
+        };
+        if q > 0.0 && best.as_ref().is_none_or(|(b, _)| q > *b) {
+            best = Some((q, format));
+        }
+    }
+    best.map_or(Format::Text, |(_, f)| f)
 }
 
 struct Inner {
@@ -86,11 +125,14 @@ impl State {
         let at = Instant::now();
         // Blocking work on this worker; the other one takes the scrapes that arrive meanwhile.
         inner.session.refresh().map_err(|e| e.to_string())?;
-        let om = inner.session.exposition().encode();
+        let exposition = Arc::new(inner.session.exposition());
+        let om = export::Exposition::openmetrics(&exposition);
         let r = Arc::new(Rendered {
             at,
+            exposition,
             openmetrics: Bytes::from(om),
             text: OnceLock::new(),
+            protobuf: OnceLock::new(),
         });
         inner.latest = Some(r.clone());
         Ok(r)
@@ -289,20 +331,32 @@ async fn respond(
     }
     match req.uri().path() {
         "/metrics" => {
-            // Content negotiation as Prometheus does it: OpenMetrics when asked for.
-            let openmetrics = req.headers().get_all(header::ACCEPT).iter().any(|v| {
-                v.to_str()
-                    .is_ok_and(|v| v.contains("application/openmetrics-text"))
-            });
+            let accept = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(",");
             match state.rendered(asked).await {
-                Ok(r) if openmetrics => reply(StatusCode::OK, OPENMETRICS, r.openmetrics.clone()),
-                Ok(r) => {
-                    let text = r.text.get_or_init(|| {
-                        let om = String::from_utf8_lossy(&r.openmetrics);
-                        Bytes::from(export::openmetrics_to_text(&om))
-                    });
-                    reply(StatusCode::OK, TEXT, text.clone())
-                }
+                Ok(r) => match negotiate(&accept) {
+                    Format::Protobuf => {
+                        let pb = r
+                            .protobuf
+                            .get_or_init(|| Bytes::from(r.exposition.encode_protobuf()));
+                        reply(StatusCode::OK, protobuf::CONTENT_TYPE, pb.clone())
+                    }
+                    Format::OpenMetrics => {
+                        reply(StatusCode::OK, OPENMETRICS, r.openmetrics.clone())
+                    }
+                    Format::Text => {
+                        let text = r.text.get_or_init(|| {
+                            let om = String::from_utf8_lossy(&r.openmetrics);
+                            Bytes::from(export::openmetrics_to_text(&om))
+                        });
+                        reply(StatusCode::OK, TEXT, text.clone())
+                    }
+                },
                 Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e + "\n"),
             }
         }
@@ -316,5 +370,39 @@ async fn respond(
             "iopath: see /metrics and /quantiles\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_follows_q_values() {
+        // What Prometheus 2.42 sends with --enable-feature=native-histograms, and without.
+        let with = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let without = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(with), Format::Protobuf);
+        assert_eq!(negotiate(without), Format::OpenMetrics);
+        assert_eq!(negotiate(""), Format::Text);
+        assert_eq!(negotiate("*/*"), Format::Text);
+        assert_eq!(negotiate("application/json"), Format::Text);
+        // protobuf of another message, or not delimited: not ours
+        assert_eq!(
+            negotiate("application/vnd.google.protobuf;proto=x.Y;encoding=delimited"),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily"),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate("text/plain;q=0.9, application/openmetrics-text;q=0.3"),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate("application/openmetrics-text;q=0, text/plain;q=0.1"),
+            Format::Text
+        );
     }
 }

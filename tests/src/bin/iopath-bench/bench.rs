@@ -870,6 +870,24 @@ pub fn bench(
             "bpftrace_ns_per_run": bt.0 / bt.1.max(1.0), "ratio_to_bpftrace": ratio,
         }));
     }
+    // The bucket layout's cost: the whole program against the same with the previous pick.
+    let complete_ns = |what: &str| {
+        variants
+            .iter()
+            .find(|v| v["adds"] == what)
+            .and_then(|v| v["complete_ns_per_run"].as_f64())
+    };
+    let step = |c: u32| cut::STEPS.iter().find(|s| s.0 == c).unwrap().1;
+    if let (Some(w), Some(l)) = (
+        complete_ns(step(cut::WHOLE)),
+        complete_ns(step(cut::LOGLINEAR)),
+    ) {
+        println!(
+            "  the schema-3 bucket search against the log-linear pick: {:+.0} ns per completion \
+             ({w:.0} against {l:.0})",
+            w - l
+        );
+    }
     let (a, b) = (mean(&without), mean(&with));
     println!(
         "\nIOPS: without {a:.0}, with iopath {b:.0}: ratio {:.3} ({:+.1}%)",
