@@ -297,7 +297,10 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
         rules.canonicalize().unwrap().display(),
         d.port
     );
-    let p = Prometheus::start(&config, &["--enable-feature=native-histograms"]);
+    let p = Prometheus::start(
+        &config,
+        &["--enable-feature=native-histograms,exemplar-storage"],
+    );
     // Its first scrape comes seconds after it is ready: the load starts after it.
     p.scraped_targets(Duration::from_secs(60));
     // A disk backend's requests and their interrupts (the request direction): 1.5 s for the
@@ -395,6 +398,7 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
         }
     }
     native_histograms_agree(&p, &d);
+    exemplars_name_kept_timelines(&p, &d);
     drop(p);
     assert!(d.stop().success());
     assert!(failed.is_empty(), "queries with no data: {failed:?}");
@@ -402,7 +406,7 @@ fn every_panel_and_rule_query_returns_data_from_a_real_prometheus() {
 
 /// Prometheus scraped the protobuf exposition (it asks for it first with native histograms on),
 /// which carries `iopath_stage_latency_native_seconds`, the kernel's own buckets as schema 3.
-/// Each native series' count is its classic series' count at the same scrape, and its median
+/// Each native series' count and sum are its classic series' at the same scrape, and its median
 /// by histogram_quantile is within one bucket of the daemon's own from /quantiles (for a
 /// series with no event since that scrape).
 fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
@@ -419,9 +423,23 @@ fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
     // Two scrape intervals: the load's last events in Prometheus too.
     std::thread::sleep(Duration::from_secs(3));
     let native = by_labels(&p.query("histogram_count(iopath_stage_latency_native_seconds)"));
-    let classic = by_labels(&p.query("iopath_stage_latency_seconds_count"));
     assert!(native.len() >= 5, "native series: {native:?}");
-    assert_eq!(native, classic, "native and classic counts of one scrape");
+    // Counts and sums of one scrape (one query: one evaluation time) agree; a series only one
+    // family has would leave the other side's out, so the series are counted too.
+    for (native_q, classic_q) in [
+        ("histogram_count", "iopath_stage_latency_seconds_count"),
+        ("histogram_sum", "iopath_stage_latency_seconds_sum"),
+    ] {
+        let q = format!("{native_q}(iopath_stage_latency_native_seconds) != {classic_q}");
+        let differ = p.query(&q);
+        assert!(differ.is_empty(), "{q}: {differ:?}");
+        let q = format!(
+            "count({native_q}(iopath_stage_latency_native_seconds)) - count({classic_q})"
+        );
+        let r = p.query(&q);
+        assert_eq!(r.len(), 1, "{q}: {r:?}");
+        assert_eq!(r[0]["value"][1], "0", "{q}: {r:?}");
+    }
     let medians = p.query("histogram_quantile(0.5, iopath_stage_latency_native_seconds)");
     let q = d.quantiles();
     let mut compared = 0;
@@ -449,8 +467,10 @@ fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
         };
         if ours["count"].as_f64() != native.get(&key).copied() {
             eprintln!(
-                "native p50: {} changed since the scrape ({} events, then {}), not compared",
-                m["stage"], native[&key], ours["count"]
+                "native p50: {} changed since the scrape ({:?} events, then {}), not compared",
+                m["stage"],
+                native.get(&key),
+                ours["count"]
             );
             continue;
         }
@@ -477,6 +497,71 @@ fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
         "{compared} series compared of {}",
         native.len()
     );
+}
+
+/// The exemplars of the slow classic buckets reached Prometheus (through the protobuf format,
+/// the one it scrapes here), each with a trace id the daemon's /timelines gives back (the
+/// daemon samples one 16.8 ms window in 8 by default).
+fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let data = p.api(
+        "/api/v1/query_exemplars",
+        &[
+            "-G",
+            "--data-urlencode",
+            "query=iopath_stage_latency_seconds_bucket",
+            "--data-urlencode",
+            &format!("start={}", now - 600),
+            "--data-urlencode",
+            &format!("end={}", now + 60),
+        ],
+    );
+    let exemplars: Vec<(String, String, f64)> = data
+        .as_array()
+        .expect("exemplar series")
+        .iter()
+        .flat_map(|series| {
+            let stage = series["seriesLabels"]["stage"].as_str().unwrap_or("").to_string();
+            series["exemplars"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |e| {
+                    (
+                        stage.clone(),
+                        e["labels"]["trace_id"].as_str().unwrap_or("").to_string(),
+                        e["value"].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN),
+                    )
+                })
+        })
+        .collect();
+    let stages: BTreeSet<&str> = exemplars.iter().map(|e| e.0.as_str()).collect();
+    eprintln!("{} exemplars in Prometheus, of stages {stages:?}", exemplars.len());
+    assert!(stages.len() >= 3, "exemplars of {stages:?}: {data}");
+    let mut found = 0;
+    for (stage, id, value) in exemplars.iter().rev().take(20) {
+        assert_eq!(id.len(), 16, "trace id {id:?}");
+        let (_, t) = d.get(&format!("/timelines?trace_id={id}"), false).unwrap();
+        let Ok(t) = serde_json::from_str::<serde_json::Value>(&t) else {
+            continue; // no longer kept (the newest 2,000 are)
+        };
+        let step = t["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage.as_str())
+            .unwrap_or_else(|| panic!("trace {id} has no {stage}: {t}"));
+        assert!(
+            (step["us"].as_f64().unwrap() - value * 1e6).abs() < 0.01,
+            "trace {id}: {step} against the exemplar's {value} s"
+        );
+        found += 1;
+    }
+    assert!(found >= 1, "no exemplar's timeline kept");
 }
 
 /// Grafana's provisioning files: version 1, a Prometheus data source (the dashboard picks

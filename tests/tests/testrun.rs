@@ -104,6 +104,7 @@ fn tracer(stages: &[&str]) -> Tracer {
         strict: true,
         bpf_stats: false,
         blk_cut: 0,
+        timeline_every: 0,
         syscall_tracepoints: true,
     })
     .expect("attach")

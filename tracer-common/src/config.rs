@@ -132,7 +132,8 @@ pub struct Config {
     pub tp_irte_vcpu: u32,
     pub tp_irte_gvec: u32,
     pub tp_irte_set: u32,
-    pub _pad0: u32,
+    /// Timelines: sample the events of one window in this many (a power of two); 0, none.
+    pub timeline_every: u32,
 }
 assert_size!(Config, 248);
 
@@ -199,7 +200,7 @@ impl Config {
         tp_irte_vcpu: NO_OFFSET,
         tp_irte_gvec: NO_OFFSET,
         tp_irte_set: NO_OFFSET,
-        _pad0: 0,
+        timeline_every: 0,
     };
 }
 

@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(upper_bound_ns(0), Some(238));
         assert_eq!(upper_bound_ns(OVERFLOW - 1), Some(861_077_929_219));
         assert_eq!(BUCKETS, 256);
-        // Whole powers of two seconds (and of ten ns where they coincide) are bounds.
+        // Whole powers of two seconds are bounds: 1 s, 2^-10 s, 16 s.
         assert_eq!(bound_ns(0), 1_000_000_000);
         assert_eq!(bound_ns(-80), 976_562);
         assert_eq!(bound_ns(32), 16_000_000_000);

@@ -125,13 +125,17 @@ pub enum MapCounter {
     VcpuFdFull = 1,
     /// The notice ring buffer was full: a VM or vCPU is named at the next read instead.
     NoticesFull = 2,
+    /// The timeline ring buffer was full: a sampled event is left out of the timelines (its
+    /// histogram has it).
+    TimelinesFull = 3,
 }
 
 impl MapCounter {
-    pub const ALL: [MapCounter; 3] = [
+    pub const ALL: [MapCounter; 4] = [
         MapCounter::VmmSetFull,
         MapCounter::VcpuFdFull,
         MapCounter::NoticesFull,
+        MapCounter::TimelinesFull,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -141,6 +145,7 @@ impl MapCounter {
             MapCounter::VmmSetFull => "VMM_TGIDS",
             MapCounter::VcpuFdFull => "VCPU_FD",
             MapCounter::NoticesFull => "VM_NOTICES",
+            MapCounter::TimelinesFull => "TIMELINES",
         }
     }
 }
@@ -177,6 +182,32 @@ pub struct Notice {
 }
 assert_size!(Notice, 16);
 
+/// One sampled event on the `TIMELINES` ring buffer: a histogram sample with the time it was
+/// recorded, so that the daemon can chain one I/O's stages (each starts where the one before
+/// it ended) into a timeline.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// bpf_ktime_get_ns() when the sample was recorded: just after the stage's end event.
+    pub end_ns: u64,
+    /// The stage's latency.
+    pub ns: u64,
+    /// The histogram key's fields.
+    pub detail: u32,
+    pub obj: u32,
+    pub vm: u32,
+    pub stage: u16,
+    pub bucket: u16,
+}
+assert_size!(Sample, 32);
+
+/// Sampling windows of the timelines: 2^24 ns (16.8 ms). With `Config::timeline_every` = n, the
+/// events recorded in one window of every n are sampled, all of them, so that an I/O shorter
+/// than a window has its every stage in the timeline.
+pub const TIMELINE_WINDOW_SHIFT: u32 = 24;
+/// Size of the timeline ring buffer: 26,000 samples (32 bytes and an 8-byte header each).
+pub const TIMELINE_BYTES: u32 = 1024 * 1024;
+
 /// Default capacity of the histogram map (series x used buckets).
 pub const HIST_ENTRIES: u32 = 32768;
 /// Default capacity of each map of started events (requests or exits in flight).
@@ -192,4 +223,5 @@ mod user {
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::HistVal {}
     unsafe impl aya::Pod for super::Notice {}
+    unsafe impl aya::Pod for super::Sample {}
 }

@@ -12,7 +12,8 @@ use tracer_common::{
     hist::bucket_index,
     maps::{
         COUNTERS_LEN, Counter, HIST_ENTRIES, HistKey, HistVal, MapCounter, NOTICE_BYTES, Notice,
-        NoticeKind, VMM_ENTRIES, counter_index, map_counter_index,
+        NoticeKind, Sample, TIMELINE_BYTES, TIMELINE_WINDOW_SHIFT, VMM_ENTRIES, counter_index,
+        map_counter_index,
     },
     rules::Starts,
     stage::StageId,
@@ -135,6 +136,7 @@ pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
         obj,
         vm,
     };
+    sample(&key, ns);
     if add(&key, ns) {
         return;
     }
@@ -148,6 +150,37 @@ pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
     // Either another CPU created the key first (then it is there now) or the map is full.
     if !add(&key, ns) {
         count(stage, Counter::HistFull);
+    }
+}
+
+/// Sampled events for the daemon's timelines (`Sample`).
+#[map]
+static TIMELINES: RingBuf = RingBuf::with_byte_size(TIMELINE_BYTES, 0);
+
+/// Puts the sample on the timeline ring when its window is sampled. Off (the default of
+/// `record` and of a bench run without it), CONFIG's 0 is constant to the verifier, which drops
+/// this; on, it costs a clock read per sample, and an output in the sampled windows.
+#[inline(always)]
+fn sample(key: &HistKey, ns: u64) {
+    let every = config!(timeline_every) as u64;
+    if every == 0 {
+        return;
+    }
+    let now = now_ns();
+    if (now >> TIMELINE_WINDOW_SHIFT) & (every - 1) != 0 {
+        return;
+    }
+    let s = Sample {
+        end_ns: now,
+        ns,
+        detail: key.detail,
+        obj: key.obj,
+        vm: key.vm,
+        stage: key.stage,
+        bucket: key.bucket,
+    };
+    if TIMELINES.output::<Sample>(&s, 0).is_err() {
+        count_map(MapCounter::TimelinesFull);
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Options<'a> {
     pub bpf_stats: bool,
     /// The bench's variants of the block programs (`blk::cut`; 0: the whole programs).
     pub blk_cut: u32,
+    /// Timelines: the samples of one 16.8 ms window in this many go on the ring (0: none).
+    pub timeline_every: u32,
     /// Let the selected stages fall back to system call tracepoints; stages named in `stages`
     /// may anyway.
     pub syscall_tracepoints: bool,
@@ -126,6 +128,8 @@ pub struct Tracer {
     _stats: Option<OwnedFd>,
     /// The VMMs that ran before the stages were switched on (`gc::seed`).
     pub seeded: Vec<u32>,
+    /// Timelines: one sampled window in this many (0: none).
+    pub timeline_every: u32,
 }
 
 /// Maps a load or attach error to the reason doctor prints: `step: error`.
@@ -202,6 +206,7 @@ impl Tracer {
         let btf = Btf::from_sys_fs().ok();
         let config = Config {
             blk_cut: opts.blk_cut,
+            timeline_every: opts.timeline_every,
             ..offsets::probe(kbtf.as_ref(), &tracefs)
         };
         let stats = if opts.bpf_stats {
@@ -231,6 +236,7 @@ impl Tracer {
             .map_err(|e| AttachError::Load(short(&e)))?;
         let mut tracer = Tracer {
             seeded: Vec::new(),
+            timeline_every: opts.timeline_every,
             ebpf,
             tracefs: tracefs.clone(),
             report: Vec::new(),

@@ -5,7 +5,7 @@
 //! quantiles, per event of that stage, added. That is the path's own figure when every I/O
 //! crosses each stage once and a slow I/O is slow in every stage; otherwise an estimate, not a
 //! bound either way (stages count their own events: a kick can carry several packets, an
-//! interrupt several completions), and a capture has no per-I/O timelines to do better. Each
+//! interrupt several completions); a capture's timelines are a sample of its I/Os only. Each
 //! stage merges the VM's series first (all queues, vectors, ops), bucket by bucket, so each
 //! stage's own quantiles are exact to the kernel's resolution.
 

@@ -25,7 +25,12 @@
 //! - `iopath_vfio_irq_posted{vm,device,vector}` gauge: 1 while KVM posts the IRQ to a vCPU.
 //! - `iopath_posted_interrupt_host_events_total{kind}` counter: PIN and PIW of /proc/interrupts.
 
-use std::{collections::BTreeSet, fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    sync::Arc,
+    time::Duration,
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -33,6 +38,8 @@ use prometheus_client::{
     metrics::MetricType,
     registry::{Registry, Unit},
 };
+
+use tracer_common::{hist::bucket_index, stage::StageId};
 
 use crate::{
     attach::StageReport,
@@ -46,19 +53,18 @@ pub struct Value(pub String);
 
 impl EncodeLabelValue for Value {
     fn encode(&self, enc: &mut LabelValueEncoder) -> std::fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '\\' => enc.write_str("\\\\")?,
-                '"' => enc.write_str("\\\"")?,
-                '\n' => enc.write_str("\\n")?,
-                c => enc.write_char(c)?,
-            }
-        }
-        Ok(())
+        enc.write_str(&escape(&self.0))
     }
 }
 
 pub(crate) type Labels = Vec<(&'static str, Value)>;
+
+/// A label value escaped as both text formats require.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
 
 fn l(pairs: &[(&'static str, &str)]) -> Labels {
     pairs
@@ -71,6 +77,38 @@ fn backend_labels(labels: &[(&'static str, String)]) -> Labels {
     labels.iter().map(|(k, v)| (*k, Value(v.clone()))).collect()
 }
 
+/// An exemplar of a classic bucket: the trace id of a sampled event in it (`timeline`), with
+/// its VM and vCPU or device, its latency and when it was recorded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exemplar {
+    pub labels: Labels,
+    pub seconds: f64,
+    pub unix: f64,
+}
+
+/// A series' sampled events by kernel bucket: (bucket, trace id, seconds, unix time).
+pub type Sampled = Vec<(u16, u64, f64, f64)>;
+
+/// OpenMetrics' limit on an exemplar's label names and values together, in characters.
+const EXEMPLAR_CHARS: usize = 128;
+
+/// The exemplar labels of a sample of a series with `labels`: its trace id, then its VM and
+/// its vCPU or device while they fit.
+fn exemplar_labels(trace: u64, labels: &[(&'static str, String)]) -> Labels {
+    let mut out: Labels = vec![("trace_id", Value(format!("{trace:016x}")))];
+    let mut used = "trace_id".len() + 16;
+    for name in ["vm", "vcpu", "device"] {
+        if let Some((k, v)) = labels.iter().find(|(k, v)| *k == name && !v.is_empty()) {
+            let n = k.len() + v.chars().count();
+            if used + n <= EXEMPLAR_CHARS {
+                used += n;
+                out.push((k, Value(v.clone())));
+            }
+        }
+    }
+    out
+}
+
 #[derive(Clone, Debug, Default)]
 struct HistogramSeries {
     labels: Labels,
@@ -80,6 +118,9 @@ struct HistogramSeries {
     count: u64,
     /// The exported classic layout's.
     buckets: Vec<(f64, u64)>,
+    /// Exemplars by classic bucket index: the latest sampled event of each bucket at or above
+    /// the series' p90 (the slow ones).
+    exemplars: Vec<(usize, Exemplar)>,
 }
 
 /// Per-program kernel statistics.
@@ -117,6 +158,8 @@ pub struct Status<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Exposition {
     histograms: Vec<HistogramSeries>,
+    /// Buckets of each classic series, `+Inf` included.
+    layout_len: usize,
     attached: Vec<(Labels, i64)>,
     dropped: Vec<(Labels, u64)>,
     map_full: Vec<(Labels, u64)>,
@@ -136,7 +179,12 @@ pub struct Exposition {
 }
 
 impl Exposition {
-    pub fn gather(series: &[Labelled], layout: &Layout, st: &Status) -> Self {
+    pub fn gather(
+        series: &[Labelled],
+        sampled: &BTreeMap<(StageId, Vec<(&'static str, String)>), Sampled>,
+        layout: &Layout,
+        st: &Status,
+    ) -> Self {
         let mut vms = BTreeSet::new();
         let histograms = series
             .iter()
@@ -148,8 +196,29 @@ impl Exposition {
                     }
                     labels.push((k, Value(v.clone())));
                 }
+                let mut exemplars: Vec<(usize, Exemplar)> = Vec::new();
+                let slow = s.series.quantile(0.9).map_or(0, |p| bucket_index(p as u64));
+                let samples = sampled.get(&(s.stage.id, s.labels.clone()));
+                for &(bucket, trace, seconds, unix) in samples.into_iter().flatten() {
+                    if bucket < slow {
+                        continue;
+                    }
+                    let i = layout.classic_index(bucket);
+                    let e = Exemplar {
+                        labels: exemplar_labels(trace, &s.labels),
+                        seconds,
+                        unix,
+                    };
+                    match exemplars.iter_mut().find(|(j, _)| *j == i) {
+                        Some((_, old)) if old.unix < unix => *old = e,
+                        Some(_) => {}
+                        None => exemplars.push((i, e)),
+                    }
+                }
+                exemplars.sort_by_key(|(i, _)| *i);
                 HistogramSeries {
                     labels,
+                    exemplars,
                     series: s.series.clone(),
                     sum_seconds: s.series.sum_ns as f64 / 1e9,
                     count: s.series.count(),
@@ -176,6 +245,7 @@ impl Exposition {
         };
         Exposition {
             histograms,
+            layout_len: layout.bounds() + 1,
             attached,
             dropped: st
                 .dropped
@@ -235,18 +305,54 @@ impl Exposition {
         }
     }
 
-    /// Encodes as OpenMetrics text (the classic histograms only: text has no native ones).
+    /// Encodes as OpenMetrics text (the classic histograms only: text has no native ones),
+    /// with exemplars.
     pub fn encode(self) -> String {
-        Self::openmetrics(&Arc::new(self))
+        let this = Arc::new(self);
+        this.with_exemplars(&Self::openmetrics(&this))
     }
 
-    /// The same, of a shared exposition (a scrape's, which the protobuf form may read later).
+    /// The same without exemplars, of a shared exposition (a scrape's, which the other forms
+    /// may read later; Prometheus text 0.0.4 is derived from it).
     pub fn openmetrics(this: &Arc<Exposition>) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Shared(this.clone())));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// `om` (this exposition's OpenMetrics) with the exemplars added to their bucket lines.
+    /// prometheus-client builds exemplars only from its own metric types; its encoder writes
+    /// this family first, series by series, each's buckets in order: the k-th bucket line is
+    /// series k / n's bucket k % n.
+    pub fn with_exemplars(&self, om: &str) -> String {
+        if self.histograms.iter().all(|h| h.exemplars.is_empty()) {
+            return om.to_string();
+        }
+        let prefix = format!("{}_seconds_bucket{{", LATENCY.0);
+        let mut out = String::with_capacity(om.len() + 4096);
+        let mut k = 0usize;
+        for line in om.lines() {
+            out.push_str(line);
+            if line.starts_with(&prefix) {
+                let h = self.histograms.get(k / (self.layout_len.max(1)));
+                let i = k % self.layout_len.max(1);
+                if let Some((_, e)) = h.and_then(|h| h.exemplars.iter().find(|(j, _)| *j == i)) {
+                    out.push_str(" # {");
+                    for (n, (name, v)) in e.labels.iter().enumerate() {
+                        if n > 0 {
+                            out.push(',');
+                        }
+                        let _ = write!(out, "{name}=\"{}\"", escape(&v.0));
+                    }
+                    let _ = write!(out, "}} {} {:.3}", e.seconds, e.unix);
+                }
+                k += 1;
+            }
+            out.push('\n');
+        }
         out
     }
 }
@@ -301,6 +407,14 @@ fn family<V>(
 
 fn counter(e: &mut prometheus_client::encoding::MetricEncoder, v: &u64) -> std::fmt::Result {
     e.encode_counter::<NoLabelSet, _, u64>(v, None)
+}
+
+pub(crate) struct HistogramRef<'a> {
+    pub labels: &'a Labels,
+    pub series: &'a Series,
+    pub sum_seconds: f64,
+    pub buckets: &'a [(f64, u64)],
+    pub exemplars: &'a [(usize, Exemplar)],
 }
 
 /// A family's values: what both encoders (text and protobuf) walk.
@@ -529,6 +643,86 @@ mod tests {
             "# HELP x_dropped_total Drops.\n# TYPE x_dropped_total counter\nx_dropped_total{a=\"b\"} 1\n\
 # HELP x_lat Latency.\n# TYPE x_lat_seconds histogram\nx_lat_seconds_count 0\n"
         );
+    }
+
+    #[test]
+    fn exemplars_go_on_their_own_series_slow_buckets() {
+        use tracer_common::hist::bucket_index;
+        let series = |vm: &str, values: &[u64]| {
+            let mut s = Series::default();
+            for &v in values {
+                s.buckets[bucket_index(v) as usize] += 1;
+                s.sum_ns += v;
+            }
+            Labelled {
+                stage: crate::stages::stage(StageId::BlkDevice),
+                labels: vec![("vm", vm.to_string()), ("disk", "loop0".into())],
+                series: s,
+            }
+        };
+        // a and b: 5 fast events and 5 slow ones (the p90 is in the slow ones' bucket)
+        let mut values = vec![10_000u64; 5];
+        values.extend([3_000_000; 5]);
+        let (a, b) = (series("a", &values), series("b\"x", &values));
+        let mut sampled = BTreeMap::new();
+        // a's fast bucket (under its p90: no exemplar) and slow one; b's slow one
+        sampled.insert(
+            (StageId::BlkDevice, a.labels.clone()),
+            vec![
+                (bucket_index(10_000), 0xa1, 10e-6, 100.0),
+                (bucket_index(3_000_000), 0xa2, 3e-3, 101.5),
+            ],
+        );
+        sampled.insert(
+            (StageId::BlkDevice, b.labels.clone()),
+            vec![(bucket_index(3_000_000), 0xb2, 3e-3, 102.25)],
+        );
+        let st = Status {
+            report: &[],
+            programs: &[],
+            bpf_stats_enabled: false,
+            dropped: &[],
+            map_full: &[],
+            map_entries: &[],
+            snapshot_reads: 0,
+            backends: &[],
+            disks: &[],
+            posted: &[],
+            posted_host_events: &[],
+        };
+        let layout = Layout::default();
+        let e = Exposition::gather(&[a, b], &sampled, &layout, &st);
+        let om = e.clone().encode();
+        let with: Vec<&str> = om.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(with.len(), 2, "{om}");
+        // each on the bucket that holds 3 ms (le 2^-8 s = 3.906 ms), of its own series
+        assert!(
+            with[0].starts_with("iopath_stage_latency_seconds_bucket{")
+                && with[0].contains("vm=\"a\"")
+                && with[0].contains("le=\"0.00390625\"")
+                && with[0].ends_with(" # {trace_id=\"00000000000000a2\",vm=\"a\"} 0.003 101.500"),
+            "{}",
+            with[0]
+        );
+        assert!(
+            with[1].contains("vm=\"b\\\"x\"")
+                && with[1].ends_with(" # {trace_id=\"00000000000000b2\",vm=\"b\\\"x\"} 0.003 102.250"),
+            "{}",
+            with[1]
+        );
+        // the text format has none
+        assert!(!openmetrics_to_text(&Exposition::openmetrics(&Arc::new(e))).contains(" # {"));
+    }
+
+    #[test]
+    fn exemplar_labels_stay_within_128_characters() {
+        let long = "v".repeat(100);
+        let l = exemplar_labels(1, &[("vm", long.clone()), ("device", "7:0".into())]);
+        let names: Vec<_> = l.iter().map(|(k, _)| *k).collect();
+        // trace_id (24) + vm (102) fit; device (9 more) does not
+        assert_eq!(names, ["trace_id", "vm"]);
+        let l = exemplar_labels(1, &[("vm", "db".into()), ("vcpu", "3".into())]);
+        assert_eq!(l.len(), 3);
     }
 
     #[test]

@@ -179,8 +179,15 @@ impl Layout {
             .step_by(step as usize)
             .map(|k| (k - ZERO_K) as u16)
             .collect::<Vec<_>>();
-        debug_assert!(bounds.iter().all(|&i| native_index(i) >= LAYOUT_FIRST_K));
         Some(Layout { bounds })
+    }
+
+    /// The exported bucket kernel bucket `i` is summed into (the last one is `+Inf`).
+    pub fn classic_index(&self, i: u16) -> usize {
+        self.bounds
+            .iter()
+            .position(|&b| b >= i)
+            .unwrap_or(self.bounds.len())
     }
 
     /// Number of finite bounds (an exported series has this many + 1 buckets).
@@ -205,7 +212,7 @@ impl Layout {
     }
 }
 
-/// Exact upper bound of native bucket `k` in seconds, 2^(k/8), as Prometheus computes it.
+/// Upper bound of native bucket `k` in seconds, 2^(k/8) (to the last bit or so of an f64).
 pub fn native_bound_seconds(k: i32) -> f64 {
     (k as f64 / 8.0).exp2()
 }

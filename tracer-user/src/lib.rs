@@ -26,6 +26,7 @@ pub mod stages;
 pub mod sys;
 pub mod top;
 pub mod tracefs;
+pub mod timeline;
 pub mod tui;
 pub mod vfio_irqs;
 pub mod waterfall;

@@ -45,9 +45,15 @@ struct Common {
     /// Enable kernel.bpf_stats while running (per-program run time; costs ~20 ns per event).
     #[arg(long, global = true)]
     bpf_stats: bool,
-    /// The bench's variants of the block programs (`tracer_common::blk::cut`): where they stop.
+    /// The bench's variants of the block programs (`tracer_common::blk::cut`): where they stop,
+    /// or (4) every stage's histogram update with the previous, log-linear bucket pick.
     #[arg(long, hide = true, default_value_t = 0, global = true)]
     blk_cut: u32,
+    /// Sampled timelines: every event of one 16.8 ms window in N (a power of two) is sampled
+    /// and chained into its I/O's stages (`record` prints the slowest, `serve` gives them at
+    /// /timelines and as exemplars); 0 turns them off.
+    #[arg(long, default_value = "8", value_parser = parse_timeline_every, global = true)]
+    timeline_every: u32,
     /// Capacity of the kernel histogram map (series x buckets used); a full map drops samples,
     /// counted in iopath_events_dropped_total.
     #[arg(long, default_value_t = tracer_common::maps::HIST_ENTRIES, value_parser = clap::value_parser!(u32).range(1..), global = true)]
@@ -231,6 +237,7 @@ impl Common {
             strict: self.strict,
             bpf_stats: self.bpf_stats,
             blk_cut: self.blk_cut,
+            timeline_every: self.timeline_every,
             syscall_tracepoints: self.syscall_tracepoints,
         }
     }
@@ -244,6 +251,13 @@ impl Common {
             vfio_irqs: &self.vfio_irqs,
         }
     }
+}
+
+fn parse_timeline_every(s: &str) -> Result<u32, String> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|n| *n == 0 || (n.is_power_of_two() && *n <= 1 << 20))
+        .ok_or_else(|| format!("invalid --timeline-every {s:?} (0, or a power of two up to 1048576)"))
 }
 
 fn main() -> ExitCode {
@@ -482,10 +496,15 @@ async fn trace_for(duration: Duration, common: &Common) -> anyhow::Result<sessio
     let started = tokio::time::Instant::now();
     let deadline = started + duration;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The timeline ring holds 26,000 samples: read often.
+    let mut timelines = tokio::time::interval(Duration::from_millis(100));
     let mut progress = Progress::new(duration);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
+            _ = timelines.tick() => {
+                session.drain_timelines();
+            }
             // collect() reads the counts itself when something goes; the report reads them last.
             _ = tick.tick() => {
                 session.collect()?;

@@ -72,7 +72,7 @@ pub fn probe(btf: Option<&KernelBtf>, tracefs: &Tracefs) -> Config {
         tp_irte_vcpu: field("kvm", "kvm_pi_irte_update", "vcpu_id"),
         tp_irte_gvec: field("kvm", "kvm_pi_irte_update", "gvec"),
         tp_irte_set: field("kvm", "kvm_pi_irte_update", "set"),
-        _pad0: 0,
+        timeline_every: 0,
         bdev_disk: member("block_device", "bd_disk"),
         req_preflush: btf
             .and_then(|b| b.enum_value("req_flag_bits", "__REQ_PREFLUSH"))

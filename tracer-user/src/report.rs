@@ -285,6 +285,10 @@ fn meta(s: &Session) -> serde_json::Value {
     })
 }
 
+/// Timelines a capture keeps, and the table prints, the slowest.
+const TIMELINES_KEPT: usize = 20;
+const TIMELINES_PRINTED: usize = 5;
+
 pub fn json(s: &mut Session) -> String {
     let series = rows(s);
     let out = serde_json::json!({
@@ -300,6 +304,10 @@ pub fn json(s: &mut Session) -> String {
         "dropped": dropped(s),
         // exited VMs and removed disks collected while it ran (their series stay in a record)
         "collected": s.collected,
+        // the slowest sampled I/Os, stage by stage (`timeline`)
+        "timelines": s.slowest_timelines(TIMELINES_KEPT),
+        "timeline_samples": s.timelines.samples,
+        "timeline_ambiguous": s.timelines.ambiguous,
     });
     serde_json::to_string_pretty(&out).expect("serializable") + "\n"
 }
@@ -403,6 +411,16 @@ pub fn table(s: &mut Session) -> String {
             "dropped: {} {} {}",
             d["stage"], d["reason"], d["events"]
         );
+    }
+    let slowest = s.slowest_timelines(TIMELINES_PRINTED);
+    if !slowest.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nslowest sampled I/Os ({} events sampled, one 16.8 ms window in {}), stage by stage:",
+            s.timelines.samples,
+            s.tracer.timeline_every
+        );
+        out.push_str(&crate::timeline::table(&slowest));
     }
     out
 }

@@ -35,6 +35,10 @@ use crate::{
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Timelines /timelines lists, the slowest.
+const TIMELINES_SHOWN: usize = 50;
+/// How often the timeline ring is read (it holds 26,000 samples).
+const TIMELINES_EVERY: Duration = Duration::from_millis(100);
 /// Connections served at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 128;
 /// Request head (line and headers) larger than this: 431.
@@ -55,15 +59,39 @@ fn collect_every(grace: Duration) -> Duration {
     (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(10))
 }
 
-/// A scrape's worth of exposition, shared by every scrape that asked for it; the text and
-/// protobuf forms are made the first time one is asked for.
+/// A scrape's worth of exposition, shared by every scrape that asked for it; each form is
+/// made the first time one is asked for.
 struct Rendered {
     /// When the read behind it started.
     at: Instant,
     exposition: Arc<export::Exposition>,
-    openmetrics: Bytes,
+    /// OpenMetrics without exemplars (what the other text forms are made from).
+    plain: OnceLock<String>,
+    openmetrics: OnceLock<Bytes>,
     text: OnceLock<Bytes>,
     protobuf: OnceLock<Bytes>,
+}
+
+impl Rendered {
+    fn plain(&self) -> &str {
+        self.plain
+            .get_or_init(|| export::Exposition::openmetrics(&self.exposition))
+    }
+
+    fn body(&self, format: &Format) -> Bytes {
+        match format {
+            Format::Protobuf => self
+                .protobuf
+                .get_or_init(|| Bytes::from(self.exposition.encode_protobuf())),
+            Format::OpenMetrics => self
+                .openmetrics
+                .get_or_init(|| Bytes::from(self.exposition.with_exemplars(self.plain()))),
+            Format::Text => self
+                .text
+                .get_or_init(|| Bytes::from(export::openmetrics_to_text(self.plain()))),
+        }
+        .clone()
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -73,33 +101,53 @@ enum Format {
     Text,
 }
 
-/// The format an Accept header prefers, by its q values (the first listed wins a tie);
-/// Prometheus' text format when it names none iopath writes.
+impl Format {
+    const fn content_type(&self) -> &'static str {
+        match self {
+            Format::Protobuf => protobuf::CONTENT_TYPE,
+            Format::OpenMetrics => OPENMETRICS,
+            Format::Text => TEXT,
+        }
+    }
+}
+
+/// The format an Accept header prefers, by its q values; on a tie a named type beats a
+/// wildcard, then the first listed wins. Prometheus' text format when it names none iopath
+/// writes.
 fn negotiate(accept: &str) -> Format {
-    let mut best: Option<(f64, Format)> = None;
+    // (q, named rather than a wildcard, format)
+    let mut best: Option<(f64, bool, Format)> = None;
     for range in accept.split(',') {
         let mut parts = range.split(';').map(str::trim);
         let media = parts.next().unwrap_or_default().to_ascii_lowercase();
-        let (mut q, mut proto, mut delimited) = (1.0, false, false);
+        let (mut q, mut proto, mut delimited) = (1.0f64, false, false);
         for p in parts {
-            match p.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-                Some(("q", v)) => q = v.parse().unwrap_or(0.0),
-                Some(("proto", "io.prometheus.client.MetricFamily")) => proto = true,
-                Some(("encoding", "delimited")) => delimited = true,
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "q" => q = v.parse::<f64>().unwrap_or(0.0).clamp(0.0, 1.0),
+                "proto" => proto = v == "io.prometheus.client.MetricFamily",
+                "encoding" => delimited = v.eq_ignore_ascii_case("delimited"),
                 _ => {}
             }
         }
-        let format = match media.as_str() {
-            "application/vnd.google.protobuf" if proto && delimited => Format::Protobuf,
-            "application/openmetrics-text" => Format::OpenMetrics,
-            "text/plain" | "*/*" | "text/*" => Format::Text,
+        let (format, named) = match media.as_str() {
+            "application/vnd.google.protobuf" if proto && delimited => (Format::Protobuf, true),
+            "application/openmetrics-text" => (Format::OpenMetrics, true),
+            "text/plain" => (Format::Text, true),
+            "*/*" | "text/*" => (Format::Text, false),
             _ => continue,
         };
-        if q > 0.0 && best.as_ref().is_none_or(|(b, _)| q > *b) {
-            best = Some((q, format));
+        let better = best
+            .as_ref()
+            .is_none_or(|(b, n, _)| q > *b || (q == *b && named && !n));
+        if q > 0.0 && better {
+            best = Some((q, named, format));
         }
     }
-    best.map_or(Format::Text, |(_, f)| f)
+    best.map_or(Format::Text, |(_, _, f)| f)
 }
 
 struct Inner {
@@ -126,16 +174,36 @@ impl State {
         // Blocking work on this worker; the other one takes the scrapes that arrive meanwhile.
         inner.session.refresh().map_err(|e| e.to_string())?;
         let exposition = Arc::new(inner.session.exposition());
-        let om = export::Exposition::openmetrics(&exposition);
         let r = Arc::new(Rendered {
             at,
+            plain: OnceLock::new(),
+            openmetrics: OnceLock::new(),
             exposition,
-            openmetrics: Bytes::from(om),
             text: OnceLock::new(),
             protobuf: OnceLock::new(),
         });
         inner.latest = Some(r.clone());
         Ok(r)
+    }
+
+    /// The slowest kept timelines, or the one `id` names (None: not kept).
+    async fn timelines(&self, id: Option<&str>) -> Option<String> {
+        let mut inner = self.inner.lock().await;
+        let session = &mut inner.session;
+        session.drain_timelines();
+        let json = match id {
+            Some(id) => {
+                let id = u64::from_str_radix(id, 16).ok()?;
+                let t = session.timelines.get(id)?.clone();
+                serde_json::to_value(session.shown(&t))
+            }
+            None => serde_json::to_value(serde_json::json!({
+                "timelines": session.slowest_timelines(TIMELINES_SHOWN),
+                "samples": session.timelines.samples,
+                "ambiguous": session.timelines.ambiguous,
+            })),
+        };
+        Some(serde_json::to_string_pretty(&json.expect("serializable")).expect("a value") + "\n")
     }
 
     async fn quantiles(&self) -> Result<String, String> {
@@ -187,6 +255,7 @@ pub async fn run(
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut collect = tokio::time::interval(collect_every(opts.vm_grace));
     let mut backends = tokio::time::interval(BACKENDS_EVERY);
+    let mut timelines = tokio::time::interval(TIMELINES_EVERY);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -208,6 +277,9 @@ pub async fn run(
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
+            _ = timelines.tick() => {
+                state.inner.lock().await.session.drain_timelines();
+            }
             _ = collect.tick() => {
                 let session = &mut state.inner.lock().await.session;
                 if let Err(e) = session.collect() {
@@ -339,25 +411,29 @@ async fn respond(
                 .collect::<Vec<_>>()
                 .join(",");
             match state.rendered(asked).await {
-                Ok(r) => match negotiate(&accept) {
-                    Format::Protobuf => {
-                        let pb = r
-                            .protobuf
-                            .get_or_init(|| Bytes::from(r.exposition.encode_protobuf()));
-                        reply(StatusCode::OK, protobuf::CONTENT_TYPE, pb.clone())
-                    }
-                    Format::OpenMetrics => {
-                        reply(StatusCode::OK, OPENMETRICS, r.openmetrics.clone())
-                    }
-                    Format::Text => {
-                        let text = r.text.get_or_init(|| {
-                            let om = String::from_utf8_lossy(&r.openmetrics);
-                            Bytes::from(export::openmetrics_to_text(&om))
-                        });
-                        reply(StatusCode::OK, TEXT, text.clone())
-                    }
-                },
+                Ok(r) => {
+                    let format = negotiate(&accept);
+                    let mut resp = reply(StatusCode::OK, format.content_type(), r.body(&format));
+                    // the body depends on Accept: caches must key on it
+                    resp.headers_mut()
+                        .insert(header::VARY, header::HeaderValue::from_static("Accept"));
+                    resp
+                }
                 Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e + "\n"),
+            }
+        }
+        "/timelines" => {
+            let id = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("trace_id=")));
+            match state.timelines(id).await {
+                Some(json) => reply(StatusCode::OK, "application/json", json),
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "no such timeline kept (the newest 2000 are)\n",
+                ),
             }
         }
         "/quantiles" => match state.quantiles().await {
@@ -367,7 +443,7 @@ async fn respond(
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "iopath: see /metrics and /quantiles\n",
+            "iopath: see /metrics, /quantiles and /timelines[?trace_id=ID]\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
@@ -404,5 +480,15 @@ mod tests {
             negotiate("application/openmetrics-text;q=0, text/plain;q=0.1"),
             Format::Text
         );
+        // a named type beats a wildcard of the same q; parameter names in any case, quoted
+        assert_eq!(negotiate("*/*, application/openmetrics-text"), Format::OpenMetrics);
+        assert_eq!(
+            negotiate(
+                "application/vnd.google.protobuf; Proto=\"io.prometheus.client.MetricFamily\"; Encoding=delimited; Q=0.5, text/plain;q=0.4"
+            ),
+            Format::Protobuf
+        );
+        // q over 1 counts as 1: the first listed of equals wins
+        assert_eq!(negotiate("text/plain;q=5, application/openmetrics-text"), Format::Text);
     }
 }

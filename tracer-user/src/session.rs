@@ -11,7 +11,11 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{blk::vm::DiskKey, maps::Notice, stage::StageId};
+use tracer_common::{
+    blk::vm::DiskKey,
+    maps::{Notice, Sample},
+    stage::StageId,
+};
 
 use crate::{
     attach::{self, Tracer},
@@ -66,6 +70,9 @@ pub struct Session {
     keep_retired: bool,
     collector: Collector,
     notices: Option<RingBuf<MapData>>,
+    /// The sampled events' ring (`timeline`), and the timelines made of them.
+    timeline_ring: Option<RingBuf<MapData>>,
+    pub timelines: crate::timeline::Store,
     bpf_stats: bool,
     /// Reads of the kernel's counts (scrapes that shared one read count once).
     reads: u64,
@@ -102,6 +109,10 @@ impl Session {
             .ebpf
             .take_map("VM_NOTICES")
             .and_then(|m| RingBuf::try_from(m).ok());
+        let timeline_ring = tracer
+            .ebpf
+            .take_map("TIMELINES")
+            .and_then(|m| RingBuf::try_from(m).ok());
         let base = Snapshot::read(&tracer.ebpf)?;
         let started = std::time::SystemTime::now();
         let mut session = Session {
@@ -115,6 +126,8 @@ impl Session {
             keep_retired: opts.keep_collected,
             collector: Collector::new(opts.vm_grace),
             notices,
+            timeline_ring,
+            timelines: Default::default(),
             bpf_stats: opts.attach.bpf_stats,
             reads: 0,
             collected: Collections::default(),
@@ -179,9 +192,40 @@ impl Session {
         n
     }
 
+    /// Reads the sampled events off their ring into the timelines; how many.
+    pub fn drain_timelines(&mut self) -> usize {
+        let Some(ring) = self.timeline_ring.as_mut() else {
+            return 0;
+        };
+        let mut samples = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<Sample>() {
+                // SAFETY: the programs write whole Samples; read unaligned from the ring.
+                samples.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Sample) });
+            }
+        }
+        let n = samples.len();
+        self.timelines.sync_clocks();
+        self.timelines.add(samples);
+        n
+    }
+
+    /// A timeline as shown (its series labelled).
+    pub fn shown(&mut self, t: &crate::timeline::Trace) -> crate::timeline::Shown {
+        let labeler = &mut self.labeler;
+        crate::timeline::shown(&self.timelines, t, |k| labeler.labels(k))
+    }
+
+    /// The slowest kept timelines of two stages or more, as shown.
+    pub fn slowest_timelines(&mut self, n: usize) -> Vec<crate::timeline::Shown> {
+        let traces: Vec<_> = self.timelines.slowest(n).into_iter().cloned().collect();
+        traces.iter().map(|t| self.shown(t)).collect()
+    }
+
     /// Reads the kernel's counts.
     pub fn refresh(&mut self) -> Result<(), ReadError> {
         self.drain_notices();
+        self.drain_timelines();
         self.last = Snapshot::read(&self.tracer.ebpf)?;
         self.backends.update(
             backend::threads(&self.tracer.ebpf),
@@ -293,6 +337,7 @@ impl Session {
         }
         self.last.forget(gone);
         self.base.forget(gone);
+        self.timelines.forget(gone);
         Collector::remove(&mut self.tracer.ebpf, &mut dead);
         self.backends
             .forget(|k| dead.vms.contains(&k.vm) || dead.netdevs.contains(&k.tap));
@@ -471,8 +516,19 @@ impl Session {
         let pi_events = crate::vfio_irqs::posted_host_events(
             &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
         );
+        // Each series' sampled events (`timeline`), under the labels its series has.
+        let mut sampled: BTreeMap<(StageId, Labels), crate::export::Sampled> = BTreeMap::new();
+        for ((key, bucket), e) in &self.timelines.exemplars {
+            let labels = self.labeler.labels(key);
+            let unix = self.timelines.unix_of(e.end_ns);
+            sampled
+                .entry((key.stage, labels))
+                .or_default()
+                .push((*bucket, e.trace, e.seconds, unix));
+        }
         Exposition::gather(
             &series,
+            &sampled,
             &self.layout,
             &Status {
                 report: &self.tracer.report,

@@ -43,6 +43,23 @@ use anyhow::{Context as _, bail};
 use iopath_tests::{Daemon, LoopDev, Metrics, http_get, net::Topology};
 use tracer_common::blk::cut;
 
+/// The daemon's default `--timeline-every`.
+const DEFAULT_TIMELINES: &str = "8";
+const TIMELINES_OFF: &str = "(instead of the whole) timelines off: --timeline-every 0";
+
+/// The block programs' variants the bench times beside bpftrace: `blk::cut`'s steps with the
+/// default timelines, then the whole programs without timelines (what sampling costs).
+const VARIANTS: [(u32, &str, &str); cut::STEPS.len() + 1] = {
+    let mut v = [(0, "", DEFAULT_TIMELINES); cut::STEPS.len() + 1];
+    let mut i = 0;
+    while i < cut::STEPS.len() {
+        v[i] = (cut::STEPS[i].0, cut::STEPS[i].1, DEFAULT_TIMELINES);
+        i += 1;
+    }
+    v[i] = (cut::WHOLE, TIMELINES_OFF, "0");
+    v
+};
+
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc(Child);
 
@@ -605,7 +622,7 @@ pub fn bench(
     // iopath's programs in the windows bpftrace ran in too.
     let mut blk_same_window: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     // Each variant's block programs and bpftrace's reference in its windows.
-    let mut cuts = vec![(BTreeMap::new(), (0.0, 0.0)); cut::STEPS.len()];
+    let mut cuts = vec![(BTreeMap::new(), (0.0, 0.0)); VARIANTS.len()];
     let mut bursts = Vec::new();
     for round in 1..=rounds {
         without.push(fio(&lo.dev, seconds)?);
@@ -651,9 +668,9 @@ pub fn bench(
             }
             // The variants' order turns each round, so that drift within a round does not
             // always land on the same one.
-            let n = cut::STEPS.len();
+            let n = VARIANTS.len();
             for i in (0..n).map(|k| (k + round as usize) % n) {
-                let variant = cut::STEPS[i].0;
+                let (variant, _, timelines) = VARIANTS[i];
                 let cut_arg = variant.to_string();
                 let both = Daemon::start_bin(
                     bin,
@@ -663,6 +680,8 @@ pub fn bench(
                         "blk.device",
                         "--blk-cut",
                         &cut_arg,
+                        "--timeline-every",
+                        timelines,
                     ],
                 );
                 let (b0, i0) = (bpftrace_progs()?, program_stats(&both.metrics()));
@@ -670,7 +689,7 @@ pub fn bench(
                 let (b1, i1) = (bpftrace_progs()?, program_stats(&both.metrics()));
                 anyhow::ensure!(both.stop().success(), "iopath did not exit cleanly");
                 let reference = delta(&tracers[0].1, &b0, &b1);
-                if variant == cut::WHOLE {
+                if variant == cut::WHOLE && timelines == DEFAULT_TIMELINES {
                     with_bt.push(iops);
                     // bt: the reference script's, then each floor's.
                     for (acc, (_, ids)) in bt.iter_mut().zip(&tracers) {
@@ -850,7 +869,7 @@ pub fn bench(
             "variant: the previous one and", "issue", "complete", "/bpftrace"
         );
     }
-    for ((_, what), (progs, bt)) in cut::STEPS.iter().zip(&cuts) {
+    for ((_, what, _), (progs, bt)) in VARIANTS.iter().zip(&cuts) {
         if bt.1 == 0.0 {
             continue;
         }
@@ -878,14 +897,19 @@ pub fn bench(
             .and_then(|v| v["complete_ns_per_run"].as_f64())
     };
     let step = |c: u32| cut::STEPS.iter().find(|s| s.0 == c).unwrap().1;
-    if let (Some(w), Some(l)) = (
-        complete_ns(step(cut::WHOLE)),
-        complete_ns(step(cut::LOGLINEAR)),
-    ) {
+    let whole = complete_ns(step(cut::WHOLE));
+    if let (Some(w), Some(l)) = (whole, complete_ns(step(cut::LOGLINEAR))) {
         println!(
             "  the schema-3 bucket search against the log-linear pick: {:+.0} ns per completion \
              ({w:.0} against {l:.0})",
             w - l
+        );
+    }
+    if let (Some(w), Some(off)) = (whole, complete_ns(TIMELINES_OFF)) {
+        println!(
+            "  sampled timelines (one window in {DEFAULT_TIMELINES}) against none: {:+.0} ns per \
+             completion ({w:.0} against {off:.0})",
+            w - off
         );
     }
     let (a, b) = (mean(&without), mean(&with));

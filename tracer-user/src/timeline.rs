@@ -1,0 +1,421 @@
+//! Sampled per-I/O timelines. The programs put every histogram sample of one 16.8 ms window in
+//! `--timeline-every` on the `TIMELINES` ring (`tracer_common::maps::Sample`); here they are
+//! chained into one I/O's stages: a stage of a sequence (`waterfall::SEQUENCES`) follows the
+//! sample of the stage before it that ended where it starts (within `LINK_NS`, the two clock
+//! reads being a program's run apart), of the same VM and, where both name one, the same disk
+//! or tap. Two such candidates: neither is taken (counted as ambiguous), the sample starts a
+//! timeline of its own. Every sample belongs to a timeline, with a trace id; each series'
+//! latest sample per bucket is its exemplar there.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+use tracer_common::{maps::Sample, stage::StageId};
+
+use crate::hist::SeriesKey;
+
+/// How far apart a stage's start and the stage before it's end may be read: both are clock
+/// reads a program's run after the same kernel event.
+pub const LINK_NS: u64 = 5_000;
+/// Samples kept for a later stage to follow: 2 s of them (a stage's end reaches the daemon
+/// within a drain, every 100 ms, so its successors are at most one stage's length later).
+const KEEP_NS: u64 = 2_000_000_000;
+/// How far out of time order the ring may hold two samples (CPUs write it concurrently).
+const REORDER_NS: u64 = 1_000_000;
+/// Timelines kept, the newest.
+pub const MAX_TRACES: usize = 2_000;
+/// Samples kept waiting for a successor, at most.
+const MAX_RECENT: usize = 50_000;
+
+/// The order of the stages an I/O crosses, as pairs (stage, the stage before it).
+const FOLLOWS: [(StageId, StageId); 9] = [
+    (StageId::BlkDevice, StageId::BlkKickToSubmit),
+    (StageId::BlkCompleteToIrq, StageId::BlkDevice),
+    (StageId::KvmInjectToEntry, StageId::BlkCompleteToIrq),
+    (StageId::NetRxBackendQueue, StageId::NetRxHostStack),
+    (StageId::NetRxBackendToIrq, StageId::NetRxBackendQueue),
+    (StageId::KvmInjectToEntry, StageId::NetRxBackendToIrq),
+    (StageId::NetTxBackendToWire, StageId::NetTxKick),
+    (StageId::NetTxHostStack, StageId::NetTxBackendToWire),
+    (StageId::KvmInjectToEntry, StageId::VfioHandlerToInject),
+];
+
+/// What a stage's `obj` names, for telling one I/O's stages from another's.
+#[derive(PartialEq, Eq)]
+enum Obj {
+    Disk,
+    Tap,
+    Other,
+}
+
+fn obj(stage: StageId) -> Obj {
+    use StageId::*;
+    match stage {
+        BlkKickToSubmit | BlkDevice | BlkCompleteToIrq => Obj::Disk,
+        NetRxHostStack | NetRxBackendQueue | NetRxBackendToIrq | NetTxBackendToWire
+        | NetTxHostStack => Obj::Tap,
+        _ => Obj::Other,
+    }
+}
+
+/// One stage of a timeline.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub key: SeriesKey,
+    pub bucket: u16,
+    /// Monotonic ns (bpf_ktime_get_ns) when the stage started, and its length.
+    pub start_ns: u64,
+    pub ns: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Trace {
+    pub id: u64,
+    pub steps: Vec<Step>,
+}
+
+impl Trace {
+    pub fn id_hex(&self) -> String {
+        format!("{:016x}", self.id)
+    }
+
+    /// From the first stage's start to the last one's end.
+    pub fn total_ns(&self) -> u64 {
+        let first = self.steps[0].start_ns;
+        let last = self.steps.last().expect("a trace has a step");
+        (last.start_ns + last.ns).saturating_sub(first)
+    }
+}
+
+/// A series' exemplar for one bucket: its latest sample there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exemplar {
+    pub trace: u64,
+    pub seconds: f64,
+    /// Monotonic ns of the sample's end (`Store::unix_of` makes it wall time).
+    pub end_ns: u64,
+}
+
+/// A sample waiting for the stage after it.
+struct Recent {
+    step: Step,
+    trace: u64,
+    followed: bool,
+}
+
+#[derive(Default)]
+pub struct Store {
+    recent: VecDeque<Recent>,
+    traces: HashMap<u64, Trace>,
+    order: VecDeque<u64>,
+    pub exemplars: HashMap<(SeriesKey, u16), Exemplar>,
+    /// Samples read, and those whose stage before had two candidates.
+    pub samples: u64,
+    pub ambiguous: u64,
+    /// Wall-clock minus monotonic time, ns: for exemplars' timestamps.
+    wall_offset_ns: i128,
+}
+
+fn trace_id(s: &Sample) -> u64 {
+    // FNV-1a over the sample: unique enough among the 2,000 kept, stable for one sample.
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in s
+        .end_ns
+        .to_le_bytes()
+        .iter()
+        .chain(&s.ns.to_le_bytes())
+        .chain(&s.vm.to_le_bytes())
+        .chain(&s.obj.to_le_bytes())
+        .chain(&s.stage.to_le_bytes())
+    {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+impl Store {
+    /// Adds samples in the order read (each CPU's in order; across CPUs nearly).
+    pub fn add(&mut self, samples: impl IntoIterator<Item = Sample>) {
+        for s in samples {
+            self.add_one(&s);
+        }
+    }
+
+    fn add_one(&mut self, s: &Sample) {
+        let Some(stage) = StageId::from_u16(s.stage) else {
+            return;
+        };
+        self.samples += 1;
+        let step = Step {
+            key: SeriesKey {
+                stage,
+                detail: s.detail,
+                obj: s.obj,
+                vm: s.vm,
+            },
+            bucket: s.bucket,
+            start_ns: s.end_ns.saturating_sub(s.ns),
+            ns: s.ns,
+        };
+        // The sample of the stage before that ended where this one starts: looked for from the
+        // newest back to those that ended well before (the ring is in order of output, each
+        // CPU's in time order, CPUs interleaved within a program's run).
+        let mut before: Vec<usize> = Vec::new();
+        if FOLLOWS.iter().any(|(s, _)| *s == stage) {
+            for (i, r) in self.recent.iter().enumerate().rev() {
+                let end = r.step.start_ns + r.step.ns;
+                if end + LINK_NS + REORDER_NS < step.start_ns {
+                    break;
+                }
+                let p = &r.step.key;
+                if !r.followed
+                    && FOLLOWS.contains(&(stage, p.stage))
+                    && (p.vm == 0 || s.vm == 0 || p.vm == s.vm)
+                    && (obj(p.stage) != obj(stage) || obj(stage) == Obj::Other || p.obj == s.obj)
+                    && end.abs_diff(step.start_ns) <= LINK_NS
+                {
+                    before.push(i);
+                }
+            }
+        }
+        if before.len() > 1 {
+            self.ambiguous += 1;
+        }
+        let trace = match before.as_slice() {
+            [i] if self.traces.contains_key(&self.recent[*i].trace) => {
+                let r = &mut self.recent[*i];
+                r.followed = true;
+                let t = self.traces.get_mut(&r.trace).expect("checked");
+                t.steps.push(step.clone());
+                t.id
+            }
+            _ => {
+                let id = trace_id(s);
+                self.traces.insert(
+                    id,
+                    Trace {
+                        id,
+                        steps: vec![step.clone()],
+                    },
+                );
+                self.order.push_back(id);
+                while self.order.len() > MAX_TRACES {
+                    if let Some(old) = self.order.pop_front() {
+                        self.traces.remove(&old);
+                    }
+                }
+                id
+            }
+        };
+        self.exemplars.insert(
+            (step.key, step.bucket),
+            Exemplar {
+                trace,
+                seconds: s.ns as f64 / 1e9,
+                end_ns: s.end_ns,
+            },
+        );
+        self.recent.push_back(Recent {
+            step,
+            trace,
+            followed: false,
+        });
+        let newest = s.end_ns;
+        while self.recent.len() > MAX_RECENT
+            || self
+                .recent
+                .front()
+                .is_some_and(|r| r.step.start_ns + r.step.ns + KEEP_NS < newest)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Trace> {
+        self.traces.get(&id)
+    }
+
+    /// The kept timelines of at least two stages, slowest first.
+    pub fn slowest(&self, n: usize) -> Vec<&Trace> {
+        let mut v: Vec<&Trace> = self.traces.values().filter(|t| t.steps.len() > 1).collect();
+        v.sort_by_key(|t| std::cmp::Reverse(t.total_ns()));
+        v.truncate(n);
+        v
+    }
+
+    /// Forgets what a collected VM or device left (`gone` selects its series).
+    pub fn forget(&mut self, gone: impl Fn(&SeriesKey) -> bool) {
+        self.exemplars.retain(|(k, _), _| !gone(k));
+    }
+
+    /// Notes the clocks' offset now (monotonic, which the programs read, against wall time).
+    pub fn sync_clocks(&mut self) {
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        let wall = clock_ns(libc::CLOCK_REALTIME);
+        self.wall_offset_ns = wall as i128 - mono as i128;
+    }
+
+    /// Seconds since the epoch of a monotonic ns.
+    pub fn unix_of(&self, mono_ns: u64) -> f64 {
+        (mono_ns as i128 + self.wall_offset_ns) as f64 / 1e9
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A timeline as the capture and `/timelines` give it: its stages in order, with their labels,
+/// start (µs from the first stage's) and length.
+#[derive(Serialize)]
+pub struct Shown {
+    pub trace_id: String,
+    pub total_us: f64,
+    pub start_unix: f64,
+    pub steps: Vec<ShownStep>,
+}
+
+#[derive(Serialize)]
+pub struct ShownStep {
+    pub stage: &'static str,
+    pub labels: serde_json::Map<String, serde_json::Value>,
+    pub start_us: f64,
+    pub us: f64,
+}
+
+/// One timeline, its series named by `labels`.
+pub fn shown(
+    store: &Store,
+    t: &Trace,
+    mut labels: impl FnMut(&SeriesKey) -> Vec<(&'static str, String)>,
+) -> Shown {
+    let first = t.steps[0].start_ns;
+    Shown {
+        trace_id: t.id_hex(),
+        total_us: t.total_ns() as f64 / 1e3,
+        start_unix: store.unix_of(first),
+        steps: t
+            .steps
+            .iter()
+            .map(|s| ShownStep {
+                stage: crate::stages::stage(s.key.stage).name,
+                labels: labels(&s.key)
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.to_string(), v.into()))
+                    .collect(),
+                start_us: (s.start_ns - first) as f64 / 1e3,
+                us: s.ns as f64 / 1e3,
+            })
+            .collect(),
+    }
+}
+
+/// Timelines as the terminal shows them: one line per stage, its start and length.
+pub fn table(shown: &[Shown]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for t in shown {
+        let vm = t
+            .steps
+            .iter()
+            .find_map(|s| s.labels.get("vm").and_then(|v| v.as_str()))
+            .unwrap_or("");
+        let _ = writeln!(
+            out,
+            "trace {} vm={:?}: {} over {} stages",
+            t.trace_id,
+            crate::capture::printable(vm),
+            crate::report::us(t.total_us) + " µs",
+            t.steps.len()
+        );
+        for s in &t.steps {
+            let _ = writeln!(
+                out,
+                "  +{:>10} µs  {:<24} {:>10} µs",
+                crate::report::us(s.start_us),
+                s.stage,
+                crate::report::us(s.us)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(stage: StageId, obj: u32, vm: u32, end_ns: u64, ns: u64) -> Sample {
+        Sample {
+            end_ns,
+            ns,
+            detail: 0,
+            obj,
+            vm,
+            stage: stage as u16,
+            bucket: tracer_common::hist::bucket_index(ns),
+        }
+    }
+
+    #[test]
+    fn a_disk_requests_stages_chain_and_anothers_do_not_join() {
+        let mut st = Store::default();
+        use StageId::*;
+        // VM 7's request on disk 1: kick 10 µs, device 200 µs, completion to irq 30 µs; each
+        // read 300 ns after the boundary. VM 7's other disk and VM 8 interleave.
+        st.add([
+            sample(BlkKickToSubmit, 1, 7, 1_000_300, 10_000),
+            sample(BlkKickToSubmit, 2, 7, 1_000_350, 10_000),
+            sample(BlkDevice, 1, 7, 1_200_400, 200_100),
+            sample(BlkDevice, 2, 8, 1_200_450, 200_100),
+            sample(BlkCompleteToIrq, 1, 7, 1_230_200, 29_900),
+        ]);
+        let t = st.slowest(10);
+        assert_eq!(t.len(), 1, "only VM 7's disk 1 has a chain");
+        let stages: Vec<_> = t[0].steps.iter().map(|s| s.key.stage).collect();
+        assert_eq!(stages, [BlkKickToSubmit, BlkDevice, BlkCompleteToIrq]);
+        assert_eq!(t[0].total_ns(), 1_230_200 - 990_300);
+        // the exemplar of the device's bucket names that trace
+        let k = t[0].steps[1].key;
+        let e = &st.exemplars[&(k, t[0].steps[1].bucket)];
+        assert_eq!(e.trace, t[0].id);
+        assert!((e.seconds - 200.1e-6).abs() < 1e-12);
+        assert_eq!(st.samples, 5);
+        assert_eq!(st.ambiguous, 0);
+    }
+
+    #[test]
+    fn two_candidates_are_ambiguous_and_neither_is_taken() {
+        let mut st = Store::default();
+        use StageId::*;
+        // two taps' host stacks end together; a backend sample of VM 3 whose tap matches both
+        // cannot be told apart only when its obj matches both: same tap here
+        st.add([
+            sample(NetRxHostStack, 5, 0, 2_000_000, 3_000),
+            sample(NetRxHostStack, 5, 0, 2_000_100, 3_000),
+            sample(NetRxBackendQueue, 5, 3, 2_020_050, 20_000),
+        ]);
+        assert_eq!(st.ambiguous, 1);
+        assert!(st.slowest(10).is_empty());
+        // a sample too far from any end starts its own
+        st.add([sample(NetRxBackendToIrq, 5, 3, 9_000_000, 10_000)]);
+        assert!(st.slowest(10).is_empty());
+    }
+
+    #[test]
+    fn old_traces_go() {
+        let mut st = Store::default();
+        for i in 0..(MAX_TRACES as u64 + 10) {
+            st.add([sample(StageId::BlkDevice, 1, 1, 1_000_000 + i * 100_000, 50_000)]);
+        }
+        assert_eq!(st.traces.len(), MAX_TRACES);
+        assert_eq!(st.order.len(), MAX_TRACES);
+    }
+}
