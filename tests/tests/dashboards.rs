@@ -433,9 +433,8 @@ fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
         let q = format!("{native_q}(iopath_stage_latency_native_seconds) != {classic_q}");
         let differ = p.query(&q);
         assert!(differ.is_empty(), "{q}: {differ:?}");
-        let q = format!(
-            "count({native_q}(iopath_stage_latency_native_seconds)) - count({classic_q})"
-        );
+        let q =
+            format!("count({native_q}(iopath_stage_latency_native_seconds)) - count({classic_q})");
         let r = p.query(&q);
         assert_eq!(r.len(), 1, "{q}: {r:?}");
         assert_eq!(r[0]["value"][1], "0", "{q}: {r:?}");
@@ -524,7 +523,10 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
         .expect("exemplar series")
         .iter()
         .flat_map(|series| {
-            let stage = series["seriesLabels"]["stage"].as_str().unwrap_or("").to_string();
+            let stage = series["seriesLabels"]["stage"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             series["exemplars"]
                 .as_array()
                 .cloned()
@@ -534,13 +536,19 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
                     (
                         stage.clone(),
                         e["labels"]["trace_id"].as_str().unwrap_or("").to_string(),
-                        e["value"].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN),
+                        e["value"]
+                            .as_str()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(f64::NAN),
                     )
                 })
         })
         .collect();
     let stages: BTreeSet<&str> = exemplars.iter().map(|e| e.0.as_str()).collect();
-    eprintln!("{} exemplars in Prometheus, of stages {stages:?}", exemplars.len());
+    eprintln!(
+        "{} exemplars in Prometheus, of stages {stages:?}",
+        exemplars.len()
+    );
     assert!(stages.len() >= 3, "exemplars of {stages:?}: {data}");
     let mut found = 0;
     for (stage, id, value) in exemplars.iter().rev().take(20) {

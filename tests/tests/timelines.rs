@@ -200,10 +200,13 @@ fn timelines_off_sample_nothing_and_a_bad_setting_is_refused() {
     // the block I/O was counted all the same
     let m = d.metrics();
     assert!(
-        m.find("iopath_stage_latency_seconds_count", &[("stage", "blk.device")])
-            .iter()
-            .map(|s| s.value)
-            .sum::<f64>()
+        m.find(
+            "iopath_stage_latency_seconds_count",
+            &[("stage", "blk.device")]
+        )
+        .iter()
+        .map(|s| s.value)
+        .sum::<f64>()
             >= 40.0
     );
     assert!(d.stop().success());

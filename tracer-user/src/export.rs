@@ -89,6 +89,9 @@ pub struct Exemplar {
 /// A series' sampled events by kernel bucket: (bucket, trace id, seconds, unix time).
 pub type Sampled = Vec<(u16, u64, f64, f64)>;
 
+/// Each series' sampled events, by stage and labels (as `session` labels them).
+pub type SampledBySeries = BTreeMap<(StageId, Vec<(&'static str, String)>), Sampled>;
+
 /// OpenMetrics' limit on an exemplar's label names and values together, in characters.
 const EXEMPLAR_CHARS: usize = 128;
 
@@ -181,7 +184,7 @@ pub struct Exposition {
 impl Exposition {
     pub fn gather(
         series: &[Labelled],
-        sampled: &BTreeMap<(StageId, Vec<(&'static str, String)>), Sampled>,
+        sampled: &SampledBySeries,
         layout: &Layout,
         st: &Status,
     ) -> Self {
@@ -442,13 +445,15 @@ pub(crate) const LATENCY: (&str, &str) = (
 
 impl Exposition {
     /// Each histogram series: labels, the kernel's buckets, sum in seconds, the classic
-    /// layout's buckets (as [`Layout::buckets`] gives them).
-    pub(crate) fn histograms(
-        &self,
-    ) -> impl Iterator<Item = (&Labels, &Series, f64, &[(f64, u64)])> {
-        self.histograms
-            .iter()
-            .map(|h| (&h.labels, &h.series, h.sum_seconds, h.buckets.as_slice()))
+    /// layout's buckets (as [`Layout::buckets`] gives them) and their exemplars.
+    pub(crate) fn histograms(&self) -> impl Iterator<Item = HistogramRef<'_>> {
+        self.histograms.iter().map(|h| HistogramRef {
+            labels: &h.labels,
+            series: &h.series,
+            sum_seconds: h.sum_seconds,
+            buckets: &h.buckets,
+            exemplars: &h.exemplars,
+        })
     }
 
     /// Every family but the histograms, in exposition order.
@@ -706,7 +711,8 @@ mod tests {
         );
         assert!(
             with[1].contains("vm=\"b\\\"x\"")
-                && with[1].ends_with(" # {trace_id=\"00000000000000b2\",vm=\"b\\\"x\"} 0.003 102.250"),
+                && with[1]
+                    .ends_with(" # {trace_id=\"00000000000000b2\",vm=\"b\\\"x\"} 0.003 102.250"),
             "{}",
             with[1]
         );

@@ -257,7 +257,9 @@ fn parse_timeline_every(s: &str) -> Result<u32, String> {
     s.parse::<u32>()
         .ok()
         .filter(|n| *n == 0 || (n.is_power_of_two() && *n <= 1 << 20))
-        .ok_or_else(|| format!("invalid --timeline-every {s:?} (0, or a power of two up to 1048576)"))
+        .ok_or_else(|| {
+            format!("invalid --timeline-every {s:?} (0, or a power of two up to 1048576)")
+        })
 }
 
 fn main() -> ExitCode {

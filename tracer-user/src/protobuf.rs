@@ -174,7 +174,9 @@ impl Exposition {
         let native = self
             .histograms()
             .map(|r| {
-                metric(r.labels, |m| m.msg(7, native_histogram(r.series, r.sum_seconds)))
+                metric(r.labels, |m| {
+                    m.msg(7, native_histogram(r.series, r.sum_seconds))
+                })
             })
             .collect();
         let help = format!(
@@ -351,7 +353,11 @@ mod tests {
         cost.cpu_ns = 1000;
         cost.done = 3;
         let backends = [(
-            vec![("vm", "db".to_string()), ("backend", "vhost".into()), ("tap", "tap0".into())],
+            vec![
+                ("vm", "db".to_string()),
+                ("backend", "vhost".into()),
+                ("tap", "tap0".into()),
+            ],
             cost,
         )];
         let st = Status {
@@ -454,7 +460,13 @@ mod tests {
         assert_eq!(h.0, want);
         // A gauge family "a" of one metric, no labels, value 1: delimited.
         let mut out = Vec::new();
-        family(&mut out, "a", "", GAUGE, vec![metric(&Vec::new(), |m| m.msg(2, value(1.0)))]);
+        family(
+            &mut out,
+            "a",
+            "",
+            GAUGE,
+            vec![metric(&Vec::new(), |m| m.msg(2, value(1.0)))],
+        );
         let mut fam = vec![0x0a, 0x01, b'a', 0x12, 0x00, 0x18, 0x01]; // name, help, type
         fam.extend([0x22, 0x0b, 0x12, 0x09, 0x09]); // metric (4) { gauge (2) { value (1) } }
         fam.extend(1.0f64.to_le_bytes());
@@ -479,8 +491,14 @@ mod tests {
                 .unwrap_or(name);
             assert!(names.contains(&family), "{family} not in {names:?}");
         }
-        for seconds in ["iopath_program_run_time_seconds_total", "iopath_backend_cpu_seconds_total"] {
-            let f = fams.iter().find(|f| f.0 == seconds).unwrap_or_else(|| panic!("{seconds}"));
+        for seconds in [
+            "iopath_program_run_time_seconds_total",
+            "iopath_backend_cpu_seconds_total",
+        ] {
+            let f = fams
+                .iter()
+                .find(|f| f.0 == seconds)
+                .unwrap_or_else(|| panic!("{seconds}"));
             assert_eq!(f.1, COUNTER);
         }
         let dropped = fams

@@ -417,8 +417,7 @@ pub fn table(s: &mut Session) -> String {
         let _ = writeln!(
             out,
             "\nslowest sampled I/Os ({} events sampled, one 16.8 ms window in {}), stage by stage:",
-            s.timelines.samples,
-            s.tracer.timeline_every
+            s.timelines.samples, s.tracer.timeline_every
         );
         out.push_str(&crate::timeline::table(&slowest));
     }

@@ -481,7 +481,10 @@ mod tests {
             Format::Text
         );
         // a named type beats a wildcard of the same q; parameter names in any case, quoted
-        assert_eq!(negotiate("*/*, application/openmetrics-text"), Format::OpenMetrics);
+        assert_eq!(
+            negotiate("*/*, application/openmetrics-text"),
+            Format::OpenMetrics
+        );
         assert_eq!(
             negotiate(
                 "application/vnd.google.protobuf; Proto=\"io.prometheus.client.MetricFamily\"; Encoding=delimited; Q=0.5, text/plain;q=0.4"
@@ -489,6 +492,9 @@ mod tests {
             Format::Protobuf
         );
         // q over 1 counts as 1: the first listed of equals wins
-        assert_eq!(negotiate("text/plain;q=5, application/openmetrics-text"), Format::Text);
+        assert_eq!(
+            negotiate("text/plain;q=5, application/openmetrics-text"),
+            Format::Text
+        );
     }
 }

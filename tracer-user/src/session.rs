@@ -517,7 +517,7 @@ impl Session {
             &std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
         );
         // Each series' sampled events (`timeline`), under the labels its series has.
-        let mut sampled: BTreeMap<(StageId, Labels), crate::export::Sampled> = BTreeMap::new();
+        let mut sampled = crate::export::SampledBySeries::new();
         for ((key, bucket), e) in &self.timelines.exemplars {
             let labels = self.labeler.labels(key);
             let unix = self.timelines.unix_of(e.end_ns);

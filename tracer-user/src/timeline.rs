@@ -413,7 +413,13 @@ mod tests {
     fn old_traces_go() {
         let mut st = Store::default();
         for i in 0..(MAX_TRACES as u64 + 10) {
-            st.add([sample(StageId::BlkDevice, 1, 1, 1_000_000 + i * 100_000, 50_000)]);
+            st.add([sample(
+                StageId::BlkDevice,
+                1,
+                1,
+                1_000_000 + i * 100_000,
+                50_000,
+            )]);
         }
         assert_eq!(st.traces.len(), MAX_TRACES);
         assert_eq!(st.order.len(), MAX_TRACES);
