@@ -581,11 +581,35 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
 
 impl Metrics {
     pub fn parse(text: &str) -> Metrics {
+        /// (name and label set, what follows), the label set's end found outside quotes.
+        fn split_series(l: &str) -> (&str, &str) {
+            let Some(open) = l.find('{').filter(|&i| !l[..i].contains(' ')) else {
+                let (a, b) = l.split_once(' ').expect("sample line has a value");
+                return (a, b.trim());
+            };
+            let (mut quoted, mut escaped) = (false, false);
+            for (i, c) in l[open..].char_indices() {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if quoted => escaped = true,
+                    '"' => quoted = !quoted,
+                    '}' if !quoted => {
+                        let end = open + i + 1;
+                        return (&l[..end], l[end..].trim());
+                    }
+                    _ => {}
+                }
+            }
+            panic!("unclosed label set in {l:?}")
+        }
         let samples = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .map(|l| {
-                let (series, value) = l.rsplit_once(' ').expect("sample line has a value");
+                // `series value`, then in OpenMetrics maybe ` # {exemplar} value timestamp`:
+                // the value is the token after the label set (whose values may hold anything).
+                let (series, rest) = split_series(l);
+                let value = rest.split(' ').next().expect("sample line has a value");
                 let (name, labels) = match series.split_once('{') {
                     Some((n, rest)) => (n.to_string(), parse_labels(rest.trim_end_matches('}'))),
                     None => (series.to_string(), BTreeMap::new()),

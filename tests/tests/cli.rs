@@ -280,6 +280,12 @@ fn compare_and_report_read_a_capture_without_privileges_and_refuse_bad_ones() {
         ],
         "vfio_devices": [{"device": "0000:01:00.0", "vm": "db", "class": "0x020000",
                           "kind": "network", "posted_vectors": [], "remapped_vectors": ["0"]}],
+        "timelines": [{"trace_id": "00000000000000ab", "total_us": 1100.0, "start_unix": 0.0,
+                       "steps": [
+            {"stage": "net.rx.backend_queue", "labels": {"vm": "db", "tap": "tap0"},
+             "start_us": 0.0, "us": 1000.0},
+            {"stage": "net.rx.backend_to_irq", "labels": {"vm": "db", "tap": "tap0"},
+             "start_us": 1000.0, "us": 100.0}]}],
     });
     let file = |name: &str, text: &str| {
         let p = dir.join(name);
@@ -350,14 +356,29 @@ fn compare_and_report_read_a_capture_without_privileges_and_refuse_bad_ones() {
         "network receive (paravirtual)",
         "not measured: net.rx.host_stack, net.rx.backend_to_irq, kvm.inject_to_entry",
         "an older iopath",
+        "Sampled I/Os, the slowest",
+        "trace 00000000000000ab vm=\"db\"",
     ] {
         assert!(table.contains(want), "report lacks {want:?}: {table}");
     }
+    // the trace's stages, each with its start after the first and its length
+    assert!(
+        table.lines().any(|l| l.contains("net.rx.backend_to_irq")
+            && l.contains("+    1000.0 µs")
+            && l.contains("100.0 µs")),
+        "{table}"
+    );
     assert!(outs[6].status.success(), "{:?}", outs[6]);
     let html = html.expect("report --html wrote its page");
     assert!(
         html.contains("id=\"waterfall-passthrough-interrupt\"")
             && html.contains("id=\"hist-vfio-handler-to-inject\""),
+        "{html}"
+    );
+    assert!(
+        html.contains("<section id=\"timelines\">")
+            && html.contains("data-trace=\"00000000000000ab\"")
+            && html.contains("<td>net.rx.backend_to_irq</td><td>+1000.0</td><td>100.0</td>"),
         "{html}"
     );
     one_line_error(

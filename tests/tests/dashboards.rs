@@ -518,7 +518,7 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
             &format!("end={}", now + 60),
         ],
     );
-    let exemplars: Vec<(String, String, f64)> = data
+    let mut exemplars: Vec<(String, String, f64, f64)> = data
         .as_array()
         .expect("exemplar series")
         .iter()
@@ -540,6 +540,7 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
                             .as_str()
                             .and_then(|v| v.parse().ok())
                             .unwrap_or(f64::NAN),
+                        e["timestamp"].as_f64().unwrap_or(0.0),
                     )
                 })
         })
@@ -550,8 +551,10 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
         exemplars.len()
     );
     assert!(stages.len() >= 3, "exemplars of {stages:?}: {data}");
+    // the newest first: the daemon keeps every timeline an exemplar of its own still names
+    exemplars.sort_by(|a, b| b.3.total_cmp(&a.3));
     let mut found = 0;
-    for (stage, id, value) in exemplars.iter().rev().take(20) {
+    for (stage, id, value, _) in exemplars.iter().take(20) {
         assert_eq!(id.len(), 16, "trace id {id:?}");
         let (_, t) = d.get(&format!("/timelines?trace_id={id}"), false).unwrap();
         let Ok(t) = serde_json::from_str::<serde_json::Value>(&t) else {

@@ -76,7 +76,7 @@ fn metrics_pass_promtool_and_histograms_are_cumulative() {
         // every shared map's losses, and every growing map's size, are reported
         assert_eq!(
             m.label_values("iopath_map_full_total", "map"),
-            ["VCPU_FD", "VMM_TGIDS", "VM_NOTICES"]
+            ["TIMELINES", "VCPU_FD", "VMM_TGIDS", "VM_NOTICES"]
         );
         let mut table: Vec<String> = iopath::maps::all()
             .iter()

@@ -161,12 +161,14 @@ fn a_disk_reads_timeline_chains_its_stages_and_its_exemplar_names_it() {
     let (_, none) = d.get("/timelines?trace_id=0", false).unwrap();
     assert!(none.contains("no such timeline"), "{none}");
 
-    // No sample was lost to a full ring, and the count is exported.
+    // No sample was lost to a full ring, and the counts are exported.
     let m = d.metrics();
     assert_eq!(
         m.value("iopath_map_full_total", &[("map", "TIMELINES")]),
         0.0
     );
+    assert!(m.value("iopath_timeline_samples_total", &[]) >= 2.0 * reads as f64);
+    assert_eq!(m.value("iopath_timeline_ambiguous_total", &[]), 0.0);
     assert!(d.stop().success());
 
     // record prints the slowest, and its capture keeps them.

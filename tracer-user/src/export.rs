@@ -83,11 +83,12 @@ fn backend_labels(labels: &[(&'static str, String)]) -> Labels {
 pub struct Exemplar {
     pub labels: Labels,
     pub seconds: f64,
-    pub unix: f64,
+    /// Wall-clock ns since the epoch.
+    pub unix_ns: u64,
 }
 
-/// A series' sampled events by kernel bucket: (bucket, trace id, seconds, unix time).
-pub type Sampled = Vec<(u16, u64, f64, f64)>;
+/// A series' sampled events by kernel bucket: (bucket, trace id, seconds, unix ns).
+pub type Sampled = Vec<(u16, u64, f64, u64)>;
 
 /// Each series' sampled events, by stage and labels (as `session` labels them).
 pub type SampledBySeries = BTreeMap<(StageId, Vec<(&'static str, String)>), Sampled>;
@@ -155,6 +156,9 @@ pub struct Status<'a> {
     pub posted: &'a [(Vec<(&'static str, String)>, bool)],
     /// This host's posted-interrupt events by kind (/proc/interrupts' PIN and PIW rows).
     pub posted_host_events: &'a [(&'static str, u64)],
+    /// Timelines: samples read off the ring, and those with two candidates before them.
+    pub timeline_samples: u64,
+    pub timeline_ambiguous: u64,
 }
 
 /// Everything one scrape exposes, gathered before encoding.
@@ -179,6 +183,8 @@ pub struct Exposition {
     disk_requests: Vec<(Labels, u64)>,
     vfio_posted: Vec<(Labels, i64)>,
     posted_host_events: Vec<(Labels, u64)>,
+    timeline_samples: u64,
+    timeline_ambiguous: u64,
 }
 
 impl Exposition {
@@ -202,7 +208,7 @@ impl Exposition {
                 let mut exemplars: Vec<(usize, Exemplar)> = Vec::new();
                 let slow = s.series.quantile(0.9).map_or(0, |p| bucket_index(p as u64));
                 let samples = sampled.get(&(s.stage.id, s.labels.clone()));
-                for &(bucket, trace, seconds, unix) in samples.into_iter().flatten() {
+                for &(bucket, trace, seconds, unix_ns) in samples.into_iter().flatten() {
                     if bucket < slow {
                         continue;
                     }
@@ -210,10 +216,10 @@ impl Exposition {
                     let e = Exemplar {
                         labels: exemplar_labels(trace, &s.labels),
                         seconds,
-                        unix,
+                        unix_ns,
                     };
                     match exemplars.iter_mut().find(|(j, _)| *j == i) {
-                        Some((_, old)) if old.unix < unix => *old = e,
+                        Some((_, old)) if old.unix_ns < unix_ns => *old = e,
                         Some(_) => {}
                         None => exemplars.push((i, e)),
                     }
@@ -305,6 +311,8 @@ impl Exposition {
                 .iter()
                 .map(|(kind, n)| (l(&[("kind", kind)]), *n))
                 .collect(),
+            timeline_samples: st.timeline_samples,
+            timeline_ambiguous: st.timeline_ambiguous,
         }
     }
 
@@ -350,7 +358,8 @@ impl Exposition {
                         }
                         let _ = write!(out, "{name}=\"{}\"", escape(&v.0));
                     }
-                    let _ = write!(out, "}} {} {:.3}", e.seconds, e.unix);
+                    let (secs, ms) = (e.unix_ns / 1_000_000_000, e.unix_ns / 1_000_000 % 1000);
+                    let _ = write!(out, "}} {} {secs}.{ms:03}", e.seconds);
                 }
                 k += 1;
             }
@@ -551,6 +560,18 @@ impl Exposition {
                 Rows::Counter(vec![(Labels::new(), self.snapshot_reads)]),
             ),
             f(
+                "iopath_timeline_samples",
+                "Sampled events read off the timeline ring (one 16.8 ms window in --timeline-every).",
+                false,
+                Rows::Counter(vec![(Labels::new(), self.timeline_samples)]),
+            ),
+            f(
+                "iopath_timeline_ambiguous",
+                "Sampled events with two candidates for the stage before them: each starts a timeline of its own.",
+                false,
+                Rows::Counter(vec![(Labels::new(), self.timeline_ambiguous)]),
+            ),
+            f(
                 "iopath_bpf_stats_enabled",
                 "1 when kernel.bpf_stats_enabled is on (program run time is measured).",
                 false,
@@ -674,13 +695,13 @@ mod tests {
         sampled.insert(
             (StageId::BlkDevice, a.labels.clone()),
             vec![
-                (bucket_index(10_000), 0xa1, 10e-6, 100.0),
-                (bucket_index(3_000_000), 0xa2, 3e-3, 101.5),
+                (bucket_index(10_000), 0xa1, 10e-6, 100_000_000_000),
+                (bucket_index(3_000_000), 0xa2, 3e-3, 101_500_000_000),
             ],
         );
         sampled.insert(
             (StageId::BlkDevice, b.labels.clone()),
-            vec![(bucket_index(3_000_000), 0xb2, 3e-3, 102.25)],
+            vec![(bucket_index(3_000_000), 0xb2, 3e-3, 102_250_000_000)],
         );
         let st = Status {
             report: &[],
@@ -694,6 +715,8 @@ mod tests {
             disks: &[],
             posted: &[],
             posted_host_events: &[],
+            timeline_samples: 0,
+            timeline_ambiguous: 0,
         };
         let layout = Layout::default();
         let e = Exposition::gather(&[a, b], &sampled, &layout, &st);

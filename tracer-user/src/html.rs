@@ -138,7 +138,42 @@ pub fn page(r: &Report) -> String {
         }
         out.push_str("</ul>");
     }
-    out.push_str("</section></body></html>\n");
+    out.push_str("</section>");
+    if !r.timelines.is_empty() {
+        out.push_str(
+            "<section id=\"timelines\"><h2>Sampled I/Os</h2><p class=\"note\">The slowest \
+             of the sampled I/Os, stage by stage: when each stage started after the first, and \
+             how long it took (µs).</p>",
+        );
+        for t in &r.timelines {
+            let vm = t
+                .steps
+                .iter()
+                .find_map(|s| s.labels.get("vm").and_then(|v| v.as_str()))
+                .unwrap_or("");
+            let _ = write!(
+                out,
+                "<table class=\"timeline\" data-trace=\"{}\"><caption>trace {} vm {}: {:.1} µs\
+                 </caption><tr><th>stage</th><th>start</th><th>µs</th></tr>",
+                esc(&t.trace_id),
+                esc(&t.trace_id),
+                esc(vm),
+                t.total_us
+            );
+            for s in &t.steps {
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>+{:.1}</td><td>{:.1}</td></tr>",
+                    esc(&s.stage),
+                    s.start_us,
+                    s.us
+                );
+            }
+            out.push_str("</table>");
+        }
+        out.push_str("</section>");
+    }
+    out.push_str("</body></html>\n");
     out
 }
 

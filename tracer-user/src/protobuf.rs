@@ -134,8 +134,8 @@ fn exemplar(e: &Exemplar) -> Msg {
     let mut x = metric(&e.labels, |_| {});
     x.double(2, e.seconds);
     let mut ts = Msg::default();
-    ts.uint(1, e.unix.trunc() as u64);
-    ts.uint(2, ((e.unix.fract() * 1e9) as u64).min(999_999_999));
+    ts.uint(1, e.unix_ns / 1_000_000_000);
+    ts.uint(2, e.unix_ns % 1_000_000_000);
     x.msg(3, ts);
     x
 }
@@ -153,15 +153,20 @@ impl Exposition {
                     let count: u64 = r.buckets.iter().map(|(_, n)| n).sum();
                     h.uint(1, count);
                     h.double(2, r.sum_seconds);
-                    // Cumulative, +Inf left out: Prometheus adds it from the count (an
-                    // exemplar of the +Inf bucket goes with it).
+                    // Cumulative. Prometheus adds +Inf from the count: it is written only to
+                    // carry an exemplar.
                     let mut cum = 0;
-                    for (i, &(le, n)) in r.buckets[..r.buckets.len() - 1].iter().enumerate() {
+                    let last = r.buckets.len() - 1;
+                    for (i, &(le, n)) in r.buckets.iter().enumerate() {
                         cum += n;
+                        let e = r.exemplars.iter().find(|(j, _)| *j == i).map(|(_, e)| e);
+                        if i == last && e.is_none() {
+                            break;
+                        }
                         let mut b = Msg::default();
                         b.uint(1, cum);
-                        b.double(2, le);
-                        if let Some((_, e)) = r.exemplars.iter().find(|(j, _)| *j == i) {
+                        b.double(2, if i == last { f64::INFINITY } else { le });
+                        if let Some(e) = e {
                             b.msg(3, exemplar(e));
                         }
                         h.msg(3, b);
@@ -372,6 +377,8 @@ mod tests {
             disks: &[],
             posted: &[],
             posted_host_events: &[],
+            timeline_samples: 0,
+            timeline_ambiguous: 0,
         };
         (
             Exposition::gather(&series, &Default::default(), &Layout::default(), &st),
@@ -473,6 +480,34 @@ mod tests {
         let mut delimited = vec![fam.len() as u8];
         delimited.extend(fam);
         assert_eq!(out, delimited);
+    }
+
+    #[test]
+    fn an_exemplar_matches_bytes_written_by_hand() {
+        let e = Exemplar {
+            labels: vec![("trace_id", crate::export::Value("ab".into()))],
+            seconds: 0.5,
+            unix_ns: 1_700_000_000_250_000_000,
+        };
+        let mut want = vec![0x0a, 0x0e]; // label (1) { name (1), value (2) }
+        want.extend([0x0a, 0x08]);
+        want.extend(b"trace_id");
+        want.extend([0x12, 0x02, b'a', b'b']);
+        want.push(0x11); // value (2, fixed64)
+        want.extend(0.5f64.to_le_bytes());
+        // timestamp (3) { seconds (1) = 1700000000, nanos (2) = 250000000 }
+        let mut ts = vec![0x08];
+        let mut v = 1_700_000_000u64;
+        while v >= 0x80 {
+            ts.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        ts.push(v as u8);
+        ts.extend([0x10, 0x80, 0xe5, 0x9a, 0x77]); // 250000000 as a varint
+        want.push(0x1a);
+        want.push(ts.len() as u8);
+        want.extend(ts);
+        assert_eq!(exemplar(&e).0, want);
     }
 
     #[test]

@@ -187,13 +187,12 @@ impl State {
     }
 
     /// The slowest kept timelines, or the one `id` names (None: not kept).
-    async fn timelines(&self, id: Option<&str>) -> Option<String> {
+    async fn timelines(&self, id: Option<u64>) -> Option<String> {
         let mut inner = self.inner.lock().await;
         let session = &mut inner.session;
         session.drain_timelines();
         let json = match id {
             Some(id) => {
-                let id = u64::from_str_radix(id, 16).ok()?;
                 let t = session.timelines.get(id)?.clone();
                 serde_json::to_value(session.shown(&t))
             }
@@ -277,8 +276,11 @@ pub async fn run(
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
+            // A scrape that holds the session drains the ring itself: skip, do not wait.
             _ = timelines.tick() => {
-                state.inner.lock().await.session.drain_timelines();
+                if let Ok(mut inner) = state.inner.try_lock() {
+                    inner.session.drain_timelines();
+                }
             }
             _ = collect.tick() => {
                 let session = &mut state.inner.lock().await.session;
@@ -427,6 +429,17 @@ async fn respond(
                 .uri()
                 .query()
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("trace_id=")));
+            let id = match id.map(|id| u64::from_str_radix(id, 16)) {
+                Some(Ok(id)) => Some(id),
+                Some(Err(_)) => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        "trace_id is 16 hexadecimal digits\n",
+                    );
+                }
+                None => None,
+            };
             match state.timelines(id).await {
                 Some(json) => reply(StatusCode::OK, "application/json", json),
                 None => reply(

@@ -520,11 +520,11 @@ impl Session {
         let mut sampled = crate::export::SampledBySeries::new();
         for ((key, bucket), e) in &self.timelines.exemplars {
             let labels = self.labeler.labels(key);
-            let unix = self.timelines.unix_of(e.end_ns);
+            let unix_ns = self.timelines.unix_ns_of(e.end_ns);
             sampled
                 .entry((key.stage, labels))
                 .or_default()
-                .push((*bucket, e.trace, e.seconds, unix));
+                .push((*bucket, e.trace, e.seconds, unix_ns));
         }
         Exposition::gather(
             &series,
@@ -542,6 +542,8 @@ impl Session {
                 disks: &disks,
                 posted: &posted,
                 posted_host_events: &pi_events,
+                timeline_samples: self.timelines.samples,
+                timeline_ambiguous: self.timelines.ambiguous,
             },
         )
     }

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::{maps::Sample, stage::StageId};
 
 use crate::hist::SeriesKey;
@@ -20,6 +20,9 @@ pub const LINK_NS: u64 = 5_000;
 /// Samples kept for a later stage to follow: 2 s of them (a stage's end reaches the daemon
 /// within a drain, every 100 ms, so its successors are at most one stage's length later).
 const KEEP_NS: u64 = 2_000_000_000;
+/// How long a disk request may wait in a scheduler's queue between a kick's insert and its
+/// issue, for the two to be linked.
+const QUEUED_NS: u64 = 1_000_000;
 /// How far out of time order the ring may hold two samples (CPUs write it concurrently).
 const REORDER_NS: u64 = 1_000_000;
 /// Timelines kept, the newest.
@@ -107,7 +110,12 @@ struct Recent {
 pub struct Store {
     recent: VecDeque<Recent>,
     traces: HashMap<u64, Trace>,
+    /// The newest MAX_TRACES timelines, oldest first; an older one stays while `pins` holds it.
     order: VecDeque<u64>,
+    /// How many exemplars name each timeline.
+    pins: HashMap<u64, u32>,
+    /// Timelines no longer among the newest, kept for the exemplars that name them.
+    outlived: std::collections::HashSet<u64>,
     pub exemplars: HashMap<(SeriesKey, u16), Exemplar>,
     /// Samples read, and those whose stage before had two candidates.
     pub samples: u64,
@@ -164,15 +172,25 @@ impl Store {
         if FOLLOWS.iter().any(|(s, _)| *s == stage) {
             for (i, r) in self.recent.iter().enumerate().rev() {
                 let end = r.step.start_ns + r.step.ns;
-                if end + LINK_NS + REORDER_NS < step.start_ns {
+                if end + LINK_NS + QUEUED_NS + REORDER_NS < step.start_ns {
                     break;
                 }
                 let p = &r.step.key;
+                // How long before this start the one before may have ended: a kick's request
+                // may wait in the scheduler's queue between its insert (where
+                // blk.kick_to_submit ends) and its issue (where blk.device starts).
+                let early = if (stage, p.stage) == (StageId::BlkDevice, StageId::BlkKickToSubmit) {
+                    QUEUED_NS
+                } else {
+                    LINK_NS
+                };
                 if !r.followed
                     && FOLLOWS.contains(&(stage, p.stage))
                     && (p.vm == 0 || s.vm == 0 || p.vm == s.vm)
                     && (obj(p.stage) != obj(stage) || obj(stage) == Obj::Other || p.obj == s.obj)
-                    && end.abs_diff(step.start_ns) <= LINK_NS
+                    && r.step.start_ns <= step.start_ns
+                    && end <= step.start_ns + LINK_NS
+                    && end + early >= step.start_ns
                 {
                     before.push(i);
                 }
@@ -201,13 +219,18 @@ impl Store {
                 self.order.push_back(id);
                 while self.order.len() > MAX_TRACES {
                     if let Some(old) = self.order.pop_front() {
-                        self.traces.remove(&old);
+                        // An exemplar's timeline stays while the exemplar does.
+                        if self.pins.contains_key(&old) {
+                            self.outlived.insert(old);
+                        } else {
+                            self.traces.remove(&old);
+                        }
                     }
                 }
                 id
             }
         };
-        self.exemplars.insert(
+        let old = self.exemplars.insert(
             (step.key, step.bucket),
             Exemplar {
                 trace,
@@ -215,6 +238,10 @@ impl Store {
                 end_ns: s.end_ns,
             },
         );
+        *self.pins.entry(trace).or_default() += 1;
+        if let Some(old) = old {
+            self.unpin(old.trace);
+        }
         self.recent.push_back(Recent {
             step,
             trace,
@@ -231,6 +258,20 @@ impl Store {
         }
     }
 
+    /// One exemplar fewer names trace `id`: it goes when none does and it is not among the
+    /// newest.
+    fn unpin(&mut self, id: u64) {
+        if let Some(n) = self.pins.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(&id);
+                if self.outlived.remove(&id) {
+                    self.traces.remove(&id);
+                }
+            }
+        }
+    }
+
     pub fn get(&self, id: u64) -> Option<&Trace> {
         self.traces.get(&id)
     }
@@ -243,9 +284,35 @@ impl Store {
         v
     }
 
-    /// Forgets what a collected VM or device left (`gone` selects its series).
+    /// Forgets what a collected VM or device left (`gone` selects its series): its exemplars,
+    /// the timelines with a stage of it, its samples waiting for a successor. (Its labels are
+    /// gone too: a timeline kept would name it afresh.)
     pub fn forget(&mut self, gone: impl Fn(&SeriesKey) -> bool) {
+        let dropped: Vec<u64> = self
+            .exemplars
+            .iter()
+            .filter(|((k, _), _)| gone(k))
+            .map(|(_, e)| e.trace)
+            .collect();
         self.exemplars.retain(|(k, _), _| !gone(k));
+        for id in dropped {
+            self.unpin(id);
+        }
+        let dead: Vec<u64> = self
+            .traces
+            .values()
+            .filter(|t| t.steps.iter().any(|s| gone(&s.key)))
+            .map(|t| t.id)
+            .collect();
+        for id in &dead {
+            self.traces.remove(id);
+        }
+        self.order.retain(|id| !dead.contains(id));
+        // exemplars of other series that named those timelines keep no dangling id
+        self.exemplars.retain(|_, e| !dead.contains(&e.trace));
+        self.pins.retain(|id, _| !dead.contains(id));
+        self.outlived.retain(|id| !dead.contains(id));
+        self.recent.retain(|r| !gone(&r.step.key));
     }
 
     /// Notes the clocks' offset now (monotonic, which the programs read, against wall time).
@@ -257,7 +324,12 @@ impl Store {
 
     /// Seconds since the epoch of a monotonic ns.
     pub fn unix_of(&self, mono_ns: u64) -> f64 {
-        (mono_ns as i128 + self.wall_offset_ns) as f64 / 1e9
+        self.unix_ns_of(mono_ns) as f64 / 1e9
+    }
+
+    /// Nanoseconds since the epoch of a monotonic ns.
+    pub fn unix_ns_of(&self, mono_ns: u64) -> u64 {
+        (mono_ns as i128 + self.wall_offset_ns).max(0) as u64
     }
 }
 
@@ -273,7 +345,7 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 /// A timeline as the capture and `/timelines` give it: its stages in order, with their labels,
 /// start (µs from the first stage's) and length.
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Shown {
     pub trace_id: String,
     pub total_us: f64,
@@ -281,9 +353,9 @@ pub struct Shown {
     pub steps: Vec<ShownStep>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ShownStep {
-    pub stage: &'static str,
+    pub stage: String,
     pub labels: serde_json::Map<String, serde_json::Value>,
     pub start_us: f64,
     pub us: f64,
@@ -304,13 +376,13 @@ pub fn shown(
             .steps
             .iter()
             .map(|s| ShownStep {
-                stage: crate::stages::stage(s.key.stage).name,
+                stage: crate::stages::stage(s.key.stage).name.to_string(),
                 labels: labels(&s.key)
                     .into_iter()
                     .filter(|(_, v)| !v.is_empty())
                     .map(|(k, v)| (k.to_string(), v.into()))
                     .collect(),
-                start_us: (s.start_ns - first) as f64 / 1e3,
+                start_us: s.start_ns.saturating_sub(first) as f64 / 1e3,
                 us: s.ns as f64 / 1e3,
             })
             .collect(),
@@ -340,7 +412,7 @@ pub fn table(shown: &[Shown]) -> String {
                 out,
                 "  +{:>10} µs  {:<24} {:>10} µs",
                 crate::report::us(s.start_us),
-                s.stage,
+                crate::capture::printable(&s.stage),
                 crate::report::us(s.us)
             );
         }
@@ -410,8 +482,11 @@ mod tests {
     }
 
     #[test]
-    fn old_traces_go() {
+    fn old_traces_go_but_an_exemplars_stays() {
         let mut st = Store::default();
+        // the first: the only sample of its series and bucket, so its exemplar stays
+        st.add([sample(StageId::KvmExit, 9, 9, 500_000, 123_456)]);
+        let first = st.exemplars.values().next().unwrap().trace;
         for i in 0..(MAX_TRACES as u64 + 10) {
             st.add([sample(
                 StageId::BlkDevice,
@@ -421,7 +496,37 @@ mod tests {
                 50_000,
             )]);
         }
-        assert_eq!(st.traces.len(), MAX_TRACES);
         assert_eq!(st.order.len(), MAX_TRACES);
+        // the newest, and the one an exemplar still names; the other blk.device ones went
+        // with their exemplar replaced by a newer sample of the same bucket
+        assert_eq!(st.traces.len(), MAX_TRACES + 1);
+        assert!(st.get(first).is_some());
+        // every exemplar names a kept timeline
+        assert!(st.exemplars.values().all(|e| st.get(e.trace).is_some()));
+        // a collected VM takes its exemplars and timelines with it
+        st.forget(|k| k.vm == 9);
+        assert!(st.get(first).is_none());
+        assert_eq!(st.traces.len(), MAX_TRACES);
+        st.forget(|k| k.vm == 1);
+        assert!(st.traces.is_empty() && st.exemplars.is_empty() && st.recent.is_empty());
+    }
+
+    #[test]
+    fn a_kick_links_across_the_schedulers_queue_and_nothing_links_backwards() {
+        let mut st = Store::default();
+        use StageId::*;
+        // the kick ended at insert 400 µs before the issue; the device's start is after it
+        st.add([
+            sample(BlkKickToSubmit, 1, 7, 1_000_000, 10_000),
+            sample(BlkDevice, 1, 7, 1_600_000, 200_000),
+        ]);
+        assert_eq!(st.slowest(1)[0].steps.len(), 2);
+        // a completion_to_irq that would start before its device's start: not linked
+        let mut st = Store::default();
+        st.add([
+            sample(BlkDevice, 1, 7, 1_000_000, 1_000),
+            sample(BlkCompleteToIrq, 1, 7, 1_000_500, 2_000),
+        ]);
+        assert!(st.slowest(1).is_empty());
     }
 }

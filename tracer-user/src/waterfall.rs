@@ -139,6 +139,8 @@ pub struct Report {
     pub dropped: Vec<(String, String, u64)>,
     /// Lines on the backends' CPU per I/O and the rate one thread could sustain.
     pub ceilings: Vec<String>,
+    /// The capture's sampled timelines (of `vm` when given), slowest first.
+    pub timelines: Vec<crate::timeline::Shown>,
 }
 
 fn buckets(s: &Series) -> Vec<Bucket> {
@@ -355,7 +357,23 @@ pub fn report(capture: &Value, vm: Option<&str>) -> Result<Report, capture::Erro
         unavailable,
         dropped,
         ceilings: ceilings(capture, vm),
+        timelines: timelines(capture, vm),
     })
+}
+
+/// The capture's timelines (none in an older capture), those with a step of `vm` when given.
+fn timelines(capture: &Value, vm: Option<&str>) -> Vec<crate::timeline::Shown> {
+    let all: Vec<crate::timeline::Shown> =
+        serde_json::from_value(capture["timelines"].clone()).unwrap_or_default();
+    all.into_iter()
+        .filter(|t| {
+            vm.is_none_or(|vm| {
+                t.steps
+                    .iter()
+                    .any(|s| s.labels.get("vm").and_then(|v| v.as_str()) == Some(vm))
+            })
+        })
+        .collect()
 }
 
 /// The capture's backend costs as sentences (`record`'s), of `vm`'s backends only when given.
@@ -504,6 +522,10 @@ pub fn table(r: &Report) -> String {
             printable(stage),
             printable(reason)
         );
+    }
+    if !r.timelines.is_empty() {
+        let _ = writeln!(out, "\nSampled I/Os, the slowest, stage by stage:");
+        out.push_str(&crate::timeline::table(&r.timelines));
     }
     out
 }
