@@ -26,10 +26,26 @@ fn blk_device_counts_every_direct_io_on_a_loop_device() {
             - before.value(&format!("{HIST}_count"), &sel(op));
         // Synchronous 4 KiB O_DIRECT I/O on an otherwise idle loop device: one request each.
         // Tolerance: a stray udev or blkid probe of the device may add a few reads.
+        // On failure: every blk.device series' count in the window (an op counted under
+        // another label?), besides the drops.
+        let counts: Vec<String> = after
+            .find(&format!("{HIST}_count"), &[("stage", "blk.device")])
+            .iter()
+            .map(|s| {
+                let labels: Vec<(&str, &str)> = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let was = before.value(&format!("{HIST}_count"), &labels);
+                format!("{:?}: {}", s.labels, s.value - was)
+            })
+            .filter(|l| !l.ends_with(": 0"))
+            .collect();
         assert!(
             count >= n as f64 && count <= n as f64 * 1.02 + 2.0,
-            "{op}: {count} requests counted for {n} issued; blk.device's drops in the window: \
-             {:?}",
+            "{op}: {count} requests counted for {n} issued; blk.device's series in the window: \
+             {counts:?}; its drops in the window: {:?}",
             after
                 .find("iopath_events_dropped_total", &[("stage", "blk.device")])
                 .iter()

@@ -52,7 +52,7 @@ struct Common {
     /// Sampled timelines: every event of one 16.8 ms window in N (a power of two) is sampled
     /// and chained into its I/O's stages (`record` prints the slowest, `serve` gives them at
     /// /timelines and as exemplars); 0 turns them off.
-    #[arg(long, default_value = "8", value_parser = parse_timeline_every, global = true)]
+    #[arg(long, default_value = "64", value_parser = parse_timeline_every, global = true)]
     timeline_every: u32,
     /// Capacity of the kernel histogram map (series x buckets used); a full map drops samples,
     /// counted in iopath_events_dropped_total.

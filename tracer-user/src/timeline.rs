@@ -23,8 +23,9 @@ const KEEP_NS: u64 = 2_000_000_000;
 /// How long a disk request may wait in a scheduler's queue between a kick's insert and its
 /// issue, for the two to be linked.
 const QUEUED_NS: u64 = 1_000_000;
-/// How far out of time order the ring may hold two samples (CPUs write it concurrently).
-const REORDER_NS: u64 = 1_000_000;
+/// How far out of time order the ring may hold two samples: CPUs write it concurrently, each
+/// a program's run after its clock read.
+const REORDER_NS: u64 = 50_000;
 /// Timelines kept, the newest.
 pub const MAX_TRACES: usize = 2_000;
 /// Samples kept waiting for a successor, at most.
@@ -170,9 +171,18 @@ impl Store {
         // CPU's in time order, CPUs interleaved within a program's run).
         let mut before: Vec<usize> = Vec::new();
         if FOLLOWS.iter().any(|(s, _)| *s == stage) {
+            // Back as far as the one before may have ended: the newest few samples, unless a
+            // request may have queued.
+            let lookback = LINK_NS
+                + REORDER_NS
+                + if stage == StageId::BlkDevice {
+                    QUEUED_NS
+                } else {
+                    0
+                };
             for (i, r) in self.recent.iter().enumerate().rev() {
                 let end = r.step.start_ns + r.step.ns;
-                if end + LINK_NS + QUEUED_NS + REORDER_NS < step.start_ns {
+                if end + lookback < step.start_ns {
                     break;
                 }
                 let p = &r.step.key;

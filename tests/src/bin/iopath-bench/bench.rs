@@ -44,7 +44,7 @@ use iopath_tests::{Daemon, LoopDev, Metrics, http_get, net::Topology};
 use tracer_common::blk::cut;
 
 /// The daemon's default `--timeline-every`.
-const DEFAULT_TIMELINES: &str = "8";
+const DEFAULT_TIMELINES: &str = "64";
 const TIMELINES_OFF: &str = "(instead of the whole) timelines off: --timeline-every 0";
 
 /// The block programs' variants the bench times beside bpftrace: `blk::cut`'s steps with the
