@@ -431,19 +431,16 @@ fn native_histograms_agree(p: &Prometheus, d: &Daemon) {
     std::thread::sleep(Duration::from_secs(3));
     let native = by_labels(&p.query("histogram_count(iopath_stage_latency_native_seconds)"));
     assert!(native.len() >= 5, "native series: {native:?}");
-    // Counts and sums of one scrape (one query: one evaluation time) agree; a series only one
-    // family has would leave the other side's out, so the series are counted too.
+    // Counts and sums of one scrape (one query: one evaluation time) agree, series by series:
+    // the native series that equal their classic one are all the native series.
     for (native_q, classic_q) in [
         ("histogram_count", "iopath_stage_latency_seconds_count"),
         ("histogram_sum", "iopath_stage_latency_seconds_sum"),
     ] {
-        let q = format!("{native_q}(iopath_stage_latency_native_seconds) != {classic_q}");
-        let differ = p.query(&q);
-        assert!(differ.is_empty(), "{q}: {differ:?}");
-        let q =
-            format!("count({native_q}(iopath_stage_latency_native_seconds)) - count({classic_q})");
+        let n = format!("{native_q}(iopath_stage_latency_native_seconds)");
+        let q = format!("count({n}) - count({n} == {classic_q})");
         let r = p.query(&q);
-        assert_eq!(r.len(), 1, "{q}: {r:?}");
+        assert_eq!(r.len(), 1, "{q}: {r:?} (no series paired)");
         assert_eq!(r[0]["value"][1], "0", "{q}: {r:?}");
     }
     let medians = p.query("histogram_quantile(0.5, iopath_stage_latency_native_seconds)");
@@ -558,14 +555,17 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
         exemplars.len()
     );
     assert!(stages.len() >= 3, "exemplars of {stages:?}: {data}");
-    // the newest first: the daemon keeps every timeline an exemplar of its own still names
+    // The newest first: the daemon keeps the newest 2,000 timelines and every one its current
+    // exemplars name; one Prometheus scraped before a newer sample took its bucket may be gone.
     exemplars.sort_by(|a, b| b.3.total_cmp(&a.3));
     let mut found = 0;
-    for (stage, id, value, _) in exemplars.iter().take(20) {
+    let mut gone = Vec::new();
+    for (stage, id, value, _) in exemplars.iter().take(10) {
         assert_eq!(id.len(), 16, "trace id {id:?}");
         let (_, t) = d.get(&format!("/timelines?trace_id={id}"), false).unwrap();
         let Ok(t) = serde_json::from_str::<serde_json::Value>(&t) else {
-            continue; // no longer kept (the newest 2,000 are)
+            gone.push(format!("{stage} {id}: {t}"));
+            continue;
         };
         let step = t["steps"]
             .as_array()
@@ -579,7 +579,10 @@ fn exemplars_name_kept_timelines(p: &Prometheus, d: &Daemon) {
         );
         found += 1;
     }
-    assert!(found >= 1, "no exemplar's timeline kept");
+    assert!(
+        found >= 8,
+        "{found} of the 10 newest exemplars' timelines kept: {gone:?}"
+    );
 }
 
 /// Grafana's provisioning files: version 1, a Prometheus data source (the dashboard picks

@@ -52,17 +52,30 @@ fn steps(t: &serde_json::Value) -> Vec<(String, String, f64, f64)> {
         .collect()
 }
 
-/// A read's timeline: blk.device of `vm` for about D, then blk.complete_to_irq starting where
-/// it ended (within the linking tolerance, 5 µs).
-fn is_a_read_of(t: &serde_json::Value, vm: &str) -> bool {
+/// A read's timeline: blk.device of `vm`, then blk.complete_to_irq starting where it ended
+/// (within the linking tolerance, 20 µs); its blk.device length in µs.
+fn read_of(t: &serde_json::Value, vm: &str) -> Option<f64> {
     let s = steps(t);
-    s.len() == 2
+    (s.len() == 2
         && s[0].0 == "blk.device"
         && s[1].0 == "blk.complete_to_irq"
         && s.iter().all(|x| x.1 == vm)
-        && s[0].2 == 0.0
-        && (s[1].2 - (s[0].2 + s[0].3)).abs() <= 5.0
-        && (s[0].3 - D_US).abs() <= 0.1 * D_US
+        && (s[1].2 - (s[0].2 + s[0].3)).abs() <= 20.0)
+        .then_some(s[0].3)
+}
+
+/// The reads of `vm` among `timelines`: how many, and the median of their blk.device, which
+/// must be D within 10% (the slowest timelines are asked for: a few outliers are among them).
+fn reads_of(timelines: &[serde_json::Value], vm: &str) -> (usize, f64) {
+    let mut us: Vec<f64> = timelines.iter().filter_map(|t| read_of(t, vm)).collect();
+    us.sort_by(f64::total_cmp);
+    let median = us.get(us.len() / 2).copied().unwrap_or(f64::NAN);
+    assert!(
+        (median - D_US).abs() <= 0.1 * D_US,
+        "{vm}: median blk.device {median} µs of {} reads, for D = {D_US} µs: {us:?}",
+        us.len()
+    );
+    (us.len(), median)
 }
 
 #[test]
@@ -91,10 +104,10 @@ fn a_disk_reads_timeline_chains_its_stages_and_its_exemplar_names_it() {
     let (_, list) = d.get("/timelines", false).expect("/timelines");
     let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
     let shown = list["timelines"].as_array().expect("timelines");
-    let chained = shown.iter().filter(|t| is_a_read_of(t, "tl-disk")).count();
+    let (chained, median) = reads_of(shown, "tl-disk");
     eprintln!(
-        "{chained} of the {} slowest timelines are the VM's reads chained; samples {}, \
-         ambiguous {}; first: {}",
+        "{chained} of the {} slowest timelines are the VM's reads chained, blk.device median \
+         {median:.1} µs; samples {}, ambiguous {}; first: {}",
         shown.len(),
         list["samples"],
         list["ambiguous"],
@@ -143,7 +156,11 @@ fn a_disk_reads_timeline_chains_its_stages_and_its_exemplar_names_it() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(value <= le, "exemplar {value} s in the bucket le {le}");
+    // inside its bucket: at or under its le, over the one before (2 bounds per power of two)
+    assert!(
+        value <= le && value > le / std::f64::consts::SQRT_2 * (1.0 - 1e-12),
+        "exemplar {value} s in the bucket le {le}"
+    );
     let (_, one) = d
         .get(&format!("/timelines?trace_id={id}"), false)
         .expect("/timelines?trace_id");
@@ -160,6 +177,8 @@ fn a_disk_reads_timeline_chains_its_stages_and_its_exemplar_names_it() {
     );
     let (_, none) = d.get("/timelines?trace_id=0", false).unwrap();
     assert!(none.contains("no such timeline"), "{none}");
+    let (_, bad) = d.get("/timelines?trace_id=zz", false).unwrap();
+    assert!(bad.contains("16 hexadecimal digits"), "{bad}");
 
     // No sample was lost to a full ring, and the counts are exported.
     let m = d.metrics();
@@ -177,7 +196,7 @@ fn a_disk_reads_timeline_chains_its_stages_and_its_exemplar_names_it() {
     vmm.report();
     let capture: serde_json::Value = serde_json::from_str(&rec.stop()).expect("capture");
     let kept = capture["timelines"].as_array().expect("timelines");
-    let reads = kept.iter().filter(|t| is_a_read_of(t, "tl-rec")).count();
+    let (reads, _) = reads_of(kept, "tl-rec");
     assert!(reads >= 15, "{reads} reads in the capture's {}", kept.len());
     assert!(capture["timeline_samples"].as_u64().unwrap() >= 60);
 }
@@ -194,11 +213,28 @@ fn timelines_off_sample_nothing_and_a_bad_setting_is_refused() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("invalid --timeline-every \"3\""), "{err}");
     let lo = iopath_tests::LoopDev::new("tloff", 8);
-    let d = Daemon::start(&["--timeline-every", "0"]);
-    lo.direct_io(20, 20);
-    let (_, list) = d.get("/timelines", false).unwrap();
-    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(list["samples"], 0, "{list}");
+    // the same load sampled in every window (the control), then in none
+    for (every, sampled) in [("1", true), ("0", false)] {
+        let d = Daemon::start(&["--timeline-every", every]);
+        lo.direct_io(20, 20);
+        let (_, list) = d.get("/timelines", false).unwrap();
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let n = list["samples"].as_u64().unwrap();
+        // 40 requests: each a blk.device sample at least
+        assert!(
+            if sampled { n >= 40 } else { n == 0 },
+            "--timeline-every {every}: {n} samples"
+        );
+        if sampled {
+            assert!(d.stop().success());
+        } else {
+            check_counted_and_stop(d);
+        }
+    }
+}
+
+/// With timelines off the block I/O is counted all the same.
+fn check_counted_and_stop(d: Daemon) {
     // the block I/O was counted all the same
     let m = d.metrics();
     assert!(

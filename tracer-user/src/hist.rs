@@ -95,7 +95,7 @@ impl Series {
     }
 
     /// Quantile `q` in ns: the bucket holding the q-th event, interpolated linearly inside it
-    /// (as Prometheus' histogram_quantile does), so within one bucket's width (9.05% of its
+    /// (as Prometheus' histogram_quantile does), so within one bucket's width (9.3% of its
     /// lower bound) of the truth. The overflow bucket gives its lower bound. None when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.count();
@@ -366,7 +366,7 @@ impl Snapshot {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::hist::bucket_index;
+    use tracer_common::hist::{MAX_K, bucket_index};
 
     use super::*;
 
@@ -394,6 +394,12 @@ mod tests {
         assert_eq!(Layout::per_octave(1).unwrap().bounds(), 25);
         assert_eq!(Layout::per_octave(8).unwrap().bounds(), 193);
         assert_eq!(Layout::per_octave(3), None);
+    }
+
+    #[test]
+    fn an_overflow_event_goes_to_the_native_bucket_above_the_last() {
+        let s = series(&[900_000_000_000]);
+        assert_eq!(s.native().spans, vec![(MAX_K + 1, vec![1])]);
     }
 
     #[test]

@@ -483,6 +483,75 @@ mod tests {
     }
 
     #[test]
+    fn an_exemplar_of_the_inf_bucket_is_written_with_an_explicit_inf_bucket() {
+        // one event of 20 s: over the classic layout's last bound (16 s), so in +Inf
+        let (_, s) = exposition(&[20_000_000_000]);
+        let series = [Labelled {
+            stage: crate::stages::stage(tracer_common::stage::StageId::BlkDevice),
+            labels: vec![("vm", "db".into())],
+            series: s,
+        }];
+        let mut sampled = crate::export::SampledBySeries::new();
+        sampled.insert(
+            (
+                tracer_common::stage::StageId::BlkDevice,
+                series[0].labels.clone(),
+            ),
+            vec![(bucket_index(20_000_000_000), 0xabc, 20.0, 5_000_000_000)],
+        );
+        let st_e = Exposition::gather(&series, &sampled, &Layout::default(), &empty_status());
+        let fams = families(&st_e.encode_protobuf());
+        let classic = fams
+            .iter()
+            .find(|f| f.0 == "iopath_stage_latency_seconds")
+            .unwrap();
+        let h = decode(bytes(&get(&classic.2[0], 7)[0]));
+        let buckets = get(&h, 3);
+        assert_eq!(
+            buckets.len(),
+            Layout::default().bounds() + 1,
+            "+Inf written"
+        );
+        let last = decode(bytes(buckets.last().unwrap()));
+        assert!(matches!(get(&last, 2)[0], F::D(v) if v == f64::INFINITY));
+        assert_eq!(uint(&get(&last, 1)[0]), 1);
+        let ex = decode(bytes(&get(&last, 3)[0]));
+        assert!(matches!(get(&ex, 2)[0], F::D(v) if v == 20.0));
+        // and with no exemplar there, no +Inf bucket (Prometheus adds it from the count)
+        let st_e = Exposition::gather(
+            &series,
+            &Default::default(),
+            &Layout::default(),
+            &empty_status(),
+        );
+        let fams = families(&st_e.encode_protobuf());
+        let classic = fams
+            .iter()
+            .find(|f| f.0 == "iopath_stage_latency_seconds")
+            .unwrap();
+        let h = decode(bytes(&get(&classic.2[0], 7)[0]));
+        assert_eq!(get(&h, 3).len(), Layout::default().bounds());
+    }
+
+    fn empty_status() -> Status<'static> {
+        Status {
+            report: &[],
+            programs: &[],
+            bpf_stats_enabled: false,
+            dropped: &[],
+            map_full: &[],
+            map_entries: &[],
+            snapshot_reads: 0,
+            backends: &[],
+            disks: &[],
+            posted: &[],
+            posted_host_events: &[],
+            timeline_samples: 0,
+            timeline_ambiguous: 0,
+        }
+    }
+
+    #[test]
     fn an_exemplar_matches_bytes_written_by_hand() {
         let e = Exemplar {
             labels: vec![("trace_id", crate::export::Value("ab".into()))],

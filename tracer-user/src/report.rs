@@ -1,5 +1,5 @@
 //! Quantile reports of a session: the table `iopath record` prints, its JSON, and `/quantiles`.
-//! Quantiles come from the kernel's full-resolution buckets (within 9.05% of a bucket's lower
+//! Quantiles come from the kernel's full-resolution buckets (within 9.3% of a bucket's lower
 //! bound), not from the coarser exported layout.
 
 use std::fmt::Write as _;

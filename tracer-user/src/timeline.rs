@@ -16,7 +16,7 @@ use crate::hist::SeriesKey;
 
 /// How far apart a stage's start and the stage before it's end may be read: both are clock
 /// reads a program's run after the same kernel event.
-pub const LINK_NS: u64 = 5_000;
+pub const LINK_NS: u64 = 20_000;
 /// Samples kept for a later stage to follow: 2 s of them (a stage's end reaches the daemon
 /// within a drain, every 100 ms, so its successors are at most one stage's length later).
 const KEEP_NS: u64 = 2_000_000_000;
