@@ -452,6 +452,28 @@ pub(crate) const LATENCY: (&str, &str) = (
     "Latency of one stage of an I/O path, between the two kernel events that bound it.",
 );
 
+#[cfg(test)]
+impl Status<'static> {
+    /// A status with nothing in it, for tests of the histograms.
+    pub(crate) fn empty() -> Self {
+        Status {
+            report: &[],
+            programs: &[],
+            bpf_stats_enabled: false,
+            dropped: &[],
+            map_full: &[],
+            map_entries: &[],
+            snapshot_reads: 0,
+            backends: &[],
+            disks: &[],
+            posted: &[],
+            posted_host_events: &[],
+            timeline_samples: 0,
+            timeline_ambiguous: 0,
+        }
+    }
+}
+
 impl Exposition {
     /// Each histogram series: labels, the kernel's buckets, sum in seconds, the classic
     /// layout's buckets (as [`Layout::buckets`] gives them) and their exemplars.
@@ -703,21 +725,7 @@ mod tests {
             (StageId::BlkDevice, b.labels.clone()),
             vec![(bucket_index(3_000_000), 0xb2, 3e-3, 102_250_000_000)],
         );
-        let st = Status {
-            report: &[],
-            programs: &[],
-            bpf_stats_enabled: false,
-            dropped: &[],
-            map_full: &[],
-            map_entries: &[],
-            snapshot_reads: 0,
-            backends: &[],
-            disks: &[],
-            posted: &[],
-            posted_host_events: &[],
-            timeline_samples: 0,
-            timeline_ambiguous: 0,
-        };
+        let st = Status::empty();
         let layout = Layout::default();
         let e = Exposition::gather(&[a, b], &sampled, &layout, &st);
         let om = e.clone().encode();

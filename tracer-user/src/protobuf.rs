@@ -499,13 +499,16 @@ mod tests {
             ),
             vec![(bucket_index(20_000_000_000), 0xabc, 20.0, 5_000_000_000)],
         );
-        let st_e = Exposition::gather(&series, &sampled, &Layout::default(), &empty_status());
-        let fams = families(&st_e.encode_protobuf());
-        let classic = fams
-            .iter()
-            .find(|f| f.0 == "iopath_stage_latency_seconds")
-            .unwrap();
-        let h = decode(bytes(&get(&classic.2[0], 7)[0]));
+        let classic = |sampled| {
+            let e = Exposition::gather(&series, sampled, &Layout::default(), &Status::empty());
+            let fams = families(&e.encode_protobuf());
+            let f = fams
+                .into_iter()
+                .find(|f| f.0 == "iopath_stage_latency_seconds")
+                .unwrap();
+            decode(bytes(&get(&f.2[0], 7)[0]))
+        };
+        let h = classic(&sampled);
         let buckets = get(&h, 3);
         assert_eq!(
             buckets.len(),
@@ -518,37 +521,8 @@ mod tests {
         let ex = decode(bytes(&get(&last, 3)[0]));
         assert!(matches!(get(&ex, 2)[0], F::D(v) if v == 20.0));
         // and with no exemplar there, no +Inf bucket (Prometheus adds it from the count)
-        let st_e = Exposition::gather(
-            &series,
-            &Default::default(),
-            &Layout::default(),
-            &empty_status(),
-        );
-        let fams = families(&st_e.encode_protobuf());
-        let classic = fams
-            .iter()
-            .find(|f| f.0 == "iopath_stage_latency_seconds")
-            .unwrap();
-        let h = decode(bytes(&get(&classic.2[0], 7)[0]));
+        let h = classic(&Default::default());
         assert_eq!(get(&h, 3).len(), Layout::default().bounds());
-    }
-
-    fn empty_status() -> Status<'static> {
-        Status {
-            report: &[],
-            programs: &[],
-            bpf_stats_enabled: false,
-            dropped: &[],
-            map_full: &[],
-            map_entries: &[],
-            snapshot_reads: 0,
-            backends: &[],
-            disks: &[],
-            posted: &[],
-            posted_host_events: &[],
-            timeline_samples: 0,
-            timeline_ambiguous: 0,
-        }
     }
 
     #[test]
