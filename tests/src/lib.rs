@@ -18,6 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use iopath::timeline::clock_ns;
+
 pub fn iopath_bin() -> PathBuf {
     std::env::var_os("IOPATH_BIN")
         .map(PathBuf::from)
@@ -710,16 +712,6 @@ pub fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> 
         .iter()
         .find(|(_, n)| *n >= q * total)
         .map(|(le, _)| *le)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// This thread's time on CPU so far (CLOCK_THREAD_CPUTIME_ID), in ns.

@@ -146,11 +146,7 @@ pub fn page(r: &Report) -> String {
              how long it took (µs).</p>",
         );
         for t in &r.timelines {
-            let vm = t
-                .steps
-                .iter()
-                .find_map(|s| s.labels.get("vm").and_then(|v| v.as_str()))
-                .unwrap_or("");
+            let vm = t.vm();
             let _ = write!(
                 out,
                 "<table class=\"timeline\" data-trace=\"{}\"><caption>trace {} vm {}: {:.1} µs\

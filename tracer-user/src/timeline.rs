@@ -343,7 +343,8 @@ impl Store {
     }
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
+/// A clock's time in ns (clock_gettime).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -361,6 +362,16 @@ pub struct Shown {
     pub total_us: f64,
     pub start_unix: f64,
     pub steps: Vec<ShownStep>,
+}
+
+impl Shown {
+    /// The VM its stages name ("" for none: a host-wide stage alone).
+    pub fn vm(&self) -> &str {
+        self.steps
+            .iter()
+            .find_map(|s| s.labels.get("vm").and_then(|v| v.as_str()))
+            .unwrap_or("")
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -404,11 +415,7 @@ pub fn table(shown: &[Shown]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     for t in shown {
-        let vm = t
-            .steps
-            .iter()
-            .find_map(|s| s.labels.get("vm").and_then(|v| v.as_str()))
-            .unwrap_or("");
+        let vm = t.vm();
         let _ = writeln!(
             out,
             "trace {} vm={:?}: {} over {} stages",
