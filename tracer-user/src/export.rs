@@ -165,8 +165,6 @@ pub struct Status<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Exposition {
     histograms: Vec<HistogramSeries>,
-    /// Buckets of each classic series, `+Inf` included.
-    layout_len: usize,
     attached: Vec<(Labels, i64)>,
     dropped: Vec<(Labels, u64)>,
     map_full: Vec<(Labels, u64)>,
@@ -254,7 +252,6 @@ impl Exposition {
         };
         Exposition {
             histograms,
-            layout_len: layout.bounds() + 1,
             attached,
             dropped: st
                 .dropped
@@ -336,21 +333,25 @@ impl Exposition {
 
     /// `om` (this exposition's OpenMetrics) with the exemplars added to their bucket lines.
     /// prometheus-client builds exemplars only from its own metric types; its encoder writes
-    /// this family first, series by series, each's buckets in order: the k-th bucket line is
-    /// series k / n's bucket k % n.
+    /// this family first, series by series, each's buckets in order: the bucket lines are the
+    /// series' buckets in that order.
     pub fn with_exemplars(&self, om: &str) -> String {
         if self.histograms.iter().all(|h| h.exemplars.is_empty()) {
             return om.to_string();
         }
         let prefix = format!("{}_seconds_bucket{{", LATENCY.0);
         let mut out = String::with_capacity(om.len() + 4096);
-        let mut k = 0usize;
+        let mut slots = self
+            .histograms
+            .iter()
+            .flat_map(|h| (0..h.buckets.len()).map(move |i| (h, i)));
         for line in om.lines() {
             out.push_str(line);
             if line.starts_with(&prefix) {
-                let h = self.histograms.get(k / (self.layout_len.max(1)));
-                let i = k % self.layout_len.max(1);
-                if let Some((_, e)) = h.and_then(|h| h.exemplars.iter().find(|(j, _)| *j == i)) {
+                let slot = slots.next();
+                if let Some((_, e)) =
+                    slot.and_then(|(h, i)| h.exemplars.iter().find(|(j, _)| *j == i))
+                {
                     out.push_str(" # {");
                     for (n, (name, v)) in e.labels.iter().enumerate() {
                         if n > 0 {
@@ -361,7 +362,6 @@ impl Exposition {
                     let (secs, ms) = (e.unix_ns / 1_000_000_000, e.unix_ns / 1_000_000 % 1000);
                     let _ = write!(out, "}} {} {secs}.{ms:03}", e.seconds);
                 }
-                k += 1;
             }
             out.push('\n');
         }
