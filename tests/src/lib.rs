@@ -490,6 +490,26 @@ impl Daemon {
     }
 }
 
+/// (count, p50 µs) of the first series of `stage` whose labels include `want` in `quantiles`
+/// (a /quantiles answer), None when there is no such series.
+pub fn p50_in(
+    quantiles: &serde_json::Value,
+    stage: &str,
+    want: &[(&str, &str)],
+) -> Option<(u64, f64)> {
+    quantiles["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["stage"] == stage
+                && want
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .map(|s| (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap()))
+}
+
 impl Daemon {
     /// (count, p50 µs) of `stage`'s series whose labels include `want`, from /quantiles.
     pub fn stage_p50(&self, stage: &str, want: &[(&str, &str)]) -> (u64, f64) {
@@ -499,17 +519,7 @@ impl Daemon {
 
     /// As [`Daemon::stage_p50`], None when there is no such series.
     pub fn find_p50(&self, stage: &str, want: &[(&str, &str)]) -> Option<(u64, f64)> {
-        self.quantiles()["series"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| {
-                s["stage"] == stage
-                    && want
-                        .iter()
-                        .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
-            })
-            .map(|s| (s["count"].as_u64().unwrap(), s["p50_us"].as_f64().unwrap()))
+        p50_in(&self.quantiles(), stage, want)
     }
 
     /// `iopath_events_dropped_total` of `stage` for `reason`, 0 when never counted.
