@@ -102,6 +102,17 @@ pub struct FamilyIo {
     pub ambiguous: f64,
     /// Every blk.device drop reason counted meanwhile, for a failure's message.
     pub drops: Vec<(String, f64)>,
+    /// Runs of the programs the kernel skipped meanwhile (see [`recursion_misses`]).
+    pub misses: f64,
+}
+
+/// Runs of iopath's programs the kernel skipped, all programs summed: a tracing program that
+/// fires again on a CPU where it is already running (an interrupt's block completion inside
+/// a task's) is not run, and the kernel counts that event as the program's miss (exported as
+/// `iopath_program_recursion_misses_total`). Which device's event it was is not known, so a
+/// test that counts one device's events allows the misses of the window.
+pub fn recursion_misses(m: &Metrics) -> f64 {
+    m.value("iopath_program_recursion_misses_total", &[])
 }
 
 pub fn blk_io_with_family(family: &str) -> FamilyIo {
@@ -149,6 +160,7 @@ pub fn blk_io_with_family(family: &str) -> FamilyIo {
             .map(|(r, v)| (r.clone(), v - was.get(&r).copied().unwrap_or(0.0)))
             .filter(|(_, v)| *v > 0.0)
             .collect(),
+        misses: recursion_misses(&after) - recursion_misses(&before),
     }
 }
 

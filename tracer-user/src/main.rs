@@ -51,10 +51,9 @@ struct Common {
     blk_cut: u32,
     /// Sampled timelines: every event of one 16.8 ms window in N (a power of two; 64 samples
     /// about 1.6%) is sampled and chained into its I/O's stages (`record` prints the slowest,
-    /// `serve` gives them at /timelines and as exemplars). Off (0) by default: with the
-    /// sampling in them, Linux 6.1's verifier took minutes to load the programs and refused
-    /// some (`README`, Timelines).
-    #[arg(long, default_value = "0", value_parser = parse_timeline_every, global = true)]
+    /// `serve` gives them at /timelines and as exemplars); 0 turns the sampling off, and the
+    /// verifier drops its code.
+    #[arg(long, default_value = "64", value_parser = parse_timeline_every, global = true)]
     timeline_every: u32,
     /// Capacity of the kernel histogram map (series x buckets used); a full map drops samples,
     /// counted in iopath_events_dropped_total.

@@ -43,8 +43,8 @@ use anyhow::{Context as _, bail};
 use iopath_tests::{Daemon, LoopDev, Metrics, http_get, net::Topology};
 use tracer_common::blk::cut;
 
-/// The `--timeline-every` the bench's block windows run with (timelines are off by default:
-/// the sixth window has them off).
+/// The `--timeline-every` the bench's block windows run with (the default; the sixth window
+/// has timelines off).
 const DEFAULT_TIMELINES: &str = "64";
 const TIMELINES_OFF: &str = "(instead of the whole) timelines off: --timeline-every 0";
 
