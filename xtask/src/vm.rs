@@ -203,11 +203,34 @@ impl L1 {
         self.dir.join("xchg")
     }
 
-    /// The last lines of L1's serial console, on one line.
+    /// The last lines of L1's serial console, on one line, after the kernel's first alarms
+    /// (a stall or lockup report's head, which a long stack trace pushes out of the tail).
     pub fn console_tail(&self) -> String {
         let c = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
         let lines: Vec<&str> = c.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join(" | ")
+        let alarms: Vec<&str> = lines
+            .iter()
+            .filter(|l| {
+                [
+                    "BUG:",
+                    "watchdog:",
+                    "rcu:",
+                    "INFO:",
+                    "Kernel panic",
+                    "general protection",
+                ]
+                .iter()
+                .any(|a| l.contains(a))
+            })
+            .take(5)
+            .copied()
+            .collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join(" | ");
+        if alarms.is_empty() {
+            tail
+        } else {
+            format!("{} | ... | {tail}", alarms.join(" | "))
+        }
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
