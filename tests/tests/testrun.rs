@@ -104,7 +104,8 @@ fn tracer(stages: &[&str]) -> Tracer {
         strict: true,
         bpf_stats: false,
         blk_cut: 0,
-        timeline_every: 0,
+        // the daemon's default: the programs as they run on a host, sampling included
+        timeline_every: 64,
         syscall_tracepoints: true,
     })
     .expect("attach")

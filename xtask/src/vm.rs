@@ -211,13 +211,16 @@ impl L1 {
         let alarms: Vec<&str> = lines
             .iter()
             .filter(|l| {
+                // Alarm texts only: a boot prints "rcu:" and "watchdog:" lines of its own.
                 [
                     "BUG:",
-                    "watchdog:",
-                    "rcu:",
-                    "INFO:",
+                    "detected stall",
+                    "soft lockup",
+                    "hard LOCKUP",
+                    "blocked for more than",
+                    "Oops",
                     "Kernel panic",
-                    "general protection",
+                    "general protection fault",
                 ]
                 .iter()
                 .any(|a| l.contains(a))
