@@ -302,7 +302,7 @@ fn a_recordings_report_adds_up_in_the_terminal_and_in_chromium() {
         .split("\nStages, each merged")
         .nth(1)
         .unwrap_or_else(|| panic!("report --vm report-net: no stage table in {net}"));
-    let mut rows = 0;
+    let mut rows = std::collections::BTreeSet::new();
     for row in table.lines().skip(2) {
         let cols: Vec<&str> = row.split_whitespace().collect();
         if cols.len() != 9 || !cols[1].contains('.') {
@@ -321,9 +321,27 @@ fn a_recordings_report_adds_up_in_the_terminal_and_in_chromium() {
             "{}: report --vm report-net against the capture's report-net series: {net}",
             cols[1]
         );
-        rows += 1;
+        rows.insert(cols[1].to_string());
     }
-    assert!(rows >= 3, "{rows} stage rows in {net}");
+    // And every stage of that VM's with events has its row.
+    let of_vm: std::collections::BTreeSet<String> = capture["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            let stage = s["stage"].as_str().unwrap();
+            let l = &s["labels"];
+            s["count"].as_u64().unwrap() > 0
+                && (l["vm"] == "report-net"
+                    || (stage.ends_with("host_stack") && l["tap"] == topo.tap.as_str()))
+        })
+        .map(|s| s["stage"].as_str().unwrap().to_string())
+        .collect();
+    assert!(rows.len() >= 3, "{rows:?}: stage rows in {net}");
+    assert_eq!(
+        rows, of_vm,
+        "report --vm report-net's stage rows against the capture's"
+    );
 
     // The page of every series.
     let page = dir.join("report.html");
