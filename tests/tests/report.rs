@@ -302,19 +302,24 @@ fn a_recordings_report_adds_up_in_the_terminal_and_in_chromium() {
         .split("\nStages, each merged")
         .nth(1)
         .unwrap_or_else(|| panic!("report --vm report-net: no stage table in {net}"));
+    // The capture's series of report-net: its own, and its tap's host stacks.
+    let of_net = |s: &serde_json::Value| {
+        let l = &s["labels"];
+        l["vm"] == "report-net"
+            || (s["stage"].as_str().unwrap().ends_with("host_stack")
+                && l["tap"] == topo.tap.as_str())
+    };
     let mut rows = std::collections::BTreeSet::new();
     for row in table.lines().skip(2) {
         let cols: Vec<&str> = row.split_whitespace().collect();
         if cols.len() != 9 || !cols[1].contains('.') {
             break;
         }
-        let host_stack = cols[1].ends_with("host_stack");
-        let want: u64 = series(&capture, cols[1], |l| {
-            l["vm"] == "report-net" || (host_stack && l["tap"] == topo.tap.as_str())
-        })
-        .iter()
-        .map(|s| s["count"].as_u64().unwrap())
-        .sum();
+        let want: u64 = series(&capture, cols[1], |_| true)
+            .into_iter()
+            .filter(|s| of_net(s))
+            .map(|s| s["count"].as_u64().unwrap())
+            .sum();
         assert_eq!(
             cols[3].parse::<u64>().unwrap(),
             want,
@@ -328,13 +333,7 @@ fn a_recordings_report_adds_up_in_the_terminal_and_in_chromium() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| {
-            let stage = s["stage"].as_str().unwrap();
-            let l = &s["labels"];
-            s["count"].as_u64().unwrap() > 0
-                && (l["vm"] == "report-net"
-                    || (stage.ends_with("host_stack") && l["tap"] == topo.tap.as_str()))
-        })
+        .filter(|s| s["count"].as_u64().unwrap() > 0 && of_net(s))
         .map(|s| s["stage"].as_str().unwrap().to_string())
         .collect();
     assert!(rows.len() >= 3, "{rows:?}: stage rows in {net}");
