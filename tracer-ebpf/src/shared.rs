@@ -161,8 +161,8 @@ static TIMELINES: RingBuf = RingBuf::with_byte_size(TIMELINE_BYTES, 0);
 /// 0`), CONFIG's 0 is constant to the verifier, which drops this code; on, it costs a clock
 /// read per sample, and an output in the sampled windows.
 ///
-/// Inlined, with one branch: the sample is built on the stack either way, and a full ring is
-/// counted by adding 0 or 1 rather than branching. Behind a BPF-to-BPF call (static or global)
+/// Inlined, with one branch of its own, on the window: the sample is built on the stack either
+/// way, and a full ring is counted by adding 0 or 1 to its counter rather than by a branch. Behind a BPF-to-BPF call (static or global)
 /// Debian 6.1's verifier, whose precision backtracking gives up at a call and marks every
 /// scalar precise, could no longer prune the paths of the histogram's bucket search: 99 to
 /// 137 s to load the programs, and kvm_msi_set_irq's over its limit (E2BIG); this form loads
