@@ -1105,3 +1105,47 @@ pub fn self_signed_cert(dir: &Path, name: &str, cn: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The kernel stack of each thread of process `pid` (`/proc/PID/task/*/stack`, root only).
+pub fn thread_stacks(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(no /proc entry)".into();
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+            let frames: Vec<&str> = stack
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .collect();
+            format!(
+                "{}: [{}]",
+                t.file_name().to_string_lossy(),
+                frames.join(" < ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Kills `child` and waits for it 30 s at most: a tracer's exit detaches its programs, which
+/// under emulation can take minutes (bpftrace's, in the distro-kernel VM), and a test that has
+/// what it needs must not wait on that. One still exiting is reaped by a thread of its own.
+pub fn reap(child: &mut Child, what: &str) {
+    let _ = child.kill();
+    let t0 = Instant::now();
+    while matches!(child.try_wait(), Ok(None)) {
+        if t0.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "{what} still exiting 30 s after SIGKILL; its threads' kernel stacks: {}",
+                thread_stacks(child.id())
+            );
+            let pid = child.id() as libc::pid_t;
+            // SAFETY: waitpid(2) on our own child, which nothing else waits for now.
+            std::thread::spawn(move || unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) });
+            return;
+        }
+        sleep(Duration::from_millis(50));
+    }
+}

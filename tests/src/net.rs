@@ -359,17 +359,27 @@ impl Bpftrace {
         b
     }
 
-    /// Stops bpftrace (SIGINT: it prints its maps) and returns what it printed after `ready`.
-    pub fn stop(mut self) -> Printed {
-        let missed: u64 = crate::bpf_progs()
+    /// The runs of bpftrace's programs the kernel skipped so far, nested in another program.
+    fn missed(&self) -> u64 {
+        crate::bpf_progs()
             .into_iter()
             .filter(|p| self.progs.contains(&p.id))
             .map(|p| p.recursion_misses)
-            .sum();
+            .sum()
+    }
+
+    fn check_running(&mut self) {
         if let Ok(Some(status)) = self.bt.try_wait() {
             let said: Vec<String> = self.errors.try_iter().collect();
             panic!("bpftrace exited before the window's end ({status}): {said:?}");
         }
+    }
+
+    /// Stops bpftrace (SIGINT: it detaches, runs `END`, prints its maps) and returns all it
+    /// printed after `ready`: for scripts that print events as they come.
+    pub fn stop(mut self) -> Printed {
+        let missed = self.missed();
+        self.check_running();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGINT) };
         // Under emulation, detaching and printing once took more than 30 s (CI: a round's
@@ -380,15 +390,14 @@ impl Bpftrace {
             sleep(Duration::from_millis(50));
         }
         if self.bt.try_wait().unwrap().is_none() {
-            let _ = self.bt.kill();
-            let _ = self.bt.wait();
+            let stacks = crate::thread_stacks(self.bt.id());
             let said: Vec<String> = self.errors.try_iter().collect();
             panic!(
-                "bpftrace did not exit within {:?} of SIGINT, so its counts are lost: {said:?}",
+                "bpftrace did not exit within {:?} of SIGINT, so its output is lost: {said:?}; \
+                 its threads' kernel stacks: {stacks}",
                 waited.elapsed()
             );
         }
-        let _ = self.bt.wait();
         // bpftrace is gone: the reader threads forward what it printed, then their channels
         // close.
         Printed {
@@ -397,12 +406,48 @@ impl Bpftrace {
             missed,
         }
     }
+
+    /// Has bpftrace print its maps now (SIGUSR1), its programs still attached, and returns
+    /// the lines up to [`SENTINEL`]'s, which it prints last (maps in name order); then drops
+    /// it. Not [`Bpftrace::stop`]: bpftrace detaches before it prints at exit, and in the
+    /// distro-kernel VM that exit once took over 120 s (CI), which lost the counts.
+    fn snapshot(mut self) -> Printed {
+        let missed = self.missed();
+        self.check_running();
+        let stale: Vec<String> = self.lines.try_iter().collect();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.bt.id() as i32, libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut lines = stale;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(SENTINEL) => break,
+                Ok(l) => lines.push(l),
+                Err(_) => {
+                    let stacks = crate::thread_stacks(self.bt.id());
+                    let said: Vec<String> = self.errors.try_iter().collect();
+                    panic!(
+                        "bpftrace did not print its maps within 60 s of SIGUSR1: {said:?}; \
+                         its threads' kernel stacks: {stacks}"
+                    );
+                }
+            }
+        }
+        Printed {
+            lines,
+            errors: self.errors.try_iter().collect(),
+            missed,
+        }
+    }
 }
+
+/// The map a script's `BEGIN` sets for [`Bpftrace::snapshot`]: named to sort after the others.
+const SENTINEL: &str = "@zzzz_end: 1";
 
 impl Drop for Bpftrace {
     fn drop(&mut self) {
-        let _ = self.bt.kill();
-        let _ = self.bt.wait();
+        crate::reap(&mut self.bt, "bpftrace");
     }
 }
 
@@ -418,7 +463,7 @@ pub struct NetCounter(Bpftrace);
 impl NetCounter {
     pub fn start(uplink: &str, tap: &str, msi_filter: &str, extra: &str) -> NetCounter {
         let script = format!(
-            r#"BEGIN {{ printf("ready\n"); }}
+            r#"BEGIN {{ @zzzz_end = 1; printf("ready\n"); }}
 tracepoint:net:netif_receive_skb /str(args->name) == "{uplink}"/ {{ @rx = count(); }}
 tracepoint:net:netif_receive_skb /str(args->name) == "{tap}"/ {{ @tap_rx = count(); }}
 tracepoint:net:net_dev_start_xmit /str(args->name) == "{uplink}"/ {{ @up_xmit = count(); }}
@@ -433,20 +478,24 @@ tracepoint:skb:kfree_skb /@queued[args->skbaddr]/ {{
 }}
 tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
 {extra}
-END {{ clear(@queued); }}
 "#
         );
         NetCounter(Bpftrace::start(&script))
     }
 
-    /// Stops bpftrace (SIGINT: it prints its counts) and returns them by name.
+    /// Reads bpftrace's counts (its programs still attached), stops it, and returns them by
+    /// name.
     pub fn counts(self) -> NetCounts {
-        let p = self.0.stop();
+        let p = self.0.snapshot();
         let mut counts: Vec<(String, u64)> = p
             .lines
             .iter()
             .filter_map(|l| {
                 let (name, n) = l.strip_prefix('@')?.split_once(": ")?;
+                // `@queued[skb]`: the skbs sent to the tap and not yet freed.
+                if name.contains('[') {
+                    return None;
+                }
                 Some((name.to_string(), n.trim().parse().ok()?))
             })
             .collect();

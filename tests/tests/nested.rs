@@ -548,7 +548,7 @@ tracepoint:sched:sched_switch /strncmp(args->next_comm, "vhost-", 6) == 0/ {
         }
         // A daemon per window: its quantiles are the window's.
         let d = Daemon::start(&["--stages", stages]);
-        // iopath's counts are read on both sides of bpftrace's attach and of its stop, so
+        // iopath's counts are read on both sides of bpftrace's attach and of its read, so
         // bpftrace's window lies between an inner and an outer one of iopath's: the guest's
         // stray packets (an ARP exchange, 3 in a window here) fall in the seconds bpftrace
         // takes to attach under TCG, or one is still in netem's qdisc at a read. A count

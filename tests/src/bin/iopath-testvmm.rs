@@ -26,7 +26,10 @@
 //!   route (kvm:kvm_msi_set_irq in this thread). A UDP packet from `udp-send` carries its send
 //!   time (CLOCK_MONOTONIC): for those, the report gives the time from send to signal, an
 //!   independent figure for the RX stages' sum. Reads end after N packets or `--gap-us` µs
-//!   without one. With `--no-signal` it never signals (a guest that polls with interrupts off).
+//!   without one. With `--no-signal` it never signals (a guest that polls with interrupts off);
+//!   `last_batch` then says how many packets it took since its thread last blocked (the
+//!   thread's voluntary context switches, read after each read as iopath reads them at the
+//!   take), the packets iopath cannot yet count as delivered without an interrupt.
 //!   With `--queues Q` it reads the Q queues of a multi-queue tap, and reports the packets of
 //!   each (`udp-send --flows F` sends from F ports, which tun spreads over the queues).
 //! - `tap-forward --tap A --tap2 B --hold-ms H`: a backend joining two taps for H ms: each
@@ -575,6 +578,7 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     let mut frame = [0u8; 2048];
     let mut first = true;
     let (mut first_read, mut last_read) = (0u64, 0u64);
+    let (mut batch_len, mut batch_nvcsw) = (0u32, 0u64);
     while packets < a.count {
         let mut pfds: Vec<libc::pollfd> = taps
             .iter()
@@ -608,6 +612,11 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         let n = taps[q].read(&mut frame).context("read tap")?;
         per_queue[q] += 1;
         let read = monotonic_ns();
+        let nvcsw = thread_nvcsw();
+        if batch_len == 0 || nvcsw != batch_nvcsw {
+            (batch_len, batch_nvcsw) = (0, nvcsw);
+        }
+        batch_len += 1;
         if packets == 0 {
             first_read = read;
         }
@@ -633,12 +642,22 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
         v.get(v.len() / 2).copied()
     };
     Ok(serde_json::json!({
-        "packets": packets, "per_queue": per_queue, "stamped": stamped.len(),
+        "packets": packets, "per_queue": per_queue, "stamped": stamped.len(), "last_batch": batch_len,
         "first_to_last_us": (last_read - first_read) / 1000,
         "send_to_signal_p50_us": p50(&mut stamped), "read_to_signal_p50_us": p50(&mut held),
         "cpu_per_packet_mean_us": (!cpu.is_empty()).then(|| cpu.iter().sum::<f64>() / cpu.len() as f64),
         "cpu_per_packet_p50_us": p50(&mut cpu),
     }))
+}
+
+/// The calling thread's voluntary context switches (task_struct's nvcsw).
+fn thread_nvcsw() -> u64 {
+    // SAFETY: getrusage fills the zeroed rusage it is given.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru.ru_nvcsw as u64
+    }
 }
 
 /// Pins the calling thread to CPU `cpu`.
