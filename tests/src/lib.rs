@@ -1131,7 +1131,8 @@ pub fn thread_stacks(pid: u32) -> String {
 
 /// Kills `child` and waits for it 30 s at most: a tracer's exit detaches its programs, which
 /// under emulation can take minutes (bpftrace's, in the distro-kernel VM), and a test that has
-/// what it needs must not wait on that. One still exiting is reaped by a thread of its own.
+/// what it needs must not wait on that. One still exiting is reaped by a thread of its own, so
+/// `child` must not be used after this (its pid may be another process's by then).
 pub fn reap(child: &mut Child, what: &str) {
     let _ = child.kill();
     let t0 = Instant::now();

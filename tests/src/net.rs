@@ -287,7 +287,8 @@ pub fn have_bpftrace(test: &str) -> bool {
 }
 
 /// A bpftrace program started and attached (its `BEGIN` prints `ready`), until
-/// [`Bpftrace::stop`]; killed on drop: a failed assertion must not leave it attached.
+/// [`Bpftrace::stop`] or [`NetCounter::counts`]; killed on drop: a failed assertion must not
+/// leave it attached.
 pub struct Bpftrace {
     bt: Child,
     lines: std::sync::mpsc::Receiver<String>,
@@ -412,7 +413,6 @@ impl Bpftrace {
     /// it. Not [`Bpftrace::stop`]: bpftrace detaches before it prints at exit, and in the
     /// distro-kernel VM that exit once took over 120 s (CI), which lost the counts.
     fn snapshot(mut self) -> Printed {
-        let missed = self.missed();
         self.check_running();
         let stale: Vec<String> = self.lines.try_iter().collect();
         // SAFETY: kill(2) on our own child.
@@ -425,8 +425,11 @@ impl Bpftrace {
                 Ok(l) if l.starts_with(SENTINEL) => break,
                 Ok(l) => lines.push(l),
                 Err(_) => {
-                    let stacks = crate::thread_stacks(self.bt.id());
                     let said: Vec<String> = self.errors.try_iter().collect();
+                    if let Ok(Some(status)) = self.bt.try_wait() {
+                        panic!("bpftrace exited ({status}) before it printed its maps: {said:?}");
+                    }
+                    let stacks = crate::thread_stacks(self.bt.id());
                     panic!(
                         "bpftrace did not print its maps within 60 s of SIGUSR1: {said:?}; \
                          its threads' kernel stacks: {stacks}"
@@ -434,6 +437,8 @@ impl Bpftrace {
                 }
             }
         }
+        // Its programs' misses up to the print, as its counts.
+        let missed = self.missed();
         Printed {
             lines,
             errors: self.errors.try_iter().collect(),

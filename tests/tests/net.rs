@@ -164,7 +164,10 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     // A backend that never signals (the guest polls): each packet it took is counted when its
     // thread has blocked since, at its next take (those it took since it last blocked stay in
     // the thread's batch, which goes with its VM), never measured up to some later interrupt.
-    let dropped = |m: &iopath_tests::Metrics| drops(m, "net.rx.backend_to_irq", "no_interrupt");
+    let dropped = |m: &iopath_tests::Metrics| {
+        drops(m, "net.rx.backend_to_irq", "no_interrupt")
+            + drops(m, "net.rx.backend_to_irq", "start_map_full")
+    };
     let before = dropped(&d.metrics());
     let quiet = 50u32;
     let backend = TapBackend::start(
@@ -180,9 +183,10 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     let report = backend.report();
     assert_eq!(report["packets"].as_u64(), Some(quiet as u64));
     // Its thread's last batch: the packets it took since it last blocked, 1 unless a stall
-    // (under emulation) let more queue up before its last read.
+    // (under emulation) let more queue up before its last read. A batch holds BATCH_MAX
+    // packets at most; the rest are counted `start_map_full`, as lost.
     let last_batch = report["last_batch"].as_u64().unwrap();
-    assert!((1..=quiet as u64).contains(&last_batch), "{report}");
+    let kept = last_batch.min(tracer_common::net::backend_to_irq::BATCH_MAX as u64);
     let m = d.metrics();
     let queued = [("stage", "net.rx.backend_queue"), ("vm", "netpoll")];
     assert_eq!(
@@ -192,8 +196,9 @@ fn rx_stages_through_a_userspace_backend_with_a_known_hold() {
     );
     assert_eq!(
         dropped(&m) - before,
-        quiet as u64 - last_batch,
-        "no_interrupt: one per packet but those of the thread's last batch"
+        quiet as u64 - kept,
+        "no_interrupt (and start_map_full): one per packet but those of the thread's last \
+         batch ({report})"
     );
     // Its VM is labelled (the backend_queue series above), and has no backend_to_irq series.
     let irq = [("stage", "net.rx.backend_to_irq"), ("vm", "netpoll")];
@@ -399,9 +404,12 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
         return;
     }
     let topo = Topology::new("kick");
+    // Every window sampled: each kick's timeline is checked below.
     let d = Daemon::start(&[
         "--stages",
         "net.tx.kick,net.tx.backend_to_wire,sched.backend_wakeup",
+        "--timeline-every",
+        "1",
     ]);
     let (holds, d_us, count): (&[u64], u64, u32) = if emulated() {
         (&[3000, 15000], 1000, 100)
@@ -573,6 +581,29 @@ fn tx_kick_wakeup_and_run_of_a_userspace_backend_with_a_known_hold() {
              {own_run:.1} us and to written {own_written:.1} us"
         );
         assert!(kick_p50 >= h_us as f64, "the kick holds at least H");
+        // Timelines: the slowest kept are this round's (H grows), each a kick and then its
+        // run's frame, starting where the kick ended (the run's start: one clock read).
+        let (_, list) = d.get("/timelines", false).expect("/timelines");
+        let list: serde_json::Value = serde_json::from_str(&list).expect("JSON");
+        let shown = list["timelines"].as_array().expect("timelines");
+        let chained = shown
+            .iter()
+            .filter(|t| {
+                let steps = t["steps"].as_array().unwrap();
+                let stage = |i: usize| steps[i]["stage"].as_str().unwrap();
+                steps.len() == 2
+                    && steps[0]["labels"]["vm"] == name.as_str()
+                    && (stage(0), stage(1)) == ("net.tx.kick", "net.tx.backend_to_wire")
+                    && steps[1]["start_us"] == steps[0]["us"]
+            })
+            .count();
+        eprintln!("{chained} of the {} slowest timelines chained", shown.len());
+        assert!(
+            shown.len() >= 40 && chained * 10 >= shown.len() * 9,
+            "{chained} of the {} slowest timelines a kick then its frame: {}",
+            shown.len(),
+            shown.first().map(|t| t.to_string()).unwrap_or_default()
+        );
     }
     assert!(d.stop().success());
 }

@@ -314,7 +314,7 @@ fn complete(rq: Result<Request, ()>, _: Site) {
     match done {
         Ok(s) => {
             if on(mask, STAGE) {
-                record(STAGE, s.op as u32, s.dev, s.vm, s.latency_ns);
+                record(STAGE, s.op as u32, s.dev, s.vm, s.latency_ns, now);
             }
             if s.vm == 0 {
                 return;

@@ -163,7 +163,7 @@ pub fn finished(mask: u64, bio: u64, now: u64) -> bool {
         return false;
     }
     let op = Op::from_u32(s.op);
-    record(STAGE, s.op, s.dev, s.vm, ns);
+    record(STAGE, s.op, s.dev, s.vm, ns, now);
     if on(mask, BlkCompleteToIrq) {
         blk_vm::completed(s.vm, s.dev, op, now);
     }

@@ -139,7 +139,7 @@ pub fn submitted(vm: u32, dev: u32, op: Op, now: u64) {
     if let Some(ts) = unsafe { BLK_KICK.get(disk) }.copied() {
         let _ = BLK_KICK.remove(disk);
         match on_submit(Some(ts), None, true, now) {
-            Submitted::Kicked(ns) => record(BlkKickToSubmit, op as u32, dev, vm, ns),
+            Submitted::Kicked(ns) => record(BlkKickToSubmit, op as u32, dev, vm, ns, now),
             Submitted::Counted(c) => count(BlkKickToSubmit, c),
             Submitted::Pair(_) => {}
         }
@@ -236,7 +236,7 @@ pub fn irq(address: u64, data: u64, in_task: bool, now: u64) {
                 if ns > STALE_NS {
                     count(BlkCompleteToIrq, Counter::Stale);
                 } else {
-                    record(BlkCompleteToIrq, op as u32, dev, vm, ns);
+                    record(BlkCompleteToIrq, op as u32, dev, vm, ns, now);
                 }
                 i += 1;
             }

@@ -214,8 +214,9 @@ fn start_xmit(ev: Result<SkbDev, ()>, _: Site) {
         if on(mask, NetTxHostStack)
             && let Some(s) = slot(skb)
         {
-            match tx_host_stack::on_uplink_xmit(s, skb, now_ns(), ifindex) {
-                Some(Ok(x)) => record(NetTxHostStack, x.uplink, x.tap, 0, x.latency_ns),
+            let now = now_ns();
+            match tx_host_stack::on_uplink_xmit(s, skb, now, ifindex) {
+                Some(Ok(x)) => record(NetTxHostStack, x.uplink, x.tap, 0, x.latency_ns, now),
                 Some(Err(c)) => count(NetTxHostStack, c),
                 None => {}
             }
@@ -234,10 +235,11 @@ fn start_xmit(ev: Result<SkbDev, ()>, _: Site) {
     } else {
         queue_mapping + 1
     };
-    let (ended, started) = host_stack::on_tap_xmit(s, skb, now_ns(), ifindex, queue);
+    let now = now_ns();
+    let (ended, started) = host_stack::on_tap_xmit(s, skb, now, ifindex, queue);
     if on(mask, NetRxHostStack) {
         match ended {
-            Ended::Sample(x) => record(NetRxHostStack, x.uplink, x.tap, 0, x.latency_ns),
+            Ended::Sample(x) => record(NetRxHostStack, x.uplink, x.tap, 0, x.latency_ns, now),
             Ended::Stale => count(NetRxHostStack, Counter::Stale),
             Ended::NotFromUplink => {}
         }
@@ -284,7 +286,7 @@ fn freed(skb: u64, dropped: bool) {
             vmm_seen(vm, tid);
             let detail = queue_detail(backend as u32, x.queue);
             if on(mask, NetRxBackendQueue) {
-                record(NetRxBackendQueue, detail, x.tap, vm, x.latency_ns);
+                record(NetRxBackendQueue, detail, x.tap, vm, x.latency_ns, now);
             }
             // The thread's batch is also what names it a backend for sched.backend_wakeup.
             if on(mask, NetRxBackendToIrq) || on(mask, SchedBackendWakeup) {
@@ -398,7 +400,7 @@ pub fn irq(in_task: bool) {
     let mut i = 0;
     while i < n {
         let ns = backend_to_irq::latency(b, i, now);
-        record(NetRxBackendToIrq, backend, tap, vm, ns);
+        record(NetRxBackendToIrq, backend, tap, vm, ns, now);
         i += 1;
     }
 }

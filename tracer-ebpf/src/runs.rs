@@ -51,13 +51,16 @@ pub fn tap_rx(tap: u32, queue: u32) {
     };
     // SAFETY: a map value of this thread's; only its own events write it.
     let run = unsafe { &mut *run };
-    match tx_backend::on_tap_rx(run, now_ns()) {
+    let now = now_ns();
+    match tx_backend::on_tap_rx(run, now) {
         Ok((ns, kick)) => {
             let detail = queue_detail(run.backend, queue);
-            record(NetTxBackendToWire, detail, tap, run.vm, ns);
+            // The kick first, ending where the run started: a timeline links the frame's
+            // sample to one read before it.
             if let Some(kick_ns) = kick {
-                record(NetTxKick, detail, 0, run.vm, kick_ns);
+                record(NetTxKick, detail, 0, run.vm, kick_ns, run.ts_ns);
             }
+            record(NetTxBackendToWire, detail, tap, run.vm, ns, now);
         }
         Err(c) => count(NetTxBackendToWire, c),
     }

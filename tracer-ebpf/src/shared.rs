@@ -119,9 +119,30 @@ fn add(key: &HistKey, ns: u64) -> bool {
     }
 }
 
-/// Counts one latency sample of `stage` into the histogram.
+/// Counts one latency sample of `stage` into the histogram; `end_ns` is when it ended (the
+/// caller's clock read, which the timeline's sampling reuses; for a sample recorded later
+/// than its end whose end was not kept, the time of the recording).
 #[inline(always)]
-pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
+pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64, end_ns: u64) {
+    record_ending(stage, detail, obj, vm, ns, || end_ns);
+}
+
+/// As [`record`], for a latency the kernel reported (no clock read of the caller's): the
+/// sampling reads the clock, only when it is on.
+#[inline(always)]
+pub fn record_reported(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
+    record_ending(stage, detail, obj, vm, ns, now_ns);
+}
+
+#[inline(always)]
+fn record_ending(
+    stage: StageId,
+    detail: u32,
+    obj: u32,
+    vm: u32,
+    ns: u64,
+    end: impl FnOnce() -> u64,
+) {
     // The bench's variant (`blk::cut::LOGLINEAR`) times the previous pick; CONFIG is constant
     // to the verifier, which drops the branch everywhere else.
     let bucket = if config!(blk_cut) == tracer_common::blk::cut::LOGLINEAR {
@@ -136,7 +157,7 @@ pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
         obj,
         vm,
     };
-    sample(&key, ns);
+    sample(&key, ns, end);
     if add(&key, ns) {
         return;
     }
@@ -157,24 +178,26 @@ pub fn record(stage: StageId, detail: u32, obj: u32, vm: u32, ns: u64) {
 #[map]
 static TIMELINES: RingBuf = RingBuf::with_byte_size(TIMELINE_BYTES, 0);
 
-/// Puts the sample on the timeline ring when its window is sampled. Off (`--timeline-every
-/// 0`), CONFIG's 0 is constant to the verifier, which drops this code; on, it costs a clock
-/// read per sample, and an output in the sampled windows.
+/// Puts the sample, which ended at `end()`, on the timeline ring when its window is sampled.
+/// Off (`--timeline-every 0`), CONFIG's 0 is constant to the verifier, which drops this code;
+/// on, it costs the sample's stores on the stack, and an output in the sampled windows (the
+/// end is the caller's, but for a latency the kernel reported: then a clock read here).
 ///
 /// Inlined, with one branch of its own, on the window: the sample is built on the stack either
-/// way, and a full ring is counted by adding 0 or 1 to its counter rather than by a branch. Behind a BPF-to-BPF call (static or global)
-/// Debian 6.1's verifier, whose precision backtracking gives up at a call and marks every
-/// scalar precise, could no longer prune the paths of the histogram's bucket search: 99 to
-/// 137 s to load the programs, and kvm_msi_set_irq's over its limit (E2BIG); this form loads
-/// in 4 s there. An earlier inlined form (the sample built in sampled windows only, a branch
-/// for the full ring) took kvm_msi_set_irq's over the limit as well.
+/// way, and a full ring is counted by adding 0 or 1 to its counter rather than by a branch.
+/// Behind a BPF-to-BPF call (static or global) Debian 6.1's verifier, whose precision
+/// backtracking gives up at a call and marks every scalar precise, could no longer prune the
+/// paths of the histogram's bucket search: 99 to 137 s to load the programs, and
+/// kvm_msi_set_irq's over its limit (E2BIG); this form loads in 4 s there. An earlier inlined
+/// form (the sample built in sampled windows only, a branch for the full ring) took
+/// kvm_msi_set_irq's over the limit as well.
 #[inline(always)]
-fn sample(key: &HistKey, ns: u64) {
+fn sample(key: &HistKey, ns: u64, end: impl FnOnce() -> u64) {
     let every = config!(timeline_every) as u64;
     if every == 0 {
         return;
     }
-    let now = now_ns();
+    let now = end();
     let s = Sample {
         end_ns: now,
         ns,

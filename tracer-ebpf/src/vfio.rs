@@ -90,13 +90,16 @@ fn exit(irq: Result<u32, ()>, _: Site) {
             slot.irq1 = 0;
             count(counted(), Counter::Unmatched);
         }
-        Some(v) => match vfio::on_exit(slot, irq, now_ns()) {
-            Ok(ns) if on(stages_on(), VfioHandler) => {
-                record(VfioHandler, v.vector, v.dev, v.vm, ns)
+        Some(v) => {
+            let now = now_ns();
+            match vfio::on_exit(slot, irq, now) {
+                Ok(ns) if on(stages_on(), VfioHandler) => {
+                    record(VfioHandler, v.vector, v.dev, v.vm, ns, now)
+                }
+                Ok(_) => {}
+                Err(c) => count(counted(), c),
             }
-            Ok(_) => {}
-            Err(c) => count(counted(), c),
-        },
+        }
     }
 }
 
@@ -162,7 +165,7 @@ pub fn injected(ctx: &Context, now: u64) {
     if let Some((start, Some(v))) = ctx.handler
         && let Some((_, ns)) = vfio::on_inject(&start, now)
     {
-        record(VfioHandlerToInject, v.vector, v.dev, v.vm, ns);
+        record(VfioHandlerToInject, v.vector, v.dev, v.vm, ns, now);
     }
 }
 

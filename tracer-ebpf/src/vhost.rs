@@ -107,13 +107,16 @@ fn tx_kick(work: Result<u64, ()>, _: Site) {
     let Ok(work) = work else {
         return;
     };
-    match tx_kick::on_tx_kick(&mut KernelStarts(&NET_TX_KICK), work, now_ns()) {
+    let now = now_ns();
+    match tx_kick::on_tx_kick(&mut KernelStarts(&NET_TX_KICK), work, now) {
         Ok((ns, vm)) => {
             let tid = current_tgid_tid().1;
             vmm_seen(vm, tid);
             // Recorded by its run's first frame, which says the queue (`runs::tap_rx`).
             let slot = NET_TX_KICKED.get_ptr_mut(0);
             if let (true, Some(k)) = (on(stages_on(), NetTxBackendToWire), slot) {
+                // A kick no run's frame took, replaced by this one: its end was not kept, so
+                // its timeline sample ends now, late.
                 // SAFETY: this CPU's slot.
                 if let Some(old) = tx_kick::keep_kick(unsafe { &mut *k }, tid, vm, ns) {
                     record(
@@ -122,10 +125,18 @@ fn tx_kick(work: Result<u64, ()>, _: Site) {
                         0,
                         old.vm,
                         old.ns,
+                        now,
                     );
                 }
             } else {
-                record(NetTxKick, queue_detail(Backend::Vhost as u32, 0), 0, vm, ns);
+                record(
+                    NetTxKick,
+                    queue_detail(Backend::Vhost as u32, 0),
+                    0,
+                    vm,
+                    ns,
+                    now,
+                );
             }
         }
         Err(c) => count(NetTxKick, c),

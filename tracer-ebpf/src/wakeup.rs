@@ -199,7 +199,7 @@ fn switched(next: Result<u32, ()>, _: Site) {
 fn resumed(mask: u64, tid: u32, w: &Woken, now: u64) {
     let kick_ns = match wakeup::on_switch_in(w, now) {
         Ok((wake_ns, kick_ns)) => {
-            record(SchedBackendWakeup, w.backend, w.tap, w.vm, wake_ns);
+            record(SchedBackendWakeup, w.backend, w.tap, w.vm, wake_ns, now);
             kick_ns.unwrap_or(0)
         }
         Err(c) => {

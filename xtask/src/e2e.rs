@@ -237,6 +237,12 @@ pub fn run_in_vm(
                 Err(e) => {
                     let wedged = e.is::<crate::vm::Hung>() || vm.died();
                     eprintln!("xtask: {name} in L1: {e:#}; console: {}", vm.console_tail());
+                    if wedged && !vm.died() {
+                        eprintln!(
+                            "xtask: QEMU's threads (CPU over 1 s): {}",
+                            vm.qemu_threads()
+                        );
+                    }
                     l1 = None; // stopped; the next run boots a fresh one
                     if wedged && tries == 0 {
                         tries += 1;

@@ -203,6 +203,43 @@ impl L1 {
         self.dir.join("xchg")
     }
 
+    /// QEMU's threads as seen from this host, for a hung L1: each one's name, state and CPU time
+    /// over one second (a vCPU spinning at 100% against all of them asleep tells a guest
+    /// loop from a deadlock in QEMU).
+    pub fn qemu_threads(&self) -> String {
+        let pid = self.qemu.id();
+        // (tid, name, state, user + system ticks: 1/100 s)
+        let cpu = || -> Vec<(String, String, String, u64)> {
+            let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+                return Vec::new();
+            };
+            tasks
+                .flatten()
+                .filter_map(|t| {
+                    let stat = fs::read_to_string(t.path().join("stat")).ok()?;
+                    // comm is in parentheses and may hold spaces: the fields follow the last ')'.
+                    let (head, rest) = stat.rsplit_once(')')?;
+                    let comm = head.split_once('(')?.1.to_string();
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                    let tid = t.file_name().to_string_lossy().into_owned();
+                    Some((tid, comm, f.first()?.to_string(), ticks))
+                })
+                .collect()
+        };
+        let before = cpu();
+        sleep(Duration::from_secs(1));
+        let after = cpu();
+        after
+            .iter()
+            .map(|(tid, comm, state, t)| {
+                let was = before.iter().find(|b| &b.0 == tid).map_or(*t, |b| b.3);
+                format!("{comm} {state} {}%", t.saturating_sub(was))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The last lines of L1's serial console, on one line, after the kernel's first alarms
     /// (a stall or lockup report's head, which a long stack trace pushes out of the tail).
     pub fn console_tail(&self) -> String {

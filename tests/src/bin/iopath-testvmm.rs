@@ -27,9 +27,9 @@
 //!   time (CLOCK_MONOTONIC): for those, the report gives the time from send to signal, an
 //!   independent figure for the RX stages' sum. Reads end after N packets or `--gap-us` µs
 //!   without one. With `--no-signal` it never signals (a guest that polls with interrupts off);
-//!   `last_batch` then says how many packets it took since its thread last blocked (the
-//!   thread's voluntary context switches, read after each read as iopath reads them at the
-//!   take), the packets iopath cannot yet count as delivered without an interrupt.
+//!   `last_batch` then says how many packets it took since its thread last blocked (its
+//!   voluntary context switches, read after each read; iopath reads them inside the read, at
+//!   the take), the packets iopath cannot yet count as delivered without an interrupt.
 //!   With `--queues Q` it reads the Q queues of a multi-queue tap, and reports the packets of
 //!   each (`udp-send --flows F` sends from F ports, which tun spreads over the queues).
 //! - `tap-forward --tap A --tap2 B --hold-ms H`: a backend joining two taps for H ms: each
@@ -579,6 +579,8 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     let mut first = true;
     let (mut first_read, mut last_read) = (0u64, 0u64);
     let (mut batch_len, mut batch_nvcsw) = (0u32, 0u64);
+    // Once before the reads: a first call's lazy binding must not block between one.
+    thread_nvcsw();
     while packets < a.count {
         let mut pfds: Vec<libc::pollfd> = taps
             .iter()

@@ -35,6 +35,6 @@ pub fn exit(tgid: u32, tid: u32, reason: u32, isa: u32, vcpu: u32) {
 pub fn entry(tgid: u32, tid: u32, vcpu: Option<u32>, now: u64) {
     let ended = kvm::on_entry(&mut KernelStarts(&KVM_EXIT_START), tid, tgid, vcpu, now);
     record_or_count(STAGE, ended, |s| {
-        record(STAGE, s.reason, s.vcpu, tgid, s.latency_ns)
+        record(STAGE, s.reason, s.vcpu, tgid, s.latency_ns, now)
     });
 }

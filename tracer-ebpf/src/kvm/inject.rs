@@ -49,6 +49,6 @@ pub fn entered(tid: u32) {
 #[inline(always)]
 pub fn entry(tgid: u32, vcpu: u32, now: u64) {
     if let Some(s) = inject::on_entry(&mut KernelStarts(&INJ_PENDING), tgid, vcpu, now) {
-        record(STAGE, s.device, s.vcpu, s.vm, s.latency_ns);
+        record(STAGE, s.device, s.vcpu, s.vm, s.latency_ns, now);
     }
 }

@@ -46,7 +46,7 @@ pub fn injected(tgid: u32, tid: u32, start: Option<SignalStart>, in_task: bool, 
     let starts = &mut KernelStarts(&SIG_START);
     let ended = signal::on_inject(starts, tid, tgid, start, in_task, now);
     record_or_count(STAGE, ended, |s| {
-        record(STAGE, s.detail, 0, s.vm, s.latency_ns)
+        record(STAGE, s.detail, 0, s.vm, s.latency_ns, now)
     });
 }
 

@@ -13,7 +13,9 @@ use tracer_common::{
     stage::StageId,
 };
 
-use crate::shared::{KernelStarts, count, count_map, notify, now_ns, record, record_or_count};
+use crate::shared::{
+    KernelStarts, count, count_map, notify, now_ns, record, record_or_count, record_reported,
+};
 
 /// Exits to userspace not yet followed by KVM_RUN, by vCPU thread; each carries its VM.
 #[map]
@@ -26,7 +28,7 @@ static VCPU_FD: HashMap<u32, VcpuThread> = HashMap::with_max_entries(START_ENTRI
 #[inline(always)]
 pub fn wakeup(tgid: u32, tid: u32, ns: u64, waited: bool) {
     let fd = unsafe { VCPU_FD.get(tid) }.map_or(NO_VCPU, |t| t.fd);
-    record(StageId::KvmHaltWakeup, halt_detail(waited), fd, tgid, ns);
+    record_reported(StageId::KvmHaltWakeup, halt_detail(waited), fd, tgid, ns);
 }
 
 #[inline(always)]
@@ -51,8 +53,9 @@ pub fn learn(tgid: u32, tid: u32, fd: u32) {
 #[inline(always)]
 pub fn run(tgid: u32, tid: u32, fd: u32) {
     const STAGE: StageId = StageId::KvmUserspaceExit;
-    let ended = uexit::on_run(&mut KernelStarts(&UEXIT_START), tid, tgid, now_ns());
+    let now = now_ns();
+    let ended = uexit::on_run(&mut KernelStarts(&UEXIT_START), tid, tgid, now);
     record_or_count(STAGE, ended, |s| {
-        record(STAGE, s.detail, fd, tgid, s.latency_ns)
+        record(STAGE, s.detail, fd, tgid, s.latency_ns, now)
     });
 }
