@@ -409,10 +409,11 @@ impl Bpftrace {
     }
 
     /// Has bpftrace print its maps now (SIGUSR1), its programs still attached, and returns
-    /// the lines up to [`SENTINEL`]'s, which it prints last (maps in name order); then drops
-    /// it. Not [`Bpftrace::stop`]: bpftrace detaches before it prints at exit, and in the
-    /// distro-kernel VM that exit once took over 120 s (CI), which lost the counts.
-    fn snapshot(mut self) -> Printed {
+    /// the lines up to [`SENTINEL`]'s, which it prints last (maps in name order: the script's
+    /// `BEGIN` sets it); then drops it. Not [`Bpftrace::stop`]: bpftrace detaches before it
+    /// prints at exit, and that exit once took over 120 s in the distro-kernel VM and over 60 s
+    /// on this machine (CI), which lost the counts.
+    pub fn maps(mut self) -> Printed {
         self.check_running();
         let stale: Vec<String> = self.lines.try_iter().collect();
         // SAFETY: kill(2) on our own child.
@@ -447,7 +448,8 @@ impl Bpftrace {
     }
 }
 
-/// The map a script's `BEGIN` sets for [`Bpftrace::snapshot`]: named to sort after the others.
+/// The map a script's `BEGIN` sets (`@zzzz_end = 1`) for [`Bpftrace::maps`]: named to sort
+/// after the others.
 const SENTINEL: &str = "@zzzz_end: 1";
 
 impl Drop for Bpftrace {
@@ -491,7 +493,7 @@ tracepoint:kvm:kvm_msi_set_irq /{msi_filter}/ {{ @msi = count(); }}
     /// Reads bpftrace's counts (its programs still attached), stops it, and returns them by
     /// name.
     pub fn counts(self) -> NetCounts {
-        let p = self.0.snapshot();
+        let p = self.0.maps();
         let mut counts: Vec<(String, u64)> = p
             .lines
             .iter()

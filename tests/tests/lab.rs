@@ -81,15 +81,9 @@ fn wait_for(rx: &mpsc::Receiver<String>, what: &str, who: &str) {
     panic!("{who} did not print {what:?} within 60 s");
 }
 
-/// Stops a child with SIGINT (bpftrace prints its maps, iopath record its report) and returns
-/// its stdout.
-fn interrupt(child: Child) -> String {
-    interrupt_status(child).0
-}
-
-/// As [`interrupt`], with how it ended (killed when SIGINT did not end it within 60 s: a
-/// bpftrace killed so prints no maps).
-fn interrupt_status(mut child: Child) -> (String, std::process::ExitStatus) {
+/// Stops a child with SIGINT (iopath record prints its report) and returns its stdout;
+/// killed when SIGINT did not end it within 60 s.
+fn interrupt(mut child: Child) -> String {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -101,10 +95,7 @@ fn interrupt_status(mut child: Child) -> (String, std::process::ExitStatus) {
     }
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        out.status,
-    )
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// QEMU's signals, counted without iopath: irqfds are learned from the KVM_IRQFD ioctls (fd at
@@ -117,7 +108,7 @@ const LAB_NS: &str = "ip netns list | grep -qw labns || ip netns add labns; \
     ip netns exec labns sh -c 'ip link show tap0 >/dev/null 2>&1 || ip tuntap add dev tap0 mode tap'";
 
 const BPFTRACE_COUNT: &str = r#"
-BEGIN { printf("ready\n"); }
+BEGIN { @zzzz_end = 1; printf("ready\n"); }
 tracepoint:syscalls:sys_enter_ioctl /args->cmd == 0x4020ae76/ {
   $fd = *(uint32 *)uptr(args->arg);
   $flags = *(uint32 *)uptr(args->arg + 8);
@@ -164,15 +155,8 @@ fn lab_guest_signals_and_halts_are_traced() {
         run: PathBuf::from(format!("/tmp/iopath-lab-test-{}", std::process::id())),
     };
 
-    let mut bt = Command::new("bpftrace")
-        .args(["-e", BPFTRACE_COUNT])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("bpftrace");
-    let bt_out = lines_of(bt.stdout.take().unwrap());
-    // what bpftrace says (lost events, errors), for a count that comes out empty
-    let bt_err = lines_of(bt.stderr.take().unwrap());
+    // Attached (its `BEGIN` ran) when this returns.
+    let bt = iopath_tests::net::Bpftrace::start(BPFTRACE_COUNT);
     // The lab's tap lives in its network namespace: made here as lab.sh would (it keeps what
     // exists), and iopath runs in it to see the tap in sysfs, with a tracefs of its own mount
     // namespace (`ip netns exec` remounts /sys).
@@ -197,7 +181,6 @@ fn lab_guest_signals_and_halts_are_traced() {
         .expect("iopath record");
     let record_err = lines_of(record.stderr.take().unwrap());
     // Both attached before QEMU starts.
-    wait_for(&bt_out, "ready", "bpftrace");
     wait_for(&record_err, "iopath: recording", "iopath record");
 
     let rounds = ROUNDS.to_string();
@@ -218,9 +201,12 @@ fn lab_guest_signals_and_halts_are_traced() {
     // Quiet guest: no signal between the two tracers' ends.
     sleep(Duration::from_secs(2));
     let report = interrupt(record);
-    let (_, bt_status) = interrupt_status(bt);
-    let counted: String = bt_out.iter().collect::<Vec<_>>().join("\n");
-    let bt_said: String = bt_err.iter().collect::<Vec<_>>().join("\n");
+    // Its counts with its programs still attached: in one CI run its exit (which detaches
+    // before it prints) took over 60 s here, and was killed with the counts unprinted.
+    let printed = bt.maps();
+    let counted = printed.lines.join("\n");
+    // what bpftrace says (lost events, errors), for a count that comes out empty
+    let bt_said = printed.errors.join("\n");
     drop(lab);
 
     let signals = bpftrace_count(&counted, "signals");
@@ -249,8 +235,7 @@ fn lab_guest_signals_and_halts_are_traced() {
     }
     assert!(
         signals > 0,
-        "QEMU signalled interrupts: bpftrace printed {counted:?}, said {bt_said:?}, ended \
-         {bt_status}"
+        "QEMU signalled interrupts: bpftrace printed {counted:?}, said {bt_said:?}"
     );
     assert_eq!(
         traced, signals,

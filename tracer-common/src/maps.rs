@@ -182,13 +182,14 @@ pub struct Notice {
 }
 assert_size!(Notice, 16);
 
-/// One sampled event on the `TIMELINES` ring buffer: a histogram sample with the time it was
-/// recorded, so that the daemon can chain one I/O's stages (each starts where the one before
+/// One sampled event on the `TIMELINES` ring buffer: a histogram sample with the time its
+/// stage ended, so that the daemon can chain one I/O's stages (each starts where the one before
 /// it ended) into a timeline.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {
-    /// bpf_ktime_get_ns() when the sample was recorded: just after the stage's end event.
+    /// bpf_ktime_get_ns() at the stage's end: the program's clock read at its end event (a
+    /// transmit kick's: its run's start, though it goes on the ring at the run's first frame).
     pub end_ns: u64,
     /// The stage's latency.
     pub ns: u64,

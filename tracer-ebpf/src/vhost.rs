@@ -115,7 +115,7 @@ fn tx_kick(work: Result<u64, ()>, _: Site) {
             // Recorded by its run's first frame, which says the queue (`runs::tap_rx`).
             let slot = NET_TX_KICKED.get_ptr_mut(0);
             if let (true, Some(k)) = (on(stages_on(), NetTxBackendToWire), slot) {
-                // A kick no run's frame took, replaced by this one: its end was not kept, so
+                // A kick no run took, replaced by this one: its end was not kept, so
                 // its timeline sample ends now, late.
                 // SAFETY: this CPU's slot.
                 if let Some(old) = tx_kick::keep_kick(unsafe { &mut *k }, tid, vm, ns) {

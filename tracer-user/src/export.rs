@@ -78,7 +78,7 @@ fn backend_labels(labels: &[(&'static str, String)]) -> Labels {
 }
 
 /// An exemplar of a classic bucket: the trace id of a sampled event in it (`timeline`), with
-/// its VM and vCPU or device, its latency and when it was recorded.
+/// its VM and vCPU or device, its latency and when its stage ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Exemplar {
     pub labels: Labels,

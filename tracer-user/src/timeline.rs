@@ -24,7 +24,8 @@ const KEEP_NS: u64 = 2_000_000_000;
 /// issue, for the two to be linked.
 const QUEUED_NS: u64 = 1_000_000;
 /// How far out of time order the ring may hold two samples: CPUs write it concurrently, each
-/// a program's run after its clock read.
+/// a program's run after its clock read. Not a transmit kick's: it goes on the ring at its
+/// run's first frame, ending at the run's start, up to a backend's run (ms) earlier.
 const REORDER_NS: u64 = 50_000;
 /// Timelines kept, the newest.
 pub const MAX_TRACES: usize = 2_000;
@@ -183,6 +184,10 @@ impl Store {
             for (i, r) in self.recent.iter().enumerate().rev() {
                 let end = r.step.start_ns + r.step.ns;
                 if end + lookback < step.start_ns {
+                    // A kick's end says nothing of where the ring's older samples ended.
+                    if r.step.key.stage == StageId::NetTxKick {
+                        continue;
+                    }
                     break;
                 }
                 let p = &r.step.key;
@@ -545,5 +550,32 @@ mod tests {
             sample(BlkCompleteToIrq, 1, 7, 1_000_500, 2_000),
         ]);
         assert!(st.slowest(1).is_empty());
+    }
+
+    #[test]
+    fn a_transmit_kick_output_late_hides_no_older_sample() {
+        let mut st = Store::default();
+        use StageId::*;
+        // A tap's receive; then a kick of VM 4, put on the ring at its run's first frame 1 ms
+        // after it ended; then the receive's backend queue, which must still find its start.
+        st.add([
+            sample(NetRxHostStack, 5, 0, 2_000_000, 3_000),
+            sample(NetTxKick, 0, 4, 1_000_000, 50_000),
+            sample(NetTxBackendToWire, 6, 4, 2_010_000, 1_010_000),
+            sample(NetRxBackendQueue, 5, 3, 2_100_000, 100_000),
+        ]);
+        let stages: Vec<Vec<StageId>> = st
+            .slowest(10)
+            .iter()
+            .map(|t| t.steps.iter().map(|s| s.key.stage).collect())
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                vec![NetTxKick, NetTxBackendToWire],
+                vec![NetRxHostStack, NetRxBackendQueue]
+            ]
+        );
+        assert_eq!(st.ambiguous, 0);
     }
 }

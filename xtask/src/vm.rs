@@ -42,6 +42,8 @@ pub struct L1 {
     qemu: Child,
     dir: PathBuf,
     next: u32,
+    /// What the last command printed before it failed to finish (L1 hung or died).
+    partial: String,
 }
 
 /// L1 stopped answering (its agent's heartbeat is older than [`HANG`]).
@@ -112,6 +114,12 @@ impl L1 {
         .args(["-bios", "/usr/share/qemu/qboot.rom"])
         .arg("-serial")
         .arg(format!("file:{}", dir.join("console.log").display()))
+        // The human monitor, for where a hung L1's vCPUs are (`qemu_registers`).
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("monitor.sock").display()
+        ))
         .arg("-kernel")
         .arg(&img.kernel)
         .arg("-initrd")
@@ -171,7 +179,12 @@ impl L1 {
             });
         }
         let qemu = cmd.spawn().context("cannot start qemu-system-x86_64")?;
-        let mut l1 = L1 { qemu, dir, next: 0 };
+        let mut l1 = L1 {
+            qemu,
+            dir,
+            next: 0,
+            partial: String::new(),
+        };
         eprintln!("vm: booting {} under QEMU TCG", img.kver);
         let ready = xchg.join("ready");
         while !ready.exists() {
@@ -191,6 +204,11 @@ impl L1 {
             fs::read_to_string(&ready)?.trim()
         );
         Ok(l1)
+    }
+
+    /// What the last command printed before it failed to finish.
+    pub fn partial(&self) -> &str {
+        &self.partial
     }
 
     /// True when QEMU has exited (L1 powered off or crashed).
@@ -238,6 +256,34 @@ impl L1 {
             })
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Where each vCPU is, from QEMU's monitor (`info registers -a`): its RIP, privilege level
+    /// and halted state, and its CR3 (an L2 guest's when it runs one), for a hung L1.
+    pub fn qemu_registers(&self) -> String {
+        use std::os::unix::net::UnixStream;
+        let Ok(mut s) = UnixStream::connect(self.dir.join("monitor.sock")) else {
+            return "(no monitor)".into();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        if s.write_all(b"info registers -a\n").is_err() {
+            return "(monitor: write failed)".into();
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        // Until the monitor has nothing more for 3 s.
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&out);
+        text.lines()
+            .filter(|l| l.starts_with("CPU#") || l.starts_with("RIP=") || l.starts_with("CR0="))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" | ")
     }
 
     /// The last lines of L1's serial console, on one line, after the kernel's first alarms
@@ -330,8 +376,12 @@ impl L1 {
             if done {
                 break;
             }
-            self.check_alive()?;
+            if let Err(e) = self.check_alive() {
+                self.partial = String::from_utf8_lossy(&text).into_owned();
+                return Err(e);
+            }
             if t0.elapsed() > timeout {
+                self.partial = String::from_utf8_lossy(&text).into_owned();
                 bail!("command in L1 timed out after {} s", timeout.as_secs());
             }
             sleep(Duration::from_millis(100));

@@ -579,7 +579,7 @@ fn run_tap_rx(vm: &Vm, a: &Args) -> anyhow::Result<serde_json::Value> {
     let mut first = true;
     let (mut first_read, mut last_read) = (0u64, 0u64);
     let (mut batch_len, mut batch_nvcsw) = (0u32, 0u64);
-    // Once before the reads: a first call's lazy binding must not block between one.
+    // Once before the reads: a first call's page faults must not block between one.
     thread_nvcsw();
     while packets < a.count {
         let mut pfds: Vec<libc::pollfd> = taps
