@@ -415,11 +415,11 @@ impl Bpftrace {
     /// on this machine (CI), which lost the counts.
     pub fn maps(mut self) -> Printed {
         self.check_running();
-        let stale: Vec<String> = self.lines.try_iter().collect();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.bt.id() as i32, libc::SIGUSR1) };
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut lines = stale;
+        // What it printed since `ready`, then its maps.
+        let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
