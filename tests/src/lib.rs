@@ -491,14 +491,8 @@ impl Daemon {
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        panic!("iopath serve did not exit within 10 s of SIGTERM");
+        exit_within(&mut self.child, Duration::from_secs(10))
+            .expect("iopath serve did not exit within 10 s of SIGTERM")
     }
 }
 
@@ -805,14 +799,7 @@ impl Vmm {
 
     /// Waits (bounded) for the VMM to exit.
     pub fn wait(mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        panic!("test VMM did not exit");
+        exit_within(&mut self.child, Duration::from_secs(30)).expect("test VMM did not exit");
     }
 }
 
@@ -1135,18 +1122,27 @@ pub fn thread_stacks(pid: u32) -> String {
 /// `child` must not be used after this (its pid may be another process's by then).
 pub fn reap(child: &mut Child, what: &str) {
     let _ = child.kill();
-    let t0 = Instant::now();
-    while matches!(child.try_wait(), Ok(None)) {
-        if t0.elapsed() > Duration::from_secs(30) {
-            eprintln!(
-                "{what} still exiting 30 s after SIGKILL; its threads' kernel stacks: {}",
-                thread_stacks(child.id())
-            );
-            let pid = child.id() as libc::pid_t;
-            // SAFETY: waitpid(2) on our own child, which nothing else waits for now.
-            std::thread::spawn(move || unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) });
-            return;
+    if exit_within(child, Duration::from_secs(30)).is_none() {
+        eprintln!(
+            "{what} still exiting 30 s after SIGKILL; its threads' kernel stacks: {}",
+            thread_stacks(child.id())
+        );
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: waitpid(2) on our own child, which nothing else waits for now.
+        std::thread::spawn(move || unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) });
+    }
+}
+
+/// `child`'s exit status once it exits, waiting `limit` at most (None: still running).
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
         }
-        sleep(Duration::from_millis(50));
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(Duration::from_millis(20));
     }
 }

@@ -386,11 +386,7 @@ impl Bpftrace {
         // Under emulation, detaching and printing once took more than 30 s (CI: a round's
         // counts came back empty, with nothing said): wait longer, and say so if it never ends.
         let waited = Instant::now();
-        let deadline = waited + Duration::from_secs(120);
-        while self.bt.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            sleep(Duration::from_millis(50));
-        }
-        if self.bt.try_wait().unwrap().is_none() {
+        if crate::exit_within(&mut self.bt, Duration::from_secs(120)).is_none() {
             let stacks = crate::thread_stacks(self.bt.id());
             let said: Vec<String> = self.errors.try_iter().collect();
             panic!(

@@ -118,13 +118,7 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            sleep(Duration::from_millis(50));
-        }
+        crate::exit_within(&mut self.child, Duration::from_secs(10));
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

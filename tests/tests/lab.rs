@@ -86,13 +86,7 @@ fn wait_for(rx: &mpsc::Receiver<String>, what: &str, who: &str) {
 fn interrupt(mut child: Child) -> String {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        sleep(Duration::from_millis(100));
-    }
+    iopath_tests::exit_within(&mut child, Duration::from_secs(60));
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -23,9 +23,10 @@ const KEEP_NS: u64 = 2_000_000_000;
 /// How long a disk request may wait in a scheduler's queue between a kick's insert and its
 /// issue, for the two to be linked.
 const QUEUED_NS: u64 = 1_000_000;
-/// How far out of time order the ring may hold two samples: CPUs write it concurrently, each
-/// a program's run after its clock read. Not a transmit kick's: it goes on the ring at its
-/// run's first frame, ending at the run's start, up to a backend's run (ms) earlier.
+/// How far out of time order the ring may hold two samples' reads: CPUs write it concurrently,
+/// each a program's run after its clock read. (A sample's end may be older: a transmit kick
+/// goes on the ring at its run's first frame, ending at the run's start; hence
+/// `Recent::read_ns`.)
 const REORDER_NS: u64 = 50_000;
 /// Timelines kept, the newest.
 pub const MAX_TRACES: usize = 2_000;
@@ -104,6 +105,9 @@ pub struct Exemplar {
 /// A sample waiting for the stage after it.
 struct Recent {
     step: Step,
+    /// The newest end read up to this sample, itself included: monotonic in ring order, where
+    /// an end is not, so the look-back stops on it.
+    read_ns: u64,
     trace: u64,
     followed: bool,
 }
@@ -111,6 +115,8 @@ struct Recent {
 #[derive(Default)]
 pub struct Store {
     recent: VecDeque<Recent>,
+    /// The newest sample end read so far.
+    newest_ns: u64,
     traces: HashMap<u64, Trace>,
     /// The newest MAX_TRACES timelines, oldest first; an older one stays while `pins` holds it.
     order: VecDeque<u64>,
@@ -183,11 +189,7 @@ impl Store {
                 };
             for (i, r) in self.recent.iter().enumerate().rev() {
                 let end = r.step.start_ns + r.step.ns;
-                if end + lookback < step.start_ns {
-                    // A kick's end says nothing of where the ring's older samples ended.
-                    if r.step.key.stage == StageId::NetTxKick {
-                        continue;
-                    }
+                if r.read_ns + lookback < step.start_ns {
                     break;
                 }
                 let p = &r.step.key;
@@ -257,17 +259,19 @@ impl Store {
         if let Some(old) = old {
             self.unpin(old.trace);
         }
+        self.newest_ns = self.newest_ns.max(s.end_ns);
         self.recent.push_back(Recent {
             step,
+            read_ns: self.newest_ns,
             trace,
             followed: false,
         });
-        let newest = s.end_ns;
+        let newest = self.newest_ns;
         while self.recent.len() > MAX_RECENT
             || self
                 .recent
                 .front()
-                .is_some_and(|r| r.step.start_ns + r.step.ns + KEEP_NS < newest)
+                .is_some_and(|r| r.read_ns + KEEP_NS < newest)
         {
             self.recent.pop_front();
         }
